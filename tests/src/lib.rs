@@ -1,0 +1,7 @@
+//! Bulkhead test kit: a vhost-user frontend plus a virtio guest driver written
+//! independently of the daemons, used by integration tests, benchmarks and
+//! adversarial tests. Also the QEMU guest harness for tests with a real Linux
+//! driver.
+#![warn(missing_docs)]
+
+pub mod process;
