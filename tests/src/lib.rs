@@ -4,4 +4,9 @@
 //! driver.
 #![warn(missing_docs)]
 
+pub mod blk;
+pub mod daemon;
+pub mod frontend;
+pub mod memory;
 pub mod process;
+pub mod virtq;

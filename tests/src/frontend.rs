@@ -1,0 +1,334 @@
+//! A vhost-user frontend built on the `vhost` crate: connects to a backend socket,
+//! negotiates the features a test chooses, hands over guest memory and rings, and
+//! keeps the pieces (memory, queues, inflight fd) so a test can reconnect with them.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+
+use crate::memory::{GuestMemory, MemoryError};
+use crate::virtq::{VirtQueue, VirtqError};
+
+/// virtio feature bit: INDIRECT_DESC.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// virtio feature bit: EVENT_IDX.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// vhost-user feature bit: protocol features are negotiated.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// virtio feature bit: VERSION_1.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// vhost feature bit: dirty logging (never acked by the kit).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// Errors from the frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// The backend does not offer a feature the test requires.
+    #[error("Backend lacks feature {0}")]
+    MissingFeature(&'static str),
+    /// Guest memory failed.
+    #[error("Guest memory")]
+    Memory(#[from] MemoryError),
+    /// More queues requested than the backend has.
+    #[error("Backend has {have} queues, {want} requested")]
+    TooManyQueues {
+        /// Queues the backend reported.
+        have: u64,
+        /// Queues the test asked for.
+        want: usize,
+    },
+    /// A vhost-user message failed; the string names it.
+    #[error("{0} failed")]
+    Vhost(&'static str, #[source] vhost::Error),
+    /// Creating a queue failed.
+    #[error("Virtqueue")]
+    Virtq(#[from] VirtqError),
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, FrontendError>;
+
+fn vu<T>(what: &'static str, r: vhost::Result<T>) -> Result<T> {
+    r.map_err(|e| FrontendError::Vhost(what, e))
+}
+
+/// What a test wants negotiated.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// virtio features the driver is willing to ack (ANDed with the offer).
+    pub features: u64,
+    /// Protocol features the frontend is willing to ack (ANDed with the offer).
+    pub protocol_features: VhostUserProtocolFeatures,
+    /// Queues to set up; `None` means all the backend has.
+    pub num_queues: Option<usize>,
+    /// Entries per queue.
+    pub queue_size: u16,
+    /// Guest RAM size for a fresh connection.
+    pub mem_size: u64,
+    /// Negotiate GET/SET_INFLIGHT_FD when the backend offers INFLIGHT_SHMFD.
+    pub inflight: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            features: !VHOST_F_LOG_ALL,
+            protocol_features: VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::RESET_DEVICE,
+            num_queues: None,
+            queue_size: 128,
+            mem_size: 64 << 20,
+            inflight: true,
+        }
+    }
+}
+
+impl Options {
+    /// Sets or clears virtio feature `bit` in the driver's acceptable set.
+    pub fn feature(mut self, bit: u64, on: bool) -> Self {
+        if on {
+            self.features |= bit;
+        } else {
+            self.features &= !bit;
+        }
+        self
+    }
+
+    /// Accepts or refuses EVENT_IDX.
+    pub fn event_idx(self, on: bool) -> Self {
+        self.feature(VIRTIO_RING_F_EVENT_IDX, on)
+    }
+
+    /// Accepts or refuses INDIRECT_DESC.
+    pub fn indirect(self, on: bool) -> Self {
+        self.feature(VIRTIO_RING_F_INDIRECT_DESC, on)
+    }
+
+    /// Sets the number of queues to bring up.
+    pub fn queues(mut self, n: usize) -> Self {
+        self.num_queues = Some(n);
+        self
+    }
+
+    /// Sets the queue size.
+    pub fn queue_size(mut self, n: u16) -> Self {
+        self.queue_size = n;
+        self
+    }
+}
+
+/// The inflight-tracking area the backend handed out, kept for a reconnect.
+pub struct Inflight {
+    /// The GET_INFLIGHT_FD reply (size, offset, queues, queue size).
+    pub info: VhostUserInflight,
+    /// The shared-memory file.
+    pub file: File,
+}
+
+/// A connected, configured vhost-user device with its guest memory and queues.
+pub struct Device {
+    /// The `vhost` crate frontend (send further messages through it).
+    pub frontend: Frontend,
+    /// Guest RAM shared with the backend.
+    pub mem: Arc<GuestMemory>,
+    /// The rings, one per enabled queue.
+    pub queues: Vec<VirtQueue>,
+    /// virtio features the backend offered.
+    pub offered_features: u64,
+    /// virtio features acked with SET_FEATURES.
+    pub acked_features: u64,
+    /// Protocol features the backend offered.
+    pub offered_protocol: VhostUserProtocolFeatures,
+    /// Protocol features acked with SET_PROTOCOL_FEATURES.
+    pub acked_protocol: VhostUserProtocolFeatures,
+    /// Queue count from GET_QUEUE_NUM (1 without MQ).
+    pub queue_num: u64,
+    /// Inflight area, when negotiated.
+    pub inflight: Option<Inflight>,
+}
+
+/// Pieces of a [`Device`] that survive a disconnect, for [`Device::reconnect`].
+pub struct Parts {
+    /// Guest RAM.
+    pub mem: Arc<GuestMemory>,
+    /// Rings with their driver state.
+    pub queues: Vec<VirtQueue>,
+    /// Inflight area, if any.
+    pub inflight: Option<Inflight>,
+}
+
+impl Device {
+    /// Connects to `socket` and brings the device up with fresh memory and queues.
+    pub fn connect(socket: &Path, opts: &Options) -> Result<Self> {
+        let mem = Arc::new(GuestMemory::new(opts.mem_size)?);
+        Self::bring_up(socket, opts, mem, None, None)
+    }
+
+    /// Connects again and replays memory, rings (at their current used idx) and inflight fd.
+    pub fn reconnect(socket: &Path, opts: &Options, parts: Parts) -> Result<Self> {
+        Self::bring_up(socket, opts, parts.mem, Some(parts.queues), parts.inflight)
+    }
+
+    /// Closes the connection, keeping memory, queues and the inflight area.
+    pub fn disconnect(self) -> Parts {
+        Parts {
+            mem: self.mem,
+            queues: self.queues,
+            inflight: self.inflight,
+        }
+    }
+
+    /// Whether virtio feature `bit` was acked.
+    pub fn has_feature(&self, bit: u64) -> bool {
+        self.acked_features & bit != 0
+    }
+
+    fn bring_up(
+        socket: &Path,
+        opts: &Options,
+        mem: Arc<GuestMemory>,
+        queues: Option<Vec<VirtQueue>>,
+        inflight: Option<Inflight>,
+    ) -> Result<Self> {
+        let mut fe = vu("connect", Frontend::connect(socket, 1))?;
+        vu("SET_OWNER", fe.set_owner())?;
+        let offered = vu("GET_FEATURES", fe.get_features())?;
+        if offered & VIRTIO_F_VERSION_1 == 0 {
+            return Err(FrontendError::MissingFeature("VERSION_1"));
+        }
+        let mut offered_protocol = VhostUserProtocolFeatures::empty();
+        let mut acked_protocol = VhostUserProtocolFeatures::empty();
+        if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            offered_protocol = vu("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
+            acked_protocol = offered_protocol & opts.protocol_features;
+            vu(
+                "SET_PROTOCOL_FEATURES",
+                fe.set_protocol_features(acked_protocol),
+            )?;
+            if acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let queue_num = if acked_protocol.contains(VhostUserProtocolFeatures::MQ) {
+            vu("GET_QUEUE_NUM", fe.get_queue_num())?
+        } else {
+            1
+        };
+        let acked = offered & (opts.features | VHOST_USER_F_PROTOCOL_FEATURES) & !VHOST_F_LOG_ALL;
+        vu("SET_FEATURES", fe.set_features(acked))?;
+        vu("SET_MEM_TABLE", fe.set_mem_table(&mem.region_infos()))?;
+
+        let mut queues = match queues {
+            Some(q) => q,
+            None => {
+                let n = opts.num_queues.unwrap_or(queue_num as usize);
+                (0..n)
+                    .map(|_| VirtQueue::new(mem.clone(), opts.queue_size))
+                    .collect::<std::result::Result<Vec<_>, _>>()?
+            }
+        };
+        if queues.len() as u64 > queue_num {
+            return Err(FrontendError::TooManyQueues {
+                have: queue_num,
+                want: queues.len(),
+            });
+        }
+        let event_idx = acked & VIRTIO_RING_F_EVENT_IDX != 0;
+        for (i, q) in queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            vu("SET_VRING_NUM", fe.set_vring_num(i, q.size()))?;
+        }
+
+        let inflight = if opts.inflight
+            && acked_protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            let inf = match inflight {
+                Some(inf) => inf,
+                None => {
+                    let qsize = queues.first().map(|q| q.size()).unwrap_or(opts.queue_size);
+                    let req = VhostUserInflight::new(0, 0, queues.len() as u16, qsize);
+                    let (info, file) = vu("GET_INFLIGHT_FD", fe.get_inflight_fd(&req))?;
+                    Inflight { info, file }
+                }
+            };
+            vu(
+                "SET_INFLIGHT_FD",
+                fe.set_inflight_fd(&inf.info, inf.file.as_raw_fd()),
+            )?;
+            Some(inf)
+        } else {
+            None
+        };
+
+        for (i, q) in queues.iter().enumerate() {
+            let a = q.addrs();
+            let cfg = VringConfigData {
+                queue_max_size: q.size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: mem.host_addr(a.desc)?,
+                used_ring_addr: mem.host_addr(a.used)?,
+                avail_ring_addr: mem.host_addr(a.avail)?,
+                log_addr: None,
+            };
+            vu("SET_VRING_ADDR", fe.set_vring_addr(i, &cfg))?;
+            vu("SET_VRING_BASE", fe.set_vring_base(i, q.used_idx()?))?;
+            vu("SET_VRING_CALL", fe.set_vring_call(i, q.call_fd()))?;
+            vu("SET_VRING_KICK", fe.set_vring_kick(i, q.kick_fd()))?;
+            if acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+                vu("SET_VRING_ENABLE", fe.set_vring_enable(i, true))?;
+            }
+        }
+
+        Ok(Device {
+            frontend: fe,
+            mem,
+            queues,
+            offered_features: offered,
+            acked_features: acked,
+            offered_protocol,
+            acked_protocol,
+            queue_num,
+            inflight,
+        })
+    }
+
+    /// Reads `len` bytes of device config space at `offset` (GET_CONFIG).
+    pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>> {
+        let buf = vec![0u8; len as usize];
+        let (_, payload) = vu(
+            "GET_CONFIG",
+            self.frontend
+                .get_config(offset, len, VhostUserConfigFlags::empty(), &buf),
+        )?;
+        Ok(payload)
+    }
+
+    /// Writes device config space at `offset` (SET_CONFIG).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        vu(
+            "SET_CONFIG",
+            self.frontend
+                .set_config(offset, VhostUserConfigFlags::WRITABLE, data),
+        )
+    }
+
+    /// Stops queue `i` (SET_VRING_ENABLE 0, GET_VRING_BASE) and returns the device's avail index.
+    pub fn stop_queue(&mut self, i: usize) -> Result<u32> {
+        if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            vu("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
+        }
+        vu("GET_VRING_BASE", self.frontend.get_vring_base(i))
+    }
+}
