@@ -7,6 +7,7 @@
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
+pub mod guest;
 pub mod memory;
 pub mod process;
 pub mod virtq;
