@@ -1,0 +1,71 @@
+//! Command-line pieces shared by every daemon: the vhost-user backend program
+//! conventions (`--socket-path`, `--fd`, `--print-capabilities`) and logging.
+
+use std::io::Write;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+
+/// Options every Bulkhead backend takes (vhost-user "backend program conventions").
+#[derive(clap::Args, Debug, Clone)]
+pub struct VhostUserArgs {
+    /// Listen for the vhost-user frontend on this unix socket (created; a stale socket is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Use this inherited socket fd instead: a listening socket, or one end of a connected socketpair.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+impl VhostUserArgs {
+    /// Fails unless one of `--socket-path` or `--fd` was given.
+    pub fn require_socket(&self) -> Result<(), String> {
+        if self.socket_path.is_none() && self.fd.is_none() {
+            return Err("one of --socket-path or --fd is required".into());
+        }
+        Ok(())
+    }
+}
+
+/// Capabilities JSON (vhost-user spec, backend program conventions).
+pub fn capabilities_json(device_type: &str, features: &[&str]) -> String {
+    serde_json::json!({ "type": device_type, "features": features }).to_string()
+}
+
+/// Prints the capabilities JSON on stdout.
+pub fn print_capabilities(device_type: &str, features: &[&str]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", capabilities_json(device_type, features));
+}
+
+/// Initialises logging to stderr (`RUST_LOG` overrides the default `info`).
+pub fn init_logging(program: &'static str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "{program}[{}]: {} {}",
+                std::process::id(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_valid_json() {
+        let v: serde_json::Value =
+            serde_json::from_str(&capabilities_json("block", &["read-only"])).unwrap();
+        assert_eq!(v["type"], "block");
+        assert_eq!(v["features"][0], "read-only");
+    }
+}

@@ -1,0 +1,256 @@
+//! The serve loop every backend runs: listen, serve one frontend at a time
+//! with fresh state, keep serving after it disconnects, and exit cleanly on
+//! SIGTERM or SIGINT.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+use crate::cli::VhostUserArgs;
+use crate::device::VhostUserDevice;
+use crate::handler::BackendHandler;
+
+/// Errors that stop a daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Cannot listen on the socket path.
+    #[error("cannot listen on {0}")]
+    Listen(PathBuf, #[source] io::Error),
+    /// The socket path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The fd given with --fd is not a unix stream socket.
+    #[error("--fd {0} is not a usable unix socket")]
+    BadFd(RawFd, #[source] io::Error),
+    /// Neither --socket-path nor --fd was given.
+    #[error("one of --socket-path or --fd is required")]
+    NoSocket,
+    /// Setting up signal handling or polling failed.
+    #[error("event setup")]
+    Setup(#[source] io::Error),
+}
+
+enum Endpoint {
+    Listener(UnixListener, Option<PathBuf>),
+    Connected(Option<UnixStream>),
+}
+
+fn is_listening(fd: RawFd) -> io::Result<bool> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `val`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(val != 0)
+}
+
+fn open_endpoint(args: &VhostUserArgs) -> Result<Endpoint, DaemonError> {
+    if let Some(fd) = args.fd {
+        let listening = is_listening(fd).map_err(|e| DaemonError::BadFd(fd, e))?;
+        // SAFETY: the caller handed us this fd to own (backend program conventions).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Make sure it does not leak into anything we might exec.
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        return Ok(if listening {
+            Endpoint::Listener(UnixListener::from(owned), None)
+        } else {
+            Endpoint::Connected(Some(UnixStream::from(owned)))
+        });
+    }
+    let path = args.socket_path.clone().ok_or(DaemonError::NoSocket)?;
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if !meta.file_type().is_socket() {
+            return Err(DaemonError::NotASocket(path));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let l = UnixListener::bind(&path).map_err(|e| DaemonError::Listen(path.clone(), e))?;
+    Ok(Endpoint::Listener(l, Some(path)))
+}
+
+/// A signalfd for SIGTERM and SIGINT, with those signals blocked in every thread spawned later.
+struct Signals(OwnedFd);
+
+impl Signals {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain libc signal-mask calls on a zeroed sigset_t.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Signals(OwnedFd::from_raw_fd(fd)))
+        }
+    }
+
+    fn take(&self) -> Option<i32> {
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading one siginfo record into a buffer of its size.
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n as usize == size).then_some(info.ssi_signo as i32)
+    }
+}
+
+/// Waits until one of `fds` is readable; returns its index.
+fn wait_readable(fds: &[RawFd]) -> io::Result<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: poll on a valid array of pollfd.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
+            return Ok(i);
+        }
+    }
+}
+
+/// How a connection ended.
+enum ConnEnd {
+    Disconnected,
+    Signal(i32),
+}
+
+fn serve_connection<D: VhostUserDevice>(
+    stream: UnixStream,
+    device: &Arc<D>,
+    signals: &Signals,
+) -> Result<ConnEnd, DaemonError> {
+    let handler = Arc::new(Mutex::new(BackendHandler::new(device.clone())));
+    let conn_fd = stream.as_raw_fd();
+    let mut req = BackendReqHandler::from_stream(stream, handler.clone());
+    let end = loop {
+        let ready = wait_readable(&[signals.0.as_raw_fd(), conn_fd]).map_err(DaemonError::Setup)?;
+        if ready == 0 {
+            if let Some(sig) = signals.take() {
+                break ConnEnd::Signal(sig);
+            }
+            continue;
+        }
+        match req.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                log::info!("frontend disconnected");
+                break ConnEnd::Disconnected;
+            }
+            Err(e) => {
+                log::warn!("closing the connection after a bad request from the frontend: {e}");
+                break ConnEnd::Disconnected;
+            }
+        }
+    };
+    if let Ok(mut h) = handler.lock() {
+        h.stop_all();
+        for (i, s) in h.stats().iter().enumerate() {
+            let chains = s.chains.load(Ordering::Relaxed);
+            if chains > 0 {
+                log::info!(
+                    "queue {i}: {chains} chains, {} refused, {} interrupts",
+                    s.bad_chains.load(Ordering::Relaxed),
+                    s.interrupts.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+    Ok(end)
+}
+
+/// Serves `device` on the socket the arguments name until SIGTERM/SIGINT.
+///
+/// With a listening socket, each frontend gets a fresh device state and the
+/// daemon keeps accepting after a disconnect. With an already-connected fd
+/// (`--fd` of a socketpair end), the daemon exits when that peer goes away.
+pub fn serve<D: VhostUserDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), DaemonError> {
+    let signals = Signals::new().map_err(DaemonError::Setup)?;
+    let endpoint = open_endpoint(args)?;
+    let mut endpoint = endpoint;
+    let result = match &mut endpoint {
+        Endpoint::Connected(stream) => {
+            if let Some(s) = stream.take() {
+                log::info!("serving the frontend on fd {}", s.as_raw_fd());
+                serve_connection(s, &device, &signals).map(|_| ())
+            } else {
+                Ok(())
+            }
+        }
+        Endpoint::Listener(listener, path) => {
+            match path {
+                Some(p) => log::info!("listening on {}", p.display()),
+                None => log::info!("listening on fd {}", listener.as_raw_fd()),
+            }
+            loop {
+                let ready = wait_readable(&[signals.0.as_raw_fd(), listener.as_raw_fd()])
+                    .map_err(DaemonError::Setup)?;
+                if ready == 0 {
+                    if let Some(sig) = signals.take() {
+                        log::info!("signal {sig}: shutting down");
+                        break Ok(());
+                    }
+                    continue;
+                }
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        log::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                log::info!("frontend connected");
+                match serve_connection(stream, &device, &signals)? {
+                    ConnEnd::Disconnected => continue,
+                    ConnEnd::Signal(sig) => {
+                        log::info!("signal {sig}: shutting down");
+                        break Ok(());
+                    }
+                }
+            }
+        }
+    };
+    if let Endpoint::Listener(_, Some(path)) = &endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}

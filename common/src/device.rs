@@ -1,0 +1,86 @@
+//! The two traits a backend implements: the device (features, config space,
+//! one worker per queue) and the queue worker (what to do on a kick).
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+use crate::virtqueue::VirtQueue;
+use crate::worker::WorkerCtl;
+
+/// A virtio device served over vhost-user.
+///
+/// One instance lives for the whole daemon; per-connection state is reset by
+/// [`VhostUserDevice::reset`] when a frontend connects or resets the device.
+pub trait VhostUserDevice: Send + Sync + 'static {
+    /// Worker type that runs one queue in its own thread.
+    type Worker: QueueWorker;
+
+    /// Number of queues offered (GET_QUEUE_NUM).
+    fn num_queues(&self) -> u16;
+
+    /// Largest queue size accepted in SET_VRING_NUM.
+    fn max_queue_size(&self) -> u16;
+
+    /// Virtio feature bits offered; `VHOST_USER_F_PROTOCOL_FEATURES` is added by the handler.
+    fn features(&self) -> u64;
+
+    /// Protocol features offered.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+
+    /// The device's config space as the guest currently sees it.
+    fn config(&self) -> Vec<u8>;
+
+    /// A config-space write from the driver (SET_CONFIG).
+    fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
+        let _ = (offset, data);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "config space is read-only",
+        ))
+    }
+
+    /// The driver acknowledged `features` (SET_FEATURES), already checked to be a subset of ours.
+    fn set_features(&self, features: u64) -> io::Result<()> {
+        let _ = features;
+        Ok(())
+    }
+
+    /// Most bytes one descriptor chain may carry.
+    fn max_chain_bytes(&self) -> u64 {
+        u64::from(u32::MAX)
+    }
+
+    /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
+    fn reset(&self) {}
+
+    /// The frontend gave us its backend-request channel (for config-change notifications).
+    fn set_backend_channel(&self, channel: vhost::vhost_user::Backend) {
+        let _ = channel;
+    }
+
+    /// Creates the worker for queue `index`, about to start with the negotiated `features`.
+    fn create_worker(&self, index: u16, features: u64) -> io::Result<Self::Worker>;
+}
+
+/// The per-queue half of a device, run by its own thread.
+pub trait QueueWorker: Send + 'static {
+    /// Extra fds the worker thread polls (an I/O completion fd, a tap); level-triggered.
+    fn fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// The guest kicked the queue (also called once when the queue starts).
+    fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl);
+
+    /// Extra fd number `index` (position in [`QueueWorker::fds`]) is ready.
+    fn on_fd(&mut self, vq: &mut VirtQueue, index: usize, ctl: &WorkerCtl) {
+        let _ = (vq, index, ctl);
+    }
+
+    /// The queue is stopping: finish or give up every request in flight.
+    fn drain(&mut self, vq: &mut VirtQueue) {
+        let _ = vq;
+    }
+}

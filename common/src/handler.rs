@@ -1,0 +1,535 @@
+//! The vhost-user request handler shared by every Bulkhead backend.
+//!
+//! The `vhost` crate parses each message off the socket; this handler
+//! validates what the message asks for (queue indexes, sizes, addresses,
+//! memory tables, inflight areas) and drives the queue threads. It implements
+//! GET/SET_INFLIGHT_FD, which `vhost-user-backend` 0.24 refuses.
+//!
+//! Handled: SET_OWNER, RESET_OWNER, RESET_DEVICE, GET/SET_FEATURES,
+//! GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_MEM_TABLE, GET_MAX_MEM_SLOTS,
+//! ADD_MEM_REG, REM_MEM_REG, SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR,
+//! GET_VRING_BASE, SET_VRING_ENABLE, GET/SET_CONFIG, SET_BACKEND_REQ_FD,
+//! GET/SET_INFLIGHT_FD. Refused: logging (migration), device state transfer,
+//! shared objects, GPU and shared-memory messages.
+
+use std::fs::File;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::VhostUserDevice;
+use crate::inflight::InflightRegion;
+use crate::memory::{GuestMemoryHandle, MAX_MEM_SLOTS, MemoryTable, RegionDesc};
+use crate::virtqueue::{CallSlot, MAX_QUEUE_SIZE, QueueConfig, QueueStats, RingAddrs, VirtQueue};
+use crate::worker::QueueThread;
+
+/// Config space bytes a frontend may read; beyond the device's own config it reads zeroes.
+pub const MAX_CONFIG_SIZE: usize = 256;
+
+/// Per-queue state held between messages.
+struct Vring {
+    size: u16,
+    addrs: Option<RingAddrs>,
+    next_avail: u16,
+    kick: Option<EventFd>,
+    call: Arc<CallSlot>,
+    err: Option<Arc<EventFd>>,
+    enabled: bool,
+    stats: Arc<QueueStats>,
+    thread: Option<QueueThread>,
+}
+
+impl Vring {
+    fn new() -> Self {
+        Vring {
+            size: 0,
+            addrs: None,
+            next_avail: 0,
+            kick: None,
+            call: Arc::new(CallSlot::default()),
+            err: None,
+            enabled: false,
+            stats: Arc::new(QueueStats::default()),
+            thread: None,
+        }
+    }
+}
+
+/// Vhost-user request handler for one frontend connection.
+pub struct BackendHandler<D: VhostUserDevice> {
+    device: Arc<D>,
+    acked_features: u64,
+    acked_protocol: VhostUserProtocolFeatures,
+    table: MemoryTable,
+    mem: GuestMemoryHandle,
+    vrings: Vec<Vring>,
+    inflight: Option<InflightRegion>,
+}
+
+fn invalid(what: &str) -> VuError {
+    log::warn!("frontend error: {what}");
+    VuError::InvalidParam
+}
+
+fn eventfd(file: File) -> EventFd {
+    // SAFETY: the frontend passed an eventfd; we take ownership of the fd.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl<D: VhostUserDevice> BackendHandler<D> {
+    /// A handler with fresh state for a new connection.
+    pub fn new(device: Arc<D>) -> Self {
+        device.reset();
+        let n = device.num_queues();
+        let empty = vm_memory::GuestMemoryMmap::default();
+        BackendHandler {
+            device,
+            acked_features: 0,
+            acked_protocol: VhostUserProtocolFeatures::empty(),
+            table: MemoryTable::empty(),
+            mem: GuestMemoryHandle::new(empty),
+            vrings: (0..n).map(|_| Vring::new()).collect(),
+            inflight: None,
+        }
+    }
+
+    /// Stops every queue thread (end of connection).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_queue(i);
+        }
+    }
+
+    /// Counters of every queue: (chains, bad chains, interrupts).
+    pub fn stats(&self) -> Vec<Arc<QueueStats>> {
+        self.vrings.iter().map(|v| v.stats.clone()).collect()
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        let n = self.vrings.len();
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or_else(|| invalid(&format!("queue index {index} out of range (have {n})")))
+    }
+
+    fn protocol_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    fn stop_queue(&mut self, i: usize) {
+        if let Some(t) = self.vrings[i].thread.take()
+            && let Some(vq) = t.stop()
+        {
+            self.vrings[i].next_avail = vq.next_avail();
+            if vq.in_flight() > 0 {
+                log::warn!(
+                    "queue {i}: stopped with {} request(s) still in flight",
+                    vq.in_flight()
+                );
+            }
+        }
+    }
+
+    fn maybe_start(&mut self, i: usize) -> VuResult<()> {
+        let v = &self.vrings[i];
+        if v.thread.is_some() || !v.enabled || v.size == 0 || self.table.is_empty() {
+            return Ok(());
+        }
+        let (Some(addrs), Some(kick)) = (v.addrs, v.kick.as_ref()) else {
+            return Ok(());
+        };
+        let kick = kick.try_clone().map_err(VuError::ReqHandlerError)?;
+        let inflight = self
+            .inflight
+            .as_ref()
+            .and_then(|r| r.queue(i as u16, v.size));
+        let cfg = QueueConfig {
+            index: i as u16,
+            size: v.size,
+            addrs,
+            next_avail: v.next_avail,
+            features: self.acked_features,
+            max_chain_bytes: self.device.max_chain_bytes(),
+        };
+        let vq = VirtQueue::start(
+            cfg,
+            self.mem.clone(),
+            v.call.clone(),
+            v.err.clone(),
+            inflight,
+            v.stats.clone(),
+        )
+        .map_err(|e| invalid(&format!("queue {i}: {e}")))?;
+        let worker = self
+            .device
+            .create_worker(i as u16, self.acked_features)
+            .map_err(VuError::ReqHandlerError)?;
+        let thread = QueueThread::spawn(vq, worker, kick).map_err(VuError::ReqHandlerError)?;
+        self.vrings[i].thread = Some(thread);
+        log::debug!("queue {i} started");
+        Ok(())
+    }
+
+    fn install_table(&mut self, table: MemoryTable) -> VuResult<()> {
+        let map = table
+            .guest_memory()
+            .map_err(|e| invalid(&format!("memory table: {e}")))?;
+        match self.mem.lock() {
+            Ok(guard) => guard.replace(map),
+            Err(_) => return Err(VuError::BackendInternalError),
+        }
+        self.table = table;
+        Ok(())
+    }
+
+    fn reset_state(&mut self) {
+        self.stop_all();
+        self.device.reset();
+        self.acked_features = 0;
+        self.acked_protocol = VhostUserProtocolFeatures::empty();
+        for v in &mut self.vrings {
+            *v = Vring::new();
+        }
+    }
+}
+
+impl<D: VhostUserDevice> Drop for BackendHandler<D> {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn region_desc(r: &VhostUserMemoryRegion) -> RegionDesc {
+    RegionDesc {
+        guest_phys_addr: r.guest_phys_addr,
+        size: r.memory_size,
+        user_addr: r.user_addr,
+        mmap_offset: r.mmap_offset,
+    }
+}
+
+impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset_state();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset_state();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = self.get_features()?;
+        if features & !offered != 0 {
+            return Err(invalid(&format!(
+                "features {:#x} not offered",
+                features & !offered
+            )));
+        }
+        self.device
+            .set_features(features)
+            .map_err(VuError::ReqHandlerError)?;
+        self.acked_features = features;
+        if !self.protocol_acked() {
+            // Without protocol features, rings are enabled as soon as they start.
+            for v in &mut self.vrings {
+                v.enabled = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<u64>>> {
+        let descs: Vec<RegionDesc> = ctx.iter().map(region_desc).collect();
+        let table =
+            MemoryTable::new(&descs, files).map_err(|e| invalid(&format!("memory table: {e}")))?;
+        self.install_table(table)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = u32::from(self.device.max_queue_size().min(MAX_QUEUE_SIZE));
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(invalid(&format!(
+                "queue size {num} (must be a power of two, 1..={max})"
+            )));
+        }
+        let v = self.vring(index)?;
+        if v.thread.is_some() {
+            return Err(invalid("SET_VRING_NUM on a running queue"));
+        }
+        v.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let gpa = |uva: u64| {
+            self.table
+                .uva_to_gpa(uva)
+                .map_err(|e| invalid(&format!("ring address: {e}")))
+        };
+        let addrs = RingAddrs {
+            desc: gpa(descriptor)?,
+            avail: gpa(available)?,
+            used: gpa(used)?,
+        };
+        let v = self.vring(index)?;
+        if v.thread.is_some() {
+            return Err(invalid("SET_VRING_ADDR on a running queue"));
+        }
+        v.addrs = Some(addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let v = self.vring(index)?;
+        if v.thread.is_some() {
+            return Err(invalid("SET_VRING_BASE on a running queue"));
+        }
+        v.next_avail = u16::try_from(base).map_err(|_| invalid("vring base above 65535"))?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        let i = index as usize;
+        self.stop_queue(i);
+        let protocol = self.protocol_acked();
+        let v = &mut self.vrings[i];
+        // GET_VRING_BASE stops the ring; SET_VRING_KICK starts it again.
+        v.kick = None;
+        if protocol {
+            v.enabled = false;
+        }
+        Ok(VhostUserVringState::new(index, u32::from(v.next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let protocol = self.protocol_acked();
+        let v = self.vring(u32::from(index))?;
+        if v.thread.is_some() {
+            return Err(invalid("SET_VRING_KICK on a running queue"));
+        }
+        let Some(file) = fd else {
+            return Err(invalid("polling mode (no kick fd) is not supported"));
+        };
+        v.kick = Some(eventfd(file));
+        if !protocol {
+            v.enabled = true;
+        }
+        self.maybe_start(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(u32::from(index))?;
+        v.call.set(fd.map(eventfd));
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(u32::from(index))?;
+        if v.thread.is_some() {
+            return Err(invalid("SET_VRING_ERR on a running queue"));
+        }
+        v.err = fd.map(|f| Arc::new(eventfd(f)));
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(self.device.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = self.device.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+        let f = VhostUserProtocolFeatures::from_bits_truncate(features);
+        if f.bits() != features || !offered.contains(f) {
+            return Err(invalid(&format!(
+                "protocol features {features:#x} not offered"
+            )));
+        }
+        self.acked_protocol = f;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.device.num_queues()))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !self.protocol_acked() {
+            return Err(invalid("SET_VRING_ENABLE without protocol features"));
+        }
+        self.vring(index)?;
+        let i = index as usize;
+        if enable {
+            self.vrings[i].enabled = true;
+            self.maybe_start(i)
+        } else {
+            self.stop_queue(i);
+            self.vrings[i].enabled = false;
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let (off, len) = (offset as usize, size as usize);
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_CONFIG_SIZE)
+            .ok_or_else(|| invalid(&format!("config read {offset}+{size}")))?;
+        let mut cfg = self.device.config();
+        cfg.resize(MAX_CONFIG_SIZE.max(cfg.len()), 0);
+        Ok(cfg[off..end].to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        let end = (offset as usize).checked_add(buf.len());
+        if end.is_none_or(|e| e > self.device.config().len()) {
+            return Err(invalid(&format!("config write {offset}+{}", buf.len())));
+        }
+        self.device
+            .set_config(offset, buf)
+            .map_err(VuError::ReqHandlerError)
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        backend.set_reply_ack_flag(
+            self.acked_protocol
+                .contains(VhostUserProtocolFeatures::REPLY_ACK),
+        );
+        self.device.set_backend_channel(backend);
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation(
+            "shared objects are not supported",
+        ))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        let n = inflight.num_queues;
+        let qs = inflight.queue_size;
+        if n == 0 || n > self.device.num_queues() || qs > self.device.max_queue_size() {
+            return Err(invalid(&format!("inflight area for {n} queues of {qs}")));
+        }
+        let (region, file) =
+            InflightRegion::create(n, qs).map_err(|e| invalid(&format!("inflight: {e}")))?;
+        let size = file.metadata().map_err(VuError::ReqHandlerError)?.len();
+        self.inflight = Some(region);
+        Ok((VhostUserInflight::new(size, 0, n, qs), file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let n = inflight.num_queues;
+        let qs = inflight.queue_size;
+        if n == 0 || n > self.device.num_queues() || qs > self.device.max_queue_size() {
+            return Err(invalid(&format!("inflight area for {n} queues of {qs}")));
+        }
+        let region = InflightRegion::map(file, inflight.mmap_offset, inflight.mmap_size, n, qs)
+            .map_err(|e| invalid(&format!("inflight: {e}")))?;
+        self.inflight = Some(region);
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<u64>> {
+        let table = self
+            .table
+            .with_region(&region_desc(region), fd)
+            .map_err(|e| invalid(&format!("memory region: {e}")))?;
+        self.install_table(table)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let table = self
+            .table
+            .without_region(&region_desc(region))
+            .map_err(|e| invalid(&format!("memory region: {e}")))?;
+        self.install_table(table)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation(
+            "shared memory regions are not supported",
+        ))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("dirty logging is not supported"))
+    }
+}

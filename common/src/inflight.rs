@@ -1,0 +1,301 @@
+//! Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split rings).
+//!
+//! The backend allocates a shared memory area (GET_INFLIGHT_FD) that the
+//! frontend keeps; a restarted backend receives it back (SET_INFLIGHT_FD) and
+//! learns which requests were taken off the avail ring but never completed,
+//! so it can resubmit them. The layout is the one the spec documents, so that
+//! another implementation can take over the same region:
+//!
+//! ```text
+//! per queue, 64-byte aligned:
+//!   u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
+//!   desc[desc_num] { u8 inflight; u8 pad[5]; u16 next; u64 counter; }
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+
+use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+
+const HEADER_SIZE: usize = 16;
+const DESC_STATE_SIZE: usize = 16;
+const ALIGN: usize = 64;
+/// Region layout version this implementation writes.
+pub const INFLIGHT_VERSION: u16 = 1;
+
+const OFF_FEATURES: usize = 0;
+const OFF_VERSION: usize = 8;
+const OFF_DESC_NUM: usize = 10;
+const OFF_LAST_BATCH_HEAD: usize = 12;
+const OFF_USED_IDX: usize = 14;
+
+/// Bytes one queue's area takes for a queue of `queue_size` entries.
+pub fn queue_region_size(queue_size: u16) -> usize {
+    let raw = HEADER_SIZE + DESC_STATE_SIZE * usize::from(queue_size);
+    raw.div_ceil(ALIGN) * ALIGN
+}
+
+/// Errors setting up an inflight region.
+#[derive(Debug, thiserror::Error)]
+pub enum InflightError {
+    /// The frontend asked for an impossible geometry.
+    #[error("invalid inflight geometry: {0} queues of size {1}")]
+    BadGeometry(u16, u16),
+    /// The area given is smaller than the geometry needs.
+    #[error("inflight area of {0} bytes is too small, {1} needed")]
+    TooSmall(u64, u64),
+    /// Creating, sizing or mapping the shared memory failed.
+    #[error("inflight shared memory")]
+    Io(#[from] io::Error),
+}
+
+/// The whole shared area: one part per queue.
+pub struct InflightRegion {
+    mapping: Arc<MmapRegion>,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl InflightRegion {
+    /// Creates a zeroed area in a new memfd (GET_INFLIGHT_FD); returns it and its fd.
+    pub fn create(num_queues: u16, queue_size: u16) -> Result<(Self, File), InflightError> {
+        if num_queues == 0 || queue_size == 0 || !queue_size.is_power_of_two() {
+            return Err(InflightError::BadGeometry(num_queues, queue_size));
+        }
+        let size = queue_region_size(queue_size) * usize::from(num_queues);
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"bulkhead-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a fresh descriptor that we own.
+        let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(size as u64)?;
+        let region = Self::map(file.try_clone()?, 0, size as u64, num_queues, queue_size)?;
+        Ok((region, file))
+    }
+
+    /// Maps an area the frontend handed back (SET_INFLIGHT_FD), after checking its size.
+    pub fn map(
+        file: File,
+        offset: u64,
+        size: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        if num_queues == 0 || queue_size == 0 {
+            return Err(InflightError::BadGeometry(num_queues, queue_size));
+        }
+        let needed = (queue_region_size(queue_size) * usize::from(num_queues)) as u64;
+        if size < needed {
+            return Err(InflightError::TooSmall(size, needed));
+        }
+        let meta = file.metadata()?;
+        let end = offset
+            .checked_add(needed)
+            .ok_or(InflightError::TooSmall(size, needed))?;
+        if meta.file_type().is_file() && meta.len() < end {
+            return Err(InflightError::TooSmall(meta.len(), end));
+        }
+        let mapping = MmapRegion::from_file(FileOffset::new(file, offset), needed as usize)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(InflightRegion {
+            mapping: Arc::new(mapping),
+            num_queues,
+            queue_size,
+        })
+    }
+
+    /// Number of queues the area covers.
+    pub fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    /// Queue size the area was laid out for.
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    /// The part for queue `index`, or None if out of range or the queue is larger than the layout.
+    pub fn queue(&self, index: u16, queue_size: u16) -> Option<QueueInflight> {
+        if index >= self.num_queues || queue_size > self.queue_size {
+            return None;
+        }
+        Some(QueueInflight {
+            mapping: self.mapping.clone(),
+            base: queue_region_size(self.queue_size) * usize::from(index),
+            desc_num: self.queue_size,
+            queue_size,
+            counter: 0,
+        })
+    }
+}
+
+/// One queue's part of the area, owned by that queue's worker.
+pub struct QueueInflight {
+    mapping: Arc<MmapRegion>,
+    base: usize,
+    desc_num: u16,
+    queue_size: u16,
+    counter: u64,
+}
+
+impl QueueInflight {
+    fn slice(&self) -> VolatileSlice<'_> {
+        // In range by construction: base + region size <= mapping size.
+        self.mapping
+            .get_slice(self.base, queue_region_size(self.desc_num))
+            .expect("inflight queue area inside its mapping")
+    }
+
+    fn write<T: vm_memory::ByteValued>(&self, off: usize, v: T) {
+        let _ = self.slice().write_obj(v, off);
+    }
+
+    fn read<T: vm_memory::ByteValued + Default>(&self, off: usize) -> T {
+        self.slice().read_obj(off).unwrap_or_default()
+    }
+
+    fn desc_off(head: u16) -> usize {
+        HEADER_SIZE + DESC_STATE_SIZE * usize::from(head)
+    }
+
+    /// Prepares the area for a queue start and returns the heads to resubmit,
+    /// oldest first. `ring_used_idx` is the used index found in guest memory.
+    pub fn recover(&mut self, features: u64, ring_used_idx: u16) -> Vec<u16> {
+        let version: u16 = self.read(OFF_VERSION);
+        let desc_num: u16 = self.read(OFF_DESC_NUM);
+        if version != INFLIGHT_VERSION || desc_num != self.desc_num {
+            // Fresh (zeroed) or foreign layout: start clean.
+            let _ = self
+                .slice()
+                .write_slice(&vec![0u8; queue_region_size(self.desc_num)], 0);
+            self.write(OFF_FEATURES, features);
+            self.write(OFF_DESC_NUM, self.desc_num);
+            self.write(OFF_USED_IDX, ring_used_idx);
+            fence(Ordering::Release);
+            self.write(OFF_VERSION, INFLIGHT_VERSION);
+            self.counter = 0;
+            return Vec::new();
+        }
+        // A crash between publishing a used entry and clearing its inflight
+        // flag leaves used_idx behind the ring: that head is already done.
+        let used_idx: u16 = self.read(OFF_USED_IDX);
+        if used_idx != ring_used_idx {
+            let last: u16 = self.read(OFF_LAST_BATCH_HEAD);
+            if last < self.desc_num {
+                self.write(Self::desc_off(last), 0u8);
+            }
+            fence(Ordering::Release);
+            self.write(OFF_USED_IDX, ring_used_idx);
+        }
+        let mut pending: Vec<(u64, u16)> = (0..self.queue_size)
+            .filter(|&h| self.read::<u8>(Self::desc_off(h)) == 1)
+            .map(|h| (self.read::<u64>(Self::desc_off(h) + 8), h))
+            .collect();
+        // Entries beyond the live queue size cannot be valid heads: drop them.
+        for h in self.queue_size..self.desc_num {
+            self.write(Self::desc_off(h), 0u8);
+        }
+        pending.sort_unstable();
+        self.counter = pending.last().map(|p| p.0).unwrap_or(0);
+        self.write(OFF_FEATURES, features);
+        pending.into_iter().map(|p| p.1).collect()
+    }
+
+    /// Records that `head` was taken off the avail ring.
+    pub fn begin(&mut self, head: u16) {
+        if head >= self.desc_num {
+            return;
+        }
+        self.counter += 1;
+        let off = Self::desc_off(head);
+        self.write(off + 8, self.counter);
+        self.write(off + 6, 0u16);
+        fence(Ordering::Release);
+        self.write(off, 1u8);
+    }
+
+    /// Records that `head` is about to be published in the used ring.
+    pub fn before_used(&mut self, head: u16) {
+        self.write(OFF_LAST_BATCH_HEAD, head);
+        fence(Ordering::Release);
+    }
+
+    /// Records that `head` was published and the ring's used index is now `used_idx`.
+    pub fn after_used(&mut self, head: u16, used_idx: u16) {
+        if head < self.desc_num {
+            self.write(Self::desc_off(head), 0u8);
+        }
+        fence(Ordering::Release);
+        self.write(OFF_USED_IDX, used_idx);
+    }
+
+    /// Heads currently marked in flight (for tests and diagnostics).
+    pub fn pending(&self) -> Vec<u16> {
+        (0..self.queue_size)
+            .filter(|&h| self.read::<u8>(Self::desc_off(h)) == 1)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_size_follows_spec_layout() {
+        assert_eq!(queue_region_size(128), 16 + 16 * 128 + 48);
+        assert_eq!(queue_region_size(256) % 64, 0);
+    }
+
+    #[test]
+    fn resubmits_in_submission_order_after_restart() {
+        let (region, file) = InflightRegion::create(2, 8).unwrap();
+        let mut q = region.queue(1, 8).unwrap();
+        assert!(q.recover(0, 0).is_empty());
+        q.begin(5);
+        q.begin(2);
+        q.begin(7);
+        q.before_used(2);
+        q.after_used(2, 1);
+        drop(q);
+        drop(region);
+        // A new process maps the same fd.
+        let size = file.metadata().unwrap().len();
+        let region = InflightRegion::map(file, 0, size, 2, 8).unwrap();
+        let mut q = region.queue(1, 8).unwrap();
+        assert_eq!(q.recover(0, 1), vec![5, 7]);
+        let mut other = region.queue(0, 8).unwrap();
+        assert!(other.recover(0, 0).is_empty());
+    }
+
+    #[test]
+    fn crash_between_used_and_clear_is_not_resubmitted() {
+        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        q.recover(0, 0);
+        q.begin(3);
+        q.begin(4);
+        q.before_used(3);
+        // Crash here: the ring's used idx went to 1, the area still says 0.
+        assert_eq!(q.recover(0, 1), vec![4]);
+    }
+
+    #[test]
+    fn rejects_short_areas() {
+        let (_r, file) = InflightRegion::create(1, 8).unwrap();
+        assert!(matches!(
+            InflightRegion::map(file, 0, 64, 4, 8),
+            Err(InflightError::TooSmall(..))
+        ));
+        assert!(InflightRegion::create(1, 6).is_err());
+    }
+}

@@ -1,0 +1,629 @@
+//! A split virtqueue as seen by a device: takes chains off the avail ring,
+//! publishes completions on the used ring, and decides when to interrupt.
+//!
+//! Everything read from the rings is treated as hostile: an avail index more
+//! than a queue ahead, a head out of range, or a head that is already in
+//! flight breaks the queue (reported on the error eventfd) instead of being
+//! acted on. A chain that fails validation is completed with length 0 and
+//! counted. When an inflight area is attached, every head is recorded there
+//! so that a restarted backend can resubmit it.
+
+use std::collections::VecDeque;
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::chain::{ChainError, ChainLimits, DescriptorChain};
+use crate::inflight::QueueInflight;
+use crate::memory::{GuestMemoryHandle, GuestMemorySnapshot};
+use crate::ratelimit::guest_error;
+
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// VIRTIO_RING_F_INDIRECT_DESC.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// VIRTIO_F_VERSION_1.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Largest queue any Bulkhead backend accepts.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Guest physical addresses of a queue's three parts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingAddrs {
+    /// Descriptor table.
+    pub desc: GuestAddress,
+    /// Avail (driver) ring.
+    pub avail: GuestAddress,
+    /// Used (device) ring.
+    pub used: GuestAddress,
+}
+
+impl RingAddrs {
+    /// Checks alignment and that all three parts lie in guest memory for `size` entries.
+    pub fn validate(&self, mem: &vm_memory::GuestMemoryMmap, size: u16) -> Result<(), QueueError> {
+        let n = u64::from(size);
+        let parts = [
+            (self.desc, 16 * n, 16),
+            (self.avail, 6 + 2 * n, 2),
+            (self.used, 6 + 8 * n, 4),
+        ];
+        for (addr, len, align) in parts {
+            if addr.raw_value() % align != 0 {
+                return Err(QueueError::RingOutsideMemory(addr.raw_value()));
+            }
+            if addr.checked_add(len).is_none() || !mem.check_range(addr, len as usize) {
+                return Err(QueueError::RingOutsideMemory(addr.raw_value()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors that break a queue until the frontend resets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The avail index moved more than a queue ahead.
+    #[error("avail index {avail} is more than {size} ahead of {next}")]
+    AvailIndexJump {
+        /// Index read from the ring.
+        avail: u16,
+        /// Next index the device expected.
+        next: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A head index not below the queue size.
+    #[error("head {0} out of range")]
+    HeadOutOfRange(u16),
+    /// A head already in flight was made available again.
+    #[error("head {0} made available while still in flight")]
+    HeadInFlight(u16),
+    /// A ring part does not lie inside guest memory.
+    #[error("ring at {0:#x} is outside guest memory or misaligned")]
+    RingOutsideMemory(u64),
+    /// Guest memory could not be accessed.
+    #[error("guest memory access failed")]
+    Memory,
+    /// The queue was broken earlier and awaits a reset.
+    #[error("queue is broken")]
+    Broken,
+}
+
+/// The call eventfd, replaceable while the queue runs (SET_VRING_CALL).
+#[derive(Default)]
+pub struct CallSlot(Mutex<Option<EventFd>>);
+
+impl CallSlot {
+    /// Replaces the eventfd.
+    pub fn set(&self, fd: Option<EventFd>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = fd;
+        }
+    }
+
+    /// Signals the guest, if an eventfd is set.
+    pub fn signal(&self) {
+        if let Ok(g) = self.0.lock()
+            && let Some(fd) = g.as_ref()
+        {
+            let _ = fd.write(1);
+        }
+    }
+}
+
+/// Counters a queue keeps; shared so the daemon can log them.
+#[derive(Default, Debug)]
+pub struct QueueStats {
+    /// Chains taken off the ring.
+    pub chains: AtomicU64,
+    /// Chains refused by validation (guest errors).
+    pub bad_chains: AtomicU64,
+    /// Interrupts signalled.
+    pub interrupts: AtomicU64,
+}
+
+/// Bitset of heads taken and not yet completed.
+struct HeadSet(Vec<u64>);
+
+impl HeadSet {
+    fn new(size: u16) -> Self {
+        HeadSet(vec![0; usize::from(size).div_ceil(64)])
+    }
+    fn insert(&mut self, h: u16) -> bool {
+        let (w, b) = (usize::from(h) / 64, h % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        !was
+    }
+    fn remove(&mut self, h: u16) -> bool {
+        let (w, b) = (usize::from(h) / 64, h % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] &= !(1 << b);
+        was
+    }
+    fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// Everything needed to (re)start a queue.
+pub struct QueueConfig {
+    /// Queue index within the device.
+    pub index: u16,
+    /// Number of entries (a power of two).
+    pub size: u16,
+    /// Ring addresses.
+    pub addrs: RingAddrs,
+    /// Next avail index to read (SET_VRING_BASE).
+    pub next_avail: u16,
+    /// Negotiated virtio features.
+    pub features: u64,
+    /// Most bytes one chain may carry.
+    pub max_chain_bytes: u64,
+}
+
+/// A running split virtqueue, owned by one worker thread.
+pub struct VirtQueue {
+    index: u16,
+    size: u16,
+    addrs: RingAddrs,
+    mem: GuestMemoryHandle,
+    next_avail: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    signalled_used: Option<Wrapping<u16>>,
+    event_idx: bool,
+    limits: ChainLimits,
+    heads: HeadSet,
+    resubmit: VecDeque<u16>,
+    inflight: Option<QueueInflight>,
+    call: Arc<CallSlot>,
+    err: Option<Arc<EventFd>>,
+    broken: bool,
+    stats: Arc<QueueStats>,
+}
+
+impl VirtQueue {
+    /// Starts a queue: validates the rings, reads the used index, and recovers
+    /// inflight heads for resubmission when an inflight area is attached.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        cfg: QueueConfig,
+        mem: GuestMemoryHandle,
+        call: Arc<CallSlot>,
+        err: Option<Arc<EventFd>>,
+        mut inflight: Option<QueueInflight>,
+        stats: Arc<QueueStats>,
+    ) -> Result<Self, QueueError> {
+        if cfg.size == 0 || !cfg.size.is_power_of_two() || cfg.size > MAX_QUEUE_SIZE {
+            return Err(QueueError::HeadOutOfRange(cfg.size));
+        }
+        let snapshot = mem.memory();
+        cfg.addrs.validate(&snapshot, cfg.size)?;
+        let used_idx: u16 = snapshot
+            .load(cfg.addrs.used.unchecked_add(2), Ordering::Acquire)
+            .map_err(|_| QueueError::Memory)?;
+        let mut next_avail = Wrapping(cfg.next_avail);
+        let mut resubmit = VecDeque::new();
+        if let Some(inf) = inflight.as_mut() {
+            let pending = inf.recover(cfg.features, used_idx);
+            if !pending.is_empty() {
+                log::info!(
+                    "queue {}: resubmitting {} request(s) left in flight",
+                    cfg.index,
+                    pending.len()
+                );
+                // Every head taken off the ring is either used or still in flight.
+                next_avail = Wrapping(used_idx) + Wrapping(pending.len() as u16);
+            }
+            resubmit.extend(pending);
+        }
+        let mut heads = HeadSet::new(cfg.size);
+        for &h in &resubmit {
+            heads.insert(h);
+        }
+        Ok(VirtQueue {
+            index: cfg.index,
+            size: cfg.size,
+            addrs: cfg.addrs,
+            mem,
+            next_avail,
+            next_used: Wrapping(used_idx),
+            signalled_used: None,
+            event_idx: cfg.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            limits: ChainLimits {
+                queue_size: cfg.size,
+                indirect: cfg.features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
+                max_total_len: cfg.max_chain_bytes,
+            },
+            heads,
+            resubmit,
+            inflight,
+            call,
+            err,
+            broken: false,
+            stats,
+        })
+    }
+
+    /// Queue index within the device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Next avail index to read: what GET_VRING_BASE returns.
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail.0
+    }
+
+    /// Heads taken off the ring and not completed yet.
+    pub fn in_flight(&self) -> u32 {
+        self.heads.count()
+    }
+
+    /// True after a fatal guest error; the queue processes nothing more.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The counters of this queue.
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Current memory map.
+    pub fn memory(&self) -> GuestMemorySnapshot {
+        self.mem.memory().into_inner()
+    }
+
+    fn fail(&mut self, e: QueueError) -> QueueError {
+        if !self.broken {
+            log::error!("queue {}: {e}; the queue stops until reset", self.index);
+            self.broken = true;
+            if let Some(err) = &self.err {
+                let _ = err.write(1);
+            }
+        }
+        e
+    }
+
+    fn avail_idx(&self, mem: &vm_memory::GuestMemoryMmap) -> Result<Wrapping<u16>, QueueError> {
+        mem.load(self.addrs.avail.unchecked_add(2), Ordering::Acquire)
+            .map(Wrapping)
+            .map_err(|_| QueueError::Memory)
+    }
+
+    /// Takes the next valid chain, or None when the ring is empty.
+    ///
+    /// Invalid chains are completed with length 0 and skipped; ring-level
+    /// errors break the queue.
+    pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
+        if self.broken {
+            return Err(QueueError::Broken);
+        }
+        let mem = self.memory();
+        loop {
+            let head = if let Some(h) = self.resubmit.pop_front() {
+                h
+            } else {
+                let avail = self.avail_idx(&mem)?;
+                let pending = avail - self.next_avail;
+                if pending.0 == 0 {
+                    return Ok(None);
+                }
+                if pending.0 > self.size {
+                    let e = QueueError::AvailIndexJump {
+                        avail: avail.0,
+                        next: self.next_avail.0,
+                        size: self.size,
+                    };
+                    return Err(self.fail(e));
+                }
+                let slot = u64::from(self.next_avail.0 % self.size);
+                let addr = self.addrs.avail.unchecked_add(4 + 2 * slot);
+                let head: u16 = mem.read_obj(addr).map_err(|_| QueueError::Memory)?;
+                if head >= self.size {
+                    return Err(self.fail(QueueError::HeadOutOfRange(head)));
+                }
+                if !self.heads.insert(head) {
+                    return Err(self.fail(QueueError::HeadInFlight(head)));
+                }
+                self.next_avail += Wrapping(1);
+                if let Some(inf) = self.inflight.as_mut() {
+                    inf.begin(head);
+                }
+                head
+            };
+            self.stats.chains.fetch_add(1, Ordering::Relaxed);
+            match DescriptorChain::read(mem.clone(), self.addrs.desc, head, self.limits) {
+                Ok(chain) => return Ok(Some(chain)),
+                Err(e) => {
+                    self.bad_chain(head, e);
+                }
+            }
+        }
+    }
+
+    fn bad_chain(&mut self, head: u16, e: ChainError) {
+        self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
+        guest_error!("queue {}: head {head}: {e}", self.index);
+        self.complete(head, 0);
+    }
+
+    /// Publishes `head` as used with `len` bytes written, marking it no longer in flight.
+    pub fn complete(&mut self, head: u16, len: u32) {
+        if head >= self.size || !self.heads.remove(head) {
+            log::warn!(
+                "queue {}: completion for head {head} that is not in flight",
+                self.index
+            );
+            return;
+        }
+        let mem = self.memory();
+        let slot = u64::from(self.next_used.0 % self.size);
+        let elem = self.addrs.used.unchecked_add(4 + 8 * slot);
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.before_used(head);
+        }
+        let entry = (u64::from(len) << 32) | u64::from(head);
+        if mem.write_obj(entry, elem).is_err() {
+            let _ = self.fail(QueueError::Memory);
+            return;
+        }
+        self.next_used += Wrapping(1);
+        if mem
+            .store(
+                self.next_used.0,
+                self.addrs.used.unchecked_add(2),
+                Ordering::Release,
+            )
+            .is_err()
+        {
+            let _ = self.fail(QueueError::Memory);
+            return;
+        }
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.after_used(head, self.next_used.0);
+        }
+    }
+
+    /// Interrupts the guest if it asked for it since the last interrupt.
+    pub fn notify(&mut self) {
+        let mem = self.memory();
+        fence(Ordering::SeqCst);
+        let needed = if self.event_idx {
+            let addr = self.addrs.avail.unchecked_add(4 + 2 * u64::from(self.size));
+            let used_event: u16 = match mem.load(addr, Ordering::Acquire) {
+                Ok(v) => v,
+                Err(_) => return,
+            };
+            // As vhost does: the window is [last evaluation, now).
+            let new = self.next_used;
+            let old = self.signalled_used.replace(new);
+            match old {
+                None => true,
+                Some(old) => (new - Wrapping(used_event) - Wrapping(1)).0 < (new - old).0,
+            }
+        } else {
+            let flags: u16 = match mem.load(self.addrs.avail, Ordering::Acquire) {
+                Ok(v) => v,
+                Err(_) => return,
+            };
+            flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+        };
+        if needed {
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.call.signal();
+        }
+    }
+
+    /// Asks the guest not to kick while the device is busy.
+    pub fn disable_notifications(&mut self) {
+        if !self.event_idx {
+            let mem = self.memory();
+            let _ = mem.store(VRING_USED_F_NO_NOTIFY, self.addrs.used, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the guest to kick again; returns true if buffers arrived meanwhile.
+    pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
+        if self.broken {
+            return Ok(false);
+        }
+        let mem = self.memory();
+        if self.event_idx {
+            let addr = self.addrs.used.unchecked_add(4 + 8 * u64::from(self.size));
+            mem.store(self.next_avail.0, addr, Ordering::Relaxed)
+                .map_err(|_| QueueError::Memory)?;
+        } else {
+            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
+                .map_err(|_| QueueError::Memory)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(!self.resubmit.is_empty() || self.avail_idx(&mem)? != self.next_avail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::{RawDescriptor, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use crate::memory::tests::single_region;
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    struct Guest {
+        mem: GuestMemoryHandle,
+        avail_idx: u16,
+    }
+
+    impl Guest {
+        fn new() -> Self {
+            Guest {
+                mem: GuestMemoryHandle::new(single_region(0x20000)),
+                avail_idx: 0,
+            }
+        }
+        fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let d = RawDescriptor {
+                addr,
+                len,
+                flags,
+                next,
+            };
+            self.mem
+                .memory()
+                .write_obj(d, GuestAddress(DESC + 16 * u64::from(i)))
+                .unwrap();
+        }
+        fn offer(&mut self, head: u16) {
+            let m = self.mem.memory();
+            let slot = u64::from(self.avail_idx % SIZE);
+            m.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            m.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+        fn used(&self) -> (u16, Vec<(u32, u32)>) {
+            let m = self.mem.memory();
+            let idx: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+            let elems = (0..idx.min(SIZE))
+                .map(|i| {
+                    let e: u64 = m
+                        .read_obj(GuestAddress(USED + 4 + 8 * u64::from(i)))
+                        .unwrap();
+                    (e as u32, (e >> 32) as u32)
+                })
+                .collect();
+            (idx, elems)
+        }
+        fn queue(&self, features: u64) -> (VirtQueue, EventFd) {
+            let call = Arc::new(CallSlot::default());
+            let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            call.set(Some(efd.try_clone().unwrap()));
+            let cfg = QueueConfig {
+                index: 0,
+                size: SIZE,
+                addrs: RingAddrs {
+                    desc: GuestAddress(DESC),
+                    avail: GuestAddress(AVAIL),
+                    used: GuestAddress(USED),
+                },
+                next_avail: 0,
+                features,
+                max_chain_bytes: 1 << 20,
+            };
+            let q = VirtQueue::start(cfg, self.mem.clone(), call, None, None, Default::default())
+                .unwrap();
+            (q, efd)
+        }
+    }
+
+    #[test]
+    fn pops_completes_and_interrupts() {
+        let mut g = Guest::new();
+        g.desc(0, 0x5000, 16, VRING_DESC_F_NEXT, 1);
+        g.desc(1, 0x6000, 1, VRING_DESC_F_WRITE, 0);
+        g.offer(0);
+        let (mut q, efd) = g.queue(0);
+        let c = q.pop().unwrap().unwrap();
+        assert_eq!(c.head(), 0);
+        assert!(q.pop().unwrap().is_none());
+        q.complete(0, 1);
+        q.notify();
+        assert_eq!(efd.read().unwrap(), 1);
+        assert_eq!(g.used(), (1, vec![(0, 1)]));
+    }
+
+    #[test]
+    fn same_head_twice_in_flight_breaks_the_queue() {
+        let mut g = Guest::new();
+        g.desc(0, 0x5000, 16, 0, 0);
+        g.offer(0);
+        g.offer(0);
+        let (mut q, _efd) = g.queue(0);
+        assert!(q.pop().unwrap().is_some());
+        assert_eq!(q.pop().unwrap_err(), QueueError::HeadInFlight(0));
+        assert!(q.is_broken());
+        assert_eq!(q.pop().unwrap_err(), QueueError::Broken);
+    }
+
+    #[test]
+    fn avail_index_jump_and_bad_head_break_the_queue() {
+        let g = Guest::new();
+        g.mem
+            .memory()
+            .write_obj(SIZE + 1, GuestAddress(AVAIL + 2))
+            .unwrap();
+        let (mut q, _) = g.queue(0);
+        assert!(matches!(q.pop(), Err(QueueError::AvailIndexJump { .. })));
+
+        let mut g = Guest::new();
+        g.offer(SIZE);
+        let (mut q, _) = g.queue(0);
+        assert_eq!(q.pop().unwrap_err(), QueueError::HeadOutOfRange(SIZE));
+    }
+
+    #[test]
+    fn invalid_chain_is_completed_with_zero_and_skipped() {
+        let mut g = Guest::new();
+        g.desc(0, 0xffff_ffff_0000, 16, 0, 0);
+        g.desc(1, 0x5000, 16, 0, 0);
+        g.offer(0);
+        g.offer(1);
+        let (mut q, _) = g.queue(0);
+        let c = q.pop().unwrap().unwrap();
+        assert_eq!(c.head(), 1);
+        assert_eq!(g.used(), (1, vec![(0, 0)]));
+        assert_eq!(q.stats().bad_chains.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_until_used_event() {
+        let mut g = Guest::new();
+        for i in 0..4 {
+            g.desc(i, 0x5000, 16, 0, 0);
+            g.offer(i);
+        }
+        // Guest wants an interrupt only once used idx passes 3.
+        g.mem
+            .memory()
+            .write_obj(2u16, GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
+            .unwrap();
+        let (mut q, efd) = g.queue(1 << VIRTIO_RING_F_EVENT_IDX);
+        let mut heads = vec![];
+        while let Some(c) = q.pop().unwrap() {
+            heads.push(c.head());
+        }
+        q.complete(heads[0], 0);
+        q.notify(); // first interrupt always goes
+        assert_eq!(efd.read().unwrap(), 1);
+        q.complete(heads[1], 0);
+        q.notify(); // used idx 2: 2-2-1 = 0xffff, not < 1
+        assert!(efd.read().is_err());
+        q.complete(heads[2], 0);
+        q.notify(); // used idx 3 crosses used_event 2
+        assert_eq!(efd.read().unwrap(), 1);
+        assert!(!q.enable_notifications().unwrap());
+        let avail_event: u16 = g
+            .mem
+            .memory()
+            .read_obj(GuestAddress(USED + 4 + 8 * u64::from(SIZE)))
+            .unwrap();
+        assert_eq!(avail_event, 4);
+    }
+}

@@ -1,0 +1,151 @@
+//! One thread per running queue: an epoll loop over the kick eventfd, a stop
+//! eventfd and the worker's own fds.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::QueueWorker;
+use crate::virtqueue::VirtQueue;
+
+const TOKEN_KICK: u64 = 0;
+const TOKEN_STOP: u64 = 1;
+const TOKEN_FIRST_FD: u64 = 2;
+
+/// Lets a worker change which of its fds are watched (back-pressure).
+pub struct WorkerCtl {
+    epoll: RawFd,
+    fds: Vec<RawFd>,
+}
+
+impl WorkerCtl {
+    /// Starts or stops watching extra fd `index` for readability.
+    pub fn watch(&self, index: usize, on: bool) {
+        let Some(&fd) = self.fds.get(index) else {
+            return;
+        };
+        let ev = epoll::Event::new(
+            if on {
+                epoll::Events::EPOLLIN
+            } else {
+                epoll::Events::empty()
+            },
+            TOKEN_FIRST_FD + index as u64,
+        );
+        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev);
+    }
+
+    /// Starts or stops watching extra fd `index` for writability (EPOLLOUT), keeping EPOLLIN as given.
+    pub fn watch_io(&self, index: usize, read: bool, write: bool) {
+        let Some(&fd) = self.fds.get(index) else {
+            return;
+        };
+        let mut events = epoll::Events::empty();
+        if read {
+            events |= epoll::Events::EPOLLIN;
+        }
+        if write {
+            events |= epoll::Events::EPOLLOUT;
+        }
+        let ev = epoll::Event::new(events, TOKEN_FIRST_FD + index as u64);
+        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev);
+    }
+}
+
+/// A running queue thread.
+pub struct QueueThread {
+    stop: EventFd,
+    handle: JoinHandle<VirtQueue>,
+}
+
+impl QueueThread {
+    /// Spawns the thread for `vq`, driven by `kick`.
+    pub fn spawn<W: QueueWorker>(vq: VirtQueue, worker: W, kick: EventFd) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop2 = stop.try_clone()?;
+        let name = format!("vring-{}", vq.index());
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(vq, worker, kick, stop2))?;
+        Ok(QueueThread { stop, handle })
+    }
+
+    /// Stops the thread after its worker drained, and returns the queue.
+    pub fn stop(self) -> Option<VirtQueue> {
+        let _ = self.stop.write(1);
+        match self.handle.join() {
+            Ok(vq) => Some(vq),
+            Err(_) => {
+                log::error!("queue thread panicked");
+                None
+            }
+        }
+    }
+}
+
+fn add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll::ctl(
+        epoll,
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        fd,
+        epoll::Event::new(epoll::Events::EPOLLIN, token),
+    )
+}
+
+fn run<W: QueueWorker>(
+    mut vq: VirtQueue,
+    mut worker: W,
+    kick: EventFd,
+    stop: EventFd,
+) -> VirtQueue {
+    let epoll = match epoll::create(true) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("queue {}: epoll: {e}", vq.index());
+            return vq;
+        }
+    };
+    let fds = worker.fds();
+    let mut ok = add(epoll, kick.as_raw_fd(), TOKEN_KICK).is_ok()
+        && add(epoll, stop.as_raw_fd(), TOKEN_STOP).is_ok();
+    for (i, &fd) in fds.iter().enumerate() {
+        ok = ok && add(epoll, fd, TOKEN_FIRST_FD + i as u64).is_ok();
+    }
+    let ctl = WorkerCtl { epoll, fds };
+    if !ok {
+        log::error!(
+            "queue {}: cannot watch fds: {}",
+            vq.index(),
+            io::Error::last_os_error()
+        );
+    } else {
+        worker.on_kick(&mut vq, &ctl);
+        let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
+        'outer: loop {
+            let n = match epoll::wait(epoll, -1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("queue {}: epoll wait: {e}", vq.index());
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data {
+                    TOKEN_STOP => break 'outer,
+                    TOKEN_KICK => {
+                        let _ = kick.read();
+                        worker.on_kick(&mut vq, &ctl);
+                    }
+                    t => worker.on_fd(&mut vq, (t - TOKEN_FIRST_FD) as usize, &ctl),
+                }
+            }
+        }
+    }
+    worker.drain(&mut vq);
+    // SAFETY: closing the epoll fd we created.
+    unsafe { libc::close(epoll) };
+    vq
+}
