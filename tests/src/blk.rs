@@ -57,6 +57,8 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const CONFIG_LEN: u32 = 60;
 /// Length of the GET_ID string.
 pub const ID_LEN: u32 = 20;
+/// Alignment of data buffers laid out by [`BlkDriver::submit`] (page, like Linux).
+pub const DATA_ALIGN: u64 = 4096;
 /// Default wait for one completion.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -340,9 +342,13 @@ impl BlkDriver {
         }
         let (data, data_in) = match &req.payload {
             Payload::None => (None, false),
-            Payload::Out(d) => (Some((mem.alloc_with(d)?, d.len() as u32)), false),
+            Payload::Out(d) => {
+                let gpa = mem.alloc(d.len() as u64, DATA_ALIGN)?;
+                mem.write(gpa, d)?;
+                (Some((gpa, d.len() as u32)), false)
+            }
             Payload::In(len) => {
-                let gpa = mem.alloc(u64::from(*len), 64)?;
+                let gpa = mem.alloc(u64::from(*len), DATA_ALIGN)?;
                 mem.fill(gpa, u64::from(*len), 0xa5)?;
                 (Some((gpa, *len)), true)
             }

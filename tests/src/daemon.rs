@@ -141,12 +141,12 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.guard.try_wait(), Ok(None))
+        self.guard.pid() != 0 && matches!(self.guard.try_wait(), Ok(None))
     }
 
     /// Waits up to `timeout` and reports whether the process is still running then.
     pub fn still_running_after(&mut self, timeout: Duration) -> bool {
-        matches!(self.guard.wait_timeout(timeout), Ok(None))
+        self.guard.pid() != 0 && matches!(self.guard.wait_timeout(timeout), Ok(None))
     }
 
     /// Kills the daemon (SIGKILL) and reaps it.
