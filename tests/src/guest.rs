@@ -11,7 +11,9 @@
 //! Guest scripts run under `/bin/sh` (busybox) with the helpers of
 //! `tests/guest/bulkhead.sh`: `check NAME CMD...`, `expect_eq NAME ACTUAL
 //! EXPECTED`, `pass NAME`, `fail NAME DETAIL`, `value NAME VALUE`. The script's
-//! exit code is the number of failed checks.
+//! exit code is the number of failed checks. Set `BULKHEAD_SHOW_SERIAL=1`
+//! to see every guest's whole console; `BULKHEAD_TIMEOUT_SCALE` stretches
+//! the timeouts on a slow machine.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -288,6 +290,9 @@ impl Guest {
         let serial =
             String::from_utf8_lossy(&fs::read(&serial_path).unwrap_or_default()).replace('\r', "");
         let qemu_output = fs::read_to_string(&qemu_log).unwrap_or_default();
+        if std::env::var_os("BULKHEAD_SHOW_SERIAL").is_some() {
+            eprintln!("--- serial console:\n{serial}--- end of serial console");
+        }
         let mut run = GuestRun::parse(&serial);
         run.qemu_status = status.map(|s| s.to_string());
         run.qemu_output = qemu_output;

@@ -93,11 +93,19 @@ sync; echo 3 > /proc/sys/vm/drop_caches
 got=$(dd if=/dev/vda bs=1M skip={PATTERN_OFFSET_MIB} count={PATTERN_MIB} 2>/dev/null | sha256sum | cut -d' ' -f1)
 expect_eq pattern-readback "$got" "$want"
 
-# fio: two jobs (one per vCPU, so both queues carry requests) write random
-# 4 KiB blocks with crc32c checksums, then read them back and verify.
-check fio-verify fio --name=verify --filename=/dev/vda --offset={FIO_OFFSET_MIB}M --size=16M \
-  --offset_increment=16M --numjobs=2 --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \
-  --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting
+# fio: one job pinned to each vCPU, so that both queues carry requests,
+# writes random 4 KiB blocks with crc32c checksums, then reads them back and
+# verifies them.
+check fio-verify fio --filename=/dev/vda --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \
+  --direct=1 --verify=crc32c --verify_fatal=1 --size=16M \
+  --name=cpu0 --cpus_allowed=0 --offset={FIO_OFFSET_MIB}M \
+  --name=cpu1 --cpus_allowed=1 --offset=$(({FIO_OFFSET_MIB} + 16))M
+# Each queue has its own MSI-X vector: both must have fired.
+cpus=$(grep -c ^processor /proc/cpuinfo)
+awk -v n=$cpus '/virtio[0-9]+-req\.[0-9]+/ {{ s = 0; for (i = 2; i <= n + 1; i++) s += $i; print $NF, s }}' \
+  /proc/interrupts >/data/irqs
+cat /data/irqs
+expect_eq queue-interrupts "$(awk '$2 > 0' /data/irqs | wc -l)" {QUEUES}
 check fio-sequential fio --name=seq --filename=/dev/vda --offset={FIO_OFFSET_MIB}M --size=32M \
   --rw=write --bs=256k --ioengine=libaio --iodepth=4 --direct=1 --verify=crc32c --verify_fatal=1
 
@@ -236,4 +244,30 @@ fn qemu_guest_uses_bulkhead_blk() {
         serial: Some(SERIAL),
         start: start_bulkhead,
     });
+}
+
+#[test]
+fn qemu_guest_harness_reports_a_failed_check() {
+    let run = Guest::new("pass first\nexpect_eq second one two\nvalue answer 42\n").run();
+    assert!(
+        !run.passed(),
+        "a failed check must fail the run\n{}",
+        run.report()
+    );
+    assert_eq!(run.exit_code, Some(1), "{}", run.report());
+    assert!(run.check("first").is_some_and(|c| c.passed));
+    let second = run.check("second").expect("second check reported");
+    assert!(!second.passed);
+    assert_eq!(second.detail, "got 'one', want 'two'");
+    assert_eq!(run.value("answer"), Some("42"));
+}
+
+#[test]
+fn qemu_guest_harness_kills_a_guest_at_the_timeout() {
+    let run = Guest::new("pass started\nsleep 600\n")
+        .timeout(Duration::from_secs(20))
+        .run();
+    assert!(run.timed_out, "{}", run.report());
+    assert!(run.check("started").is_some(), "{}", run.report());
+    assert!(!run.passed());
 }
