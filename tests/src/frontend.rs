@@ -3,15 +3,19 @@
 //! keeps the pieces (memory, queues, inflight fd) so a test can reconnect with them.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::memory::{GuestMemory, MemoryError};
 use crate::virtq::{VirtQueue, VirtqError};
@@ -330,5 +334,115 @@ impl Device {
             vu("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
         }
         vu("GET_VRING_BASE", self.frontend.get_vring_base(i))
+    }
+}
+
+/// Largest reply payload [`RawConnection::recv`] accepts.
+const RAW_MAX_PAYLOAD: usize = 64 << 10;
+
+/// A reply read by [`RawConnection::recv`].
+#[derive(Debug)]
+pub struct RawReply {
+    /// Request code echoed by the backend.
+    pub request: u32,
+    /// Header flags.
+    pub flags: u32,
+    /// Payload bytes (the header's size field says how many).
+    pub payload: Vec<u8>,
+    /// A file descriptor that came with the reply, if any.
+    pub file: Option<File>,
+}
+
+/// A raw vhost-user socket: sends any bytes and fds, for malformed-message tests.
+pub struct RawConnection {
+    sock: UnixStream,
+}
+
+impl RawConnection {
+    /// Connects a fresh socket to `path` (no messages sent).
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        Ok(RawConnection {
+            sock: UnixStream::connect(path)?,
+        })
+    }
+
+    /// Shares the socket of an established [`Frontend`], to inject messages mid-session.
+    pub fn from_frontend(fe: &Frontend) -> io::Result<Self> {
+        // SAFETY: the frontend keeps its socket open for the duration of this call, and
+        // the borrowed fd is only used to duplicate it.
+        let fd = unsafe { BorrowedFd::borrow_raw(fe.as_raw_fd()) };
+        Ok(RawConnection {
+            sock: fd.try_clone_to_owned()?.into(),
+        })
+    }
+
+    /// Sends a message: a header (`request`, `flags` | version 1, payload length) then `payload`.
+    pub fn send(&self, request: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let size = u32::try_from(payload.len()).map_err(io::Error::other)?;
+        let mut msg = Vec::with_capacity(12 + payload.len());
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&(flags | 1).to_le_bytes());
+        msg.extend_from_slice(&size.to_le_bytes());
+        msg.extend_from_slice(payload);
+        self.send_bytes(&msg, fds)
+    }
+
+    /// Sends `bytes` verbatim (a lying header, a truncated body) with `fds` attached.
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let sent = self.sock.send_with_fds(&[bytes], fds)?;
+        if sent != bytes.len() {
+            (&self.sock).write_all(&bytes[sent..])?;
+        }
+        Ok(())
+    }
+
+    /// Reads one reply, waiting up to `timeout`; `Ok(None)` when the backend closed the socket.
+    pub fn recv(&self, timeout: Duration) -> io::Result<Option<RawReply>> {
+        self.sock.set_read_timeout(Some(timeout))?;
+        let mut hdr = [0u8; 12];
+        let (n, file) = self.sock.recv_with_fd(&mut hdr)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n < hdr.len() {
+            (&self.sock).read_exact(&mut hdr[n..])?;
+        }
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let size = word(8) as usize;
+        if size > RAW_MAX_PAYLOAD {
+            return Err(io::Error::other(format!("reply payload {size} too big")));
+        }
+        let mut payload = vec![0u8; size];
+        (&self.sock).read_exact(&mut payload)?;
+        Ok(Some(RawReply {
+            request: word(0),
+            flags: word(4),
+            payload,
+            file,
+        }))
+    }
+
+    /// Whether the backend closes the socket within `timeout` (after a fatal message).
+    pub fn closed_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.recv(left) {
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
     }
 }

@@ -85,3 +85,19 @@ fn kit_drives_two_queues_with_many_requests_in_flight_with_qsd() {
         }
     }
 }
+
+#[test]
+fn raw_connection_speaks_vhost_user_with_qsd() {
+    use bulkhead_tests::frontend::RawConnection;
+    use std::time::Duration;
+    use vhost::vhost_user::message::FrontendReq;
+    let d = qsd(1);
+    let raw = RawConnection::connect(d.socket()).unwrap();
+    raw.send(FrontendReq::GET_FEATURES as u32, 0, &[], &[])
+        .unwrap();
+    let reply = raw.recv(Duration::from_secs(5)).unwrap().expect("a reply");
+    assert_eq!(reply.request, FrontendReq::GET_FEATURES as u32);
+    assert_eq!(reply.payload.len(), 8);
+    let features = u64::from_le_bytes(reply.payload.try_into().unwrap());
+    assert_ne!(features & (1 << 32), 0, "VERSION_1");
+}
