@@ -1,1 +1,169 @@
-fn main() {}
+//! `bulkhead-blk`: a vhost-user block device backend serving a raw image file
+//! or block device.
+
+mod device;
+mod disk;
+mod engine;
+mod request;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use clap::{Parser, ValueEnum};
+
+use crate::device::{BlkConfig, BlkDevice};
+use crate::disk::Disk;
+use crate::engine::EngineKind;
+
+/// I/O engine choices on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    /// io_uring (falls back to sync with a warning where unavailable).
+    IoUring,
+    /// Blocking preadv/pwritev in the queue thread.
+    Sync,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || !n.is_power_of_two() || n > 32768 {
+        return Err("must be a power of two from 1 to 32768".into());
+    }
+    Ok(n)
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > request::ID_BYTES {
+        return Err(format!("at most {} bytes", request::ID_BYTES));
+    }
+    Ok(s.to_string())
+}
+
+/// vhost-user block device backend: serves a raw image file or block device to a
+/// virtio-blk driver through any vhost-user frontend (QEMU, Cloud Hypervisor,
+/// crosvm, bulkhead-vmm).
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-blk", version)]
+struct Args {
+    #[command(flatten)]
+    vhost_user: VhostUserArgs,
+
+    /// Raw image file or block device to serve.
+    #[arg(long, visible_alias = "blk-file", value_name = "FILE",
+          required_unless_present_any = ["print_capabilities", "image_fd"])]
+    image: Option<PathBuf>,
+
+    /// Use this inherited, already-open fd as the image instead of --image.
+    #[arg(long, value_name = "N", conflicts_with = "image")]
+    image_fd: Option<i32>,
+
+    /// Serve the image read-only: writes, discards and write-zeroes fail with IOERR.
+    #[arg(long, visible_alias = "read-only")]
+    readonly: bool,
+
+    /// Number of virtqueues (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value = "256", value_parser = parse_queue_size)]
+    queue_size: u16,
+
+    /// Device id returned to GET_ID requests (at most 20 bytes).
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
+    serial: Option<String>,
+
+    /// I/O engine.
+    #[arg(long, value_enum, default_value = "io-uring")]
+    engine: EngineArg,
+
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.vhost_user.print_capabilities {
+        print_capabilities("block", &["read-only", "blk-file"]);
+        return ExitCode::SUCCESS;
+    }
+    init_logging("bulkhead-blk");
+    if let Err(e) = args.vhost_user.require_socket() {
+        log::error!("{e}");
+        return ExitCode::from(2);
+    }
+    let disk = match (&args.image, args.image_fd) {
+        (Some(path), _) => Disk::open(path, args.readonly, args.direct)
+            .map_err(|e| format!("cannot open image {}: {e}", path.display())),
+        (None, Some(fd)) => {
+            // SAFETY: the launcher handed us this fd to own.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            Disk::from_file(f).map_err(|e| format!("cannot use image fd {fd}: {e}"))
+        }
+        (None, None) => Err("--image or --image-fd is required".to_string()),
+    };
+    let disk = match disk {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let engine = match args.engine {
+        EngineArg::IoUring if engine::io_uring_available() => EngineKind::IoUring,
+        EngineArg::IoUring => {
+            log::warn!("io_uring is not available here; using the sync engine");
+            EngineKind::Sync
+        }
+        EngineArg::Sync => EngineKind::Sync,
+    };
+    log::info!(
+        "serving {} ({} bytes, {} queue(s) of up to {}, {:?} engine{}{})",
+        args.image
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| format!("fd {}", args.image_fd.unwrap_or(-1))),
+        disk.capacity,
+        args.num_queues,
+        args.queue_size,
+        engine,
+        if args.readonly { ", read-only" } else { "" },
+        if args.direct { ", O_DIRECT" } else { "" },
+    );
+    let device = Arc::new(BlkDevice::new(
+        disk,
+        BlkConfig {
+            readonly: args.readonly,
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            serial: args.serial.clone(),
+            engine,
+        },
+    ));
+    let result = bulkhead_common::daemon::serve(&args.vhost_user, device.clone());
+    let s = &device.stats;
+    log::info!(
+        "requests: {} ok, {} ioerr, {} unsupported, {} malformed",
+        s.ok.load(Ordering::Relaxed),
+        s.ioerr.load(Ordering::Relaxed),
+        s.unsupp.load(Ordering::Relaxed),
+        s.malformed.load(Ordering::Relaxed)
+    );
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                log::error!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The virtio-blk device: features, config space, and the per-queue worker
+//! that turns requests into engine operations.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bulkhead_common::virtqueue::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use bulkhead_common::{
+    DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
+};
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::disk::Disk;
+use crate::engine::{self, Completion, Engine, EngineKind, Op};
+use crate::request::{
+    ID_BYTES, MAX_SEGMENTS, Request, RequestKind, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+
+/// Virtio-blk feature bits (virtio spec 5.2.3).
+pub mod features {
+    /// Maximum segment size in `size_max`.
+    pub const SIZE_MAX: u32 = 1;
+    /// Maximum segments per request in `seg_max`.
+    pub const SEG_MAX: u32 = 2;
+    /// Read-only device.
+    pub const RO: u32 = 5;
+    /// Block size in `blk_size`.
+    pub const BLK_SIZE: u32 = 6;
+    /// Flush command.
+    pub const FLUSH: u32 = 9;
+    /// Topology information.
+    pub const TOPOLOGY: u32 = 10;
+    /// Writeback cache mode in `wce`, writable.
+    pub const CONFIG_WCE: u32 = 11;
+    /// Several queues.
+    pub const MQ: u32 = 12;
+    /// Discard command.
+    pub const DISCARD: u32 = 13;
+    /// Write-zeroes command.
+    pub const WRITE_ZEROES: u32 = 14;
+}
+
+/// Largest data segment the guest may use.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Offset of `wce` in the config space.
+const CONFIG_WCE_OFFSET: u32 = 32;
+/// Most sectors in one discard / write-zeroes segment.
+const MAX_ZERO_SECTORS: u32 = u32::MAX / 512 / 8 * 8;
+
+/// Daemon settings for the device.
+#[derive(Clone, Debug)]
+pub struct BlkConfig {
+    /// Refuse writes, discards and write-zeroes; offer VIRTIO_BLK_F_RO.
+    pub readonly: bool,
+    /// Number of queues.
+    pub num_queues: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// GET_ID string (at most 20 bytes).
+    pub serial: Option<String>,
+    /// I/O engine.
+    pub engine: EngineKind,
+}
+
+/// Counters shared by every queue.
+#[derive(Default, Debug)]
+pub struct BlkStats {
+    /// Requests completed with OK.
+    pub ok: AtomicU64,
+    /// Requests completed with IOERR.
+    pub ioerr: AtomicU64,
+    /// Requests completed with UNSUPP.
+    pub unsupp: AtomicU64,
+    /// Chains that were not block requests (guest errors).
+    pub malformed: AtomicU64,
+}
+
+/// The block device served by the daemon.
+pub struct BlkDevice {
+    disk: Disk,
+    cfg: BlkConfig,
+    /// Writeback cache on (guest-writable through CONFIG_WCE).
+    writeback: Arc<AtomicBool>,
+    /// Counters.
+    pub stats: Arc<BlkStats>,
+}
+
+impl BlkDevice {
+    /// A device over `disk`.
+    pub fn new(disk: Disk, cfg: BlkConfig) -> Self {
+        BlkDevice {
+            disk,
+            cfg,
+            writeback: Arc::new(AtomicBool::new(true)),
+            stats: Arc::new(BlkStats::default()),
+        }
+    }
+
+    fn seg_max(&self) -> u32 {
+        // Header and status take two descriptors of the chain.
+        u32::from(self.cfg.queue_size).saturating_sub(2).max(1)
+    }
+
+    fn geometry(&self) -> crate::request::Geometry {
+        crate::request::Geometry {
+            capacity: self.disk.capacity,
+            readonly: self.cfg.readonly,
+            max_zero_sectors: MAX_ZERO_SECTORS,
+        }
+    }
+}
+
+/// Little-endian config space writer.
+struct Config(Vec<u8>);
+
+impl Config {
+    fn put(&mut self, off: usize, bytes: &[u8]) {
+        self.0[off..off + bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+impl VhostUserDevice for BlkDevice {
+    type Worker = BlkWorker;
+
+    fn num_queues(&self) -> u16 {
+        self.cfg.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        use features::*;
+        let mut f: u64 = [
+            SIZE_MAX,
+            SEG_MAX,
+            BLK_SIZE,
+            FLUSH,
+            TOPOLOGY,
+            CONFIG_WCE,
+            MQ,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_VERSION_1,
+        ]
+        .iter()
+        .fold(0, |acc, b| acc | 1 << b);
+        if self.cfg.readonly {
+            f |= 1 << RO;
+        } else {
+            f |= (1 << DISCARD) | (1 << WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn config(&self) -> Vec<u8> {
+        // struct virtio_blk_config, up to write_zeroes_may_unmap (60 bytes).
+        let mut c = Config(vec![0; 60]);
+        let lbs = self.disk.logical_block_size;
+        let phys_exp = (self.disk.physical_block_size / lbs)
+            .max(1)
+            .trailing_zeros() as u8;
+        c.put(0, &(self.disk.capacity / SECTOR_SIZE).to_le_bytes());
+        c.put(8, &SIZE_MAX.to_le_bytes());
+        c.put(12, &self.seg_max().to_le_bytes());
+        c.put(20, &lbs.to_le_bytes());
+        c.put(24, &[phys_exp, 0]);
+        c.put(26, &1u16.to_le_bytes()); // min_io_size, in logical blocks
+        c.put(28, &0u32.to_le_bytes()); // opt_io_size
+        c.put(32, &[u8::from(self.writeback.load(Ordering::Relaxed))]);
+        c.put(34, &self.cfg.num_queues.to_le_bytes());
+        c.put(36, &MAX_ZERO_SECTORS.to_le_bytes());
+        c.put(40, &MAX_SEGMENTS.to_le_bytes());
+        c.put(44, &(4096 / SECTOR_SIZE as u32).to_le_bytes());
+        c.put(48, &MAX_ZERO_SECTORS.to_le_bytes());
+        c.put(52, &MAX_SEGMENTS.to_le_bytes());
+        c.put(56, &[1]); // write_zeroes_may_unmap
+        c.0
+    }
+
+    fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
+        if offset == CONFIG_WCE_OFFSET && data.len() == 1 {
+            self.writeback.store(data[0] != 0, Ordering::Relaxed);
+            log::info!(
+                "guest set the write cache to {}",
+                if data[0] != 0 {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
+            );
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "config write at {offset} ({} bytes): only wce is writable",
+                data.len()
+            ),
+        ))
+    }
+
+    fn max_chain_bytes(&self) -> u64 {
+        u64::from(self.seg_max()) * u64::from(SIZE_MAX) + 4096
+    }
+
+    fn reset(&self) {
+        self.writeback.store(true, Ordering::Relaxed);
+    }
+
+    fn create_worker(&self, index: u16, _features: u64) -> io::Result<BlkWorker> {
+        let depth = usize::from(self.cfg.queue_size) + MAX_SEGMENTS as usize;
+        let engine = engine::new_engine(
+            self.cfg.engine,
+            self.disk.file.clone(),
+            depth,
+            self.disk.is_block_device,
+        )?;
+        log::debug!("queue {index}: {:?} engine, depth {depth}", self.cfg.engine);
+        Ok(BlkWorker {
+            engine,
+            geometry: self.geometry(),
+            serial: self.cfg.serial.clone().unwrap_or_default().into_bytes(),
+            writeback: self.writeback.clone(),
+            stats: self.stats.clone(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            completions: Vec::new(),
+            stalled: false,
+        })
+    }
+}
+
+/// A request whose operations are in the engine.
+struct InFlight {
+    chain: DescriptorChain,
+    status_addr: GuestAddress,
+    used_len: u32,
+    pending: u32,
+    status: u8,
+}
+
+/// Runs one queue: parses requests, submits them, completes them.
+pub struct BlkWorker {
+    engine: Box<dyn Engine>,
+    geometry: crate::request::Geometry,
+    serial: Vec<u8>,
+    writeback: Arc<AtomicBool>,
+    stats: Arc<BlkStats>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    completions: Vec<Completion>,
+    /// Stopped taking requests because the engine is full.
+    stalled: bool,
+}
+
+impl BlkWorker {
+    fn finish(
+        &mut self,
+        vq: &mut VirtQueue,
+        chain: &DescriptorChain,
+        addr: GuestAddress,
+        status: u8,
+        used_len: u32,
+    ) {
+        let counter = match status {
+            VIRTIO_BLK_S_OK => &self.stats.ok,
+            VIRTIO_BLK_S_IOERR => &self.stats.ioerr,
+            _ => &self.stats.unsupp,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _ = chain.memory().write_obj(status, addr);
+        vq.complete(chain.head(), used_len);
+    }
+
+    fn slot(&mut self, f: InFlight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(f);
+                i
+            }
+            None => {
+                self.slots.push(Some(f));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Starts one request; completes it at once when no I/O is needed.
+    fn start(&mut self, vq: &mut VirtQueue, chain: DescriptorChain) {
+        let req = match Request::parse(&chain, &self.geometry) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
+                vq.complete(chain.head(), 0);
+                return;
+            }
+        };
+        let fua = !self.writeback.load(Ordering::Relaxed);
+        let ops = match self.ops(&chain, &req.kind, fua) {
+            Ok(Some(ops)) => ops,
+            Ok(None) => {
+                // Completed without I/O: GET_ID or a failure status.
+                let (status, len) = match &req.kind {
+                    RequestKind::Fail(s) => (*s, 1),
+                    _ => (VIRTIO_BLK_S_OK, self.write_id(&chain).saturating_add(1)),
+                };
+                self.finish(vq, &chain, req.status, status, len);
+                return;
+            }
+            Err(e) => {
+                guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
+                self.finish(vq, &chain, req.status, VIRTIO_BLK_S_IOERR, 1);
+                return;
+            }
+        };
+        let used_len = match req.kind {
+            RequestKind::Read(r) => r.len as u32 + 1,
+            _ => 1,
+        };
+        let n = ops.len() as u32;
+        let idx = self.slot(InFlight {
+            chain,
+            status_addr: req.status,
+            used_len,
+            pending: n,
+            status: VIRTIO_BLK_S_OK,
+        });
+        for op in ops {
+            // SAFETY: the iovecs point into guest memory held mapped by the
+            // chain's memory snapshot, which stays in `slots[idx]` until every
+            // op of the request has completed.
+            if let Err(e) = unsafe { self.engine.submit(idx as u64, op) } {
+                if engine::is_queue_full(&e) {
+                    log::error!("queue {}: engine full despite the room check", vq.index());
+                } else {
+                    log::error!("queue {}: submit failed: {e}", vq.index());
+                }
+                self.op_done(vq, idx, Err(e));
+            }
+        }
+    }
+
+    /// Engine operations for a request; None when it needs none.
+    fn ops(
+        &self,
+        chain: &DescriptorChain,
+        kind: &RequestKind,
+        fua: bool,
+    ) -> io::Result<Option<Vec<Op>>> {
+        Ok(Some(match kind {
+            RequestKind::Read(r) => {
+                let mut w = chain.writer();
+                let _status = w.split_tail(1)?;
+                vec![Op::Read {
+                    offset: r.offset,
+                    iovecs: w.iovecs(r.len)?,
+                }]
+            }
+            RequestKind::Write(r) => {
+                let mut rd = chain.reader();
+                rd.skip(16)?;
+                vec![Op::Write {
+                    offset: r.offset,
+                    iovecs: rd.iovecs(r.len)?,
+                    fua,
+                }]
+            }
+            RequestKind::Flush => vec![Op::Flush],
+            RequestKind::Discard(rs) => rs
+                .iter()
+                .map(|r| Op::Discard {
+                    offset: r.offset,
+                    len: r.len,
+                })
+                .collect(),
+            RequestKind::WriteZeroes(rs) => rs
+                .iter()
+                .map(|(r, unmap)| Op::WriteZeroes {
+                    offset: r.offset,
+                    len: r.len,
+                    unmap: *unmap,
+                })
+                .collect(),
+            RequestKind::GetId | RequestKind::Fail(_) => return Ok(None),
+        }))
+    }
+
+    /// Writes the serial (zero-padded to 20 bytes, or as much as fits); returns bytes written.
+    fn write_id(&self, chain: &DescriptorChain) -> u32 {
+        let mut w = chain.writer();
+        if w.split_tail(1).is_err() {
+            return 0;
+        }
+        let mut id = [0u8; ID_BYTES];
+        let n = self.serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&self.serial[..n]);
+        let len = (w.available() as usize).min(ID_BYTES);
+        match w.write_all(&id[..len]) {
+            Ok(()) => len as u32,
+            Err(_) => 0,
+        }
+    }
+
+    fn op_done(&mut self, vq: &mut VirtQueue, idx: usize, result: io::Result<u64>) {
+        let Some(Some(f)) = self.slots.get_mut(idx) else {
+            log::error!("completion for unknown request slot {idx}");
+            return;
+        };
+        if let Err(e) = &result {
+            if f.status == VIRTIO_BLK_S_OK {
+                log::warn!("queue {}: I/O error: {e}", vq.index());
+            }
+            f.status = VIRTIO_BLK_S_IOERR;
+        }
+        f.pending -= 1;
+        if f.pending > 0 {
+            return;
+        }
+        if let Some(f) = self.slots[idx].take() {
+            self.free.push(idx);
+            let used = if f.status == VIRTIO_BLK_S_OK {
+                f.used_len
+            } else {
+                1
+            };
+            self.finish(vq, &f.chain, f.status_addr, f.status, used);
+        }
+    }
+
+    fn reap(&mut self, vq: &mut VirtQueue) {
+        let mut done = std::mem::take(&mut self.completions);
+        if let Err(e) = self.engine.reap(&mut done) {
+            log::error!("queue {}: reaping completions: {e}", vq.index());
+        }
+        for c in done.drain(..) {
+            self.op_done(vq, c.token as usize, c.result);
+        }
+        self.completions = done;
+    }
+
+    /// Takes requests off the ring while the engine has room.
+    fn process(&mut self, vq: &mut VirtQueue) {
+        loop {
+            vq.disable_notifications();
+            loop {
+                if self.engine.depth() - self.engine.in_flight() < MAX_SEGMENTS as usize {
+                    self.stalled = true;
+                    break;
+                }
+                match vq.pop() {
+                    Ok(Some(chain)) => self.start(vq, chain),
+                    Ok(None) => break,
+                    Err(_) => {
+                        // The queue is broken; VirtQueue logged why.
+                        self.stalled = false;
+                        let _ = self.engine.commit();
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = self.engine.commit() {
+                log::error!("queue {}: submitting I/O: {e}", vq.index());
+            }
+            if self.stalled {
+                // Resume from the completion handler, which frees room.
+                break;
+            }
+            match vq.enable_notifications() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.reap(vq);
+        vq.notify();
+    }
+}
+
+impl QueueWorker for BlkWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.engine.completion_fd()]
+    }
+
+    fn on_kick(&mut self, vq: &mut VirtQueue, _ctl: &WorkerCtl) {
+        self.process(vq);
+    }
+
+    fn on_fd(&mut self, vq: &mut VirtQueue, _index: usize, _ctl: &WorkerCtl) {
+        self.reap(vq);
+        vq.notify();
+        if self.stalled {
+            self.stalled = false;
+            self.process(vq);
+        }
+    }
+
+    fn drain(&mut self, vq: &mut VirtQueue) {
+        let _ = self.engine.commit();
+        while self.engine.in_flight() > 0 {
+            let mut done = Vec::new();
+            if let Err(e) = self.engine.wait(&mut done) {
+                log::error!("queue {}: waiting for I/O: {e}", vq.index());
+                break;
+            }
+            for c in done {
+                self.op_done(vq, c.token as usize, c.result);
+            }
+        }
+        vq.notify();
+    }
+}
