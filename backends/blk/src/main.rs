@@ -1,11 +1,6 @@
 //! `bulkhead-blk`: a vhost-user block device backend serving a raw image file
 //! or block device.
 
-mod device;
-mod disk;
-mod engine;
-mod request;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,9 +9,10 @@ use std::sync::atomic::Ordering;
 use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
 use clap::{Parser, ValueEnum};
 
-use crate::device::{BlkConfig, BlkDevice};
-use crate::disk::Disk;
-use crate::engine::EngineKind;
+use bulkhead_blk::device::{BlkConfig, BlkDevice};
+use bulkhead_blk::disk::Disk;
+use bulkhead_blk::engine::{self, EngineKind};
+use bulkhead_blk::request;
 
 /// I/O engine choices on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
