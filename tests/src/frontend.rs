@@ -28,6 +28,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio feature bit: VERSION_1.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device-type-specific feature bits (0..=23), all acceptable by default.
+pub const DEVICE_FEATURES: u64 = (1 << 24) - 1;
 /// vhost feature bit: dirty logging (never acked by the kit).
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
@@ -66,7 +68,8 @@ fn vu<T>(what: &'static str, r: vhost::Result<T>) -> Result<T> {
 /// What a test wants negotiated.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// virtio features the driver is willing to ack (ANDed with the offer).
+    /// virtio features the driver is willing to ack (ANDed with the offer); by default
+    /// the device bits, INDIRECT_DESC, EVENT_IDX and VERSION_1 (never legacy or packed).
     pub features: u64,
     /// Protocol features the frontend is willing to ack (ANDed with the offer).
     pub protocol_features: VhostUserProtocolFeatures,
@@ -83,7 +86,10 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            features: !VHOST_F_LOG_ALL,
+            features: DEVICE_FEATURES
+                | VIRTIO_RING_F_INDIRECT_DESC
+                | VIRTIO_RING_F_EVENT_IDX
+                | VIRTIO_F_VERSION_1,
             protocol_features: VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG

@@ -17,7 +17,7 @@ use bulkhead_tests::frontend::{
     Options, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use bulkhead_tests::memory::GuestMemory;
-use bulkhead_tests::virtq::Buf;
+use bulkhead_tests::virtq::{Buf, Desc};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 const IMAGE_SIZE: u64 = 16 << 20;
@@ -549,4 +549,143 @@ fn daemon_keeps_running_idle_until_killed_by_its_pid() {
     assert!(d.still_running_after(Duration::from_millis(200)));
     d.kill().unwrap();
     assert!(!d.is_running());
+}
+
+/// Polls used->idx (without touching used_event) until it reaches `want`.
+fn spin_until_used_idx(blk: &mut BlkDriver, want: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while blk.queue(0).unwrap().used_idx().unwrap() != want {
+        assert!(std::time::Instant::now() < deadline, "used idx stuck");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn event_idx_calls_are_suppressed_until_used_event_is_reached() {
+    let d = start(&[]);
+    let mut blk = connect(&d, &Options::default().event_idx(true));
+    assert!(blk.dev.has_feature(VIRTIO_RING_F_EVENT_IDX));
+    let mem = blk.dev.mem.clone();
+    let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
+    let buf = mem.alloc(512, 4096).unwrap();
+    let st = mem.alloc(1, 64).unwrap();
+    let bufs = [
+        Buf::readable(hdr, 16),
+        Buf::writable(buf, 512),
+        Buf::writable(st, 1),
+    ];
+    // One full round trip first: a device may always signal its first completion.
+    assert_eq!(blk.read(0, 0, 512).unwrap().0, VIRTIO_BLK_S_OK);
+    // Ask for a call only when the third next request completes (used idx 3 -> 4).
+    let q = blk.queue(0).unwrap();
+    q.set_used_event(3).unwrap();
+    while q.wait_call(Duration::ZERO).unwrap() {}
+    for used in [2u16, 3] {
+        blk.submit_raw(0, &bufs, false).unwrap();
+        spin_until_used_idx(&mut blk, used);
+        let q = blk.queue(0).unwrap();
+        assert!(
+            !q.wait_call(Duration::from_millis(50)).unwrap(),
+            "call for used idx {used} before used_event 3"
+        );
+    }
+    blk.submit_raw(0, &bufs, false).unwrap();
+    spin_until_used_idx(&mut blk, 4);
+    let q = blk.queue(0).unwrap();
+    assert!(
+        q.wait_call(Duration::from_secs(5)).unwrap(),
+        "no call at used_event"
+    );
+}
+
+#[test]
+fn no_interrupt_flag_suppresses_calls_without_event_idx() {
+    let d = start(&[]);
+    let mut blk = connect(&d, &Options::default().event_idx(false));
+    assert_eq!(blk.read(0, 0, 512).unwrap().0, VIRTIO_BLK_S_OK);
+    let q = blk.queue(0).unwrap();
+    q.set_avail_flags(bulkhead_tests::virtq::VIRTQ_AVAIL_F_NO_INTERRUPT)
+        .unwrap();
+    while q.wait_call(Duration::ZERO).unwrap() {}
+    let mem = blk.dev.mem.clone();
+    let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
+    let buf = mem.alloc(512, 4096).unwrap();
+    let st = mem.alloc(1, 64).unwrap();
+    let bufs = [
+        Buf::readable(hdr, 16),
+        Buf::writable(buf, 512),
+        Buf::writable(st, 1),
+    ];
+    blk.submit_raw(0, &bufs, false).unwrap();
+    spin_until_used_idx(&mut blk, 2);
+    let q = blk.queue(0).unwrap();
+    assert!(
+        !q.wait_call(Duration::from_millis(100)).unwrap(),
+        "call despite NO_INTERRUPT"
+    );
+    q.set_avail_flags(0).unwrap();
+    blk.submit_raw(0, &bufs, false).unwrap();
+    spin_until_used_idx(&mut blk, 3);
+    assert!(
+        blk.queue(0)
+            .unwrap()
+            .wait_call(Duration::from_secs(5))
+            .unwrap()
+    );
+}
+
+#[test]
+fn descriptor_outside_guest_memory_completes_with_zero_len_and_daemon_keeps_serving() {
+    assert_guest_error_completes_with_zero_len(|mem| {
+        let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
+        let st = mem.alloc(1, 64).unwrap();
+        let end = mem.layout()[0].guest_addr + mem.layout()[0].size;
+        vec![
+            Buf::readable(hdr, 16),
+            Buf::writable(end - 256, 512),
+            Buf::writable(st, 1),
+        ]
+    });
+}
+
+#[test]
+fn descriptor_chain_loop_completes_with_zero_len_and_daemon_keeps_serving() {
+    let mut d = start(&[]);
+    let mut blk = connect(&d, &Options::default());
+    let mem = blk.dev.mem.clone();
+    let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
+    let buf = mem.alloc(512, 4096).unwrap();
+    let q = blk.queue(0).unwrap();
+    let (a, b) = (q.reserve_desc().unwrap(), q.reserve_desc().unwrap());
+    let next = bulkhead_tests::virtq::VIRTQ_DESC_F_NEXT;
+    let write = bulkhead_tests::virtq::VIRTQ_DESC_F_WRITE;
+    q.write_desc(
+        a,
+        Desc {
+            addr: hdr,
+            len: 16,
+            flags: next,
+            next: b,
+        },
+    )
+    .unwrap();
+    q.write_desc(
+        b,
+        Desc {
+            addr: buf,
+            len: 512,
+            flags: next | write,
+            next: b,
+        },
+    )
+    .unwrap();
+    q.publish_raw(a).unwrap();
+    q.kick().unwrap();
+    let used = q.wait_used(Duration::from_secs(10)).unwrap();
+    assert_eq!((used.id, used.len), (u32::from(a), 0));
+    q.release_desc(a);
+    q.release_desc(b);
+    assert_eq!(blk.write(0, 0, &[9; 512]).unwrap(), VIRTIO_BLK_S_OK);
+    drop(blk);
+    assert_still_serving(&mut d);
 }
