@@ -354,20 +354,19 @@ impl BlkDriver {
             }
         };
         if let Some((gpa, len)) = data {
-            let n = req.data_segs.max(1) as u32;
-            let chunk = len.div_ceil(n).max(1);
+            let chunk = len.div_ceil(req.data_segs.max(1) as u32).max(1);
             let mut off = 0u32;
-            while off < len || (len == 0 && off == 0) {
+            loop {
                 let l = chunk.min(len - off);
                 bufs.push(Buf {
                     addr: gpa + u64::from(off),
                     len: l,
                     writable: data_in,
                 });
-                if len == 0 {
+                off += l;
+                if off >= len {
                     break;
                 }
-                off += l;
             }
         }
         bufs.push(Buf::writable(status, 1));

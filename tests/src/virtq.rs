@@ -347,7 +347,7 @@ impl VirtQueue {
         Ok(head)
     }
 
-    /// Puts `head` in the next avail slot and publishes the new avail idx (release).
+    /// Puts `head` (any value) in the next avail slot and publishes the new avail idx (release).
     pub fn publish(&mut self, head: u16) -> Result<()> {
         let slot = self.next_avail % self.size;
         self.set_avail_entry(slot, head)?;
@@ -379,11 +379,6 @@ impl VirtQueue {
         Ok(self
             .mem
             .store(self.addrs.avail + 2, idx, Ordering::Release)?)
-    }
-
-    /// Raw: publishes `head` in the next avail slot without any chain bookkeeping.
-    pub fn publish_raw(&mut self, head: u16) -> Result<()> {
-        self.publish(head)
     }
 
     /// Raw: sets the driver's shadow avail index (after hand-made avail idx changes).

@@ -679,7 +679,7 @@ fn descriptor_chain_loop_completes_with_zero_len_and_daemon_keeps_serving() {
         },
     )
     .unwrap();
-    q.publish_raw(a).unwrap();
+    q.publish(a).unwrap();
     q.kick().unwrap();
     let used = q.wait_used(Duration::from_secs(10)).unwrap();
     assert_eq!((used.id, used.len), (u32::from(a), 0));
