@@ -317,6 +317,31 @@ impl BlkDriver {
         })
     }
 
+    /// Reconnects to a (restarted) backend at `socket`, replaying memory, rings
+    /// and the inflight area; requests still pending stay pending and can be reaped.
+    pub fn reconnect(self, socket: &Path, opts: &Options) -> Result<Self> {
+        let BlkDriver {
+            dev,
+            config,
+            use_indirect,
+            timeout,
+            pending,
+        } = self;
+        let dev = Device::reconnect(socket, opts, dev.disconnect())?;
+        Ok(BlkDriver {
+            dev,
+            config,
+            use_indirect,
+            timeout,
+            pending,
+        })
+    }
+
+    /// Requests submitted on queue `q` and not reaped yet.
+    pub fn pending(&self, q: usize) -> usize {
+        self.pending.get(q).map_or(0, |p| p.len())
+    }
+
     /// Number of queues brought up.
     pub fn num_queues(&self) -> usize {
         self.dev.queues.len()

@@ -158,4 +158,13 @@ impl Daemon {
     pub fn guard_mut(&mut self) -> &mut ChildGuard {
         &mut self.guard
     }
+
+    /// Kills the daemon (SIGKILL) and hands back its scratch directory, image
+    /// and socket path intact, for a successor daemon.
+    pub fn kill_keep_scratch(self) -> io::Result<Scratch> {
+        let Daemon { mut guard, scratch } = self;
+        guard.kill()?;
+        // A SIGKILLed daemon leaves its socket file behind; the successor replaces it.
+        Ok(scratch)
+    }
 }
