@@ -338,10 +338,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let protocol = self.protocol_acked();
-        let v = self.vring(u32::from(index))?;
-        if v.thread.is_some() {
-            return Err(invalid("SET_VRING_KICK on a running queue"));
-        }
+        self.vring(u32::from(index))?;
+        // A new kick fd for a running queue: restart it around the new fd.
+        self.stop_queue(usize::from(index));
+        let v = &mut self.vrings[usize::from(index)];
         let Some(file) = fd else {
             return Err(invalid("polling mode (no kick fd) is not supported"));
         };
