@@ -195,6 +195,7 @@ fn serve_connection<D: VhostUserDevice>(
             }
         }
     }
+    device.disconnected();
     Ok(end)
 }
 

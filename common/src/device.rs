@@ -55,6 +55,9 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 
+    /// The frontend went away and every queue thread has stopped (log counters here).
+    fn disconnected(&self) {}
+
     /// The frontend gave us its backend-request channel (for config-change notifications).
     fn set_backend_channel(&self, channel: vhost::vhost_user::Backend) {
         let _ = channel;
