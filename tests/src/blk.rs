@@ -285,6 +285,8 @@ pub struct BlkDriver {
     pub use_indirect: bool,
     /// Wait for one completion at most this long.
     pub timeout: Duration,
+    /// Publish requests without kicking; [`BlkDriver::kick`] sends the kick.
+    pub defer_kick: bool,
     pending: Vec<HashMap<u16, Pending>>,
 }
 
@@ -313,6 +315,7 @@ impl BlkDriver {
             config,
             use_indirect: false,
             timeout: DEFAULT_TIMEOUT,
+            defer_kick: false,
             pending,
         })
     }
@@ -325,6 +328,7 @@ impl BlkDriver {
             config,
             use_indirect,
             timeout,
+            defer_kick,
             pending,
         } = self;
         let dev = Device::reconnect(socket, opts, dev.disconnect())?;
@@ -333,8 +337,15 @@ impl BlkDriver {
             config,
             use_indirect,
             timeout,
+            defer_kick,
             pending,
         })
+    }
+
+    /// Kicks queue `q` (after requests published with `defer_kick`).
+    pub fn kick(&mut self, q: usize) -> Result<()> {
+        let vq = self.dev.queues.get_mut(q).ok_or(BlkError::NoQueue(q))?;
+        Ok(vq.kick()?)
     }
 
     /// Requests submitted on queue `q` and not reaped yet.
@@ -396,7 +407,17 @@ impl BlkDriver {
         }
         bufs.push(Buf::writable(status, 1));
         let vq = self.dev.queues.get_mut(q).ok_or(BlkError::NoQueue(q))?;
-        let head = vq.submit(&bufs, indirect)?;
+        let head = if self.defer_kick {
+            let head = if indirect {
+                vq.add_indirect(&bufs)?
+            } else {
+                vq.add_chain(&bufs)?
+            };
+            vq.publish(head)?;
+            head
+        } else {
+            vq.submit(&bufs, indirect)?
+        };
         self.pending[q].insert(
             head,
             Pending {

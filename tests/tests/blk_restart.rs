@@ -100,16 +100,24 @@ fn kill_mid_run_and_resubmit(engine: &str) {
     let mut submitted = 0;
     let mut resubmitted = 0;
     for round in 0..ROUNDS {
+        // Fill both rings, kick once, and SIGKILL while the backend works
+        // through them: some requests done, some in flight, some not yet
+        // taken off the ring.
+        blk.defer_kick = true;
         expected = submit_round(&mut blk, round);
         submitted += expected.len();
-        // Kill while the writes are being processed: some done, some in flight,
-        // some not even taken off the ring.
+        blk.kick(0).unwrap();
+        blk.kick(1).unwrap();
         std::thread::sleep(Duration::from_micros(
-            [0, 200, 1000, 3000, 10000, 30000][round as usize % 6],
+            [0, 100, 300, 1000, 2000, 5000][round as usize % 6],
         ));
+        blk.defer_kick = false;
         let scratch = daemon.kill_keep_scratch().unwrap();
         let marked = inflight_marked(&blk);
-        eprintln!("round {round}: {marked} in flight at the kill");
+        let used: Vec<u16> = (0..2)
+            .map(|q| blk.queue(q).unwrap().used_idx().unwrap())
+            .collect();
+        eprintln!("round {round}: {marked} in flight at the kill, used idx {used:?}");
         resubmitted += marked;
         daemon = restart(scratch, engine);
         blk = blk.reconnect(daemon.socket(), &opts).expect("reconnect");
