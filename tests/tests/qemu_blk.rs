@@ -85,6 +85,8 @@ expect_eq size "$(cat /sys/block/vda/size)" {sectors}
 expect_eq read-write "$(cat /sys/block/vda/ro)" 0
 expect_eq queues "$(ls /sys/block/vda/mq | wc -l)" {QUEUES}
 {serial_check}value write-cache "$(cat /sys/block/vda/queue/write_cache | tr ' ' _)"
+value max-segments "$(cat /sys/block/vda/queue/max_segments)"
+value max-hw-sectors-kb "$(cat /sys/block/vda/queue/max_hw_sectors_kb)"
 
 # A random pattern at a known offset, read back past the page cache.
 want=$(sha256sum /data/pattern.bin | cut -d' ' -f1)
