@@ -170,6 +170,11 @@ fn serve_connection<D: VhostUserDevice>(
             }
             continue;
         }
+        if let Some(sock) = crate::notify::peek_backend_req_fd(conn_fd)
+            && let Ok(mut h) = handler.lock()
+        {
+            h.offer_backend_socket(sock);
+        }
         match req.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {

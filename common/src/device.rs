@@ -63,6 +63,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         let _ = channel;
     }
 
+    /// The frontend's backend-request channel as a raw notifier, for
+    /// config-change notifications (which `vhost`'s `Backend` cannot send).
+    /// Called right after [`VhostUserDevice::set_backend_channel`].
+    fn set_config_notifier(&self, notifier: crate::notify::ConfigNotifier) {
+        let _ = notifier;
+    }
+
     /// Creates the worker for queue `index`, about to start with the negotiated `features`.
     fn create_worker(&self, index: u16, features: u64) -> io::Result<Self::Worker>;
 }

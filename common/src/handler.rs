@@ -74,6 +74,8 @@ pub struct BackendHandler<D: VhostUserDevice> {
     mem: GuestMemoryHandle,
     vrings: Vec<Vring>,
     inflight: Option<InflightRegion>,
+    /// Duplicate of the backend-request socket peeked off SET_BACKEND_REQ_FD.
+    peeked_backend: Option<std::os::unix::net::UnixStream>,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -100,7 +102,14 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             mem: GuestMemoryHandle::new(empty),
             vrings: (0..n).map(|_| Vring::new()).collect(),
             inflight: None,
+            peeked_backend: None,
         }
+    }
+
+    /// Holds a duplicate of the socket the next SET_BACKEND_REQ_FD carries
+    /// (see [`crate::notify`]); handed to the device with the channel.
+    pub fn offer_backend_socket(&mut self, sock: std::os::unix::net::UnixStream) {
+        self.peeked_backend = Some(sock);
     }
 
     /// Stops every queue thread (end of connection).
@@ -440,6 +449,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
                 .contains(VhostUserProtocolFeatures::REPLY_ACK),
         );
         self.device.set_backend_channel(backend);
+        if let Some(sock) = self.peeked_backend.take() {
+            self.device
+                .set_config_notifier(crate::notify::ConfigNotifier::new(sock));
+        }
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {

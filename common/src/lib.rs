@@ -11,6 +11,7 @@ pub mod device;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
+pub mod notify;
 pub mod ratelimit;
 pub mod virtqueue;
 pub mod worker;
