@@ -1,0 +1,987 @@
+//! The virtio-net device: features, config space, and the per-queue workers
+//! (receive: tap to guest; transmit: guest to tap; control queue).
+//!
+//! Queue layout: rx0, tx0, rx1, tx1, ..., then the control queue. Each queue
+//! runs in its own thread; the rx and tx workers of a pair share that pair's
+//! tap queue.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bulkhead_common::virtqueue::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use bulkhead_common::{
+    DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
+};
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+use crate::request::{
+    CtrlCommand, CtrlFeatures, CtrlRequest, ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME_LEN,
+    MacAddr, TxError, TxFrame, TxOffloads, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+};
+use crate::tap::{Tap, offload_flags};
+
+/// Virtio-net feature bits (virtio spec 5.1.3).
+pub mod features {
+    /// Driver may send partial checksums.
+    pub const CSUM: u32 = 0;
+    /// Driver accepts partial checksums.
+    pub const GUEST_CSUM: u32 = 1;
+    /// `mtu` in config space is valid.
+    pub const MTU: u32 = 3;
+    /// `mac` in config space is valid.
+    pub const MAC: u32 = 5;
+    /// Driver accepts TSOv4.
+    pub const GUEST_TSO4: u32 = 7;
+    /// Driver accepts TSOv6.
+    pub const GUEST_TSO6: u32 = 8;
+    /// Driver accepts TSO with ECN.
+    pub const GUEST_ECN: u32 = 9;
+    /// Driver accepts UFO.
+    pub const GUEST_UFO: u32 = 10;
+    /// Device accepts TSOv4.
+    pub const HOST_TSO4: u32 = 11;
+    /// Device accepts TSOv6.
+    pub const HOST_TSO6: u32 = 12;
+    /// Device accepts TSO with ECN.
+    pub const HOST_ECN: u32 = 13;
+    /// Device accepts UFO.
+    pub const HOST_UFO: u32 = 14;
+    /// Driver can merge receive buffers.
+    pub const MRG_RXBUF: u32 = 15;
+    /// `status` in config space is valid.
+    pub const STATUS: u32 = 16;
+    /// Control virtqueue.
+    pub const CTRL_VQ: u32 = 17;
+    /// Control: promiscuous, all-multicast, MAC tables.
+    pub const CTRL_RX: u32 = 18;
+    /// Several queue pairs.
+    pub const MQ: u32 = 22;
+}
+
+/// Config status bit: link up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// Receive buffer: the largest packet a tap hands over plus slack.
+const RX_BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME_LEN as usize + 256;
+/// Packets a receive worker moves before returning to its event loop.
+const RX_BUDGET: u32 = 256;
+/// Frames a transmit worker sends before returning to its event loop.
+const TX_BUDGET: u32 = 1024;
+/// Most iovecs one writev takes.
+const IOV_MAX: usize = 1024;
+
+/// Daemon settings for the device.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// MAC address offered in config space (VIRTIO_NET_F_MAC).
+    pub mac: Option<MacAddr>,
+    /// MTU offered in config space (VIRTIO_NET_F_MTU).
+    pub mtu: Option<u16>,
+    /// Number of queue pairs (= tap queues).
+    pub queue_pairs: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+}
+
+/// Counters shared by every queue, logged on disconnect, on exit and on SIGUSR1.
+#[derive(Default, Debug)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Frame bytes delivered to the guest (without vnet headers).
+    pub rx_bytes: AtomicU64,
+    /// Frames dropped by the guest's receive filter (CTRL_RX).
+    pub rx_filtered: AtomicU64,
+    /// Frames larger than a receive buffer without MRG_RXBUF, dropped.
+    pub rx_too_big: AtomicU64,
+    /// Receive chains too small for a header, returned unused (guest errors).
+    pub rx_bad_buffers: AtomicU64,
+    /// Times the tap stopped being read because the guest had no buffers.
+    pub rx_stalls: AtomicU64,
+    /// Tap read errors and runt packets.
+    pub rx_errors: AtomicU64,
+    /// Frames written to the tap.
+    pub tx_frames: AtomicU64,
+    /// Frame bytes written to the tap (without vnet headers).
+    pub tx_bytes: AtomicU64,
+    /// Chains too short for the header and an Ethernet header, dropped.
+    pub tx_too_short: AtomicU64,
+    /// Frames over 64 KiB, dropped.
+    pub tx_too_big: AtomicU64,
+    /// Headers with bad flags or checksum fields, dropped.
+    pub tx_bad_header: AtomicU64,
+    /// Headers with a bad GSO type or GSO fields, dropped.
+    pub tx_bad_gso: AtomicU64,
+    /// Times the tap was full (EAGAIN); the frame was kept and retried.
+    pub tx_eagain: AtomicU64,
+    /// Tap write errors (frame dropped).
+    pub tx_errors: AtomicU64,
+    /// Control commands applied.
+    pub ctrl_ok: AtomicU64,
+    /// Control commands with bad lengths or values.
+    pub ctrl_malformed: AtomicU64,
+    /// Control commands of unknown or unnegotiated class/command.
+    pub ctrl_unsupported: AtomicU64,
+}
+
+impl NetStats {
+    /// All counters as `name=value` pairs on one line.
+    pub fn line(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let fields = [
+            ("rx_frames", c(&self.rx_frames)),
+            ("rx_bytes", c(&self.rx_bytes)),
+            ("rx_filtered", c(&self.rx_filtered)),
+            ("rx_too_big", c(&self.rx_too_big)),
+            ("rx_bad_buffers", c(&self.rx_bad_buffers)),
+            ("rx_stalls", c(&self.rx_stalls)),
+            ("rx_errors", c(&self.rx_errors)),
+            ("tx_frames", c(&self.tx_frames)),
+            ("tx_bytes", c(&self.tx_bytes)),
+            ("tx_too_short", c(&self.tx_too_short)),
+            ("tx_too_big", c(&self.tx_too_big)),
+            ("tx_bad_header", c(&self.tx_bad_header)),
+            ("tx_bad_gso", c(&self.tx_bad_gso)),
+            ("tx_eagain", c(&self.tx_eagain)),
+            ("tx_errors", c(&self.tx_errors)),
+            ("ctrl_ok", c(&self.ctrl_ok)),
+            ("ctrl_malformed", c(&self.ctrl_malformed)),
+            ("ctrl_unsupported", c(&self.ctrl_unsupported)),
+        ];
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn count_tx_error(&self, e: &TxError) {
+        let c = match e {
+            TxError::TooShort(_) => &self.tx_too_short,
+            TxError::TooBig(_) => &self.tx_too_big,
+            TxError::BadFlags(_) | TxError::BadCsum { .. } => &self.tx_bad_header,
+            TxError::BadGsoType(_) | TxError::BadGso { .. } => &self.tx_bad_gso,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The receive filter the driver set through CTRL_RX.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RxFilter {
+    /// Accept every frame.
+    pub promisc: bool,
+    /// Accept every multicast frame.
+    pub allmulti: bool,
+    /// Extra unicast addresses accepted.
+    pub unicast: Vec<MacAddr>,
+    /// Multicast addresses accepted.
+    pub multicast: Vec<MacAddr>,
+}
+
+impl Default for RxFilter {
+    fn default() -> Self {
+        // Until the driver says otherwise, everything reaches it.
+        RxFilter {
+            promisc: true,
+            allmulti: true,
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+        }
+    }
+}
+
+impl RxFilter {
+    /// Whether a frame for `dst` reaches a device whose address is `own` (None: unknown).
+    pub fn accepts(&self, own: Option<MacAddr>, dst: MacAddr) -> bool {
+        if self.promisc || dst == MacAddr::BROADCAST {
+            return true;
+        }
+        if dst.is_multicast() {
+            return self.allmulti || self.multicast.contains(&dst);
+        }
+        match own {
+            // Without a configured address we cannot tell our frames from others.
+            None => true,
+            Some(m) => dst == m || self.unicast.contains(&dst),
+        }
+    }
+}
+
+/// One queue pair's tap queue and how many running workers use it.
+struct Pair {
+    index: u16,
+    tap: Tap,
+    users: Mutex<u32>,
+}
+
+/// A worker's use of a pair: attaches the tap queue while any worker of the pair runs.
+struct PairUse(Arc<Pair>);
+
+impl PairUse {
+    fn new(pair: Arc<Pair>) -> Self {
+        if let Ok(mut n) = pair.users.lock() {
+            if *n == 0
+                && pair.index > 0
+                && let Err(e) = pair.tap.set_queue_attached(true)
+            {
+                log::warn!("tap queue {}: attach: {e}", pair.index);
+            }
+            *n += 1;
+        }
+        PairUse(pair)
+    }
+
+    fn tap(&self) -> &Tap {
+        &self.0.tap
+    }
+}
+
+impl Drop for PairUse {
+    fn drop(&mut self) {
+        let pair = &self.0;
+        if let Ok(mut n) = pair.users.lock() {
+            *n = n.saturating_sub(1);
+            // Queue 0 stays attached: it carries the device-wide settings.
+            if *n == 0
+                && pair.index > 0
+                && let Err(e) = pair.tap.set_queue_attached(false)
+            {
+                log::warn!("tap queue {}: detach: {e}", pair.index);
+            }
+        }
+    }
+}
+
+/// State the device and all its workers share.
+struct Shared {
+    stats: Arc<NetStats>,
+    filter: Mutex<RxFilter>,
+    mac: Option<MacAddr>,
+    active_pairs: AtomicU16,
+}
+
+/// The net device served by the daemon.
+pub struct NetDevice {
+    cfg: NetConfig,
+    pairs: Vec<Arc<Pair>>,
+    shared: Arc<Shared>,
+    /// Counters.
+    pub stats: Arc<NetStats>,
+}
+
+fn bit(features: u64, b: u32) -> bool {
+    features & (1 << b) != 0
+}
+
+/// vnet header size for the negotiated features.
+pub fn vnet_hdr_len(features: u64) -> usize {
+    if bit(features, VIRTIO_F_VERSION_1) || bit(features, features::MRG_RXBUF) {
+        HDR_LEN_V1
+    } else {
+        HDR_LEN_LEGACY
+    }
+}
+
+impl NetDevice {
+    /// A device over `taps` (one per queue pair); detaches all but the first queue until used.
+    pub fn new(cfg: NetConfig, taps: Vec<Tap>) -> io::Result<Self> {
+        if taps.is_empty() || taps.len() != usize::from(cfg.queue_pairs) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} tap queue(s) for {} queue pair(s)",
+                    taps.len(),
+                    cfg.queue_pairs
+                ),
+            ));
+        }
+        let pairs: Vec<Arc<Pair>> = taps
+            .into_iter()
+            .enumerate()
+            .map(|(i, tap)| {
+                Arc::new(Pair {
+                    index: i as u16,
+                    tap,
+                    users: Mutex::new(0),
+                })
+            })
+            .collect();
+        for p in pairs.iter().skip(1) {
+            p.tap.set_queue_attached(false)?;
+        }
+        let stats = Arc::new(NetStats::default());
+        let shared = Arc::new(Shared {
+            stats: stats.clone(),
+            filter: Mutex::new(RxFilter::default()),
+            mac: cfg.mac,
+            active_pairs: AtomicU16::new(1),
+        });
+        let dev = NetDevice {
+            cfg,
+            pairs,
+            shared,
+            stats,
+        };
+        dev.configure_tap(0)?;
+        Ok(dev)
+    }
+
+    /// Name of the tap interface.
+    pub fn tap_name(&self) -> &str {
+        self.pairs.first().map(|p| p.tap.name()).unwrap_or("")
+    }
+
+    /// Sets the tap's vnet header size and offloads for `features`.
+    fn configure_tap(&self, features: u64) -> io::Result<()> {
+        use features::*;
+        let Some(p) = self.pairs.first() else {
+            return Ok(());
+        };
+        p.tap.set_vnet_hdr_size(vnet_hdr_len(features))?;
+        let off = offload_flags(
+            bit(features, GUEST_CSUM),
+            bit(features, GUEST_TSO4),
+            bit(features, GUEST_TSO6),
+            bit(features, GUEST_ECN),
+            bit(features, GUEST_UFO),
+        );
+        p.tap.set_offload(off)
+    }
+}
+
+/// Little-endian config space writer.
+struct Config(Vec<u8>);
+
+impl Config {
+    fn put(&mut self, off: usize, bytes: &[u8]) {
+        self.0[off..off + bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+impl VhostUserDevice for NetDevice {
+    type Worker = NetWorker;
+
+    fn num_queues(&self) -> u16 {
+        2 * self.cfg.queue_pairs + 1
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        use features::*;
+        let mut f: u64 = [
+            CSUM,
+            GUEST_CSUM,
+            GUEST_TSO4,
+            GUEST_TSO6,
+            GUEST_ECN,
+            GUEST_UFO,
+            HOST_TSO4,
+            HOST_TSO6,
+            HOST_ECN,
+            HOST_UFO,
+            MRG_RXBUF,
+            STATUS,
+            CTRL_VQ,
+            CTRL_RX,
+            MQ,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_VERSION_1,
+        ]
+        .iter()
+        .fold(0, |acc, b| acc | 1 << b);
+        if self.cfg.mac.is_some() {
+            f |= 1 << MAC;
+        }
+        if self.cfg.mtu.is_some() {
+            f |= 1 << MTU;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn config(&self) -> Vec<u8> {
+        // struct virtio_net_config up to mtu (12 bytes).
+        let mut c = Config(vec![0; 12]);
+        c.put(0, &self.cfg.mac.unwrap_or_default().0);
+        c.put(6, &VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        c.put(8, &self.cfg.queue_pairs.to_le_bytes());
+        c.put(10, &self.cfg.mtu.unwrap_or(0).to_le_bytes());
+        c.0
+    }
+
+    fn set_features(&self, features: u64) -> io::Result<()> {
+        self.configure_tap(features).inspect_err(|e| {
+            log::error!(
+                "tap {}: cannot apply features {features:#x}: {e}",
+                self.tap_name()
+            );
+        })
+    }
+
+    fn max_chain_bytes(&self) -> u64 {
+        // Room for an oversized frame to be seen, counted and dropped by the parser.
+        4 * MAX_FRAME_LEN
+    }
+
+    fn reset(&self) {
+        if let Ok(mut f) = self.shared.filter.lock() {
+            *f = RxFilter::default();
+        }
+        self.shared.active_pairs.store(1, Ordering::Relaxed);
+        if let Err(e) = self.configure_tap(0) {
+            log::warn!("tap {}: reset offloads: {e}", self.tap_name());
+        }
+    }
+
+    fn disconnected(&self) {
+        log::info!("stats: {}", self.stats.line());
+    }
+
+    fn create_worker(&self, index: u16, features: u64) -> io::Result<NetWorker> {
+        let pairs = self.cfg.queue_pairs;
+        let hdr_len = vnet_hdr_len(features);
+        if index >= 2 * pairs {
+            return Ok(NetWorker::Ctrl(CtrlWorker {
+                shared: self.shared.clone(),
+                features: CtrlFeatures {
+                    rx: bit(features, features::CTRL_RX),
+                    mq: bit(features, features::MQ),
+                    max_pairs: pairs,
+                },
+            }));
+        }
+        let pair = self
+            .pairs
+            .get(usize::from(index / 2))
+            .ok_or_else(|| io::Error::other(format!("no tap queue for queue {index}")))?;
+        let pair = PairUse::new(pair.clone());
+        Ok(if index.is_multiple_of(2) {
+            NetWorker::Rx(RxWorker {
+                pair,
+                hdr_len,
+                mergeable: bit(features, features::MRG_RXBUF),
+                guest_csum: bit(features, features::GUEST_CSUM),
+                buf: vec![0; RX_BUF_LEN],
+                pending: None,
+                spare: VecDeque::new(),
+                watching: true,
+                shared: self.shared.clone(),
+            })
+        } else {
+            use features::*;
+            NetWorker::Tx(TxWorker {
+                pair,
+                hdr_len,
+                offloads: TxOffloads {
+                    csum: bit(features, CSUM),
+                    tso4: bit(features, HOST_TSO4),
+                    tso6: bit(features, HOST_TSO6),
+                    ecn: bit(features, HOST_ECN),
+                    ufo: bit(features, HOST_UFO),
+                },
+                pending: None,
+                started: false,
+                scratch: Vec::new(),
+                stats: self.stats.clone(),
+            })
+        })
+    }
+}
+
+/// The worker of one queue.
+pub enum NetWorker {
+    /// A receive queue.
+    Rx(RxWorker),
+    /// A transmit queue.
+    Tx(TxWorker),
+    /// The control queue.
+    Ctrl(CtrlWorker),
+}
+
+impl QueueWorker for NetWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        match self {
+            NetWorker::Rx(w) => vec![w.pair.tap().raw_fd()],
+            NetWorker::Tx(w) => vec![w.pair.tap().raw_fd()],
+            NetWorker::Ctrl(_) => Vec::new(),
+        }
+    }
+
+    fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        match self {
+            NetWorker::Rx(w) => w.process(vq, ctl),
+            NetWorker::Tx(w) => w.process(vq, ctl),
+            NetWorker::Ctrl(w) => w.process(vq),
+        }
+    }
+
+    fn on_fd(&mut self, vq: &mut VirtQueue, _index: usize, ctl: &WorkerCtl) {
+        match self {
+            NetWorker::Rx(w) => w.process(vq, ctl),
+            NetWorker::Tx(w) => {
+                // Writable again (or our own wake-up): stop watching, then send.
+                ctl.watch_io(0, false, false);
+                w.process(vq, ctl)
+            }
+            NetWorker::Ctrl(_) => {}
+        }
+    }
+
+    fn drain(&mut self, vq: &mut VirtQueue) {
+        match self {
+            NetWorker::Rx(w) => {
+                // Unused receive buffers go back empty; the driver reposts them.
+                for c in w.spare.drain(..) {
+                    vq.complete(c.head(), 0);
+                }
+            }
+            NetWorker::Tx(w) => {
+                if let Some((chain, _)) = w.pending.take() {
+                    w.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                    vq.complete(chain.head(), 0);
+                }
+            }
+            NetWorker::Ctrl(_) => {}
+        }
+        vq.notify();
+    }
+}
+
+/// What happened to the packet waiting for the guest.
+enum Delivery {
+    /// Delivered or dropped: the buffer is free again.
+    Done,
+    /// The guest has no room: keep it and wait for a kick.
+    NoRoom,
+}
+
+/// Moves packets from the tap queue into the guest's receive buffers.
+pub struct RxWorker {
+    pair: PairUse,
+    hdr_len: usize,
+    mergeable: bool,
+    guest_csum: bool,
+    buf: Vec<u8>,
+    /// Length of the one packet read from the tap and not yet delivered.
+    pending: Option<usize>,
+    /// Receive chains taken off the ring and not used yet (bounded by the queue size).
+    spare: VecDeque<DescriptorChain>,
+    watching: bool,
+    shared: Arc<Shared>,
+}
+
+impl RxWorker {
+    fn process(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        vq.disable_notifications();
+        let mut budget = RX_BUDGET;
+        loop {
+            if self.pending.is_some() {
+                match self.deliver(vq) {
+                    Delivery::Done => self.pending = None,
+                    Delivery::NoRoom => match vq.enable_notifications() {
+                        Ok(true) => continue,
+                        _ => {
+                            // Back-pressure: leave packets in the tap until the guest kicks.
+                            if self.watching {
+                                self.shared.stats.rx_stalls.fetch_add(1, Ordering::Relaxed);
+                                ctl.watch(0, false);
+                                self.watching = false;
+                            }
+                            vq.notify();
+                            return;
+                        }
+                    },
+                }
+            }
+            if budget == 0 || vq.is_broken() {
+                break;
+            }
+            budget -= 1;
+            match self.pair.tap().read(&mut self.buf) {
+                Ok(n) if n < self.hdr_len + ETH_HLEN as usize => {
+                    self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(n) => self.pending = Some(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("tap {}: read: {e}", self.pair.tap().name());
+                    break;
+                }
+            }
+        }
+        if !self.watching {
+            ctl.watch(0, true);
+            self.watching = true;
+        }
+        vq.notify();
+    }
+
+    /// Takes receive chains until `len` bytes fit (one chain without MRG_RXBUF).
+    fn gather(&mut self, vq: &mut VirtQueue, len: u64) -> Option<usize> {
+        loop {
+            let mut room = 0u64;
+            for (i, c) in self.spare.iter().enumerate() {
+                room = room.saturating_add(c.writable_len());
+                if room >= len || !self.mergeable {
+                    return Some(i + 1);
+                }
+            }
+            match vq.pop() {
+                Ok(Some(c)) if c.writable_len() < self.hdr_len as u64 => {
+                    self.shared
+                        .stats
+                        .rx_bad_buffers
+                        .fetch_add(1, Ordering::Relaxed);
+                    guest_error!(
+                        "queue {}: receive buffer of {} bytes",
+                        vq.index(),
+                        c.writable_len()
+                    );
+                    vq.complete(c.head(), 0);
+                }
+                Ok(Some(c)) => self.spare.push_back(c),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    fn deliver(&mut self, vq: &mut VirtQueue) -> Delivery {
+        let Some(len) = self.pending else {
+            return Delivery::Done;
+        };
+        let h = self.hdr_len;
+        let mut dst = [0u8; 6];
+        dst.copy_from_slice(&self.buf[h..h + 6]);
+        let accepted = self
+            .shared
+            .filter
+            .lock()
+            .map(|f| f.accepts(self.shared.mac, MacAddr(dst)))
+            .unwrap_or(true);
+        if !accepted {
+            self.shared
+                .stats
+                .rx_filtered
+                .fetch_add(1, Ordering::Relaxed);
+            return Delivery::Done;
+        }
+        let Some(n) = self.gather(vq, len as u64) else {
+            if vq.is_broken() {
+                return Delivery::Done;
+            }
+            return Delivery::NoRoom;
+        };
+        if !self.mergeable && self.spare.front().map(|c| c.writable_len()) < Some(len as u64) {
+            // Without MRG_RXBUF a packet must fit one buffer: drop it, keep the buffer.
+            self.shared.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
+            return Delivery::Done;
+        }
+        if !self.guest_csum {
+            // The driver cannot take partial checksums; the tap sent none, and
+            // DATA_VALID means nothing to it.
+            self.buf[0] = 0;
+        }
+        if h == HDR_LEN_V1 {
+            self.buf[10..12].copy_from_slice(&(n as u16).to_le_bytes());
+        }
+        let mut off = 0usize;
+        let mut used = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(c) = self.spare.pop_front() else {
+                break;
+            };
+            let mut w = c.writer();
+            let take = (w.available() as usize).min(len - off);
+            let written = match w.write_all(&self.buf[off..off + take]) {
+                Ok(()) => take,
+                Err(_) => 0,
+            };
+            off += take;
+            used.push((c.head(), written as u32));
+        }
+        for (head, n) in used {
+            vq.complete(head, n);
+        }
+        let s = &self.shared.stats;
+        s.rx_frames.fetch_add(1, Ordering::Relaxed);
+        s.rx_bytes.fetch_add((len - h) as u64, Ordering::Relaxed);
+        Delivery::Done
+    }
+}
+
+/// Sends the guest's frames to the tap queue.
+pub struct TxWorker {
+    pair: PairUse,
+    hdr_len: usize,
+    offloads: TxOffloads,
+    /// The frame the tap refused with EAGAIN, sent before anything else.
+    pending: Option<(DescriptorChain, TxFrame)>,
+    started: bool,
+    scratch: Vec<u8>,
+    stats: Arc<NetStats>,
+}
+
+impl TxWorker {
+    /// Writes the validated header and the chain's frame bytes to the tap in one writev.
+    fn send(&mut self, chain: &DescriptorChain, frame: &TxFrame) -> io::Result<()> {
+        let h = &frame.hdr;
+        let mut hdr = [0u8; HDR_LEN_V1];
+        hdr[0] = h.flags;
+        hdr[1] = h.gso_type;
+        hdr[2..4].copy_from_slice(&{ h.hdr_len }.to_le_bytes());
+        hdr[4..6].copy_from_slice(&{ h.gso_size }.to_le_bytes());
+        hdr[6..8].copy_from_slice(&{ h.csum_start }.to_le_bytes());
+        hdr[8..10].copy_from_slice(&{ h.csum_offset }.to_le_bytes());
+        let mut reader = chain.reader();
+        reader.skip(self.hdr_len as u64)?;
+        let mut iov = vec![libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: self.hdr_len,
+        }];
+        let data = reader.iovecs(frame.len)?;
+        if data.len() < IOV_MAX {
+            iov.extend(data);
+        } else {
+            // Too many pieces for one writev: gather them here (at most 64 KiB).
+            let mut r = chain.reader();
+            r.skip(self.hdr_len as u64)?;
+            self.scratch.resize(frame.len as usize, 0);
+            r.read_exact(&mut self.scratch)?;
+            iov.push(libc::iovec {
+                iov_base: self.scratch.as_mut_ptr().cast(),
+                iov_len: self.scratch.len(),
+            });
+        }
+        // SAFETY: `hdr` and `scratch` live through the call; the other iovecs
+        // point into guest memory kept mapped by the chain's memory snapshot.
+        let n = unsafe { self.pair.tap().writev(&iov) }?;
+        if n as u64 != frame.len + self.hdr_len as u64 {
+            return Err(io::Error::other(format!("short tap write of {n} bytes")));
+        }
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        vq: &mut VirtQueue,
+        chain: &DescriptorChain,
+        frame: &TxFrame,
+        r: io::Result<()>,
+    ) {
+        match r {
+            Ok(()) => {
+                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.stats.tx_bytes.fetch_add(frame.len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                guest_error!("queue {}: tap write: {e}", vq.index());
+            }
+        }
+        vq.complete(chain.head(), 0);
+    }
+
+    /// Tries to send one frame; false when the tap is full and the frame was kept.
+    fn try_send(&mut self, vq: &mut VirtQueue, chain: DescriptorChain, frame: TxFrame) -> bool {
+        match self.send(&chain, &frame) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.stats.tx_eagain.fetch_add(1, Ordering::Relaxed);
+                self.pending = Some((chain, frame));
+                false
+            }
+            r => {
+                self.finish(vq, &chain, &frame, r);
+                true
+            }
+        }
+    }
+
+    fn process(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        if !self.started {
+            // The tap fd is registered for EPOLLIN; the rx worker reads it, not us.
+            ctl.watch_io(0, false, false);
+            self.started = true;
+        }
+        if let Some((chain, frame)) = self.pending.take()
+            && !self.try_send(vq, chain, frame)
+        {
+            ctl.watch_io(0, false, true);
+            vq.notify();
+            return;
+        }
+        let mut budget = TX_BUDGET;
+        loop {
+            vq.disable_notifications();
+            loop {
+                if budget == 0 {
+                    // Yield to the event loop; the writable tap wakes us at once.
+                    ctl.watch_io(0, false, true);
+                    vq.notify();
+                    return;
+                }
+                let chain = match vq.pop() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => {
+                        vq.notify();
+                        return;
+                    }
+                };
+                budget -= 1;
+                match TxFrame::parse(&chain, self.hdr_len, self.offloads) {
+                    Err(e) => {
+                        self.stats.count_tx_error(&e);
+                        guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
+                        vq.complete(chain.head(), 0);
+                    }
+                    Ok(frame) => {
+                        if !self.try_send(vq, chain, frame) {
+                            ctl.watch_io(0, false, true);
+                            vq.notify();
+                            return;
+                        }
+                    }
+                }
+            }
+            match vq.enable_notifications() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        vq.notify();
+    }
+}
+
+/// Runs the control queue.
+pub struct CtrlWorker {
+    shared: Arc<Shared>,
+    features: CtrlFeatures,
+}
+
+impl CtrlWorker {
+    fn apply(&self, cmd: CtrlCommand) {
+        match cmd {
+            CtrlCommand::QueuePairs(n) => {
+                self.shared.active_pairs.store(n, Ordering::Relaxed);
+                log::info!("driver uses {n} queue pair(s)");
+            }
+            cmd => {
+                if let Ok(mut f) = self.shared.filter.lock() {
+                    match cmd {
+                        CtrlCommand::Promisc(on) => f.promisc = on,
+                        CtrlCommand::AllMulti(on) => f.allmulti = on,
+                        CtrlCommand::MacTable { unicast, multicast } => {
+                            f.unicast = unicast;
+                            f.multicast = multicast;
+                        }
+                        CtrlCommand::QueuePairs(_) => {}
+                    }
+                    log::debug!("receive filter: {f:?}");
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, vq: &mut VirtQueue) {
+        loop {
+            vq.disable_notifications();
+            loop {
+                let chain = match vq.pop() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => return,
+                };
+                let req = CtrlRequest::parse(&chain, self.features);
+                let s = &self.shared.stats;
+                let ack = match req.command {
+                    Ok(cmd) => {
+                        self.apply(cmd);
+                        s.ctrl_ok.fetch_add(1, Ordering::Relaxed);
+                        VIRTIO_NET_OK
+                    }
+                    Err(e) => {
+                        let c = if e.is_unsupported() {
+                            &s.ctrl_unsupported
+                        } else {
+                            &s.ctrl_malformed
+                        };
+                        c.fetch_add(1, Ordering::Relaxed);
+                        guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
+                        VIRTIO_NET_ERR
+                    }
+                };
+                let mut used = 0;
+                if req.has_ack
+                    && let Ok(mut tail) = chain.writer().split_tail(1)
+                    && tail.write_obj(ack).is_ok()
+                {
+                    used = 1;
+                }
+                vq.complete(chain.head(), used);
+            }
+            match vq.enable_notifications() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        vq.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_follows_promisc_allmulti_and_tables() {
+        let own = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let other = MacAddr([0x52, 0x54, 0, 0, 0, 2]);
+        let mc = MacAddr([0x01, 0, 0x5e, 0, 0, 1]);
+        let mut f = RxFilter::default();
+        assert!(f.accepts(Some(own), other));
+        f.promisc = false;
+        f.allmulti = false;
+        assert!(f.accepts(Some(own), own));
+        assert!(!f.accepts(Some(own), other));
+        assert!(f.accepts(None, other));
+        assert!(f.accepts(Some(own), MacAddr::BROADCAST));
+        assert!(!f.accepts(Some(own), mc));
+        f.multicast.push(mc);
+        f.unicast.push(other);
+        assert!(f.accepts(Some(own), mc));
+        assert!(f.accepts(Some(own), other));
+    }
+
+    #[test]
+    fn header_is_twelve_bytes_with_version_1_or_mergeable_buffers() {
+        assert_eq!(vnet_hdr_len(0), 10);
+        assert_eq!(vnet_hdr_len(1 << VIRTIO_F_VERSION_1), 12);
+        assert_eq!(vnet_hdr_len(1 << features::MRG_RXBUF), 12);
+    }
+
+    #[test]
+    fn stats_line_names_every_counter() {
+        let s = NetStats::default();
+        s.tx_bad_gso.fetch_add(3, Ordering::Relaxed);
+        let line = s.line();
+        assert!(line.contains("tx_bad_gso=3"));
+        assert_eq!(line.split(' ').count(), 18);
+    }
+}

@@ -1,0 +1,8 @@
+//! `bulkhead-net` as a library: the virtio-net device, parsing of packet
+//! headers and control commands, and the tap device. The binary (`main.rs`)
+//! is only the CLI; fuzz targets and benchmarks use these modules directly.
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod request;
+pub mod tap;

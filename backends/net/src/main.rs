@@ -1,0 +1,173 @@
+//! `bulkhead-net`: a vhost-user net device backend on a tap device.
+
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use clap::Parser;
+
+use bulkhead_net::device::{NetConfig, NetDevice, NetStats};
+use bulkhead_net::request::MacAddr;
+use bulkhead_net::tap::Tap;
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || !n.is_power_of_two() || n > 32768 {
+        return Err("must be a power of two from 1 to 32768".into());
+    }
+    Ok(n)
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    let mac: MacAddr = s.parse()?;
+    if mac.is_multicast() || mac.0 == [0; 6] {
+        return Err("must be a unicast address, not all zeroes".into());
+    }
+    Ok(mac)
+}
+
+/// vhost-user net device backend: connects a virtio-net driver, through any
+/// vhost-user frontend (QEMU, Cloud Hypervisor, crosvm, bulkhead-vmm, DPDK
+/// virtio-user), to a tap device on the host.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-net", version)]
+struct Args {
+    #[command(flatten)]
+    vhost_user: VhostUserArgs,
+
+    /// Tap interface to open by name, created if absent (needs CAP_NET_ADMIN to create).
+    #[arg(long, value_name = "NAME", conflicts_with = "tap_fd",
+          required_unless_present_any = ["print_capabilities", "tap_fd"])]
+    tap: Option<String>,
+
+    /// Inherited tap queue fd opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR; repeat once per queue pair.
+    #[arg(long, value_name = "N")]
+    tap_fd: Vec<RawFd>,
+
+    /// MAC address offered to the driver (VIRTIO_NET_F_MAC); the driver picks one otherwise.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<MacAddr>,
+
+    /// MTU offered to the driver (VIRTIO_NET_F_MTU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
+    mtu: Option<u16>,
+
+    /// Queue pairs (rx+tx, one tap queue each); default: the number of --tap-fd, or 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    queue_pairs: Option<u16>,
+
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value = "256", value_parser = parse_queue_size)]
+    queue_size: u16,
+}
+
+/// Blocks SIGUSR1 in every thread and logs the counters each time it arrives.
+fn stats_on_sigusr1(stats: Arc<NetStats>) -> std::io::Result<()> {
+    // SAFETY: plain signal-mask calls on a zeroed sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || {
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait on a valid set, writing the signal number into `sig`.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    log::info!("stats: {}", stats.line());
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), String> {
+    if !args.tap_fd.is_empty() {
+        let n = u16::try_from(args.tap_fd.len()).map_err(|_| "too many --tap-fd")?;
+        if let Some(p) = args.queue_pairs
+            && p != n
+        {
+            return Err(format!("--queue-pairs {p} but {n} --tap-fd given"));
+        }
+        let taps = args
+            .tap_fd
+            .iter()
+            .map(|&fd| Tap::from_raw_fd(fd).map_err(|e| format!("--tap-fd {fd}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if n > 1 && taps.iter().any(|t| !t.is_multi_queue()) {
+            return Err("several --tap-fd need a tap opened with IFF_MULTI_QUEUE".into());
+        }
+        if taps.iter().any(|t| t.name() != taps[0].name()) {
+            return Err("every --tap-fd must be a queue of the same tap".into());
+        }
+        return Ok((taps, n));
+    }
+    let name = args.tap.as_deref().ok_or("--tap or --tap-fd is required")?;
+    let pairs = args.queue_pairs.unwrap_or(1);
+    let taps = Tap::open_queues(name, pairs).map_err(|e| format!("cannot open tap {name}: {e}"))?;
+    Ok((taps, pairs))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.vhost_user.print_capabilities {
+        print_capabilities("net", &["tap", "tap-fd", "mac", "mtu", "queue-pairs"]);
+        return ExitCode::SUCCESS;
+    }
+    init_logging("bulkhead-net");
+    if let Err(e) = args.vhost_user.require_socket() {
+        log::error!("{e}");
+        return ExitCode::from(2);
+    }
+    let (taps, pairs) = match open_taps(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = NetConfig {
+        mac: args.mac,
+        mtu: args.mtu,
+        queue_pairs: pairs,
+        queue_size: args.queue_size,
+    };
+    let device = match NetDevice::new(cfg, taps) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            log::error!("cannot set up the tap: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!(
+        "serving tap {} ({pairs} queue pair(s) of up to {} entries{}{})",
+        device.tap_name(),
+        args.queue_size,
+        args.mac.map(|m| format!(", mac {m}")).unwrap_or_default(),
+        args.mtu.map(|m| format!(", mtu {m}")).unwrap_or_default(),
+    );
+    if let Err(e) = stats_on_sigusr1(device.stats.clone()) {
+        log::warn!("no stats on SIGUSR1: {e}");
+    }
+    let result = bulkhead_common::daemon::serve(&args.vhost_user, device.clone());
+    log::info!("stats: {}", device.stats.line());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                log::error!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

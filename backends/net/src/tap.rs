@@ -1,0 +1,248 @@
+//! The host side: a tap device (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), one
+//! file per queue pair (`IFF_MULTI_QUEUE` when there are several), opened by
+//! name or handed in as already-open fds.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Flags every Bulkhead tap queue carries.
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+/// One queue of a tap device, non-blocking.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+    multi_queue: bool,
+}
+
+fn ifreq(name: &str, flags: libc::c_int) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    Ok(ifr)
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    check(fl)?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })
+}
+
+impl Tap {
+    /// Opens (creating it when absent and allowed) tap `name` with `queues` queues.
+    pub fn open_queues(name: &str, queues: u16) -> io::Result<Vec<Tap>> {
+        if queues > 1 {
+            return (0..queues).map(|_| Self::open(name, true)).collect();
+        }
+        match Self::open(name, false) {
+            // An existing multi-queue tap refuses a single-queue open.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(vec![Self::open(name, true)?]),
+            r => Ok(vec![r?]),
+        }
+    }
+
+    /// Opens one queue of tap `name` through /dev/net/tun.
+    pub fn open(name: &str, multi_queue: bool) -> io::Result<Tap> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let fd = OwnedFd::from(file);
+        let flags = TAP_FLAGS
+            | if multi_queue {
+                libc::IFF_MULTI_QUEUE
+            } else {
+                0
+            };
+        let mut ifr = ifreq(name, flags)?;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) })?;
+        set_nonblocking(fd.as_raw_fd())?;
+        Ok(Tap {
+            fd,
+            name: ifr_name(&ifr),
+            multi_queue,
+        })
+    }
+
+    /// Takes ownership of an inherited tap fd and checks it is a tap with a vnet header and no PI.
+    pub fn from_raw_fd(raw: RawFd) -> io::Result<Tap> {
+        // SAFETY: F_GETFD only checks that the fd is open.
+        check(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+        // SAFETY: the fd is open and was handed to us to own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ifreq is plain old data.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes an ifreq into `ifr`.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) })?;
+        // SAFETY: TUNGETIFF filled the flags member.
+        let flags = libc::c_int::from(unsafe { ifr.ifr_ifru.ifru_flags }) & 0xffff;
+        if flags & TAP_FLAGS != TAP_FLAGS || flags & libc::IFF_TUN != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "fd {raw} is not a tap opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (flags {flags:#x})"
+                ),
+            ));
+        }
+        set_nonblocking(fd.as_raw_fd())?;
+        Ok(Tap {
+            fd,
+            name: ifr_name(&ifr),
+            multi_queue: flags & libc::IFF_MULTI_QUEUE != 0,
+        })
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the tap was opened with IFF_MULTI_QUEUE.
+    pub fn is_multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    /// The fd, for polling.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sets the offloads the tap may hand us (`TUN_F_*`), device-wide.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        check(unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        })
+    }
+
+    /// Sets the vnet header size (10 or 12), device-wide.
+    pub fn set_vnet_hdr_size(&self, size: usize) -> io::Result<()> {
+        let v = libc::c_int::try_from(size).map_err(io::Error::other)?;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &v) })
+    }
+
+    /// Attaches this queue to the device or detaches it (multi-queue taps only).
+    pub fn set_queue_attached(&self, on: bool) -> io::Result<()> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        let flags = if on {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut ifr = ifreq(&self.name, flags)?;
+        // SAFETY: TUNSETQUEUE reads an ifreq.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETQUEUE, &mut ifr) })
+    }
+
+    /// Reads one packet (vnet header and frame) into `buf`.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reading into a buffer we own, of its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one packet gathered from `iovecs`.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory readable for its length for the whole call.
+    pub unsafe fn writev(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        let n = libc::c_int::try_from(iovecs.len()).map_err(io::Error::other)?;
+        // SAFETY: the caller guarantees the iovecs are readable.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iovecs.as_ptr(), n) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
+fn ifr_name(ifr: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .map(|&c| c as u8)
+        .chain(std::iter::once(0))
+        .collect();
+    CStr::from_bytes_until_nul(&bytes)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `TUN_F_*` offload flags for the guest's receive features.
+pub fn offload_flags(csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> u32 {
+    if !csum {
+        // Every segmentation offload needs checksum offload.
+        return 0;
+    }
+    let mut f = libc::TUN_F_CSUM;
+    if tso4 {
+        f |= libc::TUN_F_TSO4;
+    }
+    if tso6 {
+        f |= libc::TUN_F_TSO6;
+    }
+    if ecn && (tso4 || tso6) {
+        f |= libc::TUN_F_TSO_ECN;
+    }
+    if ufo {
+        f |= libc::TUN_F_UFO;
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_need_checksum() {
+        assert_eq!(offload_flags(false, true, true, true, true), 0);
+        assert_eq!(
+            offload_flags(true, true, false, true, false),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO_ECN
+        );
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        assert!(ifreq("", 0).is_err());
+        assert!(ifreq("a-name-far-too-long", 0).is_err());
+        assert_eq!(ifr_name(&ifreq("tap0", 0).unwrap()), "tap0");
+    }
+}
