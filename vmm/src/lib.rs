@@ -7,8 +7,12 @@
 
 pub mod bus;
 pub mod device;
+pub mod i8042;
+pub mod kvm;
 pub mod memory;
 pub mod pci;
+pub mod serial;
 pub mod transport;
+pub mod vcpu;
 pub mod vhost_user;
 pub mod vm_events;

@@ -27,7 +27,8 @@ pub const MAX_RAM: u64 = 1 << 40;
 /// Errors from guest memory setup.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The size is below [`MIN_RAM`], above [`MAX_RAM`] or not page aligned.
+    /// The size is below [`MIN_RAM`], above [`MAX_RAM`] or not page aligned
+    /// (or a custom layout is unaligned or overlapping).
     #[error("Guest RAM size {0:#x} is not a page multiple between 2 MiB and 1 TiB")]
     BadSize(u64),
     /// memfd_create or ftruncate failed.
@@ -124,26 +125,52 @@ impl GuestRam {
             return Err(MemoryError::BadSize(size));
         }
         let low = size.min(MMIO_HOLE_START);
-        let mut regions = vec![RamRegion {
-            guest_addr: 0,
-            size: low,
-            file_offset: 0,
-        }];
+        let mut layout = vec![(0, low)];
         if size > low {
-            regions.push(RamRegion {
-                guest_addr: HIGH_RAM_START,
-                size: size - low,
-                file_offset: low,
-            });
+            layout.push((HIGH_RAM_START, size - low));
         }
-        let file = create_memfd(size)?;
+        Self::with_layout(&layout)
+    }
+
+    /// Creates RAM with regions `(guest_addr, size)`: page aligned, sorted,
+    /// not overlapping (small test guests use this to leave MMIO holes).
+    pub fn with_layout(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
+        let page = page_size();
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut file_offset = 0u64;
+        let mut prev_end = 0u64;
+        for &(guest_addr, size) in layout {
+            let end = guest_addr.checked_add(size);
+            if size == 0
+                || !size.is_multiple_of(page)
+                || !guest_addr.is_multiple_of(page)
+                || guest_addr < prev_end
+                || end.is_none()
+            {
+                return Err(MemoryError::BadSize(size));
+            }
+            regions.push(RamRegion {
+                guest_addr,
+                size,
+                file_offset,
+            });
+            file_offset = file_offset
+                .checked_add(size)
+                .ok_or(MemoryError::BadSize(size))?;
+            prev_end = end.unwrap_or(u64::MAX);
+        }
+        if regions.is_empty() {
+            return Err(MemoryError::BadSize(0));
+        }
+        let total = file_offset;
+        let file = create_memfd(total)?;
         let mut mapped = Vec::with_capacity(regions.len());
         for r in &regions {
             let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, r.file_offset);
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::BadSize(size))?;
+            let len = usize::try_from(r.size).map_err(|_| MemoryError::BadSize(total))?;
             let mapping = MmapRegion::from_file(fo, len).map_err(MemoryError::Mmap)?;
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-                .ok_or(MemoryError::BadSize(size))?;
+                .ok_or(MemoryError::BadSize(total))?;
             mapped.push(region);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Collection)?;
