@@ -1,0 +1,503 @@
+//! Ratios, goal verdicts, and the Markdown and SVG renderings of a benchmark's JSON.
+
+use std::fmt::Write;
+
+use serde_json::{Value, json};
+
+const BULKHEAD: &str = "bulkhead-blk";
+const QSD: [&str; 2] = ["qsd-io_uring", "qsd-threads"];
+const HOST: &str = "host-io_uring";
+
+fn f(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (a > 0.0 && b > 0.0).then(|| (a / b * 1000.0).round() / 1000.0)
+}
+
+/// Adds per-point ratios (against the faster qsd variant and the host) and the goal verdicts.
+pub fn analyse(v: &mut Value) {
+    if let Some(points) = v.get_mut("points").and_then(Value::as_array_mut) {
+        for p in points.iter_mut() {
+            let r = p["results"].clone();
+            let b = &r[BULKHEAD];
+            let best = QSD
+                .iter()
+                .filter(|k| r.get(**k).is_some())
+                .max_by(|x, y| f(&r[**x], "iops").total_cmp(&f(&r[**y], "iops")));
+            if let Some(best) = best {
+                let q = &r[*best];
+                p["qsd_best"] = json!(best);
+                p["ratio_vs_qsd"] = json!(ratio(f(b, "iops"), f(q, "iops")));
+                p["p99_vs_qsd"] = json!(ratio(f(b, "p99_us"), f(q, "p99_us")));
+            }
+            if r.get(HOST).is_some() {
+                p["ratio_vs_host"] = json!(ratio(f(b, "iops"), f(&r[HOST], "iops")));
+            }
+        }
+    }
+    let find = |v: &Value, medium: &str, pattern: &str, qd: u64| -> Option<Value> {
+        v["points"].as_array()?.iter().find_map(|p| {
+            (p["medium"] == medium && p["pattern"] == pattern && p["qd"] == qd && p["queues"] == 1)
+                .then(|| p.clone())
+        })
+    };
+    let mut goals = Vec::new();
+    if let Some(p) = find(v, "tmpfs", "randread-4k", 32) {
+        let x = p["ratio_vs_qsd"].as_f64();
+        goals.push(json!({
+            "goal": "IOPS vs qemu-storage-daemon, 4 KiB random read, QD 32, 1 queue (tmpfs)",
+            "target": ">= 1.30x", "measured": x, "met": x.map(|x| x >= 1.3),
+            "gap": x.map(|x| x / 1.3 - 1.0),
+        }));
+        let x = p["ratio_vs_host"].as_f64();
+        goals.push(json!({
+            "goal": "IOPS vs direct host io_uring, same pattern and file",
+            "target": ">= 0.70x", "measured": x, "met": x.map(|x| x >= 0.7),
+            "gap": x.map(|x| x / 0.7 - 1.0),
+        }));
+    }
+    if let Some(p) = find(v, "tmpfs", "randread-4k", 1) {
+        let x = p["p99_vs_qsd"].as_f64();
+        goals.push(json!({
+            "goal": "p99 latency vs qemu-storage-daemon at QD 1 (4 KiB random read, 1 queue, tmpfs)",
+            "target": "<= 1.00x", "measured": x, "met": x.map(|x| x <= 1.0),
+            "gap": x.map(|x| 1.0 - x),
+        }));
+    }
+    let qd1: Vec<f64> = v["points"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["qd"] == 1)
+                .filter_map(|p| p["p99_vs_qsd"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !qd1.is_empty() {
+        let ok = qd1.iter().filter(|&&x| x <= 1.0).count();
+        goals.push(json!({
+            "goal": "p99 at QD 1 no worse than qsd, all QD 1 points",
+            "target": "all", "measured": format!("{ok} of {}", qd1.len()),
+            "met": ok == qd1.len(), "gap": Value::Null,
+        }));
+    }
+    let cbu = &v["micro"]["copy_before_use"];
+    if cbu.is_object() {
+        let over = f(cbu, "overhead_ns").max(0.0);
+        let per_req_us = find(v, "tmpfs", "randread-4k", 32).and_then(|p| {
+            let b = &p["results"][BULKHEAD];
+            b["daemon_cpu_us_per_op"]
+                .as_f64()
+                .or_else(|| (f(b, "iops") > 0.0).then(|| 1e6 / f(b, "iops")))
+        });
+        let share = per_req_us.map(|us| over / (us * 1000.0));
+        goals.push(json!({
+            "goal": "copy-before-use overhead (snapshot - plain virtio-queue walk) as a share \
+                     of bulkhead-blk's CPU time per request (4 KiB random read, QD 32)",
+            "target": "<= 10%", "measured": share, "met": share.map(|s| s <= 0.10),
+            "gap": share.map(|s| 0.10 - s),
+            "detail": format!(
+                "snapshot {:.1} ns, walk {:.1} ns, +{:.1} ns per 3-descriptor chain; per request {} µs",
+                f(cbu, "snapshot_ns"), f(cbu, "walk_ns"), over,
+                per_req_us.map(|x| format!("{x:.2}")).unwrap_or("?".into())
+            ),
+        }));
+    }
+    v["goals"] = Value::Array(goals);
+}
+
+fn fmt_ratio(v: &Value) -> String {
+    v.as_f64().map(|x| format!("{x:.2}x")).unwrap_or("-".into())
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn lat(r: &Value) -> String {
+    format!(
+        "{} / {} / {}",
+        fmt_num(f(r, "p50_us")),
+        fmt_num(f(r, "p99_us")),
+        fmt_num(f(r, "p999_us"))
+    )
+}
+
+fn cpu(r: &Value) -> String {
+    r["daemon_cpu_us_per_op"]
+        .as_f64()
+        .map(|x| format!("{x:.2}"))
+        .unwrap_or("-".into())
+}
+
+/// The Markdown report; `svg_name` is the chart's file name beside it.
+pub fn markdown(v: &Value, svg_name: &str) -> String {
+    let mut m = String::new();
+    let mach = &v["machine"];
+    let meth = &v["method"];
+    let _ = writeln!(m, "# Performance\n");
+    let _ = writeln!(
+        m,
+        "Generated by `scripts/bench` ({}) on {}; do not edit by hand.\n",
+        v["command"].as_str().unwrap_or(""),
+        v["generated"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        m,
+        "Machine: {} CPU(s), {}, Linux {}, {}. Load average {} before and {} after \
+         the {} s run: **numbers taken on a shared, loaded machine are provisional**; \
+         ratios are more trustworthy than absolute numbers because the targets are \
+         interleaved run by run.{}\n",
+        mach["cpus"],
+        mach["cpu_model"].as_str().unwrap_or("?"),
+        mach["kernel"].as_str().unwrap_or("?"),
+        mach["qsd"].as_str().unwrap_or("qemu-storage-daemon ?"),
+        mach["load_before"].as_str().unwrap_or("?"),
+        mach["load_after"].as_str().unwrap_or("?"),
+        mach["wall_s"],
+        if v["quick"] == true {
+            " This is a `--quick` smoke run: one short run per point."
+        } else {
+            ""
+        }
+    );
+
+    let _ = writeln!(m, "## Goals\n");
+    let _ = writeln!(
+        m,
+        "| goal | target | measured | verdict |\n|---|---|---|---|"
+    );
+    for g in v["goals"].as_array().into_iter().flatten() {
+        let measured = match &g["measured"] {
+            Value::Number(n) => {
+                let x = n.as_f64().unwrap_or(0.0);
+                if g["target"].as_str().unwrap_or("").contains('%') {
+                    format!("{:.1}%", x * 100.0)
+                } else {
+                    format!("{x:.2}x")
+                }
+            }
+            Value::String(s) => s.clone(),
+            _ => "-".into(),
+        };
+        let verdict = match g["met"].as_bool() {
+            Some(true) => "met".to_string(),
+            Some(false) => match g["gap"].as_f64() {
+                Some(gap) if g["target"].as_str().unwrap_or("").contains('%') => {
+                    format!("**missed** by {:.1} points", -gap * 100.0)
+                }
+                Some(gap) => format!("**missed** by {:.0}%", gap.abs() * 100.0),
+                None => "**missed**".into(),
+            },
+            None => "-".into(),
+        };
+        let detail = g["detail"]
+            .as_str()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            m,
+            "| {}{detail} | {} | {measured} | {verdict} |",
+            g["goal"].as_str().unwrap_or(""),
+            g["target"].as_str().unwrap_or("")
+        );
+    }
+
+    let _ = writeln!(
+        m,
+        "\n## bulkhead-blk against qemu-storage-daemon and the host\n"
+    );
+    let _ = writeln!(
+        m,
+        "Medians of {} runs of {} s per point (after a {} s warm-up), {} MiB raw image. \
+         QD is per queue; with 2 queues two client threads each keep QD requests in flight. \
+         \"qsd\" is the faster of the two qemu-storage-daemon configurations at that point. \
+         Latency is p50 / p99 / p99.9 in µs, from publishing the request to seeing it in \
+         the used ring. CPU is the daemon's CPU time per request (all its threads, from \
+         `/proc/PID/task/*/schedstat`).\n",
+        meth["runs"], meth["secs"], meth["warmup_secs"], meth["image_mib"]
+    );
+    let _ = writeln!(
+        m,
+        "| medium | queues | workload | QD | bulkhead-blk IOPS | MiB/s | latency µs | qsd | qsd IOPS | x qsd | qsd latency µs | host IOPS | x host | CPU µs/req (ours / qsd) |"
+    );
+    let _ = writeln!(
+        m,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for p in v["points"].as_array().into_iter().flatten() {
+        let r = &p["results"];
+        let b = &r[BULKHEAD];
+        let qn = p["qsd_best"].as_str().unwrap_or("");
+        let q = &r[qn];
+        let h = &r[HOST];
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} / {} |",
+            p["medium"].as_str().unwrap_or(""),
+            p["queues"],
+            p["pattern"].as_str().unwrap_or(""),
+            p["qd"],
+            f(b, "iops"),
+            f(b, "mib_s"),
+            lat(b),
+            qn.trim_start_matches("qsd-"),
+            f(q, "iops"),
+            fmt_ratio(&p["ratio_vs_qsd"]),
+            lat(q),
+            f(h, "iops"),
+            fmt_ratio(&p["ratio_vs_host"]),
+            cpu(b),
+            cpu(q),
+        );
+    }
+    if !svg_name.is_empty() {
+        let _ = writeln!(m, "\n![IOPS ratios]({svg_name})\n");
+    }
+
+    let _ = writeln!(m, "## Every target\n");
+    let _ = writeln!(
+        m,
+        "| medium | queues | workload | QD | target | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU µs/req | IOPS of each run |"
+    );
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in v["points"].as_array().into_iter().flatten() {
+        if let Some(r) = p["results"].as_object() {
+            for (name, t) in r {
+                let runs: Vec<String> = t["runs_iops"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                    .collect();
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {name} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
+                    p["medium"].as_str().unwrap_or(""),
+                    p["queues"],
+                    p["pattern"].as_str().unwrap_or(""),
+                    p["qd"],
+                    f(t, "iops"),
+                    f(t, "mib_s"),
+                    fmt_num(f(t, "p50_us")),
+                    fmt_num(f(t, "p99_us")),
+                    fmt_num(f(t, "p999_us")),
+                    cpu(t),
+                    runs.join(" "),
+                );
+            }
+        }
+    }
+
+    let _ = writeln!(m, "\n## Configurations\n");
+    for media in v["media"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "- medium `{}`: image in `{}` ({}), filled with data before the runs",
+            media["name"].as_str().unwrap_or(""),
+            media["dir"].as_str().unwrap_or(""),
+            media["fs"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(m, "- client: {}\n", meth["client"].as_str().unwrap_or(""));
+    let _ = writeln!(m, "```text");
+    for c in v["configs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "[{} {}q {}] {}",
+            c["medium"].as_str().unwrap_or(""),
+            c["queues"],
+            c["target"].as_str().unwrap_or(""),
+            c["config"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(m, "```\n");
+    let _ = writeln!(
+        m,
+        "Both daemons use the host page cache (bulkhead-blk without `--direct`, qsd \
+         `cache.direct=off`) and serve writes as write-back. qemu-storage-daemon 10.0's \
+         vhost-user-blk export takes one `iothread=` (a per-queue iothread list is not \
+         accepted), so every qsd queue runs in that one iothread; bulkhead-blk runs one \
+         thread per queue. qsd exports the file node directly (no raw format layer) and \
+         `locking=off` lets all targets open the same image.\n"
+    );
+
+    let micro = &v["micro"];
+    if let Some(bs) = micro["benchmarks"].as_array() {
+        let _ = writeln!(m, "## Micro-benchmarks\n");
+        let _ = writeln!(
+            m,
+            "`cargo bench -p bulkhead-tests --bench micro` (`tests/benches/micro.rs`): \
+             median ns per operation.\n"
+        );
+        let _ = writeln!(m, "| benchmark | what | ns/op |\n|---|---|---|");
+        for b in bs {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {:.1} |",
+                b["name"].as_str().unwrap_or(""),
+                b["what"].as_str().unwrap_or(""),
+                f(b, "ns_per_op")
+            );
+        }
+        let c = &micro["copy_before_use"];
+        let _ = writeln!(
+            m,
+            "\nCopy-before-use: the validated snapshot of a 3-descriptor chain costs {:.1} ns \
+             against {:.1} ns for a plain virtio-queue walk ({:+.1} ns, {:.2}x); for 18 \
+             descriptors {:.1} ns against {:.1} ns ({:.2}x).\n",
+            f(c, "snapshot_ns"),
+            f(c, "walk_ns"),
+            f(c, "overhead_ns"),
+            f(c, "snapshot_ns") / f(c, "walk_ns").max(1e-9),
+            f(c, "snapshot_18_ns"),
+            f(c, "walk_18_ns"),
+            f(c, "snapshot_18_ns") / f(c, "walk_18_ns").max(1e-9),
+        );
+    }
+
+    if let Some(prof) = v["profile"].as_object() {
+        let _ = writeln!(m, "## Profile\n");
+        let _ = writeln!(
+            m,
+            "`perf record -e cpu-clock -F 4999 -p PID` of each daemon (all threads, user and \
+             kernel) under 4 KiB random read, QD 32, 1 queue, tmpfs; top symbols and threads \
+             by share of the daemon's samples.\n"
+        );
+        for (name, p) in prof {
+            let _ = writeln!(m, "### {name} ({:.0} IOPS while profiled)\n", f(p, "iops"));
+            let _ = writeln!(m, "| share | object and symbol |\n|---|---|");
+            for s in p["symbols"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    m,
+                    "| {:.1}% | `{}` |",
+                    f(s, "pct"),
+                    s["what"].as_str().unwrap_or("")
+                );
+            }
+            let threads: Vec<String> = p["threads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| format!("{} {:.0}%", t["what"].as_str().unwrap_or(""), f(t, "pct")))
+                .collect();
+            let _ = writeln!(m, "\nThreads: {}.\n", threads.join(", "));
+        }
+    }
+
+    let _ = writeln!(m, "## Reproduce\n");
+    let _ = writeln!(
+        m,
+        "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
+         `target/release/bulkhead-bench` (about 10 minutes), and rewrites \
+         `docs/performance.{{md,json,svg}}`. Extra arguments go to `bulkhead-bench` \
+         (for example `--runs 5 --secs 3` for longer runs, `--media tmpfs`); \
+         `bulkhead-bench --quick` is a few-second smoke run."
+    );
+    m
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart of bulkhead-blk's IOPS ratio against qsd and the host, per point.
+pub fn svg(v: &Value) -> String {
+    let points: Vec<&Value> = v["points"].as_array().into_iter().flatten().collect();
+    let row = 30.0;
+    let left = 250.0;
+    let width = 820.0;
+    let plot = width - left - 30.0;
+    let top = 50.0;
+    let height = top + row * points.len() as f64 + 50.0;
+    let max = points
+        .iter()
+        .flat_map(|p| [p["ratio_vs_qsd"].as_f64(), p["ratio_vs_host"].as_f64()])
+        .flatten()
+        .fold(1.5f64, f64::max)
+        .ceil();
+    let x = |r: f64| left + plot * (r / max);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14" font-weight="bold">bulkhead-blk IOPS as a multiple of qemu-storage-daemon (best aio) and of direct host io_uring</text>"#
+    );
+    let _ = writeln!(
+        s,
+        r##"<rect x="{left}" y="28" width="12" height="10" fill="#2b6cb0"/><text x="{}" y="37">x qsd</text><rect x="{}" y="28" width="12" height="10" fill="#dd8b2f"/><text x="{}" y="37">x host io_uring</text>"##,
+        left + 16.0,
+        left + 70.0,
+        left + 86.0
+    );
+    let mut tick = 0.0;
+    while tick <= max + 1e-9 {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="#ddd"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle">{tick:.1}x</text>"##,
+            x(tick),
+            height - 40.0,
+            height - 25.0
+        );
+        tick += 0.5;
+    }
+    for (r, color) in [(1.3, "#2b6cb0"), (0.7, "#dd8b2f")] {
+        let _ = writeln!(
+            s,
+            r#"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="{color}" stroke-dasharray="4 3"/>"#,
+            x(r),
+            height - 40.0
+        );
+    }
+    for (i, p) in points.iter().enumerate() {
+        let y = top + row * i as f64;
+        let label = format!(
+            "{} {}q {} QD{}",
+            p["medium"].as_str().unwrap_or(""),
+            p["queues"],
+            p["pattern"].as_str().unwrap_or(""),
+            p["qd"]
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            y + 18.0,
+            esc(&label)
+        );
+        for (j, (key, color)) in [("ratio_vs_qsd", "#2b6cb0"), ("ratio_vs_host", "#dd8b2f")]
+            .iter()
+            .enumerate()
+        {
+            if let Some(r) = p[*key].as_f64() {
+                let by = y + 4.0 + 11.0 * j as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{left}" y="{by:.1}" width="{:.1}" height="10" fill="{color}"/><text x="{:.1}" y="{:.1}" font-size="10">{r:.2}</text>"#,
+                    x(r) - left,
+                    x(r) + 3.0,
+                    by + 9.0
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="#000"/>"##,
+        x(1.0),
+        height - 40.0
+    );
+    let _ = writeln!(s, "</svg>");
+    s
+}

@@ -1,0 +1,206 @@
+//! The systems under test: `bulkhead-blk` and qemu-storage-daemon as
+//! vhost-user-blk backends (each started here, on the image, with its
+//! configuration recorded for the report), and the host itself.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bulkhead_tests::process::{ChildGuard, wait_for_path};
+
+use super::client::{HostClient, Result, VuClient};
+use super::workload::{Sample, Spec};
+
+/// Which system a target is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `bulkhead-blk` with the io_uring engine.
+    Bulkhead,
+    /// qemu-storage-daemon with `aio=io_uring`.
+    QsdIoUring,
+    /// qemu-storage-daemon with `aio=threads`.
+    QsdThreads,
+    /// The access pattern issued by this process with io_uring, no virtio.
+    Host,
+}
+
+impl Kind {
+    /// Every kind, in report order.
+    pub const ALL: [Kind; 4] = [
+        Kind::Bulkhead,
+        Kind::QsdIoUring,
+        Kind::QsdThreads,
+        Kind::Host,
+    ];
+
+    /// Name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Bulkhead => "bulkhead-blk",
+            Kind::QsdIoUring => "qsd-io_uring",
+            Kind::QsdThreads => "qsd-threads",
+            Kind::Host => "host-io_uring",
+        }
+    }
+
+    /// Parses a name given by [`Kind::name`].
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// How to start `bulkhead-blk`.
+pub struct Bulkhead<'a> {
+    /// The binary.
+    pub bin: &'a Path,
+    /// Extra arguments after the bench's own.
+    pub args: &'a [String],
+}
+
+enum Client {
+    Vu(Box<VuClient>),
+    Host(HostClient),
+}
+
+/// A started target with its connected client.
+pub struct Target {
+    /// What it is.
+    pub kind: Kind,
+    /// Its command line (or a description for the host).
+    pub config: String,
+    client: Client,
+    // Dropped after the client: the daemon sees the disconnect, then is killed.
+    guard: Option<ChildGuard>,
+}
+
+fn quote(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Target {
+    /// Starts `kind` on `image` with `queues` queues; sockets and logs go to `dir`.
+    pub fn start(
+        kind: Kind,
+        bulkhead: &Bulkhead<'_>,
+        image: &Path,
+        dir: &Path,
+        queues: usize,
+        max_qd: usize,
+    ) -> Result<Target> {
+        let socket = dir.join(format!("{}-{queues}q.sock", kind.name()));
+        let _ = std::fs::remove_file(&socket);
+        let img = image.display().to_string();
+        let sock = socket.display().to_string();
+        let (program, args): (PathBuf, Vec<String>) = match kind {
+            Kind::Host => {
+                let client = HostClient::open(image, queues, max_qd)?;
+                return Ok(Target {
+                    kind,
+                    config: format!(
+                        "{queues} thread(s), one io_uring each (IORING_OP_READ/WRITE, buffered, \
+                         one submit_and_wait per batch) on {img}"
+                    ),
+                    client: Client::Host(client),
+                    guard: None,
+                });
+            }
+            Kind::Bulkhead => (
+                bulkhead.bin.to_path_buf(),
+                [
+                    "--socket-path".into(),
+                    sock,
+                    "--image".into(),
+                    img,
+                    "--num-queues".into(),
+                    queues.to_string(),
+                    "--queue-size".into(),
+                    "256".into(),
+                    "--engine".into(),
+                    "io-uring".into(),
+                ]
+                .into_iter()
+                .chain(bulkhead.args.iter().cloned())
+                .collect(),
+            ),
+            Kind::QsdIoUring | Kind::QsdThreads => {
+                let aio = if kind == Kind::QsdIoUring {
+                    "io_uring"
+                } else {
+                    "threads"
+                };
+                (
+                    PathBuf::from("qemu-storage-daemon"),
+                    vec![
+                        "--object".into(),
+                        "iothread,id=iot0".into(),
+                        "--blockdev".into(),
+                        format!(
+                            "driver=file,node-name=file0,filename={img},aio={aio},\
+                             cache.direct=off,cache.no-flush=off,locking=off"
+                        ),
+                        "--export".into(),
+                        format!(
+                            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,\
+                             addr.path={sock},writable=on,num-queues={queues},iothread=iot0"
+                        ),
+                    ],
+                )
+            }
+        };
+        let log_path = dir.join(format!("{}-{queues}q.log", kind.name()));
+        let log = File::create(&log_path)?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut guard = ChildGuard::spawn(kind.name(), &mut cmd)?;
+        if let Err(e) = wait_for_path(&socket, Duration::from_secs(20)) {
+            let status = guard.try_wait()?;
+            return Err(format!(
+                "{} did not start ({e}; exit status {status:?})",
+                kind.name()
+            )
+            .into());
+        }
+        let client = VuClient::connect(&socket, queues, max_qd).map_err(|e| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            format!(
+                "{}: cannot connect: {e} ({:?}); its log:\n{log}",
+                kind.name(),
+                e.source()
+            )
+        })?;
+        let mut all = vec![program.display().to_string()];
+        all.extend(args);
+        Ok(Target {
+            kind,
+            config: quote(&all),
+            client: Client::Vu(Box::new(client)),
+            guard: Some(guard),
+        })
+    }
+
+    /// One timed run.
+    pub fn run(&mut self, spec: &Spec) -> Result<Sample> {
+        match &mut self.client {
+            Client::Vu(c) => c.run(spec),
+            Client::Host(c) => c.run(spec),
+        }
+    }
+
+    /// The daemon's process id (None for the host).
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.as_ref().map(|g| g.pid())
+    }
+}

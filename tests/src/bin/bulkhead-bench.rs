@@ -1,0 +1,462 @@
+//! `bulkhead-bench`: drives vhost-user-blk backends from the host through the
+//! test kit, as a VMM and its guest would, and compares `bulkhead-blk` with
+//! qemu-storage-daemon (`aio=io_uring` and `aio=threads`) and with the same
+//! access pattern issued directly on the host with io_uring.
+//!
+//! Every point (medium x queues x pattern x queue depth) is measured as
+//! `--runs` runs of `--secs` seconds per target, the targets interleaved run
+//! by run so that background noise hits them alike; the report gives medians.
+//! Results go to JSON, Markdown and SVG (`scripts/bench` writes them to
+//! `docs/performance.*`). `--quick` is a few-second smoke run.
+
+#[path = "../bench/client.rs"]
+mod client;
+#[path = "../bench/profile.rs"]
+mod profile;
+#[path = "../bench/report.rs"]
+mod report;
+#[path = "../bench/targets.rs"]
+mod targets;
+#[path = "../bench/workload.rs"]
+mod workload;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use client::Result;
+use targets::{Kind, Target};
+use workload::{Pattern, Spec, Stats, median_stats};
+
+const USAGE: &str = "\
+usage: bulkhead-bench [--quick] [options]
+  --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point
+  --runs N              runs per point (default 5)
+  --secs S              seconds per run (default 0.8)
+  --warmup S            discarded warm-up per point and target (default 0.2)
+  --image-size MIB      image size (default 1024)
+  --media LIST          tmpfs,disk (default both)
+  --tmpfs-dir DIR       default /dev/shm
+  --disk-dir DIR        default $TMPDIR or /tmp
+  --queues LIST         default 1,2
+  --qd LIST             default 1,32
+  --patterns LIST       randread-4k,randwrite-4k,seqread-128k,seqwrite-128k
+  --targets LIST        bulkhead-blk,qsd-io_uring,qsd-threads,host-io_uring
+  --bulkhead-bin PATH   default: bulkhead-blk next to this binary
+  --bulkhead-args ARGS  extra bulkhead-blk arguments, split at spaces (e.g. \"--sandbox log\")
+  --profile S           perf-record bulkhead-blk and qsd for S seconds at randread-4k QD32 1 queue (tmpfs)
+  --micro FILE          micro-benchmark JSON to fold into the report
+  --json FILE --md FILE --svg FILE   outputs (default target/bench/bench.*)
+  --from-json FILE      only regenerate Markdown and SVG from an earlier JSON";
+
+struct Args {
+    quick: bool,
+    runs: usize,
+    secs: f64,
+    warmup: f64,
+    image_mib: u64,
+    media: Vec<String>,
+    tmpfs_dir: PathBuf,
+    disk_dir: PathBuf,
+    queues: Vec<usize>,
+    qds: Vec<usize>,
+    patterns: Vec<Pattern>,
+    kinds: Vec<Kind>,
+    bulkhead_bin: PathBuf,
+    bulkhead_args: Vec<String>,
+    profile: f64,
+    micro: Option<PathBuf>,
+    json: PathBuf,
+    md: PathBuf,
+    svg: PathBuf,
+    from_json: Option<PathBuf>,
+}
+
+fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
+    s.split(',')
+        .map(|x| f(x.trim()).ok_or_else(|| format!("bad list item {x:?}")))
+        .collect()
+}
+
+fn parse_args() -> std::result::Result<Args, String> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let quick = argv.iter().any(|a| a == "--quick");
+    let mut a = Args {
+        quick,
+        runs: if quick { 1 } else { 5 },
+        secs: if quick { 0.3 } else { 0.8 },
+        warmup: if quick { 0.0 } else { 0.2 },
+        image_mib: if quick { 64 } else { 1024 },
+        media: if quick {
+            vec!["tmpfs".into()]
+        } else {
+            vec!["tmpfs".into(), "disk".into()]
+        },
+        tmpfs_dir: PathBuf::from("/dev/shm"),
+        disk_dir: std::env::temp_dir(),
+        queues: if quick { vec![1] } else { vec![1, 2] },
+        qds: vec![1, 32],
+        patterns: if quick {
+            vec![Pattern::RandRead, Pattern::SeqWrite]
+        } else {
+            Pattern::ALL.to_vec()
+        },
+        kinds: Kind::ALL.to_vec(),
+        bulkhead_bin: bulkhead_tests::process::workspace_binary("bulkhead-blk"),
+        bulkhead_args: Vec::new(),
+        profile: 0.0,
+        micro: None,
+        json: PathBuf::from("target/bench/bench.json"),
+        md: PathBuf::from("target/bench/bench.md"),
+        svg: PathBuf::from("target/bench/bench.svg"),
+        from_json: None,
+    };
+    let mut it = argv.into_iter();
+    while let Some(flag) = it.next() {
+        if flag == "--quick" {
+            continue;
+        }
+        if flag == "-h" || flag == "--help" {
+            return Err(USAGE.into());
+        }
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--runs" => a.runs = (num(&v)? as usize).max(1),
+            "--secs" => a.secs = num(&v)?,
+            "--warmup" => a.warmup = num(&v)?,
+            "--image-size" => a.image_mib = (num(&v)? as u64).max(16),
+            "--media" => a.media = list(&v, |x| ["tmpfs", "disk"].contains(&x).then(|| x.into()))?,
+            "--tmpfs-dir" => a.tmpfs_dir = v.into(),
+            "--disk-dir" => a.disk_dir = v.into(),
+            "--queues" => a.queues = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
+            "--qd" => a.qds = list(&v, |x| x.parse().ok().filter(|&n| (1..=64).contains(&n)))?,
+            "--patterns" => a.patterns = list(&v, Pattern::parse)?,
+            "--targets" => a.kinds = list(&v, Kind::parse)?,
+            "--bulkhead-bin" => a.bulkhead_bin = v.into(),
+            "--bulkhead-args" => a.bulkhead_args = v.split_whitespace().map(String::from).collect(),
+            "--profile" => a.profile = num(&v)?,
+            "--micro" => a.micro = Some(v.into()),
+            "--json" => a.json = v.into(),
+            "--md" => a.md = v.into(),
+            "--svg" => a.svg = v.into(),
+            "--from-json" => a.from_json = Some(v.into()),
+            _ => return Err(format!("unknown option {flag}\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn fs_type(dir: &Path) -> String {
+    sh("stat", &["-f", "-c", "%T", &dir.display().to_string()])
+}
+
+/// Writes the whole image once so that no run reads holes or allocates blocks.
+fn fill_image(path: &Path, size: u64, sync: bool) -> Result<()> {
+    let mut f = File::create(path)?;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 1) as u8).collect();
+    let mut done = 0;
+    while done < size {
+        let n = (size - done).min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        done += n as u64;
+    }
+    if sync {
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+fn stats_json(s: &Stats) -> Value {
+    let r = |v: f64, d: i32| (v * 10f64.powi(d)).round() / 10f64.powi(d);
+    json!({
+        "iops": r(s.iops, 0),
+        "mib_s": r(s.mib_s, 1),
+        "p50_us": r(s.p50_us, 1),
+        "p99_us": r(s.p99_us, 1),
+        "p999_us": r(s.p999_us, 1),
+    })
+}
+
+/// Where one point is measured.
+struct PointCtx<'a> {
+    medium: &'a str,
+    queues: usize,
+    image_size: u64,
+}
+
+/// Measures one point on every target; returns its JSON.
+fn measure_point(
+    a: &Args,
+    targets: &mut [Target],
+    ctx: &PointCtx<'_>,
+    pattern: Pattern,
+    qd: usize,
+) -> Result<Value> {
+    let spec = |secs: f64, seed: u64| Spec {
+        pattern,
+        qd,
+        duration: Duration::from_secs_f64(secs),
+        image_size: ctx.image_size,
+        seed,
+    };
+    if a.warmup > 0.0 {
+        for t in targets.iter_mut() {
+            t.run(&spec(a.warmup, 999))?;
+        }
+    }
+    let n = targets.len();
+    let mut runs: Vec<Vec<Stats>> = vec![Vec::new(); n];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut errors = vec![0u64; n];
+    for r in 0..a.runs {
+        // Rotate the order so no target always runs first or last.
+        for k in 0..n {
+            let i = (k + r) % n;
+            let t = &mut targets[i];
+            let before = t.pid().map(profile::cpu_ns);
+            let sample = t.run(&spec(a.secs, r as u64 + 1))?;
+            if let (Some(b), Some(pid)) = (before, t.pid()) {
+                let used = profile::cpu_ns(pid).saturating_sub(b);
+                if sample.ops > 0 && used > 0 {
+                    cpu[i].push(used as f64 / 1000.0 / sample.ops as f64);
+                }
+            }
+            errors[i] += sample.errors;
+            runs[i].push(sample.stats());
+        }
+    }
+    let mut results = serde_json::Map::new();
+    let mut line = format!(
+        "{:<5} {}q {:<13} qd{qd:<2}",
+        ctx.medium,
+        ctx.queues,
+        pattern.name()
+    );
+    for (i, t) in targets.iter().enumerate() {
+        let m = median_stats(&runs[i]);
+        let mut v = stats_json(&m);
+        v["runs_iops"] = json!(runs[i].iter().map(|s| s.iops.round()).collect::<Vec<_>>());
+        v["errors"] = json!(errors[i]);
+        if !cpu[i].is_empty() {
+            v["daemon_cpu_us_per_op"] = json!((workload::median(&cpu[i]) * 100.0).round() / 100.0);
+        }
+        line += &format!("  {} {:>8.0}", t.kind.name(), m.iops);
+        results.insert(t.kind.name().into(), v);
+    }
+    eprintln!("{line}");
+    if errors.iter().any(|&e| e > 0) {
+        return Err(format!("{line}: requests failed: {errors:?}").into());
+    }
+    Ok(json!({
+        "medium": ctx.medium,
+        "queues": ctx.queues,
+        "pattern": pattern.name(),
+        "block_size": pattern.block_size(),
+        "qd": qd,
+        "results": results,
+    }))
+}
+
+fn daemon(a: &Args) -> targets::Bulkhead<'_> {
+    targets::Bulkhead {
+        bin: &a.bulkhead_bin,
+        args: &a.bulkhead_args,
+    }
+}
+
+fn profile_run(a: &Args, image: &Path, dir: &Path, image_size: u64) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for kind in [Kind::Bulkhead, Kind::QsdIoUring] {
+        let mut t = Target::start(kind, &daemon(a), image, dir, 1, 32)?;
+        let spec = Spec {
+            pattern: Pattern::RandRead,
+            qd: 32,
+            duration: Duration::from_secs_f64(a.profile),
+            image_size,
+            seed: 42,
+        };
+        t.run(&Spec {
+            duration: Duration::from_millis(200),
+            ..spec
+        })?;
+        let pid = t.pid().ok_or("no daemon pid")?;
+        let data = dir.join(format!("perf-{}.data", kind.name()));
+        let rec = profile::Recording::start(pid, &data)?;
+        let sample = t.run(&spec)?;
+        let mut v = rec.finish(15)?;
+        v["iops"] = json!(sample.stats().iops.round());
+        eprintln!("profiled {}", kind.name());
+        out.insert(kind.name().into(), v);
+    }
+    Ok(Value::Object(out))
+}
+
+fn run(a: &Args) -> Result<Value> {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let image_size = a.image_mib << 20;
+    let max_qd = a.qds.iter().copied().max().unwrap_or(1);
+    let mut points = Vec::new();
+    let mut configs = Vec::new();
+    let mut media = Vec::new();
+    let mut profile_json = Value::Null;
+    for medium in &a.media {
+        let base = if medium == "tmpfs" {
+            &a.tmpfs_dir
+        } else {
+            &a.disk_dir
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-bench")
+            .tempdir_in(base)?;
+        let image = dir.path().join("disk.img");
+        fill_image(&image, image_size, medium == "disk")?;
+        media.push(json!({"name": medium, "dir": base, "fs": fs_type(base)}));
+        for &queues in &a.queues {
+            let mut targets = Vec::new();
+            for &kind in &a.kinds {
+                let t = Target::start(kind, &daemon(a), &image, dir.path(), queues, max_qd)?;
+                configs.push(json!({
+                    "medium": medium, "queues": queues, "target": kind.name(), "config": t.config,
+                }));
+                targets.push(t);
+            }
+            let ctx = PointCtx {
+                medium,
+                queues,
+                image_size,
+            };
+            for &pattern in &a.patterns {
+                for &qd in &a.qds {
+                    points.push(measure_point(a, &mut targets, &ctx, pattern, qd)?);
+                }
+            }
+        }
+        if medium == "tmpfs" && a.profile > 0.0 && profile::perf_available() {
+            profile_json = profile_run(a, &image, dir.path(), image_size)?;
+        }
+    }
+    let micro = match &a.micro {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
+        None => Value::Null,
+    };
+    let command = std::env::var("BULKHEAD_BENCH_COMMAND")
+        .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let qsd_version = sh("qemu-storage-daemon", &["--version"])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut v = json!({
+        "generated": sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "command": command,
+        "quick": a.quick,
+        "machine": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu_model": cpu_model,
+            "kernel": sh("uname", &["-r"]),
+            "qsd": qsd_version,
+            "load_before": load_before,
+            "load_after": loadavg(),
+            "wall_s": started.elapsed().as_secs(),
+        },
+        "method": {
+            "runs": a.runs,
+            "secs": a.secs,
+            "warmup_secs": a.warmup,
+            "image_mib": a.image_mib,
+            "client": "test-kit vhost-user frontend; per queue one thread with fixed \
+                       3-descriptor chains (header, data, status), EVENT_IDX and \
+                       INDIRECT_DESC negotiated, one kick check per batch, waits on the \
+                       call eventfd",
+        },
+        "media": media,
+        "configs": configs,
+        "points": points,
+        "micro": micro,
+        "profile": profile_json,
+    });
+    report::analyse(&mut v);
+    Ok(v)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(path, text)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = (|| -> Result<()> {
+        let v = match &a.from_json {
+            Some(p) => {
+                let mut v: Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+                report::analyse(&mut v);
+                v
+            }
+            None => {
+                let v = run(&a)?;
+                write(&a.json, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+                v
+            }
+        };
+        let svg_name = a
+            .svg
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        write(&a.md, &report::markdown(&v, &svg_name))?;
+        write(&a.svg, &report::svg(&v))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-bench: {e}");
+            let mut src = e.source();
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
