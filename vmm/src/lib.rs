@@ -5,14 +5,19 @@
 //! the guest through KVM irqfds, so the VMM is off the data path.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod boot;
 pub mod bus;
+pub mod config;
 pub mod device;
 pub mod i8042;
 pub mod kvm;
 pub mod memory;
 pub mod pci;
+pub mod seccomp;
 pub mod serial;
 pub mod transport;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod vm_events;
+pub mod vmm;

@@ -1,1 +1,166 @@
-fn main() {}
+//! `bulkhead-vmm`: boots a Linux kernel under KVM with every virtio device
+//! served by a vhost-user backend process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead_vmm::config::{self, DeviceConfig, DeviceKind, SerialMode};
+use bulkhead_vmm::seccomp::SeccompMode;
+use bulkhead_vmm::vcpu::ExitReason;
+use bulkhead_vmm::vmm::{self, DEFAULT_CMDLINE, VmConfig};
+use clap::{Parser, ValueEnum};
+
+/// Exit status: the guest powered off.
+const EXIT_POWEROFF: u8 = 0;
+/// Exit status: the VMM failed (bad flag, unreachable backend, KVM error).
+const EXIT_ERROR: u8 = 1;
+/// Exit status: the guest rebooted (keyboard-controller reset or triple fault).
+const EXIT_REBOOT: u8 = 3;
+/// Exit status: a vCPU failed.
+const EXIT_VCPU_ERROR: u8 = 4;
+/// Exit status: stopped through the API socket.
+const EXIT_STOPPED: u8 = 5;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SeccompArg {
+    /// Kill the VMM on a forbidden system call.
+    Kill,
+    /// Log forbidden system calls and let them through.
+    Log,
+    /// No filters (debugging only).
+    Off,
+}
+
+fn blk(s: &str) -> Result<DeviceConfig, String> {
+    config::parse_device(DeviceKind::Blk, s)
+}
+fn net(s: &str) -> Result<DeviceConfig, String> {
+    config::parse_device(DeviceKind::Net, s)
+}
+fn console(s: &str) -> Result<DeviceConfig, String> {
+    config::parse_device(DeviceKind::Console, s)
+}
+fn generic(s: &str) -> Result<DeviceConfig, String> {
+    config::parse_device(DeviceKind::Generic, s)
+}
+fn cpus(s: &str) -> Result<u8, String> {
+    let n: u8 = s.parse().map_err(|_| format!("'{s}' is not 1 to 254"))?;
+    if n == 0 || n > bulkhead_vmm::boot::mptable::MAX_CPUS {
+        return Err(format!("'{s}' is not 1 to 254"));
+    }
+    Ok(n)
+}
+
+/// Thin KVM VMM: virtio-pci and virtio-mmio transports in front of
+/// vhost-user backends (bulkhead-blk, bulkhead-net, bulkhead-console or any
+/// other). Exit status: 0 guest powered off, 1 VMM error, 3 guest reboot,
+/// 4 vCPU failure, 5 stopped through the API socket.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-vmm", version)]
+struct Args {
+    /// Kernel: ELF vmlinux with a PVH note, or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Guest RAM (K, M or G suffix).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_memory)]
+    memory: u64,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = cpus)]
+    cpus: u8,
+
+    /// vhost-user block device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    #[arg(long, value_name = "OPTS", value_parser = blk)]
+    blk: Vec<DeviceConfig>,
+
+    /// vhost-user net device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    #[arg(long, value_name = "OPTS", value_parser = net)]
+    net: Vec<DeviceConfig>,
+
+    /// vhost-user console device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    #[arg(long, value_name = "OPTS", value_parser = console)]
+    console: Vec<DeviceConfig>,
+
+    /// Any vhost-user device: socket=PATH,virtio-id=N[,queues=N][,queue-size=N][,config-size=N][,transport=...].
+    #[arg(long = "vhost-user", value_name = "OPTS", value_parser = generic)]
+    vhost_user: Vec<DeviceConfig>,
+
+    /// Serial console (COM1): stdio, file=PATH or none.
+    #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = config::parse_serial)]
+    serial: SerialMode,
+
+    /// Control socket (commands: ping, status, shutdown).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+
+    /// Seccomp filters per thread.
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: SeccompArg,
+
+    /// Hide CMPXCHG16B from the guest's CPUID (for nested hypervisors that
+    /// cannot run it; costs the guest some SLUB performance).
+    #[arg(long)]
+    no_cx16: bool,
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let mut devices = Vec::new();
+    devices.extend(args.blk);
+    devices.extend(args.net);
+    devices.extend(args.console);
+    devices.extend(args.vhost_user);
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory,
+        cpus: args.cpus,
+        devices,
+        serial: args.serial,
+        api_socket: args.api_socket,
+        seccomp: match args.seccomp {
+            SeccompArg::Kill => SeccompMode::Kill,
+            SeccompArg::Log => SeccompMode::Log,
+            SeccompArg::Off => SeccompMode::Off,
+        },
+        hide_cx16: args.no_cx16,
+    };
+    match vmm::run(&cfg) {
+        Ok(reason) => {
+            let (code, what) = match reason {
+                ExitReason::PowerOff | ExitReason::None => (EXIT_POWEROFF, "guest powered off"),
+                ExitReason::Reboot => (EXIT_REBOOT, "guest rebooted"),
+                ExitReason::Error => (EXIT_VCPU_ERROR, "vCPU failed"),
+                ExitReason::Stopped => (EXIT_STOPPED, "stopped"),
+            };
+            eprintln!("bulkhead-vmm: {what}");
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            eprintln!("bulkhead-vmm: {}", error_chain(&e));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

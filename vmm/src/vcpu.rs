@@ -119,6 +119,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitRequest>,
+    hide_cx16: bool,
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
@@ -189,7 +190,14 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            hide_cx16: false,
         }
+    }
+
+    /// Hides CMPXCHG16B from the guest's CPUID (some nested hypervisors fail
+    /// to run it: Linux's SLUB then stops with a KVM internal error).
+    pub fn set_hide_cx16(&mut self, hide: bool) {
+        self.hide_cx16 = hide;
     }
 
     /// The KVM vCPU (for tests that set registers themselves).
@@ -211,6 +219,9 @@ impl Vcpu {
                         | (u32::from(self.id) << 24)
                         | (u32::from(cpus) << 16);
                     e.ecx |= 1 << 31; // running under a hypervisor
+                    if self.hide_cx16 {
+                        e.ecx &= !(1 << 13);
+                    }
                     if cpus > 1 {
                         e.edx |= 1 << 28; // HTT: the count in EBX is valid
                     }
@@ -393,6 +404,24 @@ impl Vcpu {
         ioctl("SET_REGS", self.fd.set_regs(&regs))
     }
 
+    /// Logs the registers that say where a failed guest was.
+    pub fn log_state(&self) {
+        if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            log::error!(
+                "vCPU {}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+                self.id,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
+            );
+        }
+    }
+
     /// Runs the vCPU until a stop is requested; returns why it stopped.
     pub fn run(&mut self) -> ExitReason {
         loop {
@@ -435,7 +464,13 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => {}
                 Ok(other) => {
-                    log::error!("vCPU {}: unhandled exit {other:?}", self.id);
+                    let what = format!("{other:?}");
+                    let suberror = self.fd.get_kvm_run().exit_reason;
+                    log::error!(
+                        "vCPU {}: unhandled exit {what} (exit reason {suberror})",
+                        self.id
+                    );
+                    self.log_state();
                     self.exit.request(ExitReason::Error);
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

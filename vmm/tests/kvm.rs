@@ -26,7 +26,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Records every access; reads return `answer`.
 struct Recorder {
-    log: Arc<Mutex<Vec<(u64, Vec<u8>, bool)>>>,
+    log: Log,
     answer: u8,
     exit: Option<Arc<ExitRequest>>,
 }
