@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod blk;
+pub mod console;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;

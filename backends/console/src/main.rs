@@ -51,8 +51,9 @@ fn parse_scrollback(s: &str) -> Result<usize, String> {
 /// a pty (its path is printed and written to SOCKET.NAME.pty), a log file
 /// (appended) or the daemon's stdio. Guest output nobody reads waits in a
 /// per-port scrollback of --scrollback bytes that drops its oldest bytes when
-/// full; the next client gets it first. Host input is read only as fast as
-/// the guest posts receive buffers.
+/// full; the next client gets it first. While the host side keeps up, output
+/// is lossless (the guest waits for it, at most 500 ms at a time). Host input
+/// is read only as fast as the guest posts receive buffers.
 ///
 /// Resize: a socket port's size is set through PATH.ctl (`resize COLS ROWS`,
 /// also `size`, `stats`); a pty's or terminal's size is polled every 250 ms.
