@@ -37,6 +37,7 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
 fn start_blk() -> Daemon {
+    let _ = env_logger::builder().is_test(true).try_init();
     let scratch = Scratch::new(IMAGE).expect("scratch dir");
     Daemon::blk(scratch, &["--num-queues", "2"])
         .expect("start bulkhead-blk (run `cargo build -p bulkhead-blk` first)")
