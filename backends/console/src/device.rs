@@ -155,10 +155,8 @@ impl Control {
         if id != 0 {
             return;
         }
-        if self.has(features::MULTIPORT) {
-            if self.port(0).is_some_and(|p| p.ready()) {
-                self.push(DeviceEvent::Resize { id, cols, rows });
-            }
+        if self.has(features::MULTIPORT) && self.port(0).is_some_and(|p| p.ready()) {
+            self.push(DeviceEvent::Resize { id, cols, rows });
         }
         if self.has(features::SIZE)
             && let Ok(n) = self.notifier.lock()
