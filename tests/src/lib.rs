@@ -10,5 +10,7 @@ pub mod daemon;
 pub mod frontend;
 pub mod guest;
 pub mod memory;
+pub mod net;
+pub mod netns;
 pub mod process;
 pub mod virtq;
