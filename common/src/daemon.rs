@@ -36,7 +36,7 @@ pub enum DaemonError {
     Setup(#[source] io::Error),
 }
 
-enum Endpoint {
+enum EndpointKind {
     Listener(UnixListener, Option<PathBuf>),
     Connected(Option<UnixStream>),
 }
@@ -60,7 +60,7 @@ fn is_listening(fd: RawFd) -> io::Result<bool> {
     Ok(val != 0)
 }
 
-fn open_endpoint(args: &VhostUserArgs) -> Result<Endpoint, DaemonError> {
+fn open_endpoint(args: &VhostUserArgs) -> Result<EndpointKind, DaemonError> {
     if let Some(fd) = args.fd {
         let listening = is_listening(fd).map_err(|e| DaemonError::BadFd(fd, e))?;
         // SAFETY: the caller handed us this fd to own (backend program conventions).
@@ -69,9 +69,9 @@ fn open_endpoint(args: &VhostUserArgs) -> Result<Endpoint, DaemonError> {
         // SAFETY: fcntl on an fd we own.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         return Ok(if listening {
-            Endpoint::Listener(UnixListener::from(owned), None)
+            EndpointKind::Listener(UnixListener::from(owned), None)
         } else {
-            Endpoint::Connected(Some(UnixStream::from(owned)))
+            EndpointKind::Connected(Some(UnixStream::from(owned)))
         });
     }
     let path = args.socket_path.clone().ok_or(DaemonError::NoSocket)?;
@@ -82,7 +82,7 @@ fn open_endpoint(args: &VhostUserArgs) -> Result<Endpoint, DaemonError> {
         let _ = std::fs::remove_file(&path);
     }
     let l = UnixListener::bind(&path).map_err(|e| DaemonError::Listen(path.clone(), e))?;
-    Ok(Endpoint::Listener(l, Some(path)))
+    Ok(EndpointKind::Listener(l, Some(path)))
 }
 
 /// A signalfd for SIGTERM and SIGINT, with those signals blocked in every thread spawned later.
@@ -204,17 +204,47 @@ fn serve_connection<D: VhostUserDevice>(
     Ok(end)
 }
 
+/// The daemon's vhost-user socket (listening or connected) and its signalfd,
+/// opened before the daemon enters its sandbox.
+pub struct Endpoint {
+    kind: EndpointKind,
+    signals: Signals,
+}
+
+impl Endpoint {
+    /// Opens the socket `--socket-path` or `--fd` names (creating and binding
+    /// a socket path) and blocks SIGTERM/SIGINT into a signalfd. Call it
+    /// single-threaded: the signal mask is inherited by every later thread.
+    pub fn open(args: &VhostUserArgs) -> Result<Self, DaemonError> {
+        let signals = Signals::new().map_err(DaemonError::Setup)?;
+        let kind = open_endpoint(args)?;
+        Ok(Endpoint { kind, signals })
+    }
+}
+
 /// Serves `device` on the socket the arguments name until SIGTERM/SIGINT.
 ///
 /// With a listening socket, each frontend gets a fresh device state and the
 /// daemon keeps accepting after a disconnect. With an already-connected fd
 /// (`--fd` of a socketpair end), the daemon exits when that peer goes away.
+/// Same as [`Endpoint::open`] then [`serve_endpoint`].
 pub fn serve<D: VhostUserDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), DaemonError> {
-    let signals = Signals::new().map_err(DaemonError::Setup)?;
-    let endpoint = open_endpoint(args)?;
-    let mut endpoint = endpoint;
+    serve_endpoint(Endpoint::open(args)?, device)
+}
+
+/// Serves `device` on an endpoint opened before (see [`serve`]). A daemon in
+/// its sandbox leaves a socket path it created in place at exit (its
+/// filesystem is out of reach); the next start replaces the stale socket.
+pub fn serve_endpoint<D: VhostUserDevice>(
+    endpoint: Endpoint,
+    device: Arc<D>,
+) -> Result<(), DaemonError> {
+    let Endpoint {
+        kind: mut endpoint,
+        signals,
+    } = endpoint;
     let result = match &mut endpoint {
-        Endpoint::Connected(stream) => {
+        EndpointKind::Connected(stream) => {
             if let Some(s) = stream.take() {
                 log::info!("serving the frontend on fd {}", s.as_raw_fd());
                 serve_connection(s, &device, &signals).map(|_| ())
@@ -222,7 +252,7 @@ pub fn serve<D: VhostUserDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result
                 Ok(())
             }
         }
-        Endpoint::Listener(listener, path) => {
+        EndpointKind::Listener(listener, path) => {
             match path {
                 Some(p) => log::info!("listening on {}", p.display()),
                 None => log::info!("listening on fd {}", listener.as_raw_fd()),
@@ -255,7 +285,9 @@ pub fn serve<D: VhostUserDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result
             }
         }
     };
-    if let Endpoint::Listener(_, Some(path)) = &endpoint {
+    if let EndpointKind::Listener(_, Some(path)) = &endpoint
+        && !crate::sandbox::is_active()
+    {
         let _ = std::fs::remove_file(path);
     }
     result

@@ -13,6 +13,7 @@ pub mod inflight;
 pub mod memory;
 pub mod notify;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod virtqueue;
 pub mod worker;
 

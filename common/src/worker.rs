@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -13,6 +14,19 @@ use crate::virtqueue::VirtQueue;
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_FIRST_FD: u64 = 2;
+
+/// What every queue thread runs first, before it touches its queue.
+pub type ThreadStartHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+static THREAD_START: OnceLock<ThreadStartHook> = OnceLock::new();
+
+/// Installs the function every queue thread runs first (the sandbox's
+/// per-thread seccomp filter, see [`crate::sandbox`]); once per process.
+/// A thread whose hook fails does not serve its queue. Gives the hook back if
+/// one was installed before.
+pub fn set_thread_start_hook(hook: ThreadStartHook) -> Result<(), ThreadStartHook> {
+    THREAD_START.set(hook)
+}
 
 /// Lets a worker change which of its fds are watched (back-pressure).
 pub struct WorkerCtl {
@@ -109,6 +123,12 @@ fn run<W: QueueWorker>(
     kick: EventFd,
     stop: EventFd,
 ) -> VirtQueue {
+    if let Some(hook) = THREAD_START.get()
+        && let Err(e) = hook()
+    {
+        log::error!("queue {}: cannot confine the queue thread: {e}", vq.index());
+        return vq;
+    }
     let epoll = match epoll::create(true) {
         Ok(fd) => fd,
         Err(e) => {
