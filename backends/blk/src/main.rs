@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use bulkhead_common::daemon::{Endpoint, serve_endpoint};
+use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::{Parser, ValueEnum};
 
 use bulkhead_blk::device::{BlkConfig, BlkDevice};
@@ -47,6 +49,9 @@ struct Args {
     #[command(flatten)]
     vhost_user: VhostUserArgs,
 
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+
     /// Raw image file or block device to serve.
     #[arg(long, visible_alias = "blk-file", value_name = "FILE",
           required_unless_present_any = ["print_capabilities", "image_fd"])]
@@ -80,6 +85,43 @@ struct Args {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+}
+
+/// `BLKDISCARD` and `BLKZEROOUT` (linux/fs.h), the only ioctls a queue issues.
+const BLKDISCARD: u64 = 0x1277;
+const BLKZEROOUT: u64 = 0x127f;
+/// `IORING_REGISTER_EVENTFD`, the one io_uring registration after start-up.
+const IORING_REGISTER_EVENTFD: u64 = 4;
+/// Fds one queue holds: kick, call, err, stop, epoll, engine eventfd, ring, spare.
+const FDS_PER_QUEUE: u64 = 8;
+
+/// What bulkhead-blk needs once it serves: the image is an open fd, so no
+/// path at all; no network. The main thread creates each queue's engine (an
+/// io_uring ring and its eventfd); a queue thread only submits and reaps.
+fn sandbox_policy(args: &Args) -> Policy {
+    use libc::*;
+    Policy {
+        paths: Vec::new(),
+        main: vec![
+            Syscall::any(SYS_io_uring_setup),
+            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_EVENTFD),
+        ],
+        worker: vec![
+            Syscall::any(SYS_io_uring_enter),
+            Syscall::any(SYS_preadv),
+            Syscall::any(SYS_pwritev),
+            Syscall::any(SYS_preadv2),
+            Syscall::any(SYS_pwritev2),
+            Syscall::any(SYS_fdatasync),
+            Syscall::any(SYS_fsync),
+            Syscall::any(SYS_fallocate),
+            Syscall::ioctl(BLKDISCARD),
+            Syscall::ioctl(BLKZEROOUT),
+        ],
+        needs_network: false,
+        max_open_files: fd_budget(args.num_queues, FDS_PER_QUEUE),
+        writes_files: true,
+    }
 }
 
 fn main() -> ExitCode {
@@ -141,7 +183,16 @@ fn main() -> ExitCode {
             engine,
         },
     ));
-    let result = bulkhead_common::daemon::serve(&args.vhost_user, device.clone());
+    let endpoint = match Endpoint::open(&args.vhost_user) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(&args)) {
+        return fail(&e);
+    }
+    #[cfg(feature = "test-hooks")]
+    bulkhead_blk::test_hooks::run_from_env();
+    let result = serve_endpoint(endpoint, device.clone());
     let s = &device.stats;
     log::info!(
         "requests: {} ok, {} ioerr, {} unsupported, {} malformed",
@@ -152,14 +203,17 @@ fn main() -> ExitCode {
     );
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                log::error!("  caused by: {s}");
-                src = s.source();
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Logs `e` with its causes; the exit code for a failed start or run.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    log::error!("{e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        log::error!("  caused by: {s}");
+        src = s.source();
+    }
+    ExitCode::FAILURE
 }
