@@ -95,7 +95,9 @@ fn report(data: &Path, sort: &str, limit: usize) -> Result<Vec<Value>> {
             let mut it = l.split_whitespace();
             let pct: f64 = it.next()?.trim_end_matches('%').parse().ok()?;
             let rest: Vec<&str> = it.collect();
-            Some(json!({"pct": pct, "what": rest.join(" ")}))
+            let what = rest.join(" ");
+            // perf pads unused sort columns with "-".
+            Some(json!({"pct": pct, "what": what.trim_end_matches(" - -")}))
         })
         .take(limit)
         .collect();

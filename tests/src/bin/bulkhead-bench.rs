@@ -51,7 +51,8 @@ usage: bulkhead-bench [--quick] [options]
   --profile S           perf-record bulkhead-blk and qsd for S seconds at randread-4k QD32 1 queue (tmpfs)
   --micro FILE          micro-benchmark JSON to fold into the report
   --json FILE --md FILE --svg FILE   outputs (default target/bench/bench.*)
-  --from-json FILE      only regenerate Markdown and SVG from an earlier JSON";
+  --from-json FILE      only regenerate the report from an earlier JSON (with --micro:
+                        fold in new micro-benchmark results, rewriting --json)";
 
 struct Args {
     quick: bool,
@@ -429,6 +430,10 @@ fn main() -> ExitCode {
         let v = match &a.from_json {
             Some(p) => {
                 let mut v: Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+                if let Some(m) = &a.micro {
+                    v["micro"] = serde_json::from_str(&std::fs::read_to_string(m)?)?;
+                    write(&a.json, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+                }
                 report::analyse(&mut v);
                 v
             }
