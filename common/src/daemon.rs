@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 
 use crate::cli::VhostUserArgs;
 use crate::device::VhostUserDevice;
@@ -148,6 +148,78 @@ fn wait_readable(fds: &[RawFd]) -> io::Result<usize> {
     }
 }
 
+/// vhost-user request code of SET_VRING_ENABLE.
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flag: this is a reply.
+const FLAG_REPLY: u32 = 0x4;
+/// Header flag: the frontend wants a REPLY_ACK.
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Answers a SET_VRING_ENABLE that arrives before SET_FEATURES acked
+/// PROTOCOL_FEATURES; returns Ok(true) when it consumed one.
+///
+/// QEMU's vhost-user-net enables (and disables) rings as soon as the guest
+/// acks its features, before it sends SET_FEATURES; the `vhost` crate refuses
+/// SET_VRING_ENABLE until PROTOCOL_FEATURES is acked and would close the
+/// connection, so the serve loop reads that message itself and hands it to
+/// the handler. Everything else goes through the `vhost` crate.
+fn early_vring_enable<D: VhostUserDevice>(
+    conn: RawFd,
+    handler: &Mutex<BackendHandler<D>>,
+) -> io::Result<bool> {
+    let mut msg = [0u8; 20];
+    // SAFETY: peeking into a local buffer of its length; no control buffer.
+    let n = unsafe {
+        libc::recv(
+            conn,
+            msg.as_mut_ptr().cast(),
+            12,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != 12 {
+        return Ok(false);
+    }
+    let word = |m: &[u8; 20], i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    let (code, flags, size) = (word(&msg, 0), word(&msg, 4), word(&msg, 8));
+    if code != SET_VRING_ENABLE || size != 8 {
+        return Ok(false);
+    }
+    let Ok(mut h) = handler.lock() else {
+        return Ok(false);
+    };
+    if h.protocol_features_acked() {
+        return Ok(false);
+    }
+    // SAFETY: reading the whole message into a local buffer of its length.
+    let n = unsafe { libc::recv(conn, msg.as_mut_ptr().cast(), msg.len(), libc::MSG_WAITALL) };
+    if n != msg.len() as isize {
+        return Err(io::Error::other("truncated SET_VRING_ENABLE"));
+    }
+    let (index, num) = (word(&msg, 12), word(&msg, 16));
+    let res = match num {
+        0 | 1 => h
+            .set_vring_enable(index, num == 1)
+            .map_err(|e| io::Error::other(e.to_string())),
+        _ => Err(io::Error::other(format!("SET_VRING_ENABLE value {num}"))),
+    };
+    drop(h);
+    if flags & FLAG_NEED_REPLY != 0 {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(FLAG_REPLY | 1).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(res.is_err()).to_le_bytes());
+        // SAFETY: sending a local buffer of its length.
+        let sent =
+            unsafe { libc::send(conn, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+        if sent != reply.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    res.map(|()| true)
+}
+
 /// How a connection ended.
 enum ConnEnd {
     Disconnected,
@@ -174,6 +246,14 @@ fn serve_connection<D: VhostUserDevice>(
             && let Ok(mut h) = handler.lock()
         {
             h.offer_backend_socket(sock);
+        }
+        match early_vring_enable(conn_fd, &handler) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("closing the connection after a bad request from the frontend: {e}");
+                break ConnEnd::Disconnected;
+            }
         }
         match req.handle_request() {
             Ok(()) => {}

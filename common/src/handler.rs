@@ -76,6 +76,8 @@ pub struct BackendHandler<D: VhostUserDevice> {
     inflight: Option<InflightRegion>,
     /// Duplicate of the backend-request socket peeked off SET_BACKEND_REQ_FD.
     peeked_backend: Option<std::os::unix::net::UnixStream>,
+    /// SET_FEATURES was received (rings are then enabled per its PROTOCOL_FEATURES bit).
+    features_set: bool,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -103,6 +105,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             vrings: (0..n).map(|_| Vring::new()).collect(),
             inflight: None,
             peeked_backend: None,
+            features_set: false,
         }
     }
 
@@ -133,6 +136,11 @@ impl<D: VhostUserDevice> BackendHandler<D> {
 
     fn protocol_acked(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Whether SET_FEATURES acked VHOST_USER_F_PROTOCOL_FEATURES.
+    pub fn protocol_features_acked(&self) -> bool {
+        self.protocol_acked()
     }
 
     fn stop_queue(&mut self, i: usize) {
@@ -205,6 +213,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         self.stop_all();
         self.device.reset();
         self.acked_features = 0;
+        self.features_set = false;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
         for v in &mut self.vrings {
             *v = Vring::new();
@@ -258,6 +267,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
             .set_features(features)
             .map_err(VuError::ReqHandlerError)?;
         self.acked_features = features;
+        self.features_set = true;
         if !self.protocol_acked() {
             // Without protocol features, rings are enabled as soon as they start.
             for v in &mut self.vrings {
@@ -397,7 +407,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        if !self.protocol_acked() {
+        // Before SET_FEATURES the frontend may enable rings already (QEMU's
+        // vhost-user-net does, when the guest acks its features); refuse only
+        // once SET_FEATURES left PROTOCOL_FEATURES out.
+        if self.features_set && !self.protocol_acked() {
             return Err(invalid("SET_VRING_ENABLE without protocol features"));
         }
         self.vring(index)?;
