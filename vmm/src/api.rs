@@ -1,53 +1,173 @@
-//! The control socket: one line-based command per connection. For now it
-//! answers `ping` and `status`, and `shutdown` stops the VM; device hotplug
-//! and backend replacement come later.
+//! The control socket (`--api-socket`): one JSON request per line, one JSON
+//! reply per line, any number of requests per connection.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `{"cmd":"ping"}` | `{"ok":true,"result":"pong"}` |
+//! | `{"cmd":"status"}` | `{"ok":true,"result":"running"}` (or `"stopping"`) |
+//! | `{"cmd":"shutdown"}` | `{"ok":true}`, then the VMM exits with status 5 |
+//! | `{"cmd":"list"}` | `{"ok":true,"devices":[{"id":"blk0","type":"blk","socket":"...","state":"connected","active":true,"queues":[0],"reconnects":0,"swaps":0,"inflight":0,"last_error":null}]}` |
+//! | `{"cmd":"swap","device":"blk0","socket":"/new.sock"}` | `{"ok":true,"bases":[[0,17]]}`: the old backend's GET_VRING_BASE per queue |
+//!
+//! Errors are `{"ok":false,"error":"..."}`. A bare word (`ping`, `status`,
+//! `shutdown`, `list`) is accepted for the commands without arguments.
+//! [`request`] is the client side used by `bulkhead-vmm ctl`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::device::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 use crate::seccomp::{self, SeccompMode, Thread};
 use crate::vcpu::{ExitReason, ExitRequest};
+use crate::vhost_user::BackendHandle;
 
-/// Longest command line accepted.
-const MAX_COMMAND: u64 = 256;
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
 
-fn serve(stream: UnixStream, exit: &ExitRequest) -> std::io::Result<()> {
-    let mut line = String::new();
-    BufReader::new((&stream).take_limit()).read_line(&mut line)?;
-    let reply = match line.trim() {
-        "ping" => "pong",
-        "status" => {
-            if exit.stopping() {
+/// A control request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness check.
+    Ping,
+    /// Whether the VM runs.
+    Status,
+    /// Stop the VM (exit status 5).
+    Shutdown,
+    /// Devices and their backend state.
+    List,
+    /// Move `device` to the backend listening at `socket`.
+    Swap {
+        /// Device id (`blk0`, ...).
+        device: String,
+        /// The new backend's socket.
+        socket: PathBuf,
+    },
+}
+
+/// The name of a virtio device type in the API.
+pub fn type_name(virtio_id: u32) -> &'static str {
+    match virtio_id {
+        VIRTIO_ID_BLOCK => "blk",
+        VIRTIO_ID_NET => "net",
+        VIRTIO_ID_CONSOLE => "console",
+        _ => "vhost-user",
+    }
+}
+
+fn parse(line: &str) -> Result<Request, String> {
+    let line = line.trim();
+    if line.starts_with('{') {
+        return serde_json::from_str(line).map_err(|e| format!("bad request: {e}"));
+    }
+    match line {
+        "ping" => Ok(Request::Ping),
+        "status" => Ok(Request::Status),
+        "shutdown" => Ok(Request::Shutdown),
+        "list" => Ok(Request::List),
+        _ => Err("unknown command (ping, status, shutdown, list, swap)".into()),
+    }
+}
+
+fn device_json(h: &BackendHandle) -> Value {
+    let i = h.info();
+    json!({
+        "id": i.id,
+        "type": type_name(i.virtio_id),
+        "socket": i.socket,
+        "state": i.state.name(),
+        "active": i.active,
+        "queues": i.queues,
+        "reconnects": i.reconnects,
+        "swaps": i.swaps,
+        "inflight": i.inflight,
+        "last_error": i.last_error,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Answers one request.
+pub fn handle(req: Request, exit: &ExitRequest, devices: &[Arc<BackendHandle>]) -> Value {
+    match req {
+        Request::Ping => json!({"ok": true, "result": "pong"}),
+        Request::Status => {
+            let s = if exit.stopping() {
                 "stopping"
             } else {
                 "running"
+            };
+            json!({"ok": true, "result": s})
+        }
+        Request::Shutdown => {
+            exit.request(ExitReason::Stopped);
+            json!({"ok": true})
+        }
+        Request::List => {
+            let list: Vec<Value> = devices.iter().map(|d| device_json(d)).collect();
+            json!({"ok": true, "devices": list})
+        }
+        Request::Swap { device, socket } => {
+            let Some(h) = devices.iter().find(|d| d.id() == device) else {
+                return json!({"ok": false, "error": format!("no device '{device}'")});
+            };
+            match h.swap(&socket) {
+                Ok(bases) => json!({"ok": true, "bases": bases}),
+                Err(e) => json!({"ok": false, "error": error_chain(&e)}),
             }
         }
-        "shutdown" => {
-            exit.request(ExitReason::Stopped);
-            "ok"
+    }
+}
+
+fn serve(
+    stream: UnixStream,
+    exit: &ExitRequest,
+    devices: &[Arc<BackendHandle>],
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader).take(MAX_REQUEST).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
         }
-        _ => "error: unknown command (ping, status, shutdown)",
-    };
-    (&stream).write_all(format!("{reply}\n").as_bytes())
-}
-
-trait TakeLimit {
-    fn take_limit(self) -> std::io::Take<Self>
-    where
-        Self: Sized;
-}
-
-impl TakeLimit for &UnixStream {
-    fn take_limit(self) -> std::io::Take<Self> {
-        std::io::Read::take(self, MAX_COMMAND)
+        if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
+            let reply = json!({"ok": false, "error": "request too long"});
+            (&stream).write_all(format!("{reply}\n").as_bytes())?;
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match parse(&line) {
+            Ok(req) => handle(req, exit, devices),
+            Err(e) => json!({"ok": false, "error": e}),
+        };
+        (&stream).write_all(format!("{reply}\n").as_bytes())?;
     }
 }
 
 /// Binds `path` and serves it on a new thread under the API seccomp filter.
-pub fn start(path: &Path, exit: Arc<ExitRequest>, mode: SeccompMode) -> std::io::Result<()> {
+pub fn start(
+    path: &Path,
+    exit: Arc<ExitRequest>,
+    mode: SeccompMode,
+    devices: Vec<Arc<BackendHandle>>,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
@@ -57,11 +177,22 @@ pub fn start(path: &Path, exit: Arc<ExitRequest>, mode: SeccompMode) -> std::io:
                 log::error!("API thread: {e}");
                 return;
             }
+            // One connection at a time: requests are rare and a swap must
+            // not race another swap of the same device.
             for stream in listener.incoming().flatten() {
-                if let Err(e) = serve(stream, &exit) {
+                if let Err(e) = serve(stream, &exit, &devices) {
                     log::warn!("API connection: {e}");
                 }
             }
         })?;
     Ok(())
+}
+
+/// Sends one request to the control socket at `path` and returns the reply.
+pub fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
+    let stream = UnixStream::connect(path)?;
+    (&stream).write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
 }

@@ -22,6 +22,8 @@ pub enum Transport {
 /// One vhost-user device from the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
+    /// Device id in logs and the control API (`id=`; default `blk0`, `net0`, ...).
+    pub id: Option<String>,
     /// Backend socket.
     pub socket: PathBuf,
     /// Transport.
@@ -99,6 +101,7 @@ fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
 pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
     let (mut virtio_id, mut config_size) = kind.defaults();
     let mut socket = None;
+    let mut id = None;
     let mut transport = Transport::Pci;
     let mut queues = None;
     let mut queue_size = DEFAULT_QUEUE_SIZE;
@@ -108,6 +111,16 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
             .ok_or_else(|| format!("'{part}' is not key=value"))?;
         match k {
             "socket" | "path" => socket = Some(PathBuf::from(v)),
+            "id" => {
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !ok {
+                    return Err(format!("id={v}: 1 to 32 letters, digits, '-' or '_'"));
+                }
+                id = Some(v.to_string());
+            }
             "transport" => {
                 transport = match v {
                     "pci" => Transport::Pci,
@@ -155,6 +168,7 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
     let socket = socket.ok_or("socket=PATH is required")?;
     let virtio_id = virtio_id.ok_or("virtio-id=N is required for --vhost-user")?;
     Ok(DeviceConfig {
+        id,
         socket,
         transport,
         virtio_id,
@@ -196,6 +210,10 @@ mod tests {
         assert_eq!(d.transport, Transport::Mmio);
         assert_eq!(d.queues, Some(2));
         assert_eq!(d.virtio_id, VIRTIO_ID_BLOCK);
+        assert_eq!(d.id, None);
+        let n = parse_device(DeviceKind::Blk, "socket=/s,id=root-disk").unwrap();
+        assert_eq!(n.id.as_deref(), Some("root-disk"));
+        assert!(parse_device(DeviceKind::Blk, "socket=/s,id=a b").is_err());
         assert!(parse_device(DeviceKind::Blk, "transport=pci").is_err());
         assert!(parse_device(DeviceKind::Blk, "socket=/s,transport=isa").is_err());
         assert!(parse_device(DeviceKind::Blk, "socket=/s,bogus=1").is_err());

@@ -8,7 +8,8 @@ use bulkhead_vmm::config::{self, DeviceConfig, DeviceKind, SerialMode};
 use bulkhead_vmm::seccomp::SeccompMode;
 use bulkhead_vmm::vcpu::ExitReason;
 use bulkhead_vmm::vmm::{self, DEFAULT_CMDLINE, VmConfig};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
 
 /// Exit status: the guest powered off.
 const EXIT_POWEROFF: u8 = 0;
@@ -56,11 +57,14 @@ fn cpus(s: &str) -> Result<u8, String> {
 /// other). Exit status: 0 guest powered off, 1 VMM error, 3 guest reboot,
 /// 4 vCPU failure, 5 stopped through the API socket.
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-vmm", version)]
+#[command(name = "bulkhead-vmm", version, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Kernel: ELF vmlinux with a PVH note, or bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    kernel: Option<PathBuf>,
 
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
@@ -98,7 +102,8 @@ struct Args {
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = config::parse_serial)]
     serial: SerialMode,
 
-    /// Control socket (commands: ping, status, shutdown).
+    /// Control socket: one JSON request per line (ping, status, shutdown,
+    /// list, swap); see `bulkhead-vmm ctl`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
@@ -110,6 +115,66 @@ struct Args {
     /// cannot run it; costs the guest some SLUB performance).
     #[arg(long)]
     no_cx16: bool,
+}
+
+/// Talk to a running VMM's control socket.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send one request to a running VMM's --api-socket and print the JSON reply.
+    Ctl {
+        /// The VMM's control socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        request: CtlRequest,
+    },
+}
+
+/// A control request.
+#[derive(Subcommand, Debug)]
+enum CtlRequest {
+    /// Liveness check.
+    Ping,
+    /// Whether the VM runs.
+    Status,
+    /// Stop the VM (the VMM exits with status 5).
+    Shutdown,
+    /// Devices, their backend socket and state (connected, reconnecting).
+    List,
+    /// Move a running device to another backend process without rebooting the guest.
+    Swap {
+        /// Device id, as `list` shows it (blk0, net0, console0, or the id= given).
+        device: String,
+        /// Socket of the new backend (already listening).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+}
+
+fn ctl(api_socket: &std::path::Path, req: CtlRequest) -> ExitCode {
+    let v = match req {
+        CtlRequest::Ping => json!({"cmd": "ping"}),
+        CtlRequest::Status => json!({"cmd": "status"}),
+        CtlRequest::Shutdown => json!({"cmd": "shutdown"}),
+        CtlRequest::List => json!({"cmd": "list"}),
+        CtlRequest::Swap { device, socket } => {
+            json!({"cmd": "swap", "device": device, "socket": socket})
+        }
+    };
+    match bulkhead_vmm::api::request(api_socket, &v) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
+        }
+        Err(e) => {
+            eprintln!("bulkhead-vmm ctl: {}: {e}", api_socket.display());
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -126,13 +191,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
+    if let Some(Command::Ctl {
+        api_socket,
+        request,
+    }) = args.command
+    {
+        return ctl(&api_socket, request);
+    }
+    let Some(kernel) = args.kernel else {
+        eprintln!("bulkhead-vmm: --kernel is required");
+        return ExitCode::from(EXIT_ERROR);
+    };
     let mut devices = Vec::new();
     devices.extend(args.blk);
     devices.extend(args.net);
     devices.extend(args.console);
     devices.extend(args.vhost_user);
     let cfg = VmConfig {
-        kernel: args.kernel,
+        kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
         memory: args.memory,

@@ -25,8 +25,10 @@ pub enum Thread {
     Vcpu,
     /// The main thread: waits for the exit request, forwards console input.
     Main,
-    /// The control socket thread.
+    /// The control socket thread: also connects to a new backend for a swap.
     Api,
+    /// A device's backend monitor: watches the socket, reconnects and replays.
+    Monitor,
 }
 
 /// Errors while building or installing a filter.
@@ -73,6 +75,23 @@ fn common_syscalls() -> Vec<i64> {
     ]
 }
 
+/// What connecting to a backend and replaying onto it needs (no ioctl: the
+/// eventfds handed over are already registered with KVM).
+fn backend_link_syscalls() -> [i64; 10] {
+    [
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_dup,
+        libc::SYS_pread64,
+    ]
+}
+
 fn syscalls(thread: Thread) -> Vec<i64> {
     let mut v = common_syscalls();
     match thread {
@@ -87,18 +106,23 @@ fn syscalls(thread: Thread) -> Vec<i64> {
         ]),
         Thread::Main => v.extend([
             libc::SYS_ioctl,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
             libc::SYS_tgkill,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
         ]),
-        Thread::Api => v.extend([
-            libc::SYS_accept4,
-            libc::SYS_accept,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_shutdown,
-        ]),
+        Thread::Api => {
+            v.extend([
+                libc::SYS_accept4,
+                libc::SYS_accept,
+                libc::SYS_shutdown,
+                libc::SYS_unlink,
+            ]);
+            v.extend(backend_link_syscalls());
+        }
+        Thread::Monitor => v.extend(backend_link_syscalls()),
     }
     v
 }

@@ -85,6 +85,9 @@ pub enum VmmError {
     /// The bus refused a device range.
     #[error("Device layout")]
     Bus(#[from] crate::bus::BusError),
+    /// Two devices have the same id.
+    #[error("Device id '{0}' is used twice")]
+    DuplicateId(String),
     /// The number of vCPUs is out of range.
     #[error("--cpus must be 1 to {0}")]
     Cpus(u8),
@@ -128,7 +131,19 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let mut root = PciRoot::new();
     let mut next_gsi = FIRST_MSI_GSI;
     let mut mmio_count = 0usize;
+    let mut handles = Vec::new();
+    let mut per_type: std::collections::BTreeMap<&'static str, usize> = Default::default();
     for d in &cfg.devices {
+        let kind = crate::api::type_name(d.virtio_id);
+        let n = per_type.entry(kind).or_default();
+        let id = d.id.clone().unwrap_or_else(|| format!("{kind}{n}"));
+        *n += 1;
+        if handles
+            .iter()
+            .any(|h: &Arc<crate::vhost_user::BackendHandle>| h.id() == id)
+        {
+            return Err(VmmError::DuplicateId(id));
+        }
         let opts = VhostUserOptions {
             socket: d.socket.clone(),
             virtio_id: d.virtio_id,
@@ -136,7 +151,8 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             queue_size: d.queue_size,
             config_size: d.config_size,
         };
-        let dev = VhostUserDevice::connect(&opts, ram.clone())?;
+        let dev = VhostUserDevice::connect_named(&id, &opts, ram.clone())?;
+        handles.push(dev.handle());
         let state = VirtioState::new(Box::new(dev)).map_err(|e| VmmError::Io("eventfd", e))?;
         match d.transport {
             Transport::Pci => {
@@ -209,8 +225,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     }
     // Compile filters before any thread starts, so a bad filter fails early.
     seccomp::filter(Thread::Vcpu, cfg.seccomp)?;
+    for h in &handles {
+        h.start_monitor(cfg.seccomp)
+            .map_err(|e| VmmError::Io("cannot start a backend monitor thread", e))?;
+    }
     if let Some(path) = &cfg.api_socket {
-        crate::api::start(path, exit.clone(), cfg.seccomp)
+        crate::api::start(path, exit.clone(), cfg.seccomp, handles.clone())
             .map_err(|e| VmmError::Io("cannot start the API socket", e))?;
     }
     let mode = cfg.seccomp;
@@ -244,6 +264,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             // SAFETY: the thread is alive and belongs to this process.
             unsafe { libc::pthread_kill(tid, vcpu::kick_signal()) };
         }
+    }
+    if let Some(path) = &cfg.api_socket {
+        let _ = std::fs::remove_file(path);
     }
     // Keep RAM and the VM alive until here (KVM and backends map them).
     drop(vm);
