@@ -33,8 +33,13 @@ const MARKER: &str = "@@BULKHEAD ";
 const DEFAULT_MEMORY_MIB: u32 = 512;
 /// Default hard limit for one guest run, before [`timeout_scale`].
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest may go on after a watched backend exited.
+const BACKEND_EXIT_GRACE: Duration = Duration::from_secs(3);
 /// How many serial lines a failure message shows.
 const TAIL_LINES: usize = 80;
+
+/// The virtqueue size [`Guest::vhost_user_blk`] gives QEMU (its default).
+pub const VHOST_USER_BLK_QUEUE_SIZE: u16 = 128;
 
 /// One guest at a time per test process: the machines have two cores, and
 /// TCG guests that compete for them only time out.
@@ -224,7 +229,8 @@ impl Guest {
     }
 
     /// Attaches a `vhost-user-blk-pci` device whose backend listens on
-    /// `socket`, with `num_queues` queues. The first one is `/dev/vda`.
+    /// `socket`, with `num_queues` queues of [`VHOST_USER_BLK_QUEUE_SIZE`]
+    /// descriptors. The first one is `/dev/vda`.
     pub fn vhost_user_blk(mut self, socket: &Path, num_queues: u16) -> Self {
         let id = self.devices;
         self.devices += 1;
@@ -234,7 +240,11 @@ impl Guest {
             "-chardev".into(),
             chardev,
             "-device".into(),
-            format!("vhost-user-blk-pci,chardev=vu{id},num-queues={num_queues}").into(),
+            format!(
+                "vhost-user-blk-pci,chardev=vu{id},num-queues={num_queues},\
+                 queue-size={VHOST_USER_BLK_QUEUE_SIZE}"
+            )
+            .into(),
         ]);
         self
     }
@@ -243,6 +253,14 @@ impl Guest {
     /// timeout) and returns what it reported. Panics only if QEMU cannot be
     /// started; judge the result with [`GuestRun::assert_passed`].
     pub fn run(self) -> GuestRun {
+        self.run_watching(&mut [])
+    }
+
+    /// Like [`Guest::run`], but also watches the backends the guest's
+    /// devices depend on: if one exits, the guest is given a few seconds to
+    /// finish and is then killed instead of hanging until the timeout, and
+    /// [`GuestRun::backend_exit`] says which backend died and how.
+    pub fn run_watching(self, backends: &mut [&mut ChildGuard]) -> GuestRun {
         let image = image();
         let work = tempfile::Builder::new()
             .prefix("bulkhead-guest-")
@@ -279,9 +297,38 @@ impl Guest {
         let started = Instant::now();
         let mut qemu = spawn_daemon("qemu", &mut cmd, &qemu_log)
             .unwrap_or_else(|e| panic!("{e} (is QEMU installed? run .ci/install-deps)"));
-        let status = qemu.wait_timeout(timeout).expect("wait for qemu");
-        let timed_out = status.is_none();
-        if timed_out {
+        let deadline = started + timeout;
+        let mut backend_exit = None;
+        let status = loop {
+            if let Some(st) = qemu
+                .wait_timeout(Duration::from_millis(200))
+                .expect("wait for qemu")
+            {
+                break Some(st);
+            }
+            if backend_exit.is_none() {
+                backend_exit = backends.iter_mut().find_map(|b| {
+                    let st = b.try_wait().ok().flatten()?;
+                    Some(format!("{} exited during the guest run: {st}", b.name()))
+                });
+                if backend_exit.is_some() {
+                    // The guest may have been finishing; if not, it waits
+                    // forever for the device.
+                    let grace = Instant::now() + BACKEND_EXIT_GRACE;
+                    let end = deadline.min(grace);
+                    let left = end.saturating_duration_since(Instant::now());
+                    if let Some(st) = qemu.wait_timeout(left).expect("wait for qemu") {
+                        break Some(st);
+                    }
+                    break None;
+                }
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+        };
+        let timed_out = status.is_none() && backend_exit.is_none();
+        if status.is_none() {
             let _ = qemu.kill();
         }
         let elapsed = started.elapsed();
@@ -297,6 +344,7 @@ impl Guest {
         run.qemu_status = status.map(|s| s.to_string());
         run.qemu_output = qemu_output;
         run.timed_out = timed_out;
+        run.backend_exit = backend_exit;
         run.elapsed = elapsed;
         run
     }
@@ -400,6 +448,9 @@ pub struct GuestRun {
     pub failed_modules: Vec<String>,
     /// Whether QEMU was killed at the timeout.
     pub timed_out: bool,
+    /// A watched backend that exited during the run (see
+    /// [`Guest::run_watching`]), and how.
+    pub backend_exit: Option<String>,
     /// QEMU's exit status, if it exited by itself.
     pub qemu_status: Option<String>,
     /// QEMU's own stdout and stderr.
@@ -463,6 +514,7 @@ impl GuestRun {
     /// Whether the script ran to its end with every check passed.
     pub fn passed(&self) -> bool {
         !self.timed_out
+            && self.backend_exit.is_none()
             && self.exit_code == Some(0)
             && self.failed_modules.is_empty()
             && !self.checks.is_empty()
@@ -496,12 +548,15 @@ impl GuestRun {
         } else {
             format!(
                 "qemu {} after {:.1?}, script exit code {:?}",
-                self.qemu_status.as_deref().unwrap_or("?"),
+                self.qemu_status.as_deref().unwrap_or("killed"),
                 self.elapsed,
                 self.exit_code
             )
         };
         s.push_str(&format!("outcome: {outcome}\n"));
+        if let Some(b) = &self.backend_exit {
+            s.push_str(&format!("backend: {b}\n"));
+        }
         let passed = self.checks.iter().filter(|c| c.passed).count();
         s.push_str(&format!("checks: {passed}/{} passed\n", self.checks.len()));
         for c in self.checks.iter().filter(|c| !c.passed) {
