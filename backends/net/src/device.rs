@@ -948,6 +948,7 @@ impl CtrlWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_common::memory::GuestMemoryHandle;
 
     #[test]
     fn filter_follows_promisc_allmulti_and_tables() {
@@ -974,6 +975,108 @@ mod tests {
         assert_eq!(vnet_hdr_len(0), 10);
         assert_eq!(vnet_hdr_len(1 << VIRTIO_F_VERSION_1), 12);
         assert_eq!(vnet_hdr_len(1 << features::MRG_RXBUF), 12);
+    }
+
+    /// A guest with one tx queue of 8 holding `n` single-descriptor frames (header + 60 bytes, byte 12+14 = seq).
+    fn tx_queue(n: u16) -> (VirtQueue, GuestMemoryHandle) {
+        use bulkhead_common::virtqueue::{CallSlot, QueueConfig, RingAddrs};
+        use vm_memory::{
+            Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+        };
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        let m = mem.memory();
+        for i in 0..n {
+            let buf = 0x4000 + 0x100 * u64::from(i);
+            let mut pkt = [0u8; 72];
+            pkt[26] = i as u8;
+            m.write_slice(&pkt, GuestAddress(buf)).unwrap();
+            let d = 0x1000 + 16 * u64::from(i);
+            m.write_obj(buf, GuestAddress(d)).unwrap();
+            m.write_obj(72u32, GuestAddress(d + 8)).unwrap();
+            m.write_obj(0u32, GuestAddress(d + 12)).unwrap();
+            m.write_obj(i, GuestAddress(0x2004 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        m.write_obj(n, GuestAddress(0x2002)).unwrap();
+        let cfg = QueueConfig {
+            index: 1,
+            size: 8,
+            addrs: RingAddrs {
+                desc: GuestAddress(0x1000),
+                avail: GuestAddress(0x2000),
+                used: GuestAddress(0x3000),
+            },
+            next_avail: 0,
+            features: 1 << VIRTIO_F_VERSION_1,
+            max_chain_bytes: 1 << 20,
+        };
+        let call = Arc::new(CallSlot::default());
+        let vq = VirtQueue::start(cfg, mem.clone(), call, None, None, Default::default()).unwrap();
+        (vq, mem)
+    }
+
+    fn used_idx(mem: &GuestMemoryHandle) -> u16 {
+        use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+        mem.memory().read_obj(GuestAddress(0x3002)).unwrap()
+    }
+
+    #[test]
+    fn tx_keeps_the_frame_the_tap_refused_and_sends_everything_in_order_later() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut p = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(
+            unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: fresh fds we own.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        // Fill the pipe: the "tap" answers EAGAIN.
+        let junk = [0u8; 4096];
+        // SAFETY: writing a local buffer.
+        while unsafe { libc::write(wr.as_raw_fd(), junk.as_ptr().cast(), junk.len()) } > 0 {}
+        let stats = Arc::new(NetStats::default());
+        let pair = Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(wr),
+            users: Mutex::new(0),
+        });
+        let mut w = TxWorker {
+            pair: PairUse::new(pair),
+            hdr_len: HDR_LEN_V1,
+            offloads: TxOffloads::default(),
+            pending: None,
+            started: false,
+            scratch: Vec::new(),
+            stats: stats.clone(),
+        };
+        let (mut vq, mem) = tx_queue(5);
+        let ctl = WorkerCtl::detached();
+        w.process(&mut vq, &ctl);
+        assert!(w.pending.is_some(), "the refused frame is kept");
+        assert_eq!(used_idx(&mem), 0, "nothing completed, nothing lost");
+        assert_eq!(
+            vq.next_avail(),
+            1,
+            "no more frames taken while the tap is full"
+        );
+        assert_eq!(stats.tx_eagain.load(Ordering::Relaxed), 1);
+        // A kick while still full changes nothing.
+        w.process(&mut vq, &ctl);
+        assert_eq!((used_idx(&mem), vq.next_avail()), (0, 1));
+        // Drain the pipe; the next event sends all five, in order.
+        let mut buf = vec![0u8; 1 << 20];
+        // SAFETY: reading into a local buffer of its length.
+        while unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        w.process(&mut vq, &ctl);
+        assert_eq!(used_idx(&mem), 5);
+        assert_eq!(stats.tx_frames.load(Ordering::Relaxed), 5);
+        // SAFETY: as above.
+        let n = unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(n, 5 * 72);
+        let seqs: Vec<u8> = buf[..360].chunks(72).map(|c| c[26]).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

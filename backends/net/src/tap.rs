@@ -118,6 +118,16 @@ impl Tap {
         })
     }
 
+    /// Any fd standing in for a tap queue (unit tests: a pipe that fills up).
+    #[cfg(test)]
+    pub(crate) fn from_fd_for_test(fd: OwnedFd) -> Tap {
+        Tap {
+            fd,
+            name: "test".into(),
+            multi_queue: false,
+        }
+    }
+
     /// Interface name.
     pub fn name(&self) -> &str {
         &self.name
