@@ -128,6 +128,8 @@ enum Command {
         #[command(subcommand)]
         request: CtlRequest,
     },
+    /// Check whether KVM here can run a Linux guest (exit 0), or print why not (exit 2).
+    Probe,
 }
 
 /// A control request.
@@ -197,6 +199,18 @@ fn main() -> ExitCode {
     }) = args.command
     {
         return ctl(&api_socket, request);
+    }
+    if let Some(Command::Probe) = args.command {
+        return match bulkhead_vmm::probe::probe_long_mode() {
+            None => {
+                println!("KVM can run a Linux guest here");
+                ExitCode::SUCCESS
+            }
+            Some(why) => {
+                println!("{why}");
+                ExitCode::from(2)
+            }
+        };
     }
     let Some(kernel) = args.kernel else {
         eprintln!("bulkhead-vmm: --kernel is required");

@@ -1,0 +1,508 @@
+//! The launcher's TOML file (`bulkhead up --config vm.toml`), parsed with
+//! serde into validated values. Every field is documented in
+//! `docs/launcher.md`; unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors while reading the config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("Cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The TOML is malformed or has an unknown or mistyped key.
+    #[error("{0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A value is out of range or inconsistent with another.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which frontend runs the guest.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontendKind {
+    /// `bulkhead-vmm` when `bulkhead-vmm probe` says KVM can run Linux here, QEMU otherwise.
+    #[default]
+    Auto,
+    /// `bulkhead-vmm`.
+    BulkheadVmm,
+    /// `qemu-system-x86_64`.
+    Qemu,
+    /// Backends only (another frontend, e.g. libvirt, connects to the sockets).
+    None,
+}
+
+/// The `[vm]` table: what the frontend boots.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSection {
+    /// Kernel: ELF vmlinux (PVH) or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Guest RAM (`512M`, `2G`).
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    /// Serial console to a file; the launcher's stdout (prefixed) when absent.
+    pub serial: Option<PathBuf>,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1".into()
+}
+fn default_memory() -> String {
+    "512M".into()
+}
+fn default_cpus() -> u8 {
+    1
+}
+
+/// The `[restart]` table: how crashed backends are restarted.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    /// Delay before the first restart, in milliseconds.
+    pub initial_delay_ms: u64,
+    /// The delay doubles per restart up to this bound, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Restarts allowed per backend before the launcher gives up and stops
+    /// everything (0: never restart).
+    pub max_restarts: u32,
+    /// A backend that stayed up this long (seconds) starts again from the
+    /// initial delay and a zero restart count.
+    pub reset_after_s: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            initial_delay_ms: 100,
+            max_delay_ms: 5000,
+            max_restarts: 10,
+            reset_after_s: 60,
+        }
+    }
+}
+
+/// The `[qemu]` table: the QEMU frontend.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuSection {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// `kvm`, `tcg`, or `auto` (kvm when `bulkhead-vmm probe` passes, else tcg).
+    pub accel: String,
+    /// Machine type.
+    pub machine: String,
+    /// Reconnect delay of each vhost-user chardev, in milliseconds.
+    pub reconnect_ms: u64,
+    /// Extra arguments appended to QEMU's command line.
+    pub args: Vec<String>,
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        QemuSection {
+            binary: "qemu-system-x86_64".into(),
+            accel: "auto".into(),
+            machine: "q35".into(),
+            reconnect_ms: 1000,
+            args: Vec::new(),
+        }
+    }
+}
+
+/// The `[vmm]` table: the bulkhead-vmm frontend.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmSection {
+    /// `--seccomp` mode (`kill`, `log`, `off`); the VMM's default when absent.
+    pub seccomp: Option<String>,
+    /// Extra arguments appended to bulkhead-vmm's command line.
+    pub args: Vec<String>,
+}
+
+/// A `[[blk]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkBackend {
+    /// Device id (log prefix, socket name, `bulkhead-vmm ctl` name); default `blkN`.
+    pub id: Option<String>,
+    /// Raw image or block device.
+    pub image: PathBuf,
+    /// Serve read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Virtqueues.
+    pub num_queues: Option<u16>,
+    /// `pci` (default) or `mmio` (bulkhead-vmm only).
+    pub transport: Option<String>,
+    /// Extra arguments for bulkhead-blk.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// A `[[net]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetBackend {
+    /// Device id; default `netN`.
+    pub id: Option<String>,
+    /// Tap interface, opened by name.
+    pub tap: String,
+    /// MAC address offered to the guest.
+    pub mac: Option<String>,
+    /// `pci` (default) or `mmio` (bulkhead-vmm only).
+    pub transport: Option<String>,
+    /// Extra arguments for bulkhead-net.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// A `[[console]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleBackend {
+    /// Device id; default `consoleN`.
+    pub id: Option<String>,
+    /// `pci` (default) or `mmio` (bulkhead-vmm only).
+    pub transport: Option<String>,
+    /// Extra arguments for bulkhead-console (`--console pty`, `--port ...`).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of this VM (runtime directory, messages).
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Where sockets and pid files go; default `$XDG_RUNTIME_DIR/bulkhead/NAME`
+    /// or `/tmp/bulkhead-UID/NAME`.
+    pub runtime_dir: Option<PathBuf>,
+    /// Which frontend runs the guest.
+    #[serde(default)]
+    pub frontend: FrontendKind,
+    /// What to boot (required unless `frontend = "none"`).
+    pub vm: Option<VmSection>,
+    /// Restart policy for crashed backends.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// QEMU frontend settings.
+    #[serde(default)]
+    pub qemu: QemuSection,
+    /// bulkhead-vmm frontend settings.
+    #[serde(default)]
+    pub vmm: VmmSection,
+    /// Block devices.
+    #[serde(default)]
+    pub blk: Vec<BlkBackend>,
+    /// Network devices.
+    #[serde(default)]
+    pub net: Vec<NetBackend>,
+    /// Consoles.
+    #[serde(default)]
+    pub console: Vec<ConsoleBackend>,
+}
+
+fn default_name() -> String {
+    "vm".into()
+}
+
+/// The device kinds the launcher starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// bulkhead-blk.
+    Blk,
+    /// bulkhead-net.
+    Net,
+    /// bulkhead-console.
+    Console,
+}
+
+impl Kind {
+    /// The backend binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Kind::Blk => "bulkhead-blk",
+            Kind::Net => "bulkhead-net",
+            Kind::Console => "bulkhead-console",
+        }
+    }
+
+    /// The device flag of bulkhead-vmm.
+    pub fn vmm_flag(self) -> &'static str {
+        match self {
+            Kind::Blk => "--blk",
+            Kind::Net => "--net",
+            Kind::Console => "--console",
+        }
+    }
+}
+
+/// One backend to run, resolved from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Device id.
+    pub id: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// Arguments after the binary name.
+    pub args: Vec<String>,
+    /// Transport in bulkhead-vmm.
+    pub transport: Option<String>,
+    /// Queues (blk).
+    pub num_queues: Option<u16>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 32
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn check_transport(id: &str, t: &Option<String>) -> Result<(), ConfigError> {
+    match t.as_deref() {
+        None | Some("pci") | Some("mmio") => Ok(()),
+        Some(x) => Err(ConfigError::Invalid(format!(
+            "{id}: transport = \"{x}\": expected \"pci\" or \"mmio\""
+        ))),
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`; relative paths in it are taken relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses `text` (for tests); paths stay as written.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::from("<string>"), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(vm) = &mut self.vm {
+            fix(&mut vm.kernel);
+            if let Some(i) = &mut vm.initrd {
+                fix(i);
+            }
+            if let Some(s) = &mut vm.serial {
+                fix(s);
+            }
+        }
+        for b in &mut self.blk {
+            fix(&mut b.image);
+        }
+        if let Some(r) = &mut self.runtime_dir {
+            fix(r);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_id(&self.name) {
+            return Err(ConfigError::Invalid(format!(
+                "name = \"{}\": 1 to 32 letters, digits, '-' or '_'",
+                self.name
+            )));
+        }
+        if self.frontend != FrontendKind::None && self.vm.is_none() {
+            return Err(ConfigError::Invalid(
+                "a [vm] table (kernel) is required unless frontend = \"none\"".into(),
+            ));
+        }
+        if let Some(vm) = &self.vm
+            && (vm.cpus == 0 || vm.cpus > 254)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "vm.cpus = {}: must be 1 to 254",
+                vm.cpus
+            )));
+        }
+        let r = &self.restart;
+        if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
+            return Err(ConfigError::Invalid(
+                "restart: initial_delay_ms must be > 0 and <= max_delay_ms".into(),
+            ));
+        }
+        if !matches!(self.qemu.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err(ConfigError::Invalid(format!(
+                "qemu.accel = \"{}\": expected auto, kvm or tcg",
+                self.qemu.accel
+            )));
+        }
+        let specs = self.backends(Path::new("/"));
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &specs {
+            if !valid_id(&s.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "id = \"{}\": 1 to 32 letters, digits, '-' or '_'",
+                    s.id
+                )));
+            }
+            if !seen.insert(s.id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "id \"{}\" is used twice",
+                    s.id
+                )));
+            }
+            check_transport(&s.id, &s.transport)?;
+        }
+        if specs.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no backends: add a [[blk]], [[net]] or [[console]] entry".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every backend, with its socket in `runtime_dir`.
+    pub fn backends(&self, runtime_dir: &Path) -> Vec<BackendSpec> {
+        let sock = |id: &str| runtime_dir.join(format!("{id}.sock"));
+        let mut v = Vec::new();
+        for (i, b) in self.blk.iter().enumerate() {
+            let id = b.id.clone().unwrap_or_else(|| format!("blk{i}"));
+            let mut args = vec!["--image".to_string(), b.image.display().to_string()];
+            if b.readonly {
+                args.push("--readonly".into());
+            }
+            if let Some(n) = b.num_queues {
+                args.extend(["--num-queues".into(), n.to_string()]);
+            }
+            args.extend(b.args.iter().cloned());
+            v.push(BackendSpec {
+                socket: sock(&id),
+                id,
+                kind: Kind::Blk,
+                args,
+                transport: b.transport.clone(),
+                num_queues: b.num_queues,
+            });
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            let mut args = vec!["--tap".to_string(), n.tap.clone()];
+            if let Some(m) = &n.mac {
+                args.extend(["--mac".into(), m.clone()]);
+            }
+            args.extend(n.args.iter().cloned());
+            v.push(BackendSpec {
+                socket: sock(&id),
+                id,
+                kind: Kind::Net,
+                args,
+                transport: n.transport.clone(),
+                num_queues: None,
+            });
+        }
+        for (i, c) in self.console.iter().enumerate() {
+            let id = c.id.clone().unwrap_or_else(|| format!("console{i}"));
+            v.push(BackendSpec {
+                socket: sock(&id),
+                id,
+                kind: Kind::Console,
+                args: c.args.clone(),
+                transport: c.transport.clone(),
+                num_queues: None,
+            });
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "web1"
+frontend = "qemu"
+runtime_dir = "/run/bh/web1"
+
+[vm]
+kernel = "/boot/vmlinux"
+initrd = "/boot/initrd.cpio"
+memory = "1G"
+cpus = 2
+
+[restart]
+initial_delay_ms = 50
+max_delay_ms = 800
+max_restarts = 3
+
+[qemu]
+accel = "tcg"
+reconnect_ms = 500
+
+[[blk]]
+id = "root"
+image = "/var/lib/vm/root.img"
+num_queues = 2
+
+[[net]]
+tap = "tap0"
+mac = "52:54:00:12:34:56"
+
+[[console]]
+"#;
+
+    #[test]
+    fn a_full_file_parses_and_names_default_ids() {
+        let c = Config::parse(FULL).unwrap();
+        assert_eq!(c.frontend, FrontendKind::Qemu);
+        assert_eq!(c.restart.max_restarts, 3);
+        let b = c.backends(Path::new("/run/bh/web1"));
+        let ids: Vec<&str> = b.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["root", "net0", "console0"]);
+        assert_eq!(b[0].socket, Path::new("/run/bh/web1/root.sock"));
+        assert_eq!(
+            b[0].args,
+            ["--image", "/var/lib/vm/root.img", "--num-queues", "2"]
+        );
+        assert_eq!(b[1].args, ["--tap", "tap0", "--mac", "52:54:00:12:34:56"]);
+    }
+
+    #[test]
+    fn mistakes_are_reported_by_name() {
+        let e = |t: &str| Config::parse(t).unwrap_err().to_string();
+        assert!(e("frontend = \"none\"\nbogus = 1\n[[console]]").contains("bogus"));
+        assert!(e("[[console]]").contains("[vm]"));
+        assert!(e("frontend = \"none\"").contains("no backends"));
+        assert!(
+            e("frontend = \"none\"\n[[console]]\nid = \"a\"\n[[console]]\nid = \"a\"")
+                .contains("twice")
+        );
+        assert!(e("frontend = \"none\"\n[[console]]\ntransport = \"isa\"").contains("transport"));
+        assert!(e("frontend = \"none\"\n[[blk]]\nid = \"x\"").contains("image"));
+    }
+}

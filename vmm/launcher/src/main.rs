@@ -1,0 +1,65 @@
+//! `bulkhead up --config vm.toml`: run one VM's backends and frontend under supervision.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead_launcher::config::Config;
+use bulkhead_launcher::supervisor::Supervisor;
+use clap::{Parser, Subcommand};
+
+/// Starts Bulkhead's backend daemons (bulkhead-blk, bulkhead-net,
+/// bulkhead-console) and a frontend (bulkhead-vmm, or QEMU) from one TOML
+/// file, prefixes their log lines with the device id, restarts a crashed
+/// backend with bounded exponential backoff, and on SIGTERM or Ctrl-C stops
+/// everything and removes its sockets. See docs/launcher.md.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start the VM described by the config and supervise it until SIGTERM,
+    /// Ctrl-C or the guest's exit. Exit status: the frontend's, 0 after a
+    /// signal, 1 on an error.
+    Up {
+        /// The VM's TOML file.
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Check the config and print the backends and frontend it describes.
+    Check {
+        /// The VM's TOML file.
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let (Cmd::Up { config } | Cmd::Check { config }) = &args.command;
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead: {}: {e}", config.display());
+            return ExitCode::from(1);
+        }
+    };
+    if let Cmd::Check { .. } = args.command {
+        for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
+            println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
+        }
+        println!("frontend: {:?}", cfg.frontend);
+        return ExitCode::SUCCESS;
+    }
+    match Supervisor::new(cfg) {
+        Ok(s) => ExitCode::from(s.run()),
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Starting and supervising the processes of one VM: each backend in its
+//! own process group, its log lines prefixed with its id; the frontend once
+//! every backend socket exists; a crashed backend restarted with bounded
+//! exponential backoff (the frontend reconnects); on SIGTERM, SIGINT or
+//! SIGHUP, or when the frontend exits, everything stopped and every socket
+//! and pid file removed.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendSpec, Config, FrontendKind};
+use crate::frontend::{self, Frontend};
+
+/// How long a backend may take to create its socket.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a process may take to exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The supervision loop's period.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The signal that asked the launcher to stop (0: none yet).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Errors that stop the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// An OS call failed; the string says what for.
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    /// A binary was found neither next to `bulkhead` nor in PATH.
+    #[error("Cannot find {0} next to the bulkhead binary or in PATH")]
+    NoBinary(String),
+    /// A backend did not come up.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Finds `name` next to the running binary, then in PATH.
+pub fn find_binary(name: &str) -> Result<PathBuf, LaunchError> {
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(LaunchError::NoBinary(name.into()))
+}
+
+fn say(msg: std::fmt::Arguments<'_>) {
+    eprintln!("[bulkhead] {msg}");
+}
+
+/// Copies `r` line by line to stdout or stderr, each line prefixed `[id] `.
+fn prefix_lines(id: String, r: impl Read + Send + 'static, to_stderr: bool) {
+    let _ = std::thread::Builder::new()
+        .name(format!("log-{id}"))
+        .spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        let text = text.trim_end_matches(['\n', '\r']);
+                        if to_stderr {
+                            eprintln!("[{id}] {text}");
+                        } else {
+                            println!("[{id}] {text}");
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Spawns `program args` as `id`: own process group (a terminal's Ctrl-C
+/// reaches only the launcher, which stops things in order), killed if the
+/// launcher dies, output prefixed.
+fn spawn(id: &str, program: &Path, args: &[String], stdin: Stdio) -> Result<Child, LaunchError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setpgid and prctl are async-signal-safe and touch no memory
+    // of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| LaunchError::Io(format!("Cannot start {}", program.display()), e))?;
+    if let Some(out) = child.stdout.take() {
+        prefix_lines(id.into(), out, false);
+    }
+    if let Some(err) = child.stderr.take() {
+        prefix_lines(id.into(), err, true);
+    }
+    Ok(child)
+}
+
+fn describe(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => st.to_string(),
+    }
+}
+
+/// Sends `sig` to `child` if it still runs.
+fn signal(child: &mut Child, sig: i32) {
+    if matches!(child.try_wait(), Ok(None))
+        && let Ok(pid) = libc::pid_t::try_from(child.id())
+    {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the child.
+fn stop(id: &str, child: &mut Child) {
+    signal(child, libc::SIGTERM);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                say(format_args!("{id} ignored SIGTERM; killing it"));
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+struct Backend {
+    spec: BackendSpec,
+    program: PathBuf,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    delay: Duration,
+    next_start: Option<Instant>,
+}
+
+/// One VM's processes.
+pub struct Supervisor {
+    cfg: Config,
+    runtime_dir: PathBuf,
+    created_dir: bool,
+    backends: Vec<Backend>,
+    frontend: Option<(String, Child)>,
+}
+
+fn default_runtime_dir(name: &str) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("bulkhead").join(name),
+        // SAFETY: getuid has no side effects.
+        _ => PathBuf::from(format!("/tmp/bulkhead-{}", unsafe { libc::getuid() })).join(name),
+    }
+}
+
+impl Supervisor {
+    /// Prepares the runtime directory and finds every binary; starts nothing.
+    pub fn new(cfg: Config) -> Result<Self, LaunchError> {
+        let runtime_dir = cfg
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(|| default_runtime_dir(&cfg.name));
+        let created_dir = !runtime_dir.exists();
+        if created_dir {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&runtime_dir)
+                .map_err(|e| {
+                    LaunchError::Io(format!("Cannot create {}", runtime_dir.display()), e)
+                })?;
+        }
+        let mut backends = Vec::new();
+        for spec in cfg.backends(&runtime_dir) {
+            backends.push(Backend {
+                program: find_binary(spec.kind.binary())?,
+                spec,
+                child: None,
+                started: Instant::now(),
+                restarts: 0,
+                delay: Duration::from_millis(cfg.restart.initial_delay_ms),
+                next_start: None,
+            });
+        }
+        Ok(Supervisor {
+            cfg,
+            runtime_dir,
+            created_dir,
+            backends,
+            frontend: None,
+        })
+    }
+
+    /// The runtime directory (sockets, pid files).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    fn pid_file(&self, id: &str) -> PathBuf {
+        self.runtime_dir.join(format!("{id}.pid"))
+    }
+
+    fn start_backend(&mut self, i: usize) -> Result<(), LaunchError> {
+        let b = &self.backends[i];
+        let mut args = vec![
+            "--socket-path".to_string(),
+            b.spec.socket.display().to_string(),
+        ];
+        args.extend(b.spec.args.iter().cloned());
+        let child = spawn(&b.spec.id, &b.program, &args, Stdio::null())?;
+        let pid = child.id();
+        let pid_file = self.pid_file(&b.spec.id);
+        let _ = std::fs::write(pid_file, format!("{pid}\n"));
+        let b = &mut self.backends[i];
+        b.child = Some(child);
+        b.started = Instant::now();
+        b.next_start = None;
+        Ok(())
+    }
+
+    fn wait_socket(&mut self, i: usize) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        let b = &mut self.backends[i];
+        loop {
+            if std::os::unix::net::UnixStream::connect(&b.spec.socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = b.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                return Err(LaunchError::Backend(format!(
+                    "{} exited before creating {} ({})",
+                    b.spec.id,
+                    b.spec.socket.display(),
+                    describe(st)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Backend(format!(
+                    "{} did not create {} within {SOCKET_TIMEOUT:?}",
+                    b.spec.id,
+                    b.spec.socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn choose_frontend(&self) -> Result<Option<Frontend>, LaunchError> {
+        let api_socket = self.runtime_dir.join("api.sock");
+        let probe = || -> Result<(), String> {
+            let vmm = find_binary("bulkhead-vmm").map_err(|e| e.to_string())?;
+            let out = Command::new(vmm)
+                .arg("probe")
+                .env("RUST_LOG", "off")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run bulkhead-vmm probe: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            }
+        };
+        let qemu_accel =
+            |probe_result: Option<&Result<(), String>>| match self.cfg.qemu.accel.as_str() {
+                "auto" => match probe_result {
+                    Some(Ok(())) => "kvm".to_string(),
+                    Some(Err(_)) => "tcg".to_string(),
+                    None => {
+                        if probe().is_ok() {
+                            "kvm".into()
+                        } else {
+                            "tcg".into()
+                        }
+                    }
+                },
+                other => other.to_string(),
+            };
+        Ok(match self.cfg.frontend {
+            FrontendKind::None => None,
+            FrontendKind::BulkheadVmm => Some(Frontend::BulkheadVmm { api_socket }),
+            FrontendKind::Qemu => Some(Frontend::Qemu {
+                accel: qemu_accel(None),
+            }),
+            FrontendKind::Auto => {
+                let r = probe();
+                match &r {
+                    Ok(()) => Some(Frontend::BulkheadVmm { api_socket }),
+                    Err(why) => {
+                        say(format_args!(
+                            "KVM cannot run a Linux guest here ({why}); using QEMU as the frontend"
+                        ));
+                        Some(Frontend::Qemu {
+                            accel: qemu_accel(Some(&r)),
+                        })
+                    }
+                }
+            }
+        })
+    }
+
+    fn start_frontend(&mut self, f: &Frontend) -> Result<(), LaunchError> {
+        let specs: Vec<BackendSpec> = self.backends.iter().map(|b| b.spec.clone()).collect();
+        let (id, program, args) = match f {
+            Frontend::BulkheadVmm { api_socket } => (
+                "vmm",
+                find_binary("bulkhead-vmm")?,
+                frontend::vmm_args(&self.cfg, &specs, api_socket),
+            ),
+            Frontend::Qemu { accel } => {
+                let (args, skipped) = frontend::qemu_args(&self.cfg, &specs, accel);
+                for s in skipped {
+                    say(format_args!(
+                        "{s}: QEMU cannot attach a vhost-user console; the backend runs but the guest does not see it"
+                    ));
+                }
+                let bin = &self.cfg.qemu.binary;
+                let program = if bin.components().count() > 1 {
+                    bin.clone()
+                } else {
+                    find_binary(&bin.display().to_string())?
+                };
+                ("qemu", program, args)
+            }
+        };
+        say(format_args!(
+            "starting {} {}",
+            program.display(),
+            args.join(" ")
+        ));
+        let child = spawn(id, &program, &args, Stdio::inherit())?;
+        let _ = std::fs::write(self.pid_file("frontend"), format!("{}\n", child.id()));
+        self.frontend = Some((id.to_string(), child));
+        Ok(())
+    }
+
+    /// Starts everything and supervises until a stop signal or the
+    /// frontend's exit; then stops everything and cleans up. Returns the
+    /// launcher's exit status.
+    pub fn run(mut self) -> u8 {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: installs a handler that only stores to an atomic.
+            unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        }
+        let code = match self.start_all() {
+            Ok(()) => self.supervise(),
+            Err(e) => {
+                say(format_args!("{}", error_chain(&e)));
+                1
+            }
+        };
+        self.shutdown();
+        code
+    }
+
+    fn start_all(&mut self) -> Result<(), LaunchError> {
+        for i in 0..self.backends.len() {
+            self.start_backend(i)?;
+        }
+        for i in 0..self.backends.len() {
+            self.wait_socket(i)?;
+        }
+        say(format_args!(
+            "{} backend(s) up in {}",
+            self.backends.len(),
+            self.runtime_dir.display()
+        ));
+        if let Some(f) = self.choose_frontend()? {
+            self.start_frontend(&f)?;
+        }
+        Ok(())
+    }
+
+    fn supervise(&mut self) -> u8 {
+        let policy = self.cfg.restart.clone();
+        let max_delay = Duration::from_millis(policy.max_delay_ms);
+        let initial = Duration::from_millis(policy.initial_delay_ms);
+        let reset_after = Duration::from_secs(policy.reset_after_s);
+        loop {
+            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+            if sig != 0 {
+                say(format_args!("signal {sig}: stopping"));
+                return 0;
+            }
+            if let Some((id, child)) = self.frontend.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                say(format_args!("{id} exited ({}); stopping", describe(st)));
+                return st.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1);
+            }
+            let now = Instant::now();
+            for i in 0..self.backends.len() {
+                let b = &mut self.backends[i];
+                if let Some(c) = b.child.as_mut()
+                    && let Ok(Some(st)) = c.try_wait()
+                {
+                    b.child = None;
+                    if b.started.elapsed() >= reset_after {
+                        b.restarts = 0;
+                        b.delay = initial;
+                    }
+                    if b.restarts >= policy.max_restarts {
+                        say(format_args!(
+                            "{} exited ({}); restarted {} time(s) already, giving up",
+                            b.spec.id,
+                            describe(st),
+                            b.restarts
+                        ));
+                        return 1;
+                    }
+                    say(format_args!(
+                        "{} exited ({}); restarting in {:?}",
+                        b.spec.id,
+                        describe(st),
+                        b.delay
+                    ));
+                    b.next_start = Some(now + b.delay);
+                    b.restarts += 1;
+                    b.delay = (b.delay * 2).min(max_delay);
+                }
+                if b.next_start.is_some_and(|t| t <= now) {
+                    let id = b.spec.id.clone();
+                    match self.start_backend(i) {
+                        Ok(()) => say(format_args!("{id} restarted")),
+                        Err(e) => {
+                            say(format_args!("{}", error_chain(&e)));
+                            return 1;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Stops the frontend, then the backends; removes sockets, pid files
+    /// and the runtime directory if the launcher created it.
+    fn shutdown(&mut self) {
+        if let Some((id, mut child)) = self.frontend.take() {
+            stop(&id, &mut child);
+        }
+        for b in &mut self.backends {
+            if let Some(mut c) = b.child.take() {
+                stop(&b.spec.id, &mut c);
+            }
+        }
+        let mut names: Vec<String> = vec!["api.sock".into(), "frontend.pid".into()];
+        for b in &self.backends {
+            names.push(format!("{}.pid", b.spec.id));
+        }
+        let prefixes: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("{}.sock", b.spec.id))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(&self.runtime_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if names.contains(&name) || prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        if self.created_dir {
+            let _ = std::fs::remove_dir(&self.runtime_dir);
+        }
+        say(format_args!("stopped"));
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
