@@ -13,8 +13,8 @@ pub enum ConfigError {
     #[error("Cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
     /// The TOML is malformed or has an unknown or mistyped key.
-    #[error("{0}")]
-    Parse(PathBuf, #[source] toml::de::Error),
+    #[error("Invalid TOML: {1}")]
+    Parse(PathBuf, toml::de::Error),
     /// A value is out of range or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
