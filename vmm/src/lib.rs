@@ -14,6 +14,7 @@ pub mod i8042;
 pub mod kvm;
 pub mod memory;
 pub mod pci;
+pub mod pm;
 pub mod probe;
 pub mod seccomp;
 pub mod serial;

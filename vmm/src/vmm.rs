@@ -25,8 +25,9 @@ use crate::vm_events::VmEvents;
 
 /// Base of the virtio-mmio device windows.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// ISA IRQs free for virtio-mmio devices (the MP table describes 0..16).
-pub const VIRTIO_MMIO_GSIS: [u32; 8] = [5, 6, 7, 9, 10, 11, 12, 15];
+/// ISA IRQs free for virtio-mmio devices (the MP table describes 0..16;
+/// 9 is the ACPI SCI).
+pub const VIRTIO_MMIO_GSIS: [u32; 7] = [5, 6, 7, 10, 11, 12, 15];
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -122,6 +123,11 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, out)));
     pio.insert(COM1_PORT, COM1_PORTS, serial.clone())?;
     pio.insert(
+        crate::pm::PM_PORT,
+        crate::pm::PM_PORTS,
+        Arc::new(Mutex::new(crate::pm::PmDevice::new(exit.clone()))),
+    )?;
+    pio.insert(
         I8042_PORT,
         I8042_PORTS,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
@@ -132,6 +138,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     let mut next_gsi = FIRST_MSI_GSI;
     let mut mmio_count = 0usize;
     let mut handles = Vec::new();
+    let mut mmio_devices = Vec::new();
     let mut per_type: std::collections::BTreeMap<&'static str, usize> = Default::default();
     for d in &cfg.devices {
         let kind = crate::api::type_name(d.virtio_id);
@@ -174,9 +181,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
                 mmio_count += 1;
                 let dev = VirtioMmioDevice::new(state, events.clone(), base, gsi);
                 mmio.insert(base, MMIO_WINDOW, Arc::new(Mutex::new(dev)))?;
-                log::info!(
-                    "virtio-mmio device at {base:#x}, IRQ {gsi} (needs ACPI or virtio_mmio.device= to be found)"
-                );
+                mmio_devices.push(boot::acpi::MmioDevice {
+                    base,
+                    len: MMIO_WINDOW,
+                    irq: gsi,
+                });
+                log::info!("virtio-mmio device at {base:#x}, IRQ {gsi} (announced in the DSDT)");
             }
         }
     }
@@ -196,6 +206,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
             cpus: cfg.cpus,
+            virtio_mmio: &mmio_devices,
         },
     )?;
     log::info!("boot entry: {entry:?}");

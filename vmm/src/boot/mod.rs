@@ -6,11 +6,12 @@
 //! protected mode, `hvm_start_info` in `ebx`); a bzImage boots through its
 //! 64-bit entry with a zero page (`boot_params` in `rsi`).
 //!
-//! Not done yet: ACPI (RSDP/XSDT/MADT/FADT and a DSDT announcing virtio-mmio
-//! devices as `LNRO0005`). Without it, virtio-mmio devices are invisible to
-//! a kernel lacking `VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's), and the guest
-//! cannot power off (it reboots instead: `reboot=k` is added).
+//! ACPI tables ([`acpi`]) describe the same CPUs and IOAPIC as the MP
+//! table, announce virtio-mmio devices as `LNRO0005` nodes (Debian's kernel
+//! lacks `VIRTIO_MMIO_CMDLINE_DEVICES`), and let the guest power off through
+//! `_S5_` and the PM1a control block ([`crate::pm`]).
 
+pub mod acpi;
 pub mod mptable;
 
 use std::fs::File;
@@ -91,8 +92,10 @@ pub struct BootConfig<'a> {
     pub initrd: Option<&'a Path>,
     /// Command line.
     pub cmdline: &'a str,
-    /// Number of vCPUs (for the MP table).
+    /// Number of vCPUs (for the MP table and the MADT).
     pub cpus: u8,
+    /// virtio-mmio devices to announce in the DSDT.
+    pub virtio_mmio: &'a [acpi::MmioDevice],
 }
 
 fn mem_err(e: crate::memory::MemoryError) -> BootError {
@@ -135,6 +138,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig<'_>) -> Result<BootEntry, BootError
     let mut file = File::open(cfg.kernel).map_err(|e| BootError::Read(name.clone(), e))?;
     write_cmdline(ram, cfg.cmdline)?;
     mptable::write(ram, cfg.cpus).map_err(mem_err)?;
+    let rsdp = acpi::write(ram, cfg.cpus, cfg.virtio_mmio).map_err(mem_err)?;
 
     if let Ok(r) = Elf::load(ram.mem(), None, &mut file, Some(GuestAddress(KERNEL_START))) {
         let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
@@ -144,7 +148,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig<'_>) -> Result<BootEntry, BootError
             Some(p) => Some(load_initrd(ram, p, r.kernel_end)?),
             None => None,
         };
-        write_pvh_start_info(ram, initrd)?;
+        write_pvh_start_info(ram, initrd, rsdp)?;
         return Ok(BootEntry::Pvh {
             entry: entry.0,
             start_info: START_INFO_ADDR,
@@ -193,7 +197,11 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig<'_>) -> Result<BootEntry, BootError
     })
 }
 
-fn write_pvh_start_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    ram: &GuestRam,
+    initrd: Option<(u64, u64)>,
+    rsdp: u64,
+) -> Result<(), BootError> {
     let map = ram.e820();
     let mut mm = Vec::new();
     for e in &map {
@@ -221,7 +229,7 @@ fn write_pvh_start_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<()
     si.extend_from_slice(&nr_modules.to_le_bytes());
     si.extend_from_slice(&MODLIST_ADDR.to_le_bytes());
     si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    si.extend_from_slice(&0u64.to_le_bytes()); // no RSDP
+    si.extend_from_slice(&rsdp.to_le_bytes());
     si.extend_from_slice(&MEMMAP_ADDR.to_le_bytes());
     si.extend_from_slice(&(map.len() as u32).to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());
