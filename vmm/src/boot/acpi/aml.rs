@@ -157,6 +157,62 @@ pub fn interrupt_edge_high(gsi: u32) -> Vec<u8> {
     o
 }
 
+/// `EisaId("PNP0A03")`-style compressed id as an integer (`id` is 3 letters and 4 hex digits).
+pub fn eisa_id(id: &str) -> Vec<u8> {
+    let b = id.as_bytes();
+    if b.len() != 7 {
+        return integer(0);
+    }
+    let c = |x: u8| u32::from(x.wrapping_sub(b'@') & 0x1f);
+    let hex = |x: u8| u32::from((x as char).to_digit(16).unwrap_or(0) as u8);
+    let vendor = (c(b[0]) << 10) | (c(b[1]) << 5) | c(b[2]);
+    let product = (hex(b[3]) << 12) | (hex(b[4]) << 8) | (hex(b[5]) << 4) | hex(b[6]);
+    // Stored big-endian: vendor then product.
+    let bytes = [
+        (vendor >> 8) as u8,
+        vendor as u8,
+        (product >> 8) as u8,
+        product as u8,
+    ];
+    integer(u64::from(u32::from_le_bytes(bytes)))
+}
+
+/// Resource descriptor `WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, min, max, 0, n)`.
+pub fn word_bus_number(min: u16, max: u16) -> Vec<u8> {
+    word_space(2, 0, min, max)
+}
+
+/// Resource descriptor `WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, min, max, 0, n)`.
+pub fn word_io(min: u16, max: u16) -> Vec<u8> {
+    word_space(1, 3, min, max)
+}
+
+fn word_space(kind: u8, type_flags: u8, min: u16, max: u16) -> Vec<u8> {
+    let mut o = vec![0x88, 0x0d, 0x00, kind, 0x0c, type_flags];
+    for v in [0, min, max, 0, max.wrapping_sub(min).wrapping_add(1)] {
+        o.extend_from_slice(&v.to_le_bytes());
+    }
+    o
+}
+
+/// Resource descriptor `DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0, min, max, 0, n)`.
+pub fn dword_memory(min: u32, max: u32) -> Vec<u8> {
+    let mut o = vec![0x87, 0x17, 0x00, 0, 0x0c, 0x01];
+    for v in [0, min, max, 0, max.wrapping_sub(min).wrapping_add(1)] {
+        o.extend_from_slice(&v.to_le_bytes());
+    }
+    o
+}
+
+/// Resource descriptor `IO(Decode16, min, min, 1, len)`.
+pub fn io(port: u16, len: u8) -> Vec<u8> {
+    let mut o = vec![0x47, 0x01];
+    o.extend_from_slice(&port.to_le_bytes());
+    o.extend_from_slice(&port.to_le_bytes());
+    o.extend_from_slice(&[1, len]);
+    o
+}
+
 /// `ResourceTemplate() { descriptors }`: the descriptors and an end tag, as a buffer.
 pub fn resource_template(descriptors: &[Vec<u8>]) -> Vec<u8> {
     let mut bytes = descriptors.concat();
@@ -178,6 +234,22 @@ mod tests {
         assert_eq!(pkg_length(0xffd), [0x4f, 0xff]);
         assert_eq!(pkg_length(0xffe), [0x81, 0x00, 0x01]);
         assert_eq!(pkg_length(0x10_0000)[0] >> 6, 3);
+    }
+
+    #[test]
+    fn eisa_ids_and_pci_resources() {
+        // iasl: EisaId("PNP0A03") = 0x030AD041.
+        assert_eq!(eisa_id("PNP0A03"), [0x0c, 0x41, 0xd0, 0x0a, 0x03]);
+        assert_eq!(
+            io(0xcf8, 8),
+            [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+        );
+        let bus = word_bus_number(0, 0);
+        assert_eq!(bus.len(), 16);
+        assert_eq!(&bus[14..16], &[1, 0], "length 1");
+        let mem = dword_memory(0xc000_0000, 0xcfff_ffff);
+        assert_eq!(mem.len(), 26);
+        assert_eq!(&mem[22..26], &0x1000_0000u32.to_le_bytes());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod aml;
 
 use crate::boot::mptable::{IOAPIC_ADDR, LAPIC_ADDR};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pci::{CONFIG_ADDRESS_PORT, MMIO_WINDOW_SIZE, MMIO_WINDOW_START};
 
 /// Where the RSDP goes; the other tables follow it.
 pub const ACPI_START: u64 = 0xe_0000;
@@ -75,28 +76,55 @@ fn gas_io(port: u16, width: u8) -> [u8; 12] {
     g
 }
 
-/// The DSDT: `\_SB` with one `LNRO0005` device per virtio-mmio window, and `\_S5_`.
-pub fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
-    let nodes: Vec<Vec<u8>> = devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            aml::device(
-                &format!("V{i:03X}"),
-                &[
-                    aml::name_decl("_HID", aml::string("LNRO0005")),
-                    aml::name_decl("_UID", aml::integer(i as u64)),
-                    aml::name_decl(
-                        "_CRS",
-                        aml::resource_template(&[
-                            aml::memory32_fixed(d.base as u32, d.len as u32),
-                            aml::interrupt_edge_high(d.irq),
-                        ]),
+/// The PCI host bridge: bus 0, configuration mechanism #1 at 0xCF8, every
+/// other I/O port, and the 32-bit BAR window. Without it, Linux in ACPI mode
+/// scans no PCI bus at all.
+fn pci_host_bridge() -> Vec<u8> {
+    let cfg = CONFIG_ADDRESS_PORT as u16;
+    aml::device(
+        "PCI0",
+        &[
+            aml::name_decl("_HID", aml::eisa_id("PNP0A03")),
+            aml::name_decl("_UID", aml::integer(0)),
+            aml::name_decl("_SEG", aml::integer(0)),
+            aml::name_decl("_BBN", aml::integer(0)),
+            aml::name_decl(
+                "_CRS",
+                aml::resource_template(&[
+                    aml::word_bus_number(0, 0),
+                    aml::io(cfg, 8),
+                    aml::word_io(0, cfg - 1),
+                    aml::word_io(cfg + 8, 0xffff),
+                    aml::dword_memory(
+                        MMIO_WINDOW_START as u32,
+                        (MMIO_WINDOW_START + MMIO_WINDOW_SIZE - 1) as u32,
                     ),
-                ],
-            )
-        })
-        .collect();
+                ]),
+            ),
+        ],
+    )
+}
+
+/// The DSDT: `\_SB` with the PCI host bridge and one `LNRO0005` device per
+/// virtio-mmio window, and `\_S5_`.
+pub fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+    let mut nodes: Vec<Vec<u8>> = vec![pci_host_bridge()];
+    nodes.extend(devices.iter().enumerate().map(|(i, d)| {
+        aml::device(
+            &format!("V{i:03X}"),
+            &[
+                aml::name_decl("_HID", aml::string("LNRO0005")),
+                aml::name_decl("_UID", aml::integer(i as u64)),
+                aml::name_decl(
+                    "_CRS",
+                    aml::resource_template(&[
+                        aml::memory32_fixed(d.base as u32, d.len as u32),
+                        aml::interrupt_edge_high(d.irq),
+                    ]),
+                ),
+            ],
+        )
+    }));
     let mut body = aml::scope("\\_SB", &nodes);
     let typ = aml::integer(u64::from(S5_SLP_TYP));
     body.extend(aml::name_decl(
@@ -295,6 +323,8 @@ mod tests {
         let aml = &dsdt[36..];
         let count = aml.windows(8).filter(|w| w == b"LNRO0005").count();
         assert_eq!(count, 2);
+        assert!(aml.windows(4).any(|w| w == b"PCI0"));
+        assert!(aml.windows(5).any(|w| w == aml::eisa_id("PNP0A03")));
         let node1 = aml::memory32_fixed(0xd000_1000, 0x1000);
         assert!(aml.windows(node1.len()).any(|w| w == node1));
         assert!(aml.windows(9).any(|w| w == aml::interrupt_edge_high(6)));
