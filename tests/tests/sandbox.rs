@@ -133,13 +133,14 @@ fn under_user_nobody_the_daemon_serves_io_holding_no_capability() {
     let scratch = Scratch::new(IMAGE_SIZE).unwrap();
     std::os::unix::fs::chown(scratch.image(), Some(NOBODY), Some(NOBODY)).unwrap();
     let d = Daemon::blk(scratch, &["--num-queues", "2", "--user", "nobody"]).unwrap();
+    // The socket exists before the daemon confines itself; it serves only after.
+    serve_io(d.socket(), d.scratch(), 2);
     let status = proc_status(d.pid());
     let uid_line = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
     assert_eq!(field(&status, "Uid").as_deref(), Some(uid_line.as_str()));
     assert_eq!(field(&status, "Gid").as_deref(), Some(uid_line.as_str()));
     assert_eq!(field(&status, "Groups").as_deref(), Some(""));
     assert_no_capabilities(&status);
-    serve_io(d.socket(), d.scratch(), 2);
     for (tid, name, status) in threads(d.pid()) {
         assert_eq!(field(&status, "Uid").as_deref(), Some(uid_line.as_str()));
         assert_eq!(
@@ -428,4 +429,14 @@ fn opening_a_file_outside_the_landlock_set_fails_with_eacces() {
         );
         assert!(d.is_running());
     }
+}
+
+#[test]
+fn the_normal_binary_carries_no_test_hooks() {
+    let bin = std::fs::read(workspace_binary("bulkhead-blk")).unwrap();
+    let needle = b"BULKHEAD_TEST_HOOK";
+    assert!(
+        !bin.windows(needle.len()).any(|w| w == needle),
+        "the normal bulkhead-blk was built with the test-hooks feature"
+    );
 }
