@@ -205,7 +205,12 @@ impl QueueInflight {
             self.write(Self::desc_off(h), 0u8);
         }
         pending.sort_unstable();
-        self.counter = pending.last().map(|p| p.0).unwrap_or(0);
+        // Renumber 1..=n in submission order: the counters came from shared
+        // memory, and one near u64::MAX would overflow the next `begin`.
+        for (i, &(_, h)) in pending.iter().enumerate() {
+            self.write(Self::desc_off(h) + 8, i as u64 + 1);
+        }
+        self.counter = pending.len() as u64;
         self.write(OFF_FEATURES, features);
         pending.into_iter().map(|p| p.1).collect()
     }
@@ -287,6 +292,28 @@ mod tests {
         q.before_used(3);
         // Crash here: the ring's used idx went to 1, the area still says 0.
         assert_eq!(q.recover(0, 1), vec![4]);
+    }
+
+    #[test]
+    fn counters_from_the_area_are_renumbered_so_begin_cannot_overflow() {
+        // Found by the `inflight` fuzz target: a counter of u64::MAX in the
+        // area overflowed the counter of the next request.
+        let (region, file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        q.recover(0, 0);
+        q.begin(1);
+        q.begin(4);
+        drop(q);
+        let desc = |h: u64| HEADER_SIZE as u64 + DESC_STATE_SIZE as u64 * h + 8;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&u64::MAX.to_le_bytes(), desc(1)).unwrap();
+        file.write_all_at(&7u64.to_le_bytes(), desc(4)).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        assert_eq!(q.recover(0, 0), vec![4, 1]);
+        q.begin(2);
+        drop(q);
+        let mut q = region.queue(0, 8).unwrap();
+        assert_eq!(q.recover(0, 0), vec![4, 1, 2]);
     }
 
     #[test]
