@@ -61,6 +61,16 @@ impl RingAddrs {
                 return Err(QueueError::RingOutsideMemory(addr.raw_value()));
             }
         }
+        // The device writes the used ring; if it overlapped what it reads
+        // (the table or the avail ring), its own writes would feed it new work
+        // forever (an avail index that moves with every completion).
+        let (used, used_len) = (self.used.raw_value(), 6 + 8 * n);
+        for (addr, len, _) in &parts[..2] {
+            let a = addr.raw_value();
+            if a < used + used_len && used < a + len {
+                return Err(QueueError::RingsOverlap);
+            }
+        }
         Ok(())
     }
 }
@@ -87,6 +97,9 @@ pub enum QueueError {
     /// A ring part does not lie inside guest memory.
     #[error("ring at {0:#x} is outside guest memory or misaligned")]
     RingOutsideMemory(u64),
+    /// The used ring overlaps the descriptor table or the avail ring.
+    #[error("used ring overlaps the descriptor table or the avail ring")]
+    RingsOverlap,
     /// Guest memory could not be accessed.
     #[error("guest memory access failed")]
     Memory,
@@ -581,6 +594,42 @@ mod tests {
         g.offer(SIZE);
         let (mut q, _) = g.queue(0);
         assert_eq!(q.pop().unwrap_err(), QueueError::HeadOutOfRange(SIZE));
+    }
+
+    #[test]
+    fn used_ring_overlapping_what_the_device_reads_is_refused() {
+        // Found by the `virtqueue` fuzz target: with used == avail, every
+        // completion of a refused chain moved avail->idx, and pop never returned.
+        let g = Guest::new();
+        let start = |desc, avail, used| {
+            let cfg = QueueConfig {
+                index: 0,
+                size: SIZE,
+                addrs: RingAddrs {
+                    desc: GuestAddress(desc),
+                    avail: GuestAddress(avail),
+                    used: GuestAddress(used),
+                },
+                next_avail: 0,
+                features: 0,
+                max_chain_bytes: 1 << 20,
+            };
+            let call = Arc::new(CallSlot::default());
+            VirtQueue::start(cfg, g.mem.clone(), call, None, None, Default::default()).err()
+        };
+        assert_eq!(start(DESC, AVAIL, AVAIL), Some(QueueError::RingsOverlap));
+        assert_eq!(
+            start(DESC, AVAIL, AVAIL + 16),
+            Some(QueueError::RingsOverlap)
+        );
+        assert_eq!(
+            start(DESC, AVAIL, DESC + 64),
+            Some(QueueError::RingsOverlap)
+        );
+        // Rings side by side are fine (avail ends at +22); the avail ring may
+        // overlap the table (the device only reads both).
+        assert_eq!(start(DESC, AVAIL, AVAIL + 24), None);
+        assert_eq!(start(DESC, DESC, USED), None);
     }
 
     #[test]
