@@ -9,7 +9,10 @@
 //! - [`EngineKind::IoUring`] (`uring.rs`): one ring per worker, an eventfd
 //!   registered with the ring, a slab of in-flight operations keyed by the
 //!   CQE user data that owns each op's iovec array until it completes. Short
-//!   transfers are resubmitted from where they stopped.
+//!   transfers are resubmitted from where they stopped. Reads are first
+//!   done in the queue thread on tmpfs/ramfs images (`inline.rs`): those
+//!   never wait for a device, and io_uring would hand each one to a worker
+//!   thread.
 //! - [`EngineKind::Sync`] (`sync.rs`): performs each op in `submit` with the
 //!   blocking syscalls and queues its completion; the fallback where io_uring
 //!   is unavailable.
@@ -21,6 +24,7 @@
 //! block devices, discard and write-zeroes are `BLKDISCARD`/`BLKZEROOUT`
 //! ioctls issued synchronously at submit.
 
+mod inline;
 mod ops;
 mod sync;
 #[cfg(test)]

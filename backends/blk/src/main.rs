@@ -105,6 +105,10 @@ fn sandbox_policy(args: &Args) -> Policy {
         main: vec![
             Syscall::any(SYS_io_uring_setup),
             Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_EVENTFD),
+            // The io_uring engine asks whether reads may be served inline:
+            // O_DIRECT, then the filesystem of the image fd (tmpfs, ramfs).
+            Syscall::fcntl(F_GETFL),
+            Syscall::any(SYS_fstatfs),
         ],
         worker: vec![
             Syscall::any(SYS_io_uring_enter),

@@ -594,3 +594,68 @@ fn dropping_an_engine_with_ops_in_flight_finishes_them() {
         }
     }
 }
+
+/// A tmpfs directory for tests, when /dev/shm is one.
+fn shm_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from("/dev/shm");
+    let c = std::ffi::CString::new("/dev/shm").ok()?;
+    // SAFETY: statfs is plain old data; statfs(2) fills it from a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ok = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0;
+    (ok && st.f_type == 0x0102_1994).then_some(dir)
+}
+
+#[test]
+fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
+    use super::inline::InlineReads;
+    use std::os::unix::io::AsRawFd;
+    let Some(dir) = shm_dir() else {
+        eprintln!("SKIP: /dev/shm is not tmpfs");
+        return;
+    };
+    if !super::io_uring_available() {
+        eprintln!("SKIP: io_uring unavailable");
+        return;
+    }
+    let img = TempImage::new(&dir, "inline", 64 * 1024, 0);
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 13 + 5) as u8).collect();
+    img.file.write_all_at(&data, 0).expect("fill");
+    assert_eq!(
+        InlineReads::classify(img.file.as_raw_fd()),
+        InlineReads::Memory
+    );
+    let mut e = engine(EngineKind::IoUring, &img.file, 4);
+    let mut a = vec![0u8; 1000];
+    let mut b = vec![0u8; 3096];
+    let op = Op::Read {
+        offset: 4096,
+        iovecs: vec![iov(&mut a), iov(&mut b)],
+    };
+    assert_eq!(run(e.as_mut(), 7, op).ok(), Some(4096));
+    assert_eq!([a, b].concat(), data[4096..8192]);
+    // Past the end: the inline read comes up short and the ring reports EIO.
+    let mut c = vec![0u8; 8192];
+    let op = Op::Read {
+        offset: 60 * 1024,
+        iovecs: vec![iov(&mut c)],
+    };
+    assert_eq!(errno(run(e.as_mut(), 8, op)), Some(libc::EIO));
+}
+
+#[test]
+fn direct_images_are_never_read_inline() {
+    use super::inline::InlineReads;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let img = TempImage::in_tmp("direct", 8192, 1);
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&img.path)
+    else {
+        eprintln!("SKIP: O_DIRECT unsupported in the temp dir");
+        return;
+    };
+    assert_eq!(InlineReads::classify(f.as_raw_fd()), InlineReads::Off);
+}

@@ -1,0 +1,100 @@
+//! Reads the io_uring engine serves in the submitting thread.
+//!
+//! io_uring completes a buffered read at submit, in the submitting thread,
+//! when the file supports non-blocking reads (`FMODE_NOWAIT`: ext4, xfs,
+//! btrfs, block devices) and the data is cached. Otherwise it hands the read
+//! to an io-wq worker thread, and every read pays two thread switches. tmpfs
+//! refuses `RWF_NOWAIT`, yet its reads are memory copies: at QD 1 each one
+//! waited for a worker wake-up. So, per image, the engine decides once:
+//!
+//! - [`InlineReads::Memory`]: the file refuses `RWF_NOWAIT` but lives in
+//!   memory (tmpfs, ramfs: `fstatfs` magic). A plain `preadv2` never waits
+//!   for a device, so reads are done in the queue thread; a short or failed
+//!   one continues through the ring. (A tmpfs page pushed out to swap is
+//!   read back in the queue thread, as qemu-storage-daemon's `aio=threads`
+//!   would do.)
+//! - [`InlineReads::Off`]: everything else. Files that take `RWF_NOWAIT`
+//!   are already served inline by the ring itself: trying `preadv2(RWF_NOWAIT)`
+//!   first measured as pure overhead there (one syscall per read instead of
+//!   one per batch). Other files (network and FUSE filesystems) and every
+//!   `O_DIRECT` image could block the queue on a slow device.
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+use super::ops::{errno_err, off_t};
+
+/// `statfs` magic of tmpfs (and shmem).
+const TMPFS_MAGIC: libc::__fsword_t = 0x0102_1994;
+/// `statfs` magic of ramfs.
+const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6u32 as libc::__fsword_t;
+
+/// Whether and how reads are tried in the submitting thread before the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InlineReads {
+    /// Every read goes through the ring.
+    Off,
+    /// Plain `preadv2` first: the file is memory, a read never waits for a device.
+    Memory,
+}
+
+impl InlineReads {
+    /// Decides for the image open as `fd` (an error means [`InlineReads::Off`]).
+    pub(super) fn classify(fd: RawFd) -> InlineReads {
+        // SAFETY: F_GETFL only reads the fd's status flags.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 || fl & libc::O_DIRECT != 0 {
+            return InlineReads::Off;
+        }
+        let mut byte = 0u8;
+        let iov = libc::iovec {
+            iov_base: (&raw mut byte).cast(),
+            iov_len: 1,
+        };
+        // SAFETY: one iovec over a local byte.
+        match unsafe { preadv2(fd, &[iov], 0, libc::RWF_NOWAIT) } {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_memory_fs(fd) => {
+                InlineReads::Memory
+            }
+            // Served inline by the ring already, or not memory.
+            _ => InlineReads::Off,
+        }
+    }
+}
+
+/// True if `fd` is a file of tmpfs or ramfs.
+fn is_memory_fs(fd: RawFd) -> bool {
+    // SAFETY: statfs is plain old data; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    let magic = st.f_type;
+    magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+}
+
+/// One `preadv2` of `iovecs` (at most `IOV_MAX`) at `offset` with `flags`; retries `EINTR`.
+///
+/// # Safety
+/// `iovecs` must describe writable memory.
+pub(super) unsafe fn preadv2(
+    fd: RawFd,
+    iovecs: &[libc::iovec],
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<u64> {
+    let off = off_t(offset)?;
+    let count = libc::c_int::try_from(iovecs.len()).map_err(|_| errno_err(libc::EINVAL))?;
+    loop {
+        // SAFETY: the caller guarantees the iovecs describe writable memory.
+        let n = unsafe { libc::preadv2(fd, iovecs.as_ptr(), count, off, flags) };
+        if n >= 0 {
+            return Ok(n as u64);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
