@@ -825,6 +825,21 @@ fn ring_addresses_outside_the_memory_table_are_refused() {
             }),
         ),
         (
+            "used ring on top of the avail ring, refused at enable",
+            Box::new(|s| {
+                let u = s.uva(0);
+                s.ok(SET_VRING_NUM, &state(0, 128), &[]);
+                s.ok(
+                    SET_VRING_ADDR,
+                    &vring_addr(0, u, u + 0x1000, u + 0x1000),
+                    &[],
+                );
+                let kick = EventFd::new(0).unwrap();
+                s.ok(SET_VRING_KICK, &u64p(0), &[kick.as_raw_fd()]);
+                s.refused(SET_VRING_ENABLE, &state(0, 1), &[]);
+            }),
+        ),
+        (
             "misaligned used ring",
             Box::new(|s| {
                 let u = s.uva(0);
