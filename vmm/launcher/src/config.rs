@@ -266,6 +266,8 @@ pub struct BackendSpec {
     pub transport: Option<String>,
     /// Queues (blk).
     pub num_queues: Option<u16>,
+    /// MAC address the frontend must give the guest (net).
+    pub mac: Option<String>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -407,6 +409,7 @@ impl Config {
                 args,
                 transport: b.transport.clone(),
                 num_queues: b.num_queues,
+                mac: None,
             });
         }
         for (i, n) in self.net.iter().enumerate() {
@@ -423,6 +426,7 @@ impl Config {
                 args,
                 transport: n.transport.clone(),
                 num_queues: None,
+                mac: n.mac.clone(),
             });
         }
         for (i, c) in self.console.iter().enumerate() {
@@ -434,6 +438,7 @@ impl Config {
                 args: c.args.clone(),
                 transport: c.transport.clone(),
                 num_queues: None,
+                mac: None,
             });
         }
         v

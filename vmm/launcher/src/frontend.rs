@@ -106,10 +106,12 @@ pub fn qemu_args(
                     "-netdev".into(),
                     format!("vhost-user,id={id},chardev=chr-{id}", id = b.id),
                 ]);
-                a.extend([
-                    "-device".into(),
-                    format!("virtio-net-pci,netdev={id},id=dev-{id}", id = b.id),
-                ]);
+                let mut dev = format!("virtio-net-pci,netdev={id},id=dev-{id}", id = b.id);
+                // The guest must see the MAC the backend filters on.
+                if let Some(mac) = &b.mac {
+                    dev.push_str(&format!(",mac={mac}"));
+                }
+                a.extend(["-device".into(), dev]);
             }
             Kind::Console => skipped.push(b.id.clone()),
         }
@@ -134,6 +136,7 @@ image = "/d.img"
 num_queues = 2
 [[net]]
 tap = "tap0"
+mac = "52:54:00:aa:bb:cc"
 [[console]]
 "#,
         )
@@ -151,6 +154,9 @@ tap = "tap0"
         assert!(line.contains("-chardev socket,id=chr-blk0,path=/r/blk0.sock,reconnect-ms=1000"));
         assert!(line.contains("-device vhost-user-blk-pci,chardev=chr-blk0,id=blk0,num-queues=2"));
         assert!(line.contains("-netdev vhost-user,id=net0,chardev=chr-net0"));
+        assert!(
+            line.contains("-device virtio-net-pci,netdev=net0,id=dev-net0,mac=52:54:00:aa:bb:cc")
+        );
         assert!(line.contains("-kernel /k -initrd /i -append console=ttyS0"));
         assert_eq!(skipped, ["console0"]);
     }
