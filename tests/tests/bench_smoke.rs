@@ -1,8 +1,11 @@
 //! `bulkhead-bench --quick` runs end to end and writes a report with numbers.
 //!
-//! Needs `bulkhead-blk` built (`cargo build -p bulkhead-blk`); qemu-storage-daemon
-//! is compared too when it is installed. `BULKHEAD_BENCH_BLK_ARGS` adds
-//! arguments to bulkhead-blk (e.g. `--sandbox log`).
+//! Needs `bulkhead-blk`, `bulkhead-net` and `bulkhead-console` built (`cargo
+//! build -p bulkhead-blk -p bulkhead-net -p bulkhead-console`);
+//! qemu-storage-daemon is compared too when it is installed. The net part
+//! needs root (a network namespace and taps) and says SKIP otherwise; it never
+//! needs DPDK. `BULKHEAD_BENCH_BLK_ARGS` adds arguments to bulkhead-blk (e.g.
+//! `--sandbox log`).
 
 use std::process::Command;
 
@@ -61,4 +64,47 @@ fn quick_bench_reports_iops_and_latency_for_every_target() {
     }
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("## Goals") && report.contains("randread-4k"));
+}
+
+#[test]
+fn quick_bench_reports_net_packet_rates_and_console_throughput() {
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("bench.json");
+    let md = out.path().join("bench.md");
+    let status = Command::new(env!("CARGO_BIN_EXE_bulkhead-bench"))
+        .args(["--quick", "--suites", "net,console", "--net-secs", "0.2"])
+        .args(["--console-mib", "2", "--dpdk", "off"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--md")
+        .arg(&md)
+        .arg("--svg")
+        .arg(out.path().join("bench.svg"))
+        .status()
+        .expect("run bulkhead-bench");
+    assert!(status.success(), "bulkhead-bench --quick failed: {status}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = std::fs::read_to_string(&md).unwrap();
+    for dir in ["guest_to_host", "host_to_guest"] {
+        let x = v["console"][dir]["mib_s"].as_f64().unwrap_or(0.0);
+        assert!(x > 0.0, "console {dir}: {}", v["console"]);
+    }
+    assert!(report.contains("## bulkhead-console"));
+    if let Some(why) = v["net"]["skipped"].as_str() {
+        eprintln!("SKIP net part: {why}");
+        return;
+    }
+    let points = v["net"]["points"].as_array().expect("net points");
+    assert_eq!(points.len(), 2, "64B and TSO");
+    for p in points {
+        for t in ["bulkhead-net/kit", "raw-tap-writer"] {
+            let pps = p["results"][t]["pps"].as_f64().unwrap_or(0.0);
+            assert!(pps > 0.0, "{t} moved nothing: {p}");
+        }
+    }
+    assert!(v["net"]["rx"]["pps"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(report.contains("## bulkhead-net") && report.contains("kit x raw"));
+    let stats = &v["net"]["daemon_stats"];
+    assert_eq!(stats["tx_errors"], 0, "{stats}");
 }

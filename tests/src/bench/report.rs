@@ -105,7 +105,41 @@ pub fn analyse(v: &mut Value) {
             ),
         }));
     }
+    net_goals(v, &mut goals);
     v["goals"] = Value::Array(goals);
+}
+
+/// Target names of the net benchmark (see `net.rs`).
+const NET_KIT: &str = "bulkhead-net/kit";
+const NET_PMD: &str = "bulkhead-net/testpmd";
+const NET_RAW: &str = "raw-tap-writer";
+const NET_DPDK_TAP: &str = "dpdk-vhost/tap";
+const BASELINE: &str = "bulkhead-blk-before";
+
+/// bulkhead-net against the raw tap writer at 64 B, from either frontend.
+fn net_goals(v: &Value, goals: &mut Vec<Value>) {
+    let Some(p) = v["net"]["points"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["size"] == "64B"))
+    else {
+        return;
+    };
+    let r = &p["results"];
+    for (who, name) in [
+        (NET_KIT, "test-kit frontend"),
+        (NET_PMD, "DPDK virtio-user frontend"),
+    ] {
+        if r.get(who).is_none() {
+            continue;
+        }
+        let x = ratio(f(&r[who], "pps"), f(&r[NET_RAW], "pps"));
+        goals.push(json!({
+            "goal": format!("bulkhead-net packets/s vs a raw write(2) tap writer, 64 B frames \
+                             guest -> tap ({name})"),
+            "target": ">= 0.70x", "measured": x, "met": x.map(|x| x >= 0.7),
+            "gap": x.map(|x| x / 0.7 - 1.0),
+        }));
+    }
 }
 
 fn fmt_ratio(v: &Value) -> String {
@@ -140,7 +174,6 @@ fn cpu(r: &Value) -> String {
 pub fn markdown(v: &Value, svg_name: &str) -> String {
     let mut m = String::new();
     let mach = &v["machine"];
-    let meth = &v["method"];
     let _ = writeln!(m, "# Performance\n");
     let _ = writeln!(
         m,
@@ -209,6 +242,32 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
         );
     }
 
+    let _ = writeln!(m);
+    let have_blk = v["points"].as_array().is_some_and(|p| !p.is_empty());
+    if have_blk {
+        blk_sections(&mut m, v, svg_name);
+    }
+    engine_section(&mut m, v);
+    net_section(&mut m, &v["net"]);
+    console_section(&mut m, &v["console"]);
+
+    let _ = writeln!(m, "## Reproduce\n");
+    let _ = writeln!(
+        m,
+        "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
+         `target/release/bulkhead-bench` (blk, net, console; about 15 minutes), and rewrites \
+         `docs/performance.{{md,json,svg}}`. Extra arguments go to `bulkhead-bench` \
+         (for example `--runs 5 --secs 3` for longer block runs, `--media tmpfs`, \
+         `--suites net`, `--baseline-bin OLD-bulkhead-blk` to measure an earlier build \
+         beside the current one); `scripts/bench --quick` is a smoke run of every suite \
+         (net without DPDK)."
+    );
+    m
+}
+
+/// The block tables, the configurations, micro-benchmarks and profile.
+fn blk_sections(m: &mut String, v: &Value, svg_name: &str) {
+    let meth = &v["method"];
     let _ = writeln!(
         m,
         "\n## bulkhead-blk against qemu-storage-daemon and the host\n"
@@ -395,17 +454,6 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
             let _ = writeln!(m, "\nThreads: {}.\n", threads.join(", "));
         }
     }
-
-    let _ = writeln!(m, "## Reproduce\n");
-    let _ = writeln!(
-        m,
-        "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
-         `target/release/bulkhead-bench` (about 10 minutes), and rewrites \
-         `docs/performance.{{md,json,svg}}`. Extra arguments go to `bulkhead-bench` \
-         (for example `--runs 5 --secs 3` for longer runs, `--media tmpfs`); \
-         `bulkhead-bench --quick` is a few-second smoke run."
-    );
-    m
 }
 
 fn esc(s: &str) -> String {
@@ -505,4 +553,256 @@ pub fn svg(v: &Value) -> String {
     );
     let _ = writeln!(s, "</svg>");
     s
+}
+
+/// bulkhead-blk against an earlier build of itself, where `--baseline-bin` was given.
+fn engine_section(m: &mut String, v: &Value) {
+    let rows: Vec<&Value> = v["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["results"].get(BASELINE).is_some())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(m, "## bulkhead-blk against its previous build\n");
+    let _ = writeln!(
+        m,
+        "`bulkhead-blk-before` is the binary given with `--baseline-bin` (the io_uring engine \
+         before reads on tmpfs/ramfs images were served in the queue thread), measured in the \
+         same runs, interleaved. Ratios are new / before; latency p50 / p99 in µs.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| medium | queues | workload | QD | IOPS new | IOPS before | x | latency new | latency before | p99 x | CPU µs/req new / before |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for p in rows {
+        let r = &p["results"];
+        let (n, b) = (&r[BULKHEAD], &r[BASELINE]);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} / {} | {} / {} | {} | {} / {} |",
+            p["medium"].as_str().unwrap_or(""),
+            p["queues"],
+            p["pattern"].as_str().unwrap_or(""),
+            p["qd"],
+            f(n, "iops"),
+            f(b, "iops"),
+            fmt_ratio(&json!(ratio(f(n, "iops"), f(b, "iops")))),
+            fmt_num(f(n, "p50_us")),
+            fmt_num(f(n, "p99_us")),
+            fmt_num(f(b, "p50_us")),
+            fmt_num(f(b, "p99_us")),
+            fmt_ratio(&json!(ratio(f(n, "p99_us"), f(b, "p99_us")))),
+            cpu(n),
+            cpu(b),
+        );
+    }
+    let _ = writeln!(m);
+}
+
+/// The net benchmark's tables.
+fn net_section(m: &mut String, net: &Value) {
+    if net.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## bulkhead-net\n");
+    if let Some(why) = net["skipped"].as_str() {
+        let _ = writeln!(m, "Skipped: {why}.\n");
+        return;
+    }
+    let meth = &net["method"];
+    let _ = writeln!(
+        m,
+        "Frames guest → tap through `bulkhead-net` into a network namespace, {}. Medians of \
+         {} runs of {} s (after {} s of traffic), the targets interleaved run by run. \
+         Every frontend keeps a {}-entry ring full. The tap has no address and the frames go \
+         to a foreign MAC, so the namespace's stack drops them on arrival: this measures the \
+         path into the kernel, not a socket behind it. Targets: `bulkhead-net/kit` (test-kit \
+         frontend, one descriptor per frame), `bulkhead-net/testpmd` (DPDK virtio-user PMD, \
+         `txonly`, into a second `bulkhead-net` on the same tap), `dpdk-vhost/tap` (the same \
+         client into testpmd's vhost PMD forwarding to its tap PMD: DPDK as a tap backend), \
+         `dpdk-vhost/mem` (into testpmd's vhost PMD in `rxonly`: memory to memory, no tap), \
+         `raw-tap-writer` (the machine's limit: `write(2)` of the same frames with a vnet \
+         header into another queue of the same tap, from one thread). The DPDK processes \
+         busy-poll one CPU each while their runs last. TSO frames carry a GSO header \
+         (TCPv4, gso_size 1448); testpmd's `txonly` sends none, so only the kit and the raw \
+         writer send them.\n",
+        meth["count"].as_str().unwrap_or(""),
+        meth["runs"],
+        meth["secs"],
+        meth["warmup_secs"],
+        meth["queue_size"],
+    );
+    let points: Vec<&Value> = net["points"].as_array().into_iter().flatten().collect();
+    let mut names: Vec<String> = Vec::new();
+    for p in &points {
+        for k in p["results"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+    }
+    let order = [NET_KIT, NET_PMD, NET_DPDK_TAP, "dpdk-vhost/mem", NET_RAW];
+    names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(order.len()));
+    let _ = write!(m, "| frames |");
+    for n in &names {
+        let _ = write!(m, " {n} |");
+    }
+    let _ = writeln!(m, " kit x raw | testpmd x raw | kit x dpdk-tap |");
+    let _ = writeln!(m, "|---|{}---|---|---|", "---|".repeat(names.len()));
+    for p in &points {
+        let r = &p["results"];
+        let _ = write!(m, "| {} |", p["size"].as_str().unwrap_or(""));
+        for n in &names {
+            match r.get(n.as_str()) {
+                Some(t) => {
+                    let _ = write!(m, " {:.0} pps, {:.2} Gbit/s |", f(t, "pps"), f(t, "gbps"));
+                }
+                None => {
+                    let _ = write!(m, " - |");
+                }
+            }
+        }
+        let x = |a: &str, b: &str| fmt_ratio(&json!(ratio(f(&r[a], "pps"), f(&r[b], "pps"))));
+        let _ = writeln!(
+            m,
+            " {} | {} | {} |",
+            x(NET_KIT, NET_RAW),
+            x(NET_PMD, NET_RAW),
+            x(NET_KIT, NET_DPDK_TAP)
+        );
+    }
+    let _ = writeln!(m, "\nPackets per second of each run:\n");
+    for p in &points {
+        for (k, t) in p["results"].as_object().into_iter().flatten() {
+            let runs: Vec<String> = t["runs_pps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                .collect();
+            let cpu = t["daemon_cpu_ns_per_frame"]
+                .as_f64()
+                .map(|c| format!(" (daemon CPU ≈ {c:.0} ns per frame)"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                m,
+                "- {} {k}: {}{cpu}",
+                p["size"].as_str().unwrap_or(""),
+                runs.join(" ")
+            );
+        }
+    }
+    let rx = &net["rx"];
+    if rx.is_object() {
+        let _ = writeln!(
+            m,
+            "\nReceive (tap → guest), 64 B: **{:.0} pps** to the kit's rx ring (runs {}); {}. \
+             The injector sent {} frames in all.\n",
+            f(rx, "pps"),
+            rx["runs_pps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            rx["how"].as_str().unwrap_or(""),
+            rx["injected"],
+        );
+    }
+    for s in net["skipped"].as_array().into_iter().flatten() {
+        let _ = writeln!(m, "- skipped: {}", s.as_str().unwrap_or(""));
+    }
+    let _ = writeln!(m, "\n```text");
+    for c in net["configs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "[{}] {}",
+            c["target"].as_str().unwrap_or(""),
+            c["config"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(m, "```\n");
+    let prof = &net["profile"];
+    if prof.is_object() {
+        let _ = writeln!(
+            m,
+            "Profile of `bulkhead-net` (`perf record -e cpu-clock`, all threads) while the kit \
+             sends 64 B frames ({:.0} pps while profiled):\n",
+            f(prof, "pps")
+        );
+        let _ = writeln!(m, "| share | object and symbol |\n|---|---|");
+        for s in prof["symbols"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {:.1}% | `{}` |",
+                f(s, "pct"),
+                s["what"].as_str().unwrap_or("")
+            );
+        }
+        let threads: Vec<String> = prof["threads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("{} {:.0}%", t["what"].as_str().unwrap_or(""), f(t, "pct")))
+            .collect();
+        let _ = writeln!(m, "\nThreads: {}.\n", threads.join(", "));
+    }
+}
+
+/// The console benchmark's table.
+fn console_section(m: &mut String, c: &Value) {
+    if c.is_null() {
+        return;
+    }
+    let meth = &c["method"];
+    let _ = writeln!(m, "## bulkhead-console\n");
+    let _ = writeln!(
+        m,
+        "Port 0 of `bulkhead-console`, test-kit driver (Linux's virtio_console sequence) as \
+         frontend, a unix-socket client on the host side. Guest → host: {} MiB written in \
+         {}-byte buffers while the client reads; host → guest: the client writes {} MiB while \
+         the driver takes {}-byte receive buffers. Medians of {} runs; CPU is the daemon's.\n",
+        meth["mib_per_run"],
+        meth["guest_write_bytes"],
+        meth["mib_per_run"],
+        meth["guest_rx_buffer_bytes"],
+        meth["runs"],
+    );
+    let _ = writeln!(
+        m,
+        "| direction | MiB/s | runs | daemon CPU ms per MiB |\n|---|---|---|---|"
+    );
+    for (key, name) in [
+        ("guest_to_host", "guest → host"),
+        ("host_to_guest", "host → guest"),
+    ] {
+        let d = &c[key];
+        let runs: Vec<String> = d["runs_mib_s"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{:.1}", x.as_f64().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {name} | {:.1} | {} | {:.2} |",
+            f(d, "mib_s"),
+            runs.join(" "),
+            f(d, "daemon_cpu_ms_per_mib")
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\n```text\n{}\n```\n",
+        c["config"].as_str().unwrap_or("")
+    );
 }

@@ -17,6 +17,8 @@ use super::workload::{Sample, Spec};
 pub enum Kind {
     /// `bulkhead-blk` with the io_uring engine.
     Bulkhead,
+    /// Another `bulkhead-blk` binary (`--baseline-bin`): an earlier build, for before/after.
+    Baseline,
     /// qemu-storage-daemon with `aio=io_uring`.
     QsdIoUring,
     /// qemu-storage-daemon with `aio=threads`.
@@ -27,8 +29,9 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Bulkhead,
+        Kind::Baseline,
         Kind::QsdIoUring,
         Kind::QsdThreads,
         Kind::Host,
@@ -38,6 +41,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Bulkhead => "bulkhead-blk",
+            Kind::Baseline => "bulkhead-blk-before",
             Kind::QsdIoUring => "qsd-io_uring",
             Kind::QsdThreads => "qsd-threads",
             Kind::Host => "host-io_uring",
@@ -56,6 +60,8 @@ pub struct Bulkhead<'a> {
     pub bin: &'a Path,
     /// Extra arguments after the bench's own.
     pub args: &'a [String],
+    /// The binary of [`Kind::Baseline`].
+    pub baseline: Option<&'a Path>,
 }
 
 enum Client {
@@ -114,8 +120,14 @@ impl Target {
                     guard: None,
                 });
             }
-            Kind::Bulkhead => (
-                bulkhead.bin.to_path_buf(),
+            Kind::Bulkhead | Kind::Baseline => (
+                match kind {
+                    Kind::Baseline => bulkhead
+                        .baseline
+                        .ok_or("bulkhead-blk-before needs --baseline-bin")?
+                        .to_path_buf(),
+                    _ => bulkhead.bin.to_path_buf(),
+                },
                 [
                     "--socket-path".into(),
                     sock,

@@ -1,7 +1,10 @@
 //! `bulkhead-bench`: drives vhost-user-blk backends from the host through the
 //! test kit, as a VMM and its guest would, and compares `bulkhead-blk` with
 //! qemu-storage-daemon (`aio=io_uring` and `aio=threads`) and with the same
-//! access pattern issued directly on the host with io_uring.
+//! access pattern issued directly on the host with io_uring. Then
+//! `bulkhead-net` (packets per second and Gbit/s guest → tap, against DPDK's
+//! vhost PMD and a raw tap writer; see `bench/net.rs`) and `bulkhead-console`
+//! (MiB/s both ways; `bench/console.rs`).
 //!
 //! Every point (medium x queues x pattern x queue depth) is measured as
 //! `--runs` runs of `--secs` seconds per target, the targets interleaved run
@@ -11,6 +14,12 @@
 
 #[path = "../bench/client.rs"]
 mod client;
+#[path = "../bench/console.rs"]
+mod console;
+#[path = "../bench/dpdk.rs"]
+mod dpdk;
+#[path = "../bench/net.rs"]
+mod net;
 #[path = "../bench/profile.rs"]
 mod profile;
 #[path = "../bench/report.rs"]
@@ -34,7 +43,9 @@ use workload::{Pattern, Spec, Stats, median_stats};
 
 const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
-  --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point
+  --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
+                        net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
+  --suites LIST         blk,net,console (default all three)
   --runs N              runs per point (default 5)
   --secs S              seconds per run (default 0.8)
   --warmup S            discarded warm-up per point and target (default 0.2)
@@ -48,8 +59,15 @@ usage: bulkhead-bench [--quick] [options]
   --targets LIST        bulkhead-blk,qsd-io_uring,qsd-threads,host-io_uring
   --bulkhead-bin PATH   default: bulkhead-blk next to this binary
   --bulkhead-args ARGS  extra bulkhead-blk arguments, split at spaces (e.g. \"--sandbox log\")
+  --baseline-bin PATH   also measure this bulkhead-blk build as target bulkhead-blk-before
   --profile S           perf-record bulkhead-blk and qsd for S seconds at randread-4k QD32 1 queue (tmpfs)
   --micro FILE          micro-benchmark JSON to fold into the report
+  --net-runs N --net-secs S   net runs per point (default 3) and window (default 1.0)
+  --net-sizes LIST      64B,1514B,tso-65000B (default all)
+  --dpdk on|off         DPDK targets (default on, off with --quick)
+  --net-args ARGS       extra bulkhead-net arguments (e.g. \"--sandbox log\")
+  --console-args ARGS   extra bulkhead-console arguments
+  --console-mib N       MiB per console run (default 64)
   --json FILE --md FILE --svg FILE   outputs (default target/bench/bench.*)
   --from-json FILE      only regenerate the report from an earlier JSON (with --micro:
                         fold in new micro-benchmark results, rewriting --json)";
@@ -69,7 +87,16 @@ struct Args {
     kinds: Vec<Kind>,
     bulkhead_bin: PathBuf,
     bulkhead_args: Vec<String>,
+    baseline_bin: Option<PathBuf>,
     profile: f64,
+    suites: Vec<String>,
+    net_runs: usize,
+    net_secs: f64,
+    net_sizes: Vec<net::Size>,
+    dpdk: bool,
+    net_args: Vec<String>,
+    console_args: Vec<String>,
+    console_mib: usize,
     micro: Option<PathBuf>,
     json: PathBuf,
     md: PathBuf,
@@ -106,10 +133,26 @@ fn parse_args() -> std::result::Result<Args, String> {
         } else {
             Pattern::ALL.to_vec()
         },
-        kinds: Kind::ALL.to_vec(),
+        kinds: Kind::ALL
+            .into_iter()
+            .filter(|&k| k != Kind::Baseline)
+            .collect(),
         bulkhead_bin: bulkhead_tests::process::workspace_binary("bulkhead-blk"),
         bulkhead_args: Vec::new(),
+        baseline_bin: None,
         profile: 0.0,
+        suites: vec!["blk".into(), "net".into(), "console".into()],
+        net_runs: if quick { 1 } else { 3 },
+        net_secs: if quick { 0.3 } else { 1.0 },
+        net_sizes: if quick {
+            vec![net::Size::Small, net::Size::Tso]
+        } else {
+            net::Size::ALL.to_vec()
+        },
+        dpdk: !quick,
+        net_args: Vec::new(),
+        console_args: Vec::new(),
+        console_mib: if quick { 4 } else { 64 },
         micro: None,
         json: PathBuf::from("target/bench/bench.json"),
         md: PathBuf::from("target/bench/bench.md"),
@@ -140,7 +183,20 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--targets" => a.kinds = list(&v, Kind::parse)?,
             "--bulkhead-bin" => a.bulkhead_bin = v.into(),
             "--bulkhead-args" => a.bulkhead_args = v.split_whitespace().map(String::from).collect(),
+            "--baseline-bin" => a.baseline_bin = Some(v.into()),
             "--profile" => a.profile = num(&v)?,
+            "--suites" => {
+                a.suites = list(&v, |x| {
+                    ["blk", "net", "console"].contains(&x).then(|| x.into())
+                })?
+            }
+            "--net-runs" => a.net_runs = (num(&v)? as usize).max(1),
+            "--net-secs" => a.net_secs = num(&v)?,
+            "--net-sizes" => a.net_sizes = list(&v, net::Size::parse)?,
+            "--dpdk" => a.dpdk = v == "on",
+            "--net-args" => a.net_args = v.split_whitespace().map(String::from).collect(),
+            "--console-args" => a.console_args = v.split_whitespace().map(String::from).collect(),
+            "--console-mib" => a.console_mib = (num(&v)? as usize).max(1),
             "--micro" => a.micro = Some(v.into()),
             "--json" => a.json = v.into(),
             "--md" => a.md = v.into(),
@@ -148,6 +204,10 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--from-json" => a.from_json = Some(v.into()),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
+    }
+    if a.baseline_bin.is_some() && !a.kinds.contains(&Kind::Baseline) {
+        let at = a.kinds.len().min(1);
+        a.kinds.insert(at, Kind::Baseline);
     }
     Ok(a)
 }
@@ -281,6 +341,7 @@ fn daemon(a: &Args) -> targets::Bulkhead<'_> {
     targets::Bulkhead {
         bin: &a.bulkhead_bin,
         args: &a.bulkhead_args,
+        baseline: a.baseline_bin.as_deref(),
     }
 }
 
@@ -320,7 +381,8 @@ fn run(a: &Args) -> Result<Value> {
     let mut configs = Vec::new();
     let mut media = Vec::new();
     let mut profile_json = Value::Null;
-    for medium in &a.media {
+    let blk = a.suites.iter().any(|s| s == "blk");
+    for medium in a.media.iter().filter(|_| blk) {
         let base = if medium == "tmpfs" {
             &a.tmpfs_dir
         } else {
@@ -356,6 +418,29 @@ fn run(a: &Args) -> Result<Value> {
             profile_json = profile_run(a, &image, dir.path(), image_size)?;
         }
     }
+    let net_json = if a.suites.iter().any(|s| s == "net") {
+        net::run(&net::NetArgs {
+            runs: a.net_runs,
+            secs: a.net_secs,
+            warmup: if a.quick { 0.1 } else { 0.3 },
+            sizes: a.net_sizes.clone(),
+            dpdk: a.dpdk,
+            rx: true,
+            profile: if a.quick { 0.0 } else { a.profile },
+            daemon_args: a.net_args.clone(),
+        })?
+    } else {
+        Value::Null
+    };
+    let console_json = if a.suites.iter().any(|s| s == "console") {
+        console::run(&console::ConsoleArgs {
+            runs: if a.quick { 1 } else { 3 },
+            bytes: a.console_mib << 20,
+            daemon_args: a.console_args.clone(),
+        })?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -404,6 +489,8 @@ fn run(a: &Args) -> Result<Value> {
         "points": points,
         "micro": micro,
         "profile": profile_json,
+        "net": net_json,
+        "console": console_json,
     });
     report::analyse(&mut v);
     Ok(v)

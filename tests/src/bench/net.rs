@@ -1,0 +1,768 @@
+//! The net benchmark: frames guest → tap through `bulkhead-net` into a
+//! network namespace, counted where the kernel receives them (the tap's
+//! `rx_packets` inside the namespace).
+//!
+//! Targets, each measured over the same window (warm-up, then `secs`), run
+//! by run interleaved:
+//! - `bulkhead-net/kit`: the test kit as frontend, one thread keeping the
+//!   whole tx ring (256) full of one-descriptor frames (vnet header and frame
+//!   together), interrupts asked for at 3/4 of what is in flight (as Linux's
+//!   `virtqueue_enable_cb_delayed`);
+//! - `bulkhead-net/testpmd`: DPDK's virtio-user PMD in `txonly` mode as an
+//!   independent frontend of a second `bulkhead-net` on the same tap;
+//! - `dpdk-vhost/mem`: the same virtio-user client into DPDK's vhost PMD in
+//!   `rxonly` mode, memory to memory (counted by that testpmd);
+//! - `dpdk-vhost/tap`: the same client into DPDK's vhost PMD forwarding
+//!   (`io`) to its tap PMD, a tap-based reference backend (its own tap in the
+//!   same namespace);
+//! - `raw-tap-writer`: the machine's limit, `write(2)` of the same frames
+//!   (with a vnet header) into another queue of the same tap in a loop.
+//!
+//! The tap has no address and IPv6 off, and frames go to a foreign MAC, so
+//! the namespace's stack drops them at once and sends nothing back. Sizes:
+//! 64-byte UDP frames, 1514-byte UDP frames, and TCP frames of 65000 bytes
+//! with a GSO (TSO) header (kit and raw writer only: testpmd's txonly sends
+//! no GSO frames). Optionally also receive: frames injected on the tap by a
+//! packet socket, counted as the kit driver takes them from its rx ring.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use bulkhead_tests::frontend::{Device, Options};
+use bulkhead_tests::net::{Endpoints, GSO_TCPV4, NEEDS_CSUM, NetDaemon, NetHdr, tcp_partial, udp};
+use bulkhead_tests::netns::{NetNs, PacketSocket};
+use bulkhead_tests::virtq::{Desc, VIRTQ_DESC_F_WRITE, VirtQueue};
+use serde_json::{Value, json};
+
+use super::client::Result;
+use super::dpdk::{self, PmdSpec, TestPmd};
+use super::profile;
+use super::workload::median;
+
+const TAP: &str = "bhbtap0";
+const REF_TAP: &str = "bhbref0";
+const RX_TAP: &str = "bhbrx0";
+/// vnet header with VERSION_1.
+const HDR_LEN: usize = 12;
+/// Ring size of every frontend.
+const QUEUE_SIZE: u16 = 256;
+/// Bytes of each kit buffer (room for the largest frame).
+const BUF_LEN: u64 = 65536 + 4096;
+/// A run fails when a frontend makes no progress for this long.
+const STALL: Duration = Duration::from_secs(10);
+
+const EP: Endpoints = Endpoints {
+    src_mac: [0x02, 0, 0, 0, 0, 0x20],
+    dst_mac: [0x02, 0, 0, 0, 0, 0x10],
+    src_ip: [198, 18, 0, 1],
+    dst_ip: [198, 18, 0, 2],
+};
+
+/// Frame sizes measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// 64-byte UDP frames.
+    Small,
+    /// 1514-byte UDP frames (MTU 1500).
+    Mtu,
+    /// 65000-byte TCP frames with a TSO header (gso_size 1448).
+    Tso,
+}
+
+impl Size {
+    /// Every size, in report order.
+    pub const ALL: [Size; 3] = [Size::Small, Size::Mtu, Size::Tso];
+
+    /// Name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Size::Small => "64B",
+            Size::Mtu => "1514B",
+            Size::Tso => "tso-65000B",
+        }
+    }
+
+    /// Parses [`Size::name`].
+    pub fn parse(s: &str) -> Option<Size> {
+        Size::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Frame length without the vnet header.
+    pub fn frame_len(self) -> usize {
+        match self {
+            Size::Small => 64,
+            Size::Mtu => 1514,
+            Size::Tso => 65000,
+        }
+    }
+
+    /// The vnet header and the frame, as every sender here sends it.
+    pub fn packet(self) -> Vec<u8> {
+        let (hdr, frame) = match self {
+            Size::Small | Size::Mtu => {
+                let payload = vec![0x5a; self.frame_len() - 42];
+                (NetHdr::default(), udp(&EP, 9, 9, &payload, false))
+            }
+            Size::Tso => {
+                let payload = vec![0x5a; self.frame_len() - 54];
+                let hdr = NetHdr {
+                    flags: NEEDS_CSUM,
+                    gso_type: GSO_TCPV4,
+                    hdr_len: 54,
+                    gso_size: 1448,
+                    csum_start: 34,
+                    csum_offset: 16,
+                    num_buffers: 0,
+                };
+                (hdr, tcp_partial(&EP, 9, 9, 1, &payload))
+            }
+        };
+        let mut p = hdr.to_bytes(HDR_LEN);
+        p.extend_from_slice(&frame);
+        p
+    }
+}
+
+/// Which sender a target is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetKind {
+    /// Test kit → bulkhead-net.
+    Kit,
+    /// testpmd virtio-user → bulkhead-net.
+    Testpmd,
+    /// testpmd virtio-user → testpmd vhost rxonly.
+    DpdkMem,
+    /// testpmd virtio-user → testpmd vhost → tap PMD.
+    DpdkTap,
+    /// write(2) into the tap.
+    Raw,
+}
+
+impl NetKind {
+    /// Name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetKind::Kit => "bulkhead-net/kit",
+            NetKind::Testpmd => "bulkhead-net/testpmd",
+            NetKind::DpdkMem => "dpdk-vhost/mem",
+            NetKind::DpdkTap => "dpdk-vhost/tap",
+            NetKind::Raw => "raw-tap-writer",
+        }
+    }
+
+    fn sends(self, size: Size) -> bool {
+        size != Size::Tso || matches!(self, NetKind::Kit | NetKind::Raw)
+    }
+}
+
+/// Settings of the net benchmark.
+pub struct NetArgs {
+    /// Runs per point.
+    pub runs: usize,
+    /// Measured seconds per run.
+    pub secs: f64,
+    /// Seconds of traffic before the window opens.
+    pub warmup: f64,
+    /// Sizes to measure.
+    pub sizes: Vec<Size>,
+    /// Include the DPDK targets.
+    pub dpdk: bool,
+    /// Also measure receive (tap → guest).
+    pub rx: bool,
+    /// perf-record the daemon for this many seconds at 64 B (0: no).
+    pub profile: f64,
+    /// Extra `bulkhead-net` arguments.
+    pub daemon_args: Vec<String>,
+}
+
+/// The test kit's tx (and rx) rings over a connected `bulkhead-net`.
+struct Kit {
+    dev: Device,
+    bufs: Vec<(u16, u64)>,
+    rx_bufs: Vec<(u16, u64)>,
+}
+
+/// Receive buffer size (a 1514-byte frame and its header fit).
+const RX_BUF: u32 = 2048;
+
+impl Kit {
+    fn connect(daemon: &NetDaemon) -> Result<Kit> {
+        let opts = Options {
+            mem_size: (u64::from(QUEUE_SIZE) * (BUF_LEN + u64::from(RX_BUF)) + (16 << 20))
+                .next_multiple_of(1 << 20),
+            ..Options::default()
+        }
+        .queues(2)
+        .queue_size(QUEUE_SIZE);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dev = loop {
+            match Device::connect(daemon.socket(), &opts) {
+                Ok(d) => break d,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mem = dev.mem.clone();
+        let mut bufs = Vec::new();
+        let mut rx_bufs = Vec::new();
+        for (q, out, len) in [
+            (1, &mut bufs, BUF_LEN),
+            (0, &mut rx_bufs, u64::from(RX_BUF)),
+        ] {
+            let vq = dev.queues.get_mut(q).ok_or("missing queue")?;
+            for _ in 0..QUEUE_SIZE {
+                let head = vq.reserve_desc().ok_or("queue too small")?;
+                out.push((head, mem.alloc(len, 4096)?));
+            }
+        }
+        let vq = dev.queues.first_mut().ok_or("no rx queue")?;
+        for &(head, gpa) in &rx_bufs {
+            vq.write_desc(
+                head,
+                Desc {
+                    addr: gpa,
+                    len: RX_BUF,
+                    flags: VIRTQ_DESC_F_WRITE,
+                    next: 0,
+                },
+            )?;
+        }
+        Ok(Kit { dev, bufs, rx_bufs })
+    }
+
+    /// Writes `packet` into every tx buffer and points each descriptor at it.
+    fn set_packet(&mut self, packet: &[u8]) -> Result<()> {
+        let mem = self.dev.mem.clone();
+        let vq = self.dev.queues.get_mut(1).ok_or("no tx queue")?;
+        for &(head, gpa) in &self.bufs {
+            mem.write(gpa, packet)?;
+            vq.write_desc(
+                head,
+                Desc {
+                    addr: gpa,
+                    len: packet.len() as u32,
+                    flags: 0,
+                    next: 0,
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for used entries: asks for an interrupt once `want` more are used.
+fn wait_used(vq: &mut VirtQueue, want: usize) -> Result<()> {
+    if vq.event_idx() {
+        vq.set_used_event(vq.last_used().wrapping_add(want.saturating_sub(1) as u16))?;
+        fence(Ordering::SeqCst);
+        if vq.used_idx()? != vq.last_used() {
+            return Ok(());
+        }
+    }
+    vq.wait_call(Duration::from_millis(100))?;
+    Ok(())
+}
+
+/// Keeps every head of `heads` in flight on `vq` until `stop`, then waits for all; returns frames used.
+fn kit_tx_loop(vq: &mut VirtQueue, heads: &[u16], stop: &AtomicBool) -> Result<u64> {
+    let mut free: Vec<u16> = heads.to_vec();
+    let mut outstanding = 0usize;
+    let mut used = 0u64;
+    let mut last_progress = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if !stopping && !free.is_empty() {
+            for h in free.drain(..) {
+                vq.publish(h)?;
+                outstanding += 1;
+            }
+            vq.kick_if_needed()?;
+        }
+        let mut got = false;
+        while let Some(e) = vq.pop_used()? {
+            got = true;
+            used += 1;
+            outstanding -= 1;
+            free.push(e.id as u16);
+        }
+        if stopping && outstanding == 0 {
+            return Ok(used);
+        }
+        if got {
+            last_progress = Instant::now();
+            continue;
+        }
+        if last_progress.elapsed() > STALL {
+            return Err(format!("tx: {outstanding} frames not used for {STALL:?}").into());
+        }
+        wait_used(vq, (outstanding * 3 / 4).max(1))?;
+    }
+}
+
+/// Keeps the rx ring full of buffers until `stop`; returns the frames received.
+fn kit_rx_loop(
+    vq: &mut VirtQueue,
+    heads: &[u16],
+    stop: &AtomicBool,
+    seen: &AtomicU64,
+) -> Result<u64> {
+    for &h in heads {
+        vq.publish(h)?;
+    }
+    vq.kick_if_needed()?;
+    let mut got_total = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = false;
+        while let Some(e) = vq.pop_used()? {
+            got = true;
+            got_total += 1;
+            vq.publish(e.id as u16)?;
+        }
+        if got {
+            seen.store(got_total, Ordering::Relaxed);
+            vq.kick_if_needed()?;
+            continue;
+        }
+        wait_used(vq, 1)?;
+    }
+    Ok(got_total)
+}
+
+/// A reading of a frame counter.
+type Reading = (u64, Instant);
+
+/// Counts between the two readings of a window: frames per second.
+fn rate(a: Reading, b: Reading) -> f64 {
+    let dt = b.1.saturating_duration_since(a.1).as_secs_f64().max(1e-9);
+    b.0.saturating_sub(a.0) as f64 / dt
+}
+
+/// Waits out the warm-up, then reads `count` at both ends of the window.
+fn window(a: &NetArgs, count: &mut dyn FnMut() -> Result<Reading>) -> Result<f64> {
+    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let r0 = count()?;
+    std::thread::sleep(Duration::from_secs_f64(a.secs));
+    let r1 = count()?;
+    Ok(rate(r0, r1))
+}
+
+/// `rx_packets` of `dev` inside `ns`, read at the middle of the read.
+fn tap_rx(ns: &NetNs, dev: &str) -> Result<Reading> {
+    let t0 = Instant::now();
+    let s = ns.run(
+        "cat",
+        &[&format!("/sys/class/net/{dev}/statistics/rx_packets")],
+    )?;
+    let t = t0 + (Instant::now() - t0) / 2;
+    Ok((s.trim().parse()?, t))
+}
+
+/// A raw writer's queue of the tap.
+struct RawTap {
+    fd: OwnedFd,
+}
+
+impl RawTap {
+    fn open(ns: &NetNs) -> Result<RawTap> {
+        let fd = ns.open_tap_fds(TAP, 1, true)?.pop().ok_or("no tap fd")?;
+        Ok(RawTap { fd })
+    }
+
+    /// Writes `packet` in a loop until `stop`; returns the frames written.
+    fn write_loop(&self, packet: &[u8], stop: &AtomicBool) -> Result<u64> {
+        let size: libc::c_int = HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int (device-wide; the daemons set the same value).
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..64 {
+                // SAFETY: writing from a buffer we own, of its length.
+                let r = unsafe {
+                    libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len())
+                };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e.into());
+                    }
+                } else {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// One per-run measurement of a target at a size: frames per second.
+fn measure(env: &mut Env, a: &NetArgs, kind: NetKind, size: Size) -> Result<f64> {
+    let packet = size.packet();
+    let stop = AtomicBool::new(false);
+    match kind {
+        NetKind::Kit => {
+            env.kit.set_packet(&packet)?;
+            let heads: Vec<u16> = env.kit.bufs.iter().map(|b| b.0).collect();
+            let vq = env.kit.dev.queues.get_mut(1).ok_or("no tx queue")?;
+            let ns = &env.ns;
+            std::thread::scope(|s| {
+                let h = s.spawn(|| kit_tx_loop(vq, &heads, &stop));
+                let r = window(a, &mut || tap_rx(ns, TAP));
+                stop.store(true, Ordering::Relaxed);
+                let sent = h
+                    .join()
+                    .unwrap_or_else(|_| Err("tx thread panicked".into()));
+                sent.and(r)
+            })
+        }
+        NetKind::Raw => {
+            let raw = &env.raw;
+            let ns = &env.ns;
+            std::thread::scope(|s| {
+                let h = s.spawn(|| raw.write_loop(&packet, &stop));
+                let r = window(a, &mut || tap_rx(ns, TAP));
+                stop.store(true, Ordering::Relaxed);
+                let sent = h.join().unwrap_or_else(|_| Err("writer panicked".into()));
+                sent.and(r)
+            })
+        }
+        NetKind::Testpmd | NetKind::DpdkMem | NetKind::DpdkTap => {
+            let d = env.dpdk.as_mut().ok_or("no DPDK targets")?;
+            let ns = &env.ns;
+            // A reference backend busy-polls while it forwards: only during its own runs.
+            let server = match kind {
+                NetKind::DpdkMem => Some(&mut d.mem_ref),
+                NetKind::DpdkTap => Some(&mut d.tap_ref),
+                _ => None,
+            };
+            if let Some(s) = server {
+                s.cmd("start")?;
+            }
+            let (client, mut count): (&mut TestPmd, Box<dyn FnMut() -> Result<Reading> + '_>) =
+                match kind {
+                    NetKind::Testpmd => (&mut d.to_bulkhead, Box::new(|| tap_rx(ns, TAP))),
+                    NetKind::DpdkTap => (&mut d.to_tap_ref, Box::new(|| tap_rx(ns, REF_TAP))),
+                    _ => {
+                        let mem_ref = &mut d.mem_ref;
+                        (
+                            &mut d.to_mem_ref,
+                            Box::new(move || mem_ref.port_counts(0).map(|(rx, _, t)| (rx, t))),
+                        )
+                    }
+                };
+            client.cmd(&format!("set txpkts {}", size.frame_len()))?;
+            client.cmd("start")?;
+            let r = window(a, &mut *count);
+            client.cmd("stop")?;
+            drop(count);
+            let server = match kind {
+                NetKind::DpdkMem => Some(&mut d.mem_ref),
+                NetKind::DpdkTap => Some(&mut d.tap_ref),
+                _ => None,
+            };
+            if let Some(s) = server {
+                s.cmd("stop")?;
+            }
+            r
+        }
+    }
+}
+
+/// DPDK peers: three virtio-user clients and two reference backends.
+struct Dpdk {
+    to_bulkhead: TestPmd,
+    mem_ref: TestPmd,
+    to_mem_ref: TestPmd,
+    tap_ref: TestPmd,
+    to_tap_ref: TestPmd,
+    _daemon: NetDaemon,
+}
+
+/// Everything the net benchmark runs on.
+struct Env {
+    kit: Kit,
+    raw: RawTap,
+    daemon: NetDaemon,
+    dpdk: Option<Dpdk>,
+    // Dropped last: daemons and testpmds go before the namespace.
+    ns: NetNs,
+}
+
+fn virtio_user(path: &std::path::Path) -> String {
+    format!(
+        "net_virtio_user0,path={},queues=1,queue_size={QUEUE_SIZE}",
+        path.display()
+    )
+}
+
+fn start_dpdk(ns: &NetNs, daemon_args: &[&str]) -> Result<Dpdk> {
+    let fds = ns.open_tap_fds(TAP, 1, true)?;
+    let daemon = NetDaemon::start_with_fds(fds, daemon_args)?;
+    let client = |name: &str, sock: &std::path::Path| -> Result<TestPmd> {
+        let c = TestPmd::start(&PmdSpec {
+            name,
+            vdevs: vec![virtio_user(sock)],
+            mode: "txonly",
+            fwd_cpu: 1,
+            netns: None,
+        })?;
+        Ok(c)
+    };
+    let to_bulkhead = client("c-bulkhead", daemon.socket())?;
+    let dir = daemon.dir().to_path_buf();
+    let mem_sock = dir.join("dpdk-mem.sock");
+    let mem_ref = TestPmd::start(&PmdSpec {
+        name: "vhost-mem",
+        vdevs: vec![format!("net_vhost0,iface={},queues=1", mem_sock.display())],
+        mode: "rxonly",
+        fwd_cpu: 0,
+        netns: None,
+    })?;
+    let to_mem_ref = client("c-mem", &mem_sock)?;
+    let tap_sock = dir.join("dpdk-tap.sock");
+    let tap_ref = TestPmd::start(&PmdSpec {
+        name: "vhost-tap",
+        vdevs: vec![
+            format!("net_vhost0,iface={},queues=1", tap_sock.display()),
+            format!("net_tap0,iface={REF_TAP}"),
+        ],
+        mode: "io",
+        fwd_cpu: 0,
+        netns: Some(ns),
+    })?;
+    let to_tap_ref = client("c-tap", &tap_sock)?;
+    ns.run(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{REF_TAP}.disable_ipv6=1")],
+    )?;
+    ns.ip(&["link", "set", REF_TAP, "up"])?;
+    Ok(Dpdk {
+        to_bulkhead,
+        mem_ref,
+        to_mem_ref,
+        tap_ref,
+        to_tap_ref,
+        _daemon: daemon,
+    })
+}
+
+/// Runs the net benchmark; returns its JSON (or a `skipped` reason).
+pub fn run(a: &NetArgs) -> Result<Value> {
+    if let Some(why) = bulkhead_tests::netns::unavailable() {
+        eprintln!("SKIP net benchmark: {why}");
+        return Ok(json!({"skipped": why}));
+    }
+    let ns = NetNs::new()?;
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        TAP,
+        "mode",
+        "tap",
+        "vnet_hdr",
+        "multi_queue",
+    ])?;
+    ns.run(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{TAP}.disable_ipv6=1")],
+    )?;
+    ns.ip(&["link", "set", TAP, "up"])?;
+    let args: Vec<&str> = a.daemon_args.iter().map(String::as_str).collect();
+    let daemon = NetDaemon::start_with_fds(ns.open_tap_fds(TAP, 1, true)?, &args)?;
+    let kit = Kit::connect(&daemon)?;
+    let raw = RawTap::open(&ns)?;
+    let mut skipped = Vec::new();
+    let dpdk = if !a.dpdk {
+        skipped.push("DPDK targets: not requested".to_string());
+        None
+    } else if let Some(why) = dpdk::unavailable() {
+        eprintln!("SKIP DPDK targets: {why}");
+        skipped.push(format!("DPDK targets: {why}"));
+        None
+    } else {
+        Some(start_dpdk(&ns, &args)?)
+    };
+    let mut configs = vec![json!({
+        "target": "bulkhead-net",
+        "config": format!("bulkhead-net --socket-path SOCK --tap-fd 10 {}", args.join(" ")),
+    })];
+    if let Some(d) = &dpdk {
+        for (name, p) in [
+            ("virtio-user client", &d.to_bulkhead),
+            ("dpdk-vhost/mem", &d.mem_ref),
+            ("dpdk-vhost/tap", &d.tap_ref),
+        ] {
+            configs.push(json!({"target": name, "config": p.config}));
+        }
+    }
+    let mut env = Env {
+        kit,
+        raw,
+        daemon,
+        dpdk,
+        ns,
+    };
+    let mut kinds = vec![NetKind::Kit];
+    if env.dpdk.is_some() {
+        kinds.extend([NetKind::Testpmd, NetKind::DpdkTap, NetKind::DpdkMem]);
+    }
+    kinds.push(NetKind::Raw);
+    let mut points = Vec::new();
+    for &size in &a.sizes {
+        let ks: Vec<NetKind> = kinds.iter().copied().filter(|k| k.sends(size)).collect();
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
+        let mut cpu: Vec<f64> = Vec::new();
+        for r in 0..a.runs {
+            for k in 0..ks.len() {
+                let i = (k + r) % ks.len();
+                let before = profile::cpu_ns(env.daemon.pid());
+                let pps = measure(&mut env, a, ks[i], size)?;
+                if ks[i] == NetKind::Kit && pps > 0.0 {
+                    let used = profile::cpu_ns(env.daemon.pid()).saturating_sub(before);
+                    let frames = pps * (a.secs + a.warmup);
+                    cpu.push(used as f64 / frames.max(1.0));
+                }
+                runs[i].push(pps);
+            }
+        }
+        let mut results = serde_json::Map::new();
+        let mut line = format!("net {:<11}", size.name());
+        for (i, k) in ks.iter().enumerate() {
+            let pps = median(&runs[i]);
+            let gbps = pps * size.frame_len() as f64 * 8.0 / 1e9;
+            line += &format!("  {} {:>9.0}", k.name(), pps);
+            let mut v = json!({
+                "pps": pps.round(),
+                "gbps": (gbps * 1000.0).round() / 1000.0,
+                "runs_pps": runs[i].iter().map(|x| x.round()).collect::<Vec<_>>(),
+            });
+            if *k == NetKind::Kit && !cpu.is_empty() {
+                v["daemon_cpu_ns_per_frame"] = json!(median(&cpu).round());
+            }
+            results.insert(k.name().into(), v);
+        }
+        eprintln!("{line}");
+        points.push(json!({
+            "size": size.name(),
+            "frame_bytes": size.frame_len(),
+            "results": results,
+        }));
+    }
+    let stats = env.daemon.stats().ok();
+    let rx = if a.rx {
+        Some(measure_rx(&env.ns, a, &args)?)
+    } else {
+        None
+    };
+    let prof = if a.profile > 0.0 && profile::perf_available() {
+        Some(profile_daemon(&mut env, a)?)
+    } else {
+        None
+    };
+    Ok(json!({
+        "method": {
+            "runs": a.runs, "secs": a.secs, "warmup_secs": a.warmup,
+            "queue_size": QUEUE_SIZE,
+            "count": "frames counted at the receiving tap (rx_packets inside the namespace) \
+                      over the window; dpdk-vhost/mem: testpmd's RX-packets",
+        },
+        "configs": configs,
+        "skipped": skipped,
+        "points": points,
+        "daemon_stats": stats,
+        "rx": rx,
+        "profile": prof,
+    }))
+}
+
+/// Receive: a packet socket floods a tap of its own (single queue, its own
+/// daemon) with 64-byte frames; the kit counts what reaches its rx ring.
+fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str]) -> Result<Value> {
+    ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
+    ns.run(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
+    )?;
+    ns.ip(&["link", "set", RX_TAP, "up"])?;
+    let mut daemon = NetDaemon::start_with_fds(ns.open_tap_fds(RX_TAP, 1, false)?, daemon_args)?;
+    let mut kit = Kit::connect(&daemon)?;
+    let sock: PacketSocket = ns.packet_socket(RX_TAP, false)?;
+    let frame = Size::Small.packet()[HDR_LEN..].to_vec();
+    let heads: Vec<u16> = kit.rx_bufs.iter().map(|b| b.0).collect();
+    let vq = kit.dev.queues.first_mut().ok_or("no rx queue")?;
+    let stop = AtomicBool::new(false);
+    let seen = AtomicU64::new(0);
+    let mut runs = Vec::new();
+    let injected = std::thread::scope(|s| -> Result<u64> {
+        let rx = s.spawn(|| kit_rx_loop(vq, &heads, &stop, &seen));
+        let inj = s.spawn(|| -> u64 {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if sock.send(&frame).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let mut err = None;
+        for _ in 0..a.runs {
+            match window(a, &mut || {
+                Ok((seen.load(Ordering::Relaxed), Instant::now()))
+            }) {
+                Ok(x) => runs.push(x),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let injected = inj.join().map_err(|_| "injector panicked")?;
+        rx.join().map_err(|_| "rx thread panicked")??;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(injected),
+        }
+    })?;
+    let stats = daemon.stats().ok();
+    let pps = median(&runs);
+    eprintln!("net rx 64B  bulkhead-net/kit {pps:>9.0}");
+    Ok(json!({
+        "size": "64B",
+        "pps": pps.round(),
+        "runs_pps": runs.iter().map(|x| x.round()).collect::<Vec<_>>(),
+        "injected": injected,
+        "daemon_stats": stats,
+        "how": "an AF_PACKET socket on a tap of its own sends 64-byte frames in a loop \
+                (the tap's queue drops what the daemon does not take); frames counted as \
+                the kit takes them from its rx ring (256 buffers of 2 KiB, reposted at once)",
+    }))
+}
+
+/// perf-records the daemon while the kit sends 64-byte frames.
+fn profile_daemon(env: &mut Env, a: &NetArgs) -> Result<Value> {
+    let pid = env.daemon.pid();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("perf-net.data");
+    let rec = profile::Recording::start(pid, &data)?;
+    let pa = NetArgs {
+        runs: 1,
+        secs: a.profile,
+        warmup: 0.0,
+        sizes: Vec::new(),
+        dpdk: false,
+        rx: false,
+        profile: 0.0,
+        daemon_args: Vec::new(),
+    };
+    let pps = measure(env, &pa, NetKind::Kit, Size::Small)?;
+    let mut v = rec.finish(20)?;
+    v["pps"] = json!(pps.round());
+    eprintln!("profiled bulkhead-net");
+    Ok(v)
+}
