@@ -247,7 +247,11 @@ impl VirtQueue {
             mem,
             next_avail,
             next_used: Wrapping(used_idx),
-            signalled_used: Some(Wrapping(used_idx)),
+            // Unknown: the first notify after a start interrupts once. A
+            // previous backend may have died between publishing a used
+            // entry and signalling it; without this the guest would wait
+            // for that interrupt forever. A spurious interrupt is harmless.
+            signalled_used: None,
             event_idx: cfg.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
             limits: ChainLimits {
                 queue_size: cfg.size,
@@ -414,6 +418,13 @@ impl VirtQueue {
     pub fn notify(&mut self) {
         if self.signalled_used == Some(self.next_used) {
             // Nothing was completed since the last decision.
+            return;
+        }
+        if self.signalled_used.is_none() {
+            // First decision since the queue started: always interrupt.
+            self.signalled_used = Some(self.next_used);
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.call.signal();
             return;
         }
         let mem = self.memory();
@@ -663,7 +674,9 @@ mod tests {
         while let Some(c) = q.pop().unwrap() {
             heads.push(c.head());
         }
-        q.notify(); // nothing used yet: no interrupt
+        q.notify(); // first decision after a start: one interrupt, in case a dead predecessor owed one
+        assert_eq!(efd.read().unwrap(), 1);
+        q.notify(); // nothing used since: no interrupt
         assert!(efd.read().is_err());
         q.complete(heads[0], 0);
         q.notify(); // used idx 1: 1-2-1 = 0xfffe, not < 1
