@@ -168,8 +168,10 @@ fn scenario(backend: &Backend) {
         .vhost_user_blk(&socket, QUEUES)
         .timeout(Duration::from_secs(240))
         .run_watching(&mut [&mut daemon]);
-    let _ = daemon.signal(libc::SIGTERM);
-    let _ = daemon.wait_timeout(Duration::from_secs(5));
+    if matches!(daemon.try_wait(), Ok(None)) {
+        let _ = daemon.signal(libc::SIGTERM);
+        let _ = daemon.wait_timeout(Duration::from_secs(5));
+    }
     drop(daemon);
     report_timing(backend.name, &run);
     if !run.passed() {
