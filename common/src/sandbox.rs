@@ -178,6 +178,13 @@ impl Syscall {
         Syscall::any(libc::SYS_prctl).and32(0, SeccompCmpOp::Eq, option as u64)
     }
 
+    /// `getsockopt(fd, level, optname, ...)` for this one option (e.g. `SOL_SOCKET`, `SO_TYPE`).
+    pub fn getsockopt(level: libc::c_int, optname: libc::c_int) -> Self {
+        Syscall::any(libc::SYS_getsockopt)
+            .and32(1, SeccompCmpOp::Eq, level as u64)
+            .and32(2, SeccompCmpOp::Eq, optname as u64)
+    }
+
     /// `socket(domain, ...)` for this one address family (e.g. `AF_UNIX`).
     pub fn socket(domain: libc::c_int) -> Self {
         Syscall::any(libc::SYS_socket).and32(0, SeccompCmpOp::Eq, domain as u64)
@@ -906,6 +913,17 @@ mod tests {
         assert_eq!(map.get(&libc::SYS_ioctl).map(Vec::len), Some(0));
         let map = merge(&[&[Syscall::ioctl(1), Syscall::ioctl(2)]]).unwrap();
         assert_eq!(map.get(&libc::SYS_ioctl).map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn getsockopt_rules_check_level_and_option() {
+        let p = Policy {
+            main: vec![Syscall::getsockopt(libc::SOL_SOCKET, libc::SO_TYPE)],
+            ..Policy::default()
+        };
+        assert!(compile(&main_list(&p), SeccompAction::KillProcess).is_ok());
+        let map = merge(&[&p.main]).unwrap();
+        assert_eq!(map.get(&libc::SYS_getsockopt).map(Vec::len), Some(1));
     }
 
     #[test]
