@@ -13,4 +13,5 @@ pub mod memory;
 pub mod net;
 pub mod netns;
 pub mod process;
+pub mod sandbox;
 pub mod virtq;

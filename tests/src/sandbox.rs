@@ -1,0 +1,305 @@
+//! Helpers for the sandbox tests of the real daemons (`tests/tests/sandbox.rs`
+//! for `bulkhead-blk`, `tests/tests/sandbox_net_console.rs` for the others):
+//! per-thread `/proc` status, daemons with their stderr captured, the
+//! `test-hooks` build of a daemon, fds passed at fixed numbers, and the
+//! kernel's seccomp audit records.
+
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::RawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::process::ChildGuard;
+
+/// uid and gid of `nobody`.
+pub const NOBODY: u32 = 65534;
+
+/// How long a daemon may take to create its socket, or to die when it should.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `/proc/<pid>/task/<tid>/status` of every thread: (tid, thread name, status text).
+pub fn threads(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let dir = e.path();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let name = field(&status, "Name").unwrap_or_default();
+        let tid = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push((tid, name, status));
+    }
+    out
+}
+
+/// The value of `key` in a `/proc` status text, trimmed.
+pub fn field(status: &str, key: &str) -> Option<String> {
+    status.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.trim().to_string())
+    })
+}
+
+/// `/proc/<pid>/status`.
+pub fn proc_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+}
+
+/// Asserts the capability sets are all empty.
+pub fn assert_no_capabilities(status: &str) {
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            field(status, key).as_deref(),
+            Some("0000000000000000"),
+            "{key} not empty"
+        );
+    }
+}
+
+/// Asserts every thread of `pid` is in seccomp filter mode with
+/// `no_new_privs`, and that each thread named `vring-*` carries one filter
+/// more than the main thread; returns the names of those queue threads.
+pub fn assert_every_thread_confined(pid: u32) -> Vec<String> {
+    let threads = threads(pid);
+    let main_filters = threads
+        .iter()
+        .find(|(tid, ..)| *tid == pid.to_string())
+        .and_then(|(_, _, s)| field(s, "Seccomp_filters"))
+        .and_then(|v| v.parse::<u32>().ok())
+        .expect("main thread status");
+    let mut workers = Vec::new();
+    for (tid, name, status) in &threads {
+        assert_eq!(
+            field(status, "Seccomp").as_deref(),
+            Some("2"),
+            "thread {tid} ({name}) is not in seccomp filter mode"
+        );
+        assert_eq!(
+            field(status, "NoNewPrivs").as_deref(),
+            Some("1"),
+            "thread {tid} ({name}) lacks no_new_privs"
+        );
+        if name.starts_with("vring-") {
+            let filters: Option<u32> =
+                field(status, "Seccomp_filters").and_then(|v| v.parse().ok());
+            assert_eq!(
+                filters,
+                Some(main_filters + 1),
+                "queue thread {name} did not stack its own filter"
+            );
+            workers.push(name.clone());
+        }
+    }
+    workers
+}
+
+/// A daemon's stderr, collected by a thread as it is written.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<String>>);
+
+impl Log {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for `needle` to appear; returns whether it did.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.text().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A daemon whose stderr is captured into a [`Log`] (and echoed for the harness); killed on drop.
+pub struct Logged {
+    /// The process.
+    pub guard: ChildGuard,
+    /// Its stderr.
+    pub log: Log,
+}
+
+impl Logged {
+    /// Spawns `cmd` (named `name` in messages) with stderr captured.
+    pub fn spawn(name: &str, mut cmd: Command) -> io::Result<Self> {
+        cmd.stderr(Stdio::piped());
+        let mut guard = ChildGuard::spawn_quiet(name, &mut cmd)?;
+        let log = Log::default();
+        if let Some(err) = guard.child_mut().stderr.take() {
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if let Ok(mut s) = sink.0.lock() {
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
+                }
+            });
+        }
+        Ok(Logged { guard, log })
+    }
+
+    /// Spawns `cmd` with stderr captured and waits until `socket` exists; panics if it dies first.
+    pub fn start(name: &str, cmd: Command, socket: &Path) -> Self {
+        let mut d = Self::spawn(name, cmd).expect("spawn the daemon");
+        let deadline = Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: no socket: {}",
+                d.log.text()
+            );
+            assert!(d.is_running(), "{name} exited: {}", d.log.text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.guard.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit (it must, within 20 s); returns the signal that killed it.
+    pub fn killed_by(&mut self) -> Option<i32> {
+        let st = self
+            .guard
+            .wait_timeout(TIMEOUT)
+            .expect("wait for the daemon")
+            .unwrap_or_else(|| panic!("daemon still running: {}", self.log.text()));
+        st.signal()
+    }
+}
+
+/// A daemon built with `--features test-hooks` into `target/hooked` (its
+/// own target directory: the build lock of the `cargo test` running us is
+/// not needed, and the normal binary stays hook-free), or
+/// `$BULKHEAD_BIN_<PACKAGE>_HOOKED` (e.g. `BULKHEAD_BIN_BULKHEAD_NET_HOOKED`).
+pub fn hooked_binary(package: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let var = format!(
+        "BULKHEAD_BIN_{}_HOOKED",
+        package.to_uppercase().replace('-', "_")
+    );
+    if let Ok(p) = std::env::var(var) {
+        return PathBuf::from(p);
+    }
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(name, _)| name == package) {
+        return p.clone();
+    }
+    // target/<profile>/deps/TEST-HASH -> target/
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("test binary under target/<profile>/deps")
+        .to_path_buf();
+    let target_dir = target.join("hooked");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "-p", package, "--features", "test-hooks"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo to build the hooked {package}: {e}"));
+    assert!(st.success(), "building the hooked {package} failed");
+    let bin = target_dir.join("debug").join(package);
+    built.push((package.to_string(), bin.clone()));
+    bin
+}
+
+/// Whether the binary at `path` was built with the `test-hooks` feature.
+pub fn has_test_hooks(path: &Path) -> bool {
+    let bin = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let needle = b"BULKHEAD_TEST_HOOK";
+    bin.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Makes `cmd` start with each `(fd, target)` of `fds` duplicated to fd
+/// number `target` (inheritable). The caller keeps the `fd`s open until the
+/// command is spawned.
+pub fn pass_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
+    // SAFETY: only dup2 between fork and exec; the targets are left inheritable.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(fd, target) in &fds {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether the kernel log holds an audit record of type 1326 (SECCOMP) for
+/// `pid` and `syscall`; `None` when dmesg cannot be read.
+pub fn seccomp_logged(pid: u32, syscall: libc::c_long) -> Option<bool> {
+    let out = Command::new("dmesg").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = format!(" pid={pid} ");
+    let nr = format!(" syscall={syscall} ");
+    Some(
+        text.lines()
+            .any(|l| l.contains("type=1326") && l.contains(&pid) && l.contains(&nr)),
+    )
+}
+
+/// Asserts the kernel logged a seccomp audit record for `syscall` from a
+/// daemon that `attempt` starts (and has make that call under `--sandbox
+/// log`). The kernel writes these records asynchronously and prints at most
+/// 10 audit lines per 5 s, shared with everything else on the host, so a
+/// record can be dropped: each attempt waits 6 s (past the rate-limit
+/// window) and a dropped record gets two more attempts. Passes, with a note,
+/// where dmesg cannot be read.
+pub fn assert_seccomp_logged(syscall: libc::c_long, mut attempt: impl FnMut() -> Logged) {
+    const ATTEMPTS: usize = 3;
+    for n in 1..=ATTEMPTS {
+        let d = attempt();
+        let deadline = Instant::now() + Duration::from_secs(6);
+        loop {
+            match seccomp_logged(d.pid(), syscall) {
+                None => {
+                    eprintln!("dmesg unreadable here: the kernel log record is not checked");
+                    return;
+                }
+                Some(true) => return,
+                Some(false) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some(false) => break,
+            }
+        }
+        eprintln!(
+            "attempt {n}: no SECCOMP audit record for pid {}, syscall {syscall} (rate-limited?)",
+            d.pid()
+        );
+    }
+    panic!("no SECCOMP audit record for syscall {syscall} in dmesg after {ATTEMPTS} attempts");
+}
