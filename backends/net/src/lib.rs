@@ -6,3 +6,5 @@
 pub mod device;
 pub mod request;
 pub mod tap;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;

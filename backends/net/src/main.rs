@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use bulkhead_common::daemon::{Endpoint, serve_endpoint};
+use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
 
 use bulkhead_net::device::{NetConfig, NetDevice, NetStats};
@@ -36,6 +38,9 @@ struct Args {
     #[command(flatten)]
     vhost_user: VhostUserArgs,
 
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+
     /// Tap interface to open by name, created if absent (needs CAP_NET_ADMIN to create).
     #[arg(long, value_name = "NAME", conflicts_with = "tap_fd",
           required_unless_present_any = ["print_capabilities", "tap_fd"])]
@@ -62,18 +67,24 @@ struct Args {
     queue_size: u16,
 }
 
-/// Blocks SIGUSR1 in every thread and logs the counters each time it arrives.
-fn stats_on_sigusr1(stats: Arc<NetStats>) -> std::io::Result<()> {
+/// Blocks SIGUSR1 in this thread and every thread it creates later; the
+/// stats thread takes it with sigwait. Call it single-threaded, before the
+/// socket exists, so an early SIGUSR1 never kills the daemon.
+fn block_sigusr1() -> std::io::Result<libc::sigset_t> {
     // SAFETY: plain signal-mask calls on a zeroed sigset_t.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        set
-    };
+        Ok(set)
+    }
+}
+
+/// Logs the counters each time SIGUSR1 (blocked by [`block_sigusr1`]) arrives.
+fn stats_on_sigusr1(set: libc::sigset_t, stats: Arc<NetStats>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("stats".into())
         .spawn(move || {
@@ -86,6 +97,34 @@ fn stats_on_sigusr1(stats: Arc<NetStats>) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Fds one queue holds beyond the tap: kick, call, err, stop, epoll, spare.
+const FDS_PER_QUEUE: u64 = 8;
+
+/// What bulkhead-net needs once it serves: its tap queues are open fds, so
+/// no path at all, and no network either (a fresh, empty net namespace: the
+/// tap fds keep carrying frames of the tap's own namespace). The main thread
+/// sets the tap's vnet header size and offloads when the driver acks its
+/// features, and attaches a pair's tap queue when its first queue starts; a
+/// queue thread reads and writes frames, and detaches its pair's tap queue
+/// when the last queue of the pair stops.
+fn sandbox_policy(pairs: u16) -> Policy {
+    use libc::*;
+    Policy {
+        paths: Vec::new(),
+        main: vec![
+            Syscall::ioctl(TUNSETOFFLOAD),
+            Syscall::ioctl(TUNSETVNETHDRSZ),
+            // The stats thread (sigwait).
+            Syscall::any(SYS_rt_sigtimedwait),
+        ],
+        worker: vec![Syscall::ioctl(TUNSETQUEUE)],
+        needs_network: false,
+        // rx, tx per pair plus the control queue.
+        max_open_files: fd_budget(2 * pairs + 1, FDS_PER_QUEUE),
+        writes_files: false,
+    }
 }
 
 fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), String> {
@@ -153,21 +192,34 @@ fn main() -> ExitCode {
         args.mac.map(|m| format!(", mac {m}")).unwrap_or_default(),
         args.mtu.map(|m| format!(", mtu {m}")).unwrap_or_default(),
     );
-    if let Err(e) = stats_on_sigusr1(device.stats.clone()) {
+    let sigusr1 = block_sigusr1();
+    let endpoint = match Endpoint::open(&args.vhost_user) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(pairs)) {
+        return fail(&e);
+    }
+    #[cfg(feature = "test-hooks")]
+    bulkhead_net::test_hooks::run_from_env();
+    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.stats.clone())) {
         log::warn!("no stats on SIGUSR1: {e}");
     }
-    let result = bulkhead_common::daemon::serve(&args.vhost_user, device.clone());
+    let result = serve_endpoint(endpoint, device.clone());
     log::info!("stats: {}", device.stats.line());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                log::error!("  caused by: {s}");
-                src = s.source();
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Logs `e` with its causes; the exit code for a failed start or run.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    log::error!("{e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        log::error!("  caused by: {s}");
+        src = s.source();
+    }
+    ExitCode::FAILURE
 }
