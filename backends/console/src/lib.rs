@@ -6,3 +6,5 @@
 pub mod device;
 pub mod port;
 pub mod request;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;

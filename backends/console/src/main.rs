@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use bulkhead_common::daemon::{Endpoint, serve_endpoint};
+use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
 
 use bulkhead_console::device::ConsoleDevice;
@@ -65,6 +67,9 @@ fn parse_scrollback(s: &str) -> Result<usize, String> {
 struct Args {
     #[command(flatten)]
     vhost_user: VhostUserArgs,
+
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 
     /// Host side of the console (port 0): socket=PATH, pty, file=PATH or stdio.
     /// Default: socket=SOCKET.console beside the vhost-user socket.
@@ -127,6 +132,48 @@ fn resolve(args: &Args) -> Result<Vec<(Option<String>, HostSpec, String)>, Strin
     Ok(out)
 }
 
+/// Fds per queue: its own (kick, call, err, stop, epoll, stall timer) and
+/// its share of its port's (epolls, wake eventfds, listener, control socket
+/// and its clients, the attached client, pty or file, size timer).
+const FDS_PER_QUEUE: u64 = 16;
+
+/// What bulkhead-console needs once it serves: every host side is open
+/// before it enters the sandbox (sockets bound and listening, ptys opened and
+/// their path files written, log files opened), so no path at all and no
+/// network (a fresh net namespace; bound unix sockets keep accepting). The
+/// main thread creates each transmit queue's stall timer; a queue thread
+/// accepts clients on the port and control sockets, moves bytes between them
+/// and the guest, polls terminal sizes and arms timers.
+fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
+    use libc::*;
+    Policy {
+        paths: Vec::new(),
+        main: vec![
+            Syscall::any(SYS_timerfd_create),
+            // The backend-request channel (config-change notifications): the
+            // vhost crate checks the socket it receives, the serve loop keeps
+            // a close-on-exec duplicate.
+            Syscall::getsockopt(SOL_SOCKET, SO_DOMAIN),
+            Syscall::getsockopt(SOL_SOCKET, SO_TYPE),
+            Syscall::fcntl(F_SETFD),
+            // Restoring stdin's terminal settings at exit (tcsetattr).
+            Syscall::ioctl(TCSETS),
+        ],
+        worker: vec![
+            Syscall::any(SYS_accept4),
+            // UnixStream::set_nonblocking on an accepted client.
+            Syscall::ioctl(FIONBIO),
+            Syscall::ioctl(TIOCGWINSZ),
+            Syscall::any(SYS_readv),
+            Syscall::any(SYS_sendto),
+            Syscall::any(SYS_timerfd_settime),
+        ],
+        needs_network: false,
+        max_open_files: fd_budget(2 * (ports as u16 + 1), FDS_PER_QUEUE),
+        writes_files,
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.vhost_user.print_capabilities {
@@ -182,7 +229,18 @@ fn main() -> ExitCode {
         device.ports().len(),
         args.scrollback
     );
-    let result = bulkhead_common::daemon::serve(&args.vhost_user, device.clone());
+    let endpoint = match Endpoint::open(&args.vhost_user) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let writes_files = specs.iter().any(|(_, h, _)| matches!(h, HostSpec::File(_)));
+    let policy = sandbox_policy(device.ports().len(), writes_files);
+    if let Err(e) = Sandbox::enter(&args.sandbox, &policy) {
+        return fail(&e);
+    }
+    #[cfg(feature = "test-hooks")]
+    bulkhead_console::test_hooks::run_from_env();
+    let result = serve_endpoint(endpoint, device.clone());
     if let Some(r) = restore {
         r.restore();
     }
@@ -198,14 +256,17 @@ fn main() -> ExitCode {
     );
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                log::error!("  caused by: {s}");
-                src = s.source();
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Logs `e` with its causes; the exit code for a failed start or run.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    log::error!("{e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        log::error!("  caused by: {s}");
+        src = s.source();
+    }
+    ExitCode::FAILURE
 }
