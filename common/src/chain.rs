@@ -132,7 +132,21 @@ impl DescriptorChain {
         head: u16,
         limits: ChainLimits,
     ) -> Result<Self, ChainError> {
-        let max_descs = u32::from(limits.queue_size.max(1));
+        Self::read_bounded(mem, table, head, limits, limits.queue_size)
+    }
+
+    /// Like [`DescriptorChain::read`], but a chain (through an indirect table)
+    /// may have up to `max(queue_size, max_descriptors)` descriptors: a device
+    /// whose `seg_max` follows its largest queue size accepts chains that long
+    /// even when the frontend chose a smaller queue.
+    pub fn read_bounded(
+        mem: GuestMemorySnapshot,
+        table: GuestAddress,
+        head: u16,
+        limits: ChainLimits,
+        max_descriptors: u16,
+    ) -> Result<Self, ChainError> {
+        let max_descs = u32::from(limits.queue_size.max(max_descriptors).max(1));
         let mut descs = Vec::new();
         let mut table_addr = table;
         let mut table_len = u32::from(limits.queue_size);
@@ -667,6 +681,28 @@ mod tests {
         assert_eq!(e.unwrap_err(), ChainError::TooLong(u32::from(u16::MAX)));
         let took = start.elapsed();
         assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[test]
+    fn indirect_tables_may_be_as_long_as_the_devices_largest_queue() {
+        let mem = Arc::new(single_region(0x10000));
+        let ind = 0x5000;
+        put(&mem, TABLE, 0, d(ind, 16 * 12, VRING_DESC_F_INDIRECT, 0));
+        for i in 0..12u16 {
+            let flags = if i == 11 {
+                VRING_DESC_F_WRITE
+            } else {
+                VRING_DESC_F_NEXT
+            };
+            put(&mem, ind, i, d(0x2000, 16, flags, i + 1));
+        }
+        // Queue of 8: 12 descriptors are too many, unless the device allows 16.
+        let e = DescriptorChain::read(mem.clone(), GuestAddress(TABLE), 0, limits());
+        assert_eq!(e.unwrap_err(), ChainError::TooLong(8));
+        let c = DescriptorChain::read_bounded(mem.clone(), GuestAddress(TABLE), 0, limits(), 16);
+        assert_eq!(c.unwrap().descriptors().len(), 12);
+        let e = DescriptorChain::read_bounded(mem, GuestAddress(TABLE), 0, limits(), 10);
+        assert_eq!(e.unwrap_err(), ChainError::TooLong(10));
     }
 
     #[test]

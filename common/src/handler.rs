@@ -178,7 +178,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             features: self.acked_features,
             max_chain_bytes: self.device.max_chain_bytes(),
         };
-        let vq = VirtQueue::start(
+        let mut vq = VirtQueue::start(
             cfg,
             self.mem.clone(),
             v.call.clone(),
@@ -187,6 +187,9 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             v.stats.clone(),
         )
         .map_err(|e| invalid(&format!("queue {i}: {e}")))?;
+        // Drivers size requests from the config (e.g. blk's seg_max), which
+        // follows the device's largest queue, not the size the frontend chose.
+        vq.set_max_descriptors(self.device.max_queue_size());
         let worker = self
             .device
             .create_worker(i as u16, self.acked_features)

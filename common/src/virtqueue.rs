@@ -199,6 +199,8 @@ pub struct VirtQueue {
     err: Option<Arc<EventFd>>,
     broken: bool,
     stats: Arc<QueueStats>,
+    /// Most descriptors one chain may have (at least the queue size).
+    max_descriptors: u16,
 }
 
 impl VirtQueue {
@@ -265,7 +267,14 @@ impl VirtQueue {
             err,
             broken: false,
             stats,
+            max_descriptors: cfg.size,
         })
+    }
+
+    /// Lets chains have up to `n` descriptors even when the queue is smaller:
+    /// the device's largest queue size, which its `seg_max` is derived from.
+    pub fn set_max_descriptors(&mut self, n: u16) {
+        self.max_descriptors = n.max(self.size);
     }
 
     /// Queue index within the device.
@@ -362,7 +371,14 @@ impl VirtQueue {
                 head
             };
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
-            match DescriptorChain::read(mem.clone(), self.addrs.desc, head, self.limits) {
+            let chain = DescriptorChain::read_bounded(
+                mem.clone(),
+                self.addrs.desc,
+                head,
+                self.limits,
+                self.max_descriptors,
+            );
+            match chain {
                 Ok(chain) => return Ok(Some(chain)),
                 Err(e) => {
                     self.bad_chain(head, e);

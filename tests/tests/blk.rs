@@ -456,12 +456,20 @@ fn assert_guest_error_completes_with_zero_len(layout: impl FnOnce(&GuestMemory) 
 }
 
 #[test]
-fn chain_too_short_for_the_header_completes_with_zero_len_and_daemon_keeps_serving() {
-    assert_guest_error_completes_with_zero_len(|mem| {
-        let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
-        let st = mem.alloc_with(&[STATUS_UNTOUCHED]).unwrap();
-        vec![Buf::readable(hdr, 8), Buf::writable(st, 1)]
-    });
+fn chain_too_short_for_the_header_fails_with_ioerr_and_daemon_keeps_serving() {
+    let mut d = start(&[]);
+    let mut blk = connect(&d, &Options::default());
+    let mem = blk.dev.mem.clone();
+    let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
+    let st = mem.alloc_with(&[STATUS_UNTOUCHED]).unwrap();
+    let bufs = vec![Buf::readable(hdr, 8), Buf::writable(st, 1)];
+    let head = blk.submit_raw(0, &bufs, false).unwrap();
+    let used = blk.reap_raw(0).unwrap();
+    assert_eq!((used.id, used.len), (u32::from(head), 1));
+    assert_eq!(mem.read_vec(st, 1).unwrap(), [VIRTIO_BLK_S_IOERR]);
+    assert_eq!(blk.write(0, 0, &[9; 512]).unwrap(), VIRTIO_BLK_S_OK);
+    drop(blk);
+    assert_still_serving(&mut d);
 }
 
 #[test]

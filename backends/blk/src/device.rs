@@ -18,7 +18,8 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::disk::Disk;
 use crate::engine::{self, Completion, Engine, EngineKind, Op};
 use crate::request::{
-    ID_BYTES, MAX_SEGMENTS, Request, RequestKind, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    ID_BYTES, MAX_SEGMENTS, ParseError, Request, RequestKind, SECTOR_SIZE, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
 };
 
 /// Virtio-blk feature bits (virtio spec 5.2.3).
@@ -308,7 +309,15 @@ impl BlkWorker {
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
-                vq.complete(chain.head(), 0);
+                match e {
+                    // The driver can still be told: fail it with IOERR.
+                    ParseError::NoHeader(status) => {
+                        let _ = chain.memory().write_obj(VIRTIO_BLK_S_IOERR, status);
+                        vq.complete(chain.head(), 1);
+                    }
+                    // Nowhere to put a status: return the buffers untouched.
+                    ParseError::NoStatus => vq.complete(chain.head(), 0),
+                }
                 return;
             }
         };

@@ -102,9 +102,9 @@ pub struct Request {
 /// Why a chain is not a block request at all (a guest error, completed with length 0).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    /// Fewer than 16 readable bytes for the header.
+    /// Fewer than 16 readable bytes for the header; the status byte is at the address given.
     #[error("chain too short for the request header")]
-    NoHeader,
+    NoHeader(GuestAddress),
     /// No writable byte for the status.
     #[error("chain has no writable status byte")]
     NoStatus,
@@ -142,7 +142,9 @@ impl Request {
     pub fn parse(chain: &DescriptorChain, g: &Geometry) -> Result<Request, ParseError> {
         let status = status_addr(chain).ok_or(ParseError::NoStatus)?;
         let mut reader = chain.reader();
-        let hdr: OutHdr = reader.read_obj().map_err(|_| ParseError::NoHeader)?;
+        let hdr: OutHdr = reader
+            .read_obj()
+            .map_err(|_| ParseError::NoHeader(status))?;
         // Data bytes: readable after the header, writable before the status.
         let data_in = chain.writable_len() - 1;
         let data_out = reader.available();
@@ -375,6 +377,9 @@ mod tests {
         };
         m.write_obj(d, GuestAddress(0x1000)).unwrap();
         let c = DescriptorChain::read(m, GuestAddress(0x1000), 0, limits).unwrap();
-        assert_eq!(Request::parse(&c, &GEO).unwrap_err(), ParseError::NoHeader);
+        assert_eq!(
+            Request::parse(&c, &GEO).unwrap_err(),
+            ParseError::NoHeader(GuestAddress(0x2007))
+        );
     }
 }
