@@ -16,12 +16,23 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::inline::{self, InlineReads};
 use super::ops::{self, FallocSupport, IovCursor, ZeroStep, errno_err};
 use super::{Completion, Engine, Op};
+
+/// The only operations an engine's ring accepts (`IORING_REGISTER_RESTRICTIONS`).
+const ALLOWED_OPCODES: [u8; 6] = [
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+];
 
 /// Times one op is reissued after `EINTR`/`EAGAIN` before the error is reported.
 const MAX_RETRIES: u8 = 16;
@@ -277,11 +288,22 @@ impl UringEngine {
     pub(super) fn new(file: Arc<File>, depth: usize, is_block_device: bool) -> io::Result<Self> {
         let entries =
             u32::try_from(depth.next_power_of_two()).map_err(|_| errno_err(libc::EINVAL))?;
+        // Created disabled, so that the opcodes it may run are fixed before
+        // it runs any: ring operations are not system calls and seccomp
+        // never sees them.
         let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(2))
+            .setup_r_disabled()
             .build(entries)?;
         let evt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        let mut allowed: Vec<Restriction> = ALLOWED_OPCODES
+            .iter()
+            .map(|&op| Restriction::sqe_op(op))
+            .collect();
+        allowed.push(Restriction::sqe_flags_allowed(0));
+        ring.submitter().register_restrictions(&mut allowed)?;
+        ring.submitter().register_enable_rings()?;
         let inline = InlineReads::classify(file.as_raw_fd());
         log::debug!("io_uring engine: inline reads {inline:?}");
         Ok(UringEngine {
@@ -562,5 +584,25 @@ impl Drop for UringEngine {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_refuses_opcodes_outside_its_restrictions() {
+        let path = std::env::temp_dir().join(format!("bulkhead-uring-{}", std::process::id()));
+        let file = Arc::new(File::create(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        let mut e = UringEngine::new(file, 8, false).unwrap();
+        // A NOP is not among the engine's operations: the kernel must refuse it.
+        let nop = opcode::Nop::new().build().user_data(7);
+        // SAFETY: a NOP references no memory.
+        unsafe { e.ring.submission().push(&nop).unwrap() };
+        e.ring.submit_and_wait(1).unwrap();
+        let cqe = e.ring.completion().next().unwrap();
+        assert_eq!((cqe.user_data(), cqe.result()), (7, -libc::EACCES));
     }
 }
