@@ -212,19 +212,18 @@ fn indirect_table(mem: &GuestMemory, entries: &[Desc]) -> u64 {
 #[test]
 fn indirect_chain_longer_than_the_queue_is_refused() {
     // Chains may be as long as the device's largest queue (bulkhead-blk's
-    // default --queue-size, 256, which its seg_max follows), even on the
-    // kit's 128-entry queue: a loop-free indirect chain of 257 one-byte
-    // buffers is one too many.
+    // --queue-size, 128 by default, which its seg_max follows): a loop-free
+    // indirect chain of 129 one-byte buffers is one too many.
     assert_refused(&Options::default(), |mem, data, status| {
         let hdr = mem.alloc_with(&header(VIRTIO_BLK_T_IN, 0)).unwrap();
         let mut e = vec![desc(hdr, 16, NEXT, 1)];
-        for i in 1..256u16 {
+        for i in 1..128u16 {
             e.push(desc(data.addr() + u64::from(i), 1, NEXT | WRITE, i + 1));
         }
         e.push(desc(status, 1, WRITE, 0));
-        assert_eq!(e.len(), 257);
+        assert_eq!(e.len(), 129);
         let t = indirect_table(mem, &e);
-        vec![desc(t, 16 * 257, INDIRECT, 0)]
+        vec![desc(t, 16 * 129, INDIRECT, 0)]
     });
 }
 

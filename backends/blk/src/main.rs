@@ -71,7 +71,7 @@ struct Args {
     num_queues: u16,
 
     /// Largest virtqueue size the frontend may set (a power of two).
-    #[arg(long, value_name = "N", default_value = "256", value_parser = parse_queue_size)]
+    #[arg(long, value_name = "N", default_value = "128", value_parser = parse_queue_size)]
     queue_size: u16,
 
     /// Device id returned to GET_ID requests (at most 20 bytes).
