@@ -53,7 +53,7 @@ fn writable_ranges(g: &Guest, s: &RingSetup, out: &mut Vec<(u64, u64)>) {
             continue;
         };
         if flags & F_INDIRECT != 0 {
-            for j in 0..(u64::from(len) / 16).min(u64::from(s.size)) {
+            for j in 0..(u64::from(len) / 16).min(u64::from(s.size.max(s.max_descriptors))) {
                 if let Some((a, l, f)) = raw_desc(g, addr.wrapping_add(16 * j))
                     && f & F_WRITE != 0
                 {
@@ -101,7 +101,8 @@ pub fn run(data: &[u8]) {
         BlkConfig {
             readonly: flags & 1 != 0,
             num_queues: 1,
-            queue_size: s.size,
+            // The daemon's default largest queue; the ring may be smaller.
+            queue_size: s.size.max(128),
             serial: Some("bulkhead-fuzz".into()),
             engine: EngineKind::Sync,
         },
@@ -111,6 +112,7 @@ pub fn run(data: &[u8]) {
     }
     let setup = RingSetup {
         max_chain_bytes: dev.max_chain_bytes(),
+        max_descriptors: dev.max_queue_size(),
         garbage: s.garbage.clone(),
         ..s
     };

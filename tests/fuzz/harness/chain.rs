@@ -2,7 +2,8 @@
 //! descriptor table, head and limits, then the Reader/Writer over the snapshot
 //! checked against a byte-level model.
 //!
-//! Input: layout, queue size u16, flags u8 (bit 0: INDIRECT_DESC), total-length
+//! Input: layout, queue size u16, flags u8 (bit 0: INDIRECT_DESC; bit 1: use
+//! `read_bounded` with 2^(bits 2-5) descriptors at most), total-length
 //! cap u32, table address, head u16, op count u8, ops (kind u8, n u16), then
 //! memory contents.
 //!
@@ -80,13 +81,13 @@ fn check_iovecs(guest: &Guest, stream: &Stream<'_>, start: u64, iovs: &[libc::io
     }
 }
 
-fn check_chain(guest: &Guest, c: &DescriptorChain, head: u16, limits: ChainLimits) {
+fn check_chain(guest: &Guest, c: &DescriptorChain, head: u16, limits: ChainLimits, max: u16) {
     assert_eq!(c.head(), head);
     let descs = c.descriptors();
     assert!(!descs.is_empty(), "empty chain accepted");
     assert!(
-        descs.len() <= usize::from(limits.queue_size.max(1)),
-        "{} descriptors in a queue of {}",
+        descs.len() <= usize::from(limits.queue_size.max(max).max(1)),
+        "{} descriptors in a queue of {} (device maximum {max})",
         descs.len(),
         limits.queue_size
     );
@@ -140,10 +141,17 @@ pub fn run(data: &[u8]) {
         max_total_len,
     };
     let mem = Arc::new(guest.mem.clone());
-    let Ok(chain) = DescriptorChain::read(mem, GuestAddress(table), head, limits) else {
+    // Flag bit 1: a device that allows chains as long as its largest queue,
+    // 2^(bits 2-5) descriptors.
+    let max_descriptors = (flags & 2 != 0).then(|| 1u16 << ((flags >> 2) & 15));
+    let read = match max_descriptors {
+        Some(m) => DescriptorChain::read_bounded(mem, GuestAddress(table), head, limits, m),
+        None => DescriptorChain::read(mem, GuestAddress(table), head, limits),
+    };
+    let Ok(chain) = read else {
         return;
     };
-    check_chain(&guest, &chain, head, limits);
+    check_chain(&guest, &chain, head, limits, max_descriptors.unwrap_or(0));
 
     let descs = chain.descriptors();
     let nread = descs.iter().take_while(|d| !d.writable).count();

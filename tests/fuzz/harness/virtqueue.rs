@@ -52,6 +52,8 @@ pub struct RingSetup {
     pub next_avail: u16,
     /// Chain byte cap.
     pub max_chain_bytes: u64,
+    /// Most descriptors per chain (`set_max_descriptors`; the device's largest queue).
+    pub max_descriptors: u16,
     /// Inflight area.
     pub inflight: InflightMode,
     /// Garbage for [`InflightMode::Garbage`].
@@ -60,7 +62,8 @@ pub struct RingSetup {
 
 impl RingSetup {
     /// Decodes: size log2 u8, feature bits u8 (0: EVENT_IDX, 1: INDIRECT_DESC),
-    /// desc/avail/used addresses, next avail u16, chain cap u32, inflight mode
+    /// desc/avail/used addresses, next avail u16, chain cap u32 (its top four
+    /// bits: log2 of the most descriptors per chain), inflight mode
     /// u8 (+ garbage length u16 and bytes).
     pub fn decode(g: &Guest, inp: &mut Input<'_>) -> Self {
         let size = 1u16 << (inp.u8() % 9);
@@ -78,7 +81,10 @@ impl RingSetup {
             used: GuestAddress(g.addr(inp)),
         };
         let next_avail = inp.u16();
-        let max_chain_bytes = u64::from(inp.u32());
+        let cap = inp.u32();
+        let max_chain_bytes = u64::from(cap);
+        // The cap's top four bits also pick the device's largest queue, 2^n.
+        let max_descriptors = 1u16 << (cap >> 28);
         let inflight = match inp.u8() % 3 {
             0 => InflightMode::None,
             1 => InflightMode::Fresh,
@@ -96,6 +102,7 @@ impl RingSetup {
             addrs,
             next_avail,
             max_chain_bytes,
+            max_descriptors,
             inflight,
             garbage,
         }
@@ -152,7 +159,8 @@ impl RingSetup {
             max_chain_bytes: self.max_chain_bytes,
         };
         let inflight = region.and_then(|r| r.queue(0, self.size));
-        let vq = VirtQueue::start(cfg, mem, call, None, inflight, Default::default()).ok()?;
+        let mut vq = VirtQueue::start(cfg, mem, call, None, inflight, Default::default()).ok()?;
+        vq.set_max_descriptors(self.max_descriptors);
         Some((vq, efd))
     }
 }
