@@ -283,6 +283,13 @@ fn drain(front: &UnixStream, received: &mut Vec<File>) {
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    // As in the daemon, where Rust's runtime ignores SIGPIPE (libFuzzer's own
+    // main does not): a reply or notification to a closed peer is EPIPE.
+    static IGNORE_SIGPIPE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setting a signal disposition to SIG_IGN, no handler code runs.
+    IGNORE_SIGPIPE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    });
     let mut inp = Input::new(data);
     let msgs: Vec<Msg> = (0..MAX_MSGS)
         .map_while(|_| (!inp.is_empty()).then(|| Msg::decode(&mut inp)))
