@@ -108,6 +108,16 @@ fn vhost_user_messages_inputs_replay_cleanly() {
 }
 
 #[test]
+fn vmm_pci_inputs_replay_cleanly() {
+    replay("vmm_pci");
+}
+
+#[test]
+fn vmm_mmio_inputs_replay_cleanly() {
+    replay("vmm_mmio");
+}
+
+#[test]
 fn every_target_is_replayed_and_has_a_fuzz_binary() {
     let src = include_str!("corpus_replay.rs");
     for t in harness::TARGETS {

@@ -19,6 +19,7 @@ pub mod inflight;
 pub mod input;
 pub mod vhost_user;
 pub mod virtqueue;
+pub mod vmm;
 
 /// A fuzz target: its name (the `fuzz_targets/<name>.rs` binary and the
 /// `corpus/<name>` directory), its harness and its seed generator.
@@ -57,5 +58,15 @@ pub const TARGETS: &[Target] = &[
         name: "vhost_user_messages",
         run: vhost_user::run,
         seeds: vhost_user::seeds,
+    },
+    Target {
+        name: "vmm_pci",
+        run: vmm::run_pci,
+        seeds: vmm::seeds_pci,
+    },
+    Target {
+        name: "vmm_mmio",
+        run: vmm::run_mmio,
+        seeds: vmm::seeds_mmio,
     },
 ];
