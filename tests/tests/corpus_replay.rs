@@ -108,6 +108,11 @@ fn vhost_user_messages_inputs_replay_cleanly() {
 }
 
 #[test]
+fn console_inputs_replay_cleanly() {
+    replay("console");
+}
+
+#[test]
 fn vmm_pci_inputs_replay_cleanly() {
     replay("vmm_pci");
 }

@@ -14,6 +14,8 @@
 
 pub mod blk_request;
 pub mod chain;
+pub mod console;
+pub mod device;
 pub mod guest;
 pub mod inflight;
 pub mod input;
@@ -58,6 +60,11 @@ pub const TARGETS: &[Target] = &[
         name: "vhost_user_messages",
         run: vhost_user::run,
         seeds: vhost_user::seeds,
+    },
+    Target {
+        name: "console",
+        run: console::run,
+        seeds: console::seeds,
     },
     Target {
         name: "vmm_pci",
