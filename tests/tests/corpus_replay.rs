@@ -108,6 +108,11 @@ fn vhost_user_messages_inputs_replay_cleanly() {
 }
 
 #[test]
+fn net_inputs_replay_cleanly() {
+    replay("net");
+}
+
+#[test]
 fn console_inputs_replay_cleanly() {
     replay("console");
 }

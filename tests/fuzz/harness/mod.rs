@@ -19,6 +19,7 @@ pub mod device;
 pub mod guest;
 pub mod inflight;
 pub mod input;
+pub mod net;
 pub mod vhost_user;
 pub mod virtqueue;
 pub mod vmm;
@@ -60,6 +61,11 @@ pub const TARGETS: &[Target] = &[
         name: "vhost_user_messages",
         run: vhost_user::run,
         seeds: vhost_user::seeds,
+    },
+    Target {
+        name: "net",
+        run: net::run,
+        seeds: net::seeds,
     },
     Target {
         name: "console",
