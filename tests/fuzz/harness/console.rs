@@ -235,9 +235,9 @@ pub fn run(data: &[u8]) {
 /// host input into posted receive buffers, a resize from the control socket
 /// and an emergency write; and a single-port console without MULTIPORT.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    // Queue q's rings (size 16) at q * 0x1000: desc +0, avail +0x100, used +0x200.
-    // Buffers from 0x8000.
-    let ring = |q: u32| [q * 0x1000, q * 0x1000 + 0x100, q * 0x1000 + 0x200];
+    // Queue q's rings (size 16) at q * 0x400: desc +0, avail +0x100, used +0x200;
+    // contents from 0x1800, receive buffers (no contents) from 0x8000.
+    let ring = |q: u32| [q * 0x400, q * 0x400 + 0x100, q * 0x400 + 0x200];
     let ctrl = |id: u32, event: u16, value: u16| {
         let mut b = [0u8; 8];
         b[0..4].copy_from_slice(&id.to_le_bytes());
@@ -258,26 +258,26 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ctrl(1, VIRTIO_CONSOLE_PORT_OPEN, 1),
     ];
     for (i, m) in msgs.iter().enumerate() {
-        let at = 0x8000 + 8 * i as u64;
-        img.put(at, m).desc(0x3000, i as u16, at, 8, 0, 0);
+        let at = 0x1800 + 8 * i as u64;
+        img.put(at, m).desc(0xc00, i as u16, at, 8, 0, 0);
     }
-    img.avail(0x3100, &[0, 1, 2, 3, 4]);
+    img.avail(0xd00, &[0, 1, 2, 3, 4]);
     // Control rx (queue 2): eight 64-byte buffers.
     for i in 0..8u16 {
-        img.desc(0x2000, i, 0x9000 + 64 * u64::from(i), 64, F_WRITE, 0);
+        img.desc(0x800, i, 0x9000 + 64 * u64::from(i), 64, F_WRITE, 0);
     }
-    img.avail(0x2100, &[0, 1, 2, 3, 4, 5, 6, 7]);
+    img.avail(0x900, &[0, 1, 2, 3, 4, 5, 6, 7]);
     // Port 0 tx (queue 1): "hello\r\n" in two descriptors; port 1 tx (queue 5).
-    img.put(0xa000, b"hello")
-        .put(0xa010, b"\r\n")
-        .desc(0x1000, 0, 0xa000, 5, F_NEXT, 1)
-        .desc(0x1000, 1, 0xa010, 2, 0, 0)
-        .avail(0x1100, &[0]);
-    img.put(0xa100, b"port one output")
-        .desc(0x5000, 0, 0xa100, 15, 0, 0)
-        .avail(0x5100, &[0]);
+    img.put(0x1840, b"hello")
+        .put(0x1850, b"\r\n")
+        .desc(0x400, 0, 0x1840, 5, F_NEXT, 1)
+        .desc(0x400, 1, 0x1850, 2, 0, 0)
+        .avail(0x500, &[0]);
+    img.put(0x1860, b"port one output")
+        .desc(0x1400, 0, 0x1860, 15, 0, 0)
+        .avail(0x1500, &[0]);
     // Port 0 rx (queue 0) and port 1 rx (queue 4): two buffers each.
-    for (q, base) in [(0u64, 0xb000u64), (0x4000, 0xb800)] {
+    for (q, base) in [(0u64, 0xb000u64), (0x1000, 0xb800)] {
         img.desc(q, 0, base, 256, F_WRITE, 0)
             .desc(q, 1, base + 0x100, 256, F_WRITE, 0)
             .avail(q + 0x100, &[0, 1]);
@@ -309,9 +309,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     // A single-port console without MULTIPORT: open from the start.
     let mut img = Image::new();
-    img.put(0xa000, b"login: ")
-        .desc(0x1000, 0, 0xa000, 7, 0, 0)
-        .avail(0x1100, &[0])
+    img.put(0x1800, b"login: ")
+        .desc(0x400, 0, 0x1800, 7, 0, 0)
+        .avail(0x500, &[0])
         .desc(0, 0, 0xb000, 128, F_WRITE, 0)
         .avail(0x100, &[0]);
     let mut s = Seed::new();

@@ -259,8 +259,9 @@ pub fn run(data: &[u8]) {
 /// address, and one spanning two mergeable buffers; and a legacy driver
 /// (10-byte header, no MRG_RXBUF) with one queue pair.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    // Queue q's rings (size 16) at q * 0x1000: desc +0, avail +0x100, used +0x200.
-    let ring = |q: u32| [q * 0x1000, q * 0x1000 + 0x100, q * 0x1000 + 0x200];
+    // Queue q's rings (size 16) at q * 0x400: desc +0, avail +0x100, used +0x200;
+    // contents from 0x1800, receive buffers (no contents) from 0x8000.
+    let ring = |q: u32| [q * 0x400, q * 0x400 + 0x100, q * 0x400 + 0x200];
     let frame = |dst: [u8; 6], n: usize| {
         let mut f = vec![0u8; n];
         f[..6].copy_from_slice(&dst);
@@ -280,26 +281,26 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         let f = frame(MAC.0, 60);
         let mut pkt = vec![0u8; hdr];
         pkt.extend_from_slice(&f);
-        img.put(0x8000, &pkt)
-            .desc(0x1000, 0, 0x8000, pkt.len() as u32, 0, 0);
+        img.put(0x1800, &pkt)
+            .desc(0x400, 0, 0x1800, pkt.len() as u32, 0, 0);
         let mut h = vec![0u8; hdr];
         h[0] = 1; // NEEDS_CSUM
         h[6..8].copy_from_slice(&34u16.to_le_bytes());
         h[8..10].copy_from_slice(&16u16.to_le_bytes());
-        img.put(0x8100, &h)
-            .put(0x8200, &f)
-            .desc(0x1000, 1, 0x8100, hdr as u32, F_NEXT, 2)
-            .desc(0x1000, 2, 0x8200, 60, 0, 0)
-            .avail(0x1100, &[0, 1]);
+        img.put(0x1860, &h)
+            .put(0x1870, &f)
+            .desc(0x400, 1, 0x1860, hdr as u32, F_NEXT, 2)
+            .desc(0x400, 2, 0x1870, 60, 0, 0)
+            .avail(0x500, &[0, 1]);
         // rx0 (queue 0): four 1 KiB buffers.
         for i in 0..4u16 {
-            img.desc(0, i, 0x9000 + 0x400 * u64::from(i), 0x400, F_WRITE, 0);
+            img.desc(0, i, 0x8000 + 0x400 * u64::from(i), 0x400, F_WRITE, 0);
         }
         img.avail(0x100, &[0, 1, 2, 3]);
         let ctrl_q = 2 * u64::from(pairs);
         if modern {
             // Control queue: promisc off; MAC table (1 unicast, 1 multicast); 2 pairs.
-            let base = ctrl_q * 0x1000;
+            let base = ctrl_q * 0x400;
             let cmds: [(u8, u8, Vec<u8>); 3] = [
                 (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC, vec![0]),
                 (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, {
@@ -316,13 +317,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ),
             ];
             for (i, (class, cmd, data)) in cmds.iter().enumerate() {
-                let at = 0xc000 + 0x100 * i as u64;
+                let at = 0x1900 + 0x40 * i as u64;
                 let d = 3 * i as u16;
                 img.put(at, &[*class, *cmd])
                     .put(at + 0x10, data)
                     .desc(base, d, at, 2, F_NEXT, d + 1)
                     .desc(base, d + 1, at + 0x10, data.len() as u32, F_NEXT, d + 2)
-                    .desc(base, d + 2, at + 0x80, 1, F_WRITE, 0);
+                    .desc(base, d + 2, at + 0x30, 1, F_WRITE, 0);
             }
             img.avail(base + 0x100, &[0, 3, 6]);
         }
