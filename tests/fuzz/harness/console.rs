@@ -197,8 +197,11 @@ pub fn run(data: &[u8]) {
                 let _ = dev.set_config(EMERG_WR_OFFSET.wrapping_add(u32::from(*off % 4)), bytes);
             }
             Op::Guest(q, gop) => {
+                // Only on rings the queue accepted (GuestOp wants them in memory).
                 let i = usize::from(*q) % nq;
-                watch.guest(&g, gop, &setups[i]);
+                if queues[i].is_some() {
+                    watch.guest(&g, gop, &setups[i]);
+                }
             }
             Op::Reset => {
                 for (vq, _, w) in queues.iter_mut().flatten() {

@@ -231,8 +231,11 @@ pub fn run(data: &[u8]) {
             }
             Op::Drain(p) => drain(&nets[usize::from(*p) % nets.len()], &mut buf),
             Op::Guest(q, gop) => {
+                // Only on rings the queue accepted (GuestOp wants them in memory).
                 let i = usize::from(*q) % nq;
-                watch.guest(&g, gop, &setups[i]);
+                if queues[i].is_some() {
+                    watch.guest(&g, gop, &setups[i]);
+                }
             }
             Op::Reset => {
                 for (vq, _, w) in queues.iter_mut().flatten() {
