@@ -7,8 +7,11 @@ use std::path::PathBuf;
 
 use crate::device::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
-/// Default largest queue size offered to the driver.
+/// Default largest queue size offered to the driver (net and console).
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Default for block devices: bulkhead-blk's and QEMU's vhost-user-blk
+/// default, which the backend's `seg_max` is sized for.
+pub const DEFAULT_BLK_QUEUE_SIZE: u16 = 128;
 
 /// Which transport a device sits behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +107,10 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
     let mut id = None;
     let mut transport = Transport::Pci;
     let mut queues = None;
-    let mut queue_size = DEFAULT_QUEUE_SIZE;
+    let mut queue_size = match kind {
+        DeviceKind::Blk => DEFAULT_BLK_QUEUE_SIZE,
+        _ => DEFAULT_QUEUE_SIZE,
+    };
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')

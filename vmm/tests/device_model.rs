@@ -134,8 +134,7 @@ fn pci_driver_sequence_completes_block_io_through_bulkhead_blk() {
     let w = BlkRequest::new(&rig.ram, 0x20_0000, VIRTIO_BLK_T_OUT, 8, Some(&data));
     ring.submit(&w.chain(false));
     kick.write(1).unwrap();
-    assert!(wait_irq(&irq[0]), "interrupt after the write");
-    assert_eq!(ring.used_idx(), 1);
+    assert!(wait_used(&ring, &irq[0], 1), "interrupt after the write");
     assert_eq!(w.status(&rig.ram), 0, "VIRTIO_BLK_S_OK");
     assert_eq!(read_image(&rig.image, 8 * 512, 4096), data);
 
@@ -143,8 +142,7 @@ fn pci_driver_sequence_completes_block_io_through_bulkhead_blk() {
     let r = BlkRequest::new(&rig.ram, 0x30_0000, VIRTIO_BLK_T_IN, 8, None);
     ring.submit(&r.chain(true));
     d.kick(0);
-    assert!(wait_irq(&irq[0]), "interrupt after the read");
-    assert_eq!(ring.used_idx(), 2);
+    assert!(wait_used(&ring, &irq[0], 2), "interrupt after the read");
     assert_eq!(r.status(&rig.ram), 0);
     let mut back = vec![0u8; 4096];
     rig.ram.read(r.data, &mut back).unwrap();
@@ -249,7 +247,7 @@ fn pci_reset_stops_the_backend_queue_and_a_fresh_driver_works_again() {
         let w = BlkRequest::new(&rig.ram, 0x20_0000, VIRTIO_BLK_T_OUT, 0, Some(&data));
         ring.submit(&w.chain(false));
         d.kick(0);
-        assert!(wait_irq(&irq[0]), "round {round}: interrupt");
+        assert!(wait_used(&ring, &irq[0], 1), "round {round}: interrupt");
         assert_eq!(w.status(&rig.ram), 0);
         assert_eq!(read_image(&rig.image, 0, 4096), data);
         // Reset: SET_VRING_ENABLE 0 + GET_VRING_BASE; eventfds unwired.
@@ -333,14 +331,14 @@ fn mmio_driver_sequence_completes_block_io_and_enforces_the_rules() {
     let w = BlkRequest::new(&ram, 0x20_0000, VIRTIO_BLK_T_OUT, 16, Some(&data));
     ring.submit(&w.chain(false));
     kick.write(1).unwrap();
-    assert!(wait_irq(&irq[0]), "interrupt after the write");
+    assert!(wait_used(&ring, &irq[0], 1), "interrupt after the write");
     assert_eq!(w.status(&ram), 0);
     assert_eq!(read_image(daemon.scratch().image(), 16 * 512, 4096), data);
 
     let r = BlkRequest::new(&ram, 0x30_0000, VIRTIO_BLK_T_IN, 16, None);
     ring.submit(&r.chain(true));
     d.w(0x050, 0); // QueueNotify that reached the VMM: forwarded
-    assert!(wait_irq(&irq[0]), "interrupt after the read");
+    assert!(wait_used(&ring, &irq[0], 2), "interrupt after the read");
     let mut back = vec![0u8; 4096];
     ram.read(r.data, &mut back).unwrap();
     assert_eq!(back, data);

@@ -254,7 +254,15 @@ fn start_blk(scratch: Scratch) -> Daemon {
     // land while requests are in flight.
     Daemon::blk(
         scratch,
-        &["--num-queues", "1", "--engine", "sync", "--direct"],
+        &[
+            "--num-queues",
+            "1",
+            "--queue-size",
+            "256",
+            "--engine",
+            "sync",
+            "--direct",
+        ],
     )
     .expect("start bulkhead-blk (cargo build -p bulkhead-blk)")
 }
@@ -267,7 +275,15 @@ fn second_blk(image: &Path) -> Daemon {
         .arg(scratch.socket())
         .arg("--image")
         .arg(image)
-        .args(["--num-queues", "1", "--engine", "sync", "--direct"]);
+        .args([
+            "--num-queues",
+            "1",
+            "--queue-size",
+            "256",
+            "--engine",
+            "sync",
+            "--direct",
+        ]);
     Daemon::start("bulkhead-blk", cmd, scratch).expect("start the second bulkhead-blk")
 }
 

@@ -39,6 +39,19 @@ pub fn wait_irq(fd: &EventFd) -> bool {
     n == 1 && fd.read().is_ok()
 }
 
+/// Waits, on `irq`, until the used index of `ring` reaches `n`. Backends may
+/// interrupt once more than needed (a queue start interrupts once), so an
+/// interrupt alone does not mean a request completed.
+pub fn wait_used(ring: &Ring, irq: &EventFd, n: u16) -> bool {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while ring.used_idx() != n {
+        if std::time::Instant::now() >= deadline || !wait_irq(irq) {
+            return ring.used_idx() == n;
+        }
+    }
+    true
+}
+
 /// A split virtqueue laid out by the test in the VMM's guest RAM.
 pub struct Ring {
     pub ram: Arc<GuestRam>,
