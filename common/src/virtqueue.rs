@@ -201,6 +201,11 @@ pub struct VirtQueue {
     stats: Arc<QueueStats>,
     /// Most descriptors one chain may have (at least the queue size).
     max_descriptors: u16,
+    /// Heads `pop` may still take before the queue thread must look at its
+    /// other events (its stop fd above all); unlimited outside a queue thread.
+    budget: u32,
+    /// `pop` stopped because the budget ran out, not because the ring was empty.
+    exhausted: bool,
 }
 
 impl VirtQueue {
@@ -268,6 +273,8 @@ impl VirtQueue {
             broken: false,
             stats,
             max_descriptors: cfg.size,
+            budget: u32::MAX,
+            exhausted: false,
         })
     }
 
@@ -275,6 +282,19 @@ impl VirtQueue {
     /// the device's largest queue size, which its `seg_max` is derived from.
     pub fn set_max_descriptors(&mut self, n: u16) {
         self.max_descriptors = n.max(self.size);
+    }
+
+    /// Gives `pop` a fresh budget of heads for one round of the queue thread:
+    /// a guest that refills the ring as fast as the device drains it cannot
+    /// keep the thread from seeing its stop request.
+    pub fn refill_budget(&mut self) {
+        self.budget = 4 * u32::from(self.size).max(64);
+        self.exhausted = false;
+    }
+
+    /// True (once) if `pop` ran out of budget since the last refill.
+    pub fn take_exhausted(&mut self) -> bool {
+        std::mem::take(&mut self.exhausted)
     }
 
     /// Queue index within the device.
@@ -339,6 +359,11 @@ impl VirtQueue {
         }
         let mem = self.memory();
         loop {
+            if self.budget == 0 {
+                self.exhausted = true;
+                return Ok(None);
+            }
+            self.budget -= 1;
             let head = if let Some(h) = self.resubmit.pop_front() {
                 h
             } else {
@@ -482,7 +507,8 @@ impl VirtQueue {
 
     /// Asks the guest to kick again; returns true if buffers arrived meanwhile.
     pub fn enable_notifications(&mut self) -> Result<bool, QueueError> {
-        if self.broken {
+        if self.broken || self.exhausted {
+            // Out of budget: the queue thread comes back after its other events.
             return Ok(false);
         }
         let mem = self.memory();
@@ -671,6 +697,33 @@ mod tests {
         assert_eq!(c.head(), 1);
         assert_eq!(g.used(), (1, vec![(0, 0)]));
         assert_eq!(q.stats().bad_chains.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn budget_ends_a_round_even_when_the_guest_keeps_refilling() {
+        let mut g = Guest::new();
+        g.desc(0, 0x5000, 16, 0, 0);
+        let (mut q, _) = g.queue(0);
+        q.refill_budget();
+        let mut taken = 0;
+        // The guest offers head 0 again each time it completes.
+        loop {
+            g.offer(0);
+            match q.pop().unwrap() {
+                Some(c) => {
+                    q.complete(c.head(), 0);
+                    taken += 1;
+                }
+                None => break,
+            }
+            assert!(taken <= 1000, "pop never stopped");
+        }
+        assert_eq!(taken, 4 * 64);
+        assert!(!q.enable_notifications().unwrap());
+        assert!(q.take_exhausted());
+        assert!(!q.take_exhausted());
+        q.refill_budget();
+        assert!(q.pop().unwrap().is_some());
     }
 
     #[test]

@@ -117,6 +117,14 @@ fn add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
     )
 }
 
+/// A round that ran out of budget left work on the ring: kick ourselves, so
+/// the thread returns to it after looking at its other events (stop above all).
+fn rekick_if_exhausted(vq: &mut VirtQueue, kick: &EventFd) {
+    if vq.take_exhausted() {
+        let _ = kick.write(1);
+    }
+}
+
 fn run<W: QueueWorker>(
     mut vq: VirtQueue,
     mut worker: W,
@@ -150,7 +158,9 @@ fn run<W: QueueWorker>(
             io::Error::last_os_error()
         );
     } else {
+        vq.refill_budget();
         worker.on_kick(&mut vq, &ctl);
+        rekick_if_exhausted(&mut vq, &kick);
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
         'outer: loop {
             let n = match epoll::wait(epoll, -1, &mut events) {
@@ -166,9 +176,15 @@ fn run<W: QueueWorker>(
                     TOKEN_STOP => break 'outer,
                     TOKEN_KICK => {
                         let _ = kick.read();
+                        vq.refill_budget();
                         worker.on_kick(&mut vq, &ctl);
+                        rekick_if_exhausted(&mut vq, &kick);
                     }
-                    t => worker.on_fd(&mut vq, (t - TOKEN_FIRST_FD) as usize, &ctl),
+                    t => {
+                        vq.refill_budget();
+                        worker.on_fd(&mut vq, (t - TOKEN_FIRST_FD) as usize, &ctl);
+                        rekick_if_exhausted(&mut vq, &kick);
+                    }
                 }
             }
         }
