@@ -737,6 +737,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dropping_the_device_drops_its_ports() {
+        use crate::port::HostSpec;
+        let path =
+            std::env::temp_dir().join(format!("bulkhead-console-drop-{}", std::process::id()));
+        let (port, _) = Port::open(0, None, &HostSpec::File(path.clone()), 64).unwrap();
+        let dev = ConsoleDevice::new(vec![port]).unwrap();
+        let port = Arc::downgrade(&dev.ports()[0]);
+        assert!(dev.ports()[0].stats_json()["device"].is_object());
+        drop(dev);
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            port.upgrade().is_none(),
+            "the ports (and their fds) outlive the device"
+        );
+    }
+
+    #[test]
     fn queue_roles_follow_the_spec_layout() {
         assert_eq!(role(0), Role::PortRx(0));
         assert_eq!(role(1), Role::PortTx(0));

@@ -29,7 +29,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -278,7 +278,8 @@ pub struct Port {
     size: AtomicU32,
     /// Counters.
     pub stats: PortStats,
-    device_stats: Mutex<Option<Arc<dyn StatsSource>>>,
+    /// Weak: the device's control plane owns the ports (no reference cycle).
+    device_stats: Mutex<Option<Weak<dyn StatsSource>>>,
 }
 
 fn epoll_new() -> io::Result<OwnedFd> {
@@ -624,7 +625,7 @@ impl Port {
     /// Lets the control socket report device-wide counters too.
     pub fn set_stats_source(&self, src: Arc<dyn StatsSource>) {
         if let Ok(mut g) = self.device_stats.lock() {
-            *g = Some(src);
+            *g = Some(Arc::downgrade(&src));
         }
     }
 
@@ -1143,7 +1144,8 @@ impl Port {
             .device_stats
             .lock()
             .ok()
-            .and_then(|g| g.as_ref().map(|d| d.device_stats()))
+            .and_then(|g| g.as_ref().and_then(Weak::upgrade))
+            .map(|d| d.device_stats())
             .unwrap_or(serde_json::Value::Null);
         serde_json::json!({
             "port": self.id,
