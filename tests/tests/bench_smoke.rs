@@ -92,7 +92,10 @@ fn quick_bench_reports_net_packet_rates_and_console_throughput() {
     }
     assert!(report.contains("## bulkhead-console"));
     if let Some(why) = v["net"]["skipped"].as_str() {
-        eprintln!("SKIP net part: {why}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP net part: {why}\n"),
+        );
         return;
     }
     let points = v["net"]["points"].as_array().expect("net points");

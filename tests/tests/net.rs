@@ -28,7 +28,10 @@ const WAIT: Duration = Duration::from_secs(5);
 fn skip(test: &str) -> bool {
     match netns::unavailable() {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIP {test}: {why}\n"),
+            );
             true
         }
         None => false,

@@ -28,7 +28,10 @@ fn skip(test: &str) -> bool {
     });
     match why {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIP {test}: {why}\n"),
+            );
             true
         }
         None => false,

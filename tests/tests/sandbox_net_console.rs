@@ -85,7 +85,10 @@ impl NetEnv {
     /// None (and a SKIP line) where namespaces and taps are unavailable.
     fn new(test: &str, pairs: usize) -> Option<Self> {
         if let Some(why) = netns::unavailable() {
-            eprintln!("SKIP {test}: {why}");
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIP {test}: {why}\n"),
+            );
             return None;
         }
         let ns = NetNs::new().expect("create a network namespace");
@@ -242,7 +245,10 @@ fn net_under_user_nobody_serves_tap_fds_holding_no_capability() {
 #[test]
 fn net_with_tap_by_name_holds_no_capability_once_serving() {
     if let Some(why) = netns::unavailable() {
-        eprintln!("SKIP net_with_tap_by_name: {why}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP net_with_tap_by_name: {why}\n"),
+        );
         return;
     }
     // The daemon creates the tap in the namespace (CAP_NET_ADMIN at start),

@@ -108,7 +108,12 @@ impl Backends {
         let (net, ns) = match start_net() {
             Ok((net, ns)) => (Some(net), Some(ns)),
             Err(why) => {
-                eprintln!("SKIPPED (net device only): {why}; the guest runs with blk and console");
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!(
+                        "SKIPPED (net device only): {why}; the guest runs with blk and console\n"
+                    ),
+                );
                 (None, None)
             }
         };
@@ -494,7 +499,7 @@ fn boot(transport: &str) -> Boot {
 #[test]
 fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: {why}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED: {why}\n"));
         return;
     }
     boot("pci").assert_passed("bulkhead-vmm + blk, net, console over virtio-pci");
@@ -503,7 +508,7 @@ fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci() {
 #[test]
 fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_mmio() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: {why}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED: {why}\n"));
         return;
     }
     // The DSDT announces each device as LNRO0005 (Debian's kernel has no

@@ -72,7 +72,8 @@ fn kvm_unavailable() -> Option<String> {
 macro_rules! require_kvm {
     () => {
         if let Some(why) = kvm_unavailable() {
-            eprintln!("SKIPPED: {why}");
+            let _ =
+                std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED: {why}\n"));
             return;
         }
     };

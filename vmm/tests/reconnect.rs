@@ -478,7 +478,10 @@ fn blk_swap_to_qemu_storage_daemon_keeps_io_running() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: qemu-storage-daemon is not installed");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIPPED: qemu-storage-daemon is not installed\n"),
+        );
         return;
     }
     let mut old = start_blk(Scratch::new(BLK_IMAGE).unwrap());
@@ -665,13 +668,19 @@ fn wait_frame(sock: &netns::PacketSocket, marker: &[u8]) {
 
 fn net_setup() -> Option<NetNs> {
     if let Some(why) = netns::unavailable() {
-        eprintln!("SKIPPED: net reconnect test: {why}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIPPED: net reconnect test: {why}\n"),
+        );
         return None;
     }
     match NetNs::new() {
         Ok(ns) => Some(ns),
         Err(e) => {
-            eprintln!("SKIPPED: net reconnect test: cannot create a namespace: {e}");
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIPPED: net reconnect test: cannot create a namespace: {e}\n"),
+            );
             None
         }
     }

@@ -553,7 +553,10 @@ fn start_dpdk(ns: &NetNs, daemon_args: &[&str]) -> Result<Dpdk> {
 /// Runs the net benchmark; returns its JSON (or a `skipped` reason).
 pub fn run(a: &NetArgs) -> Result<Value> {
     if let Some(why) = bulkhead_tests::netns::unavailable() {
-        eprintln!("SKIP net benchmark: {why}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP net benchmark: {why}\n"),
+        );
         return Ok(json!({"skipped": why}));
     }
     let ns = NetNs::new()?;
@@ -581,7 +584,10 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         skipped.push("DPDK targets: not requested".to_string());
         None
     } else if let Some(why) = dpdk::unavailable() {
-        eprintln!("SKIP DPDK targets: {why}");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP DPDK targets: {why}\n"),
+        );
         skipped.push(format!("DPDK targets: {why}"));
         None
     } else {

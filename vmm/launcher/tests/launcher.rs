@@ -176,7 +176,10 @@ fn qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: qemu-system-x86_64 is not installed");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIPPED: qemu-system-x86_64 is not installed\n"),
+        );
         return;
     }
     let image = guest::image();

@@ -276,7 +276,10 @@ fn zeroing_on_tmpfs_falls_back_where_fallocate_modes_are_missing() {
     let is_tmpfs = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0
         && st.f_type == libc::TMPFS_MAGIC;
     if !is_tmpfs {
-        eprintln!("skipped: /dev/shm is not a tmpfs here");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: /dev/shm is not a tmpfs here\n"),
+        );
         return;
     }
     for kind in kinds() {
@@ -454,7 +457,10 @@ fn read_past_end_of_file_completes_with_eio() {
 #[test]
 fn enospc_surfaces_in_the_completion() {
     let Ok(full) = OpenOptions::new().write(true).open("/dev/full") else {
-        eprintln!("skipped: /dev/full cannot be opened here");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: /dev/full cannot be opened here\n"),
+        );
         return;
     };
     let full = Arc::new(full);
@@ -517,7 +523,12 @@ fn bad_depth_is_rejected() {
 #[test]
 fn block_device_range_ops_use_ioctls() {
     let Some(path) = std::env::var_os("BULKHEAD_TEST_BLOCK_DEVICE") else {
-        eprintln!("skipped: set BULKHEAD_TEST_BLOCK_DEVICE to a scratch block device");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!(
+                "SKIP block_device_range_ops_use_ioctls: set BULKHEAD_TEST_BLOCK_DEVICE to a scratch block device\n"
+            ),
+        );
         return;
     };
     let dev = Arc::new(
@@ -611,11 +622,17 @@ fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
     use super::inline::InlineReads;
     use std::os::unix::io::AsRawFd;
     let Some(dir) = shm_dir() else {
-        eprintln!("SKIP: /dev/shm is not tmpfs");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: /dev/shm is not tmpfs\n"),
+        );
         return;
     };
     if !super::io_uring_available() {
-        eprintln!("SKIP: io_uring unavailable");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: io_uring unavailable\n"),
+        );
         return;
     }
     let img = TempImage::new(&dir, "inline", 64 * 1024, 0);
@@ -654,7 +671,10 @@ fn direct_images_are_never_read_inline() {
         .custom_flags(libc::O_DIRECT)
         .open(&img.path)
     else {
-        eprintln!("SKIP: O_DIRECT unsupported in the temp dir");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: O_DIRECT unsupported in the temp dir\n"),
+        );
         return;
     };
     assert_eq!(InlineReads::classify(f.as_raw_fd()), InlineReads::Off);
