@@ -230,6 +230,9 @@ pub fn run(data: &[u8]) {
             h.received
         );
     }
+    drop(queues);
+    drop(dev);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Seeds: Linux's MULTIPORT bring-up (DEVICE_READY, then PORT_READY and
