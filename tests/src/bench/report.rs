@@ -106,6 +106,7 @@ pub fn analyse(v: &mut Value) {
         }));
     }
     net_goals(v, &mut goals);
+    vmm_goals(v, &mut goals);
     v["goals"] = Value::Array(goals);
 }
 
@@ -140,6 +141,48 @@ fn net_goals(v: &Value, goals: &mut Vec<Value>) {
             "gap": x.map(|x| x / 0.7 - 1.0),
         }));
     }
+}
+
+/// Boot time to init and VMM memory overhead, or why they were not measured.
+fn vmm_goals(v: &Value, goals: &mut Vec<Value>) {
+    let vmm = &v["vmm"];
+    if vmm.is_null() {
+        return;
+    }
+    let boot_t = f(&vmm["targets"], "boot_to_init_ms");
+    let mem_t = f(&vmm["targets"], "overhead_mib");
+    let b = &vmm["boots"]["blk"];
+    let measured = vmm["measured"] == true;
+    let why = if vmm["probe"]["ok"] == true {
+        "not measured here: a boot failed; see the bulkhead-vmm section"
+    } else {
+        "not measured here: `bulkhead-vmm probe` says KVM cannot run a Linux guest; see the \
+         bulkhead-vmm section"
+    };
+    let (boot, mem) = if measured {
+        (
+            Some(f(b, "boot_to_init_ms")),
+            Some(f(b, "overhead_rss_mib")),
+        )
+    } else {
+        (None, None)
+    };
+    goals.push(json!({
+        "goal": "bulkhead-vmm start to the guest's init, with bulkhead-blk attached (median)",
+        "target": format!("<= {boot_t:.0} ms"),
+        "measured": boot.map_or(json!("-"), |x| json!(format!("{x:.1} ms"))),
+        "met": boot.map(|x| x <= boot_t),
+        "gap": Value::Null,
+        "detail": if measured { Value::Null } else { json!(why) },
+    }));
+    goals.push(json!({
+        "goal": "bulkhead-vmm memory overhead after boot: RSS beyond guest RAM",
+        "target": format!("<= {mem_t:.0} MiB"),
+        "measured": mem.map_or(json!("-"), |x| json!(format!("{x:.2} MiB"))),
+        "met": mem.map(|x| x <= mem_t),
+        "gap": Value::Null,
+        "detail": if measured { Value::Null } else { json!(why) },
+    }));
 }
 
 fn fmt_ratio(v: &Value) -> String {
@@ -250,13 +293,17 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     engine_section(&mut m, v);
     net_section(&mut m, &v["net"]);
     console_section(&mut m, &v["console"]);
+    vmm_section(&mut m, &v["vmm"]);
 
     let _ = writeln!(m, "## Reproduce\n");
     let _ = writeln!(
         m,
         "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
-         `target/release/bulkhead-bench` (blk, net, console; about 15 minutes), and rewrites \
-         `docs/performance.{{md,json,svg}}`. Extra arguments go to `bulkhead-bench` \
+         `target/release/bulkhead-bench` (blk, net, console, vmm; about 15 minutes), and \
+         rewrites `docs/performance.{{md,json,svg}}`. One suite can be rerun into the \
+         existing report: `target/release/bulkhead-bench --suites vmm --merge-json \
+         docs/performance.json --json docs/performance.json --md docs/performance.md \
+         --svg docs/performance.svg`. Extra arguments go to `bulkhead-bench` \
          (for example `--runs 5 --secs 3` for longer block runs, `--media tmpfs`, \
          `--suites net`, `--baseline-bin OLD-bulkhead-blk` to measure an earlier build \
          beside the current one); `scripts/bench --quick` is a smoke run of every suite \
@@ -805,4 +852,130 @@ fn console_section(m: &mut String, c: &Value) {
         "\n```text\n{}\n```\n",
         c["config"].as_str().unwrap_or("")
     );
+}
+
+/// One row of the VMM tables: a configuration's medians, or its error.
+fn vmm_row(m: &mut String, name: &str, r: &Value, first: &str) {
+    if let Some(e) = r["error"].as_str() {
+        let _ = writeln!(m, "| {name} | failed: {} |||||", e.replace('|', "/"));
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "| {name} | {first} | {:.2} | {:.2} | {:.2} | {:.1} |",
+        f(r, "overhead_rss_mib"),
+        f(r, "overhead_private_dirty_mib"),
+        f(r, "overhead_anonymous_mib"),
+        f(r, "guest_ram_rss_mib"),
+    );
+}
+
+/// `bulkhead-vmm`: boot time to init and its own memory, or why not measured.
+fn vmm_section(m: &mut String, vmm: &Value) {
+    if vmm.is_null() {
+        return;
+    }
+    let meth = &vmm["method"];
+    let t = &vmm["targets"];
+    let _ = writeln!(
+        m,
+        "## bulkhead-vmm: boot time and memory overhead
+"
+    );
+    let _ = writeln!(
+        m,
+        "Suite run {} (`{}`). Guest: Debian {} with the test kit's initramfs, {} RAM, {} \
+         vCPU, `{}`, devices over virtio-{}. Targets (Firecracker's published ones): \
+         **<= {} ms** from starting the VMM to the guest's init, **<= {} MiB** VMM \
+         memory beyond guest RAM.\n",
+        vmm["generated"].as_str().unwrap_or("?"),
+        vmm["command"].as_str().unwrap_or(""),
+        meth["kernel"].as_str().unwrap_or("?"),
+        meth["memory"].as_str().unwrap_or("?"),
+        meth["cpus"],
+        meth["cmdline"].as_str().unwrap_or(""),
+        meth["transport"].as_str().unwrap_or("?"),
+        f(t, "boot_to_init_ms"),
+        f(t, "overhead_mib"),
+    );
+    let _ = writeln!(
+        m,
+        "Method. *Boot to init*: from spawning `bulkhead-vmm` (its backend already \
+         listening) until the serial log holds the init's first line `@@BULKHEAD BOOTED` \
+         (polled every millisecond); median of {} boots per configuration. *Memory*: once \
+         the guest's `/test.sh` runs, `/proc/PID/smaps` of the VMM summed over every \
+         mapping except guest RAM (`memfd:bulkhead-guest-ram`): **RSS beyond guest RAM** \
+         (the target's measure; includes the VMM's shared text and libraries), \
+         Private_Dirty and Anonymous (heap and stacks: memory only the VMM holds). KVM's \
+         in-kernel state (vCPU, page tables) is not in RSS.\n",
+        meth["boots"],
+    );
+    if vmm["measured"] != true {
+        let _ = writeln!(
+            m,
+            "**Not measured on this machine.** Boot time to init and memory overhead after \
+             boot need a KVM that runs a 64-bit Linux guest; {}: {}. The targets above stay \
+             open until the suite runs on a machine whose `bulkhead-vmm probe` passes \
+             (`bulkhead-bench --suites vmm`).\n",
+            if vmm["probe"]["ok"] == true {
+                "the probe passed but a boot failed"
+            } else {
+                "`bulkhead-vmm probe` failed here"
+            },
+            vmm["reason"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(boots) = vmm["boots"].as_object() {
+        let _ = writeln!(
+            m,
+            "| devices | boot to init ms (runs) | RSS beyond guest RAM MiB | Private_Dirty MiB \
+             | Anonymous MiB | guest RAM resident MiB |\n|---|---|---|---|---|---|"
+        );
+        for (name, r) in boots {
+            let runs: Vec<String> = r["runs_boot_to_init_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                .collect();
+            let first = format!(
+                "**{:.1}** ({}; guest uptime at init {:.0} ms)",
+                f(r, "boot_to_init_ms"),
+                runs.join(" "),
+                f(r, "guest_uptime_at_init_ms")
+            );
+            vmm_row(m, name, r, &first);
+        }
+        let _ = writeln!(m);
+    }
+    if let Some(dry) = vmm["dry_run"].as_object() {
+        let _ = writeln!(
+            m,
+            "### VMM process before guest boot (dry run, not the target number)\n\n\
+             The same command line, stopped through the API socket (`shutdown`) once \
+             `list` shows every backend connected; medians of {} runs. Guest RAM already \
+             holds the kernel and initrd and the vCPU may already run, but the guest \
+             has not booted, so this is the VMM's set-up footprint, a lower bound for the \
+             overhead after boot. Times are from spawning the VMM.\n",
+            meth["dry_runs"]
+        );
+        let _ = writeln!(
+            m,
+            "| devices | API up / all connected ms | RSS beyond guest RAM MiB | \
+             Private_Dirty MiB | Anonymous MiB | guest RAM resident MiB |\n\
+             |---|---|---|---|---|---|"
+        );
+        for (name, r) in dry {
+            let first = format!(
+                "{:.1} / {:.1} (stopped cleanly {} of {}; {:.0} threads)",
+                f(r, "api_ready_ms"),
+                f(r, "attached_ms"),
+                r["stopped_cleanly"],
+                r["runs"],
+                f(r, "threads")
+            );
+            vmm_row(m, name, r, &first);
+        }
+        let _ = writeln!(m);
+    }
 }

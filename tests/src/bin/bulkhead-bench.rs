@@ -4,7 +4,8 @@
 //! access pattern issued directly on the host with io_uring. Then
 //! `bulkhead-net` (packets per second and Gbit/s guest → tap, against DPDK's
 //! vhost PMD and a raw tap writer; see `bench/net.rs`) and `bulkhead-console`
-//! (MiB/s both ways; `bench/console.rs`).
+//! (MiB/s both ways; `bench/console.rs`), and `bulkhead-vmm`'s boot time to
+//! the guest's init and its memory overhead (`bench/vmm.rs`).
 //!
 //! Every point (medium x queues x pattern x queue depth) is measured as
 //! `--runs` runs of `--secs` seconds per target, the targets interleaved run
@@ -26,6 +27,8 @@ mod profile;
 mod report;
 #[path = "../bench/targets.rs"]
 mod targets;
+#[path = "../bench/vmm.rs"]
+mod vmm;
 #[path = "../bench/workload.rs"]
 mod workload;
 
@@ -45,7 +48,7 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console (default all three)
+  --suites LIST         blk,net,console,vmm (default all four)
   --runs N              runs per point (default 5)
   --secs S              seconds per run (default 0.8)
   --warmup S            discarded warm-up per point and target (default 0.2)
@@ -68,7 +71,10 @@ usage: bulkhead-bench [--quick] [options]
   --net-args ARGS       extra bulkhead-net arguments (e.g. \"--sandbox log\")
   --console-args ARGS   extra bulkhead-console arguments
   --console-mib N       MiB per console run (default 64)
+  --vmm-boots N         boots per vmm configuration (default 10, 2 with --quick)
   --json FILE --md FILE --svg FILE   outputs (default target/bench/bench.*)
+  --merge-json FILE     run only --suites and merge their results into FILE's (the other
+                        suites' numbers stay), e.g. --suites vmm --merge-json docs/performance.json
   --from-json FILE      only regenerate the report from an earlier JSON (with --micro:
                         fold in new micro-benchmark results, rewriting --json)";
 
@@ -102,6 +108,8 @@ struct Args {
     md: PathBuf,
     svg: PathBuf,
     from_json: Option<PathBuf>,
+    vmm_boots: usize,
+    merge_json: Option<PathBuf>,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -141,7 +149,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         bulkhead_args: Vec::new(),
         baseline_bin: None,
         profile: 0.0,
-        suites: vec!["blk".into(), "net".into(), "console".into()],
+        suites: vec!["blk".into(), "net".into(), "console".into(), "vmm".into()],
         net_runs: if quick { 1 } else { 3 },
         net_secs: if quick { 0.3 } else { 1.0 },
         net_sizes: if quick {
@@ -158,6 +166,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         md: PathBuf::from("target/bench/bench.md"),
         svg: PathBuf::from("target/bench/bench.svg"),
         from_json: None,
+        vmm_boots: if quick { 2 } else { 10 },
+        merge_json: None,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -187,7 +197,9 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console"].contains(&x).then(|| x.into())
+                    ["blk", "net", "console", "vmm"]
+                        .contains(&x)
+                        .then(|| x.into())
                 })?
             }
             "--net-runs" => a.net_runs = (num(&v)? as usize).max(1),
@@ -202,6 +214,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--md" => a.md = v.into(),
             "--svg" => a.svg = v.into(),
             "--from-json" => a.from_json = Some(v.into()),
+            "--vmm-boots" => a.vmm_boots = (num(&v)? as usize).max(1),
+            "--merge-json" => a.merge_json = Some(v.into()),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -441,6 +455,14 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let vmm_json = if a.suites.iter().any(|s| s == "vmm") {
+        vmm::run(&vmm::VmmArgs {
+            boots: a.vmm_boots,
+            dry_runs: if a.quick { 1 } else { 3 },
+        })?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -491,6 +513,7 @@ fn run(a: &Args) -> Result<Value> {
         "profile": profile_json,
         "net": net_json,
         "console": console_json,
+        "vmm": vmm_json,
     });
     report::analyse(&mut v);
     Ok(v)
@@ -503,6 +526,38 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// The top-level keys each suite writes.
+fn suite_keys(suite: &str) -> &'static [&'static str] {
+    match suite {
+        "blk" => &["points", "configs", "media", "profile", "method"],
+        "net" => &["net"],
+        "console" => &["console"],
+        "vmm" => &["vmm"],
+        _ => &[],
+    }
+}
+
+/// `--merge-json`: the earlier report with the keys of the suites just run
+/// (and the micro-benchmarks, when given) replaced by the new results.
+fn merge(a: &Args, new: Value) -> Result<Value> {
+    let path = a.merge_json.as_ref().ok_or("no --merge-json")?;
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut keys: Vec<&str> = a
+        .suites
+        .iter()
+        .flat_map(|s| suite_keys(s))
+        .copied()
+        .collect();
+    if a.micro.is_some() {
+        keys.push("micro");
+    }
+    for k in keys {
+        v[k] = new[k].clone();
+    }
+    report::analyse(&mut v);
+    Ok(v)
 }
 
 fn main() -> ExitCode {
@@ -522,6 +577,11 @@ fn main() -> ExitCode {
                     write(&a.json, &(serde_json::to_string_pretty(&v)? + "\n"))?;
                 }
                 report::analyse(&mut v);
+                v
+            }
+            None if a.merge_json.is_some() => {
+                let v = merge(&a, run(&a)?)?;
+                write(&a.json, &(serde_json::to_string_pretty(&v)? + "\n"))?;
                 v
             }
             None => {
