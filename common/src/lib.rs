@@ -14,6 +14,8 @@ pub mod memory;
 pub mod notify;
 pub mod ratelimit;
 pub mod sandbox;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod virtqueue;
 pub mod worker;
 

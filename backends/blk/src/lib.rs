@@ -7,5 +7,3 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod request;
-#[cfg(feature = "test-hooks")]
-pub mod test_hooks;

@@ -201,7 +201,7 @@ fn main() -> ExitCode {
         return fail(&e);
     }
     #[cfg(feature = "test-hooks")]
-    bulkhead_blk::test_hooks::run_from_env();
+    bulkhead_common::test_hooks::run_from_env();
     let result = serve_endpoint(endpoint, device.clone());
     let s = &device.stats;
     log::info!(

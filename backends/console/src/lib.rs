@@ -6,5 +6,3 @@
 pub mod device;
 pub mod port;
 pub mod request;
-#[cfg(feature = "test-hooks")]
-pub mod test_hooks;

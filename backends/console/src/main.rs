@@ -239,7 +239,7 @@ fn main() -> ExitCode {
         return fail(&e);
     }
     #[cfg(feature = "test-hooks")]
-    bulkhead_console::test_hooks::run_from_env();
+    bulkhead_common::test_hooks::run_from_env();
     let result = serve_endpoint(endpoint, device.clone());
     if let Some(r) = restore {
         r.restore();

@@ -6,5 +6,3 @@
 pub mod device;
 pub mod request;
 pub mod tap;
-#[cfg(feature = "test-hooks")]
-pub mod test_hooks;

@@ -201,7 +201,7 @@ fn main() -> ExitCode {
         return fail(&e);
     }
     #[cfg(feature = "test-hooks")]
-    bulkhead_net::test_hooks::run_from_env();
+    bulkhead_common::test_hooks::run_from_env();
     if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.stats.clone())) {
         log::warn!("no stats on SIGUSR1: {e}");
     }

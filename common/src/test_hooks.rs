@@ -1,8 +1,8 @@
 //! Test-only hooks, compiled only with the cargo feature `test-hooks` (never
-//! in a normal or release build): `tests/tests/sandbox_net_console.rs` builds
-//! a hooked `bulkhead-console` into its own target directory (`target/hooked`) to
-//! prove that the sandbox stops a daemon that misbehaves. The same hooks as
-//! `bulkhead-blk`'s.
+//! in a normal or release build; each daemon's own `test-hooks` feature turns
+//! this one on). `tests/tests/sandbox.rs` and `sandbox_net_console.rs` build
+//! hooked daemons into their own target directory (`target/hooked`) to prove
+//! that the sandbox stops a daemon that misbehaves.
 //!
 //! `BULKHEAD_TEST_HOOK` selects what the daemon does right after entering its
 //! sandbox, before it serves; each hook reports on stderr, prefixed `test-hook:`.
