@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -674,18 +673,13 @@ impl NetDaemon {
             cmd.arg("--tap-fd").arg((10 + i).to_string());
         }
         cmd.args(args);
-        // SAFETY: the closure only calls dup2, which is async-signal-safe; the
-        // targets (10, 11, ...) are left without FD_CLOEXEC for the daemon.
-        unsafe {
-            cmd.pre_exec(move || {
-                for (i, &fd) in raw.iter().enumerate() {
-                    if libc::dup2(fd, 10 + i as i32) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        crate::process::pass_fds(
+            &mut cmd,
+            raw.iter()
+                .enumerate()
+                .map(|(i, &fd)| (fd, 10 + i as i32))
+                .collect(),
+        );
         let d = Self::spawn(cmd, dir, socket, log);
         drop(fds);
         d

@@ -5,6 +5,8 @@
 //! leftover daemon or QEMU never breaks the next test or CI run.
 
 use std::io;
+use std::os::unix::io::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -136,4 +138,32 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         dir.pop();
     }
     dir.join(name)
+}
+
+/// Makes `cmd` start with each `(fd, target)` of `fds` duplicated to fd
+/// number `target` (inheritable). The caller keeps the `fd`s open until the
+/// command is spawned.
+pub fn pass_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
+    // SAFETY: only fcntl and dup2 between fork and exec. Every source is first
+    // copied above all targets, so a source whose number is another pair's
+    // target (or its own: dup2 onto itself would keep close-on-exec) is not
+    // lost; dup2 then leaves each target inheritable.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut staged = Vec::with_capacity(fds.len());
+            for &(fd, target) in &fds {
+                let tmp = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000);
+                if tmp < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                staged.push((tmp, target));
+            }
+            for (tmp, target) in staged {
+                if libc::dup2(tmp, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }

@@ -5,8 +5,7 @@
 //! kernel's seccomp audit records.
 
 use std::io::{self, BufRead, BufReader};
-use std::os::fd::RawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -238,22 +237,7 @@ pub fn has_test_hooks(path: &Path) -> bool {
     bin.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Makes `cmd` start with each `(fd, target)` of `fds` duplicated to fd
-/// number `target` (inheritable). The caller keeps the `fd`s open until the
-/// command is spawned.
-pub fn pass_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
-    // SAFETY: only dup2 between fork and exec; the targets are left inheritable.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(fd, target) in &fds {
-                if libc::dup2(fd, target) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
+pub use crate::process::pass_fds;
 
 /// Whether the kernel log holds an audit record of type 1326 (SECCOMP) for
 /// `pid` and `syscall`; `None` when dmesg cannot be read.
