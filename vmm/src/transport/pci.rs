@@ -479,7 +479,7 @@ impl VirtioPciDevice {
             };
             let addr = (i as u64)
                 .checked_mul(u64::from(NOTIFY_MULTIPLIER))
-                .and_then(|o| o.checked_add(self.bar + NOTIFY_OFFSET))
+                .and_then(|o| o.checked_add(self.bar.checked_add(NOTIFY_OFFSET)?))
                 .ok_or_else(|| io::Error::other("notify address overflows"))?;
             self.events
                 .register_ioevent(kick, IoAddr::Mmio(addr), None)?;
