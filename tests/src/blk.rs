@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::frontend::{Device, FrontendError, Options};
+use crate::le::{le16, le32, le64};
 use crate::memory::MemoryError;
 use crate::virtq::{Buf, UsedElem, VirtQueue, VirtqError};
 
@@ -84,24 +85,6 @@ pub enum BlkError {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, BlkError>;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .unwrap_or(0)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let lo = u64::from(le32(b, at));
-    let hi = u64::from(le32(b, at + 4));
-    lo | (hi << 32)
-}
 
 /// The virtio-blk device configuration space.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -39,6 +39,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler};
 
 use crate::frontend::{Device, FrontendError, Options};
+use crate::le::{le16, le32};
 use crate::memory::MemoryError;
 use crate::process::{ChildGuard, wait_for_path, workspace_binary};
 use crate::virtq::{Buf, VirtqError};
@@ -101,18 +102,6 @@ pub enum ConsoleError {
 
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, ConsoleError>;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .unwrap_or(0)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
-}
 
 /// `struct virtio_console_config`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,6 +9,7 @@ pub mod console;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod le;
 pub mod memory;
 pub mod net;
 pub mod netns;
