@@ -46,9 +46,14 @@ pub fn field(status: &str, key: &str) -> Option<String> {
     })
 }
 
-/// `/proc/<pid>/status`.
+/// `/proc/<pid>/status`; panics, saying why, when it cannot be read (the
+/// process is gone, or `/proc` hides it).
 pub fn proc_status(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+    let path = format!("/proc/{pid}/status");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        panic!("read {path}: {e} (/proc/{pid} exists: {alive})")
+    })
 }
 
 /// Asserts the capability sets are all empty.
@@ -97,6 +102,64 @@ pub fn assert_every_thread_confined(pid: u32) -> Vec<String> {
         }
     }
     workers
+}
+
+/// Waits (up to 20 s) until `pid` has `expected` queue threads (`vring-*`),
+/// each with its own filter stacked, then checks every thread as
+/// [`assert_every_thread_confined`] does and returns the queue threads'
+/// names. A queue thread takes its name and installs its filter itself,
+/// shortly after the message that starts its queue was answered.
+pub fn confined_workers(pid: u32, expected: usize) -> Vec<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let threads = threads(pid);
+        let main_filters = threads
+            .iter()
+            .find(|(tid, ..)| *tid == pid.to_string())
+            .and_then(|(_, _, s)| field(s, "Seccomp_filters"));
+        let main_filters: Option<u32> = main_filters.and_then(|v| v.parse().ok());
+        let ready = threads
+            .iter()
+            .filter(|(_, name, status)| {
+                name.starts_with("vring-")
+                    && field(status, "Seccomp_filters").and_then(|v| v.parse::<u32>().ok())
+                        == main_filters.map(|m| m + 1)
+            })
+            .count();
+        if ready == expected || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_every_thread_confined(pid)
+}
+
+/// Asserts `pid` runs as `nobody` (uid, gid, no supplementary groups) on
+/// every thread, each in seccomp filter mode, with no capability.
+pub fn assert_nobody_without_capabilities(pid: u32) {
+    let status = proc_status(pid);
+    let ids = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
+    assert_eq!(field(&status, "Uid").as_deref(), Some(ids.as_str()));
+    assert_eq!(field(&status, "Gid").as_deref(), Some(ids.as_str()));
+    assert_eq!(field(&status, "Groups").as_deref(), Some(""));
+    assert_no_capabilities(&status);
+    for (tid, name, status) in threads(pid) {
+        assert_eq!(
+            field(&status, "Uid").as_deref(),
+            Some(ids.as_str()),
+            "thread {tid} ({name})"
+        );
+        assert_eq!(
+            field(&status, "CapEff").as_deref(),
+            Some("0000000000000000"),
+            "thread {tid} ({name})"
+        );
+        assert_eq!(
+            field(&status, "Seccomp").as_deref(),
+            Some("2"),
+            "thread {tid} ({name})"
+        );
+    }
 }
 
 /// A daemon's stderr, collected by a thread as it is written.

@@ -24,39 +24,13 @@ use bulkhead_tests::net::{NetDriver, NetHdr, arp_request, parse_arp_reply};
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
 use bulkhead_tests::sandbox::{
-    Logged, NOBODY, assert_every_thread_confined, assert_no_capabilities, assert_seccomp_logged,
-    field, has_test_hooks, hooked_binary, pass_fds, proc_status, threads,
+    Logged, assert_every_thread_confined, assert_no_capabilities,
+    assert_nobody_without_capabilities, assert_seccomp_logged, confined_workers, has_test_hooks,
+    hooked_binary, pass_fds, proc_status, threads,
 };
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Asserts the daemon runs as `nobody` on every thread, with no capability.
-fn assert_nobody_without_capabilities(pid: u32) {
-    let status = proc_status(pid);
-    let ids = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
-    assert_eq!(field(&status, "Uid").as_deref(), Some(ids.as_str()));
-    assert_eq!(field(&status, "Gid").as_deref(), Some(ids.as_str()));
-    assert_eq!(field(&status, "Groups").as_deref(), Some(""));
-    assert_no_capabilities(&status);
-    for (tid, name, status) in threads(pid) {
-        assert_eq!(
-            field(&status, "Uid").as_deref(),
-            Some(ids.as_str()),
-            "thread {tid} ({name})"
-        );
-        assert_eq!(
-            field(&status, "CapEff").as_deref(),
-            Some("0000000000000000"),
-            "thread {tid} ({name})"
-        );
-        assert_eq!(
-            field(&status, "Seccomp").as_deref(),
-            Some("2"),
-            "thread {tid} ({name})"
-        );
-    }
-}
 
 fn scratch(prefix: &str) -> TempDir {
     let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
@@ -166,7 +140,7 @@ fn net_every_thread_of_a_serving_daemon_has_a_seccomp_filter_and_no_new_privs() 
     let mut d = env.start(&[]);
     // Keep the connection up so every queue thread runs while we look.
     let _net = net_serves(&env.socket());
-    let workers = assert_every_thread_confined(d.pid());
+    let workers = confined_workers(d.pid(), 5);
     assert_eq!(workers.len(), 5, "rx0 tx0 rx1 tx1 ctrl: {workers:?}");
     let names: Vec<String> = threads(d.pid()).into_iter().map(|t| t.1).collect();
     assert!(names.iter().any(|n| n == "stats"), "{names:?}");
@@ -349,7 +323,7 @@ fn console_every_thread_of_a_serving_daemon_has_a_seccomp_filter_and_no_new_priv
     let mut d = env.start(&["--port", &format!("name={LOG_PORT}")]);
     let mut drv = console_up(&env.socket(), &[None, Some(LOG_PORT)]);
     console_serves(&env, &mut drv);
-    let workers = assert_every_thread_confined(d.pid());
+    let workers = confined_workers(d.pid(), 6);
     assert_eq!(
         workers.len(),
         6,
