@@ -14,7 +14,7 @@ use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
 };
 
-use crate::memory::GuestMemorySnapshot;
+use crate::memory::{GuestMemorySnapshot, read_guest_obj, region_slice};
 
 /// Descriptor flag: the chain continues at `next`.
 pub const VRING_DESC_F_NEXT: u16 = 1;
@@ -167,7 +167,7 @@ impl DescriptorChain {
             }
             let raw: RawDescriptor = table_addr
                 .checked_add(u64::from(index) * DESC_SIZE)
-                .and_then(|a| mem.read_obj(a).ok())
+                .and_then(|a| read_guest_obj(&mem, a))
                 .ok_or(ChainError::DescriptorUnreadable(index))?;
 
             if raw.flags & VRING_DESC_F_INDIRECT != 0 {
@@ -291,7 +291,10 @@ fn check_range(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Result<(), ChainEr
             Err(bad)
         };
     }
-    if mem.check_range(GuestAddress(addr), len as usize) {
+    // Most buffers lie inside one region: one lookup, no slice iterator.
+    if region_slice(mem, GuestAddress(addr), len as usize).is_some()
+        || mem.check_range(GuestAddress(addr), len as usize)
+    {
         Ok(())
     } else {
         Err(bad)
@@ -305,8 +308,9 @@ struct Cursor<'a> {
     descs: &'a [Descriptor],
     /// Bytes already consumed of `descs[0]`.
     offset: u32,
-    /// Bytes cut off the end of the last buffer.
-    tail_cut: u64,
+    /// Bytes not yet consumed, up to the cut-off tail: kept, not summed on
+    /// each call (that made reading a long chain quadratic).
+    remaining: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -314,13 +318,12 @@ impl<'a> Cursor<'a> {
         Cursor {
             descs,
             offset: 0,
-            tail_cut: 0,
+            remaining: descs.iter().map(|d| u64::from(d.len)).sum(),
         }
     }
 
     fn remaining(&self) -> u64 {
-        let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
-        total - u64::from(self.offset) - self.tail_cut
+        self.remaining
     }
 
     /// Next contiguous piece of at most `max` bytes, advancing past it.
@@ -340,6 +343,7 @@ impl<'a> Cursor<'a> {
             let n = avail_in_first.min(max);
             let addr = first.addr.unchecked_add(u64::from(self.offset));
             self.offset += n as u32;
+            self.remaining -= n;
             if self.offset == first.len {
                 self.descs = &self.descs[1..];
                 self.offset = 0;
@@ -356,7 +360,7 @@ impl<'a> Cursor<'a> {
         let mut tail = self.clone();
         let skip = self.remaining() - n;
         tail.advance(skip);
-        self.tail_cut += n;
+        self.remaining -= n;
         Some(tail)
     }
 
@@ -378,10 +382,40 @@ fn short() -> io::Error {
 /// Host I/O vectors for a byte range of guest buffers.
 pub type IoVecs = Vec<libc::iovec>;
 
-fn host_iovecs(mem: &GuestMemoryMmap, cursor: &mut Cursor<'_>, mut len: u64) -> io::Result<IoVecs> {
-    let mut out = Vec::new();
+/// An [`IoVecs`] kept by a worker between requests, so its hot path does
+/// not allocate.
+#[derive(Default)]
+pub struct IoVecBuf(IoVecs);
+
+// SAFETY: the pointers are only handed to the system call each batch is
+// built for, on the thread holding the buffer; `start` empties the buffer
+// before it is filled again, so no pointer outlives its request.
+unsafe impl Send for IoVecBuf {}
+
+impl IoVecBuf {
+    /// The emptied vector, ready for one request's iovecs.
+    pub fn start(&mut self) -> &mut IoVecs {
+        self.0.clear();
+        &mut self.0
+    }
+}
+
+fn host_iovecs(
+    mem: &GuestMemoryMmap,
+    cursor: &mut Cursor<'_>,
+    mut len: u64,
+    out: &mut IoVecs,
+) -> io::Result<()> {
     while len > 0 {
         let (addr, n) = cursor.next_piece(len).ok_or_else(short)?;
+        len -= n as u64;
+        if let Some(slice) = region_slice(mem, addr, n) {
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         // A validated buffer may still span two adjacent regions: split it.
         for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
             let slice: VolatileSlice<_> = slice.map_err(|e| io::Error::other(e.to_string()))?;
@@ -390,9 +424,8 @@ fn host_iovecs(mem: &GuestMemoryMmap, cursor: &mut Cursor<'_>, mut len: u64) -> 
                 iov_len: slice.len(),
             });
         }
-        len -= n as u64;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Reads the readable part of a chain as one byte stream.
@@ -418,9 +451,15 @@ impl Reader<'_> {
                 .bufs
                 .next_piece((buf.len() - done) as u64)
                 .ok_or_else(short)?;
-            self.mem
-                .read_slice(&mut buf[done..done + n], addr)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let dst = &mut buf[done..done + n];
+            match region_slice(self.mem, addr, n) {
+                Some(slice) => slice.copy_to(dst),
+                None => self
+                    .mem
+                    .read_slice(dst, addr)
+                    .map(|()| n)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            };
             done += n;
         }
         Ok(())
@@ -444,10 +483,18 @@ impl Reader<'_> {
 
     /// Host iovecs for the next `len` bytes (zero-copy I/O), consuming them.
     pub fn iovecs(&mut self, len: u64) -> io::Result<IoVecs> {
+        let mut out = Vec::new();
+        self.iovecs_into(len, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Reader::iovecs`], appending to `out` (a vector kept between
+    /// requests, so the hot path allocates nothing).
+    pub fn iovecs_into(&mut self, len: u64, out: &mut IoVecs) -> io::Result<()> {
         if len > self.available() {
             return Err(short());
         }
-        host_iovecs(self.mem, &mut self.bufs, len)
+        host_iovecs(self.mem, &mut self.bufs, len, out)
     }
 }
 
@@ -480,9 +527,14 @@ impl<'a> Writer<'a> {
                 .bufs
                 .next_piece((buf.len() - done) as u64)
                 .ok_or_else(short)?;
-            self.mem
-                .write_slice(&buf[done..done + n], addr)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let src = &buf[done..done + n];
+            match region_slice(self.mem, addr, n) {
+                Some(slice) => slice.copy_from(src),
+                None => self
+                    .mem
+                    .write_slice(src, addr)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            }
             done += n;
         }
         self.written += buf.len() as u64;
@@ -509,7 +561,8 @@ impl<'a> Writer<'a> {
         if len > self.available() {
             return Err(short());
         }
-        let v = host_iovecs(self.mem, &mut self.bufs, len)?;
+        let mut v = Vec::new();
+        host_iovecs(self.mem, &mut self.bufs, len, &mut v)?;
         self.written += len;
         Ok(v)
     }

@@ -12,7 +12,8 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    Address, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion, VolatileSlice,
 };
 
 /// Guest memory seen by a backend; cheap to clone, swapped atomically on a new table.
@@ -23,6 +24,40 @@ pub type GuestMemorySnapshot = Arc<GuestMemoryMmap>;
 
 /// Most regions a frontend may announce (the vhost-user CONFIGURE_MEM_SLOTS limit we advertise).
 pub const MAX_MEM_SLOTS: usize = 32;
+
+/// The host memory of `len` bytes at `addr` when they lie inside one region
+/// (the common case; a range across adjacent regions gets `None`).
+pub fn region_slice(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_>> {
+    let region = mem.find_region(addr)?;
+    let offset = addr.checked_offset_from(region.start_addr())?;
+    region
+        .as_volatile_slice()
+        .ok()?
+        .subslice(offset as usize, len)
+        .ok()
+}
+
+/// Copies a value out of guest memory: one region lookup when it lies inside
+/// one region, the general path otherwise; `None` when it is not all in memory.
+pub fn read_guest_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<T> {
+    match region_slice(mem, addr, std::mem::size_of::<T>()) {
+        Some(slice) => slice.read_obj(0).ok(),
+        None => mem.read_obj(addr).ok(),
+    }
+}
+
+/// Writes a value into guest memory, like [`read_guest_obj`]; false when it
+/// is not all in memory.
+pub fn write_guest_obj<T: ByteValued>(mem: &GuestMemoryMmap, val: T, addr: GuestAddress) -> bool {
+    match region_slice(mem, addr, std::mem::size_of::<T>()) {
+        Some(slice) => slice.write_obj(val, 0).is_ok(),
+        None => mem.write_obj(val, addr).is_ok(),
+    }
+}
 
 /// Errors in a memory table sent by the frontend.
 #[derive(Debug, thiserror::Error)]

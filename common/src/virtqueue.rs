@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{ChainError, ChainLimits, DescriptorChain};
 use crate::inflight::QueueInflight;
-use crate::memory::{GuestMemoryHandle, GuestMemorySnapshot};
+use crate::memory::{GuestMemoryHandle, GuestMemorySnapshot, read_guest_obj, write_guest_obj};
 use crate::ratelimit::guest_error;
 
 /// VIRTIO_RING_F_EVENT_IDX.
@@ -382,7 +382,7 @@ impl VirtQueue {
                 }
                 let slot = u64::from(self.next_avail.0 % self.size);
                 let addr = self.addrs.avail.unchecked_add(4 + 2 * slot);
-                let head: u16 = mem.read_obj(addr).map_err(|_| QueueError::Memory)?;
+                let head: u16 = read_guest_obj(&mem, addr).ok_or(QueueError::Memory)?;
                 if head >= self.size {
                     return Err(self.fail(QueueError::HeadOutOfRange(head)));
                 }
@@ -434,7 +434,7 @@ impl VirtQueue {
             inf.before_used(head);
         }
         let entry = (u64::from(len) << 32) | u64::from(head);
-        if mem.write_obj(entry, elem).is_err() {
+        if !write_guest_obj(&mem, entry, elem) {
             let _ = self.fail(QueueError::Memory);
             return;
         }

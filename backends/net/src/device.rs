@@ -11,6 +11,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::chain::IoVecBuf;
 use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -73,6 +74,11 @@ const RX_BUDGET: u32 = 256;
 const TX_BUDGET: u32 = 1024;
 /// Most iovecs one writev takes.
 const IOV_MAX: usize = 1024;
+/// Frames up to this many bytes (every frame of a 1500-byte MTU) are copied,
+/// behind their header, into one buffer and sent with one plain write: in
+/// the kernel a single-segment write is about 12% cheaper than a two-segment
+/// writev, more than the copy costs (docs/performance.md).
+const COPY_MAX: usize = 2048;
 
 /// Daemon settings for the device.
 #[derive(Clone, Debug)]
@@ -497,6 +503,8 @@ impl VhostUserDevice for NetDevice {
                 pending: None,
                 started: false,
                 scratch: Vec::new(),
+                iov: IoVecBuf::default(),
+                small: Box::new([0; HDR_LEN_V1 + COPY_MAX]),
                 stats: self.stats.clone(),
             })
         })
@@ -735,11 +743,17 @@ pub struct TxWorker {
     pending: Option<(DescriptorChain, TxFrame)>,
     started: bool,
     scratch: Vec<u8>,
+    /// The iovecs of the frame being sent, kept between frames.
+    iov: IoVecBuf,
+    /// Header and bytes of a frame of at most [`COPY_MAX`] bytes.
+    small: Box<[u8; HDR_LEN_V1 + COPY_MAX]>,
     stats: Arc<NetStats>,
 }
 
 impl TxWorker {
-    /// Writes the validated header and the chain's frame bytes to the tap in one writev.
+    /// Writes the validated header and the chain's frame bytes to the tap in
+    /// one write: small frames copied behind the header, larger ones as a
+    /// writev straight from guest memory.
     fn send(&mut self, chain: &DescriptorChain, frame: &TxFrame) -> io::Result<()> {
         let h = &frame.hdr;
         let mut hdr = [0u8; HDR_LEN_V1];
@@ -751,15 +765,26 @@ impl TxWorker {
         hdr[8..10].copy_from_slice(&{ h.csum_offset }.to_le_bytes());
         let mut reader = chain.reader();
         reader.skip(self.hdr_len as u64)?;
-        let mut iov = vec![libc::iovec {
+        let total = self.hdr_len + frame.len as usize;
+        if frame.len as usize <= COPY_MAX {
+            let buf = &mut self.small[..total];
+            buf[..self.hdr_len].copy_from_slice(&hdr[..self.hdr_len]);
+            reader.read_exact(&mut buf[self.hdr_len..])?;
+            let n = self.pair.tap().write(buf)?;
+            if n != total {
+                return Err(io::Error::other(format!("short tap write of {n} bytes")));
+            }
+            return Ok(());
+        }
+        let iov = self.iov.start();
+        iov.push(libc::iovec {
             iov_base: hdr.as_mut_ptr().cast(),
             iov_len: self.hdr_len,
-        }];
-        let data = reader.iovecs(frame.len)?;
-        if data.len() < IOV_MAX {
-            iov.extend(data);
-        } else {
+        });
+        reader.iovecs_into(frame.len, iov)?;
+        if iov.len() > IOV_MAX {
             // Too many pieces for one writev: gather them here (at most 64 KiB).
+            iov.truncate(1);
             let mut r = chain.reader();
             r.skip(self.hdr_len as u64)?;
             self.scratch.resize(frame.len as usize, 0);
@@ -771,7 +796,7 @@ impl TxWorker {
         }
         // SAFETY: `hdr` and `scratch` live through the call; the other iovecs
         // point into guest memory kept mapped by the chain's memory snapshot.
-        let n = unsafe { self.pair.tap().writev(&iov) }?;
+        let n = unsafe { self.pair.tap().writev(iov) }?;
         if n as u64 != frame.len + self.hdr_len as u64 {
             return Err(io::Error::other(format!("short tap write of {n} bytes")));
         }
@@ -1049,6 +1074,8 @@ mod tests {
             pending: None,
             started: false,
             scratch: Vec::new(),
+            iov: IoVecBuf::default(),
+            small: Box::new([0; HDR_LEN_V1 + COPY_MAX]),
             stats: stats.clone(),
         };
         let (mut vq, mem) = tx_queue(5);

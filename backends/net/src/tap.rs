@@ -212,6 +212,16 @@ impl Tap {
         Ok(n as usize)
     }
 
+    /// Writes one frame (its vnet header first) from `buf`.
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is readable for its length.
+        let r = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
     /// Writes one packet gathered from `iovecs`.
     ///
     /// # Safety
