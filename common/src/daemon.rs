@@ -284,6 +284,43 @@ fn serve_connection<D: VhostUserDevice>(
     Ok(end)
 }
 
+/// Exit status of a daemon stopped by SIGBUS (see [`install_sigbus_handler`]).
+pub const EXIT_SIGBUS: i32 = 75;
+
+/// Message the SIGBUS handler writes to stderr before the daemon exits.
+pub const SIGBUS_MESSAGE: &str = "ERROR SIGBUS: a shared memory file (guest memory or the inflight area) \
+     shrank under this daemon: the frontend truncated it after handing it over; \
+     exiting (status 75)\n";
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    // Only async-signal-safe calls: one write(2), then _exit(2).
+    // SAFETY: writing a static buffer to fd 2 and exiting.
+    unsafe {
+        libc::write(2, SIGBUS_MESSAGE.as_ptr().cast(), SIGBUS_MESSAGE.len());
+        libc::_exit(EXIT_SIGBUS);
+    }
+}
+
+/// Makes SIGBUS (an access to a page of a mapped file that its owner
+/// truncated, when the file could not be sealed) stop the daemon with a
+/// clear message and [`EXIT_SIGBUS`] instead of a core dump. The frontend
+/// sees the connection close, as after any crash, and may reconnect to a new
+/// daemon (the inflight area lets it resubmit what was in flight).
+pub fn install_sigbus_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a plain handler and an empty mask.
+    let r = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut())
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The daemon's vhost-user socket (listening or connected) and its signalfd,
 /// opened before the daemon enters its sandbox.
 pub struct Endpoint {
@@ -296,6 +333,7 @@ impl Endpoint {
     /// a socket path) and blocks SIGTERM/SIGINT into a signalfd. Call it
     /// single-threaded: the signal mask is inherited by every later thread.
     pub fn open(args: &VhostUserArgs) -> Result<Self, DaemonError> {
+        install_sigbus_handler().map_err(DaemonError::Setup)?;
         let signals = Signals::new().map_err(DaemonError::Setup)?;
         let kind = open_endpoint(args)?;
         Ok(Endpoint { kind, signals })

@@ -97,6 +97,11 @@ impl InflightRegion {
         if size < needed {
             return Err(InflightError::TooSmall(size, needed));
         }
+        // As for guest memory: seal, then check the size (a file that cannot
+        // be sealed is still used; the SIGBUS handler covers it).
+        if let Err(e) = crate::memory::seal_against_shrinking(&file) {
+            log::warn!("inflight area: cannot seal its file against shrinking ({e})");
+        }
         let meta = file.metadata()?;
         let end = offset
             .checked_add(needed)

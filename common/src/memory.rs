@@ -59,6 +59,26 @@ pub fn write_guest_obj<T: ByteValued>(mem: &GuestMemoryMmap, val: T, addr: Guest
     }
 }
 
+/// Seals `file` against shrinking (`F_SEAL_SHRINK`), for every holder, the
+/// frontend included, so no page mapped here can vanish and raise SIGBUS.
+/// Works on memfds created with `MFD_ALLOW_SEALING` (QEMU's, bulkhead-vmm's,
+/// the test kit's); other files give an error, and a daemon whose frontend
+/// truncates one stops through its SIGBUS handler (`daemon::Endpoint::open`).
+pub fn seal_against_shrinking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we hold, with integer arguments only.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Errors in a memory table sent by the frontend.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -215,6 +235,14 @@ fn map_region(i: usize, desc: &RegionDesc, file: File) -> Result<GuestRegionMmap
         return Err(MemoryError::BadRegion(i));
     }
     let end = desc.mmap_offset + desc.size;
+    // Seal first, then check the size: the frontend cannot shrink the file
+    // in between, nor later, while the pages are mapped here.
+    if let Err(e) = seal_against_shrinking(&file) {
+        log::warn!(
+            "memory region {i}: its file cannot be sealed against shrinking ({e}); \
+             a frontend that truncates it stops this daemon (SIGBUS)"
+        );
+    }
     let meta = file.metadata().map_err(|e| MemoryError::Stat(i, e))?;
     // Regular files (memfd, hugetlbfs, tmpfs) must hold the whole range, or a
     // guest access past the end would raise SIGBUS in this process.
@@ -236,7 +264,12 @@ pub(crate) mod tests {
     /// A memfd of `size` bytes.
     pub(crate) fn memfd(size: u64) -> File {
         // SAFETY: memfd_create with a static NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"bulkhead-test".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"bulkhead-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0);
         // SAFETY: fd is a fresh, owned descriptor.
         let f = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };

@@ -734,6 +734,9 @@ fn base_main() -> Vec<Syscall> {
         Syscall::arg_set(SYS_newfstatat, 3, AT_EMPTY_PATH as u64),
         Syscall::arg_set(SYS_statx, 2, AT_EMPTY_PATH as u64),
         Syscall::fcntl(F_DUPFD_CLOEXEC),
+        // Sealing guest memory and inflight memfds against shrinking.
+        Syscall::fcntl(F_GET_SEALS),
+        Syscall::fcntl(F_ADD_SEALS),
         // Queue threads: pthread_create uses clone3 (answered ENOSYS by a
         // second filter) and then clone, allowed only for threads.
         Syscall::arg_set(SYS_clone, 0, CLONE_THREAD as u64),

@@ -81,6 +81,9 @@ pub struct Options {
     pub mem_size: u64,
     /// Negotiate GET/SET_INFLIGHT_FD when the backend offers INFLIGHT_SHMFD.
     pub inflight: bool,
+    /// Guest RAM in a memfd that allows sealing, as QEMU's (the default); or
+    /// one that does not.
+    pub sealable_memory: bool,
 }
 
 impl Default for Options {
@@ -100,6 +103,7 @@ impl Default for Options {
             queue_size: 128,
             mem_size: 64 << 20,
             inflight: true,
+            sealable_memory: true,
         }
     }
 }
@@ -181,7 +185,10 @@ pub struct Parts {
 impl Device {
     /// Connects to `socket` and brings the device up with fresh memory and queues.
     pub fn connect(socket: &Path, opts: &Options) -> Result<Self> {
-        let mem = Arc::new(GuestMemory::new(opts.mem_size)?);
+        let mem = Arc::new(GuestMemory::with_regions_sealable(
+            &[(0, opts.mem_size)],
+            opts.sealable_memory,
+        )?);
         Self::bring_up(socket, opts, mem, None, None)
     }
 

@@ -90,10 +90,17 @@ fn round_up(v: u64, align: u64) -> Option<u64> {
     v.checked_add(mask).map(|x| x & !mask)
 }
 
-fn create_memfd(size: u64) -> Result<File> {
+/// A memfd of `size` bytes; `sealable` as QEMU creates its RAM
+/// (`MFD_ALLOW_SEALING`), or not (a file nobody can seal).
+fn create_memfd(size: u64, sealable: bool) -> Result<File> {
     let name = CString::new("bulkhead-testkit-guest").map_err(|_| MemoryError::BadLayout)?;
+    let flags = if sealable {
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING
+    } else {
+        libc::MFD_CLOEXEC
+    };
     // SAFETY: name is a valid NUL-terminated string; the returned fd is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -111,6 +118,13 @@ impl GuestMemory {
 
     /// Creates guest RAM with regions `(guest_addr, size)`, sorted, page aligned, not overlapping.
     pub fn with_regions(regions: &[(u64, u64)]) -> Result<Self> {
+        Self::with_regions_sealable(regions, true)
+    }
+
+    /// Like [`GuestMemory::with_regions`]; `sealable: false` makes a memfd
+    /// that nobody can seal, so a backend cannot protect itself against the
+    /// frontend shrinking it.
+    pub fn with_regions_sealable(regions: &[(u64, u64)], sealable: bool) -> Result<Self> {
         let page = page_size();
         if regions.is_empty() {
             return Err(MemoryError::BadLayout);
@@ -131,7 +145,7 @@ impl GuestMemory {
             file_off = file_off.checked_add(size).ok_or(MemoryError::BadLayout)?;
             prev_end = end;
         }
-        let file = create_memfd(file_off)?;
+        let file = create_memfd(file_off, sealable)?;
         let mut mmap_regions = Vec::with_capacity(layout.len());
         for r in &layout {
             let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, r.file_offset);

@@ -22,6 +22,8 @@ use bulkhead_tests::blk::{
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::{Device, Options, Parts, RawConnection};
 use bulkhead_tests::memory::GuestMemory;
+use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::sandbox::Logged;
 use bulkhead_tests::virtq::{
     Buf, Desc, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue,
 };
@@ -1035,23 +1037,67 @@ fn messages_with_wrong_sizes_or_extra_fds_close_only_that_connection() {
     refused_cases(cases, true);
 }
 
-/// Known limitation, kept as a record: a frontend that shrinks the guest
-/// memfd after SET_MEM_TABLE makes the daemon's next access to the lost pages
-/// raise SIGBUS. The frontend is trusted not to do this (QEMU seals its memfds
-/// with F_SEAL_SHRINK); see docs/fuzzing.md. Run with `--ignored` to check.
+/// A frontend that shrinks guest memory after SET_MEM_TABLE would make the
+/// daemon's next access to the lost pages raise SIGBUS. The daemon seals
+/// every sealable memory file against shrinking before it maps it, so the
+/// truncation itself fails and the daemon keeps serving.
 #[test]
-#[ignore = "documents a frontend-side SIGBUS the daemon does not survive"]
-fn memfd_shrunk_by_the_frontend_after_set_mem_table_is_survived() {
+fn memfd_shrink_after_set_mem_table_is_refused_by_the_seal() {
     let mut d = start(&[]);
     let mut blk = connect(&d);
+    let mem = blk.dev.mem.clone();
+    let err = mem
+        .file()
+        .set_len(0)
+        .expect_err("the daemon sealed guest memory against shrinking");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    let data = vec![0x5a; 4096];
+    assert_eq!(blk.write(0, 8, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(blk.read(0, 8, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
+    drop(blk);
+    assert_still_serving(&mut d);
+}
+
+/// Memory a frontend created unsealable (no `MFD_ALLOW_SEALING`) cannot be
+/// protected: the daemon warns when it maps it, and when the frontend then
+/// truncates it, the daemon stops with a clear message and exit status 75
+/// instead of dumping core.
+#[test]
+fn unsealable_memory_truncated_by_the_frontend_stops_the_daemon_with_a_clear_error() {
+    let scratch = Scratch::new(IMAGE_SIZE).unwrap();
+    let mut cmd = std::process::Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .arg("--image")
+        .arg(scratch.image())
+        .env("RUST_LOG", "info");
+    let mut d = Logged::start("bulkhead-blk", cmd, scratch.socket());
+    let opts = Options {
+        sealable_memory: false,
+        ..Options::default()
+    };
+    let mut blk = BlkDriver::connect(scratch.socket(), &opts).expect("vhost-user bring-up");
+    assert!(
+        d.log.wait_for("cannot be sealed against shrinking", WAIT),
+        "{}",
+        d.log.text()
+    );
     let mem = blk.dev.mem.clone();
     let q = blk.queue(0).unwrap();
     q.set_avail_idx(1).unwrap();
     // From here on neither side may touch guest memory without SIGBUS.
     mem.file().set_len(0).unwrap();
     q.kick().unwrap();
-    std::thread::sleep(QUIET);
+    let status = d
+        .guard
+        .wait_timeout(WAIT)
+        .expect("wait for bulkhead-blk")
+        .expect("bulkhead-blk still running after its guest memory was truncated");
+    assert_eq!(status.code(), Some(75), "{status}: {}", d.log.text());
+    assert!(
+        d.log.wait_for("ERROR SIGBUS: a shared memory file", WAIT),
+        "{}",
+        d.log.text()
+    );
     drop(blk);
-    assert!(d.is_running(), "bulkhead-blk died of SIGBUS");
-    assert_still_serving(&mut d);
 }

@@ -108,13 +108,21 @@ fn create_memfd(size: u64) -> Result<File, MemoryError> {
     let name = CString::new("bulkhead-guest-ram")
         .map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
     // SAFETY: name is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a fresh descriptor nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
+    // As QEMU's memory-backend-memfd: RAM never changes size, so no backend
+    // that maps it can lose a page to a truncation (SIGBUS).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own fd with integer arguments.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
     Ok(file)
 }
 
