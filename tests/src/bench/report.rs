@@ -286,9 +286,12 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     }
 
     let _ = writeln!(m);
+    if !svg_name.is_empty() {
+        let _ = writeln!(m, "![Ratios against the references]({svg_name})\n");
+    }
     let have_blk = v["points"].as_array().is_some_and(|p| !p.is_empty());
     if have_blk {
-        blk_sections(&mut m, v, svg_name);
+        blk_sections(&mut m, v);
     }
     engine_section(&mut m, v);
     net_section(&mut m, &v["net"]);
@@ -313,7 +316,7 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
 }
 
 /// The block tables, the configurations, micro-benchmarks and profile.
-fn blk_sections(m: &mut String, v: &Value, svg_name: &str) {
+fn blk_sections(m: &mut String, v: &Value) {
     let meth = &v["method"];
     let _ = writeln!(
         m,
@@ -362,9 +365,6 @@ fn blk_sections(m: &mut String, v: &Value, svg_name: &str) {
             cpu(b),
             cpu(q),
         );
-    }
-    if !svg_name.is_empty() {
-        let _ = writeln!(m, "\n![IOPS ratios]({svg_name})\n");
     }
 
     let _ = writeln!(m, "## Every target\n");
@@ -509,95 +509,202 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A horizontal bar chart of bulkhead-blk's IOPS ratio against qsd and the host, per point.
+/// One bar series of a chart panel.
+struct Series {
+    name: &'static str,
+    color: &'static str,
+    /// The goal for this ratio, drawn as a dashed line.
+    target: Option<f64>,
+}
+
+/// One panel of the chart: a title, its series and one row of bars per point.
+struct Panel {
+    title: &'static str,
+    series: Vec<Series>,
+    rows: Vec<(String, Vec<Option<f64>>)>,
+}
+
+/// bulkhead-blk's IOPS ratios against qsd and the host, per point.
+fn blk_panel(v: &Value) -> Panel {
+    let rows = v["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let label = format!(
+                "{} {}q {} QD{}",
+                p["medium"].as_str().unwrap_or(""),
+                p["queues"],
+                p["pattern"].as_str().unwrap_or(""),
+                p["qd"]
+            );
+            let bars = ["ratio_vs_qsd", "ratio_vs_host"]
+                .iter()
+                .map(|k| p[*k].as_f64())
+                .collect();
+            (label, bars)
+        })
+        .collect();
+    Panel {
+        title: "bulkhead-blk IOPS as a multiple of qemu-storage-daemon (best aio) and of direct host io_uring",
+        series: vec![
+            Series {
+                name: "x qsd",
+                color: "#2b6cb0",
+                target: Some(1.3),
+            },
+            Series {
+                name: "x host io_uring",
+                color: "#dd8b2f",
+                target: Some(0.7),
+            },
+        ],
+        rows,
+    }
+}
+
+/// bulkhead-net's packet rate against the raw tap writer, per frame size and frontend.
+fn net_panel(v: &Value) -> Panel {
+    let rows = v["net"]["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let r = &p["results"];
+            let raw = f(&r[NET_RAW], "pps");
+            let bars = [NET_KIT, NET_PMD, NET_DPDK_TAP]
+                .iter()
+                .map(|who| ratio(f(&r[*who], "pps"), raw))
+                .collect();
+            (
+                format!("guest -> tap {}", p["size"].as_str().unwrap_or("")),
+                bars,
+            )
+        })
+        .collect();
+    Panel {
+        title: "Packets per second guest -> tap as a multiple of a raw write(2) tap writer",
+        series: vec![
+            Series {
+                name: "bulkhead-net, kit",
+                color: "#2f855a",
+                target: Some(0.7),
+            },
+            Series {
+                name: "bulkhead-net, testpmd",
+                color: "#805ad5",
+                target: None,
+            },
+            Series {
+                name: "DPDK vhost+tap",
+                color: "#a0aec0",
+                target: None,
+            },
+        ],
+        rows,
+    }
+}
+
+/// Horizontal bar charts of the ratios: bulkhead-blk against qsd and the
+/// host, bulkhead-net against the raw tap writer (and DPDK as a backend).
 pub fn svg(v: &Value) -> String {
-    let points: Vec<&Value> = v["points"].as_array().into_iter().flatten().collect();
-    let row = 30.0;
+    let panels: Vec<Panel> = [blk_panel(v), net_panel(v)]
+        .into_iter()
+        .filter(|p| !p.rows.is_empty())
+        .collect();
     let left = 250.0;
     let width = 820.0;
     let plot = width - left - 30.0;
-    let top = 50.0;
-    let height = top + row * points.len() as f64 + 50.0;
-    let max = points
-        .iter()
-        .flat_map(|p| [p["ratio_vs_qsd"].as_f64(), p["ratio_vs_host"].as_f64()])
-        .flatten()
-        .fold(1.5f64, f64::max)
-        .ceil();
-    let x = |r: f64| left + plot * (r / max);
+    let bar = 11.0;
+    let panel_height =
+        |p: &Panel| 50.0 + (bar * p.series.len() as f64 + 8.0) * p.rows.len() as f64 + 40.0;
+    let height: f64 = panels.iter().map(panel_height).sum::<f64>().max(60.0);
     let mut s = String::new();
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = writeln!(
-        s,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14" font-weight="bold">bulkhead-blk IOPS as a multiple of qemu-storage-daemon (best aio) and of direct host io_uring</text>"#
-    );
-    let _ = writeln!(
-        s,
-        r##"<rect x="{left}" y="28" width="12" height="10" fill="#2b6cb0"/><text x="{}" y="37">x qsd</text><rect x="{}" y="28" width="12" height="10" fill="#dd8b2f"/><text x="{}" y="37">x host io_uring</text>"##,
-        left + 16.0,
-        left + 70.0,
-        left + 86.0
-    );
-    let mut tick = 0.0;
-    while tick <= max + 1e-9 {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="#ddd"/><text x="{0:.1}" y="{2:.1}" text-anchor="middle">{tick:.1}x</text>"##,
-            x(tick),
-            height - 40.0,
-            height - 25.0
-        );
-        tick += 0.5;
-    }
-    for (r, color) in [(1.3, "#2b6cb0"), (0.7, "#dd8b2f")] {
-        let _ = writeln!(
-            s,
-            r#"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="{color}" stroke-dasharray="4 3"/>"#,
-            x(r),
-            height - 40.0
-        );
-    }
-    for (i, p) in points.iter().enumerate() {
-        let y = top + row * i as f64;
-        let label = format!(
-            "{} {}q {} QD{}",
-            p["medium"].as_str().unwrap_or(""),
-            p["queues"],
-            p["pattern"].as_str().unwrap_or(""),
-            p["qd"]
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            left - 6.0,
-            y + 18.0,
-            esc(&label)
-        );
-        for (j, (key, color)) in [("ratio_vs_qsd", "#2b6cb0"), ("ratio_vs_host", "#dd8b2f")]
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let mut y0 = 0.0;
+    for p in &panels {
+        let max = p
+            .rows
             .iter()
-            .enumerate()
-        {
-            if let Some(r) = p[*key].as_f64() {
-                let by = y + 4.0 + 11.0 * j as f64;
+            .flat_map(|(_, bars)| bars.iter().flatten().copied())
+            .fold(1.5f64, f64::max)
+            .ceil();
+        let x = |r: f64| left + plot * (r / max);
+        let top = y0 + 50.0;
+        let bottom = y0 + panel_height(p) - 40.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{:.1}" font-size="14" font-weight="bold">{}</text>"#,
+            y0 + 20.0,
+            esc(p.title)
+        );
+        let mut lx = left;
+        for series in &p.series {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="10" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                y0 + 28.0,
+                series.color,
+                lx + 16.0,
+                y0 + 37.0,
+                esc(series.name)
+            );
+            lx += 30.0 + 7.0 * series.name.len() as f64;
+        }
+        let mut tick = 0.0;
+        while tick <= max + 1e-9 {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{0:.1}" y1="{top:.1}" x2="{0:.1}" y2="{bottom:.1}" stroke="#ddd"/><text x="{0:.1}" y="{1:.1}" text-anchor="middle">{tick:.1}x</text>"##,
+                x(tick),
+                bottom + 15.0
+            );
+            tick += 0.5;
+        }
+        for series in &p.series {
+            if let Some(t) = series.target {
                 let _ = writeln!(
                     s,
-                    r#"<rect x="{left}" y="{by:.1}" width="{:.1}" height="10" fill="{color}"/><text x="{:.1}" y="{:.1}" font-size="10">{r:.2}</text>"#,
+                    r#"<line x1="{0:.1}" y1="{top:.1}" x2="{0:.1}" y2="{bottom:.1}" stroke="{1}" stroke-dasharray="4 3"/>"#,
+                    x(t),
+                    series.color
+                );
+            }
+        }
+        let row = bar * p.series.len() as f64 + 8.0;
+        for (i, (label, bars)) in p.rows.iter().enumerate() {
+            let y = top + row * i as f64;
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                y + row / 2.0 + 4.0,
+                esc(label)
+            );
+            for (j, (r, series)) in bars.iter().zip(&p.series).enumerate() {
+                let Some(r) = *r else { continue };
+                let by = y + 4.0 + bar * j as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{left}" y="{by:.1}" width="{:.1}" height="10" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="10">{r:.2}</text>"#,
                     x(r) - left,
+                    series.color,
                     x(r) + 3.0,
                     by + 9.0
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0:.1}" y1="{top:.1}" x2="{0:.1}" y2="{bottom:.1}" stroke="#000"/>"##,
+            x(1.0)
+        );
+        y0 += panel_height(p);
     }
-    let _ = writeln!(
-        s,
-        r##"<line x1="{0:.1}" y1="{top}" x2="{0:.1}" y2="{1:.1}" stroke="#000"/>"##,
-        x(1.0),
-        height - 40.0
-    );
     let _ = writeln!(s, "</svg>");
     s
 }
