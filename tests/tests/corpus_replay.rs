@@ -108,6 +108,16 @@ fn vhost_user_messages_inputs_replay_cleanly() {
 }
 
 #[test]
+fn net_messages_inputs_replay_cleanly() {
+    replay("net_messages");
+}
+
+#[test]
+fn console_messages_inputs_replay_cleanly() {
+    replay("console_messages");
+}
+
+#[test]
 fn net_inputs_replay_cleanly() {
     replay("net");
 }

@@ -68,9 +68,19 @@ pub const TARGETS: &[Target] = &[
         seeds: net::seeds,
     },
     Target {
+        name: "net_messages",
+        run: vhost_user::run_net,
+        seeds: vhost_user::seeds_net,
+    },
+    Target {
         name: "console",
         run: console::run,
         seeds: console::seeds,
+    },
+    Target {
+        name: "console_messages",
+        run: vhost_user::run_console,
+        seeds: vhost_user::seeds_console,
     },
     Target {
         name: "vmm_pci",

@@ -40,7 +40,8 @@ const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 const SNDBUF: libc::c_int = 32 << 10;
 
 /// A socketpair: the device's end (a stand-in tap) and the network's end.
-fn packet_pair() -> (OwnedFd, OwnedFd) {
+/// A `SOCK_SEQPACKET` pair: the tap's end and the network's end.
+pub fn packet_pair() -> (OwnedFd, OwnedFd) {
     let mut sv = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
     let r = unsafe {

@@ -1,9 +1,11 @@
-//! Target `vhost_user_messages`: the common vhost-user request handler with a
-//! real `BlkDevice` behind it, fed an arbitrary stream of vhost-user messages
-//! over a socketpair, with fuzzer-chosen fds attached (memfds of any size and
-//! contents, eventfds, sockets, pipes, /dev/null, fds the backend sent back).
-//! Queues that the stream starts run in their real worker threads over the
-//! memfd guest memory.
+//! Targets `vhost_user_messages`, `net_messages` and `console_messages`: the
+//! common vhost-user request handler with each daemon's real device behind
+//! it (`BlkDevice` on a memfd image, `NetDevice` on a stand-in tap,
+//! `ConsoleDevice` with a socket port), fed an arbitrary stream of vhost-user
+//! messages over a socketpair, with fuzzer-chosen fds attached (memfds of any
+//! size and contents, eventfds, sockets, pipes, /dev/null, fds the backend
+//! sent back). Queues that the stream starts run in their real worker threads
+//! over the memfd guest memory.
 //!
 //! Input: up to [`MAX_MSGS`] messages, each: request code u8, flags u8 (bit 2:
 //! raw version bits 0-1; bit 3: NEED_REPLY; bit 4: REPLY bit; bit 5: lying
@@ -21,7 +23,12 @@ use std::sync::{Arc, Mutex};
 use bulkhead_blk::device::{BlkConfig, BlkDevice};
 use bulkhead_blk::disk::Disk;
 use bulkhead_blk::engine::EngineKind;
+use bulkhead_common::VhostUserDevice;
 use bulkhead_common::handler::BackendHandler;
+use bulkhead_console::device::ConsoleDevice;
+use bulkhead_console::port::{HostSpec, Port};
+use bulkhead_net::device::{NetConfig, NetDevice};
+use bulkhead_net::tap::Tap;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -281,8 +288,69 @@ fn drain(front: &UnixStream, received: &mut Vec<File>) {
     }
 }
 
-/// Runs one input.
+/// The daemon whose device sits behind the handler.
+#[derive(Clone, Copy, Debug)]
+pub enum Daemon {
+    /// `bulkhead-blk`: 2 queues of up to 64, sync engine on a memfd image.
+    Blk,
+    /// `bulkhead-net`: one queue pair and the control queue, a stand-in tap.
+    Net,
+    /// `bulkhead-console`: port 0 on a unix socket, control queues.
+    Console,
+}
+
+impl Daemon {
+    /// The virtio features the seeds acknowledge (offered by the device).
+    fn seed_features(self) -> u64 {
+        let common = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28);
+        match self {
+            // FLUSH, DISCARD, WRITE_ZEROES, SEG_MAX.
+            Daemon::Blk => common | (1 << 9) | (1 << 13) | (1 << 14) | (1 << 2),
+            // CSUM, MAC, MRG_RXBUF, STATUS, CTRL_VQ, CTRL_RX.
+            Daemon::Net => common | 1 | (1 << 5) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 18),
+            // SIZE, MULTIPORT, EMERG_WRITE.
+            Daemon::Console => common | 1 | (1 << 1) | (1 << 2),
+        }
+    }
+
+    /// The protocol features the seeds acknowledge.
+    fn seed_protocol(self) -> u64 {
+        // MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS.
+        let common = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
+        match self {
+            // INFLIGHT_SHMFD, RESET_DEVICE.
+            Daemon::Blk => common | (1 << 12) | (1 << 13),
+            Daemon::Net => common,
+            // BACKEND_REQ.
+            Daemon::Console => common | (1 << 5),
+        }
+    }
+
+    /// Bytes of the device's config space.
+    fn config_len(self) -> u32 {
+        match self {
+            Daemon::Blk => 60,
+            Daemon::Net | Daemon::Console => 12,
+        }
+    }
+}
+
+/// Runs one input against `bulkhead-blk`'s device.
 pub fn run(data: &[u8]) {
+    run_for(Daemon::Blk, data);
+}
+
+/// Runs one input against `bulkhead-net`'s device.
+pub fn run_net(data: &[u8]) {
+    run_for(Daemon::Net, data);
+}
+
+/// Runs one input against `bulkhead-console`'s device.
+pub fn run_console(data: &[u8]) {
+    run_for(Daemon::Console, data);
+}
+
+fn run_for(daemon: Daemon, data: &[u8]) {
     // As in the daemon, where Rust's runtime ignores SIGPIPE (libFuzzer's own
     // main does not): a reply or notification to a closed peer is EPIPE.
     static IGNORE_SIGPIPE: std::sync::Once = std::sync::Once::new();
@@ -295,17 +363,46 @@ pub fn run(data: &[u8]) {
         .map_while(|_| (!inp.is_empty()).then(|| Msg::decode(&mut inp)))
         .collect();
 
-    let disk = Disk::from_file(memfd(1 << 16)).expect("memfd image");
-    let dev = Arc::new(BlkDevice::new(
-        disk,
-        BlkConfig {
-            readonly: false,
-            num_queues: 2,
-            queue_size: 64,
-            serial: Some("bulkhead-fuzz".into()),
-            engine: EngineKind::Sync,
-        },
-    ));
+    match daemon {
+        Daemon::Blk => {
+            let disk = Disk::from_file(memfd(1 << 16)).expect("memfd image");
+            let cfg = BlkConfig {
+                readonly: false,
+                num_queues: 2,
+                queue_size: 64,
+                serial: Some("bulkhead-fuzz".into()),
+                engine: EngineKind::Sync,
+            };
+            serve(&msgs, Arc::new(BlkDevice::new(disk, cfg)));
+        }
+        Daemon::Net => {
+            // The harness keeps the network end open; what the device
+            // transmits piles up there until the pair is dropped.
+            let (dev, _network) = super::net::packet_pair();
+            let cfg = NetConfig {
+                mac: Some(bulkhead_net::request::MacAddr([
+                    0x52, 0x54, 0, 0x12, 0x34, 0x56,
+                ])),
+                mtu: Some(1500),
+                queue_pairs: 1,
+                queue_size: 256,
+            };
+            let net = NetDevice::new(cfg, vec![Tap::stand_in(dev)]).expect("net device");
+            serve(&msgs, Arc::new(net));
+        }
+        Daemon::Console => {
+            let path = super::console::socket_dir().join("messages-port0");
+            let (port, _) = Port::open(0, None, &HostSpec::Socket(path), 4096).expect("port");
+            serve(
+                &msgs,
+                Arc::new(ConsoleDevice::new(vec![port]).expect("console")),
+            );
+        }
+    }
+}
+
+/// Feeds `msgs` to a handler over `dev`, as the daemon's serve loop would.
+fn serve<D: VhostUserDevice + 'static>(msgs: &[Msg], dev: Arc<D>) {
     let (front, back) = UnixStream::pair().expect("socketpair");
     front.set_nonblocking(true).expect("nonblocking");
     back.set_nonblocking(true).expect("nonblocking");
@@ -314,7 +411,7 @@ pub fn run(data: &[u8]) {
     let mut req = BackendReqHandler::from_stream(back, handler.clone());
     let mut received: Vec<File> = Vec::new();
 
-    for m in &msgs {
+    for m in msgs {
         let fds: Vec<OwnedFd> = m.fds.iter().filter_map(|f| f.open(&received)).collect();
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         if front.send_with_fds(&[&m.wire()[..]], &raw).is_err() {
@@ -380,19 +477,18 @@ pub fn guest_image() -> Vec<u8> {
 }
 
 /// The bring-up a frontend sends, as in ARCHITECTURE.md, up to a running queue 0.
-pub fn bring_up(with_inflight: bool) -> Vec<Msg> {
+pub fn bring_up(daemon: Daemon, with_inflight: bool) -> Vec<Msg> {
     use code::*;
-    let protocol: u64 = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 12) | (1 << 13) | (1 << 15);
-    let features: u64 =
-        (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 9) | (1 << 13) | (1 << 14) | (1 << 2);
+    let protocol = daemon.seed_protocol();
+    let features = daemon.seed_features();
     let mut mem = 1u32.to_le_bytes().to_vec();
     mem.extend_from_slice(&[0; 4]);
     mem.extend(region(0, 0x10000, UVA, 0));
-    let mut get_config = [0u32, 60, 0]
+    let mut get_config = [0u32, daemon.config_len(), 0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect::<Vec<u8>>();
-    get_config.extend_from_slice(&[0; 60]);
+    get_config.resize(12 + daemon.config_len() as usize, 0);
     let mut addr = state(0, 0);
     for a in [UVA, UVA + 0x200, UVA + 0x100, 0] {
         addr.extend_from_slice(&a.to_le_bytes());
@@ -435,10 +531,27 @@ fn encode(msgs: &[Msg]) -> Vec<u8> {
     s.finish()
 }
 
-/// Seeds: bring-up with and without inflight, then stop/config/reset traffic,
-/// memory slot changes, and a few refused messages.
+/// Seeds of `vhost_user_messages` (blk): bring-up with and without
+/// inflight, then stop/config/reset traffic, memory slot changes, and a few
+/// refused messages.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    seeds_for(Daemon::Blk)
+}
+
+/// Seeds of `net_messages`: as [`seeds`], with net's features and config.
+pub fn seeds_net() -> Vec<(&'static str, Vec<u8>)> {
+    seeds_for(Daemon::Net)
+}
+
+/// Seeds of `console_messages`: as [`seeds`], with console's features,
+/// config and backend channel.
+pub fn seeds_console() -> Vec<(&'static str, Vec<u8>)> {
+    seeds_for(Daemon::Console)
+}
+
+fn seeds_for(daemon: Daemon) -> Vec<(&'static str, Vec<u8>)> {
     use code::*;
+    let inflight = matches!(daemon, Daemon::Blk);
     let mut out = Vec::new();
     let mut set_config = [32u32, 1, 0]
         .iter()
@@ -446,16 +559,32 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .collect::<Vec<u8>>();
     set_config.push(0);
 
-    let mut a = bring_up(true);
-    a.extend([
-        Msg::new(GET_VRING_BASE, &state(0, 0), vec![]),
-        Msg::new(SET_CONFIG, &set_config, vec![]),
-        Msg::new(SET_VRING_KICK, &u64b(0), vec![FdSpec::EventFd]),
-        Msg::new(RESET_DEVICE, &[], vec![]),
-    ]);
-    out.push(("bring-up-inflight", encode(&a)));
+    let mut a = bring_up(daemon, inflight);
+    if matches!(daemon, Daemon::Blk) {
+        a.extend([
+            Msg::new(GET_VRING_BASE, &state(0, 0), vec![]),
+            Msg::new(SET_CONFIG, &set_config, vec![]),
+            Msg::new(SET_VRING_KICK, &u64b(0), vec![FdSpec::EventFd]),
+            Msg::new(RESET_DEVICE, &[], vec![]),
+        ]);
+    } else {
+        // Net and console refuse config writes (and offer no RESET_DEVICE):
+        // the refused write comes last, as it ends the connection.
+        a.extend([
+            Msg::new(GET_VRING_BASE, &state(0, 0), vec![]),
+            Msg::new(SET_VRING_KICK, &u64b(0), vec![FdSpec::EventFd]),
+            Msg::new(SET_VRING_ENABLE, &state(0, 1), vec![]),
+            Msg::new(SET_CONFIG, &set_config, vec![]),
+        ]);
+    }
+    let name = if inflight {
+        "bring-up-inflight"
+    } else {
+        "bring-up-stop-restart"
+    };
+    out.push((name, encode(&a)));
 
-    let mut b = bring_up(false);
+    let mut b = bring_up(daemon, false);
     let mut single = vec![0u8; 8];
     single.extend(region(0x100000, 0x1000, UVA + 0x100000, 0));
     b.extend([
@@ -499,7 +628,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             Msg::new(SET_BACKEND_REQ_FD, &[], vec![FdSpec::Socket]),
         ),
     ] {
-        let mut c = bring_up(false)[..6].to_vec();
+        let mut c = bring_up(daemon, false)[..6].to_vec();
         c.push(m);
         out.push((name, encode(&c)));
     }
