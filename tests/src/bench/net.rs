@@ -16,7 +16,10 @@
 //!   (`io`) to its tap PMD, a tap-based reference backend (its own tap in the
 //!   same namespace);
 //! - `raw-tap-writer`: the machine's limit, `write(2)` of the same frames
-//!   (with a vnet header) into another queue of the same tap in a loop.
+//!   (with a vnet header) into another queue of the same tap in a loop;
+//! - `raw-tap-writev`: the same, as a two-segment `writev(2)` (header, then
+//!   frame): what a backend costs the kernel when it hands the guest's frame
+//!   over in place behind its own copy of the header.
 //!
 //! The tap has no address and IPv6 off, and frames go to a foreign MAC, so
 //! the namespace's stack drops them at once and sends nothing back. Sizes:
@@ -137,6 +140,8 @@ pub enum NetKind {
     DpdkTap,
     /// write(2) into the tap.
     Raw,
+    /// writev(2) of header and frame into the tap.
+    RawWritev,
 }
 
 impl NetKind {
@@ -148,11 +153,12 @@ impl NetKind {
             NetKind::DpdkMem => "dpdk-vhost/mem",
             NetKind::DpdkTap => "dpdk-vhost/tap",
             NetKind::Raw => "raw-tap-writer",
+            NetKind::RawWritev => "raw-tap-writev",
         }
     }
 
     fn sends(self, size: Size) -> bool {
-        size != Size::Tso || matches!(self, NetKind::Kit | NetKind::Raw)
+        size != Size::Tso || matches!(self, NetKind::Kit | NetKind::Raw | NetKind::RawWritev)
     }
 }
 
@@ -371,8 +377,10 @@ impl RawTap {
         Ok(RawTap { fd })
     }
 
-    /// Writes `packet` in a loop until `stop`; returns the frames written.
-    fn write_loop(&self, packet: &[u8], stop: &AtomicBool) -> Result<u64> {
+    /// Writes `packet` in a loop until `stop`, with `write(2)`, or with
+    /// `writev(2)` of the header and the frame when `split`; returns the
+    /// frames written.
+    fn write_loop(&self, packet: &[u8], split: bool, stop: &AtomicBool) -> Result<u64> {
         let size: libc::c_int = HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int (device-wide; the daemons set the same value).
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
@@ -381,9 +389,24 @@ impl RawTap {
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
             for _ in 0..64 {
-                // SAFETY: writing from a buffer we own, of its length.
-                let r = unsafe {
-                    libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len())
+                let fd = self.fd.as_raw_fd();
+                let r = if split {
+                    let (hdr, frame) = packet.split_at(HDR_LEN);
+                    let iov = [
+                        libc::iovec {
+                            iov_base: hdr.as_ptr().cast_mut().cast(),
+                            iov_len: hdr.len(),
+                        },
+                        libc::iovec {
+                            iov_base: frame.as_ptr().cast_mut().cast(),
+                            iov_len: frame.len(),
+                        },
+                    ];
+                    // SAFETY: both iovecs point into `packet`, readable for their lengths.
+                    unsafe { libc::writev(fd, iov.as_ptr(), 2) }
+                } else {
+                    // SAFETY: writing from a buffer we own, of its length.
+                    unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) }
                 };
                 if r < 0 {
                     let e = std::io::Error::last_os_error();
@@ -419,11 +442,12 @@ fn measure(env: &mut Env, a: &NetArgs, kind: NetKind, size: Size) -> Result<f64>
                 sent.and(r)
             })
         }
-        NetKind::Raw => {
+        NetKind::Raw | NetKind::RawWritev => {
             let raw = &env.raw;
             let ns = &env.ns;
+            let split = kind == NetKind::RawWritev;
             std::thread::scope(|s| {
-                let h = s.spawn(|| raw.write_loop(&packet, &stop));
+                let h = s.spawn(|| raw.write_loop(&packet, split, &stop));
                 let r = window(a, &mut || tap_rx(ns, TAP));
                 stop.store(true, Ordering::Relaxed);
                 let sent = h.join().unwrap_or_else(|_| Err("writer panicked".into()));
@@ -617,7 +641,7 @@ pub fn run(a: &NetArgs) -> Result<Value> {
     if env.dpdk.is_some() {
         kinds.extend([NetKind::Testpmd, NetKind::DpdkTap, NetKind::DpdkMem]);
     }
-    kinds.push(NetKind::Raw);
+    kinds.extend([NetKind::Raw, NetKind::RawWritev]);
     let mut points = Vec::new();
     for &size in &a.sizes {
         let ks: Vec<NetKind> = kinds.iter().copied().filter(|k| k.sends(size)).collect();

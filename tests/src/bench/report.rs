@@ -779,10 +779,13 @@ fn net_section(m: &mut String, net: &Value) {
          client into testpmd's vhost PMD forwarding to its tap PMD: DPDK as a tap backend), \
          `dpdk-vhost/mem` (into testpmd's vhost PMD in `rxonly`: memory to memory, no tap), \
          `raw-tap-writer` (the machine's limit: `write(2)` of the same frames with a vnet \
-         header into another queue of the same tap, from one thread). The DPDK processes \
-         busy-poll one CPU each while their runs last. TSO frames carry a GSO header \
-         (TCPv4, gso_size 1448); testpmd's `txonly` sends none, so only the kit and the raw \
-         writer send them.\n",
+         header into another queue of the same tap, from one thread), `raw-tap-writev` \
+         (the same as a two-segment `writev(2)`, header then frame: the kernel's cost of a \
+         frame handed over in place behind a copied header; `bulkhead-net` copies frames up \
+         to 2 KiB behind the header and sends one segment, larger ones in place). The DPDK \
+         processes busy-poll one CPU each while their runs last. TSO frames carry a GSO \
+         header (TCPv4, gso_size 1448); testpmd's `txonly` sends none, so only the kit and \
+         the raw writers send them.\n",
         meth["count"].as_str().unwrap_or(""),
         meth["runs"],
         meth["secs"],
@@ -803,7 +806,14 @@ fn net_section(m: &mut String, net: &Value) {
             }
         }
     }
-    let order = [NET_KIT, NET_PMD, NET_DPDK_TAP, "dpdk-vhost/mem", NET_RAW];
+    let order = [
+        NET_KIT,
+        NET_PMD,
+        NET_DPDK_TAP,
+        "dpdk-vhost/mem",
+        NET_RAW,
+        "raw-tap-writev",
+    ];
     names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(order.len()));
     let _ = write!(m, "| frames |");
     for n in &names {
