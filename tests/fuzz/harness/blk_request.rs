@@ -9,7 +9,7 @@
 //!
 //! Invariants: no panic; every guest byte the device changes lies in the used
 //! ring or in a buffer some descriptor (direct or in an indirect table) marked
-//! device-writable at the time; the image never grows.
+//! device-writable at the time ([`WriteWatch`]); the image never grows.
 
 use std::fs::File;
 
@@ -18,9 +18,9 @@ use bulkhead_blk::disk::Disk;
 use bulkhead_blk::engine::EngineKind;
 use bulkhead_common::memory::GuestMemoryHandle;
 use bulkhead_common::{QueueWorker, VhostUserDevice, WorkerCtl};
-use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::guest::{self, F_INDIRECT, F_NEXT, F_WRITE, Guest, Image, ONE_REGION, blk_header};
+use super::device::WriteWatch;
+use super::guest::{F_INDIRECT, F_NEXT, F_WRITE, Guest, Image, ONE_REGION, blk_header};
 use super::input::{Input, Seed};
 use super::virtqueue::{GuestOp, RingSetup};
 
@@ -33,39 +33,6 @@ pub fn memfd(len: u64) -> File {
     let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     f.set_len(len).expect("size memfd");
     f
-}
-
-fn raw_desc(g: &Guest, at: u64) -> Option<(u64, u32, u16)> {
-    let mut b = [0u8; 16];
-    g.mem.read_slice(&mut b, GuestAddress(at)).ok()?;
-    let addr = u64::from_le_bytes(b[0..8].try_into().ok()?);
-    let len = u32::from_le_bytes(b[8..12].try_into().ok()?);
-    let flags = u16::from_le_bytes(b[12..14].try_into().ok()?);
-    Some((addr, len, flags))
-}
-
-/// Every buffer a descriptor of the table (or of an indirect table it points
-/// to) currently marks device-writable.
-fn writable_ranges(g: &Guest, s: &RingSetup, out: &mut Vec<(u64, u64)>) {
-    let table = s.addrs.desc.raw_value();
-    for i in 0..u64::from(s.size) {
-        let Some((addr, len, flags)) = raw_desc(g, table + 16 * i) else {
-            continue;
-        };
-        if flags & F_INDIRECT != 0 {
-            for j in 0..(u64::from(len) / 16).min(u64::from(s.size.max(s.max_descriptors))) {
-                if let Some((a, l, f)) = raw_desc(g, addr.wrapping_add(16 * j))
-                    && f & F_WRITE != 0
-                {
-                    out.push((a, u64::from(l)));
-                }
-            }
-        } else if flags & F_WRITE != 0 {
-            out.push((addr, u64::from(len)));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
 }
 
 enum Op {
@@ -124,22 +91,11 @@ pub fn run(data: &[u8]) {
     let mut worker = dev.create_worker(0, setup.features).expect("worker");
     let ctl = WorkerCtl::detached();
 
-    let (ustart, ulen) = setup.used_range();
-    let mut allowed: Vec<(u64, u64)> = vec![(ustart, ulen)];
-    let mut shadow = g.snapshot();
-    let check = |allowed: &mut Vec<(u64, u64)>, shadow: &mut Vec<Vec<u8>>| {
-        let now = g.snapshot();
-        for a in guest::diff(&g.regions, shadow, &now) {
-            assert!(
-                allowed.iter().any(|&(s, n)| guest::contains(s, n, a)),
-                "device wrote guest byte {a:#x}, which no descriptor made writable"
-            );
-        }
-        *shadow = now;
-    };
+    let setups = std::slice::from_ref(&setup);
+    let mut watch = WriteWatch::new(&g);
     for op in &ops {
         if !matches!(op, Op::Guest(_)) {
-            writable_ranges(&g, &setup, &mut allowed);
+            watch.allow_current(&g, setups);
         }
         match op {
             Op::Kick => worker.on_kick(&mut vq, &ctl),
@@ -147,15 +103,12 @@ pub fn run(data: &[u8]) {
             Op::Wce(v) => {
                 let _ = dev.set_config(32, &[*v]);
             }
-            Op::Guest(gop) => {
-                check(&mut allowed, &mut shadow);
-                gop.apply(&g, &mut shadow, &setup);
-            }
+            Op::Guest(gop) => watch.guest(&g, gop, &setup),
         }
     }
-    writable_ranges(&g, &setup, &mut allowed);
+    watch.allow_current(&g, setups);
     worker.drain(&mut vq);
-    check(&mut allowed, &mut shadow);
+    watch.check(&g);
     let len = probe.metadata().expect("stat image").len();
     assert_eq!(len, image_len, "the image grew or shrank");
 }

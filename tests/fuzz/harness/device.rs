@@ -1,6 +1,14 @@
-//! What a device with several queues may write into guest memory: the used
-//! rings of its queues and the buffers some descriptor marks device-writable.
-//! Shared by the `net` and `console` targets.
+//! What a device may write into guest memory: the used rings of its queues
+//! and the buffers some descriptor marks device-writable. Shared by the
+//! `blk_request`, `net` and `console` targets.
+//!
+//! One case escapes a byte-exact check: a guest that makes a descriptor
+//! table (or an indirect table) device-writable, by a buffer or a used ring
+//! over it. The device's own writes (a status byte, read data, a used entry)
+//! then become the descriptors of its next chains within one kick, which no
+//! snapshot taken between operations sees (the first `blk_request` finding of
+//! the second campaign, `regressions/blk_request/device-writes-its-own-descriptor-table`).
+//! Such inputs still run, for panics and leaks, but their writes go unchecked.
 
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -20,6 +28,8 @@ fn raw_desc(g: &Guest, at: u64) -> Option<(u64, u32, u16)> {
 pub struct WriteWatch {
     shadow: Vec<Vec<u8>>,
     allowed: Vec<(u64, u64)>,
+    /// Descriptor tables seen: each queue's and every indirect table.
+    tables: Vec<(u64, u64)>,
 }
 
 impl WriteWatch {
@@ -28,6 +38,7 @@ impl WriteWatch {
         WriteWatch {
             shadow: g.snapshot(),
             allowed: Vec::new(),
+            tables: Vec::new(),
         }
     }
 
@@ -38,12 +49,14 @@ impl WriteWatch {
         for s in setups {
             self.allowed.push(s.used_range());
             let table = s.addrs.desc.raw_value();
+            self.tables.push((table, 16 * u64::from(s.size)));
             for i in 0..u64::from(s.size) {
                 let Some((addr, len, flags)) = raw_desc(g, table.wrapping_add(16 * i)) else {
                     continue;
                 };
                 if flags & F_INDIRECT != 0 {
                     let n = (u64::from(len) / 16).min(u64::from(s.size.max(s.max_descriptors)));
+                    self.tables.push((addr, 16 * n));
                     for j in 0..n {
                         if let Some((a, l, f)) = raw_desc(g, addr.wrapping_add(16 * j))
                             && f & F_WRITE != 0
@@ -58,11 +71,27 @@ impl WriteWatch {
         }
         self.allowed.sort_unstable();
         self.allowed.dedup();
+        self.tables.sort_unstable();
+        self.tables.dedup();
+    }
+
+    /// Whether some device-writable range overlaps a descriptor table.
+    fn self_modifying(&self) -> bool {
+        let overlap = |(a, n): (u64, u64), (b, m): (u64, u64)| {
+            n > 0 && m > 0 && a < b.saturating_add(m) && b < a.saturating_add(n)
+        };
+        self.allowed
+            .iter()
+            .any(|&w| self.tables.iter().any(|&t| overlap(w, t)))
     }
 
     /// Asserts every guest byte changed since the last check is allowed.
     pub fn check(&mut self, g: &Guest) {
         let now = g.snapshot();
+        if self.self_modifying() {
+            self.shadow = now;
+            return;
+        }
         for a in guest::diff(&g.regions, &self.shadow, &now) {
             assert!(
                 self.allowed.iter().any(|&(s, n)| guest::contains(s, n, a)),
