@@ -268,6 +268,9 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
                 Some(gap) if g["target"].as_str().unwrap_or("").contains('%') => {
                     format!("**missed** by {:.1} points", -gap * 100.0)
                 }
+                Some(gap) if gap.abs() < 0.01 => {
+                    format!("**missed** by {:.1}%", gap.abs() * 100.0)
+                }
                 Some(gap) => format!("**missed** by {:.0}%", gap.abs() * 100.0),
                 None => "**missed**".into(),
             },
