@@ -391,12 +391,21 @@ fn run_for(daemon: Daemon, data: &[u8]) {
             serve(&msgs, Arc::new(net));
         }
         Daemon::Console => {
-            let path = super::console::socket_dir().join("messages-port0");
+            // A directory of its own: the `console` harness removes its
+            // directory after each input, and the stable replay runs both
+            // harnesses side by side in one process.
+            let dir = std::env::temp_dir().join(format!(
+                "bulkhead-fuzz-console-messages-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::create_dir_all(&dir);
+            let path = dir.join("port0");
             let (port, _) = Port::open(0, None, &HostSpec::Socket(path), 4096).expect("port");
             serve(
                 &msgs,
                 Arc::new(ConsoleDevice::new(vec![port]).expect("console")),
             );
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }
