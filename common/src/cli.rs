@@ -57,6 +57,17 @@ pub fn init_logging(program: &'static str) {
         .init();
 }
 
+/// Logs `e` with its causes; the exit code for a daemon's failed start or run.
+pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
+    log::error!("{e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        log::error!("  caused by: {s}");
+        src = s.source();
+    }
+    std::process::ExitCode::FAILURE
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

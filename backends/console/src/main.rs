@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{VhostUserArgs, init_logging, print_capabilities};
+use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
@@ -258,15 +258,4 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
-}
-
-/// Logs `e` with its causes; the exit code for a failed start or run.
-fn fail(e: &dyn std::error::Error) -> ExitCode {
-    log::error!("{e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        log::error!("  caused by: {s}");
-        src = s.source();
-    }
-    ExitCode::FAILURE
 }
