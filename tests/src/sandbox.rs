@@ -67,10 +67,44 @@ pub fn assert_no_capabilities(status: &str) {
     }
 }
 
+/// How many threads are named `vring-*`, and how many of them have stacked
+/// one filter more than the main thread.
+fn queue_threads_ready(pid: u32) -> (usize, usize) {
+    let threads = threads(pid);
+    let main_filters: Option<u32> = threads
+        .iter()
+        .find(|(tid, ..)| *tid == pid.to_string())
+        .and_then(|(_, _, s)| field(s, "Seccomp_filters"))
+        .and_then(|v| v.parse().ok());
+    let named: Vec<&String> = threads
+        .iter()
+        .filter(|(_, name, _)| name.starts_with("vring-"))
+        .map(|(_, _, s)| s)
+        .collect();
+    let ready = named
+        .iter()
+        .filter(|s| {
+            field(s, "Seccomp_filters").and_then(|v| v.parse::<u32>().ok())
+                == main_filters.map(|m| m + 1)
+        })
+        .count();
+    (named.len(), ready)
+}
+
 /// Asserts every thread of `pid` is in seccomp filter mode with
 /// `no_new_privs`, and that each thread named `vring-*` carries one filter
 /// more than the main thread; returns the names of those queue threads.
+/// A queue thread names itself and stacks its filter just after it starts:
+/// this waits (up to 20 s) until every one named so far has.
 pub fn assert_every_thread_confined(pid: u32) -> Vec<String> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (named, ready) = queue_threads_ready(pid);
+        if ready == named || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let threads = threads(pid);
     let main_filters = threads
         .iter()
@@ -112,20 +146,7 @@ pub fn assert_every_thread_confined(pid: u32) -> Vec<String> {
 pub fn confined_workers(pid: u32, expected: usize) -> Vec<String> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let threads = threads(pid);
-        let main_filters = threads
-            .iter()
-            .find(|(tid, ..)| *tid == pid.to_string())
-            .and_then(|(_, _, s)| field(s, "Seccomp_filters"));
-        let main_filters: Option<u32> = main_filters.and_then(|v| v.parse().ok());
-        let ready = threads
-            .iter()
-            .filter(|(_, name, status)| {
-                name.starts_with("vring-")
-                    && field(status, "Seccomp_filters").and_then(|v| v.parse::<u32>().ok())
-                        == main_filters.map(|m| m + 1)
-            })
-            .count();
+        let (_, ready) = queue_threads_ready(pid);
         if ready == expected || Instant::now() >= deadline {
             break;
         }

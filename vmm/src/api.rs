@@ -101,7 +101,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Answers one request.
+/// Answers one request. `shutdown` only answers: the caller asks the VMM to
+/// stop once the reply is written, or the exit could close the connection
+/// before the client reads it.
 pub fn handle(req: Request, exit: &ExitRequest, devices: &[Arc<BackendHandle>]) -> Value {
     match req {
         Request::Ping => json!({"ok": true, "result": "pong"}),
@@ -113,10 +115,7 @@ pub fn handle(req: Request, exit: &ExitRequest, devices: &[Arc<BackendHandle>]) 
             };
             json!({"ok": true, "result": s})
         }
-        Request::Shutdown => {
-            exit.request(ExitReason::Stopped);
-            json!({"ok": true})
-        }
+        Request::Shutdown => json!({"ok": true}),
         Request::List => {
             let list: Vec<Value> = devices.iter().map(|d| device_json(d)).collect();
             json!({"ok": true, "devices": list})
@@ -153,11 +152,18 @@ fn serve(
         if line.trim().is_empty() {
             continue;
         }
-        let reply = match parse(&line) {
-            Ok(req) => handle(req, exit, devices),
-            Err(e) => json!({"ok": false, "error": e}),
+        let (reply, stop) = match parse(&line) {
+            Ok(req) => {
+                let stop = matches!(req, Request::Shutdown);
+                (handle(req, exit, devices), stop)
+            }
+            Err(e) => (json!({"ok": false, "error": e}), false),
         };
-        (&stream).write_all(format!("{reply}\n").as_bytes())?;
+        let written = (&stream).write_all(format!("{reply}\n").as_bytes());
+        if stop {
+            exit.request(ExitReason::Stopped);
+        }
+        written?;
     }
 }
 
