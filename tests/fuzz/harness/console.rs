@@ -36,8 +36,7 @@ use super::virtqueue::{GuestOp, InflightMode, RingSetup};
 const SCROLLBACK: usize = 2048;
 
 /// A per-process directory for the port sockets.
-/// A directory of this process for port sockets.
-pub fn socket_dir() -> PathBuf {
+fn socket_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("bulkhead-fuzz-console-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&d);
     d

@@ -39,7 +39,6 @@ const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 /// Send buffer of the device's end: a few frames fill it (EAGAIN on transmit).
 const SNDBUF: libc::c_int = 32 << 10;
 
-/// A socketpair: the device's end (a stand-in tap) and the network's end.
 /// A `SOCK_SEQPACKET` pair: the tap's end and the network's end.
 pub fn packet_pair() -> (OwnedFd, OwnedFd) {
     let mut sv = [0; 2];
