@@ -21,6 +21,30 @@ pub struct VhostUserArgs {
     pub print_capabilities: bool,
 }
 
+/// `--poll-max-us`, for the daemons whose queues busy-poll (blk, net).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BusyPollArgs {
+    /// A queue thread busy-polls its ring up to this many microseconds before
+    /// it sleeps, adapting to how soon work follows (like QEMU's poll-max-ns;
+    /// an idle queue does not spin). 0 turns polling off.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_MAX_US,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_max_us: u32,
+}
+
+impl BusyPollArgs {
+    /// The longest busy-poll.
+    pub fn max(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(u64::from(self.poll_max_us))
+    }
+}
+
+/// Default of `--poll-max-us`. QEMU's I/O threads default to 32 µs, tuned
+/// for bare metal; in a VM a sleeping thread takes 25-40 µs to wake, so a
+/// 32 µs poll just misses the next request of a QD 1 client, and 64 µs
+/// catches it (docs/performance.md).
+pub const DEFAULT_POLL_MAX_US: u32 = 64;
+
 impl VhostUserArgs {
     /// Fails unless one of `--socket-path` or `--fd` was given.
     pub fn require_socket(&self) -> Result<(), String> {

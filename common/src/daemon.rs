@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 
@@ -230,8 +231,11 @@ fn serve_connection<D: VhostUserDevice>(
     stream: UnixStream,
     device: &Arc<D>,
     signals: &Signals,
+    poll_max: Duration,
 ) -> Result<ConnEnd, DaemonError> {
-    let handler = Arc::new(Mutex::new(BackendHandler::new(device.clone())));
+    let handler = Arc::new(Mutex::new(
+        BackendHandler::new(device.clone()).with_busy_poll(poll_max),
+    ));
     let conn_fd = stream.as_raw_fd();
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     let end = loop {
@@ -326,6 +330,7 @@ pub fn install_sigbus_handler() -> std::io::Result<()> {
 pub struct Endpoint {
     kind: EndpointKind,
     signals: Signals,
+    poll_max: Duration,
 }
 
 impl Endpoint {
@@ -336,7 +341,18 @@ impl Endpoint {
         install_sigbus_handler().map_err(DaemonError::Setup)?;
         let signals = Signals::new().map_err(DaemonError::Setup)?;
         let kind = open_endpoint(args)?;
-        Ok(Endpoint { kind, signals })
+        Ok(Endpoint {
+            kind,
+            signals,
+            poll_max: Duration::ZERO,
+        })
+    }
+
+    /// Lets queue threads busy-poll up to `max` before they sleep (default:
+    /// never); see [`crate::worker::BusyPoll`].
+    pub fn with_busy_poll(mut self, max: Duration) -> Self {
+        self.poll_max = max;
+        self
     }
 }
 
@@ -360,12 +376,13 @@ pub fn serve_endpoint<D: VhostUserDevice>(
     let Endpoint {
         kind: mut endpoint,
         signals,
+        poll_max,
     } = endpoint;
     let result = match &mut endpoint {
         EndpointKind::Connected(stream) => {
             if let Some(s) = stream.take() {
                 log::info!("serving the frontend on fd {}", s.as_raw_fd());
-                serve_connection(s, &device, &signals).map(|_| ())
+                serve_connection(s, &device, &signals, poll_max).map(|_| ())
             } else {
                 Ok(())
             }
@@ -393,7 +410,7 @@ pub fn serve_endpoint<D: VhostUserDevice>(
                     }
                 };
                 log::info!("frontend connected");
-                match serve_connection(stream, &device, &signals)? {
+                match serve_connection(stream, &device, &signals, poll_max)? {
                     ConnEnd::Disconnected => continue,
                     ConnEnd::Signal(sig) => {
                         log::info!("signal {sig}: shutting down");

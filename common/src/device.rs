@@ -74,8 +74,36 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     fn create_worker(&self, index: u16, features: u64) -> io::Result<Self::Worker>;
 }
 
+/// What one call of [`QueueWorker::poll`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polled {
+    /// Work was waiting and has been handled.
+    Work,
+    /// Nothing yet; polling on may catch the next request.
+    Nothing,
+    /// Stop polling and sleep: what comes next is done by other threads
+    /// (I/O workers, a full tap draining) that need this CPU more than a
+    /// spinning thread does, and whose completion wakes the thread anyway.
+    Sleep,
+}
+
 /// The per-queue half of a device, run by its own thread.
 pub trait QueueWorker: Send + 'static {
+    /// The queue thread may busy-poll this worker (see [`QueueWorker::poll`])
+    /// before it sleeps; asked once, when the thread starts.
+    fn busy_polls(&self) -> bool {
+        false
+    }
+
+    /// Busy-poll hook: handles work that arrived since the last event and
+    /// can be seen without a syscall (new chains on the ring, completions in
+    /// a shared ring). Called in a tight loop for a few microseconds before
+    /// the queue thread sleeps, so it must be cheap when there is nothing.
+    fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
+        let _ = (vq, ctl);
+        Polled::Sleep
+    }
+
     /// Extra fds the worker thread polls (an I/O completion fd, a tap); level-triggered.
     fn fds(&self) -> Vec<RawFd> {
         Vec::new()

@@ -78,6 +78,8 @@ pub struct BackendHandler<D: VhostUserDevice> {
     peeked_backend: Option<std::os::unix::net::UnixStream>,
     /// SET_FEATURES was received (rings are then enabled per its PROTOCOL_FEATURES bit).
     features_set: bool,
+    /// Longest busy-poll of a queue thread before it sleeps.
+    poll_max: std::time::Duration,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -106,7 +108,15 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             inflight: None,
             peeked_backend: None,
             features_set: false,
+            poll_max: std::time::Duration::ZERO,
         }
+    }
+
+    /// Lets queue threads busy-poll up to `max` before they sleep (zero,
+    /// the default: never); see [`crate::worker::BusyPoll`].
+    pub fn with_busy_poll(mut self, max: std::time::Duration) -> Self {
+        self.poll_max = max;
+        self
     }
 
     /// Holds a duplicate of the socket the next SET_BACKEND_REQ_FD carries
@@ -194,7 +204,8 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             .device
             .create_worker(i as u16, self.acked_features)
             .map_err(VuError::ReqHandlerError)?;
-        let thread = QueueThread::spawn(vq, worker, kick).map_err(VuError::ReqHandlerError)?;
+        let thread = QueueThread::spawn(vq, worker, kick, self.poll_max)
+            .map_err(VuError::ReqHandlerError)?;
         self.vrings[i].thread = Some(thread);
         log::debug!("queue {i} started");
         Ok(())

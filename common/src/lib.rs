@@ -20,6 +20,6 @@ pub mod virtqueue;
 pub mod worker;
 
 pub use chain::{ChainError, Descriptor, DescriptorChain, Reader, Writer};
-pub use device::{QueueWorker, VhostUserDevice};
+pub use device::{Polled, QueueWorker, VhostUserDevice};
 pub use virtqueue::VirtQueue;
 pub use worker::WorkerCtl;

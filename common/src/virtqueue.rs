@@ -188,6 +188,10 @@ pub struct VirtQueue {
     addrs: RingAddrs,
     mem: GuestMemoryHandle,
     next_avail: Wrapping<u16>,
+    /// The driver's avail index as last read and checked (at most `size`
+    /// ahead of `next_avail`): entries up to it are taken without reading
+    /// the index again, a cache line the driver keeps writing.
+    avail_shadow: Wrapping<u16>,
     next_used: Wrapping<u16>,
     signalled_used: Option<Wrapping<u16>>,
     event_idx: bool,
@@ -253,6 +257,7 @@ impl VirtQueue {
             addrs: cfg.addrs,
             mem,
             next_avail,
+            avail_shadow: next_avail,
             next_used: Wrapping(used_idx),
             // Unknown: the first notify after a start interrupts once. A
             // previous backend may have died between publishing a used
@@ -349,6 +354,20 @@ impl VirtQueue {
             .map_err(|_| QueueError::Memory)
     }
 
+    /// True when [`VirtQueue::pop`] has a chain to look at: the driver made
+    /// new entries available (or a resubmitted one is waiting). For busy
+    /// polling: one load from the avail ring, no side effect.
+    pub fn has_pending(&self) -> bool {
+        if self.broken {
+            return false;
+        }
+        if !self.resubmit.is_empty() || self.avail_shadow != self.next_avail {
+            return true;
+        }
+        let mem = self.memory();
+        matches!(self.avail_idx(&mem), Ok(avail) if avail != self.next_avail)
+    }
+
     /// Takes the next valid chain, or None when the ring is empty.
     ///
     /// Invalid chains are completed with length 0 and skipped; ring-level
@@ -367,18 +386,21 @@ impl VirtQueue {
             let head = if let Some(h) = self.resubmit.pop_front() {
                 h
             } else {
-                let avail = self.avail_idx(&mem)?;
-                let pending = avail - self.next_avail;
-                if pending.0 == 0 {
-                    return Ok(None);
-                }
-                if pending.0 > self.size {
-                    let e = QueueError::AvailIndexJump {
-                        avail: avail.0,
-                        next: self.next_avail.0,
-                        size: self.size,
-                    };
-                    return Err(self.fail(e));
+                if self.avail_shadow == self.next_avail {
+                    let avail = self.avail_idx(&mem)?;
+                    let pending = avail - self.next_avail;
+                    if pending.0 == 0 {
+                        return Ok(None);
+                    }
+                    if pending.0 > self.size {
+                        let e = QueueError::AvailIndexJump {
+                            avail: avail.0,
+                            next: self.next_avail.0,
+                            size: self.size,
+                        };
+                        return Err(self.fail(e));
+                    }
+                    self.avail_shadow = avail;
                 }
                 let slot = u64::from(self.next_avail.0 % self.size);
                 let addr = self.addrs.avail.unchecked_add(4 + 2 * slot);

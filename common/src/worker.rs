@@ -1,14 +1,16 @@
 //! One thread per running queue: an epoll loop over the kick eventfd, a stop
-//! eventfd and the worker's own fds.
+//! eventfd and the worker's own fds, with an adaptive busy-poll before it
+//! sleeps (see [`BusyPoll`]).
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::OnceLock;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::QueueWorker;
+use crate::device::{Polled, QueueWorker};
 use crate::virtqueue::VirtQueue;
 
 const TOKEN_KICK: u64 = 0;
@@ -77,6 +79,77 @@ impl WorkerCtl {
     }
 }
 
+/// How long a queue thread busy-polls before it sleeps in epoll, adapted to
+/// the gaps it sees between bursts of work (like QEMU's `poll-max-ns`).
+///
+/// Sleeping costs a wakeup on the next kick: a cross-CPU interrupt and a
+/// scheduler round trip, tens of microseconds in a nested VM. When work keeps
+/// arriving within `max`, polling the ring catches it without one. The window
+/// starts at zero, doubles (from [`BusyPoll::START`]) while the idle gaps stay
+/// shorter than `max`, and drops back to zero after one gap longer than
+/// `max`, so an idle queue does not spin.
+#[derive(Debug, Clone, Copy)]
+pub struct BusyPoll {
+    max: Duration,
+    window: Duration,
+}
+
+impl BusyPoll {
+    /// First window after a short gap.
+    pub const START: Duration = Duration::from_micros(4);
+
+    /// A poller that never polls longer than `max` (zero: never polls).
+    pub fn new(max: Duration) -> Self {
+        BusyPoll {
+            max,
+            window: Duration::ZERO,
+        }
+    }
+
+    /// The current window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Adapts the window to an idle gap that polling did not cover: `idle`
+    /// from the start of polling until the thread woke from its sleep.
+    pub fn adapt(&mut self, idle: Duration) {
+        if idle <= self.window {
+            // Polled long enough; the work came just after.
+        } else if idle > self.max {
+            self.window = Duration::ZERO;
+        } else if self.window < self.max {
+            self.window = if self.window.is_zero() {
+                Self::START.min(self.max)
+            } else {
+                (self.window * 2).min(self.max)
+            };
+        }
+    }
+}
+
+/// Spins up to `window` calling the worker's poll hook; true once it found work.
+fn spin<W: QueueWorker>(
+    worker: &mut W,
+    vq: &mut VirtQueue,
+    ctl: &WorkerCtl,
+    window: Duration,
+) -> bool {
+    let start = Instant::now();
+    loop {
+        vq.refill_budget();
+        match worker.poll(vq, ctl) {
+            Polled::Work => return true,
+            Polled::Sleep => return false,
+            Polled::Nothing => {}
+        }
+        if start.elapsed() >= window {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// A running queue thread.
 pub struct QueueThread {
     stop: EventFd,
@@ -84,14 +157,26 @@ pub struct QueueThread {
 }
 
 impl QueueThread {
-    /// Spawns the thread for `vq`, driven by `kick`.
-    pub fn spawn<W: QueueWorker>(vq: VirtQueue, worker: W, kick: EventFd) -> io::Result<Self> {
+    /// Spawns the thread for `vq`, driven by `kick`, busy-polling up to
+    /// `poll_max` before it sleeps where the worker supports it
+    /// ([`QueueWorker::busy_polls`]).
+    pub fn spawn<W: QueueWorker>(
+        vq: VirtQueue,
+        worker: W,
+        kick: EventFd,
+        poll_max: Duration,
+    ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop2 = stop.try_clone()?;
         let name = format!("vring-{}", vq.index());
+        let poll = BusyPoll::new(if worker.busy_polls() {
+            poll_max
+        } else {
+            Duration::ZERO
+        });
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(vq, worker, kick, stop2))?;
+            .spawn(move || run(vq, worker, kick, stop2, poll))?;
         Ok(QueueThread { stop, handle })
     }
 
@@ -130,6 +215,7 @@ fn run<W: QueueWorker>(
     mut worker: W,
     kick: EventFd,
     stop: EventFd,
+    mut poll: BusyPoll,
 ) -> VirtQueue {
     if let Some(hook) = THREAD_START.get()
         && let Err(e) = hook()
@@ -163,6 +249,11 @@ fn run<W: QueueWorker>(
         rekick_if_exhausted(&mut vq, &kick);
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
         'outer: loop {
+            let idle_since = Instant::now();
+            if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window()) {
+                rekick_if_exhausted(&mut vq, &kick);
+                continue;
+            }
             let n = match epoll::wait(epoll, -1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -171,6 +262,7 @@ fn run<W: QueueWorker>(
                     break;
                 }
             };
+            poll.adapt(idle_since.elapsed());
             for ev in &events[..n] {
                 match ev.data {
                     TOKEN_STOP => break 'outer,
@@ -198,6 +290,32 @@ fn run<W: QueueWorker>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_poll_grows_while_gaps_are_short_and_stops_after_a_long_one() {
+        let max = Duration::from_micros(32);
+        let mut p = BusyPoll::new(max);
+        assert!(p.window().is_zero());
+        p.adapt(Duration::from_micros(10));
+        assert_eq!(p.window(), BusyPoll::START);
+        for _ in 0..10 {
+            p.adapt(Duration::from_micros(30));
+        }
+        assert_eq!(p.window(), max, "doubles up to the maximum, never past it");
+        p.adapt(Duration::from_micros(20));
+        assert_eq!(p.window(), max, "a gap the window covered changes nothing");
+        p.adapt(Duration::from_millis(5));
+        assert!(p.window().is_zero(), "an idle queue stops spinning");
+    }
+
+    #[test]
+    fn busy_poll_with_a_zero_maximum_never_polls() {
+        let mut p = BusyPoll::new(Duration::ZERO);
+        for gap in [0, 1, 10, 1000] {
+            p.adapt(Duration::from_micros(gap));
+            assert!(p.window().is_zero());
+        }
+    }
 
     #[test]
     fn detached_control_ignores_watch_requests() {

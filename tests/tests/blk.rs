@@ -697,3 +697,28 @@ fn descriptor_chain_loop_completes_with_zero_len_and_daemon_keeps_serving() {
     drop(blk);
     assert_still_serving(&mut d);
 }
+
+#[test]
+fn every_option_in_help_is_documented_in_docs_blk_md() {
+    let help =
+        std::process::Command::new(bulkhead_tests::process::workspace_binary("bulkhead-blk"))
+            .arg("--help")
+            .output()
+            .expect("bulkhead-blk --help");
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let doc = std::fs::read_to_string(bulkhead_tests::guest::repo_root().join("docs/blk.md"))
+        .expect("docs/blk.md");
+    let flags: Vec<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .filter(|w| !["--help", "--version"].contains(w))
+        .collect();
+    assert!(flags.contains(&"--poll-max-us"), "{help}");
+    for flag in flags {
+        assert!(
+            doc.contains(&format!("`{flag}")),
+            "docs/blk.md lacks {flag}"
+        );
+    }
+}

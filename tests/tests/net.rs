@@ -212,6 +212,7 @@ fn offers_the_documented_features_config_and_capabilities() {
         "--mtu",
         "--queue-pairs",
         "--queue-size",
+        "--poll-max-us",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         assert!(doc.contains(flag), "docs/net.md lacks {flag}");

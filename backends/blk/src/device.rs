@@ -10,7 +10,7 @@ use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use bulkhead_common::{
-    DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
+    DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
@@ -501,9 +501,35 @@ impl BlkWorker {
     }
 }
 
+/// Most operations in flight in io_uring's worker threads at which a queue
+/// thread still busy-polls for their completions.
+const POLL_MAX_IN_FLIGHT: usize = 1;
+
 impl QueueWorker for BlkWorker {
+    fn busy_polls(&self) -> bool {
+        true
+    }
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.engine.completion_fd()]
+    }
+
+    /// Spins only while nothing is in flight: an operation in an io_uring
+    /// worker thread needs the CPU more than we do, and its completion
+    /// wakes us (polling through queue-depth-32 writes cost 30% of their
+    /// IOPS on a 2-CPU machine).
+    fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
+        if self.engine.has_completions() {
+            self.on_fd(vq, 0, ctl);
+            Polled::Work
+        } else if !self.stalled && vq.has_pending() {
+            self.process(vq);
+            Polled::Work
+        } else if self.engine.in_flight() > POLL_MAX_IN_FLIGHT {
+            Polled::Sleep
+        } else {
+            Polled::Nothing
+        }
     }
 
     fn on_kick(&mut self, vq: &mut VirtQueue, _ctl: &WorkerCtl) {

@@ -118,6 +118,12 @@ pub trait Engine: Send {
     fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()>;
     /// Blocks until at least one operation completes (or none is in flight), then reaps like `reap`.
     fn wait(&mut self, out: &mut Vec<Completion>) -> io::Result<()>;
+    /// True when `reap` would find a completion, checked without a syscall
+    /// (for busy polling). Engines that cannot tell say false: their
+    /// completion fd wakes the worker instead.
+    fn has_completions(&mut self) -> bool {
+        false
+    }
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
     /// Capacity: at most this many ops in flight.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
+use bulkhead_common::cli::{BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::{Parser, ValueEnum};
@@ -51,6 +51,9 @@ struct Args {
 
     #[command(flatten)]
     sandbox: SandboxArgs,
+
+    #[command(flatten)]
+    busy_poll: BusyPollArgs,
 
     /// Raw image file or block device to serve.
     #[arg(long, visible_alias = "blk-file", value_name = "FILE",
@@ -194,7 +197,7 @@ fn main() -> ExitCode {
         },
     ));
     let endpoint = match Endpoint::open(&args.vhost_user) {
-        Ok(e) => e,
+        Ok(e) => e.with_busy_poll(args.busy_poll.max()),
         Err(e) => return fail(&e),
     };
     if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(&args)) {

@@ -16,7 +16,7 @@ use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use bulkhead_common::{
-    DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
+    DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
@@ -523,6 +523,25 @@ pub enum NetWorker {
 }
 
 impl QueueWorker for NetWorker {
+    /// Only transmit queues poll: a receive queue's available buffers wait
+    /// for frames from the tap, which only its fd announces.
+    fn busy_polls(&self) -> bool {
+        matches!(self, NetWorker::Tx(_))
+    }
+
+    /// A transmit queue waiting for room in the tap sleeps until it is writable.
+    fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
+        match self {
+            NetWorker::Tx(w) if w.pending.is_some() => Polled::Sleep,
+            NetWorker::Tx(w) if vq.has_pending() => {
+                w.process(vq, ctl);
+                Polled::Work
+            }
+            NetWorker::Tx(_) => Polled::Nothing,
+            _ => Polled::Sleep,
+        }
+    }
+
     fn fds(&self) -> Vec<RawFd> {
         match self {
             NetWorker::Rx(w) => vec![w.pair.tap().raw_fd()],

@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
+use bulkhead_common::cli::{BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
@@ -40,6 +40,9 @@ struct Args {
 
     #[command(flatten)]
     sandbox: SandboxArgs,
+
+    #[command(flatten)]
+    busy_poll: BusyPollArgs,
 
     /// Tap interface to open by name, created if absent (needs CAP_NET_ADMIN to create).
     #[arg(long, value_name = "NAME", conflicts_with = "tap_fd",
@@ -194,7 +197,7 @@ fn main() -> ExitCode {
     );
     let sigusr1 = block_sigusr1();
     let endpoint = match Endpoint::open(&args.vhost_user) {
-        Ok(e) => e,
+        Ok(e) => e.with_busy_poll(args.busy_poll.max()),
         Err(e) => return fail(&e),
     };
     if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(pairs)) {

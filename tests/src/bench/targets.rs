@@ -62,6 +62,9 @@ pub struct Bulkhead<'a> {
     pub args: &'a [String],
     /// The binary of [`Kind::Baseline`].
     pub baseline: Option<&'a Path>,
+    /// Busy-poll budget in µs: bulkhead-blk's `--poll-max-us`, and the same
+    /// for qemu-storage-daemon's I/O thread (`poll-max-ns`), so both poll alike.
+    pub poll_max_us: u32,
 }
 
 enum Client {
@@ -141,6 +144,12 @@ impl Target {
                     "io-uring".into(),
                 ]
                 .into_iter()
+                .chain(
+                    (kind == Kind::Bulkhead)
+                        .then(|| ["--poll-max-us".into(), bulkhead.poll_max_us.to_string()])
+                        .into_iter()
+                        .flatten(),
+                )
                 .chain(bulkhead.args.iter().cloned())
                 .collect(),
             ),
@@ -154,7 +163,10 @@ impl Target {
                     PathBuf::from("qemu-storage-daemon"),
                     vec![
                         "--object".into(),
-                        "iothread,id=iot0".into(),
+                        format!(
+                            "iothread,id=iot0,poll-max-ns={}",
+                            u64::from(bulkhead.poll_max_us) * 1000
+                        ),
                         "--blockdev".into(),
                         format!(
                             "driver=file,node-name=file0,filename={img},aio={aio},\

@@ -44,6 +44,9 @@ use client::Result;
 use targets::{Kind, Target};
 use workload::{Pattern, Spec, Stats, median_stats};
 
+/// bulkhead-blk's default `--poll-max-us` (`bulkhead_common::cli::DEFAULT_POLL_MAX_US`).
+const DEFAULT_POLL_MAX_US: u32 = 64;
+
 const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
@@ -63,6 +66,7 @@ usage: bulkhead-bench [--quick] [options]
   --bulkhead-bin PATH   default: bulkhead-blk next to this binary
   --bulkhead-args ARGS  extra bulkhead-blk arguments, split at spaces (e.g. \"--sandbox log\")
   --baseline-bin PATH   also measure this bulkhead-blk build as target bulkhead-blk-before
+  --poll-max-us N       busy-poll budget of bulkhead-blk and of qsd's I/O thread (default 64, bulkhead-blk's)
   --profile S           perf-record bulkhead-blk and qsd for S seconds at randread-4k QD32 1 queue (tmpfs)
   --micro FILE          micro-benchmark JSON to fold into the report
   --net-runs N --net-secs S   net runs per point (default 3) and window (default 1.0)
@@ -94,6 +98,7 @@ struct Args {
     bulkhead_bin: PathBuf,
     bulkhead_args: Vec<String>,
     baseline_bin: Option<PathBuf>,
+    poll_max_us: u32,
     profile: f64,
     suites: Vec<String>,
     net_runs: usize,
@@ -148,6 +153,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         bulkhead_bin: bulkhead_tests::process::workspace_binary("bulkhead-blk"),
         bulkhead_args: Vec::new(),
         baseline_bin: None,
+        poll_max_us: DEFAULT_POLL_MAX_US,
         profile: 0.0,
         suites: vec!["blk".into(), "net".into(), "console".into(), "vmm".into()],
         net_runs: if quick { 1 } else { 3 },
@@ -194,6 +200,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--bulkhead-bin" => a.bulkhead_bin = v.into(),
             "--bulkhead-args" => a.bulkhead_args = v.split_whitespace().map(String::from).collect(),
             "--baseline-bin" => a.baseline_bin = Some(v.into()),
+            "--poll-max-us" => a.poll_max_us = v.parse().map_err(|e| format!("{flag}: {e}"))?,
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
@@ -356,6 +363,7 @@ fn daemon(a: &Args) -> targets::Bulkhead<'_> {
         bin: &a.bulkhead_bin,
         args: &a.bulkhead_args,
         baseline: a.baseline_bin.as_deref(),
+        poll_max_us: a.poll_max_us,
     }
 }
 

@@ -503,6 +503,10 @@ impl Engine for UringEngine {
         self.submit_queued()
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty() || !self.ring.completion().is_empty()
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         // Clear readiness first: a CQE posted after this read signals again.
         match self.evt.read() {
