@@ -98,8 +98,15 @@ pub fn run(data: &[u8]) {
             watch.allow_current(&g, setups);
         }
         match op {
-            Op::Kick => worker.on_kick(&mut vq, &ctl),
-            Op::Reap => worker.on_fd(&mut vq, 0, &ctl),
+            Op::Kick | Op::Reap => {
+                if matches!(op, Op::Kick) {
+                    worker.on_kick(&mut vq, &ctl);
+                } else {
+                    worker.on_fd(&mut vq, 0, &ctl);
+                }
+                // What the queue thread does next: one round of its busy-poll.
+                let _ = worker.poll(&mut vq, &ctl);
+            }
             Op::Wce(v) => {
                 let _ = dev.set_config(32, &[*v]);
             }

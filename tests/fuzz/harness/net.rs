@@ -220,6 +220,8 @@ pub fn run(data: &[u8]) {
                         Op::Fd(_) => w.on_fd(vq, 0, &ctl),
                         _ => w.on_kick(vq, &ctl),
                     }
+                    // What the queue thread does next: one round of its busy-poll.
+                    let _ = w.poll(vq, &ctl);
                 }
             }
             Op::Packet(p, bytes) => send(&nets[usize::from(*p) % nets.len()], bytes),
