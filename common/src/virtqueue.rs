@@ -548,7 +548,7 @@ impl VirtQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chain::{RawDescriptor, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use crate::memory::tests::single_region;
@@ -558,13 +558,14 @@ mod tests {
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
-    struct Guest {
+    /// A driver's side of one queue in test memory.
+    pub(crate) struct Guest {
         mem: GuestMemoryHandle,
         avail_idx: u16,
     }
 
     impl Guest {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Guest {
                 mem: GuestMemoryHandle::new(single_region(0x20000)),
                 avail_idx: 0,
@@ -604,7 +605,7 @@ mod tests {
                 .collect();
             (idx, elems)
         }
-        fn queue(&self, features: u64) -> (VirtQueue, EventFd) {
+        pub(crate) fn queue(&self, features: u64) -> (VirtQueue, EventFd) {
             let call = Arc::new(CallSlot::default());
             let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             call.set(Some(efd.try_clone().unwrap()));

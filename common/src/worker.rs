@@ -4,7 +4,8 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -128,15 +129,21 @@ impl BusyPoll {
     }
 }
 
-/// Spins up to `window` calling the worker's poll hook; true once it found work.
+/// Spins up to `window` calling the worker's poll hook; true once it found
+/// work. Gives up at once when the thread is asked to stop, so a guest that
+/// keeps its ring busy cannot keep the thread from its stop request.
 fn spin<W: QueueWorker>(
     worker: &mut W,
     vq: &mut VirtQueue,
     ctl: &WorkerCtl,
     window: Duration,
+    stopping: &AtomicBool,
 ) -> bool {
     let start = Instant::now();
     loop {
+        if stopping.load(Ordering::Acquire) {
+            return false;
+        }
         vq.refill_budget();
         match worker.poll(vq, ctl) {
             Polled::Work => return true,
@@ -153,6 +160,8 @@ fn spin<W: QueueWorker>(
 /// A running queue thread.
 pub struct QueueThread {
     stop: EventFd,
+    /// Set before `stop` is signalled: seen by a thread that is busy-polling.
+    stopping: Arc<AtomicBool>,
     handle: JoinHandle<VirtQueue>,
 }
 
@@ -174,14 +183,21 @@ impl QueueThread {
         } else {
             Duration::ZERO
         });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(vq, worker, kick, stop2, poll))?;
-        Ok(QueueThread { stop, handle })
+            .spawn(move || run(vq, worker, kick, stop2, poll, &flag))?;
+        Ok(QueueThread {
+            stop,
+            stopping,
+            handle,
+        })
     }
 
     /// Stops the thread after its worker drained, and returns the queue.
     pub fn stop(self) -> Option<VirtQueue> {
+        self.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
         match self.handle.join() {
             Ok(vq) => Some(vq),
@@ -216,6 +232,7 @@ fn run<W: QueueWorker>(
     kick: EventFd,
     stop: EventFd,
     mut poll: BusyPoll,
+    stopping: &AtomicBool,
 ) -> VirtQueue {
     if let Some(hook) = THREAD_START.get()
         && let Err(e) = hook()
@@ -250,7 +267,8 @@ fn run<W: QueueWorker>(
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
         'outer: loop {
             let idle_since = Instant::now();
-            if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window()) {
+            if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window(), stopping)
+            {
                 rekick_if_exhausted(&mut vq, &kick);
                 continue;
             }
@@ -315,6 +333,63 @@ mod tests {
             p.adapt(Duration::from_micros(gap));
             assert!(p.window().is_zero());
         }
+    }
+
+    /// A worker whose poll always finds work (a guest that never lets the ring run dry).
+    struct AlwaysBusy {
+        polls: Arc<std::sync::atomic::AtomicU64>,
+        busy_polls: bool,
+    }
+
+    impl QueueWorker for AlwaysBusy {
+        fn busy_polls(&self) -> bool {
+            self.busy_polls
+        }
+        fn on_kick(&mut self, _vq: &mut VirtQueue, _ctl: &WorkerCtl) {}
+        fn poll(&mut self, _vq: &mut VirtQueue, _ctl: &WorkerCtl) -> Polled {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Polled::Work
+        }
+    }
+
+    /// Spawns a thread over `worker`, lets it run, and stops it; fails
+    /// instead of hanging if the stop is not seen within 10 s.
+    fn run_then_stop(busy_polls: bool) -> u64 {
+        let guest = crate::virtqueue::tests::Guest::new();
+        let (vq, _call) = guest.queue(0);
+        let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker = AlwaysBusy {
+            polls: polls.clone(),
+            busy_polls,
+        };
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = QueueThread::spawn(
+            vq,
+            worker,
+            kick.try_clone().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        // Short gaps between kicks open the polling window.
+        for _ in 0..20 {
+            kick.write(1).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(t.stop().is_some()));
+        let stopped = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(stopped, Ok(true), "the queue thread did not stop");
+        polls.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_thread_that_always_finds_work_while_polling_still_stops() {
+        assert!(run_then_stop(true) > 0, "the worker was polled");
+    }
+
+    #[test]
+    fn a_worker_that_does_not_poll_is_never_polled() {
+        assert_eq!(run_then_stop(false), 0);
     }
 
     #[test]

@@ -433,8 +433,11 @@ fn blk_sections(m: &mut String, v: &Value) {
          `cache.direct=off`) and serve writes as write-back. qemu-storage-daemon 10.0's \
          vhost-user-blk export takes one `iothread=` (a per-queue iothread list is not \
          accepted), so every qsd queue runs in that one iothread; bulkhead-blk runs one \
-         thread per queue. qsd exports the file node directly (no raw format layer) and \
-         `locking=off` lets all targets open the same image.\n"
+         thread per queue. Both busy-poll alike before they sleep: bulkhead-blk with \
+         `--poll-max-us N`, qsd's iothread with `poll-max-ns` of the same N µs (`--poll-max-us` \
+         of bulkhead-bench, default 64; QEMU's own default is 32 µs). qsd exports the file node \
+         directly (no raw format layer) and `locking=off` lets all targets open the same \
+         image.\n"
     );
 
     let micro = &v["micro"];
