@@ -54,6 +54,55 @@ pub struct Descriptor {
     pub writable: bool,
 }
 
+/// Descriptors kept in the chain itself; longer chains spill to the heap.
+const INLINE_DESCS: usize = 4;
+
+/// A chain's descriptors: up to [`INLINE_DESCS`] without an allocation (a
+/// network frame or a block request), more on the heap.
+#[derive(Clone)]
+struct DescList {
+    inline: [Descriptor; INLINE_DESCS],
+    len: usize,
+    heap: Vec<Descriptor>,
+}
+
+impl DescList {
+    const EMPTY: Descriptor = Descriptor {
+        addr: GuestAddress(0),
+        len: 0,
+        writable: false,
+    };
+
+    fn new() -> Self {
+        DescList {
+            inline: [Self::EMPTY; INLINE_DESCS],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, d: Descriptor) {
+        if self.len < INLINE_DESCS {
+            self.inline[self.len] = d;
+        } else {
+            if self.len == INLINE_DESCS {
+                self.heap.reserve(2 * INLINE_DESCS);
+                self.heap.extend_from_slice(&self.inline);
+            }
+            self.heap.push(d);
+        }
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[Descriptor] {
+        if self.len <= INLINE_DESCS {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
 /// Why a chain was refused. Every variant is a guest error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -109,7 +158,7 @@ pub struct ChainLimits {
 #[derive(Clone)]
 pub struct DescriptorChain {
     head: u16,
-    descs: Vec<Descriptor>,
+    descs: DescList,
     readable_len: u64,
     writable_len: u64,
     mem: GuestMemorySnapshot,
@@ -119,7 +168,7 @@ impl std::fmt::Debug for DescriptorChain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DescriptorChain")
             .field("head", &self.head)
-            .field("descs", &self.descs)
+            .field("descs", &self.descs.as_slice())
             .finish()
     }
 }
@@ -147,7 +196,7 @@ impl DescriptorChain {
         max_descriptors: u16,
     ) -> Result<Self, ChainError> {
         let max_descs = u32::from(limits.queue_size.max(max_descriptors).max(1));
-        let mut descs = Vec::new();
+        let mut descs = DescList::new();
         let mut table_addr = table;
         let mut table_len = u32::from(limits.queue_size);
         let mut index = head;
@@ -177,7 +226,7 @@ impl DescriptorChain {
                 if !limits.indirect {
                     return Err(ChainError::IndirectNotNegotiated);
                 }
-                if !descs.is_empty() || raw.flags & VRING_DESC_F_NEXT != 0 {
+                if descs.len != 0 || raw.flags & VRING_DESC_F_NEXT != 0 {
                     return Err(ChainError::IndirectNotHead);
                 }
                 if raw.len == 0 || u64::from(raw.len) % DESC_SIZE != 0 {
@@ -240,7 +289,7 @@ impl DescriptorChain {
 
     /// The validated buffers, in chain order.
     pub fn descriptors(&self) -> &[Descriptor] {
-        &self.descs
+        self.descs.as_slice()
     }
 
     /// Total bytes of the readable buffers.
@@ -260,19 +309,29 @@ impl DescriptorChain {
 
     /// A reader over the readable buffers.
     pub fn reader(&self) -> Reader<'_> {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
+        let n = self
+            .descs
+            .as_slice()
+            .iter()
+            .take_while(|d| !d.writable)
+            .count();
         Reader {
             mem: &self.mem,
-            bufs: Cursor::new(&self.descs[..n]),
+            bufs: Cursor::new(&self.descs.as_slice()[..n]),
         }
     }
 
     /// A writer over the writable buffers.
     pub fn writer(&self) -> Writer<'_> {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
+        let n = self
+            .descs
+            .as_slice()
+            .iter()
+            .take_while(|d| !d.writable)
+            .count();
         Writer {
             mem: &self.mem,
-            bufs: Cursor::new(&self.descs[n..]),
+            bufs: Cursor::new(&self.descs.as_slice()[n..]),
             written: 0,
         }
     }
@@ -710,6 +769,31 @@ mod tests {
         put(&mem, TABLE, 1, d(0x2000, 16, 0, 0));
         let e = DescriptorChain::read(mem.clone(), GuestAddress(TABLE), 0, limits());
         assert_eq!(e.unwrap_err(), ChainError::ReadableAfterWritable);
+    }
+
+    #[test]
+    fn descriptor_list_keeps_order_inline_and_after_spilling() {
+        for n in [
+            0usize,
+            1,
+            INLINE_DESCS,
+            INLINE_DESCS + 1,
+            3 * INLINE_DESCS + 2,
+        ] {
+            let mut l = DescList::new();
+            let want: Vec<Descriptor> = (0..n)
+                .map(|i| Descriptor {
+                    addr: GuestAddress(0x1000 * i as u64),
+                    len: i as u32,
+                    writable: i % 2 == 1,
+                })
+                .collect();
+            for &d in &want {
+                l.push(d);
+            }
+            assert_eq!(l.as_slice(), &want[..], "{n} descriptors");
+            assert_eq!(l.heap.is_empty(), n <= INLINE_DESCS, "{n} descriptors");
+        }
     }
 
     #[test]

@@ -12,8 +12,9 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use vm_memory::{
-    Address, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion, VolatileSlice,
+    Address, AtomicAccess, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryAtomic,
+    GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+    VolatileSlice,
 };
 
 /// Guest memory seen by a backend; cheap to clone, swapped atomically on a new table.
@@ -56,6 +57,32 @@ pub fn write_guest_obj<T: ByteValued>(mem: &GuestMemoryMmap, val: T, addr: Guest
     match region_slice(mem, addr, std::mem::size_of::<T>()) {
         Some(slice) => slice.write_obj(val, 0).is_ok(),
         None => mem.write_obj(val, addr).is_ok(),
+    }
+}
+
+/// Atomically loads a ring field (an index, flags, an event index), like
+/// [`read_guest_obj`]; `None` when it is not in memory.
+pub fn load_guest<T: AtomicAccess>(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    order: std::sync::atomic::Ordering,
+) -> Option<T> {
+    match region_slice(mem, addr, std::mem::size_of::<T>()) {
+        Some(slice) => slice.load(0, order).ok(),
+        None => mem.load(addr, order).ok(),
+    }
+}
+
+/// Atomically stores a ring field, like [`load_guest`]; false when it is not in memory.
+pub fn store_guest<T: AtomicAccess>(
+    mem: &GuestMemoryMmap,
+    val: T,
+    addr: GuestAddress,
+    order: std::sync::atomic::Ordering,
+) -> bool {
+    match region_slice(mem, addr, std::mem::size_of::<T>()) {
+        Some(slice) => slice.store(val, 0, order).is_ok(),
+        None => mem.store(val, addr, order).is_ok(),
     }
 }
 

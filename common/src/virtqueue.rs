@@ -13,12 +13,17 @@ use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryLoadGuard,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{ChainError, ChainLimits, DescriptorChain};
 use crate::inflight::QueueInflight;
-use crate::memory::{GuestMemoryHandle, GuestMemorySnapshot, read_guest_obj, write_guest_obj};
+use crate::memory::{
+    GuestMemoryHandle, GuestMemorySnapshot, load_guest, read_guest_obj, store_guest,
+    write_guest_obj,
+};
 use crate::ratelimit::guest_error;
 
 /// VIRTIO_RING_F_EVENT_IDX.
@@ -349,9 +354,15 @@ impl VirtQueue {
     }
 
     fn avail_idx(&self, mem: &vm_memory::GuestMemoryMmap) -> Result<Wrapping<u16>, QueueError> {
-        mem.load(self.addrs.avail.unchecked_add(2), Ordering::Acquire)
+        load_guest(mem, self.addrs.avail.unchecked_add(2), Ordering::Acquire)
             .map(Wrapping)
-            .map_err(|_| QueueError::Memory)
+            .ok_or(QueueError::Memory)
+    }
+
+    /// The current memory map, for an access that does not outlive the call
+    /// (no reference count taken, unlike [`VirtQueue::memory`]).
+    fn map(&self) -> GuestMemoryLoadGuard<vm_memory::GuestMemoryMmap> {
+        self.mem.memory()
     }
 
     /// True when [`VirtQueue::pop`] has a chain to look at: the driver made
@@ -364,7 +375,7 @@ impl VirtQueue {
         if !self.resubmit.is_empty() || self.avail_shadow != self.next_avail {
             return true;
         }
-        let mem = self.memory();
+        let mem = self.map();
         matches!(self.avail_idx(&mem), Ok(avail) if avail != self.next_avail)
     }
 
@@ -449,7 +460,7 @@ impl VirtQueue {
             );
             return;
         }
-        let mem = self.memory();
+        let mem = self.map();
         let slot = u64::from(self.next_used.0 % self.size);
         let elem = self.addrs.used.unchecked_add(4 + 8 * slot);
         if let Some(inf) = self.inflight.as_mut() {
@@ -461,14 +472,12 @@ impl VirtQueue {
             return;
         }
         self.next_used += Wrapping(1);
-        if mem
-            .store(
-                self.next_used.0,
-                self.addrs.used.unchecked_add(2),
-                Ordering::Release,
-            )
-            .is_err()
-        {
+        if !store_guest(
+            &mem,
+            self.next_used.0,
+            self.addrs.used.unchecked_add(2),
+            Ordering::Release,
+        ) {
             let _ = self.fail(QueueError::Memory);
             return;
         }
@@ -490,13 +499,12 @@ impl VirtQueue {
             self.call.signal();
             return;
         }
-        let mem = self.memory();
+        let mem = self.map();
         fence(Ordering::SeqCst);
         let needed = if self.event_idx {
             let addr = self.addrs.avail.unchecked_add(4 + 2 * u64::from(self.size));
-            let used_event: u16 = match mem.load(addr, Ordering::Acquire) {
-                Ok(v) => v,
-                Err(_) => return,
+            let Some(used_event) = load_guest::<u16>(&mem, addr, Ordering::Acquire) else {
+                return;
             };
             // As vhost does: the window is [last evaluation, now).
             let new = self.next_used;
@@ -506,9 +514,8 @@ impl VirtQueue {
                 Some(old) => (new - Wrapping(used_event) - Wrapping(1)).0 < (new - old).0,
             }
         } else {
-            let flags: u16 = match mem.load(self.addrs.avail, Ordering::Acquire) {
-                Ok(v) => v,
-                Err(_) => return,
+            let Some(flags) = load_guest::<u16>(&mem, self.addrs.avail, Ordering::Acquire) else {
+                return;
             };
             self.signalled_used = Some(self.next_used);
             flags & VRING_AVAIL_F_NO_INTERRUPT == 0
@@ -522,8 +529,12 @@ impl VirtQueue {
     /// Asks the guest not to kick while the device is busy.
     pub fn disable_notifications(&mut self) {
         if !self.event_idx {
-            let mem = self.memory();
-            let _ = mem.store(VRING_USED_F_NO_NOTIFY, self.addrs.used, Ordering::Relaxed);
+            let _ = store_guest(
+                &self.map(),
+                VRING_USED_F_NO_NOTIFY,
+                self.addrs.used,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -533,14 +544,15 @@ impl VirtQueue {
             // Out of budget: the queue thread comes back after its other events.
             return Ok(false);
         }
-        let mem = self.memory();
-        if self.event_idx {
+        let mem = self.map();
+        let stored = if self.event_idx {
             let addr = self.addrs.used.unchecked_add(4 + 8 * u64::from(self.size));
-            mem.store(self.next_avail.0, addr, Ordering::Relaxed)
-                .map_err(|_| QueueError::Memory)?;
+            store_guest(&mem, self.next_avail.0, addr, Ordering::Relaxed)
         } else {
-            mem.store(0u16, self.addrs.used, Ordering::Relaxed)
-                .map_err(|_| QueueError::Memory)?;
+            store_guest(&mem, 0u16, self.addrs.used, Ordering::Relaxed)
+        };
+        if !stored {
+            return Err(QueueError::Memory);
         }
         fence(Ordering::SeqCst);
         Ok(!self.resubmit.is_empty() || self.avail_idx(&mem)? != self.next_avail)
