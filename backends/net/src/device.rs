@@ -72,6 +72,11 @@ const RX_BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME_LEN as usize + 256;
 const RX_BUDGET: u32 = 256;
 /// Frames a transmit worker sends before returning to its event loop.
 const TX_BUDGET: u32 = 1024;
+/// A transmit worker checks every this many frames whether the driver asked
+/// for an interrupt (its used event), not only when the ring ran dry: a driver
+/// that sleeps until 3/4 of its frames are used (Linux's) then wakes while
+/// frames are still queued, and refills the ring before it runs dry.
+const TX_NOTIFY_EVERY: u32 = 16;
 /// Most iovecs one writev takes.
 const IOV_MAX: usize = 1024;
 /// Frames up to this many bytes (every frame of a 1500-byte MTU) are copied,
@@ -903,6 +908,9 @@ impl TxWorker {
                             return;
                         }
                     }
+                }
+                if budget.is_multiple_of(TX_NOTIFY_EVERY) {
+                    vq.notify();
                 }
             }
             match vq.enable_notifications() {
