@@ -307,31 +307,25 @@ impl DescriptorChain {
         &self.mem
     }
 
+    /// The readable buffers and the writable ones (validated: no readable after a writable).
+    fn split(&self) -> (&[Descriptor], &[Descriptor]) {
+        let descs = self.descs.as_slice();
+        descs.split_at(descs.iter().take_while(|d| !d.writable).count())
+    }
+
     /// A reader over the readable buffers.
     pub fn reader(&self) -> Reader<'_> {
-        let n = self
-            .descs
-            .as_slice()
-            .iter()
-            .take_while(|d| !d.writable)
-            .count();
         Reader {
             mem: &self.mem,
-            bufs: Cursor::new(&self.descs.as_slice()[..n]),
+            bufs: Cursor::new(self.split().0),
         }
     }
 
     /// A writer over the writable buffers.
     pub fn writer(&self) -> Writer<'_> {
-        let n = self
-            .descs
-            .as_slice()
-            .iter()
-            .take_while(|d| !d.writable)
-            .count();
         Writer {
             mem: &self.mem,
-            bufs: Cursor::new(&self.descs.as_slice()[n..]),
+            bufs: Cursor::new(self.split().1),
             written: 0,
         }
     }
