@@ -112,6 +112,11 @@ impl BusyPoll {
         self.window
     }
 
+    /// False when the maximum is zero: the thread never polls, and needs no clock.
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
     /// Adapts the window to an idle gap that polling did not cover: `idle`
     /// from the start of polling until the thread woke from its sleep.
     pub fn adapt(&mut self, idle: Duration) {
@@ -266,7 +271,7 @@ fn run<W: QueueWorker>(
         rekick_if_exhausted(&mut vq, &kick);
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
         'outer: loop {
-            let idle_since = Instant::now();
+            let idle_since = poll.enabled().then(Instant::now);
             if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window(), stopping)
             {
                 rekick_if_exhausted(&mut vq, &kick);
@@ -280,7 +285,9 @@ fn run<W: QueueWorker>(
                     break;
                 }
             };
-            poll.adapt(idle_since.elapsed());
+            if let Some(t) = idle_since {
+                poll.adapt(t.elapsed());
+            }
             for ev in &events[..n] {
                 match ev.data {
                     TOKEN_STOP => break 'outer,
@@ -329,6 +336,7 @@ mod tests {
     #[test]
     fn busy_poll_with_a_zero_maximum_never_polls() {
         let mut p = BusyPoll::new(Duration::ZERO);
+        assert!(!p.enabled());
         for gap in [0, 1, 10, 1000] {
             p.adapt(Duration::from_micros(gap));
             assert!(p.window().is_zero());
