@@ -67,8 +67,13 @@ pub fn print_capabilities(device_type: &str, features: &[&str]) {
 }
 
 /// Initialises logging to stderr (`RUST_LOG` overrides the default `info`).
+///
+/// Plain text, never styled: a style check asks the terminal with an ioctl
+/// on each line, which the sandbox's filter refuses (a daemon started in a
+/// terminal died of SIGSYS at its first line after confinement).
 pub fn init_logging(program: &'static str) {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .write_style(env_logger::WriteStyle::Never)
         .format(move |buf, record| {
             writeln!(
                 buf,

@@ -48,6 +48,8 @@ static QEMU_SLOT: Mutex<()> = Mutex::new(());
 /// The kernel and base initramfs built by `tests/guest/build-image`.
 #[derive(Debug)]
 pub struct GuestImage {
+    /// The directory holding it (the builder's cache entry).
+    pub dir: PathBuf,
     /// The ELF `vmlinux`, booted PVH-style by QEMU's `-kernel`.
     pub kernel: PathBuf,
     /// The uncompressed newc initramfs, padded to 512 bytes.
@@ -69,6 +71,10 @@ pub fn repo_root() -> PathBuf {
 pub fn image() -> &'static GuestImage {
     static IMAGE: OnceLock<GuestImage> = OnceLock::new();
     IMAGE.get_or_init(|| {
+        if let Some(dir) = std::env::var_os(IMAGE_ENV) {
+            // Inside the nested host (no apt there): the image came along.
+            return GuestImage::at(PathBuf::from(dir));
+        }
         let builder = repo_root().join("tests/guest/build-image");
         let started = Instant::now();
         let out = Command::new(&builder)
@@ -84,21 +90,34 @@ pub fn image() -> &'static GuestImage {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        let image = GuestImage::at(dir);
+        eprintln!(
+            "guest image {} ready in {:.1?}",
+            image.dir.display(),
+            started.elapsed()
+        );
+        image
+    })
+}
+
+/// Environment variable naming a directory that holds a built guest image
+/// (what `tests/guest/build-image` prints); [`image`] then uses it as it is.
+pub const IMAGE_ENV: &str = "BULKHEAD_GUEST_IMAGE";
+
+impl GuestImage {
+    /// The image `tests/guest/build-image` left in `dir`; panics if incomplete.
+    fn at(dir: PathBuf) -> GuestImage {
         let kernel_release = fs::read_to_string(dir.join("kernel-release"))
             .unwrap_or_else(|e| panic!("guest image at {} is incomplete: {e}", dir.display()))
             .trim()
             .to_string();
-        eprintln!(
-            "guest image {} ready in {:.1?}",
-            dir.display(),
-            started.elapsed()
-        );
         GuestImage {
             kernel: dir.join("vmlinux"),
             initrd: dir.join("initrd.cpio"),
             kernel_release,
+            dir,
         }
-    })
+    }
 }
 
 /// The factor every guest timeout is multiplied by: `BULKHEAD_TIMEOUT_SCALE`

@@ -191,7 +191,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Never styled: a style check is an ioctl on the terminal, which the
+    // seccomp filter refuses.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .write_style(env_logger::WriteStyle::Never)
+        .init();
     let args = Args::parse();
     if let Some(Command::Ctl {
         api_socket,
