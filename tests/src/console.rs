@@ -15,7 +15,8 @@
 //!    (`control_work_handler`):
 //!    - PORT_ADD: `add_port`: fill the port's receive queue, then PORT_READY 1;
 //!    - CONSOLE_PORT: `init_port_console`: the port is the console, PORT_OPEN 1;
-//!    - RESIZE: `{ rows, cols }` after the header, for a console port;
+//!    - RESIZE: `{ cols, rows }` after the header (the spec's order, which
+//!      Linux follows since its commit 5326ab737a47), for a console port;
 //!    - PORT_OPEN: the host side is connected (value);
 //!    - PORT_NAME: the name is the rest of the buffer.
 //!
@@ -137,7 +138,7 @@ pub struct ControlEvent {
     pub event: u16,
     /// Value.
     pub value: u16,
-    /// Bytes after the header (name, or `{ rows, cols }`).
+    /// Bytes after the header (name, or `{ cols, rows }`).
     pub payload: Vec<u8>,
 }
 
@@ -425,8 +426,8 @@ impl ConsoleDriver {
                 }
             }
             RESIZE if self.ports[id as usize].console => {
-                let rows = le16(&ev.payload, 0);
-                let cols = le16(&ev.payload, 2);
+                let cols = le16(&ev.payload, 0);
+                let rows = le16(&ev.payload, 2);
                 self.ports[id as usize].size = Some((cols, rows));
             }
             PORT_OPEN => self.ports[id as usize].host_open = ev.value != 0,

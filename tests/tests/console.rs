@@ -181,8 +181,8 @@ fn resize_updates_config_sends_resize_and_notifies_the_frontend() {
         .rev()
         .find(|e| e.event == RESIZE)
         .unwrap();
-    // Linux reads { rows, cols } after the header.
-    assert_eq!(&resize.payload[..4], &[40, 0, 120, 0]);
+    // The spec's { cols, rows } after the header.
+    assert_eq!(&resize.payload[..4], &[120, 0, 40, 0]);
     assert_eq!(ctl_command(&ctl(&d), "size").unwrap(), "120 40");
     // The same size again is not a change.
     assert_eq!(ctl_command(&ctl(&d), "resize 120 40").unwrap(), "ok");

@@ -141,7 +141,7 @@ pub enum DeviceEvent {
     PortName(u32, String),
     /// PORT_OPEN: the host side is open (1) or closed (0).
     PortOpen(u32, bool),
-    /// RESIZE: console size, sent as `{ rows, cols }` (what Linux reads).
+    /// RESIZE: console size, sent as `{ cols, rows }` (the spec's order).
     Resize {
         /// Port number.
         id: u32,
@@ -185,10 +185,11 @@ impl DeviceEvent {
             DeviceEvent::PortOpen(id, open) => hdr(*id, VIRTIO_CONSOLE_PORT_OPEN, u16::from(*open)),
             DeviceEvent::Resize { id, cols, rows } => {
                 let mut b = hdr(*id, VIRTIO_CONSOLE_RESIZE, 0);
-                // Linux has always read `{ rows, cols }` here (the spec text
-                // says cols first; QEMU and Linux settled on Linux's order).
-                b.extend_from_slice(&rows.to_le_bytes());
+                // The spec's order. Linux read `{ rows, cols }` until its
+                // commit 5326ab737a47 (2025) followed the spec; older
+                // guests see the two swapped (docs/console.md).
                 b.extend_from_slice(&cols.to_le_bytes());
+                b.extend_from_slice(&rows.to_le_bytes());
                 b
             }
         }
@@ -250,7 +251,8 @@ mod tests {
             rows: 40,
         }
         .encode();
-        assert_eq!(&b[8..10], &40u16.to_le_bytes());
-        assert_eq!(&b[10..12], &120u16.to_le_bytes());
+        // The spec's order: cols, then rows.
+        assert_eq!(&b[8..10], &120u16.to_le_bytes());
+        assert_eq!(&b[10..12], &40u16.to_le_bytes());
     }
 }
