@@ -25,6 +25,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::cpio::NewcWriter;
 use crate::process::ChildGuard;
 
 /// Marker that starts every line the guest writes for the harness.
@@ -43,7 +44,7 @@ pub const VHOST_USER_BLK_QUEUE_SIZE: u16 = 128;
 
 /// One guest at a time per test process: the machines have two cores, and
 /// TCG guests that compete for them only time out.
-static QEMU_SLOT: Mutex<()> = Mutex::new(());
+pub(crate) static QEMU_SLOT: Mutex<()> = Mutex::new(());
 
 /// The kernel and base initramfs built by `tests/guest/build-image`.
 #[derive(Debug)]
@@ -390,54 +391,11 @@ fn qemu_binary() -> OsString {
 /// An uncompressed "newc" cpio archive holding `entries` (path relative to
 /// the root, contents, permission bits) and the directories above them.
 pub fn newc_archive(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut ino = 0x4000_0000u32;
-    let mut dirs: Vec<String> = Vec::new();
-    let mut push = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
-        ino += 1;
-        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
-        let fields = [
-            ino,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            0,
-            0,
-            name.len() as u32 + 1,
-            0,
-        ];
-        out.extend_from_slice(b"070701");
-        for v in fields {
-            out.extend_from_slice(format!("{v:08X}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        out.resize(out.len().next_multiple_of(4), 0);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(4), 0);
-    };
+    let mut w = NewcWriter::new(Vec::new());
     for (path, data, mode) in entries {
-        let mut prefix = String::new();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        for dir in &parts[..parts.len().saturating_sub(1)] {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(dir);
-            if !dirs.contains(&prefix) {
-                dirs.push(prefix.clone());
-                push(&mut out, &prefix, 0o040755, &[]);
-            }
-        }
-        push(&mut out, &parts.join("/"), 0o100000 | (mode & 0o7777), data);
+        w.file(path, *mode, data).expect("write to a Vec");
     }
-    push(&mut out, "TRAILER!!!", 0, &[]);
-    out
+    w.finish().expect("write to a Vec")
 }
 
 /// One `check`/`expect_eq`/`pass`/`fail` result reported by the guest.

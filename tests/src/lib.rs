@@ -6,11 +6,13 @@
 
 pub mod blk;
 pub mod console;
+pub mod cpio;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
 pub mod le;
 pub mod memory;
+pub mod nested;
 pub mod net;
 pub mod netns;
 pub mod process;

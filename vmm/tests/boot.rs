@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::guest::{self, GuestImage, GuestRun};
+use bulkhead_tests::nested;
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::{ChildGuard, workspace_binary};
 
@@ -70,15 +71,6 @@ const TYPED: &str = "echo MARKER-$((6*7)); echo ok >/root/hvc0-typed\n";
 const TYPED_OUTPUT: &str = "MARKER-42";
 /// What the guest writes to the named port.
 const PORT_HELLO: &str = "NAMED-PORT-HELLO";
-
-/// Why the boot tests cannot run here, or `None` when they can.
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("BULKHEAD_BOOT_IGNORE_PROBE").is_some_and(|v| v == "1") {
-        eprintln!("BULKHEAD_BOOT_IGNORE_PROBE=1: booting without asking the probe");
-        return None;
-    }
-    bulkhead_vmm::probe::probe_long_mode()
-}
 
 /// The three backends of one VM, and the namespace of the net one.
 struct Backends {
@@ -498,8 +490,7 @@ fn boot(transport: &str) -> Boot {
 
 #[test]
 fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci() {
-    if let Some(why) = skip_reason() {
-        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED: {why}\n"));
+    if nested::delegate("linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci") {
         return;
     }
     boot("pci").assert_passed("bulkhead-vmm + blk, net, console over virtio-pci");
@@ -507,8 +498,7 @@ fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci() {
 
 #[test]
 fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_mmio() {
-    if let Some(why) = skip_reason() {
-        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED: {why}\n"));
+    if nested::delegate("linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_mmio") {
         return;
     }
     // The DSDT announces each device as LNRO0005 (Debian's kernel has no

@@ -1,0 +1,46 @@
+# The nested host's /test.sh (tests/src/nested.rs): runs inside a QEMU TCG
+# guest whose emulated CPU has AMD SVM with nested paging, so that once
+# kvm-amd is loaded /dev/kvm here runs Linux under bulkhead-vmm.
+#
+# 1. loads the modules of /etc/nested-modules.order (kvm-amd, tun, ...);
+# 2. runs the scenario the host put on the kernel command line
+#    (bulkhead.nested=BASE64 of a shell script), its output on the console;
+# 3. sends what it left under /nested/out, then its exit status, to the
+#    second serial port (COM2), which nothing else writes, so kernel messages
+#    on the console can never garble a result:
+#      @@NESTED FILE <name>      then the file in base64, then
+#      @@NESTED END-FILE
+#      @@NESTED EXIT <status>
+#    Status 200 + N: step N of this script failed (see the console).
+results=/dev/ttyS1
+stty -F "$results" raw -echo 2>/dev/null
+report() { echo "@@NESTED $*" >"$results"; }
+
+while read -r ko; do
+  insmod "$ko" || { echo "nested host: insmod $ko failed"; report "EXIT 201"; return 0; }
+done </etc/nested-modules.order
+[ -c /dev/kvm ] || { echo "nested host: no /dev/kvm after loading kvm-amd"; report "EXIT 202"; return 0; }
+
+scenario=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    bulkhead.nested=*) scenario=${arg#bulkhead.nested=} ;;
+  esac
+done
+[ -n "$scenario" ] || { echo "nested host: no bulkhead.nested= on the command line"; report "EXIT 203"; return 0; }
+echo "$scenario" | base64 -d >/nested/scenario.sh || { report "EXIT 204"; return 0; }
+
+mkdir -p /nested/out
+export PATH=/nested/bin:$PATH BULKHEAD_NESTED_INSIDE=1 BULKHEAD_GUEST_IMAGE=/nested/guest
+echo "@@NESTED BEGIN $(cut -d' ' -f1 /proc/uptime)"
+sh /nested/scenario.sh
+status=$?
+echo "@@NESTED END $status $(cut -d' ' -f1 /proc/uptime)"
+
+for f in /nested/out/*; do
+  [ -f "$f" ] || continue
+  report "FILE $(basename "$f")"
+  base64 "$f" >"$results"
+  report "END-FILE"
+done
+report "EXIT $status"

@@ -1,0 +1,589 @@
+//! The nested host: Linux under `bulkhead-vmm` on machines whose own
+//! `/dev/kvm` cannot run it.
+//!
+//! Where `bulkhead-vmm probe` passes, a test that needs KVM runs here. Where
+//! it fails (the build machines' KVM is a software nested hypervisor that
+//! hangs Linux in its decompressor), the test runs inside a QEMU TCG guest,
+//! the nested host, whose emulated CPU (`-cpu max`) has AMD SVM with nested
+//! paging: its kernel loads `kvm-amd`, and its `/dev/kvm` runs Linux.
+//!
+//! The nested host boots the test kit's own kernel with four initramfs
+//! layers laid end to end: the kit's initramfs (busybox, fio, iperf3, the
+//! virtio modules), `nested.cpio` from `tests/guest/build-image` (kvm-amd,
+//! tun, iproute2's `ip`, QEMU and its firmware, and
+//! `tests/guest/nested-host.sh` as `/test.sh`), and one this module writes
+//! per run: the inner guest's kernel and initramfs under `/nested/guest`,
+//! and the binaries under test, without debug info, at the paths they have
+//! here, the running test executable among them. The scenario, a shell
+//! script, travels base64-encoded on the kernel command line. Its output
+//! comes back on the console (COM1), the files it leaves in `/nested/out`
+//! and its exit status on COM2, where nothing else writes.
+//!
+//! [`delegate`] runs the calling test that way: the same test executable,
+//! `--exact NAME`, inside the nested host, where the probe passes and the
+//! test takes its direct path. One nested host at a time per process (they
+//! share the two cores with every TCG guest; see `guest::QEMU_SLOT`).
+//!
+//! Costs on the 2-core build machines: writing the layers about 1 s; the
+//! nested host's boot to its scenario about 4 s; Linux under `bulkhead-vmm`
+//! inside it boots to init in about 10 s.
+//!
+//! `BULKHEAD_KVM_LANE=here` runs KVM tests here without asking the probe,
+//! `=nested` sends them through the nested host even where KVM works (to
+//! test this lane).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::cpio::NewcWriter;
+use crate::guest::{self, GuestImage, QEMU_SLOT};
+use crate::process::workspace_binary;
+
+/// Set (to `1`) inside the nested host by `nested-host.sh`.
+pub const INSIDE_ENV: &str = "BULKHEAD_NESTED_INSIDE";
+/// `here` or `nested`: overrides the probe's choice of lane.
+pub const LANE_ENV: &str = "BULKHEAD_KVM_LANE";
+/// Where the inner guest's kernel and initramfs lie inside the nested host.
+const INNER_IMAGE: &str = "/nested/guest";
+/// The workspace binaries a nested host carries, where they were built.
+const BINARIES: [&str; 6] = [
+    "bulkhead",
+    "bulkhead-blk",
+    "bulkhead-net",
+    "bulkhead-console",
+    "bulkhead-vmm",
+    "bulkhead-bench",
+];
+/// Environment a delegated test takes along into the nested host.
+const FORWARDED_ENV: [&str; 6] = [
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "BULKHEAD_SHOW_SERIAL",
+    "BULKHEAD_TIMEOUT_SCALE",
+    "CI",
+    "BULKHEAD_SANDBOX",
+];
+/// The nested host's RAM (its initramfs holds about 350 MiB of files) and vCPUs.
+const MEMORY_MIB: u32 = 3072;
+const CPUS: u32 = 2;
+/// Default hard limit for one nested host, boot to power-off, before
+/// [`guest::timeout_scale`].
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(420);
+/// The longest kernel command line Linux keeps on x86 is 2048 bytes.
+const MAX_CMDLINE: usize = 2000;
+/// Marker of every line the nested host writes for this module.
+const MARKER: &str = "@@NESTED ";
+/// Hard limit for `bulkhead-vmm probe` (two tiny guests, 5 s each at most).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a test that needs KVM to run Linux runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lane {
+    /// On this machine: its KVM runs Linux, or this is the nested host.
+    Here,
+    /// Inside the nested host.
+    Nested,
+    /// Nowhere, and why.
+    Unavailable(String),
+}
+
+/// The lane of this process's KVM tests, decided once.
+pub fn lane() -> &'static Lane {
+    static LANE: OnceLock<Lane> = OnceLock::new();
+    LANE.get_or_init(|| {
+        let inside = std::env::var_os(INSIDE_ENV).is_some_and(|v| v == "1");
+        let forced = std::env::var(LANE_ENV).unwrap_or_default();
+        let lane = if inside || forced == "here" {
+            Lane::Here
+        } else if forced == "nested" {
+            nested_or_why()
+        } else {
+            match probe() {
+                None => Lane::Here,
+                Some(why) => {
+                    eprintln!("KVM here cannot run Linux ({why}): using the nested host");
+                    nested_or_why()
+                }
+            }
+        };
+        if inside && let Some(why) = probe() {
+            // The nested host exists to make this pass; say so loudly.
+            panic!("inside the nested host, bulkhead-vmm probe failed: {why}");
+        }
+        lane
+    })
+}
+
+/// [`Lane::Nested`] if QEMU is there to run the nested host, else why not.
+fn nested_or_why() -> Lane {
+    let qemu = qemu_binary();
+    match Command::new(&qemu).arg("--version").output() {
+        Ok(o) if o.status.success() => Lane::Nested,
+        _ => Lane::Unavailable(format!(
+            "KVM here cannot run Linux and {} is missing for the nested host \
+             (run .ci/install-deps)",
+            qemu.to_string_lossy()
+        )),
+    }
+}
+
+/// `bulkhead-vmm probe` under a hard timeout: `None` when KVM here runs a
+/// 64-bit Linux guest, else why not.
+fn probe() -> Option<String> {
+    let vmm = workspace_binary("bulkhead-vmm");
+    let mut cmd = Command::new(&vmm);
+    cmd.arg("probe")
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match crate::process::ChildGuard::spawn("bulkhead-vmm probe", &mut cmd) {
+        Ok(c) => c,
+        Err(e) => return Some(format!("{e} (cargo build -p bulkhead-vmm)")),
+    };
+    match child.wait_timeout(PROBE_TIMEOUT) {
+        Ok(Some(st)) if st.success() => None,
+        Ok(Some(st)) => {
+            let mut out = String::new();
+            let child = child.child_mut();
+            if let Some(mut p) = child.stdout.take() {
+                let _ = p.read_to_string(&mut out);
+            }
+            if let Some(mut p) = child.stderr.take() {
+                let _ = p.read_to_string(&mut out);
+            }
+            Some(format!("probe {st}: {}", out.trim()))
+        }
+        Ok(None) => Some(format!("probe did not answer within {PROBE_TIMEOUT:?}")),
+        Err(e) => Some(format!("probe: {e}")),
+    }
+}
+
+/// Runs the calling test, `test` (its name as libtest knows it), through the
+/// nested host unless KVM here runs Linux. Returns `false` when the caller
+/// should run the test body here; `true` when it ran in the nested host and
+/// passed (a failure there panics here with its output) or cannot run at
+/// all (a `SKIPPED` line; under `CI` that panics instead).
+pub fn delegate(test: &str) -> bool {
+    delegate_with(test, DEFAULT_TIMEOUT)
+}
+
+/// [`delegate`] with a hard limit for the whole nested run.
+pub fn delegate_with(test: &str, timeout: Duration) -> bool {
+    match lane() {
+        Lane::Here => false,
+        Lane::Unavailable(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: cannot run in CI: {why}"
+            );
+            eprintln!("SKIPPED {test}: {why}");
+            true
+        }
+        Lane::Nested => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let cwd = std::env::current_dir().expect("current_dir");
+            let mut script = forwarded_env();
+            script.push_str(&format!(
+                "mkdir -p {cwd} && cd {cwd} && {exe} --exact {name} --nocapture --test-threads 1\n",
+                cwd = quote(&cwd.to_string_lossy()),
+                exe = quote(&exe.to_string_lossy()),
+                name = quote(test),
+            ));
+            let run = NestedHost::new(script).timeout(timeout).run();
+            // libtest shows this with the test's own output: on failure, or
+            // with --nocapture.
+            eprintln!(
+                "--- {test} in the nested host ({:.1?}):\n{}--- end of the nested run",
+                run.elapsed,
+                run.output()
+            );
+            let ran = run.output().contains("test result: ok. 1 passed");
+            if run.status != Some(0) || !ran {
+                panic!(
+                    "{test} failed in the nested host: {}\n--- console (last 60 lines):\n{}",
+                    run.outcome(),
+                    guest::tail(&run.console, 60)
+                );
+            }
+            true
+        }
+    }
+}
+
+/// `export NAME=VALUE` lines for the environment a delegated test takes along.
+fn forwarded_env() -> String {
+    let mut s = String::new();
+    for name in FORWARDED_ENV {
+        if let Ok(v) = std::env::var(name) {
+            s.push_str(&format!("export {name}={}\n", quote(&v)));
+        }
+    }
+    s
+}
+
+/// `s` as one shell word.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A nested host to boot: a scenario script, time limit and resources.
+pub struct NestedHost {
+    script: String,
+    timeout: Duration,
+    memory_mib: u32,
+}
+
+impl NestedHost {
+    /// A nested host that runs `script` (busybox sh, as root, with
+    /// `/nested/bin` first on `PATH`, [`INSIDE_ENV`] set and
+    /// `BULKHEAD_GUEST_IMAGE` naming the inner guest) once `/dev/kvm` works.
+    /// Files it leaves in `/nested/out` come back in [`NestedRun::files`].
+    pub fn new(script: impl Into<String>) -> Self {
+        NestedHost {
+            script: script.into(),
+            timeout: DEFAULT_TIMEOUT,
+            memory_mib: MEMORY_MIB,
+        }
+    }
+
+    /// Sets the hard limit for the whole run (multiplied by
+    /// [`guest::timeout_scale`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the nested host's RAM in MiB.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Boots the nested host, waits for it to power off (or kills it at the
+    /// timeout) and returns what it reported. Panics only if it cannot be
+    /// started.
+    pub fn run(self) -> NestedRun {
+        let image = guest::image();
+        let work = tempfile::Builder::new()
+            .prefix("bulkhead-nested-")
+            .tempdir()
+            .expect("create the nested host's work dir");
+        let initrd = work.path().join("initrd.cpio");
+        let console = work.path().join("console.log");
+        let results = work.path().join("results.log");
+        let qemu_log = work.path().join("qemu.log");
+        let started = Instant::now();
+        write_initrd(image, &initrd, work.path())
+            .unwrap_or_else(|e| panic!("cannot write the nested host's initramfs: {e}"));
+        let layers = started.elapsed();
+
+        let encoded = base64(self.script.as_bytes());
+        let cmdline = format!("console=ttyS0 quiet panic=-1 bulkhead.nested={encoded}");
+        assert!(
+            cmdline.len() <= MAX_CMDLINE,
+            "the nested scenario is too long for the kernel command line \
+             ({} bytes encoded; put large inputs in files)",
+            cmdline.len()
+        );
+        let mem = self.memory_mib;
+        let mut cmd = Command::new(qemu_binary());
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-M", "q35"])
+            .args(["-nodefaults", "-nographic", "-no-reboot"])
+            .arg("-smp")
+            .arg(CPUS.to_string())
+            .arg("-m")
+            .arg(format!("{mem}M"))
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(&cmdline)
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", results.display()));
+
+        let _slot = QEMU_SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = self.timeout.mul_f64(guest::timeout_scale());
+        let booted = Instant::now();
+        let mut qemu = guest::spawn_daemon("qemu (nested host)", &mut cmd, &qemu_log)
+            .unwrap_or_else(|e| panic!("{e} (is QEMU installed? run .ci/install-deps)"));
+        let status = qemu
+            .wait_timeout(timeout)
+            .expect("wait for the nested host");
+        let timed_out = status.is_none();
+        if timed_out {
+            let _ = qemu.kill();
+        }
+        let elapsed = booted.elapsed();
+        drop(qemu);
+        let console =
+            String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).replace('\r', "");
+        if std::env::var_os("BULKHEAD_SHOW_SERIAL").is_some() {
+            eprintln!("--- nested host console:\n{console}--- end of nested host console");
+        }
+        let results =
+            String::from_utf8_lossy(&fs::read(&results).unwrap_or_default()).replace('\r', "");
+        let mut run = NestedRun::parse(&results);
+        run.console = console;
+        run.timed_out = timed_out;
+        run.qemu_status = status.map(|s| s.to_string());
+        run.qemu_output = fs::read_to_string(&qemu_log).unwrap_or_default();
+        run.elapsed = elapsed;
+        run.layers = layers;
+        run
+    }
+}
+
+/// The QEMU binary: `BULKHEAD_QEMU`, or `qemu-system-x86_64` from `PATH`.
+fn qemu_binary() -> OsString {
+    std::env::var_os("BULKHEAD_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
+/// Writes the nested host's initramfs to `out`: the kit's initramfs, the
+/// nested layer, then the inner image and the binaries under test (copies
+/// without debug info are made in `scratch`).
+fn write_initrd(image: &GuestImage, out: &Path, scratch: &Path) -> io::Result<()> {
+    let nested_layer = image.dir.join("nested.cpio");
+    if !nested_layer.exists() {
+        return Err(io::Error::other(format!(
+            "{} is missing: rebuild the guest image (tests/guest/build-image)",
+            nested_layer.display()
+        )));
+    }
+    let mut f = BufWriter::with_capacity(1 << 20, File::create(out)?);
+    for base in [&image.initrd, &nested_layer] {
+        io::copy(&mut File::open(base)?, &mut f)?;
+    }
+    let mut w = NewcWriter::new(f);
+    for name in ["vmlinux", "initrd.cpio", "kernel-release"] {
+        w.copy(&format!("{INNER_IMAGE}/{name}"), &image.dir.join(name))?;
+    }
+    let mut carried: Vec<PathBuf> = BINARIES
+        .iter()
+        .map(|b| workspace_binary(b))
+        .filter(|p| p.exists())
+        .collect();
+    let exe = std::env::current_exe()?;
+    if !carried.contains(&exe) {
+        carried.push(exe);
+    }
+    for (i, path) in carried.iter().enumerate() {
+        let stripped = scratch.join(format!("bin-{i}"));
+        let ok = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(path)
+            .arg(&stripped)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let src = if ok {
+            stripped.as_path()
+        } else {
+            path.as_path()
+        };
+        w.copy(&path.to_string_lossy(), src)?;
+        if ok {
+            fs::remove_file(&stripped)?;
+        }
+    }
+    w.finish()?.flush()
+}
+
+/// What a nested host reported.
+#[derive(Debug, Default)]
+pub struct NestedRun {
+    /// The scenario's exit status; 201 to 204: the nested host itself
+    /// failed before the scenario (see `tests/guest/nested-host.sh`).
+    pub status: Option<i32>,
+    /// Files the scenario left in `/nested/out`, by name.
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// The nested host's whole console: its kernel, the scenario's output.
+    pub console: String,
+    /// Whether it was killed at the timeout.
+    pub timed_out: bool,
+    /// QEMU's exit status, if it exited by itself.
+    pub qemu_status: Option<String>,
+    /// QEMU's own stdout and stderr.
+    pub qemu_output: String,
+    /// Wall time from starting QEMU to its exit.
+    pub elapsed: Duration,
+    /// Wall time spent writing the initramfs layers before that.
+    pub layers: Duration,
+}
+
+impl NestedRun {
+    /// Parses the results port: files and the exit status.
+    fn parse(results: &str) -> NestedRun {
+        let mut run = NestedRun::default();
+        let mut file: Option<(String, String)> = None;
+        for line in results.lines() {
+            let Some(rest) = line.strip_prefix(MARKER) else {
+                if let Some((_, body)) = file.as_mut() {
+                    body.push_str(line.trim());
+                }
+                continue;
+            };
+            let (kind, arg) = rest
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or((rest.trim_end(), ""));
+            match kind {
+                "FILE" => file = Some((arg.to_string(), String::new())),
+                "END-FILE" => {
+                    if let Some((name, body)) = file.take() {
+                        run.files.insert(name, unbase64(&body));
+                    }
+                }
+                "EXIT" => run.status = arg.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        run
+    }
+
+    /// What the scenario printed (the console between its begin and end
+    /// markers), or the whole console if it never began.
+    pub fn output(&self) -> &str {
+        let begin = self.console.find(&format!("{MARKER}BEGIN"));
+        let Some(begin) = begin else {
+            return &self.console;
+        };
+        let body = &self.console[begin..];
+        let body = body.split_once('\n').map_or("", |(_, rest)| rest);
+        match body.find(&format!("{MARKER}END ")) {
+            Some(end) => &body[..end],
+            None => body,
+        }
+    }
+
+    /// Seconds of the nested host's uptime at which the scenario began and
+    /// ended, when it got that far.
+    pub fn scenario_uptime(&self) -> Option<(f64, f64)> {
+        let value = |m: &str, field: usize| -> Option<f64> {
+            let at = self.console.find(&format!("{MARKER}{m} "))?;
+            let line = self.console[at..].lines().next()?;
+            line.split_whitespace().nth(field)?.parse().ok()
+        };
+        Some((value("BEGIN", 2)?, value("END", 3)?))
+    }
+
+    /// One line: how the run ended.
+    pub fn outcome(&self) -> String {
+        if self.timed_out {
+            return format!("killed after the timeout ({:.1?})", self.elapsed);
+        }
+        let mut s = format!(
+            "scenario exit status {:?}, qemu {} after {:.1?}",
+            self.status,
+            self.qemu_status.as_deref().unwrap_or("killed"),
+            self.elapsed
+        );
+        if !self.qemu_output.trim().is_empty() {
+            s.push_str(&format!(
+                "; qemu said: {}",
+                guest::tail(&self.qemu_output, 5)
+            ));
+        }
+        s
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (what busybox `base64 -d` reads).
+fn base64(data: &[u8]) -> String {
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// Decodes base64 (whitespace and padding ignored; stops at anything else).
+fn unbase64(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in text.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b'\n' | b' ' | b'\t' => continue,
+            _ => break,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_every_length() {
+        let data: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+        for n in 0..40 {
+            let enc = base64(&data[..n]);
+            assert_eq!(enc.len() % 4, 0);
+            assert_eq!(unbase64(&enc), &data[..n], "length {n}");
+        }
+        assert_eq!(base64(b"any carnal pleas"), "YW55IGNhcm5hbCBwbGVhcw==");
+        assert_eq!(
+            unbase64("YW55IGNh\ncm5hbCBw\nbGVhcw==\n"),
+            b"any carnal pleas"
+        );
+    }
+
+    #[test]
+    fn parse_reads_files_and_exit_status() {
+        let results = "@@NESTED FILE a.json\nAQID\nBA==\n@@NESTED END-FILE\n@@NESTED EXIT 3\n";
+        let run = NestedRun::parse(results);
+        assert_eq!(run.status, Some(3));
+        assert_eq!(
+            run.files.get("a.json").map(Vec::as_slice),
+            Some(&[1u8, 2, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn output_is_what_the_scenario_printed() {
+        let run = NestedRun {
+            console: "kernel noise\n@@NESTED BEGIN 3.2\nhello\nworld\n@@NESTED END 0 9.5\nbye\n"
+                .into(),
+            ..NestedRun::default()
+        };
+        assert_eq!(run.output(), "hello\nworld\n");
+        assert_eq!(run.scenario_uptime(), Some((3.2, 9.5)));
+    }
+
+    #[test]
+    fn quote_survives_single_quotes() {
+        assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+}
