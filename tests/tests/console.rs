@@ -257,8 +257,19 @@ fn named_port_is_added_named_opened_and_carries_data() {
 }
 
 #[test]
-fn emergency_write_goes_to_the_console() {
+fn emergency_write_goes_to_the_console_even_before_the_driver_negotiated_it() {
     let d = start(&[]);
+    // A driver that never acknowledged EMERG_WRITE: the spec lets an early
+    // console write emerg_wr without negotiating the feature.
+    let mut opts = ConsoleDriver::options();
+    opts.features &= !VIRTIO_CONSOLE_F_EMERG_WRITE;
+    let mut early = ConsoleDriver::connect(d.socket(), &opts).expect("vhost-user bring-up");
+    assert!(!early.dev.has_feature(VIRTIO_CONSOLE_F_EMERG_WRITE));
+    let mut c = client(&console_path(&d));
+    wait_attached(&d, 1);
+    early.emerg_write(b'!').unwrap();
+    assert_eq!(read_n(c.as_mut(), 1, TIMEOUT).unwrap(), b"!");
+    drop(early);
     let mut drv = up(&d);
     let mut c = client(&console_path(&d));
     wait_attached(&d, 1);
@@ -266,7 +277,7 @@ fn emergency_write_goes_to_the_console() {
         drv.emerg_write(*b).unwrap();
     }
     assert_eq!(read_n(c.as_mut(), 3, TIMEOUT).unwrap(), b"SOS");
-    assert_eq!(stats(&d)["device"]["emerg_writes"].as_u64(), Some(3));
+    assert_eq!(stats(&d)["device"]["emerg_writes"].as_u64(), Some(4));
     // Other config offsets are read-only.
     assert!(drv.dev.set_config(0, &[1, 0]).is_err());
 }

@@ -303,12 +303,9 @@ impl VhostUserDevice for ConsoleDevice {
 
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
         if offset == EMERG_WR_OFFSET && (1..=4).contains(&data.len()) {
-            if !self.control.has(features::EMERG_WRITE) {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "emergency write without VIRTIO_CONSOLE_F_EMERG_WRITE",
-                ));
-            }
+            // The device offers EMERG_WRITE, and the spec lets a driver
+            // use it without negotiating it (an early console writes
+            // before it touches the feature bits), so none is checked.
             self.stats.emerg_writes.fetch_add(1, Ordering::Relaxed);
             if let Some(p) = self.control.port(0) {
                 // An emergency write never waits for the host side.
