@@ -106,21 +106,7 @@ impl Daemon {
     /// Spawns `cmd` and waits until the socket appears (or the process dies).
     pub fn start(name: &str, mut cmd: Command, scratch: Scratch) -> io::Result<Self> {
         let mut guard = ChildGuard::spawn_quiet(name, &mut cmd)?;
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
-        while !scratch.socket().exists() {
-            if let Some(st) = guard.try_wait()? {
-                return Err(io::Error::other(format!(
-                    "{name} exited before creating its socket: {st}"
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{name} did not create {}", scratch.socket().display()),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_socket(name, &mut guard, scratch.socket())?;
         Ok(Daemon { guard, scratch })
     }
 
@@ -159,6 +145,20 @@ impl Daemon {
         &mut self.guard
     }
 
+    /// SIGKILLs the daemon and starts `cmd`, named `name`, in its place on
+    /// the same scratch directory (socket and image); returns once the new
+    /// one listens (the dead one's socket file is removed first, so the
+    /// wait is for the new one's).
+    pub fn restart(&mut self, name: &str, mut cmd: Command) -> io::Result<()> {
+        self.guard.kill()?;
+        match std::fs::remove_file(self.scratch.socket()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.guard = ChildGuard::spawn_quiet(name, &mut cmd)?;
+        wait_for_socket(name, &mut self.guard, self.scratch.socket())
+    }
+
     /// Kills the daemon (SIGKILL) and hands back its scratch directory, image
     /// and socket path intact, for a successor daemon.
     pub fn kill_keep_scratch(self) -> io::Result<Scratch> {
@@ -167,4 +167,25 @@ impl Daemon {
         // A SIGKILLed daemon leaves its socket file behind; the successor replaces it.
         Ok(scratch)
     }
+}
+
+/// Waits until `socket` exists, or fails if `guard`'s process exits first
+/// or the time is up.
+fn wait_for_socket(name: &str, guard: &mut ChildGuard, socket: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while !socket.exists() {
+        if let Some(st) = guard.try_wait()? {
+            return Err(io::Error::other(format!(
+                "{name} exited before creating its socket: {st}"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{name} did not create {}", socket.display()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
