@@ -582,7 +582,7 @@ impl Vm {
                 self.grace_until = Some(Instant::now() + BACKEND_EXIT_GRACE);
             }
         }
-        !self.grace_until.is_some_and(|g| Instant::now() >= g)
+        self.grace_until.is_none_or(|g| Instant::now() < g)
     }
 
     /// Polls until `done(self)` holds (true) or the run is over (false).
