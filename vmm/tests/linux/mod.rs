@@ -598,6 +598,12 @@ impl Vm {
         }
     }
 
+    /// Plays the host side for `time` (or until the run is over).
+    pub fn pause(&mut self, time: Duration) {
+        let until = Instant::now() + time;
+        self.wait_until(|_| Instant::now() >= until);
+    }
+
     /// Polls until the guest reached phase `name`; panics with the serial
     /// log if it never does.
     pub fn await_phase(&mut self, name: &str) {
