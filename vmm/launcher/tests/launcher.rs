@@ -2,7 +2,10 @@
 //! restarted automatically, and SIGTERM to the launcher leaves no process
 //! (checked by pid) and no socket behind. Once with backends only, once
 //! with QEMU (TCG) as the frontend running a Linux guest that keeps writing
-//! to the disk across the restart. Build first:
+//! to the disk across the restart, and once with `bulkhead-vmm` as the
+//! frontend (through the nested host where KVM here cannot run Linux) with
+//! blk, net and console, where the guest's own power-off ends the launcher
+//! with status 0. Build first:
 //! `cargo build -p bulkhead-launcher -p bulkhead-blk -p bulkhead-console -p bulkhead-vmm`.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::guest;
+use bulkhead_tests::nested;
+use bulkhead_tests::netns::NetNs;
 use bulkhead_tests::process::workspace_binary;
 
 struct Launcher {
@@ -26,6 +31,12 @@ impl Drop for Launcher {
 }
 
 fn up(toml_body: &str) -> Launcher {
+    up_in(None, toml_body)
+}
+
+/// `bulkhead up` on `toml_body`, inside network namespace `ns` if given
+/// (`ip netns exec` execs the launcher: the child's pid is the launcher's).
+fn up_in(ns: Option<&NetNs>, toml_body: &str) -> Launcher {
     let dir = tempfile::Builder::new()
         .prefix("bulkhead-launcher")
         .tempdir()
@@ -41,7 +52,11 @@ fn up(toml_body: &str) -> Launcher {
         format!("runtime_dir = \"{}\"\n{toml_body}", run.display()),
     )
     .unwrap();
-    let child = Command::new(workspace_binary("bulkhead"))
+    let mut cmd = match ns {
+        Some(ns) => ns.command(workspace_binary("bulkhead")),
+        None => Command::new(workspace_binary("bulkhead")),
+    };
+    let child = cmd
         .args(["up", "--config"])
         .arg(&cfg)
         .stdin(Stdio::null())
@@ -235,4 +250,162 @@ image = "disk.img"
     assert_eq!(fails, 0, "the guest saw I/O errors across the restart");
     drop(work);
     stop_and_check_clean(l, &[old, new, console, qemu]);
+}
+
+/// Where the bulkhead-vmm test's host tells the guest to stop (byte offset
+/// in its 16 MiB disk).
+const STOP_OFFSET: u64 = 15 << 20;
+
+/// The guest of the bulkhead-vmm test: pings the tap, writes to hvc0, then
+/// writes to its disk every 200 ms until the host leaves `STOP` at
+/// [`STOP_OFFSET`], and powers off.
+fn vmm_guest_script() -> String {
+    format!(
+        r#"
+ip link set eth0 up && ip addr add 10.78.0.2/24 dev eth0
+if ping -c 2 -W 5 10.78.0.1 >/dev/null; then echo "@@NET ok"; else echo "@@NET fail"; fi
+i=0
+while [ ! -c /dev/hvc0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo LAUNCHED-GUEST-ON-HVC0 >/dev/hvc0
+i=0
+while [ $i -lt 3000 ]; do
+  if dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$((i % 256)) oflag=direct 2>/dev/null; then
+    echo "@@IO ok $i"
+  else
+    echo "@@IO fail $i"
+  fi
+  i=$((i+1))
+  [ "$(dd if=/dev/vda bs=4096 skip={stop_block} count=1 iflag=direct 2>/dev/null | head -c 4)" = STOP ] && break
+  sleep 0.2
+done
+echo "@@IO stopped"
+"#,
+        stop_block = STOP_OFFSET / 4096
+    )
+}
+
+#[test]
+fn bulkhead_vmm_frontend_runs_blk_net_and_console_across_a_restart_and_exits_with_the_guest() {
+    if nested::delegate(
+        "bulkhead_vmm_frontend_runs_blk_net_and_console_across_a_restart_and_exits_with_the_guest",
+    ) {
+        return;
+    }
+    let ns = NetNs::new().expect("network namespace (needs root)");
+    ns.add_tap("bhtap1", "10.78.0.1/24", false).expect("tap");
+    let image = guest::image();
+    let work = tempfile::tempdir().unwrap();
+    let initrd = work.path().join("initrd.cpio");
+    let mut bytes = std::fs::read(&image.initrd).unwrap();
+    bytes.extend(guest::newc_archive(&[(
+        "test.sh",
+        vmm_guest_script().as_bytes(),
+        0o755,
+    )]));
+    std::fs::write(&initrd, bytes).unwrap();
+    let serial = work.path().join("serial.log");
+    let mut l = up_in(
+        Some(&ns),
+        &format!(
+            r#"
+frontend = "bulkhead-vmm"
+[vm]
+kernel = "{}"
+initrd = "{}"
+cmdline = "console=ttyS0 reboot=k panic=-1 quiet"
+memory = "512M"
+cpus = 2
+serial = "{}"
+[restart]
+initial_delay_ms = 200
+[[blk]]
+image = "disk.img"
+num_queues = 2
+[[net]]
+tap = "bhtap1"
+[[console]]
+transport = "mmio"
+"#,
+            image.kernel.display(),
+            initrd.display(),
+            serial.display()
+        ),
+    );
+    let console = wait_up(&l, "console0");
+    let net = wait_up(&l, "net0");
+    let vmm = wait_for("bulkhead-vmm", Duration::from_secs(30), || {
+        pid_of(&l.run, "frontend").filter(|p| alive(*p))
+    });
+    let boot = Duration::from_secs(240).mul_f64(guest::timeout_scale());
+    let before = wait_for("guest I/O", boot, || last_ok(&serial).filter(|n| *n >= 3));
+    let (old, new) = kill_and_wait_restart(&l, "blk0");
+    eprintln!("bulkhead-blk {old} killed at guest write {before}; restarted as {new}");
+    wait_for(
+        "guest I/O after the restart",
+        Duration::from_secs(120).mul_f64(guest::timeout_scale()),
+        || last_ok(&serial).filter(|n| *n >= before + 5),
+    );
+    // The launcher gave bulkhead-vmm its control socket.
+    let out = Command::new(workspace_binary("bulkhead-vmm"))
+        .args(["ctl", "--api-socket"])
+        .arg(l.run.join("api.sock"))
+        .arg("list")
+        .output()
+        .expect("bulkhead-vmm ctl list");
+    let list = String::from_utf8_lossy(&out.stdout);
+    for id in ["blk0", "net0", "console0"] {
+        assert!(
+            list.contains(&format!("\"id\":\"{id}\"")),
+            "{id} missing: {list}"
+        );
+    }
+    assert_eq!(
+        list.matches("\"connected\"").count(),
+        3,
+        "all connected: {list}"
+    );
+    // What the guest wrote to hvc0 waits in the console's scrollback.
+    let mut hvc0 =
+        std::os::unix::net::UnixStream::connect(l.run.join("console0.sock.console")).unwrap();
+    hvc0.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("LAUNCHED-GUEST-ON-HVC0") {
+        match std::io::Read::read(&mut hvc0, &mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("hvc0: {other:?} after {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+
+    // The guest stops and powers off; the launcher exits with bulkhead-vmm's 0.
+    let disk = l._dir.path().join("disk.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"STOP", STOP_OFFSET).unwrap();
+    f.sync_all().unwrap();
+    let st = wait_for("the launcher to exit with the guest", boot, || {
+        l.child.try_wait().ok().flatten()
+    });
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "launcher exit status {st}\n{}",
+        guest::tail(&text, 40)
+    );
+    assert!(
+        text.contains("@@NET ok"),
+        "the guest's ping failed:\n{}",
+        guest::tail(&text, 40)
+    );
+    assert!(text.contains("@@IO stopped"), "{}", guest::tail(&text, 40));
+    assert_eq!(
+        text.matches("@@IO fail").count(),
+        0,
+        "guest I/O errors across the restart"
+    );
+    for p in [old, new, console, net, vmm] {
+        assert!(!alive(p), "process {p} survived the launcher");
+    }
+    assert!(!l.run.exists(), "runtime dir left behind");
 }
