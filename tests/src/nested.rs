@@ -238,6 +238,12 @@ pub struct NestedHost {
     script: String,
     timeout: Duration,
     memory_mib: u32,
+    /// Files to carry: (path here, path inside).
+    carried: Vec<(PathBuf, String)>,
+    /// A raw image attached as the nested host's virtio disk.
+    drive: Option<PathBuf>,
+    /// Whether the scenario's output goes to stdout as it comes.
+    echo: bool,
 }
 
 impl NestedHost {
@@ -250,7 +256,31 @@ impl NestedHost {
             script: script.into(),
             timeout: DEFAULT_TIMEOUT,
             memory_mib: MEMORY_MIB,
+            carried: Vec::new(),
+            drive: None,
+            echo: false,
         }
+    }
+
+    /// Carries the file `src` into the nested host as `dest` (an absolute
+    /// path; not under `/tmp`, which a tmpfs covers there).
+    pub fn carry(mut self, src: impl Into<PathBuf>, dest: impl Into<String>) -> Self {
+        self.carried.push((src.into(), dest.into()));
+        self
+    }
+
+    /// Attaches the raw image `path` as the nested host's virtio disk: its
+    /// `/dev/vda`, read and written in place.
+    pub fn drive(mut self, path: impl Into<PathBuf>) -> Self {
+        self.drive = Some(path.into());
+        self
+    }
+
+    /// Prints the scenario's output on stdout as it comes (for a person
+    /// watching), besides keeping it.
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
     }
 
     /// Sets the hard limit for the whole run (multiplied by
@@ -280,7 +310,7 @@ impl NestedHost {
         let results = work.path().join("results.log");
         let qemu_log = work.path().join("qemu.log");
         let started = Instant::now();
-        write_initrd(image, &initrd, work.path())
+        write_initrd(image, &initrd, work.path(), &self.carried)
             .unwrap_or_else(|e| panic!("cannot write the nested host's initramfs: {e}"));
         let layers = started.elapsed();
 
@@ -310,15 +340,31 @@ impl NestedHost {
             .arg(format!("file:{}", console.display()))
             .arg("-serial")
             .arg(format!("file:{}", results.display()));
+        if let Some(drive) = &self.drive {
+            let mut arg = OsString::from("format=raw,if=virtio,cache=none,file=");
+            arg.push(drive);
+            cmd.arg("-drive").arg(arg);
+        }
 
         let _slot = QEMU_SLOT.lock().unwrap_or_else(|e| e.into_inner());
         let timeout = self.timeout.mul_f64(guest::timeout_scale());
         let booted = Instant::now();
         let mut qemu = guest::spawn_daemon("qemu (nested host)", &mut cmd, &qemu_log)
             .unwrap_or_else(|e| panic!("{e} (is QEMU installed? run .ci/install-deps)"));
-        let status = qemu
-            .wait_timeout(timeout)
-            .expect("wait for the nested host");
+        let mut echo = self.echo.then(|| Echo::new(console.clone()));
+        let deadline = booted + timeout;
+        let status = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let st = qemu
+                .wait_timeout(left.min(Duration::from_millis(200)))
+                .expect("wait for the nested host");
+            if let Some(e) = echo.as_mut() {
+                e.print_new();
+            }
+            if st.is_some() || left.is_zero() {
+                break st;
+            }
+        };
         let timed_out = status.is_none();
         if timed_out {
             let _ = qemu.kill();
@@ -348,10 +394,61 @@ fn qemu_binary() -> OsString {
     std::env::var_os("BULKHEAD_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into())
 }
 
+/// Prints, line by line, what the scenario adds to the console log.
+struct Echo {
+    path: PathBuf,
+    /// Bytes of the log already looked at.
+    at: usize,
+    /// The unfinished last line.
+    partial: String,
+    /// Whether the scenario's begin marker went by (and its end not yet).
+    inside: bool,
+}
+
+impl Echo {
+    fn new(path: PathBuf) -> Self {
+        Echo {
+            path,
+            at: 0,
+            partial: String::new(),
+            inside: false,
+        }
+    }
+
+    fn print_new(&mut self) {
+        let Ok(all) = fs::read(&self.path) else {
+            return;
+        };
+        let Some(new) = all.get(self.at..) else {
+            return;
+        };
+        self.at = all.len();
+        self.partial
+            .push_str(&String::from_utf8_lossy(new).replace('\r', ""));
+        let mut out = io::stdout().lock();
+        while let Some((line, rest)) = self.partial.split_once('\n') {
+            if line.contains(&format!("{MARKER}BEGIN")) {
+                self.inside = true;
+            } else if line.contains(&format!("{MARKER}END ")) {
+                self.inside = false;
+            } else if self.inside {
+                let _ = writeln!(out, "{line}");
+            }
+            self.partial = rest.to_string();
+        }
+        let _ = out.flush();
+    }
+}
+
 /// Writes the nested host's initramfs to `out`: the kit's initramfs, the
-/// nested layer, then the inner image and the binaries under test (copies
-/// without debug info are made in `scratch`).
-fn write_initrd(image: &GuestImage, out: &Path, scratch: &Path) -> io::Result<()> {
+/// nested layer, then the inner image, the binaries under test (copies
+/// without debug info are made in `scratch`) and the `carried` files.
+fn write_initrd(
+    image: &GuestImage,
+    out: &Path,
+    scratch: &Path,
+    carried_files: &[(PathBuf, String)],
+) -> io::Result<()> {
     let nested_layer = image.dir.join("nested.cpio");
     if !nested_layer.exists() {
         return Err(io::Error::other(format!(
@@ -394,6 +491,9 @@ fn write_initrd(image: &GuestImage, out: &Path, scratch: &Path) -> io::Result<()
         if ok {
             fs::remove_file(&stripped)?;
         }
+    }
+    for (src, dest) in carried_files {
+        w.copy(dest, src)?;
     }
     w.finish()?.flush()
 }
