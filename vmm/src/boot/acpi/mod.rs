@@ -146,8 +146,12 @@ pub fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     put(&mut b, 56, &u32::from(PM1A_EVT_PORT).to_le_bytes());
     put(&mut b, 64, &u32::from(PM1A_CNT_PORT).to_le_bytes());
     put(&mut b, 88, &[4, 2]); // PM1_EVT_LEN, PM1_CNT_LEN
-    // IAPC_BOOT_ARCH: 8042 present, no VGA.
-    put(&mut b, 109, &((1u16 << 1) | (1 << 2)).to_le_bytes());
+    // IAPC_BOOT_ARCH: no VGA, no CMOS RTC, and no 8042 (bit 1 clear): the
+    // VMM has neither an RTC nor a keyboard, only the 8042's reset line,
+    // which Linux's `reboot=k` path writes without probing. Claiming them
+    // made Linux probe both and wait out their timeouts (about 1 s of
+    // boot under nested KVM); its wall clock comes from kvm-clock.
+    put(&mut b, 109, &((1u16 << 2) | (1 << 5)).to_le_bytes());
     // Flags: WBINVD, C1 on all CPUs, power and sleep buttons absent.
     put(
         &mut b,
