@@ -144,6 +144,8 @@ fn net_goals(v: &Value, goals: &mut Vec<Value>) {
 }
 
 /// Boot time to init and VMM memory overhead, or why they were not measured.
+/// In the nested host absolute times mean nothing for bare metal: there the
+/// boot goal is the ratio against QEMU booting the same guest beside it.
 fn vmm_goals(v: &Value, goals: &mut Vec<Value>) {
     let vmm = &v["vmm"];
     if vmm.is_null() {
@@ -152,28 +154,52 @@ fn vmm_goals(v: &Value, goals: &mut Vec<Value>) {
     let boot_t = f(&vmm["targets"], "boot_to_init_ms");
     let mem_t = f(&vmm["targets"], "overhead_mib");
     let b = &vmm["boots"]["blk"];
+    let q = &vmm["qemu_boots"]["blk"];
     let measured = vmm["measured"] == true;
-    let why = if vmm["probe"]["ok"] == true {
-        "not measured here: a boot failed; see the bulkhead-vmm section"
+    let nested = vmm["lane"] == "nested";
+    let why = if vmm["probe"]["ok"] == true || nested {
+        "not measured: a boot failed; see the bulkhead-vmm section"
     } else {
-        "not measured here: `bulkhead-vmm probe` says KVM cannot run a Linux guest; see the \
-         bulkhead-vmm section"
+        "not measured here: `bulkhead-vmm probe` says KVM cannot run a Linux guest and the \
+         nested host was not available; see the bulkhead-vmm section"
     };
-    let (boot, mem) = if measured {
-        (
-            Some(f(b, "boot_to_init_ms")),
-            Some(f(b, "overhead_rss_mib")),
-        )
-    } else {
-        (None, None)
-    };
+    let boot = measured.then(|| f(b, "boot_to_init_ms"));
+    let mem = measured.then(|| f(b, "overhead_rss_mib"));
+    let x = vmm["ratios"]["blk"]["boot_to_init"].as_f64();
+    goals.push(json!({
+        "goal": "bulkhead-vmm start to the guest's init, with bulkhead-blk attached, against \
+                 QEMU (KVM) booting the same guest (median ratio)",
+        "target": "<= 1.00x",
+        "measured": x.map_or(json!("-"), |x| json!(format!("{x:.2}x"))),
+        "met": x.map(|x| x <= 1.0),
+        "gap": Value::Null,
+        "detail": if x.is_some() {
+            json!(format!(
+                "{:.0} ms against {:.0} ms{}",
+                f(b, "boot_to_init_ms"),
+                f(q, "boot_to_init_ms"),
+                if nested { ", both in the nested host" } else { "" }
+            ))
+        } else if measured {
+            json!("QEMU was not measured; see the bulkhead-vmm section")
+        } else {
+            json!(why)
+        },
+    }));
     goals.push(json!({
         "goal": "bulkhead-vmm start to the guest's init, with bulkhead-blk attached (median)",
         "target": format!("<= {boot_t:.0} ms"),
         "measured": boot.map_or(json!("-"), |x| json!(format!("{x:.1} ms"))),
-        "met": boot.map(|x| x <= boot_t),
+        "met": if nested { Value::Null } else { json!(boot.map(|x| x <= boot_t)) },
         "gap": Value::Null,
-        "detail": if measured { Value::Null } else { json!(why) },
+        "detail": if nested && measured {
+            json!("measured in the nested host (KVM inside QEMU TCG): two layers of emulation, \
+                   not a bare-metal figure; open until a machine whose KVM runs Linux measures it")
+        } else if measured {
+            Value::Null
+        } else {
+            json!(why)
+        },
     }));
     goals.push(json!({
         "goal": "bulkhead-vmm memory overhead after boot: RSS beyond guest RAM",
@@ -181,7 +207,13 @@ fn vmm_goals(v: &Value, goals: &mut Vec<Value>) {
         "measured": mem.map_or(json!("-"), |x| json!(format!("{x:.2} MiB"))),
         "met": mem.map(|x| x <= mem_t),
         "gap": Value::Null,
-        "detail": if measured { Value::Null } else { json!(why) },
+        "detail": if !measured {
+            json!(why)
+        } else if q.get("overhead_rss_mib").is_some() {
+            json!(format!("QEMU booting the same guest: {:.1} MiB", f(q, "overhead_rss_mib")))
+        } else {
+            Value::Null
+        },
     }));
 }
 
@@ -1023,7 +1055,7 @@ fn vmm_section(m: &mut String, vmm: &Value) {
     );
     let _ = writeln!(
         m,
-        "Method. *Boot to init*: from spawning `bulkhead-vmm` (its backend already \
+        "Method. *Boot to init*: from spawning `bulkhead-vmm` (or QEMU; the backend already \
          listening) until the serial log holds the init's first line `@@BULKHEAD BOOTED` \
          (polled every millisecond); median of {} boots per configuration. *Memory*: once \
          the guest's `/test.sh` runs, `/proc/PID/smaps` of the VMM summed over every \
@@ -1048,26 +1080,66 @@ fn vmm_section(m: &mut String, vmm: &Value) {
             vmm["reason"].as_str().unwrap_or("?")
         );
     }
+    if vmm["lane"] == "nested" {
+        let h = &vmm["nested_host"];
+        let _ = writeln!(
+            m,
+            "**Where.** `bulkhead-vmm probe` fails on this machine (its KVM cannot run a \
+             64-bit Linux guest), so the boots ran inside the nested host \
+             (docs/testing.md): a QEMU TCG guest ({}, {} vCPUs, {} MiB) whose `kvm-amd` \
+             runs both VMMs, one boot of each in turn; the nested host ran {:.0} s. \
+             **Absolute times there are two layers of emulation slow and are not \
+             bare-metal figures; the ratio against QEMU in the same nested host is the \
+             figure.** Memory is the VMM processes' own and is not inflated by the \
+             nesting.\n",
+            h["accel"].as_str().unwrap_or("?"),
+            h["cpus"],
+            h["memory_mib"],
+            f(h, "elapsed_s"),
+        );
+    }
     if let Some(boots) = vmm["boots"].as_object() {
         let _ = writeln!(
             m,
-            "| devices | boot to init ms (runs) | RSS beyond guest RAM MiB | Private_Dirty MiB \
-             | Anonymous MiB | guest RAM resident MiB |\n|---|---|---|---|---|---|"
+            "QEMU: `{}`, the same kernel, initramfs, command line and RAM, `bulkhead-blk` \
+             as `vhost-user-blk-pci`. QEMU's RSS beyond guest RAM includes its own copy of \
+             the kernel and initramfs it hands the guest through fw_cfg (about 150 MiB \
+             here); bulkhead-vmm writes them straight into guest RAM.\n",
+            meth["qemu"].as_str().unwrap_or("?")
+        );
+        let _ = writeln!(
+            m,
+            "| devices | VMM | boot to init ms (runs) | RSS beyond guest RAM MiB | \
+             Private_Dirty MiB | Anonymous MiB | guest RAM resident MiB |\n\
+             |---|---|---|---|---|---|---|"
         );
         for (name, r) in boots {
-            let runs: Vec<String> = r["runs_boot_to_init_ms"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
-                .collect();
-            let first = format!(
-                "**{:.1}** ({}; guest uptime at init {:.0} ms)",
-                f(r, "boot_to_init_ms"),
-                runs.join(" "),
-                f(r, "guest_uptime_at_init_ms")
+            for (vmm_name, r) in [("bulkhead-vmm", r), ("QEMU", &vmm["qemu_boots"][name])] {
+                if r.is_null() {
+                    continue;
+                }
+                let runs: Vec<String> = r["runs_boot_to_init_ms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| format!("{:.0}", x.as_f64().unwrap_or(0.0)))
+                    .collect();
+                let first = format!(
+                    "{vmm_name} | **{:.1}** ({}; guest uptime at init {:.0} ms)",
+                    f(r, "boot_to_init_ms"),
+                    runs.join(" "),
+                    f(r, "guest_uptime_at_init_ms")
+                );
+                vmm_row(m, name, r, &first);
+            }
+            let x = &vmm["ratios"][name];
+            let _ = writeln!(
+                m,
+                "| {name} | **bulkhead-vmm / QEMU** | **{}** | {} | {} | | |",
+                fmt_ratio(&x["boot_to_init"]),
+                fmt_ratio(&x["overhead_rss"]),
+                fmt_ratio(&x["overhead_private_dirty"]),
             );
-            vmm_row(m, name, r, &first);
         }
         let _ = writeln!(m);
     }

@@ -15,12 +15,22 @@
 //!   Guest RAM's own resident pages are reported apart. KVM's in-kernel
 //!   state (vCPU, EPT/shadow page tables) is not in RSS.
 //!
-//! Both need a KVM that runs a 64-bit Linux guest: `bulkhead-vmm probe`
-//! decides, and where it fails the suite records `measured: false` with its
-//! reason. A dry run runs everywhere: the same command line, stopped through
-//! the API socket once every backend is connected; its RSS is that of the
-//! **VMM process before guest boot** (guest RAM already holds the kernel and
-//! initrd; the vCPU may have started), not the boot-time target.
+//! Both are measured side by side with QEMU (`-accel kvm -cpu host`, q35,
+//! the same kernel, initramfs, command line, RAM and `bulkhead-blk`
+//! attached as `vhost-user-blk-pci`), boots of the two interleaved so that
+//! noise hits both alike; the report gives bulkhead-vmm / QEMU ratios.
+//!
+//! Both need a KVM that runs a 64-bit Linux guest. Where `bulkhead-vmm
+//! probe` fails here, the boots run inside the nested host
+//! (tests/src/nested.rs: a QEMU TCG guest whose emulated AMD SVM runs KVM):
+//! absolute times there are two layers of emulation slower than bare metal
+//! and say nothing about it; the ratio against QEMU in the same nested host
+//! is the figure. Where neither works the suite records `measured: false`
+//! with the reason. A dry run runs here everywhere: the same command line,
+//! stopped through the API socket once every backend is connected; its RSS
+//! is that of the **VMM process before guest boot** (guest RAM already
+//! holds the kernel and initrd; the vCPU may have started), not the
+//! boot-time target.
 //!
 //! Every process has a hard timeout and is killed by pid (its guard) on
 //! every path, also on error.
@@ -33,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::guest::{self, GuestImage};
+use bulkhead_tests::nested::{self, NestedHost};
 use bulkhead_tests::process::{ChildGuard, workspace_binary};
 use serde_json::{Value, json};
 
@@ -56,6 +67,10 @@ const MEMORY: &str = "512M";
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 /// The name `bulkhead-vmm` gives its guest-RAM memfd (`vmm/src/memory.rs`).
 const GUEST_RAM_MAPPING: &str = "memfd:bulkhead-guest-ram";
+/// The name QEMU gives a `memory-backend-memfd`'s memfd.
+const QEMU_RAM_MAPPING: &str = "memfd:memory-backend-memfd";
+/// How long one boot may take in the nested host, for its time limit.
+const NESTED_BOOT_BUDGET: Duration = Duration::from_secs(40);
 /// The init's first line (`tests/guest/init`).
 const INIT_MARKER: &str = "@@BULKHEAD BOOTED";
 /// What `/test.sh` prints once the init has loaded modules and runs it.
@@ -73,6 +88,32 @@ pub struct VmmArgs {
 
 /// Device configurations: a name and whether `bulkhead-blk` is attached.
 const CONFIGS: [(&str, bool); 2] = [("blk", true), ("none", false)];
+
+/// The VMM a boot runs.
+#[derive(Clone)]
+enum Frontend {
+    /// `bulkhead-vmm` at this path.
+    Bulkhead(PathBuf),
+    /// QEMU, this binary, with KVM.
+    Qemu(String),
+}
+
+impl Frontend {
+    fn name(&self) -> &'static str {
+        match self {
+            Frontend::Bulkhead(_) => "bulkhead-vmm",
+            Frontend::Qemu(_) => "qemu",
+        }
+    }
+
+    /// The memfd mapping that is guest RAM in the process's smaps.
+    fn ram_mapping(&self) -> &'static str {
+        match self {
+            Frontend::Bulkhead(_) => GUEST_RAM_MAPPING,
+            Frontend::Qemu(_) => QEMU_RAM_MAPPING,
+        }
+    }
+}
 
 /// `bulkhead-vmm probe` under a hard timeout: `None` when KVM here can run a
 /// 64-bit Linux guest, otherwise why not.
@@ -123,7 +164,8 @@ struct Mem {
 }
 
 impl Mem {
-    fn sample(pid: u32) -> Result<Mem> {
+    /// Sums `/proc/PID/smaps` outside the mapping named `ram` (guest RAM).
+    fn sample(pid: u32, ram: &str) -> Result<Mem> {
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
             .map_err(|e| format!("cannot read /proc/{pid}/smaps: {e}"))?;
         let mut m = Mem::default();
@@ -134,7 +176,7 @@ impl Mem {
             let Some(first) = it.next() else { continue };
             if !first.ends_with(':') {
                 // A mapping's header: "start-end perms offset dev inode [path]".
-                guest = line.contains(GUEST_RAM_MAPPING);
+                guest = line.contains(ram);
                 seen_guest |= guest;
                 continue;
             }
@@ -148,7 +190,7 @@ impl Mem {
             }
         }
         if !seen_guest {
-            return Err(format!("no {GUEST_RAM_MAPPING} mapping in /proc/{pid}/smaps").into());
+            return Err(format!("no {ram} mapping in /proc/{pid}/smaps").into());
         }
         m.threads = std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|d| d.count() as u64)
@@ -217,7 +259,11 @@ impl Vm {
         self.work.dir().join(name)
     }
 
-    fn command(&self, vmm: &Path, image: &GuestImage) -> Command {
+    fn command(&self, frontend: &Frontend, image: &GuestImage) -> Command {
+        let vmm = match frontend {
+            Frontend::Bulkhead(vmm) => vmm,
+            Frontend::Qemu(qemu) => return self.qemu_command(qemu, image),
+        };
         let mut cmd = Command::new(vmm);
         cmd.arg("--kernel")
             .arg(&image.kernel)
@@ -235,12 +281,39 @@ impl Vm {
         cmd
     }
 
+    /// QEMU with KVM, the same guest and devices as bulkhead-vmm gets
+    /// (guest RAM a shared memfd, as vhost-user needs).
+    fn qemu_command(&self, qemu: &str, image: &GuestImage) -> Command {
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", MEMORY])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={MEMORY},share=on"
+            ))
+            .args(["-M", "q35,memory-backend=mem"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-monitor", "none"])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(self.path("initrd.cpio"))
+            .args(["-append", CMDLINE])
+            .arg("-serial")
+            .arg(format!("file:{}", self.path("serial.log").display()));
+        if let Some(b) = &self.blk {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=blk0,path={}", b.socket().display()))
+                .args(["-device", "vhost-user-blk-pci,chardev=blk0"]);
+        }
+        cmd
+    }
+
     /// Spawns the VMM; returns when it was spawned.
-    fn spawn(&mut self, vmm: &Path, image: &GuestImage) -> Result<Instant> {
-        let mut cmd = self.command(vmm, image);
+    fn spawn(&mut self, frontend: &Frontend, image: &GuestImage) -> Result<Instant> {
+        let mut cmd = self.command(frontend, image);
         let t0 = Instant::now();
         self.vmm = Some(guest::spawn_daemon(
-            "bulkhead-vmm",
+            frontend.name(),
             &mut cmd,
             &self.path("vmm.log"),
         )?);
@@ -315,7 +388,7 @@ impl Tail {
 
 /// One boot: milliseconds to the init's marker, the guest's own uptime
 /// then, and the memory sample once `/test.sh` runs.
-fn boot(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
+fn boot(frontend: &Frontend, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
     let script = format!("echo \"{SETTLED_MARKER} $(cut -d' ' -f1 /proc/uptime)\"\nsleep 600\n");
     let mut vm = Vm::prepare(image, &script, blk)?;
     let mut serial = Tail {
@@ -323,7 +396,7 @@ fn boot(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
         pos: 0,
         text: String::new(),
     };
-    let t0 = vm.spawn(vmm, image)?;
+    let t0 = vm.spawn(frontend, image)?;
     let deadline = t0 + BOOT_TIMEOUT.mul_f64(guest::timeout_scale());
     let mut init = None;
     loop {
@@ -338,14 +411,15 @@ fn boot(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
         vm.check_alive()?;
         if now >= deadline {
             return Err(format!(
-                "no {:?} on the serial console within {:?}; serial: {}",
+                "no {:?} on the serial console within {:?}; serial: {}; {}",
                 if init.is_none() {
                     INIT_MARKER
                 } else {
                     SETTLED_MARKER
                 },
                 BOOT_TIMEOUT.mul_f64(guest::timeout_scale()),
-                guest::tail(&serial.text, 5).replace('\n', " | ")
+                guest::tail(&serial.text, 5).replace('\n', " | "),
+                vm.log_tail()
             )
             .into());
         }
@@ -361,8 +435,15 @@ fn boot(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
     // Let the guest reach its idle sleep before sampling.
     std::thread::sleep(Duration::from_millis(300));
     let pid = vm.vmm().pid();
-    let mem = Mem::sample(pid)?;
-    vm.stop()?;
+    let mem = Mem::sample(pid, frontend.ram_mapping())?;
+    match frontend {
+        Frontend::Bulkhead(_) => {
+            vm.stop()?;
+        }
+        Frontend::Qemu(_) => {
+            let _ = vm.vmm().kill();
+        }
+    }
     Ok((ms(init), uptime * 1000.0, mem))
 }
 
@@ -370,7 +451,7 @@ fn boot(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem)> {
 /// memory then; stopped through the API socket.
 fn dry_run(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem, bool)> {
     let mut vm = Vm::prepare(image, "sleep 600\n", blk)?;
-    let t0 = vm.spawn(vmm, image)?;
+    let t0 = vm.spawn(&Frontend::Bulkhead(vmm.to_path_buf()), image)?;
     let deadline = t0 + ATTACH_TIMEOUT.mul_f64(guest::timeout_scale());
     let mut api_ready = None;
     let want = usize::from(blk);
@@ -393,7 +474,7 @@ fn dry_run(vmm: &Path, image: &GuestImage, blk: bool) -> Result<(f64, f64, Mem, 
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let mem = Mem::sample(vm.vmm().pid())?;
+    let mem = Mem::sample(vm.vmm().pid(), GUEST_RAM_MAPPING)?;
     let clean = vm.stop()?;
     Ok((ms(api_ready.unwrap_or(attached)), ms(attached), mem, clean))
 }
@@ -422,26 +503,128 @@ fn dry_runs(vmm: &Path, image: &GuestImage, runs: usize, blk: bool) -> Value {
     v
 }
 
-fn boots(vmm: &Path, image: &GuestImage, runs: usize, blk: bool) -> Value {
-    let mut init = Vec::new();
-    let mut uptime = Vec::new();
-    let mut mems = Vec::new();
-    for _ in 0..runs {
-        match boot(vmm, image, blk) {
-            Ok((t, u, m)) => {
-                init.push(t);
-                uptime.push(u);
-                mems.push(m);
+/// Medians of one frontend's boots in one configuration.
+#[derive(Default)]
+struct Boots {
+    init: Vec<f64>,
+    uptime: Vec<f64>,
+    mems: Vec<Mem>,
+    error: Option<String>,
+}
+
+impl Boots {
+    fn json(&self) -> Value {
+        if let Some(e) = &self.error {
+            return json!({"error": e});
+        }
+        let mut v = mem_json(&self.mems);
+        v["boot_to_init_ms"] = json!(median(&self.init));
+        v["runs_boot_to_init_ms"] = json!(self.init);
+        v["guest_uptime_at_init_ms"] = json!((median(&self.uptime) * 10.0).round() / 10.0);
+        v["runs"] = json!(self.init.len());
+        v
+    }
+}
+
+/// `runs` boots of every configuration with bulkhead-vmm and, when given,
+/// QEMU, interleaved run by run; this machine's KVM must run Linux.
+/// `{"bulkhead-vmm": {CONFIG: ...}, "qemu": {CONFIG: ...}}`.
+pub fn boots_here(runs: usize) -> Result<Value> {
+    let vmm = workspace_binary("bulkhead-vmm");
+    if let Some(why) = probe(&vmm) {
+        return Err(format!("KVM here cannot run Linux: {why}").into());
+    }
+    let image = std::panic::catch_unwind(guest::image)
+        .map_err(|_| "the guest image could not be built (tests/guest/build-image)")?;
+    let mut frontends = vec![Frontend::Bulkhead(vmm)];
+    let qemu = "qemu-system-x86_64".to_string();
+    let qemu_ok = Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if qemu_ok {
+        frontends.push(Frontend::Qemu(qemu));
+    }
+    let mut all: Vec<Vec<Boots>> = frontends
+        .iter()
+        .map(|_| CONFIGS.iter().map(|_| Boots::default()).collect())
+        .collect();
+    for run in 0..runs {
+        for (c, (name, blk)) in CONFIGS.iter().enumerate() {
+            for (f, frontend) in frontends.iter().enumerate() {
+                let b = &mut all[f][c];
+                if b.error.is_some() {
+                    continue;
+                }
+                match boot(frontend, image, *blk) {
+                    Ok((t, u, m)) => {
+                        eprintln!("vmm: boot {run} ({name}) {}: {t:.1} ms", frontend.name());
+                        b.init.push(t);
+                        b.uptime.push(u);
+                        b.mems.push(m);
+                    }
+                    Err(e) => b.error = Some(e.to_string()),
+                }
             }
-            Err(e) => return json!({"error": e.to_string()}),
         }
     }
-    let mut v = mem_json(&mems);
-    v["boot_to_init_ms"] = json!(median(&init));
-    v["runs_boot_to_init_ms"] = json!(init);
-    v["guest_uptime_at_init_ms"] = json!((median(&uptime) * 10.0).round() / 10.0);
-    v["runs"] = json!(runs);
-    v
+    let mut out = serde_json::Map::new();
+    for (f, frontend) in frontends.iter().enumerate() {
+        let per: serde_json::Map<String, Value> = CONFIGS
+            .iter()
+            .zip(&all[f])
+            .map(|((name, _), b)| (name.to_string(), b.json()))
+            .collect();
+        out.insert(frontend.name().into(), Value::Object(per));
+    }
+    if !qemu_ok {
+        out.insert(
+            "qemu".into(),
+            json!({"error": "qemu-system-x86_64 is not installed"}),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+/// [`boots_here`] inside the nested host (this executable, carried there,
+/// with `--vmm-boots-json`), with how long the nested host ran.
+fn boots_nested(runs: usize) -> Result<(Value, Value)> {
+    let exe = std::env::current_exe()?;
+    let out = "/nested/out/vmm-boots.json";
+    let script = format!(
+        "{} --vmm-boots-json {out} --vmm-boots {runs}\n",
+        nested::quote(&exe.to_string_lossy())
+    );
+    let boots = (runs * CONFIGS.len() * 2) as u32;
+    let timeout = Duration::from_secs(120) + NESTED_BOOT_BUDGET * boots;
+    let run = NestedHost::new(script).timeout(timeout).run();
+    let Some(json) = run.files.get("vmm-boots.json") else {
+        return Err(format!(
+            "the nested host returned no results: {}\n{}",
+            run.outcome(),
+            guest::tail(run.output(), 20)
+        )
+        .into());
+    };
+    let v: Value = serde_json::from_slice(json)?;
+    let host = json!({
+        "elapsed_s": (run.elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        "status": run.status,
+        "memory_mib": 3072,
+        "cpus": 2,
+        "accel": "tcg, -cpu max (AMD SVM with nested paging); kvm-amd inside",
+    });
+    Ok((v, host))
+}
+
+/// bulkhead-vmm / QEMU ratio of field `key` in configuration `config`.
+fn ratio(boots: &Value, config: &str, key: &str) -> Value {
+    let ours = boots["bulkhead-vmm"][config][key].as_f64();
+    let theirs = boots["qemu"][config][key].as_f64();
+    match (ours, theirs) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
+        _ => Value::Null,
+    }
 }
 
 /// Runs the suite; never fails for a KVM that cannot boot Linux (that is
@@ -470,21 +653,52 @@ pub fn run(a: &VmmArgs) -> Result<Value> {
         eprintln!("vmm: dry run ({name}): {v}");
         dry.insert(name.into(), v);
     }
-    let mut boot_json = serde_json::Map::new();
-    if probe.is_none() {
-        for (name, blk) in CONFIGS {
-            let v = boots(&vmm, image, a.boots, blk);
-            eprintln!("vmm: boots ({name}): {v}");
-            boot_json.insert(name.into(), v);
+    // Where the boots run: here, in the nested host, or nowhere.
+    let (lane, all, nested_host, lane_error) = if probe.is_none() {
+        match boots_here(a.boots) {
+            Ok(v) => ("here", v, Value::Null, None),
+            Err(e) => ("here", Value::Null, Value::Null, Some(e.to_string())),
         }
-    }
-    let measured = probe.is_none() && boot_json.values().all(|v| v.get("error").is_none());
-    let reason = match &probe {
-        Some(why) => Some(why.clone()),
-        None => boot_json
-            .values()
-            .find_map(|v| v["error"].as_str().map(String::from)),
+    } else if *nested::lane() == nested::Lane::Nested {
+        eprintln!("vmm: the boots run inside the nested host");
+        match boots_nested(a.boots) {
+            Ok((v, host)) => ("nested", v, host, None),
+            Err(e) => ("nested", Value::Null, Value::Null, Some(e.to_string())),
+        }
+    } else {
+        ("none", Value::Null, Value::Null, None)
     };
+    eprintln!("vmm: boots ({lane}): {all}");
+    let boot_json = all["bulkhead-vmm"].as_object().cloned().unwrap_or_default();
+    let errors = |v: &Value| {
+        v.as_object()
+            .into_iter()
+            .flat_map(|o| o.values())
+            .find_map(|c| c["error"].as_str().map(String::from))
+    };
+    let measured = lane != "none"
+        && lane_error.is_none()
+        && !boot_json.is_empty()
+        && errors(&all["bulkhead-vmm"]).is_none();
+    let reason = lane_error
+        .or_else(|| errors(&all["bulkhead-vmm"]))
+        .or(match lane {
+            "none" => probe.clone(),
+            _ => None,
+        });
+    let ratios: serde_json::Map<String, Value> = CONFIGS
+        .iter()
+        .map(|(name, _)| {
+            (
+                name.to_string(),
+                json!({
+                    "boot_to_init": ratio(&all, name, "boot_to_init_ms"),
+                    "overhead_rss": ratio(&all, name, "overhead_rss_mib"),
+                    "overhead_private_dirty": ratio(&all, name, "overhead_private_dirty_mib"),
+                }),
+            )
+        })
+        .collect();
     let command = std::env::var("BULKHEAD_BENCH_COMMAND")
         .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
     let generated = Command::new("date")
@@ -501,6 +715,8 @@ pub fn run(a: &VmmArgs) -> Result<Value> {
         "load_after": load,
         "measured": measured,
         "reason": reason,
+        "lane": lane,
+        "nested_host": nested_host,
         "probe": {"ok": probe.is_none(), "reason": probe, "secs": probe_s},
         "targets": {"boot_to_init_ms": TARGET_BOOT_MS, "overhead_mib": TARGET_OVERHEAD_MIB},
         "method": {
@@ -511,8 +727,12 @@ pub fn run(a: &VmmArgs) -> Result<Value> {
             "cmdline": CMDLINE,
             "kernel": image.kernel_release,
             "transport": "pci",
+            "qemu": "qemu-system-x86_64 -accel kvm -cpu host -M q35 (SeaBIOS), memfd RAM \
+                     (share=on), -nodefaults, vhost-user-blk-pci",
         },
         "boots": if boot_json.is_empty() { Value::Null } else { Value::Object(boot_json) },
+        "qemu_boots": all.get("qemu").cloned().unwrap_or(Value::Null),
+        "ratios": if measured { Value::Object(ratios) } else { Value::Null },
         "dry_run": Value::Object(dry),
     }))
 }

@@ -75,7 +75,9 @@ usage: bulkhead-bench [--quick] [options]
   --net-args ARGS       extra bulkhead-net arguments (e.g. \"--sandbox log\")
   --console-args ARGS   extra bulkhead-console arguments
   --console-mib N       MiB per console run (default 64)
-  --vmm-boots N         boots per vmm configuration (default 10, 2 with --quick)
+  --vmm-boots N         boots per vmm configuration and VMM (default 10, 2 with --quick)
+  --vmm-boots-json FILE only boot bulkhead-vmm and QEMU here (KVM must run Linux) and write
+                        the boots' JSON to FILE (what the vmm suite runs in the nested host)
   --json FILE --md FILE --svg FILE   outputs (default target/bench/bench.*)
   --merge-json FILE     run only --suites and merge their results into FILE's (the other
                         suites' numbers stay), e.g. --suites vmm --merge-json docs/performance.json
@@ -114,6 +116,7 @@ struct Args {
     svg: PathBuf,
     from_json: Option<PathBuf>,
     vmm_boots: usize,
+    vmm_boots_json: Option<PathBuf>,
     merge_json: Option<PathBuf>,
 }
 
@@ -173,6 +176,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         svg: PathBuf::from("target/bench/bench.svg"),
         from_json: None,
         vmm_boots: if quick { 2 } else { 10 },
+        vmm_boots_json: None,
         merge_json: None,
     };
     let mut it = argv.into_iter();
@@ -222,6 +226,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--svg" => a.svg = v.into(),
             "--from-json" => a.from_json = Some(v.into()),
             "--vmm-boots" => a.vmm_boots = (num(&v)? as usize).max(1),
+            "--vmm-boots-json" => a.vmm_boots_json = Some(v.into()),
             "--merge-json" => a.merge_json = Some(v.into()),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
@@ -577,6 +582,10 @@ fn main() -> ExitCode {
         }
     };
     let result = (|| -> Result<()> {
+        if let Some(out) = &a.vmm_boots_json {
+            let v = vmm::boots_here(a.vmm_boots)?;
+            return write(out, &(serde_json::to_string_pretty(&v)? + "\n"));
+        }
         let v = match &a.from_json {
             Some(p) => {
                 let mut v: Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
