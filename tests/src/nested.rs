@@ -263,7 +263,7 @@ impl NestedHost {
     }
 
     /// Carries the file `src` into the nested host as `dest` (an absolute
-    /// path; not under `/tmp`, which a tmpfs covers there).
+    /// path).
     pub fn carry(mut self, src: impl Into<PathBuf>, dest: impl Into<String>) -> Self {
         self.carried.push((src.into(), dest.into()));
         self
