@@ -163,7 +163,19 @@ image = "disk.img"
     stop_and_check_clean(l, &[old, new, newer, console]);
 }
 
-const GUEST_SCRIPT: &str = r#"
+/// The guest's disk writer: a 4 KiB O_DIRECT write every 200 ms, each
+/// reported as `@@IO ok N` or `@@IO fail N`; with `stop`, it ends once the
+/// host left `STOP` at that byte offset of the disk, saying `@@IO stopped`.
+fn io_loop(stop: Option<u64>) -> String {
+    let check_stop = stop.map_or(String::new(), |offset| {
+        format!(
+            "  [ \"$(dd if=/dev/vda bs=4096 skip={} count=1 iflag=direct 2>/dev/null | head -c 4)\" \
+             = STOP ] && break\n",
+            offset / 4096
+        )
+    });
+    format!(
+        r#"
 i=0
 while [ $i -lt 3000 ]; do
   if dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$((i % 256)) oflag=direct 2>/dev/null; then
@@ -172,9 +184,12 @@ while [ $i -lt 3000 ]; do
     echo "@@IO fail $i"
   fi
   i=$((i+1))
-  sleep 0.2
+{check_stop}  sleep 0.2
 done
-"#;
+echo "@@IO stopped"
+"#
+    )
+}
 
 fn last_ok(serial: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(serial).ok()?;
@@ -203,7 +218,7 @@ fn qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing() {
     let mut bytes = std::fs::read(&image.initrd).unwrap();
     bytes.extend(guest::newc_archive(&[(
         "test.sh",
-        GUEST_SCRIPT.as_bytes(),
+        io_loop(None).as_bytes(),
         0o755,
     )]));
     std::fs::write(&initrd, bytes).unwrap();
@@ -257,31 +272,18 @@ image = "disk.img"
 const STOP_OFFSET: u64 = 15 << 20;
 
 /// The guest of the bulkhead-vmm test: pings the tap, writes to hvc0, then
-/// writes to its disk every 200 ms until the host leaves `STOP` at
-/// [`STOP_OFFSET`], and powers off.
+/// runs [`io_loop`] until the host leaves `STOP` at [`STOP_OFFSET`], and
+/// powers off.
 fn vmm_guest_script() -> String {
-    format!(
-        r#"
+    r#"
 ip link set eth0 up && ip addr add 10.78.0.2/24 dev eth0
 if ping -c 2 -W 5 10.78.0.1 >/dev/null; then echo "@@NET ok"; else echo "@@NET fail"; fi
 i=0
 while [ ! -c /dev/hvc0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 echo LAUNCHED-GUEST-ON-HVC0 >/dev/hvc0
-i=0
-while [ $i -lt 3000 ]; do
-  if dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$((i % 256)) oflag=direct 2>/dev/null; then
-    echo "@@IO ok $i"
-  else
-    echo "@@IO fail $i"
-  fi
-  i=$((i+1))
-  [ "$(dd if=/dev/vda bs=4096 skip={stop_block} count=1 iflag=direct 2>/dev/null | head -c 4)" = STOP ] && break
-  sleep 0.2
-done
-echo "@@IO stopped"
-"#,
-        stop_block = STOP_OFFSET / 4096
-    )
+"#
+    .to_string()
+        + &io_loop(Some(STOP_OFFSET))
 }
 
 #[test]
