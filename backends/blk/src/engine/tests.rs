@@ -517,19 +517,67 @@ fn bad_depth_is_rejected() {
     }
 }
 
-/// Block-device paths (BLKZEROOUT, BLKDISCARD) need a device, usually root:
-/// set `BULKHEAD_TEST_BLOCK_DEVICE` to a scratch device (for example a loop
-/// device); its first MiB is overwritten.
+/// A loop device over a scratch file, detached (and the file removed) on drop.
+struct LoopDevice {
+    path: PathBuf,
+    _backing: TempImage,
+}
+
+impl LoopDevice {
+    /// A loop device over a fresh `size`-byte file, or why not (`losetup`
+    /// needs root and `/dev/loop-control`).
+    fn new(size: usize) -> Result<LoopDevice, String> {
+        let backing = TempImage::in_tmp("loop", size, 0);
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing.path)
+            .output()
+            .map_err(|e| format!("cannot run losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Ok(LoopDevice {
+            path,
+            _backing: backing,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Block-device paths (BLKZEROOUT, BLKDISCARD) need a device: a loop device
+/// the test makes (root), or `BULKHEAD_TEST_BLOCK_DEVICE`, a scratch device
+/// whose first MiB is overwritten.
 #[test]
 fn block_device_range_ops_use_ioctls() {
-    let Some(path) = std::env::var_os("BULKHEAD_TEST_BLOCK_DEVICE") else {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!(
-                "SKIP block_device_range_ops_use_ioctls: set BULKHEAD_TEST_BLOCK_DEVICE to a scratch block device\n"
-            ),
-        );
-        return;
+    let mut _loop = None;
+    let path = match std::env::var_os("BULKHEAD_TEST_BLOCK_DEVICE") {
+        Some(p) => PathBuf::from(p),
+        None => match LoopDevice::new(4 << 20) {
+            Ok(l) => _loop.insert(l).path.clone(),
+            Err(why) => {
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!(
+                        "SKIP block_device_range_ops_use_ioctls: no loop device ({why}); \
+                         set BULKHEAD_TEST_BLOCK_DEVICE to a scratch block device\n"
+                    ),
+                );
+                return;
+            }
+        },
     };
     let dev = Arc::new(
         OpenOptions::new()
