@@ -127,6 +127,9 @@ pub enum MemoryError {
     /// Too many memory regions.
     #[error("too many memory regions ({0}, at most {MAX_MEM_SLOTS})")]
     TooMany(usize),
+    /// The fd of a region is not a file the daemon can map safely.
+    #[error("memory region {0}")]
+    NotAFile(usize, #[source] crate::frontend_fd::FdError),
     /// No region holds the given address.
     #[error("no memory region holds frontend address {0:#x}")]
     UnknownRegion(u64),
@@ -261,11 +264,14 @@ fn map_region(i: usize, desc: &RegionDesc, file: File) -> Result<GuestRegionMmap
     if !desc.is_valid() {
         return Err(MemoryError::BadRegion(i));
     }
+    crate::frontend_fd::regular_file(&file, "memory region")
+        .map_err(|e| MemoryError::NotAFile(i, e))?;
     let end = desc.mmap_offset + desc.size;
     // Seal first, then check the size: the frontend cannot shrink the file
     // in between, nor later, while the pages are mapped here.
     if let Err(e) = seal_against_shrinking(&file) {
-        log::warn!(
+        crate::rate_limited!(
+            log::Level::Warn,
             "memory region {i}: its file cannot be sealed against shrinking ({e}); \
              a frontend that truncates it stops this daemon (SIGBUS)"
         );

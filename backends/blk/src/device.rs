@@ -197,7 +197,8 @@ impl VhostUserDevice for BlkDevice {
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
         if offset == CONFIG_WCE_OFFSET && data.len() == 1 {
             self.writeback.store(data[0] != 0, Ordering::Relaxed);
-            log::info!(
+            bulkhead_common::rate_limited!(
+                log::Level::Info,
                 "guest set the write cache to {}",
                 if data[0] != 0 {
                     "writeback"
@@ -232,7 +233,11 @@ impl VhostUserDevice for BlkDevice {
             depth,
             self.disk.is_block_device,
         )?;
-        log::debug!("queue {index}: {:?} engine, depth {depth}", self.cfg.engine);
+        bulkhead_common::rate_limited!(
+            log::Level::Debug,
+            "queue {index}: {:?} engine, depth {depth}",
+            self.cfg.engine
+        );
         Ok(BlkWorker {
             engine,
             geometry: self.geometry(),
@@ -357,9 +362,17 @@ impl BlkWorker {
             // op of the request has completed.
             if let Err(e) = unsafe { self.engine.submit(idx as u64, op) } {
                 if engine::is_queue_full(&e) {
-                    log::error!("queue {}: engine full despite the room check", vq.index());
+                    bulkhead_common::rate_limited!(
+                        log::Level::Error,
+                        "queue {}: engine full despite the room check",
+                        vq.index()
+                    );
                 } else {
-                    log::error!("queue {}: submit failed: {e}", vq.index());
+                    bulkhead_common::rate_limited!(
+                        log::Level::Error,
+                        "queue {}: submit failed: {e}",
+                        vq.index()
+                    );
                 }
                 self.op_done(vq, idx, Err(e));
             }
@@ -429,12 +442,19 @@ impl BlkWorker {
 
     fn op_done(&mut self, vq: &mut VirtQueue, idx: usize, result: io::Result<u64>) {
         let Some(Some(f)) = self.slots.get_mut(idx) else {
-            log::error!("completion for unknown request slot {idx}");
+            bulkhead_common::rate_limited!(
+                log::Level::Error,
+                "completion for unknown request slot {idx}"
+            );
             return;
         };
         if let Err(e) = &result {
             if f.status == VIRTIO_BLK_S_OK {
-                log::warn!("queue {}: I/O error: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "queue {}: I/O error: {e}",
+                    vq.index()
+                );
             }
             f.status = VIRTIO_BLK_S_IOERR;
         }
@@ -456,7 +476,11 @@ impl BlkWorker {
     fn reap(&mut self, vq: &mut VirtQueue) {
         let mut done = std::mem::take(&mut self.completions);
         if let Err(e) = self.engine.reap(&mut done) {
-            log::error!("queue {}: reaping completions: {e}", vq.index());
+            bulkhead_common::rate_limited!(
+                log::Level::Error,
+                "queue {}: reaping completions: {e}",
+                vq.index()
+            );
         }
         for c in done.drain(..) {
             self.op_done(vq, c.token as usize, c.result);
@@ -485,7 +509,11 @@ impl BlkWorker {
                 }
             }
             if let Err(e) = self.engine.commit() {
-                log::error!("queue {}: submitting I/O: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Error,
+                    "queue {}: submitting I/O: {e}",
+                    vq.index()
+                );
             }
             if self.stalled {
                 // Resume from the completion handler, which frees room.
@@ -550,7 +578,11 @@ impl QueueWorker for BlkWorker {
         while self.engine.in_flight() > 0 {
             let mut done = Vec::new();
             if let Err(e) = self.engine.wait(&mut done) {
-                log::error!("queue {}: waiting for I/O: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Error,
+                    "queue {}: waiting for I/O: {e}",
+                    vq.index()
+                );
                 break;
             }
             for c in done {
