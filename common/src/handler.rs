@@ -206,11 +206,11 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         )
         .map_err(|e| invalid(&format!("queue {i}: {e}")))?;
         // Drivers size requests from the config (e.g. blk's seg_max), which
-        // follows the device's largest queue, not the size the frontend chose.
-        vq.set_max_descriptors(self.device.max_queue_size());
+        // does not depend on the ring size the frontend chose.
+        vq.set_max_descriptors(self.device.max_chain_descriptors());
         let worker = self
             .device
-            .create_worker(i as u16, self.acked_features)
+            .create_worker(i as u16, v.size, self.acked_features)
             .map_err(VuError::ReqHandlerError)?;
         let thread = QueueThread::spawn(vq, worker, kick, self.poll_max)
             .map_err(VuError::ReqHandlerError)?;

@@ -291,8 +291,9 @@ impl VirtQueue {
         })
     }
 
-    /// Lets chains have up to `n` descriptors even when the queue is smaller:
-    /// the device's largest queue size, which its `seg_max` is derived from.
+    /// Lets chains have up to `n` descriptors even when the queue is smaller
+    /// (through an indirect table): the longest chain the device's config
+    /// lets a driver build (blk: `seg_max` + 2), whatever ring it picked.
     pub fn set_max_descriptors(&mut self, n: u16) {
         self.max_descriptors = n.max(self.size);
     }

@@ -48,6 +48,12 @@ pub mod features {
 
 /// Largest data segment the guest may use.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The ring size `seg_max` is made for (see `BlkDevice::seg_max`).
+pub const SEG_MAX_RING: u16 = 128;
+/// Most operations one queue's engine holds in flight. An io_uring ring of
+/// 4096 entries (and its 8192 completions) is about 400 KiB of locked
+/// memory; a bigger ring buys nothing a disk image could use.
+pub const MAX_ENGINE_DEPTH: usize = 4096;
 /// Offset of `wce` in the config space.
 const CONFIG_WCE_OFFSET: u32 = 32;
 /// Most sectors in one discard / write-zeroes segment.
@@ -102,9 +108,17 @@ impl BlkDevice {
         }
     }
 
+    /// `seg_max`: what QEMU's vhost-user-blk-pci offers (its default ring is
+    /// 128 entries: a request of header, 126 segments and status fills it).
+    /// Fixed, not derived from `--queue-size`: a driver picks its ring size
+    /// after reading the config (Linux and QEMU 128, libblkio 256), and a
+    /// request must fit the ring it picked when it has no indirect
+    /// descriptors. Smaller with a smaller `--queue-size`.
     fn seg_max(&self) -> u32 {
         // Header and status take two descriptors of the chain.
-        u32::from(self.cfg.queue_size).saturating_sub(2).max(1)
+        u32::from(self.cfg.queue_size.min(SEG_MAX_RING))
+            .saturating_sub(2)
+            .max(1)
     }
 
     fn geometry(&self) -> crate::request::Geometry {
@@ -217,6 +231,11 @@ impl VhostUserDevice for BlkDevice {
         ))
     }
 
+    fn max_chain_descriptors(&self) -> u16 {
+        // seg_max data segments, the header and the status byte.
+        u16::try_from(self.seg_max().saturating_add(2)).unwrap_or(u16::MAX)
+    }
+
     fn max_chain_bytes(&self) -> u64 {
         u64::from(self.seg_max()) * u64::from(SIZE_MAX) + 4096
     }
@@ -225,14 +244,28 @@ impl VhostUserDevice for BlkDevice {
         self.writeback.store(true, Ordering::Relaxed);
     }
 
-    fn create_worker(&self, index: u16, _features: u64) -> io::Result<BlkWorker> {
-        let depth = usize::from(self.cfg.queue_size) + MAX_SEGMENTS as usize;
-        let engine = engine::new_engine(
-            self.cfg.engine,
-            self.disk.file.clone(),
-            depth,
-            self.disk.is_block_device,
-        )?;
+    fn create_worker(&self, index: u16, size: u16, _features: u64) -> io::Result<BlkWorker> {
+        // Room for the whole ring the frontend set up plus one discard's
+        // segments, within MAX_ENGINE_DEPTH (a full engine only makes the
+        // queue wait for completions).
+        let depth = (usize::from(size) + MAX_SEGMENTS as usize).min(MAX_ENGINE_DEPTH);
+        let file = self.disk.file.clone();
+        let bdev = self.disk.is_block_device;
+        let engine = match engine::new_engine(self.cfg.engine, file.clone(), depth, bdev) {
+            Ok(e) => e,
+            // An io_uring ring is locked memory, counted against the
+            // user's RLIMIT_MEMLOCK (a ring of a closed connection is freed
+            // a little later): where it does not fit, the queue still runs.
+            Err(e) if self.cfg.engine == EngineKind::IoUring => {
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "queue {index}: no io_uring ring of {depth} entries ({e}); \
+                     using the sync engine for this queue"
+                );
+                engine::new_engine(EngineKind::Sync, file, depth, bdev)?
+            }
+            Err(e) => return Err(e),
+        };
         bulkhead_common::rate_limited!(
             log::Level::Debug,
             "queue {index}: {:?} engine, depth {depth}",

@@ -371,7 +371,7 @@ impl VhostUserDevice for ConsoleDevice {
         }
     }
 
-    fn create_worker(&self, index: u16, _features: u64) -> io::Result<ConsoleWorker> {
+    fn create_worker(&self, index: u16, _size: u16, _features: u64) -> io::Result<ConsoleWorker> {
         let c = self.control.clone();
         let port = |id: u32| {
             c.port(id).cloned().ok_or_else(|| {

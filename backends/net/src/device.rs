@@ -477,7 +477,7 @@ impl VhostUserDevice for NetDevice {
         bulkhead_common::rate_limited!(log::Level::Info, "stats: {}", self.stats.line());
     }
 
-    fn create_worker(&self, index: u16, features: u64) -> io::Result<NetWorker> {
+    fn create_worker(&self, index: u16, _size: u16, features: u64) -> io::Result<NetWorker> {
         let pairs = self.cfg.queue_pairs;
         let hdr_len = vnet_hdr_len(features);
         if index >= 2 * pairs {
