@@ -9,13 +9,15 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 
 use crate::cli::VhostUserArgs;
 use crate::device::VhostUserDevice;
 use crate::handler::BackendHandler;
+use crate::rate_limited;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors that stop a daemon.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,14 @@ fn open_endpoint(args: &VhostUserArgs) -> Result<EndpointKind, DaemonError> {
     Ok(EndpointKind::Listener(l, Some(path)))
 }
 
+/// What ends the serve loop: readable when it is time to stop.
+trait Stop {
+    /// The fd that becomes readable.
+    fn fd(&self) -> RawFd;
+    /// The reason, once `fd` is readable (None: a spurious wake-up).
+    fn take(&self) -> Option<i32>;
+}
+
 /// A signalfd for SIGTERM and SIGINT, with those signals blocked in every thread spawned later.
 struct Signals(OwnedFd);
 
@@ -107,6 +117,12 @@ impl Signals {
             Ok(Signals(OwnedFd::from_raw_fd(fd)))
         }
     }
+}
+
+impl Stop for Signals {
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 
     fn take(&self) -> Option<i32> {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
@@ -121,6 +137,33 @@ impl Signals {
         };
         (n as usize == size).then_some(info.ssi_signo as i32)
     }
+}
+
+/// An eventfd standing in for the signals (tests and fuzzing).
+struct StopEvent<'a>(&'a EventFd);
+
+impl Stop for StopEvent<'_> {
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    fn take(&self) -> Option<i32> {
+        self.0.read().ok().map(|_| libc::SIGTERM)
+    }
+}
+
+/// SIGXFSZ and SIGPIPE cannot end a daemon: a write past `RLIMIT_FSIZE`
+/// fails with EFBIG and a write to a closed pipe or socket with EPIPE, as
+/// any other failed write. (The frontend decides what some fds are; the
+/// daemon checks them, and this is the net under that check.)
+fn ignore_write_signals() -> io::Result<()> {
+    for sig in [libc::SIGXFSZ, libc::SIGPIPE] {
+        // SAFETY: setting a disposition to SIG_IGN; no handler code runs.
+        if unsafe { libc::signal(sig, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Waits until one of `fds` is readable; returns its index.
@@ -145,6 +188,166 @@ fn wait_readable(fds: &[RawFd]) -> io::Result<usize> {
         }
         if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
             return Ok(i);
+        }
+    }
+}
+
+/// How long a frontend may take to send the rest of a message it started,
+/// or to read the replies it asked for, before it is dropped. Frontends
+/// send each message with one `sendmsg` and wait for each reply, so a whole
+/// second is generous; a frontend that stalls longer would otherwise keep
+/// the serve loop (and the next frontend) waiting for ever.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Bytes of a vhost-user message header.
+const HEADER_LEN: usize = 12;
+
+/// Largest payload the `vhost` crate reads (`MAX_MSG_SIZE`); it refuses a
+/// header announcing more without waiting for the payload.
+const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
+
+/// What [`wait_for_message`] found.
+enum Next {
+    /// A whole message is queued (or the peer closed the socket, which the
+    /// `vhost` crate then reads as a disconnect), and a reply will not block.
+    Message,
+    /// Time to stop (a signal).
+    Stop(i32),
+    /// The frontend stalled or framed its message so that it cannot be read
+    /// without blocking; the string says how.
+    Stalled(&'static str),
+}
+
+fn poll_fds(pfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll on a valid array of pollfd.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Bytes queued on the socket, across every send of the frontend.
+fn queued(conn: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(conn, libc::FIONREAD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// The payload size the next header announces; None when fewer than
+/// [`HEADER_LEN`] bytes can be peeked in one piece.
+fn peek_payload_len(conn: RawFd) -> Option<usize> {
+    let mut hdr = [0u8; HEADER_LEN];
+    // SAFETY: peeking into a local buffer of its length; no control buffer.
+    let n = unsafe {
+        libc::recv(
+            conn,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    (n == HEADER_LEN as isize)
+        .then(|| u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize)
+}
+
+/// Waits, for ever, for the first byte of the next message or for `stop`;
+/// then up to `deadline` for the whole message and for room for its reply.
+///
+/// The `vhost` crate reads a message with blocking `recvmsg` calls and loops
+/// on a short read, and sends a reply with blocking `sendmsg` calls: a
+/// frontend that stopped halfway, or never read its replies, would keep the
+/// main thread there, deaf to signals. So it gets a message only once the
+/// socket holds all of it and could take a reply. A frontend that sends a
+/// header with fds attached to fewer than [`HEADER_LEN`] bytes cannot be
+/// read in one piece either, and is dropped.
+fn wait_for_message(conn: RawFd, stop: &dyn Stop, deadline: Duration) -> io::Result<Next> {
+    loop {
+        let ready = wait_readable(&[stop.fd(), conn])?;
+        if ready == 0 {
+            if let Some(sig) = stop.take() {
+                return Ok(Next::Stop(sig));
+            }
+            continue;
+        }
+        break;
+    }
+    let started = Instant::now();
+    loop {
+        let have = queued(conn)?;
+        if have == 0 {
+            // Readable with nothing queued: end of stream.
+            return Ok(Next::Message);
+        }
+        let mut need_room = false;
+        if have >= HEADER_LEN {
+            let Some(len) = peek_payload_len(conn) else {
+                return Ok(Next::Stalled("sent fds with less than a message header"));
+            };
+            // A header announcing too much is refused at once: no payload to wait for.
+            let need = HEADER_LEN + if len > MAX_PAYLOAD { 0 } else { len };
+            if have >= need {
+                let mut p = [libc::pollfd {
+                    fd: conn,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                }];
+                poll_fds(&mut p, Duration::ZERO)?;
+                if p[0].revents & libc::POLLOUT != 0 {
+                    return Ok(Next::Message);
+                }
+                if p[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    // The reply cannot go anywhere; the crate sees the error.
+                    return Ok(Next::Message);
+                }
+                need_room = true;
+            }
+        }
+        let Some(left) = deadline.checked_sub(started.elapsed()) else {
+            return Ok(Next::Stalled(if need_room {
+                "did not read its replies"
+            } else {
+                "stopped in the middle of a message"
+            }));
+        };
+        // Partial data keeps the socket readable: sleep in short slices on
+        // the stop fd, watching for the peer to hang up or (when a reply
+        // waits for room) for room.
+        let mut pfds = [
+            libc::pollfd {
+                fd: stop.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: conn,
+                events: if need_room {
+                    libc::POLLOUT
+                } else {
+                    libc::POLLRDHUP
+                },
+                revents: 0,
+            },
+        ];
+        poll_fds(&mut pfds, left.min(Duration::from_millis(10)))?;
+        if pfds[0].revents != 0
+            && let Some(sig) = stop.take()
+        {
+            return Ok(Next::Stop(sig));
+        }
+        if !need_room && pfds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            // Hung up mid-message (a hang-up after a whole message was
+            // caught above): nothing more will come.
+            if queued(conn)? == have {
+                return Ok(Next::Stalled("hung up in the middle of a message"));
+            }
         }
     }
 }
@@ -222,16 +425,20 @@ fn early_vring_enable<D: VhostUserDevice>(
 }
 
 /// How a connection ended.
-enum ConnEnd {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEnd {
+    /// The frontend went away, or was dropped after a bad or stalled message.
     Disconnected,
+    /// A signal (or the stop fd of [`serve_stream`]) ended it.
     Signal(i32),
 }
 
 fn serve_connection<D: VhostUserDevice>(
     stream: UnixStream,
     device: &Arc<D>,
-    signals: &Signals,
+    stop: &dyn Stop,
     poll_max: Duration,
+    deadline: Duration,
 ) -> Result<ConnEnd, DaemonError> {
     let handler = Arc::new(Mutex::new(
         BackendHandler::new(device.clone()).with_busy_poll(poll_max),
@@ -239,14 +446,25 @@ fn serve_connection<D: VhostUserDevice>(
     let conn_fd = stream.as_raw_fd();
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     let end = loop {
-        let ready = wait_readable(&[signals.0.as_raw_fd(), conn_fd]).map_err(DaemonError::Setup)?;
-        if ready == 0 {
-            if let Some(sig) = signals.take() {
-                break ConnEnd::Signal(sig);
+        match wait_for_message(conn_fd, stop, deadline).map_err(DaemonError::Setup)? {
+            Next::Message => {}
+            Next::Stop(sig) => break ConnEnd::Signal(sig),
+            Next::Stalled(how) => {
+                rate_limited!(
+                    log::Level::Warn,
+                    "dropping the frontend: it {how} (deadline {deadline:?})"
+                );
+                break ConnEnd::Disconnected;
             }
-            continue;
         }
-        if let Some(sock) = crate::notify::peek_backend_req_fd(conn_fd)
+        // Only a device that offered the channel, to a frontend that acked
+        // it, gets one (the others refuse the message in the `vhost` crate).
+        let wants_channel = handler
+            .lock()
+            .map(|h| h.expects_backend_channel())
+            .unwrap_or(false);
+        if wants_channel
+            && let Some(sock) = crate::notify::peek_backend_req_fd(conn_fd)
             && let Ok(mut h) = handler.lock()
         {
             h.offer_backend_socket(sock);
@@ -255,18 +473,24 @@ fn serve_connection<D: VhostUserDevice>(
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
-                log::warn!("closing the connection after a bad request from the frontend: {e}");
+                rate_limited!(
+                    log::Level::Warn,
+                    "closing the connection after a bad request from the frontend: {e}"
+                );
                 break ConnEnd::Disconnected;
             }
         }
         match req.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
-                log::info!("frontend disconnected");
+                rate_limited!(log::Level::Info, "frontend disconnected");
                 break ConnEnd::Disconnected;
             }
             Err(e) => {
-                log::warn!("closing the connection after a bad request from the frontend: {e}");
+                rate_limited!(
+                    log::Level::Warn,
+                    "closing the connection after a bad request from the frontend: {e}"
+                );
                 break ConnEnd::Disconnected;
             }
         }
@@ -276,7 +500,8 @@ fn serve_connection<D: VhostUserDevice>(
         for (i, s) in h.stats().iter().enumerate() {
             let chains = s.chains.load(Ordering::Relaxed);
             if chains > 0 {
-                log::info!(
+                rate_limited!(
+                    log::Level::Info,
                     "queue {i}: {chains} chains, {} refused, {} interrupts",
                     s.bad_chains.load(Ordering::Relaxed),
                     s.interrupts.load(Ordering::Relaxed)
@@ -286,6 +511,19 @@ fn serve_connection<D: VhostUserDevice>(
     }
     device.disconnected();
     Ok(end)
+}
+
+/// Serves one frontend on `stream` as the daemon does (fresh device state,
+/// whole messages only, `deadline` for a message or a reply), until it
+/// disconnects, is dropped, or `stop` becomes readable. For tests and fuzz
+/// targets that run the serve loop in-process.
+pub fn serve_stream<D: VhostUserDevice>(
+    stream: UnixStream,
+    device: &Arc<D>,
+    stop: &EventFd,
+    deadline: Duration,
+) -> Result<ConnEnd, DaemonError> {
+    serve_connection(stream, device, &StopEvent(stop), Duration::ZERO, deadline)
 }
 
 /// Exit status of a daemon stopped by SIGBUS (see [`install_sigbus_handler`]).
@@ -339,6 +577,8 @@ impl Endpoint {
     /// single-threaded: the signal mask is inherited by every later thread.
     pub fn open(args: &VhostUserArgs) -> Result<Self, DaemonError> {
         install_sigbus_handler().map_err(DaemonError::Setup)?;
+        ignore_write_signals().map_err(DaemonError::Setup)?;
+        crate::frontend_fd::init();
         let signals = Signals::new().map_err(DaemonError::Setup)?;
         let kind = open_endpoint(args)?;
         Ok(Endpoint {
@@ -382,7 +622,7 @@ pub fn serve_endpoint<D: VhostUserDevice>(
         EndpointKind::Connected(stream) => {
             if let Some(s) = stream.take() {
                 log::info!("serving the frontend on fd {}", s.as_raw_fd());
-                serve_connection(s, &device, &signals, poll_max).map(|_| ())
+                serve_connection(s, &device, &signals, poll_max, MESSAGE_DEADLINE).map(|_| ())
             } else {
                 Ok(())
             }
@@ -393,7 +633,7 @@ pub fn serve_endpoint<D: VhostUserDevice>(
                 None => log::info!("listening on fd {}", listener.as_raw_fd()),
             }
             loop {
-                let ready = wait_readable(&[signals.0.as_raw_fd(), listener.as_raw_fd()])
+                let ready = wait_readable(&[signals.fd(), listener.as_raw_fd()])
                     .map_err(DaemonError::Setup)?;
                 if ready == 0 {
                     if let Some(sig) = signals.take() {
@@ -405,12 +645,12 @@ pub fn serve_endpoint<D: VhostUserDevice>(
                 let stream = match listener.accept() {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        log::warn!("accept: {e}");
+                        rate_limited!(log::Level::Warn, "accept: {e}");
                         continue;
                     }
                 };
-                log::info!("frontend connected");
-                match serve_connection(stream, &device, &signals, poll_max)? {
+                rate_limited!(log::Level::Info, "frontend connected");
+                match serve_connection(stream, &device, &signals, poll_max, MESSAGE_DEADLINE)? {
                     ConnEnd::Disconnected => continue,
                     ConnEnd::Signal(sig) => {
                         log::info!("signal {sig}: shutting down");

@@ -47,6 +47,14 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Most descriptors one chain may have on any ring, however small the
+    /// frontend made it: what the device's config lets a driver put in one
+    /// request (blk: `seg_max` plus header and status). Default: the
+    /// largest queue size.
+    fn max_chain_descriptors(&self) -> u16 {
+        self.max_queue_size()
+    }
+
     /// Most bytes one descriptor chain may carry.
     fn max_chain_bytes(&self) -> u64 {
         u64::from(u32::MAX)
@@ -70,8 +78,9 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         let _ = notifier;
     }
 
-    /// Creates the worker for queue `index`, about to start with the negotiated `features`.
-    fn create_worker(&self, index: u16, features: u64) -> io::Result<Self::Worker>;
+    /// Creates the worker for queue `index`, about to start with `size`
+    /// entries (the frontend's SET_VRING_NUM) and the negotiated `features`.
+    fn create_worker(&self, index: u16, size: u16, features: u64) -> io::Result<Self::Worker>;
 }
 
 /// What one call of [`QueueWorker::poll`] found.

@@ -13,7 +13,6 @@
 //! shared objects, GPU and shared-memory messages.
 
 use std::fs::File;
-use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -83,13 +82,14 @@ pub struct BackendHandler<D: VhostUserDevice> {
 }
 
 fn invalid(what: &str) -> VuError {
-    log::warn!("frontend error: {what}");
+    crate::rate_limited!(log::Level::Warn, "frontend error: {what}");
     VuError::InvalidParam
 }
 
-fn eventfd(file: File) -> EventFd {
-    // SAFETY: the frontend passed an eventfd; we take ownership of the fd.
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+/// Takes a kick, call or err fd: an eventfd, made non-blocking (see
+/// [`crate::frontend_fd`]); anything else is refused.
+fn eventfd(file: File, role: &'static str) -> VuResult<EventFd> {
+    crate::frontend_fd::eventfd(file, role).map_err(|e| invalid(&e.to_string()))
 }
 
 impl<D: VhostUserDevice> BackendHandler<D> {
@@ -123,6 +123,13 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     /// (see [`crate::notify`]); handed to the device with the channel.
     pub fn offer_backend_socket(&mut self, sock: std::os::unix::net::UnixStream) {
         self.peeked_backend = Some(sock);
+    }
+
+    /// Whether a SET_BACKEND_REQ_FD would be accepted: the device offers
+    /// BACKEND_REQ and the frontend acked it.
+    pub fn expects_backend_channel(&self) -> bool {
+        let f = VhostUserProtocolFeatures::BACKEND_REQ;
+        self.device.protocol_features().contains(f) && self.acked_protocol.contains(f)
     }
 
     /// Stops every queue thread (end of connection).
@@ -159,7 +166,8 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         {
             self.vrings[i].next_avail = vq.next_avail();
             if vq.in_flight() > 0 {
-                log::warn!(
+                crate::rate_limited!(
+                    log::Level::Warn,
                     "queue {i}: stopped with {} request(s) still in flight",
                     vq.in_flight()
                 );
@@ -198,16 +206,16 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         )
         .map_err(|e| invalid(&format!("queue {i}: {e}")))?;
         // Drivers size requests from the config (e.g. blk's seg_max), which
-        // follows the device's largest queue, not the size the frontend chose.
-        vq.set_max_descriptors(self.device.max_queue_size());
+        // does not depend on the ring size the frontend chose.
+        vq.set_max_descriptors(self.device.max_chain_descriptors());
         let worker = self
             .device
-            .create_worker(i as u16, self.acked_features)
+            .create_worker(i as u16, v.size, self.acked_features)
             .map_err(VuError::ReqHandlerError)?;
         let thread = QueueThread::spawn(vq, worker, kick, self.poll_max)
             .map_err(VuError::ReqHandlerError)?;
         self.vrings[i].thread = Some(thread);
-        log::debug!("queue {i} started");
+        crate::rate_limited!(log::Level::Debug, "queue {i} started");
         Ok(())
     }
 
@@ -372,13 +380,14 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let protocol = self.protocol_acked();
         self.vring(u32::from(index))?;
-        // A new kick fd for a running queue: restart it around the new fd.
-        self.stop_queue(usize::from(index));
-        let v = &mut self.vrings[usize::from(index)];
         let Some(file) = fd else {
             return Err(invalid("polling mode (no kick fd) is not supported"));
         };
-        v.kick = Some(eventfd(file));
+        let kick = eventfd(file, "kick")?;
+        // A new kick fd for a running queue: restart it around the new fd.
+        self.stop_queue(usize::from(index));
+        let v = &mut self.vrings[usize::from(index)];
+        v.kick = Some(kick);
         if !protocol {
             v.enabled = true;
         }
@@ -386,17 +395,19 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let call = fd.map(|f| eventfd(f, "call")).transpose()?;
         let v = self.vring(u32::from(index))?;
-        v.call.set(fd.map(eventfd));
+        v.call.set(call);
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let err = fd.map(|f| eventfd(f, "err")).transpose()?;
         let v = self.vring(u32::from(index))?;
         if v.thread.is_some() {
             return Err(invalid("SET_VRING_ERR on a running queue"));
         }
-        v.err = fd.map(|f| Arc::new(eventfd(f)));
+        v.err = err.map(Arc::new);
         Ok(())
     }
 

@@ -46,6 +46,9 @@ pub enum InflightError {
     /// The area given is smaller than the geometry needs.
     #[error("inflight area of {0} bytes is too small, {1} needed")]
     TooSmall(u64, u64),
+    /// The fd is not a file the daemon can map safely.
+    #[error("inflight area")]
+    NotAFile(#[from] crate::frontend_fd::FdError),
     /// Creating, sizing or mapping the shared memory failed.
     #[error("inflight shared memory")]
     Io(#[from] io::Error),
@@ -97,10 +100,14 @@ impl InflightRegion {
         if size < needed {
             return Err(InflightError::TooSmall(size, needed));
         }
+        crate::frontend_fd::regular_file(&file, "inflight area")?;
         // As for guest memory: seal, then check the size (a file that cannot
         // be sealed is still used; the SIGBUS handler covers it).
         if let Err(e) = crate::memory::seal_against_shrinking(&file) {
-            log::warn!("inflight area: cannot seal its file against shrinking ({e})");
+            crate::rate_limited!(
+                log::Level::Warn,
+                "inflight area: cannot seal its file against shrinking ({e})"
+            );
         }
         let meta = file.metadata()?;
         let end = offset

@@ -127,6 +127,9 @@ pub enum MemoryError {
     /// Too many memory regions.
     #[error("too many memory regions ({0}, at most {MAX_MEM_SLOTS})")]
     TooMany(usize),
+    /// The fd of a region is not a file the daemon can map safely.
+    #[error("memory region {0}")]
+    NotAFile(usize, #[source] crate::frontend_fd::FdError),
     /// No region holds the given address.
     #[error("no memory region holds frontend address {0:#x}")]
     UnknownRegion(u64),
@@ -229,8 +232,12 @@ impl MemoryTable {
         Ok(())
     }
 
-    /// The guest memory map built from this table.
+    /// The guest memory map built from this table (empty once REM_MEM_REG
+    /// removed the last region).
     pub fn guest_memory(&self) -> Result<GuestMemoryMmap, MemoryError> {
+        if self.regions.is_empty() {
+            return Ok(GuestMemoryMmap::default());
+        }
         let mut regions: Vec<Arc<GuestRegionMmap>> =
             self.regions.iter().map(|(_, r)| r.clone()).collect();
         regions.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(r.as_ref()));
@@ -261,11 +268,14 @@ fn map_region(i: usize, desc: &RegionDesc, file: File) -> Result<GuestRegionMmap
     if !desc.is_valid() {
         return Err(MemoryError::BadRegion(i));
     }
+    crate::frontend_fd::regular_file(&file, "memory region")
+        .map_err(|e| MemoryError::NotAFile(i, e))?;
     let end = desc.mmap_offset + desc.size;
     // Seal first, then check the size: the frontend cannot shrink the file
     // in between, nor later, while the pages are mapped here.
     if let Err(e) = seal_against_shrinking(&file) {
-        log::warn!(
+        crate::rate_limited!(
+            log::Level::Warn,
             "memory region {i}: its file cannot be sealed against shrinking ({e}); \
              a frontend that truncates it stops this daemon (SIGBUS)"
         );
@@ -338,6 +348,21 @@ pub(crate) mod tests {
         assert_eq!(t.uva_to_gpa(0x2000_0010).unwrap(), GuestAddress(0x100010));
         assert!(t.uva_to_gpa(0x2001_0000).is_err());
         assert!(t.guest_memory().is_ok());
+    }
+
+    #[test]
+    fn removing_the_last_region_leaves_an_empty_map() {
+        let d = RegionDesc {
+            guest_phys_addr: 0,
+            size: 0x10000,
+            user_addr: 0x1000_0000,
+            mmap_offset: 0,
+        };
+        let t = MemoryTable::new(&[d], vec![memfd(0x10000)]).unwrap();
+        let empty = t.without_region(&d).unwrap();
+        assert!(empty.is_empty());
+        let map = empty.guest_memory().unwrap();
+        assert_eq!(vm_memory::GuestMemoryBackend::num_regions(&map), 0);
     }
 
     #[test]

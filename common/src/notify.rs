@@ -9,7 +9,8 @@
 //! it peeks again with room for the attached fd, which makes the kernel
 //! install a duplicate of it (MSG_PEEK on a unix socket copies SCM_RIGHTS
 //! fds). `vhost` then consumes the message as usual. The device receives the
-//! duplicate as a [`ConfigNotifier`].
+//! duplicate as a [`ConfigNotifier`]. Only a device that offers
+//! BACKEND_REQ, on a connection that acked it, peeks.
 //!
 //! Notifications are sent without NEED_REPLY, so a frontend that never reads
 //! the channel cannot stall the device: a send that would block is dropped
@@ -123,7 +124,10 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
     // SAFETY: msg points at live local buffers for the duration of the call.
-    let n = unsafe { libc::recvmsg(conn, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    // The duplicate arrives close-on-exec (no fcntl, which the blk and net
+    // sandboxes once refused with SIGSYS).
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    let n = unsafe { libc::recvmsg(conn, &mut msg, flags) };
     if n <= 0 {
         return None;
     }
@@ -149,8 +153,6 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
         return None;
     }
     let fd = fds.pop()?;
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Some(UnixStream::from(fd))
 }
 

@@ -1,8 +1,12 @@
-//! Rate-limited logging of guest errors.
+//! Rate-limited logging of everything a guest or a frontend can trigger.
 //!
-//! A hostile guest can produce an error per request; logging each would let
-//! it fill the host's disk. [`guest_error!`] logs at most a burst per second
-//! per call site and reports how many messages it suppressed.
+//! A hostile guest can produce an error per request, and a hostile frontend
+//! a connection or a refused message per millisecond; logging each would
+//! let them fill the host's disk. [`guest_error!`] and [`rate_limited!`] log
+//! at most a burst per second per call site and report how many messages
+//! they suppressed. Every log line of the daemons that a guest or frontend
+//! can cause goes through one of them; only start-up and shutdown lines do
+//! not.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -66,6 +70,24 @@ macro_rules! guest_error {
     }};
 }
 pub use guest_error;
+
+/// Logs at `level` (a [`log::Level`]), at most [`BURST`] per second per call
+/// site: for lines a guest or a frontend can cause (connections, refused
+/// messages, queue errors).
+#[macro_export]
+macro_rules! rate_limited {
+    ($level:expr, $($arg:tt)*) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if let Some(suppressed) = LIMIT.allow() {
+            if suppressed > 0 {
+                log::log!($level, "{} ({} similar messages suppressed)", format_args!($($arg)*), suppressed);
+            } else {
+                log::log!($level, "{}", format_args!($($arg)*));
+            }
+        }
+    }};
+}
+pub use rate_limited;
 
 #[cfg(test)]
 mod tests {

@@ -163,6 +163,11 @@ impl Syscall {
         Syscall::any(nr).and(index, SeccompCmpOp::MaskedEq(mask), mask)
     }
 
+    /// `nr` only when argument `index`, an `int` (an fd), equals `value`.
+    pub fn arg_eq32(nr: libc::c_long, index: u8, value: u32) -> Self {
+        Syscall::any(nr).and32(index, SeccompCmpOp::Eq, u64::from(value))
+    }
+
     /// `ioctl(fd, request, ...)` for this one request (its low 32 bits, as the kernel reads it).
     pub fn ioctl(request: u64) -> Self {
         Syscall::any(libc::SYS_ioctl).and32(1, SeccompCmpOp::Eq, request & 0xffff_ffff)
@@ -318,6 +323,8 @@ impl Sandbox {
             mode: Some(args.sandbox),
             ..Sandbox::default()
         };
+        // Before the filesystem is out of reach: how frontend fds are checked.
+        crate::frontend_fd::init();
         let ids = resolve_ids(args)?;
         let last_cap = last_capability();
         set_rlimits(policy, &mut sb)?;
@@ -718,7 +725,7 @@ fn base_common() -> Vec<Syscall> {
 /// guest memory and inflight memfds, queue thread creation.
 fn base_main() -> Vec<Syscall> {
     use libc::*;
-    vec![
+    let mut v = vec![
         Syscall::any(SYS_poll),
         Syscall::any(SYS_accept4),
         Syscall::any(SYS_recvmsg),
@@ -734,6 +741,14 @@ fn base_main() -> Vec<Syscall> {
         Syscall::arg_set(SYS_newfstatat, 3, AT_EMPTY_PATH as u64),
         Syscall::arg_set(SYS_statx, 2, AT_EMPTY_PATH as u64),
         Syscall::fcntl(F_DUPFD_CLOEXEC),
+        // Every fd a frontend sends is made close-on-exec, an eventfd
+        // non-blocking too (`frontend_fd`).
+        Syscall::fcntl(F_SETFD),
+        Syscall::fcntl(F_GETFL),
+        Syscall::fcntl(F_SETFL),
+        // How many bytes of a message have arrived (the serve loop waits for
+        // whole messages, with a deadline).
+        Syscall::ioctl(FIONREAD),
         // Sealing guest memory and inflight memfds against shrinking.
         Syscall::fcntl(F_GET_SEALS),
         Syscall::fcntl(F_ADD_SEALS),
@@ -751,7 +766,13 @@ fn base_main() -> Vec<Syscall> {
         // A new queue thread installs the worker filter on itself.
         Syscall::prctl(PR_SET_NO_NEW_PRIVS),
         Syscall::arg_eq(SYS_seccomp, 0, SECCOMP_SET_MODE_FILTER as u64),
-    ]
+    ];
+    // Whether a frontend's fd is an eventfd: its name in /proc/self/fd,
+    // read through the directory fd opened before the sandbox, never a path.
+    if let Some(dir) = crate::frontend_fd::proc_fd_dir().and_then(|d| u32::try_from(d).ok()) {
+        v.push(Syscall::arg_eq32(SYS_readlinkat, 0, dir));
+    }
+    v
 }
 
 /// Merges `lists` into seccompiler's map: rules for one call are alternatives;

@@ -125,7 +125,9 @@ impl CallSlot {
         }
     }
 
-    /// Signals the guest, if an eventfd is set.
+    /// Signals the guest, if an eventfd is set. The eventfd is non-blocking
+    /// (`frontend_fd`): a counter so full that the write fails with EAGAIN
+    /// is an interrupt already pending, and nothing more is needed.
     pub fn signal(&self) {
         if let Ok(g) = self.0.lock()
             && let Some(fd) = g.as_ref()
@@ -242,7 +244,8 @@ impl VirtQueue {
         if let Some(inf) = inflight.as_mut() {
             let pending = inf.recover(cfg.features, used_idx);
             if !pending.is_empty() {
-                log::info!(
+                crate::rate_limited!(
+                    log::Level::Info,
                     "queue {}: resubmitting {} request(s) left in flight",
                     cfg.index,
                     pending.len()
@@ -288,8 +291,9 @@ impl VirtQueue {
         })
     }
 
-    /// Lets chains have up to `n` descriptors even when the queue is smaller:
-    /// the device's largest queue size, which its `seg_max` is derived from.
+    /// Lets chains have up to `n` descriptors even when the queue is smaller
+    /// (through an indirect table): the longest chain the device's config
+    /// lets a driver build (blk: `seg_max` + 2), whatever ring it picked.
     pub fn set_max_descriptors(&mut self, n: u16) {
         self.max_descriptors = n.max(self.size);
     }
@@ -344,9 +348,15 @@ impl VirtQueue {
 
     fn fail(&mut self, e: QueueError) -> QueueError {
         if !self.broken {
-            log::error!("queue {}: {e}; the queue stops until reset", self.index);
+            crate::rate_limited!(
+                log::Level::Error,
+                "queue {}: {e}; the queue stops until reset",
+                self.index
+            );
             self.broken = true;
             if let Some(err) = &self.err {
+                // Non-blocking (`frontend_fd`): a full counter has told the
+                // frontend already.
                 let _ = err.write(1);
             }
         }
@@ -454,7 +464,8 @@ impl VirtQueue {
     /// Publishes `head` as used with `len` bytes written, marking it no longer in flight.
     pub fn complete(&mut self, head: u16, len: u32) {
         if head >= self.size || !self.heads.remove(head) {
-            log::warn!(
+            crate::rate_limited!(
+                log::Level::Warn,
                 "queue {}: completion for head {head} that is not in flight",
                 self.index
             );

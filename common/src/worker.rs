@@ -207,7 +207,7 @@ impl QueueThread {
         match self.handle.join() {
             Ok(vq) => Some(vq),
             Err(_) => {
-                log::error!("queue thread panicked");
+                crate::rate_limited!(log::Level::Error, "queue thread panicked");
                 None
             }
         }
@@ -242,13 +242,17 @@ fn run<W: QueueWorker>(
     if let Some(hook) = THREAD_START.get()
         && let Err(e) = hook()
     {
-        log::error!("queue {}: cannot confine the queue thread: {e}", vq.index());
+        crate::rate_limited!(
+            log::Level::Error,
+            "queue {}: cannot confine the queue thread: {e}",
+            vq.index()
+        );
         return vq;
     }
     let epoll = match epoll::create(true) {
         Ok(fd) => fd,
         Err(e) => {
-            log::error!("queue {}: epoll: {e}", vq.index());
+            crate::rate_limited!(log::Level::Error, "queue {}: epoll: {e}", vq.index());
             return vq;
         }
     };
@@ -260,7 +264,8 @@ fn run<W: QueueWorker>(
     }
     let ctl = WorkerCtl { epoll, fds };
     if !ok {
-        log::error!(
+        crate::rate_limited!(
+            log::Level::Error,
             "queue {}: cannot watch fds: {}",
             vq.index(),
             io::Error::last_os_error()
@@ -281,7 +286,11 @@ fn run<W: QueueWorker>(
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("queue {}: epoll wait: {e}", vq.index());
+                    crate::rate_limited!(
+                        log::Level::Error,
+                        "queue {}: epoll wait: {e}",
+                        vq.index()
+                    );
                     break;
                 }
             };
@@ -292,6 +301,8 @@ fn run<W: QueueWorker>(
                 match ev.data {
                     TOKEN_STOP => break 'outer,
                     TOKEN_KICK => {
+                        // Non-blocking (`frontend_fd`): another queue given
+                        // the same eventfd may have taken this kick.
                         let _ = kick.read();
                         vq.refill_budget();
                         worker.on_kick(&mut vq, &ctl);

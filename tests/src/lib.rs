@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod frontend;
 pub mod guest;
 pub mod le;
+pub mod libblkio;
 pub mod memory;
 pub mod nested;
 pub mod net;

@@ -18,9 +18,11 @@ fn have(program: &str) -> bool {
 #[test]
 fn quick_bench_reports_iops_and_latency_for_every_target() {
     let out = tempfile::tempdir().unwrap();
-    let mut targets = vec!["bulkhead-blk", "host-io_uring"];
-    if have("qemu-storage-daemon") {
-        targets.push("qsd-io_uring");
+    // libblkio drives bulkhead-blk (and qsd) too, beside the kit's driver.
+    let mut targets = vec!["bulkhead-blk", "host-io_uring", "bulkhead-blk+libblkio"];
+    let qsd = have("qemu-storage-daemon");
+    if qsd {
+        targets.extend(["qsd-io_uring", "qsd-io_uring+libblkio"]);
     }
     let json = out.path().join("bench.json");
     let md = out.path().join("bench.md");
@@ -64,6 +66,9 @@ fn quick_bench_reports_iops_and_latency_for_every_target() {
     }
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("## Goals") && report.contains("randread-4k"));
+    if qsd {
+        assert!(report.contains("## bulkhead-blk and qemu-storage-daemon through libblkio"));
+    }
 }
 
 #[test]

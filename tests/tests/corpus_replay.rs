@@ -128,6 +128,11 @@ fn console_inputs_replay_cleanly() {
 }
 
 #[test]
+fn hostile_frontend_inputs_replay_cleanly() {
+    replay("hostile_frontend");
+}
+
+#[test]
 fn vmm_pci_inputs_replay_cleanly() {
     replay("vmm_pci");
 }

@@ -48,6 +48,12 @@ pub mod features {
 
 /// Largest data segment the guest may use.
 pub const SIZE_MAX: u32 = 1 << 20;
+/// The ring size `seg_max` is made for (see `BlkDevice::seg_max`).
+pub const SEG_MAX_RING: u16 = 128;
+/// Most operations one queue's engine holds in flight. An io_uring ring of
+/// 4096 entries (and its 8192 completions) is about 400 KiB of locked
+/// memory; a bigger ring buys nothing a disk image could use.
+pub const MAX_ENGINE_DEPTH: usize = 4096;
 /// Offset of `wce` in the config space.
 const CONFIG_WCE_OFFSET: u32 = 32;
 /// Most sectors in one discard / write-zeroes segment.
@@ -102,9 +108,17 @@ impl BlkDevice {
         }
     }
 
+    /// `seg_max`: what QEMU's vhost-user-blk-pci offers (its default ring is
+    /// 128 entries: a request of header, 126 segments and status fills it).
+    /// Fixed, not derived from `--queue-size`: a driver picks its ring size
+    /// after reading the config (Linux and QEMU 128, libblkio 256), and a
+    /// request must fit the ring it picked when it has no indirect
+    /// descriptors. Smaller with a smaller `--queue-size`.
     fn seg_max(&self) -> u32 {
         // Header and status take two descriptors of the chain.
-        u32::from(self.cfg.queue_size).saturating_sub(2).max(1)
+        u32::from(self.cfg.queue_size.min(SEG_MAX_RING))
+            .saturating_sub(2)
+            .max(1)
     }
 
     fn geometry(&self) -> crate::request::Geometry {
@@ -197,7 +211,8 @@ impl VhostUserDevice for BlkDevice {
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
         if offset == CONFIG_WCE_OFFSET && data.len() == 1 {
             self.writeback.store(data[0] != 0, Ordering::Relaxed);
-            log::info!(
+            bulkhead_common::rate_limited!(
+                log::Level::Info,
                 "guest set the write cache to {}",
                 if data[0] != 0 {
                     "writeback"
@@ -216,6 +231,11 @@ impl VhostUserDevice for BlkDevice {
         ))
     }
 
+    fn max_chain_descriptors(&self) -> u16 {
+        // seg_max data segments, the header and the status byte.
+        u16::try_from(self.seg_max().saturating_add(2)).unwrap_or(u16::MAX)
+    }
+
     fn max_chain_bytes(&self) -> u64 {
         u64::from(self.seg_max()) * u64::from(SIZE_MAX) + 4096
     }
@@ -224,15 +244,33 @@ impl VhostUserDevice for BlkDevice {
         self.writeback.store(true, Ordering::Relaxed);
     }
 
-    fn create_worker(&self, index: u16, _features: u64) -> io::Result<BlkWorker> {
-        let depth = usize::from(self.cfg.queue_size) + MAX_SEGMENTS as usize;
-        let engine = engine::new_engine(
-            self.cfg.engine,
-            self.disk.file.clone(),
-            depth,
-            self.disk.is_block_device,
-        )?;
-        log::debug!("queue {index}: {:?} engine, depth {depth}", self.cfg.engine);
+    fn create_worker(&self, index: u16, size: u16, _features: u64) -> io::Result<BlkWorker> {
+        // Room for the whole ring the frontend set up plus one discard's
+        // segments, within MAX_ENGINE_DEPTH (a full engine only makes the
+        // queue wait for completions).
+        let depth = (usize::from(size) + MAX_SEGMENTS as usize).min(MAX_ENGINE_DEPTH);
+        let file = self.disk.file.clone();
+        let bdev = self.disk.is_block_device;
+        let engine = match engine::new_engine(self.cfg.engine, file.clone(), depth, bdev) {
+            Ok(e) => e,
+            // An io_uring ring is locked memory, counted against the
+            // user's RLIMIT_MEMLOCK (a ring of a closed connection is freed
+            // a little later): where it does not fit, the queue still runs.
+            Err(e) if self.cfg.engine == EngineKind::IoUring => {
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "queue {index}: no io_uring ring of {depth} entries ({e}); \
+                     using the sync engine for this queue"
+                );
+                engine::new_engine(EngineKind::Sync, file, depth, bdev)?
+            }
+            Err(e) => return Err(e),
+        };
+        bulkhead_common::rate_limited!(
+            log::Level::Debug,
+            "queue {index}: {:?} engine, depth {depth}",
+            self.cfg.engine
+        );
         Ok(BlkWorker {
             engine,
             geometry: self.geometry(),
@@ -357,9 +395,17 @@ impl BlkWorker {
             // op of the request has completed.
             if let Err(e) = unsafe { self.engine.submit(idx as u64, op) } {
                 if engine::is_queue_full(&e) {
-                    log::error!("queue {}: engine full despite the room check", vq.index());
+                    bulkhead_common::rate_limited!(
+                        log::Level::Error,
+                        "queue {}: engine full despite the room check",
+                        vq.index()
+                    );
                 } else {
-                    log::error!("queue {}: submit failed: {e}", vq.index());
+                    bulkhead_common::rate_limited!(
+                        log::Level::Error,
+                        "queue {}: submit failed: {e}",
+                        vq.index()
+                    );
                 }
                 self.op_done(vq, idx, Err(e));
             }
@@ -429,12 +475,19 @@ impl BlkWorker {
 
     fn op_done(&mut self, vq: &mut VirtQueue, idx: usize, result: io::Result<u64>) {
         let Some(Some(f)) = self.slots.get_mut(idx) else {
-            log::error!("completion for unknown request slot {idx}");
+            bulkhead_common::rate_limited!(
+                log::Level::Error,
+                "completion for unknown request slot {idx}"
+            );
             return;
         };
         if let Err(e) = &result {
             if f.status == VIRTIO_BLK_S_OK {
-                log::warn!("queue {}: I/O error: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "queue {}: I/O error: {e}",
+                    vq.index()
+                );
             }
             f.status = VIRTIO_BLK_S_IOERR;
         }
@@ -456,7 +509,11 @@ impl BlkWorker {
     fn reap(&mut self, vq: &mut VirtQueue) {
         let mut done = std::mem::take(&mut self.completions);
         if let Err(e) = self.engine.reap(&mut done) {
-            log::error!("queue {}: reaping completions: {e}", vq.index());
+            bulkhead_common::rate_limited!(
+                log::Level::Error,
+                "queue {}: reaping completions: {e}",
+                vq.index()
+            );
         }
         for c in done.drain(..) {
             self.op_done(vq, c.token as usize, c.result);
@@ -485,7 +542,11 @@ impl BlkWorker {
                 }
             }
             if let Err(e) = self.engine.commit() {
-                log::error!("queue {}: submitting I/O: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Error,
+                    "queue {}: submitting I/O: {e}",
+                    vq.index()
+                );
             }
             if self.stalled {
                 // Resume from the completion handler, which frees room.
@@ -550,7 +611,11 @@ impl QueueWorker for BlkWorker {
         while self.engine.in_flight() > 0 {
             let mut done = Vec::new();
             if let Err(e) = self.engine.wait(&mut done) {
-                log::error!("queue {}: waiting for I/O: {e}", vq.index());
+                bulkhead_common::rate_limited!(
+                    log::Level::Error,
+                    "queue {}: waiting for I/O: {e}",
+                    vq.index()
+                );
                 break;
             }
             for c in done {

@@ -76,7 +76,8 @@ impl Disk {
             ));
         };
         if size % SECTOR_SIZE != 0 {
-            log::warn!(
+            bulkhead_common::rate_limited!(
+                log::Level::Warn,
                 "image size {size} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
                 size % SECTOR_SIZE
             );

@@ -162,7 +162,7 @@ pub fn io_uring_available() -> bool {
     *AVAILABLE.get_or_init(|| match uring::probe() {
         Ok(()) => true,
         Err(e) => {
-            log::debug!("io_uring unavailable: {e}");
+            bulkhead_common::rate_limited!(log::Level::Debug, "io_uring unavailable: {e}");
             false
         }
     })

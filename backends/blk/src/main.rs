@@ -25,10 +25,15 @@ enum EngineArg {
     Sync,
 }
 
+/// A ring size the device can run: a power of two up to 32768 (the
+/// virtio maximum; `common::virtqueue::MAX_QUEUE_SIZE`).
 fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 || !n.is_power_of_two() || n > 32768 {
-        return Err("must be a power of two from 1 to 32768".into());
+    if n == 0 || !n.is_power_of_two() || n > bulkhead_common::virtqueue::MAX_QUEUE_SIZE {
+        return Err(format!(
+            "must be a power of two from 1 to {}",
+            bulkhead_common::virtqueue::MAX_QUEUE_SIZE
+        ));
     }
     Ok(n)
 }
@@ -73,8 +78,10 @@ struct Args {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     num_queues: u16,
 
-    /// Largest virtqueue size the frontend may set (a power of two).
-    #[arg(long, value_name = "N", default_value = "128", value_parser = parse_queue_size)]
+    /// Largest virtqueue size the frontend may set (a power of two up to
+    /// 32768); every smaller power of two works too. seg_max is 126 whatever
+    /// this is (smaller only below 128).
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
     queue_size: u16,
 
     /// Device id returned to GET_ID requests (at most 20 bytes).

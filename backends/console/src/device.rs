@@ -118,7 +118,10 @@ impl Control {
                 }
             }
             DriverEvent::DeviceReady(false) => {
-                log::warn!("the driver failed to set up the console device");
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "the driver failed to set up the console device"
+                );
             }
             DriverEvent::PortReady(id, true) => {
                 let Some(p) = self.port(id) else { return };
@@ -138,7 +141,10 @@ impl Control {
                 }
             }
             DriverEvent::PortReady(id, false) => {
-                log::warn!("the driver failed to set up port {id}");
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "the driver failed to set up port {id}"
+                );
             }
             DriverEvent::PortOpen(id, open) => {
                 if let Some(p) = self.port(id) {
@@ -151,7 +157,7 @@ impl Control {
 
     /// The host side of port `id` changed size.
     pub fn port_resized(&self, id: u32, cols: u16, rows: u16) {
-        log::info!("port {id}: size {cols}x{rows}");
+        bulkhead_common::rate_limited!(log::Level::Info, "port {id}: size {cols}x{rows}");
         if id != 0 {
             return;
         }
@@ -166,7 +172,10 @@ impl Control {
                 Ok(()) => {
                     self.stats.config_changes.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => log::warn!("config-change notification not sent: {e}"),
+                Err(e) => bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "config-change notification not sent: {e}"
+                ),
             }
         }
     }
@@ -359,7 +368,7 @@ impl VhostUserDevice for ConsoleDevice {
         }
     }
 
-    fn create_worker(&self, index: u16, _features: u64) -> io::Result<ConsoleWorker> {
+    fn create_worker(&self, index: u16, _size: u16, _features: u64) -> io::Result<ConsoleWorker> {
         let c = self.control.clone();
         let port = |id: u32| {
             c.port(id).cloned().ok_or_else(|| {

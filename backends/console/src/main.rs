@@ -151,11 +151,9 @@ fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
         main: vec![
             Syscall::any(SYS_timerfd_create),
             // The backend-request channel (config-change notifications): the
-            // vhost crate checks the socket it receives, the serve loop keeps
-            // a close-on-exec duplicate.
+            // vhost crate checks the socket it receives.
             Syscall::getsockopt(SOL_SOCKET, SO_DOMAIN),
             Syscall::getsockopt(SOL_SOCKET, SO_TYPE),
-            Syscall::fcntl(F_SETFD),
             // Restoring stdin's terminal settings at exit (tcsetattr).
             Syscall::ioctl(TCSETS),
         ],

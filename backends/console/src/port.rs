@@ -715,7 +715,11 @@ impl Port {
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("port {}: writing the log file: {e}", self.id);
+                    bulkhead_common::rate_limited!(
+                        log::Level::Warn,
+                        "port {}: writing the log file: {e}",
+                        self.id
+                    );
                 }
             }
             return false;
@@ -784,7 +788,8 @@ impl Port {
             && !h.stalled
             && congested(&h)
         {
-            log::info!(
+            bulkhead_common::rate_limited!(
+                log::Level::Info,
                 "port {}: host side not reading; dropping the oldest output beyond the scrollback",
                 self.id
             );
@@ -822,13 +827,18 @@ impl Port {
         match &mut h.kind {
             Kind::Socket { client, .. } => {
                 if let Some(c) = client.take() {
-                    log::info!("port {}: client detached ({e})", self.id);
+                    bulkhead_common::rate_limited!(
+                        log::Level::Info,
+                        "port {}: client detached ({e})",
+                        self.id
+                    );
                     self.forget_client(&c);
                 }
             }
             Kind::Stdio { out_broken, .. } => {
                 if !*out_broken {
-                    log::warn!(
+                    bulkhead_common::rate_limited!(
+                        log::Level::Warn,
                         "port {}: stdout failed ({e}); output kept in the scrollback",
                         self.id
                     );
@@ -912,7 +922,11 @@ impl Port {
         match &mut h.kind {
             Kind::Socket { client, .. } => {
                 if let Some(c) = client.take() {
-                    log::info!("port {}: client detached", self.id);
+                    bulkhead_common::rate_limited!(
+                        log::Level::Info,
+                        "port {}: client detached",
+                        self.id
+                    );
                     self.forget_client(&c);
                 }
                 h.out_armed = false;
@@ -1011,7 +1025,11 @@ impl Port {
             Ok((s, _)) => s,
             Err(e) => {
                 if e.kind() != io::ErrorKind::WouldBlock {
-                    log::warn!("port {}: accept: {e}", self.id);
+                    bulkhead_common::rate_limited!(
+                        log::Level::Warn,
+                        "port {}: accept: {e}",
+                        self.id
+                    );
                 }
                 return;
             }
@@ -1021,7 +1039,11 @@ impl Port {
         }
         let fd = stream.as_raw_fd();
         if let Some(old) = client.take() {
-            log::info!("port {}: a new client replaces the attached one", self.id);
+            bulkhead_common::rate_limited!(
+                log::Level::Info,
+                "port {}: a new client replaces the attached one",
+                self.id
+            );
             self.forget_client(&old);
         }
         let rdhup = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
@@ -1034,7 +1056,8 @@ impl Port {
         *client = Some(Client { stream, hup: false });
         h.out_armed = false;
         self.stats.attaches.fetch_add(1, Ordering::Relaxed);
-        log::info!(
+        bulkhead_common::rate_limited!(
+            log::Level::Info,
             "port {}: client attached ({} bytes of scrollback)",
             self.id,
             h.pending.len()

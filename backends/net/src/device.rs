@@ -241,7 +241,11 @@ impl PairUse {
                 && pair.index > 0
                 && let Err(e) = pair.tap.set_queue_attached(true)
             {
-                log::warn!("tap queue {}: attach: {e}", pair.index);
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "tap queue {}: attach: {e}",
+                    pair.index
+                );
             }
             *n += 1;
         }
@@ -263,7 +267,11 @@ impl Drop for PairUse {
                 && pair.index > 0
                 && let Err(e) = pair.tap.set_queue_attached(false)
             {
-                log::warn!("tap queue {}: detach: {e}", pair.index);
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "tap queue {}: detach: {e}",
+                    pair.index
+                );
             }
         }
     }
@@ -438,7 +446,8 @@ impl VhostUserDevice for NetDevice {
 
     fn set_features(&self, features: u64) -> io::Result<()> {
         self.configure_tap(features).inspect_err(|e| {
-            log::error!(
+            bulkhead_common::rate_limited!(
+                log::Level::Error,
                 "tap {}: cannot apply features {features:#x}: {e}",
                 self.tap_name()
             );
@@ -456,15 +465,19 @@ impl VhostUserDevice for NetDevice {
         }
         self.shared.active_pairs.store(1, Ordering::Relaxed);
         if let Err(e) = self.configure_tap(0) {
-            log::warn!("tap {}: reset offloads: {e}", self.tap_name());
+            bulkhead_common::rate_limited!(
+                log::Level::Warn,
+                "tap {}: reset offloads: {e}",
+                self.tap_name()
+            );
         }
     }
 
     fn disconnected(&self) {
-        log::info!("stats: {}", self.stats.line());
+        bulkhead_common::rate_limited!(log::Level::Info, "stats: {}", self.stats.line());
     }
 
-    fn create_worker(&self, index: u16, features: u64) -> io::Result<NetWorker> {
+    fn create_worker(&self, index: u16, _size: u16, features: u64) -> io::Result<NetWorker> {
         let pairs = self.cfg.queue_pairs;
         let hdr_len = vnet_hdr_len(features);
         if index >= 2 * pairs {
@@ -654,7 +667,11 @@ impl RxWorker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("tap {}: read: {e}", self.pair.tap().name());
+                    bulkhead_common::rate_limited!(
+                        log::Level::Warn,
+                        "tap {}: read: {e}",
+                        self.pair.tap().name()
+                    );
                     break;
                 }
             }
@@ -933,7 +950,7 @@ impl CtrlWorker {
         match cmd {
             CtrlCommand::QueuePairs(n) => {
                 self.shared.active_pairs.store(n, Ordering::Relaxed);
-                log::info!("driver uses {n} queue pair(s)");
+                bulkhead_common::rate_limited!(log::Level::Info, "driver uses {n} queue pair(s)");
             }
             cmd => {
                 if let Ok(mut f) = self.shared.filter.lock() {
@@ -946,7 +963,7 @@ impl CtrlWorker {
                         }
                         CtrlCommand::QueuePairs(_) => {}
                     }
-                    log::debug!("receive filter: {f:?}");
+                    bulkhead_common::rate_limited!(log::Level::Debug, "receive filter: {f:?}");
                 }
             }
         }

@@ -79,7 +79,7 @@ pub fn run(data: &[u8]) {
     }
     let setup = RingSetup {
         max_chain_bytes: dev.max_chain_bytes(),
-        max_descriptors: dev.max_queue_size(),
+        max_descriptors: dev.max_chain_descriptors(),
         garbage: s.garbage.clone(),
         ..s
     };
@@ -88,7 +88,9 @@ pub fn run(data: &[u8]) {
     let Some((mut vq, _call)) = setup.start(handle, area.as_ref().map(|a| &a.0)) else {
         return;
     };
-    let mut worker = dev.create_worker(0, setup.features).expect("worker");
+    let mut worker = dev
+        .create_worker(0, setup.size, setup.features)
+        .expect("worker");
     let ctl = WorkerCtl::detached();
 
     let setups = std::slice::from_ref(&setup);

@@ -140,7 +140,7 @@ pub fn run(data: &[u8]) {
         .into_iter()
         .map(|s| RingSetup {
             max_chain_bytes: dev.max_chain_bytes(),
-            max_descriptors: dev.max_queue_size(),
+            max_descriptors: dev.max_chain_descriptors(),
             inflight: InflightMode::None,
             garbage: Vec::new(),
             ..s
@@ -152,7 +152,9 @@ pub fn run(data: &[u8]) {
         .enumerate()
         .map(|(i, s)| {
             let (vq, call) = s.start(handle.clone(), None)?;
-            let w = dev.create_worker(i as u16, s.features).expect("worker");
+            let w = dev
+                .create_worker(i as u16, s.size, s.features)
+                .expect("worker");
             Some((vq, call, w))
         })
         .collect();

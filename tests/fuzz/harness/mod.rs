@@ -16,6 +16,7 @@ pub mod blk_request;
 pub mod chain;
 pub mod console;
 pub mod device;
+pub mod frontend;
 pub mod guest;
 pub mod inflight;
 pub mod input;
@@ -81,6 +82,11 @@ pub const TARGETS: &[Target] = &[
         name: "console_messages",
         run: vhost_user::run_console,
         seeds: vhost_user::seeds_console,
+    },
+    Target {
+        name: "hostile_frontend",
+        run: frontend::run,
+        seeds: frontend::seeds,
     },
     Target {
         name: "vmm_pci",

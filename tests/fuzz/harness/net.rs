@@ -192,7 +192,7 @@ pub fn run(data: &[u8]) {
             let (vq, call) = s.start(handle.clone(), None)?;
             // The queue's ring features plus the device features.
             let w = dev
-                .create_worker(i as u16, acked | s.features)
+                .create_worker(i as u16, s.size, acked | s.features)
                 .expect("worker");
             Some((vq, call, w))
         })

@@ -351,18 +351,41 @@ pub fn run_console(data: &[u8]) {
 }
 
 fn run_for(daemon: Daemon, data: &[u8]) {
-    // As in the daemon, where Rust's runtime ignores SIGPIPE (libFuzzer's own
-    // main does not): a reply or notification to a closed peer is EPIPE.
+    ignore_sigpipe();
+    let mut inp = Input::new(data);
+    let msgs: Vec<Msg> = (0..MAX_MSGS)
+        .map_while(|_| (!inp.is_empty()).then(|| Msg::decode(&mut inp)))
+        .collect();
+    struct Serve<'a>(&'a [Msg]);
+    impl WithDevice for Serve<'_> {
+        fn run<D: VhostUserDevice + 'static>(self, dev: Arc<D>) {
+            serve(self.0, dev);
+        }
+    }
+    with_device(daemon, "messages", Serve(&msgs));
+}
+
+/// As in the daemon, where Rust's runtime ignores SIGPIPE (libFuzzer's own
+/// main does not): a reply or notification to a closed peer is EPIPE.
+pub fn ignore_sigpipe() {
     static IGNORE_SIGPIPE: std::sync::Once = std::sync::Once::new();
     // SAFETY: setting a signal disposition to SIG_IGN, no handler code runs.
     IGNORE_SIGPIPE.call_once(|| unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     });
-    let mut inp = Input::new(data);
-    let msgs: Vec<Msg> = (0..MAX_MSGS)
-        .map_while(|_| (!inp.is_empty()).then(|| Msg::decode(&mut inp)))
-        .collect();
+}
 
+/// Something to run with a daemon's real device.
+pub trait WithDevice {
+    /// Runs with `dev`.
+    fn run<D: VhostUserDevice + 'static>(self, dev: Arc<D>);
+}
+
+/// Builds `daemon`'s real device, small (blk: 2 queues of up to 64 on a
+/// memfd image, sync engine; net: one pair on a stand-in tap; console: port
+/// 0 on a unix socket in a scratch directory named after `tag`), and hands
+/// it to `w`.
+pub fn with_device(daemon: Daemon, tag: &str, w: impl WithDevice) {
     match daemon {
         Daemon::Blk => {
             let disk = Disk::from_file(memfd(1 << 16)).expect("memfd image");
@@ -373,7 +396,7 @@ fn run_for(daemon: Daemon, data: &[u8]) {
                 serial: Some("bulkhead-fuzz".into()),
                 engine: EngineKind::Sync,
             };
-            serve(&msgs, Arc::new(BlkDevice::new(disk, cfg)));
+            w.run(Arc::new(BlkDevice::new(disk, cfg)));
         }
         Daemon::Net => {
             // The harness keeps the network end open; what the device
@@ -388,23 +411,22 @@ fn run_for(daemon: Daemon, data: &[u8]) {
                 queue_size: 256,
             };
             let net = NetDevice::new(cfg, vec![Tap::stand_in(dev)]).expect("net device");
-            serve(&msgs, Arc::new(net));
+            w.run(Arc::new(net));
         }
         Daemon::Console => {
             // A directory of its own: the `console` harness removes its
-            // directory after each input, and the stable replay runs both
+            // directory after each input, and the stable replay runs the
             // harnesses side by side in one process.
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let dir = std::env::temp_dir().join(format!(
-                "bulkhead-fuzz-console-messages-{}",
+                "bulkhead-fuzz-console-{tag}-{}-{n}",
                 std::process::id()
             ));
             let _ = std::fs::create_dir_all(&dir);
             let path = dir.join("port0");
             let (port, _) = Port::open(0, None, &HostSpec::Socket(path), 4096).expect("port");
-            serve(
-                &msgs,
-                Arc::new(ConsoleDevice::new(vec![port]).expect("console")),
-            );
+            w.run(Arc::new(ConsoleDevice::new(vec![port]).expect("console")));
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

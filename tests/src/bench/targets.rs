@@ -10,6 +10,7 @@ use std::time::Duration;
 use bulkhead_tests::process::{ChildGuard, wait_for_path};
 
 use super::client::{HostClient, Result, VuClient};
+use super::libblkio::LibblkioBench;
 use super::workload::{Sample, Spec};
 
 /// Which system a target is.
@@ -25,17 +26,37 @@ pub enum Kind {
     QsdThreads,
     /// The access pattern issued by this process with io_uring, no virtio.
     Host,
+    /// `bulkhead-blk` at its default ring size, driven by libblkio.
+    BulkheadLibblkio,
+    /// qemu-storage-daemon with `aio=io_uring`, driven by libblkio.
+    QsdLibblkio,
 }
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Bulkhead,
         Kind::Baseline,
         Kind::QsdIoUring,
         Kind::QsdThreads,
         Kind::Host,
+        Kind::BulkheadLibblkio,
+        Kind::QsdLibblkio,
     ];
+
+    /// Measured unless `--targets` says otherwise (the baseline needs
+    /// `--baseline-bin`; the libblkio pair is asked for by name).
+    pub fn is_default(self) -> bool {
+        !matches!(
+            self,
+            Kind::Baseline | Kind::BulkheadLibblkio | Kind::QsdLibblkio
+        )
+    }
+
+    /// Driven by libblkio rather than the test kit's virtio-blk driver.
+    pub fn is_libblkio(self) -> bool {
+        matches!(self, Kind::BulkheadLibblkio | Kind::QsdLibblkio)
+    }
 
     /// Name in tables and JSON.
     pub fn name(self) -> &'static str {
@@ -45,6 +66,8 @@ impl Kind {
             Kind::QsdIoUring => "qsd-io_uring",
             Kind::QsdThreads => "qsd-threads",
             Kind::Host => "host-io_uring",
+            Kind::BulkheadLibblkio => "bulkhead-blk+libblkio",
+            Kind::QsdLibblkio => "qsd-io_uring+libblkio",
         }
     }
 
@@ -70,6 +93,7 @@ pub struct Bulkhead<'a> {
 enum Client {
     Vu(Box<VuClient>),
     Host(HostClient),
+    Libblkio(Box<LibblkioBench>),
 }
 
 /// A started target with its connected client.
@@ -123,6 +147,26 @@ impl Target {
                     guard: None,
                 });
             }
+            // Default flags, but for the image, socket, queues and engine:
+            // libblkio's 256-entry rings fit bulkhead-blk's default ring size.
+            Kind::BulkheadLibblkio => (
+                bulkhead.bin.to_path_buf(),
+                [
+                    "--socket-path".into(),
+                    sock,
+                    "--image".into(),
+                    img,
+                    "--num-queues".into(),
+                    queues.to_string(),
+                    "--engine".into(),
+                    "io-uring".into(),
+                    "--poll-max-us".into(),
+                    bulkhead.poll_max_us.to_string(),
+                ]
+                .into_iter()
+                .chain(bulkhead.args.iter().cloned())
+                .collect(),
+            ),
             Kind::Bulkhead | Kind::Baseline => (
                 match kind {
                     Kind::Baseline => bulkhead
@@ -153,8 +197,8 @@ impl Target {
                 .chain(bulkhead.args.iter().cloned())
                 .collect(),
             ),
-            Kind::QsdIoUring | Kind::QsdThreads => {
-                let aio = if kind == Kind::QsdIoUring {
+            Kind::QsdIoUring | Kind::QsdThreads | Kind::QsdLibblkio => {
+                let aio = if kind != Kind::QsdThreads {
                     "io_uring"
                 } else {
                     "threads"
@@ -197,7 +241,12 @@ impl Target {
             )
             .into());
         }
-        let client = VuClient::connect(&socket, queues, max_qd).map_err(|e| {
+        let connected = if kind.is_libblkio() {
+            LibblkioBench::connect(&socket, queues, max_qd).map(|c| Client::Libblkio(Box::new(c)))
+        } else {
+            VuClient::connect(&socket, queues, max_qd).map(|c| Client::Vu(Box::new(c)))
+        };
+        let client = connected.map_err(|e| {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             format!(
                 "{}: cannot connect: {e} ({:?}); its log:\n{log}",
@@ -210,7 +259,7 @@ impl Target {
         Ok(Target {
             kind,
             config: quote(&all),
-            client: Client::Vu(Box::new(client)),
+            client,
             guard: Some(guard),
         })
     }
@@ -220,6 +269,7 @@ impl Target {
         match &mut self.client {
             Client::Vu(c) => c.run(spec),
             Client::Host(c) => c.run(spec),
+            Client::Libblkio(c) => c.run(spec),
         }
     }
 

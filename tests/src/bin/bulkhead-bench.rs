@@ -19,6 +19,8 @@ mod client;
 mod console;
 #[path = "../bench/dpdk.rs"]
 mod dpdk;
+#[path = "../bench/libblkio.rs"]
+mod libblkio;
 #[path = "../bench/net.rs"]
 mod net;
 #[path = "../bench/profile.rs"]
@@ -62,7 +64,8 @@ usage: bulkhead-bench [--quick] [options]
   --queues LIST         default 1,2
   --qd LIST             default 1,32
   --patterns LIST       randread-4k,randwrite-4k,seqread-128k,seqwrite-128k
-  --targets LIST        bulkhead-blk,qsd-io_uring,qsd-threads,host-io_uring
+  --targets LIST        bulkhead-blk,qsd-io_uring,qsd-threads,host-io_uring (default), also
+                        bulkhead-blk+libblkio,qsd-io_uring+libblkio: both driven by libblkio
   --bulkhead-bin PATH   default: bulkhead-blk next to this binary
   --bulkhead-args ARGS  extra bulkhead-blk arguments, split at spaces (e.g. \"--sandbox log\")
   --baseline-bin PATH   also measure this bulkhead-blk build as target bulkhead-blk-before
@@ -149,10 +152,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         } else {
             Pattern::ALL.to_vec()
         },
-        kinds: Kind::ALL
-            .into_iter()
-            .filter(|&k| k != Kind::Baseline)
-            .collect(),
+        kinds: Kind::ALL.into_iter().filter(|k| k.is_default()).collect(),
         bulkhead_bin: bulkhead_tests::process::workspace_binary("bulkhead-blk"),
         bulkhead_args: Vec::new(),
         baseline_bin: None,

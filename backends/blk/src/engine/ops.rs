@@ -196,7 +196,10 @@ impl FallocSupport {
                 ZeroStep::Write => {}
             }
         }
-        log::debug!("fallocate {step:?} failed with errno {errno}, falling back to {next:?}");
+        bulkhead_common::rate_limited!(
+            log::Level::Debug,
+            "fallocate {step:?} failed with errno {errno}, falling back to {next:?}"
+        );
         Some(self.skip_unsupported(next))
     }
 
@@ -329,7 +332,10 @@ pub(super) fn blk_discard(fd: RawFd, offset: u64, len: u64) -> io::Result<u64> {
     }
     match blk_range_ioctl(fd, BLKDISCARD, offset, len) {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            log::debug!("BLKDISCARD not supported by the device; ignored");
+            bulkhead_common::rate_limited!(
+                log::Level::Debug,
+                "BLKDISCARD not supported by the device; ignored"
+            );
             Ok(0)
         }
         other => other.map(|()| 0),

@@ -56,7 +56,10 @@ impl Engine for SyncEngine {
         if let Err(e) = self.evt.write(1) {
             // Only fails if the counter would overflow; the completion is
             // still queued and is returned by the next reap.
-            log::warn!("Signalling the completion eventfd failed: {e}");
+            bulkhead_common::rate_limited!(
+                log::Level::Warn,
+                "Signalling the completion eventfd failed: {e}"
+            );
         }
         Ok(())
     }

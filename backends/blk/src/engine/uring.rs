@@ -305,7 +305,10 @@ impl UringEngine {
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
         let inline = InlineReads::classify(file.as_raw_fd());
-        log::debug!("io_uring engine: inline reads {inline:?}");
+        bulkhead_common::rate_limited!(
+            log::Level::Debug,
+            "io_uring engine: inline reads {inline:?}"
+        );
         Ok(UringEngine {
             ring,
             evt,
@@ -336,7 +339,10 @@ impl UringEngine {
         }
         if let Err(e) = self.evt.write(1) {
             // Only fails if the counter would overflow; the next reap still finds it.
-            log::warn!("Signalling the completion eventfd failed: {e}");
+            bulkhead_common::rate_limited!(
+                log::Level::Warn,
+                "Signalling the completion eventfd failed: {e}"
+            );
         }
     }
 
@@ -390,7 +396,10 @@ impl UringEngine {
     fn on_cqe(&mut self, user_data: u64, res: i32, out: &mut Vec<Completion>) -> bool {
         let idx = usize::try_from(user_data).unwrap_or(usize::MAX);
         let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
-            log::warn!("io_uring completion for unknown slot {user_data} ignored");
+            bulkhead_common::rate_limited!(
+                log::Level::Warn,
+                "io_uring completion for unknown slot {user_data} ignored"
+            );
             return false;
         };
         let token = slot.token;
@@ -533,7 +542,10 @@ impl Engine for UringEngine {
             if requeued {
                 // Continuations stay queued if this fails; commit or wait retries.
                 if let Err(e) = self.submit_queued() {
-                    log::debug!("Resubmitting continuations deferred: {e}");
+                    bulkhead_common::rate_limited!(
+                        log::Level::Debug,
+                        "Resubmitting continuations deferred: {e}"
+                    );
                 }
             }
         }
@@ -575,7 +587,10 @@ impl Drop for UringEngine {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("Draining io_uring on drop failed: {e}");
+                    bulkhead_common::rate_limited!(
+                        log::Level::Error,
+                        "Draining io_uring on drop failed: {e}"
+                    );
                     return;
                 }
             }
