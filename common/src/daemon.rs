@@ -486,6 +486,9 @@ fn serve_connection<D: VhostUserDevice>(
                 rate_limited!(log::Level::Info, "frontend disconnected");
                 break ConnEnd::Disconnected;
             }
+            // Refused (and answered, if asked) but nothing changed: serve on.
+            Err(VuError::ReqHandlerError(_))
+                if handler.lock().is_ok_and(|mut h| h.take_soft_refusal()) => {}
             Err(e) => {
                 rate_limited!(
                     log::Level::Warn,

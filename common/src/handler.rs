@@ -79,6 +79,9 @@ pub struct BackendHandler<D: VhostUserDevice> {
     features_set: bool,
     /// Longest busy-poll of a queue thread before it sleeps.
     poll_max: std::time::Duration,
+    /// The last request was refused without touching any state (see
+    /// [`BackendHandler::take_soft_refusal`]).
+    soft_refusal: bool,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -109,6 +112,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             peeked_backend: None,
             features_set: false,
             poll_max: std::time::Duration::ZERO,
+            soft_refusal: false,
         }
     }
 
@@ -130,6 +134,16 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     pub fn expects_backend_channel(&self) -> bool {
         let f = VhostUserProtocolFeatures::BACKEND_REQ;
         self.device.protocol_features().contains(f) && self.acked_protocol.contains(f)
+    }
+
+    /// Whether the request that just failed was only refused: well formed,
+    /// answered with a failure where the frontend asked for a reply, and no
+    /// state changed, so the connection goes on. A config write the device
+    /// refuses is one: the guest writes config space and the frontend passes
+    /// the write on, so ending the connection there would let a guest make
+    /// its VMM reconnect and replay in a loop.
+    pub fn take_soft_refusal(&mut self) -> bool {
+        std::mem::take(&mut self.soft_refusal)
     }
 
     /// Stops every queue thread (end of connection).
@@ -476,9 +490,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         if end.is_none_or(|e| e > self.device.config().len()) {
             return Err(invalid(&format!("config write {offset}+{}", buf.len())));
         }
-        self.device
-            .set_config(offset, buf)
-            .map_err(VuError::ReqHandlerError)
+        self.device.set_config(offset, buf).map_err(|e| {
+            crate::rate_limited!(log::Level::Warn, "guest config write refused: {e}");
+            self.soft_refusal = true;
+            VuError::ReqHandlerError(e)
+        })
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) {

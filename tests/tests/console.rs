@@ -278,8 +278,13 @@ fn emergency_write_goes_to_the_console_even_before_the_driver_negotiated_it() {
     }
     assert_eq!(read_n(c.as_mut(), 3, TIMEOUT).unwrap(), b"SOS");
     assert_eq!(stats(&d)["device"]["emerg_writes"].as_u64(), Some(4));
-    // Other config offsets are read-only.
+    // Other config offsets are read-only: the write is refused, and the
+    // connection goes on (a guest writing config space must not make its
+    // VMM reconnect).
     assert!(drv.dev.set_config(0, &[1, 0]).is_err());
+    drv.emerg_write(b'!').unwrap();
+    assert_eq!(read_n(c.as_mut(), 1, TIMEOUT).unwrap(), b"!");
+    assert_eq!(stats(&d)["device"]["emerg_writes"].as_u64(), Some(5));
 }
 
 #[test]
