@@ -6,7 +6,7 @@
 //! | `{"cmd":"ping"}` | `{"ok":true,"result":"pong"}` |
 //! | `{"cmd":"status"}` | `{"ok":true,"result":"running"}` (or `"stopping"`) |
 //! | `{"cmd":"shutdown"}` | `{"ok":true}`, then the VMM exits with status 5 |
-//! | `{"cmd":"list"}` | `{"ok":true,"devices":[{"id":"blk0","type":"blk","socket":"...","state":"connected","active":true,"queues":[0],"reconnects":0,"swaps":0,"inflight":0,"last_error":null}]}` |
+//! | `{"cmd":"list"}` | `{"ok":true,"devices":[{"id":"blk0","type":"blk","socket":"...","state":"connected","active":true,"queues":[0],"reconnects":0,"swaps":0,"swap_state_bytes":null,"inflight":0,"last_error":null}]}` |
 //! | `{"cmd":"swap","device":"blk0","socket":"/new.sock"}` | `{"ok":true,"bases":[[0,17]]}`: the old backend's GET_VRING_BASE per queue |
 //!
 //! Errors are `{"ok":false,"error":"..."}`. A bare word (`ping`, `status`,
@@ -85,6 +85,7 @@ fn device_json(h: &BackendHandle) -> Value {
         "queues": i.queues,
         "reconnects": i.reconnects,
         "swaps": i.swaps,
+        "swap_state_bytes": i.swap_state_bytes,
         "inflight": i.inflight,
         "last_error": i.last_error,
     })

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod device;
+pub mod device_state;
 pub mod i8042;
 pub mod kvm;
 pub mod memory;

@@ -119,6 +119,8 @@ fn syscalls(thread: Thread) -> Vec<i64> {
                 libc::SYS_accept,
                 libc::SYS_shutdown,
                 libc::SYS_unlink,
+                // A swap moves device state through a pipe.
+                libc::SYS_pipe2,
             ]);
             v.extend(backend_link_syscalls());
         }

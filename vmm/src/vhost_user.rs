@@ -28,7 +28,11 @@
 //! **Swap** ([`BackendHandle::swap`]): connect to a new backend and
 //! negotiate; quiesce the old one (SET_VRING_ENABLE 0, GET_VRING_BASE per
 //! queue); replay the same state on the new one with the bases from
-//! GET_VRING_BASE; close the old connection. The guest sees nothing.
+//! GET_VRING_BASE; close the old connection. The guest sees nothing. When
+//! both backends offer DEVICE_STATE, the old one's state (what the driver
+//! set outside the rings) is saved once its rings stopped and loaded into
+//! the new one before its rings start ([`crate::device_state`]); an old
+//! backend that cannot give it keeps the device.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -71,6 +75,7 @@ fn wanted_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// Errors while connecting to a backend.
@@ -311,6 +316,8 @@ pub struct BackendInfo {
     pub swaps: u64,
     /// Heads the inflight area marks as in flight (None without an area).
     pub inflight: Option<usize>,
+    /// Bytes of device state the last swap moved (None: none moved).
+    pub swap_state_bytes: Option<usize>,
     /// Why the backend was last lost or a reconnection last failed.
     pub last_error: Option<String>,
 }
@@ -331,6 +338,8 @@ struct Inner {
     active: Option<ActiveSetup>,
     reconnects: u64,
     swaps: u64,
+    /// Bytes of device state the last swap moved.
+    last_swap_state: Option<usize>,
     last_error: Option<String>,
 }
 
@@ -417,6 +426,17 @@ impl Inner {
     /// sizes, the inflight area, then per queue address, base, call, kick,
     /// enable.
     fn replay(&mut self, conn: &mut Connection, bases: Bases<'_>) -> Result<(), DeviceError> {
+        self.replay_with_state(conn, bases, None)
+    }
+
+    /// [`Inner::replay`], loading the device state `state` (from the backend
+    /// this one replaces) before any ring starts.
+    fn replay_with_state(
+        &mut self,
+        conn: &mut Connection,
+        bases: Bases<'_>,
+        state: Option<&[u8]>,
+    ) -> Result<(), DeviceError> {
         let Some(active) = &self.active else {
             return Ok(());
         };
@@ -468,6 +488,9 @@ impl Inner {
                 "{}: backend does not take the inflight area; requests in flight at a crash are not resubmitted",
                 conn_path.display()
             );
+        }
+        if let Some(blob) = state {
+            crate::device_state::load(fe, blob)?;
         }
         for ((q, cfg), base) in active.queues.iter().zip(&configs).zip(&base_of) {
             msg("SET_VRING_ADDR", fe.set_vring_addr(q.index, cfg))?;
@@ -575,6 +598,7 @@ impl BackendHandle {
                 .unwrap_or_default(),
             reconnects: g.reconnects,
             swaps: g.swaps,
+            swap_state_bytes: g.last_swap_state,
             inflight: g.inflight_count(),
             last_error: g.last_error.clone(),
         }
@@ -671,12 +695,41 @@ impl BackendHandle {
                 };
             }
         };
-        let r = g.replay(&mut new, Bases::Given(&bases));
+        // What the driver set that the rings do not carry, when both
+        // backends can move it; if the old one cannot give it, it keeps
+        // the device.
+        let state = match g.take_state(&mut old, &new) {
+            Ok(s) => s,
+            Err(e) => {
+                let r = g.replay(&mut old, Bases::Given(&bases));
+                let _ = self.wake.write(1);
+                return match r {
+                    Ok(()) => {
+                        g.conn = Some(old);
+                        Err(SwapError::BringUp(e))
+                    }
+                    Err(e2) => {
+                        g.lose(error_chain(&e2));
+                        Err(SwapError::Lost(e))
+                    }
+                };
+            }
+        };
+        let r = g.replay_with_state(&mut new, Bases::Given(&bases), state.as_deref());
         let out = match r {
             Ok(()) => {
                 g.finish_swap(new);
                 drop(old);
-                log::info!("{}: moved to {}", self.id, socket.display());
+                log::info!(
+                    "{}: moved to {}{}",
+                    self.id,
+                    socket.display(),
+                    match &state {
+                        Some(s) => format!(" with {} bytes of device state", s.len()),
+                        None => String::new(),
+                    }
+                );
+                g.last_swap_state = state.map(|s| s.len());
                 Ok(bases)
             }
             Err(e) => {
@@ -715,6 +768,29 @@ impl BackendHandle {
 }
 
 impl Inner {
+    /// The stopped `old` backend's device state, when it and `new` both
+    /// offer DEVICE_STATE; `None` (and a warning where the old one had
+    /// state to give) otherwise.
+    fn take_state(
+        &self,
+        old: &mut Connection,
+        new: &Connection,
+    ) -> Result<Option<Vec<u8>>, DeviceError> {
+        let f = VhostUserProtocolFeatures::DEVICE_STATE;
+        match (old.protocol.contains(f), new.protocol.contains(f)) {
+            (true, true) => crate::device_state::save(&mut old.frontend).map(Some),
+            (true, false) => {
+                log::warn!(
+                    "{}: the new backend cannot load device state: what the driver set outside \
+                     the rings starts from the new backend's defaults",
+                    new.path.display()
+                );
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn finish_swap(&mut self, new: Connection) {
         if !new.config.is_empty() {
             self.config = new.config.clone();
@@ -882,6 +958,7 @@ impl VhostUserDevice {
             active: None,
             reconnects: 0,
             swaps: 0,
+            last_swap_state: None,
             last_error: None,
         };
         let wake = EventFd::new(EFD_NONBLOCK)
