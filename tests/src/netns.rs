@@ -137,8 +137,10 @@ impl NetNs {
         T: Send,
         F: FnOnce() -> io::Result<T> + Send,
     {
-        let path = format!("/var/run/netns/{}", self.name);
-        let ns = File::open(&path)?;
+        // iproute2 keeps named namespaces in /run/netns (/var/run is a
+        // link to /run on a full system, absent in the nested host).
+        let ns = File::open(format!("/run/netns/{}", self.name))
+            .or_else(|_| File::open(format!("/var/run/netns/{}", self.name)))?;
         std::thread::scope(|s| {
             let t = s.spawn(move || {
                 // SAFETY: setns on this thread only, with an fd of a namespace file.

@@ -184,6 +184,7 @@ fn tour(transport: &'static str, config_offset: u64) {
         cpus: 2,
         blk_queues: 2,
         cmdline: "iomem=relaxed",
+        ..Options::default()
     };
     let mut vm = Vm::boot(opts, |b| tour_script(b.net.is_some(), config_offset));
     // The shell holds hvc0: resize, then type.

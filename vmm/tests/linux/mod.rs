@@ -61,6 +61,9 @@ pub struct Options {
     pub blk_queues: u16,
     /// Added to the kernel command line.
     pub cmdline: &'static str,
+    /// Make the tap multi-queue, so a second bulkhead-net can attach to it
+    /// beside the first (a swap).
+    pub multi_queue_tap: bool,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             cpus: 1,
             blk_queues: 1,
             cmdline: "",
+            multi_queue_tap: false,
         }
     }
 }
@@ -160,7 +164,7 @@ impl Backends {
         let cmd = console_command(&scratch);
         let console = Daemon::start("bulkhead-console", cmd, scratch)
             .expect("start bulkhead-console (cargo build -p bulkhead-console)");
-        let (net, iperf3, ns) = match Self::start_net() {
+        let (net, iperf3, ns) = match Self::start_net(opts.multi_queue_tap) {
             Ok((net, iperf3, ns)) => (Some(net), Some(iperf3), Some(ns)),
             Err(why) => {
                 eprintln!("SKIPPED (net device only): {why}; the guest runs with blk and console");
@@ -181,12 +185,12 @@ impl Backends {
 
     /// A namespace with tap [`TAP`] at [`TAP_ADDR`], `bulkhead-net` and an
     /// iperf3 server inside it, or why not.
-    fn start_net() -> Result<(Daemon, ChildGuard, NetNs), String> {
+    fn start_net(multi_queue: bool) -> Result<(Daemon, ChildGuard, NetNs), String> {
         if let Some(why) = netns::unavailable() {
             return Err(why);
         }
         let ns = NetNs::new().map_err(|e| format!("cannot create a namespace: {e}"))?;
-        ns.add_tap(TAP, &format!("{TAP_ADDR}/24"), false)
+        ns.add_tap(TAP, &format!("{TAP_ADDR}/24"), multi_queue)
             .map_err(|e| format!("cannot add a tap: {e}"))?;
         let scratch = Scratch::new(0).map_err(|e| e.to_string())?;
         let cmd = net_command(&ns, &scratch);
@@ -250,6 +254,39 @@ impl Backends {
         let old = std::mem::replace(&mut self.blk, new);
         self.retired
             .push(old.kill_keep_scratch().expect("stop the old bulkhead-blk"));
+    }
+
+    /// The net backend's namespace; panics without one.
+    pub fn ns(&self) -> &NetNs {
+        self.ns.as_ref().expect("a network namespace")
+    }
+
+    /// A second `bulkhead-net` on the same (multi-queue) tap, on a socket
+    /// of its own (the target of a swap).
+    pub fn second_net(&self) -> Daemon {
+        let ns = self.ns.as_ref().expect("a namespace with a tap");
+        let scratch = Scratch::new(0).expect("scratch");
+        let cmd = net_command(ns, &scratch);
+        Daemon::start("bulkhead-net", cmd, scratch).expect("start a second bulkhead-net")
+    }
+
+    /// Makes `new` the net backend (after a swap to it) and stops the old one.
+    pub fn replace_net(&mut self, new: Daemon) {
+        self.net = Some(new);
+    }
+
+    /// A second `bulkhead-console` with the same ports, on sockets of its
+    /// own (the target of a swap).
+    pub fn second_console(&self) -> Daemon {
+        let scratch = Scratch::new(0).expect("scratch");
+        let cmd = console_command(&scratch);
+        Daemon::start("bulkhead-console", cmd, scratch).expect("start a second bulkhead-console")
+    }
+
+    /// Makes `new` the console backend (after a swap to it) and stops the
+    /// old one.
+    pub fn replace_console(&mut self, new: Daemon) {
+        self.console = new;
     }
 
     /// SIGKILLs `bulkhead-net` and starts a new one on the same socket and
@@ -596,6 +633,13 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Points the console's host clients at the current console backend's
+    /// sockets (after a swap to another one).
+    pub fn follow_console(&mut self) {
+        self.hvc0 = PortClient::new(self.backends.console_port("console"));
+        self.named = PortClient::new(self.backends.console_port(PORT_NAME));
     }
 
     /// Plays the host side for `time` (or until the run is over).
