@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a violation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,14 +45,80 @@ pub enum SeccompError {
     Install(#[source] seccompiler::Error),
 }
 
-fn common_syscalls() -> Vec<i64> {
-    vec![
+/// One allowed system call: any arguments, or only those its rules match.
+struct Allow {
+    nr: i64,
+    rules: Vec<SeccompRule>,
+}
+
+fn any(nr: i64) -> Allow {
+    Allow {
+        nr,
+        rules: Vec::new(),
+    }
+}
+
+/// A rule on one 32-bit argument.
+fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
+    let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
+        .expect("argument index below 6");
+    SeccompRule::new(vec![c]).expect("one condition")
+}
+
+/// `ioctl` with one of `requests` only.
+fn ioctls(requests: &[u64]) -> Allow {
+    Allow {
+        nr: libc::SYS_ioctl,
+        rules: requests
+            .iter()
+            .map(|&r| arg(1, SeccompCmpOp::Eq, r & 0xffff_ffff))
+            .collect(),
+    }
+}
+
+/// Linux's ioctl request number (`_IOC`).
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const IOC_NONE: u64 = 0;
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+
+/// The KVM ioctls a running vCPU thread makes: KVM_RUN; the registers for
+/// the log when the vCPU fails; and, while it emulates a device register,
+/// the irqfd, ioeventfd and MSI routes a driver's set-up changes.
+pub const VCPU_IOCTLS: [u64; 6] = [
+    ioc(IOC_NONE, 0x80, 0),                                           // KVM_RUN
+    ioc(IOC_READ, 0x81, size_of::<kvm_bindings::kvm_regs>()),         // KVM_GET_REGS
+    ioc(IOC_READ, 0x83, size_of::<kvm_bindings::kvm_sregs>()),        // KVM_GET_SREGS
+    ioc(IOC_WRITE, 0x76, size_of::<kvm_bindings::kvm_irqfd>()),       // KVM_IRQFD
+    ioc(IOC_WRITE, 0x79, size_of::<kvm_bindings::kvm_ioeventfd>()),   // KVM_IOEVENTFD
+    ioc(IOC_WRITE, 0x6a, size_of::<kvm_bindings::kvm_irq_routing>()), // KVM_SET_GSI_ROUTING
+];
+
+/// `tgkill` to a thread of this process only (`pthread_kill`, `abort`).
+fn tgkill_own() -> Allow {
+    Allow {
+        nr: libc::SYS_tgkill,
+        rules: vec![arg(0, SeccompCmpOp::Eq, std::process::id().into())],
+    }
+}
+
+/// `mmap` without PROT_EXEC: no thread maps code once the VMM runs.
+fn mmap_no_exec() -> Allow {
+    Allow {
+        nr: libc::SYS_mmap,
+        rules: vec![arg(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)],
+    }
+}
+
+fn common_syscalls() -> Vec<Allow> {
+    let mut v: Vec<Allow> = [
         libc::SYS_read,
         libc::SYS_write,
         libc::SYS_writev,
         libc::SYS_close,
         libc::SYS_futex,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
@@ -73,6 +142,11 @@ fn common_syscalls() -> Vec<i64> {
         libc::SYS_newfstatat,
         libc::SYS_getrandom,
     ]
+    .into_iter()
+    .map(any)
+    .collect();
+    v.push(mmap_no_exec());
+    v
 }
 
 /// What connecting to a backend and replaying onto it needs (no ioctl: the
@@ -92,39 +166,51 @@ fn backend_link_syscalls() -> [i64; 10] {
     ]
 }
 
-fn syscalls(thread: Thread) -> Vec<i64> {
+fn syscalls(thread: Thread) -> Vec<Allow> {
     let mut v = common_syscalls();
     match thread {
-        Thread::Vcpu => v.extend([
-            libc::SYS_ioctl,
-            libc::SYS_sendmsg,
-            libc::SYS_recvmsg,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-            libc::SYS_dup,
-            libc::SYS_tgkill,
-        ]),
-        Thread::Main => v.extend([
-            libc::SYS_ioctl,
-            libc::SYS_unlink,
-            libc::SYS_unlinkat,
-            libc::SYS_tgkill,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-        ]),
-        Thread::Api => {
-            v.extend([
-                libc::SYS_accept4,
-                libc::SYS_accept,
-                libc::SYS_shutdown,
-                libc::SYS_unlink,
-                // A swap moves device state through a pipe.
-                libc::SYS_pipe2,
-            ]);
-            v.extend(backend_link_syscalls());
+        Thread::Vcpu => {
+            v.push(ioctls(&VCPU_IOCTLS));
+            v.push(tgkill_own());
+            v.extend(
+                [
+                    libc::SYS_sendmsg,
+                    libc::SYS_recvmsg,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
+                    libc::SYS_dup,
+                ]
+                .map(any),
+            );
         }
-        Thread::Monitor => v.extend(backend_link_syscalls()),
+        Thread::Main => {
+            v.push(tgkill_own());
+            v.extend(
+                [
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_ctl,
+                ]
+                .map(any),
+            );
+        }
+        Thread::Api => {
+            v.extend(
+                [
+                    libc::SYS_accept4,
+                    libc::SYS_accept,
+                    libc::SYS_shutdown,
+                    libc::SYS_unlink,
+                    // A swap moves device state through a pipe.
+                    libc::SYS_pipe2,
+                ]
+                .map(any),
+            );
+            v.extend(backend_link_syscalls().map(any));
+        }
+        Thread::Monitor => v.extend(backend_link_syscalls().map(any)),
     }
     v
 }
@@ -136,14 +222,30 @@ pub fn filter(thread: Thread, mode: SeccompMode) -> Result<Option<BpfProgram>, S
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Off => return Ok(None),
     };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        syscalls(thread).into_iter().map(|s| (s, vec![])).collect();
+    build(thread, mismatch).map(Some)
+}
+
+/// `thread`'s filter with `mismatch` for a forbidden call.
+fn build(thread: Thread, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    // seccompiler reads an empty rule list as "any arguments"; an
+    // unconditional allow of a call wins over conditional ones.
+    let mut rules: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for a in syscalls(thread) {
+        let e = rules.entry(a.nr).or_insert_with(|| Some(Vec::new()));
+        match (e.as_mut(), a.rules.is_empty()) {
+            (Some(_), true) => *e = None,
+            (Some(list), false) => list.extend(a.rules),
+            (None, _) => {}
+        }
+    }
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = rules
+        .into_iter()
+        .map(|(nr, r)| (nr, r.unwrap_or_default()))
+        .collect();
     let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SeccompError::Build)?;
-    let prog: BpfProgram = f
-        .try_into()
-        .map_err(|e| SeccompError::Install(seccompiler::Error::Backend(e)))?;
-    Ok(Some(prog))
+    f.try_into()
+        .map_err(|e| SeccompError::Install(seccompiler::Error::Backend(e)))
 }
 
 /// Installs `thread`'s filter on the calling thread.
@@ -152,4 +254,99 @@ pub fn apply(thread: Thread, mode: SeccompMode) -> Result<(), SeccompError> {
         seccompiler::apply_filter(&prog).map_err(SeccompError::Install)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on a new thread under `thread`'s filter, forbidden calls
+    /// failing with EPERM instead of killing the test.
+    fn under<T: Send + 'static>(thread: Thread, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let prog = build(thread, SeccompAction::Errno(libc::EPERM as u32)).expect("filter");
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).expect("apply the filter");
+            f()
+        })
+        .join()
+        .expect("the filtered thread")
+    }
+
+    fn errno(rc: libc::c_long) -> i32 {
+        if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_make_only_its_kvm_ioctls() {
+        let (forbidden, allowed) = under(Thread::Vcpu, || {
+            // KVM_CREATE_VM on a bad fd: refused by the filter before the
+            // kernel ever sees the fd.
+            // SAFETY: raw ioctl on fd -1; nothing is read or written.
+            let forbidden = errno(unsafe { libc::syscall(libc::SYS_ioctl, -1, 0xae01u64, 0) });
+            // KVM_RUN is allowed: the kernel answers EBADF for fd -1.
+            // SAFETY: as above.
+            let allowed = errno(unsafe { libc::syscall(libc::SYS_ioctl, -1, VCPU_IOCTLS[0], 0) });
+            (forbidden, allowed)
+        });
+        assert_eq!(forbidden, libc::EPERM, "KVM_CREATE_VM on a vCPU thread");
+        assert_eq!(allowed, libc::EBADF, "KVM_RUN on a vCPU thread");
+    }
+
+    #[test]
+    fn no_thread_may_map_executable_memory() {
+        for thread in [Thread::Vcpu, Thread::Main, Thread::Api, Thread::Monitor] {
+            let (exec, plain) = under(thread, || {
+                let map = |prot| {
+                    // SAFETY: an anonymous private mapping, unmapped at once.
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            4096,
+                            prot,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    };
+                    if p == libc::MAP_FAILED {
+                        return std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    }
+                    // SAFETY: the mapping made just above.
+                    unsafe { libc::munmap(p, 4096) };
+                    0
+                };
+                (
+                    map(libc::PROT_READ | libc::PROT_EXEC),
+                    map(libc::PROT_READ | libc::PROT_WRITE),
+                )
+            });
+            assert_eq!(exec, libc::EPERM, "{thread:?}: PROT_EXEC");
+            assert_eq!(plain, 0, "{thread:?}: a data mapping");
+        }
+    }
+
+    #[test]
+    fn tgkill_reaches_only_this_process() {
+        let (other, own) = under(Thread::Vcpu, || {
+            // Signal 0 checks without delivering anything.
+            // SAFETY: tgkill with signal 0 has no effect.
+            let other = errno(unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) });
+            // SAFETY: as above, to this very thread.
+            let own = errno(unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    libc::syscall(libc::SYS_gettid),
+                    0,
+                )
+            });
+            (other, own)
+        });
+        assert_eq!(other, libc::EPERM, "tgkill to another process");
+        assert_eq!(own, 0, "tgkill to this process");
+    }
 }
