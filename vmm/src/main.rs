@@ -24,8 +24,9 @@ const EXIT_STOPPED: u8 = 5;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum SeccompArg {
-    /// Kill the VMM on a forbidden system call.
-    Kill,
+    /// Kill the VMM on a forbidden system call (`kill` is accepted too).
+    #[value(alias = "kill")]
+    Enforce,
     /// Log forbidden system calls and let them through.
     Log,
     /// No filters (debugging only).
@@ -107,8 +108,15 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
-    /// Seccomp filters per thread.
-    #[arg(long, value_enum, default_value = "kill")]
+    /// Confinement: per-thread seccomp filters with argument checks, as
+    /// the daemons' `--sandbox` (`--seccomp` is the old name).
+    #[arg(
+        long = "sandbox",
+        alias = "seccomp",
+        value_name = "MODE",
+        value_enum,
+        default_value = "enforce"
+    )]
     seccomp: SeccompArg,
 
     /// Hide CMPXCHG16B from the guest's CPUID (for nested hypervisors that
@@ -235,7 +243,7 @@ fn main() -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
         seccomp: match args.seccomp {
-            SeccompArg::Kill => SeccompMode::Kill,
+            SeccompArg::Enforce => SeccompMode::Kill,
             SeccompArg::Log => SeccompMode::Log,
             SeccompArg::Off => SeccompMode::Off,
         },

@@ -125,7 +125,8 @@ impl Default for QemuSection {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmmSection {
-    /// `--seccomp` mode (`kill`, `log`, `off`); the VMM's default when absent.
+    /// The VMM's `--sandbox` mode (`enforce` or `kill`, `log`, `off`); its
+    /// default when absent.
     pub seccomp: Option<String>,
     /// Extra arguments appended to bulkhead-vmm's command line.
     pub args: Vec<String>,

@@ -38,7 +38,7 @@ pub fn vmm_args(cfg: &Config, backends: &[BackendSpec], api_socket: &Path) -> Ve
     }
     a.extend(["--api-socket".into(), api_socket.display().to_string()]);
     if let Some(m) = &cfg.vmm.seccomp {
-        a.extend(["--seccomp".into(), m.clone()]);
+        a.extend(["--sandbox".into(), m.clone()]);
     }
     for b in backends {
         let mut opts = format!("socket={},id={}", b.socket.display(), b.id);
