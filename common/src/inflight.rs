@@ -42,6 +42,19 @@ pub fn queue_region_size(queue_size: u16) -> usize {
     raw.div_ceil(ALIGN) * ALIGN
 }
 
+/// Bytes of the largest area a daemon with `num_queues` queues of at most
+/// `max_queue_size` entries creates (with a state section when
+/// `with_state`): its `RLIMIT_FSIZE` must allow sizing that memfd.
+pub fn max_area_size(num_queues: u16, max_queue_size: u16, with_state: bool) -> u64 {
+    let queues = queue_region_size(max_queue_size) as u64 * u64::from(num_queues);
+    queues
+        + if with_state {
+            crate::state::SECTION_LEN as u64
+        } else {
+            0
+        }
+}
+
 /// Errors setting up an inflight region.
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
