@@ -3,9 +3,11 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::Arc;
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
+use crate::state::{DeviceType, StateError, StateSection};
 use crate::virtqueue::VirtQueue;
 use crate::worker::WorkerCtl;
 
@@ -16,6 +18,10 @@ use crate::worker::WorkerCtl;
 pub trait VhostUserDevice: Send + Sync + 'static {
     /// Worker type that runs one queue in its own thread.
     type Worker: QueueWorker;
+
+    /// The device state the driver configured, parsed and validated (see
+    /// [`crate::state`]): what a swapped or restarted daemon must keep.
+    type State: Send + 'static;
 
     /// Number of queues offered (GET_QUEUE_NUM).
     fn num_queues(&self) -> u16;
@@ -76,6 +82,35 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Called right after [`VhostUserDevice::set_backend_channel`].
     fn set_config_notifier(&self, notifier: crate::notify::ConfigNotifier) {
         let _ = notifier;
+    }
+
+    /// The device type written in state blobs.
+    fn device_type(&self) -> DeviceType;
+
+    /// The current device state as a payload (the blob without its
+    /// envelope). Called with every queue stopped, or from a queue thread
+    /// through the device's own [`crate::state::StateSink`].
+    fn save_state(&self) -> Vec<u8>;
+
+    /// Parses a payload from another daemon into a validated state, checked
+    /// against this daemon's configuration and the features the driver
+    /// acked; nothing is applied. Untrusted input.
+    fn parse_state(&self, payload: &[u8]) -> Result<Self::State, StateError>;
+
+    /// Makes the device behave as the daemon that saved `state` did. Called
+    /// with every queue stopped, after SET_FEATURES.
+    fn apply_state(&self, state: Self::State);
+
+    /// Whether the device keeps its state in the inflight area, for a
+    /// successor after a crash (the area it creates gets a state section).
+    fn keeps_state(&self) -> bool {
+        false
+    }
+
+    /// The state section to write after every change the driver makes,
+    /// before the request that made it completes; None detaches it.
+    fn set_state_section(&self, section: Option<Arc<StateSection>>) {
+        let _ = section;
     }
 
     /// Creates the worker for queue `index`, about to start with `size`

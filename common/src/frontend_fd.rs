@@ -18,6 +18,10 @@
 //! - Memory regions and the inflight area must be regular files (memfd,
 //!   tmpfs, hugetlbfs), the only files whose size the daemon can check
 //!   before it maps them.
+//! - The device-state fd (SET_DEVICE_STATE_FD) must be a pipe or a socket:
+//!   a stream with an end of file that the frontend controls. It is made
+//!   non-blocking and close-on-exec, and moved with a deadline
+//!   ([`crate::transfer`]).
 
 use std::fs::File;
 use std::io;
@@ -39,6 +43,9 @@ pub enum FdError {
     /// The fd is something else than a regular file.
     #[error("the {0} fd is {1}, not a regular file (memfd, tmpfs or hugetlbfs)")]
     NotRegularFile(&'static str, String),
+    /// The fd is something else than a pipe or a socket.
+    #[error("the {0} fd is {1}, not a pipe or a socket")]
+    NotStream(&'static str, String),
     /// The fd could not be inspected or its flags set.
     #[error("cannot inspect the {0} fd")]
     Inspect(&'static str, #[source] io::Error),
@@ -173,6 +180,19 @@ pub fn regular_file(file: &File, role: &'static str) -> Result<(), FdError> {
     set_cloexec(fd, role)
 }
 
+/// Checks that `file`, sent as `role` (the device-state fd), is a pipe or a
+/// socket, and makes it close-on-exec.
+pub fn stream(file: &File, role: &'static str) -> Result<(), FdError> {
+    let fd = file.as_raw_fd();
+    let st = fstat(fd).map_err(|e| FdError::Inspect(role, e))?;
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFIFO && kind != libc::S_IFSOCK {
+        let name = kernel_name(fd).ok().flatten();
+        return Err(FdError::NotStream(role, describe(&st, name.as_deref())));
+    }
+    set_cloexec(fd, role)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +280,25 @@ mod tests {
             err.to_string(),
             "the memory region fd is an anon_inode:[eventfd], not a regular file \
              (memfd, tmpfs or hugetlbfs)"
+        );
+    }
+
+    #[test]
+    fn only_pipes_and_sockets_carry_device_state() {
+        let (r, w) = pipe();
+        stream(&File::from(r), "device state").unwrap();
+        stream(&File::from(w), "device state").unwrap();
+        let (s, _peer) = UnixStream::pair().unwrap();
+        stream(&File::from(OwnedFd::from(s)), "device state").unwrap();
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let m = unsafe { libc::memfd_create(c"t".as_ptr(), 0) };
+        assert!(m >= 0);
+        // SAFETY: m is fresh and owned by nobody else.
+        let m = unsafe { File::from_raw_fd(m) };
+        let err = stream(&m, "device state").unwrap_err();
+        assert!(
+            matches!(err, FdError::NotStream(_, ref d) if d == "a regular file"),
+            "{err}"
         );
     }
 

@@ -9,8 +9,13 @@
 //! GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_MEM_TABLE, GET_MAX_MEM_SLOTS,
 //! ADD_MEM_REG, REM_MEM_REG, SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR,
 //! GET_VRING_BASE, SET_VRING_ENABLE, GET/SET_CONFIG, SET_BACKEND_REQ_FD,
-//! GET/SET_INFLIGHT_FD. Refused: logging (migration), device state transfer,
-//! shared objects, GPU and shared-memory messages.
+//! GET/SET_INFLIGHT_FD, SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE. Refused:
+//! logging (migration), shared objects, GPU and shared-memory messages.
+//!
+//! Device state (see [`crate::state`]) reaches a new daemon one of two
+//! ways, and is applied once per connection, before the first queue starts:
+//! a DEVICE_STATE load (graceful swap), or else the state section of the
+//! inflight area the frontend handed over (restart after a crash).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -29,6 +34,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::VhostUserDevice;
 use crate::inflight::InflightRegion;
 use crate::memory::{GuestMemoryHandle, MAX_MEM_SLOTS, MemoryTable, RegionDesc};
+use crate::state::{StateSection, Stored};
+use crate::transfer::{TRANSFER_DEADLINE, Transfer};
 use crate::virtqueue::{CallSlot, MAX_QUEUE_SIZE, QueueConfig, QueueStats, RingAddrs, VirtQueue};
 use crate::worker::QueueThread;
 
@@ -82,6 +89,18 @@ pub struct BackendHandler<D: VhostUserDevice> {
     /// The last request was refused without touching any state (see
     /// [`BackendHandler::take_soft_refusal`]).
     soft_refusal: bool,
+    /// A SET_DEVICE_STATE_FD transfer whose thread may still run.
+    transfer: Option<Transfer>,
+    /// Outcome of the last transfer, for CHECK_DEVICE_STATE.
+    transfer_result: Option<Result<(), String>>,
+    /// The device state was settled for this connection: loaded, restored
+    /// from the inflight area, or kept at its defaults (see `settle_state`).
+    state_settled: bool,
+    /// The inflight area's state section, once the state is settled.
+    section: Option<Arc<StateSection>>,
+    /// The frontend sent a state to load on this connection: the inflight
+    /// area's state is then not restored, whether the load succeeds or not.
+    load_sent: bool,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -99,6 +118,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     /// A handler with fresh state for a new connection.
     pub fn new(device: Arc<D>) -> Self {
         device.reset();
+        device.set_state_section(None);
         let n = device.num_queues();
         let empty = vm_memory::GuestMemoryMmap::default();
         BackendHandler {
@@ -113,6 +133,11 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             features_set: false,
             poll_max: std::time::Duration::ZERO,
             soft_refusal: false,
+            transfer: None,
+            transfer_result: None,
+            state_settled: false,
+            section: None,
+            load_sent: false,
         }
     }
 
@@ -194,6 +219,17 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         if v.thread.is_some() || !v.enabled || v.size == 0 || self.table.is_empty() {
             return Ok(());
         }
+        if v.addrs.is_none() || v.kick.is_none() {
+            return Ok(());
+        }
+        if self.transfer.as_ref().is_some_and(|t| t.is_load()) {
+            // The state must be in place before the device runs.
+            self.finish_transfer();
+        }
+        if !self.state_settled {
+            self.settle_state();
+        }
+        let v = &self.vrings[i];
         let (Some(addrs), Some(kick)) = (v.addrs, v.kick.as_ref()) else {
             return Ok(());
         };
@@ -245,9 +281,136 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         Ok(())
     }
 
+    /// Protocol features offered: the device's, plus DEVICE_STATE, which
+    /// every daemon answers the same way (blk with an empty state).
+    fn offered_protocol(&self) -> VhostUserProtocolFeatures {
+        self.device.protocol_features() | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn running_queue(&self) -> Option<usize> {
+        self.vrings.iter().position(|v| v.thread.is_some())
+    }
+
+    /// Waits for the transfer thread (at most its deadline) and, for a
+    /// load, validates the blob and applies it; the outcome is kept for
+    /// CHECK_DEVICE_STATE.
+    fn finish_transfer(&mut self) {
+        let Some(t) = self.transfer.take() else {
+            return;
+        };
+        let load = t.is_load();
+        let result = match t.wait() {
+            Err(e) => Err(e.to_string()),
+            Ok(_) if !load => Ok(()),
+            Ok(blob) => {
+                let parsed = crate::state::decode(self.device.device_type(), &blob)
+                    .and_then(|payload| self.device.parse_state(payload));
+                match parsed {
+                    Ok(state) => {
+                        self.device.apply_state(state);
+                        self.store_state();
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        match &result {
+            Ok(()) if load => {
+                crate::rate_limited!(log::Level::Info, "device state loaded from the frontend")
+            }
+            Ok(()) => crate::rate_limited!(log::Level::Info, "device state saved"),
+            Err(e) => crate::rate_limited!(
+                log::Level::Warn,
+                "device state {} failed, nothing applied: {e}",
+                if load { "load" } else { "save" }
+            ),
+        }
+        self.transfer_result = Some(result);
+    }
+
+    /// Writes the current state into the inflight area's section, if any.
+    fn store_state(&self) {
+        let Some(section) = &self.section else {
+            return;
+        };
+        let r = crate::state::encode(self.device.device_type(), &self.device.save_state())
+            .and_then(|blob| section.store(&blob));
+        if let Err(e) = r {
+            crate::rate_limited!(
+                log::Level::Error,
+                "cannot keep the device state in the inflight area: {e}"
+            );
+        }
+    }
+
+    /// Before the first queue of a connection starts (after a pending load
+    /// finished): without a load, restores what the inflight area's state
+    /// section holds (a predecessor that crashed); then hands the section to
+    /// the device, which keeps it current from here on.
+    fn settle_state(&mut self) {
+        let section = if self.device.keeps_state() {
+            self.inflight
+                .as_ref()
+                .and_then(|r| r.state_section())
+                .map(Arc::new)
+        } else {
+            None
+        };
+        if let Some(s) = &section {
+            let stored = s.load();
+            if !self.load_sent {
+                self.restore(stored);
+            }
+        }
+        self.section = section;
+        self.state_settled = true;
+        self.store_state();
+        self.device.set_state_section(self.section.clone());
+    }
+
+    /// Applies the state a crashed predecessor left in the inflight area;
+    /// anything invalid leaves the defaults, with a warning.
+    fn restore(&self, stored: Stored) {
+        let blob = match stored {
+            Stored::Empty => return,
+            Stored::Blob(b) => b,
+            Stored::Corrupt(why) => {
+                crate::rate_limited!(
+                    log::Level::Warn,
+                    "the inflight area's device state is unusable ({why}); starting from defaults"
+                );
+                return;
+            }
+        };
+        let r = crate::state::decode(self.device.device_type(), &blob)
+            .and_then(|payload| self.device.parse_state(payload));
+        match r {
+            Ok(state) => {
+                self.device.apply_state(state);
+                crate::rate_limited!(
+                    log::Level::Info,
+                    "device state restored from the inflight area"
+                );
+            }
+            Err(e) => crate::rate_limited!(
+                log::Level::Warn,
+                "the inflight area's device state is refused ({e}); starting from defaults"
+            ),
+        }
+    }
+
     fn reset_state(&mut self) {
         self.stop_all();
         self.device.reset();
+        // A reset driver starts from defaults: so does a successor after a crash.
+        self.store_state();
+        self.device.set_state_section(None);
+        self.section = None;
+        self.state_settled = false;
+        self.load_sent = false;
+        self.transfer = None;
+        self.transfer_result = None;
         self.acked_features = 0;
         self.features_set = false;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
@@ -260,6 +423,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
 impl<D: VhostUserDevice> Drop for BackendHandler<D> {
     fn drop(&mut self) {
         self.stop_all();
+        self.device.set_state_section(None);
     }
 }
 
@@ -426,11 +590,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(self.device.protocol_features())
+        Ok(self.offered_protocol())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = self.device.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
+        let offered = self.offered_protocol() | VhostUserProtocolFeatures::REPLY_ACK;
         let f = VhostUserProtocolFeatures::from_bits_truncate(features);
         if f.bits() != features || !offered.contains(f) {
             return Err(invalid(&format!(
@@ -528,8 +692,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         if n == 0 || n > self.device.num_queues() || qs > self.device.max_queue_size() {
             return Err(invalid(&format!("inflight area for {n} queues of {qs}")));
         }
-        let (region, file) =
-            InflightRegion::create(n, qs).map_err(|e| invalid(&format!("inflight: {e}")))?;
+        let created = if self.device.keeps_state() {
+            InflightRegion::create_with_state(n, qs)
+        } else {
+            InflightRegion::create(n, qs)
+        };
+        let (region, file) = created.map_err(|e| invalid(&format!("inflight: {e}")))?;
         let size = file.metadata().map_err(VuError::ReqHandlerError)?.len();
         self.inflight = Some(region);
         Ok((VhostUserInflight::new(size, 0, n, qs), file))
@@ -543,6 +711,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         }
         let region = InflightRegion::map(file, inflight.mmap_offset, inflight.mmap_size, n, qs)
             .map_err(|e| invalid(&format!("inflight: {e}")))?;
+        if self.state_settled && self.device.keeps_state() {
+            // A new area after the state was settled: keep it current there.
+            self.section = region.state_section().map(Arc::new);
+            self.store_state();
+            self.device.set_state_section(self.section.clone());
+        }
         self.inflight = Some(region);
         Ok(())
     }
@@ -575,19 +749,70 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
 
     fn set_device_state_fd(
         &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation(
-            "device state transfer is not supported",
-        ))
+        if !self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+        {
+            return Err(invalid(
+                "SET_DEVICE_STATE_FD without the DEVICE_STATE protocol feature",
+            ));
+        }
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(invalid(
+                "device state transfer in a phase other than STOPPED",
+            ));
+        }
+        if let Some(i) = self.running_queue() {
+            return Err(invalid(&format!(
+                "SET_DEVICE_STATE_FD while queue {i} runs (stop every ring first)"
+            )));
+        }
+        if self.transfer.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Err(invalid(
+                "SET_DEVICE_STATE_FD while a transfer is in progress",
+            ));
+        }
+        // A finished transfer nobody checked: its outcome no longer matters.
+        self.transfer = None;
+        self.transfer_result = None;
+        crate::frontend_fd::stream(&fd, "device state").map_err(|e| invalid(&e.to_string()))?;
+        let t = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let blob =
+                    crate::state::encode(self.device.device_type(), &self.device.save_state())
+                        .map_err(|e| invalid(&format!("device state: {e}")))?;
+                Transfer::save(fd, blob, TRANSFER_DEADLINE)
+            }
+            VhostTransferStateDirection::LOAD => {
+                // A load decides the state: the inflight area's is not restored.
+                self.load_sent = true;
+                Transfer::load(fd, TRANSFER_DEADLINE)
+            }
+        };
+        self.transfer = Some(t.map_err(VuError::ReqHandlerError)?);
+        // The fd is used; none is returned (the reply says so).
+        Ok(None)
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "device state transfer is not supported",
-        ))
+        if !self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+        {
+            return Err(invalid(
+                "CHECK_DEVICE_STATE without the DEVICE_STATE protocol feature",
+            ));
+        }
+        self.finish_transfer();
+        match &self.transfer_result {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(VuError::ReqHandlerError(std::io::Error::other(e.clone()))),
+            None => Err(invalid("CHECK_DEVICE_STATE without a transfer")),
+        }
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

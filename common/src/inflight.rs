@@ -11,6 +11,11 @@
 //!   u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
 //!   desc[desc_num] { u8 inflight; u8 pad[5]; u16 next; u64 counter; }
 //! ```
+//!
+//! A daemon that keeps device state (net, console) makes the area it creates
+//! [`crate::state::SECTION_LEN`] bytes longer and keeps its state blob there,
+//! after the queues ([`crate::state::StateSection`]); the frontend only
+//! keeps the fd and the size the daemon chose, so any frontend carries it.
 
 use std::fs::File;
 use std::io;
@@ -37,6 +42,19 @@ pub fn queue_region_size(queue_size: u16) -> usize {
     raw.div_ceil(ALIGN) * ALIGN
 }
 
+/// Bytes of the largest area a daemon with `num_queues` queues of at most
+/// `max_queue_size` entries creates (with a state section when
+/// `with_state`): its `RLIMIT_FSIZE` must allow sizing that memfd.
+pub fn max_area_size(num_queues: u16, max_queue_size: u16, with_state: bool) -> u64 {
+    let queues = queue_region_size(max_queue_size) as u64 * u64::from(num_queues);
+    queues
+        + if with_state {
+            crate::state::SECTION_LEN as u64
+        } else {
+            0
+        }
+}
+
 /// Errors setting up an inflight region.
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
@@ -54,20 +72,42 @@ pub enum InflightError {
     Io(#[from] io::Error),
 }
 
-/// The whole shared area: one part per queue.
+/// The whole shared area: one part per queue, and the device-state section
+/// when the area has room for one.
 pub struct InflightRegion {
     mapping: Arc<MmapRegion>,
     num_queues: u16,
     queue_size: u16,
+    /// Offset of the state section, when mapped.
+    section: Option<usize>,
 }
 
 impl InflightRegion {
     /// Creates a zeroed area in a new memfd (GET_INFLIGHT_FD); returns it and its fd.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<(Self, File), InflightError> {
+        Self::create_sized(num_queues, queue_size, false)
+    }
+
+    /// Like [`InflightRegion::create`], with a device-state section after the queues.
+    pub fn create_with_state(
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(Self, File), InflightError> {
+        Self::create_sized(num_queues, queue_size, true)
+    }
+
+    fn create_sized(
+        num_queues: u16,
+        queue_size: u16,
+        with_state: bool,
+    ) -> Result<(Self, File), InflightError> {
         if num_queues == 0 || queue_size == 0 || !queue_size.is_power_of_two() {
             return Err(InflightError::BadGeometry(num_queues, queue_size));
         }
-        let size = queue_region_size(queue_size) * usize::from(num_queues);
+        let mut size = queue_region_size(queue_size) * usize::from(num_queues);
+        if with_state {
+            size += crate::state::SECTION_LEN;
+        }
         // SAFETY: memfd_create with a static NUL-terminated name.
         let fd = unsafe {
             libc::memfd_create(
@@ -85,7 +125,9 @@ impl InflightRegion {
         Ok((region, file))
     }
 
-    /// Maps an area the frontend handed back (SET_INFLIGHT_FD), after checking its size.
+    /// Maps an area the frontend handed back (SET_INFLIGHT_FD), after
+    /// checking its size; an area with room for a state section after the
+    /// queues gets it mapped too.
     pub fn map(
         file: File,
         offset: u64,
@@ -96,10 +138,16 @@ impl InflightRegion {
         if num_queues == 0 || queue_size == 0 {
             return Err(InflightError::BadGeometry(num_queues, queue_size));
         }
-        let needed = (queue_region_size(queue_size) * usize::from(num_queues)) as u64;
-        if size < needed {
-            return Err(InflightError::TooSmall(size, needed));
+        let queues = (queue_region_size(queue_size) * usize::from(num_queues)) as u64;
+        if size < queues {
+            return Err(InflightError::TooSmall(size, queues));
         }
+        let with_section = queues + crate::state::SECTION_LEN as u64;
+        let needed = if size >= with_section {
+            with_section
+        } else {
+            queues
+        };
         crate::frontend_fd::regular_file(&file, "inflight area")?;
         // As for guest memory: seal, then check the size (a file that cannot
         // be sealed is still used; the SIGBUS handler covers it).
@@ -122,7 +170,13 @@ impl InflightRegion {
             mapping: Arc::new(mapping),
             num_queues,
             queue_size,
+            section: (needed > queues).then_some(queues as usize),
         })
+    }
+
+    /// The device-state section, when the area has one.
+    pub fn state_section(&self) -> Option<crate::state::StateSection> {
+        crate::state::StateSection::new(self.mapping.clone(), self.section?)
     }
 
     /// Number of queues the area covers.
@@ -240,6 +294,15 @@ impl QueueInflight {
         self.write(off, 1u8);
     }
 
+    /// Records that `head` went back to the avail ring unused (the queue
+    /// rewound its next avail index over it), so nobody resubmits it.
+    pub fn abort(&mut self, head: u16) {
+        if head < self.desc_num {
+            self.write(Self::desc_off(head), 0u8);
+            fence(Ordering::Release);
+        }
+    }
+
     /// Records that `head` is about to be published in the used ring.
     pub fn before_used(&mut self, head: u16) {
         self.write(OFF_LAST_BATCH_HEAD, head);
@@ -326,6 +389,38 @@ mod tests {
         drop(q);
         let mut q = region.queue(0, 8).unwrap();
         assert_eq!(q.recover(0, 0), vec![4, 1, 2]);
+    }
+
+    #[test]
+    fn an_area_created_with_state_maps_back_with_its_section() {
+        use crate::state::{SECTION_LEN, Stored};
+        let (region, file) = InflightRegion::create_with_state(2, 8).unwrap();
+        let size = file.metadata().unwrap().len();
+        assert_eq!(size as usize, 2 * queue_region_size(8) + SECTION_LEN);
+        region.state_section().unwrap().store(b"blob").unwrap();
+        drop(region);
+        let again = InflightRegion::map(file.try_clone().unwrap(), 0, size, 2, 8).unwrap();
+        assert_eq!(
+            again.state_section().unwrap().load(),
+            Stored::Blob(b"blob".to_vec())
+        );
+        // The queue part alone (as another implementation sizes it): no section.
+        let queues = 2 * queue_region_size(8) as u64;
+        let short = InflightRegion::map(file, 0, queues, 2, 8).unwrap();
+        assert!(short.state_section().is_none());
+        let (plain, _) = InflightRegion::create(2, 8).unwrap();
+        assert!(plain.state_section().is_none());
+    }
+
+    #[test]
+    fn an_aborted_head_is_not_resubmitted() {
+        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        q.recover(0, 0);
+        q.begin(1);
+        q.begin(2);
+        q.abort(2);
+        assert_eq!(q.recover(0, 0), vec![1]);
     }
 
     #[test]

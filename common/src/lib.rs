@@ -15,8 +15,10 @@ pub mod memory;
 pub mod notify;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod state;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
+pub mod transfer;
 pub mod virtqueue;
 pub mod worker;
 

@@ -8,7 +8,8 @@
 //! 2. resolves `--user`/`--group` (getpwnam_r/getgrnam_r, while /etc is
 //!    still reachable);
 //! 3. sets resource limits: `RLIMIT_CORE` 0 (no guest memory in core files),
-//!    `RLIMIT_NOFILE` from the policy, `RLIMIT_FSIZE` 0 for daemons that write
+//!    `RLIMIT_NOFILE` from the policy, `RLIMIT_FSIZE` the size of the inflight
+//!    area's memfd (the one file they size) for daemons that write
 //!    no files;
 //! 4. enters fresh ipc and uts namespaces, and a fresh net namespace unless
 //!    the policy needs the network (a user namespace first where the daemon
@@ -235,8 +236,12 @@ pub struct Policy {
     pub needs_network: bool,
     /// `RLIMIT_NOFILE`: the most fds it may hold (see [`fd_budget`]).
     pub max_open_files: u64,
-    /// It writes regular files (an image); false sets `RLIMIT_FSIZE` to 0.
+    /// It writes regular files (an image); false sets `RLIMIT_FSIZE` to
+    /// [`Policy::memfd_bytes`].
     pub writes_files: bool,
+    /// Without `writes_files`: the largest file it sizes, its inflight
+    /// area's memfd ([`crate::inflight::max_area_size`]); 0 for none.
+    pub memfd_bytes: u64,
 }
 
 impl Default for Policy {
@@ -248,6 +253,7 @@ impl Default for Policy {
             needs_network: false,
             max_open_files: fd_budget(1, 8),
             writes_files: false,
+            memfd_bytes: 0,
         }
     }
 }
@@ -492,7 +498,8 @@ fn set_rlimits(policy: &Policy, sb: &mut Sandbox) -> Result<(), SandboxError> {
             sb.notes
                 .push("RLIMIT_FSIZE not set (stdout or stderr is a file)".into());
         } else {
-            setrlimit(libc::RLIMIT_FSIZE, 0).map_err(|e| SandboxError::Sys("RLIMIT_FSIZE", e))?;
+            setrlimit(libc::RLIMIT_FSIZE, policy.memfd_bytes)
+                .map_err(|e| SandboxError::Sys("RLIMIT_FSIZE", e))?;
         }
     }
     Ok(())

@@ -204,6 +204,9 @@ pub struct VirtQueue {
     event_idx: bool,
     limits: ChainLimits,
     heads: HeadSet,
+    /// Avail index each in-flight head was taken at; None for a head
+    /// resubmitted from the inflight area (see [`VirtQueue::give_back`]).
+    taken_at: Vec<Option<Wrapping<u16>>>,
     resubmit: VecDeque<u16>,
     inflight: Option<QueueInflight>,
     call: Arc<CallSlot>,
@@ -279,6 +282,7 @@ impl VirtQueue {
                 max_total_len: cfg.max_chain_bytes,
             },
             heads,
+            taken_at: vec![None; usize::from(cfg.size)],
             resubmit,
             inflight,
             call,
@@ -432,6 +436,7 @@ impl VirtQueue {
                 if !self.heads.insert(head) {
                     return Err(self.fail(QueueError::HeadInFlight(head)));
                 }
+                self.taken_at[usize::from(head)] = Some(self.next_avail);
                 self.next_avail += Wrapping(1);
                 if let Some(inf) = self.inflight.as_mut() {
                     inf.begin(head);
@@ -455,6 +460,39 @@ impl VirtQueue {
         }
     }
 
+    /// Puts chains the device took and never used back on the avail ring:
+    /// the next avail index moves back over them, so GET_VRING_BASE reports
+    /// them as not taken and the next backend takes them again. Only the
+    /// most recently taken heads can go back (the index moves over a
+    /// contiguous run); returns the heads that could not, for the caller to
+    /// complete with length 0. For receive buffers held at a stop: used
+    /// with length 0 they would be gone until the driver posts them again.
+    pub fn give_back(&mut self, heads: &[u16]) -> Vec<u16> {
+        let mut left: Vec<u16> = heads.to_vec();
+        loop {
+            let want = self.next_avail - Wrapping(1);
+            let Some(i) = left
+                .iter()
+                .position(|&h| self.taken_at.get(usize::from(h)).copied().flatten() == Some(want))
+            else {
+                break;
+            };
+            let head = left.swap_remove(i);
+            if !self.heads.remove(head) {
+                left.push(head);
+                break;
+            }
+            self.taken_at[usize::from(head)] = None;
+            if let Some(inf) = self.inflight.as_mut() {
+                inf.abort(head);
+            }
+            self.next_avail = want;
+        }
+        // Entries up to the driver's index are read again from the ring.
+        self.avail_shadow = self.next_avail;
+        left
+    }
+
     fn bad_chain(&mut self, head: u16, e: ChainError) {
         self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
         guest_error!("queue {}: head {head}: {e}", self.index);
@@ -471,6 +509,7 @@ impl VirtQueue {
             );
             return;
         }
+        self.taken_at[usize::from(head)] = None;
         let mem = self.map();
         let slot = u64::from(self.next_used.0 % self.size);
         let elem = self.addrs.used.unchecked_add(4 + 8 * slot);
@@ -770,6 +809,47 @@ pub(crate) mod tests {
         assert!(!q.take_exhausted());
         q.refill_budget();
         assert!(q.pop().unwrap().is_some());
+    }
+
+    #[test]
+    fn held_buffers_given_back_are_taken_again_and_never_used() {
+        let mut g = Guest::new();
+        for i in 0..4 {
+            g.desc(i, 0x5000 + 0x100 * u64::from(i), 16, VRING_DESC_F_WRITE, 0);
+            g.offer(i);
+        }
+        let (mut q, _) = g.queue(0);
+        let taken: Vec<u16> = (0..4).map(|_| q.pop().unwrap().unwrap().head()).collect();
+        q.complete(taken[0], 8);
+        // Heads 1..4 are held; the base moves back over all three.
+        assert!(q.give_back(&[taken[3], taken[1], taken[2]]).is_empty());
+        assert_eq!(q.next_avail(), 1);
+        assert_eq!(q.in_flight(), 0);
+        assert_eq!(g.used(), (1, vec![(0, 8)]));
+        // The same queue (or the next backend from this base) takes them again.
+        let again: Vec<u16> = (0..3).map(|_| q.pop().unwrap().unwrap().head()).collect();
+        assert_eq!(again, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn only_the_most_recently_taken_heads_can_go_back() {
+        let mut g = Guest::new();
+        for i in 0..4 {
+            g.desc(i, 0x5000 + 0x100 * u64::from(i), 16, VRING_DESC_F_WRITE, 0);
+            g.offer(i);
+        }
+        let (mut q, _) = g.queue(0);
+        for _ in 0..4 {
+            q.pop().unwrap().unwrap();
+        }
+        // Head 3 was used after head 1 was taken: 1 cannot go back.
+        q.complete(2, 0);
+        let left = q.give_back(&[0, 1, 3]);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&0) && left.contains(&1));
+        assert_eq!(q.next_avail(), 3);
+        // A head not in flight is never given back.
+        assert_eq!(q.give_back(&[2]), vec![2]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod blk;
 pub mod console;
 pub mod cpio;
 pub mod daemon;
+pub mod device_state;
 pub mod frontend;
 pub mod guest;
 pub mod le;

@@ -6,6 +6,7 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -21,6 +22,7 @@ use crate::request::{
     ID_BYTES, MAX_SEGMENTS, ParseError, Request, RequestKind, SECTOR_SIZE, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
 };
+use crate::state::BlkState;
 
 /// Virtio-blk feature bits (virtio spec 5.2.3).
 pub mod features {
@@ -93,6 +95,10 @@ pub struct BlkDevice {
     cfg: BlkConfig,
     /// Writeback cache on (guest-writable through CONFIG_WCE).
     writeback: Arc<AtomicBool>,
+    /// Virtio features the driver acked (for state blobs).
+    acked: AtomicU64,
+    /// Where the state goes after the driver changes it (the inflight area).
+    sink: StateSink,
     /// Counters.
     pub stats: Arc<BlkStats>,
 }
@@ -104,7 +110,16 @@ impl BlkDevice {
             disk,
             cfg,
             writeback: Arc::new(AtomicBool::new(true)),
+            acked: AtomicU64::new(0),
+            sink: StateSink::default(),
             stats: Arc::new(BlkStats::default()),
+        }
+    }
+
+    fn state(&self) -> BlkState {
+        BlkState {
+            features: virtio_features(self.acked.load(Ordering::Acquire)),
+            writeback: self.writeback.load(Ordering::Relaxed),
         }
     }
 
@@ -141,6 +156,36 @@ impl Config {
 
 impl VhostUserDevice for BlkDevice {
     type Worker = BlkWorker;
+    type State = BlkState;
+
+    fn device_type(&self) -> DeviceType {
+        DeviceType::Blk
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        self.state().encode()
+    }
+
+    fn parse_state(&self, payload: &[u8]) -> Result<BlkState, StateError> {
+        BlkState::parse(payload, self.acked.load(Ordering::Acquire))
+    }
+
+    fn apply_state(&self, state: BlkState) {
+        self.writeback.store(state.writeback, Ordering::Relaxed);
+    }
+
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
+    fn set_state_section(&self, section: Option<Arc<StateSection>>) {
+        self.sink.attach(section);
+    }
+
+    fn set_features(&self, features: u64) -> io::Result<()> {
+        self.acked.store(features, Ordering::Release);
+        Ok(())
+    }
 
     fn num_queues(&self) -> u16 {
         self.cfg.num_queues
@@ -211,6 +256,8 @@ impl VhostUserDevice for BlkDevice {
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
         if offset == CONFIG_WCE_OFFSET && data.len() == 1 {
             self.writeback.store(data[0] != 0, Ordering::Relaxed);
+            // Before the frontend answers: a successor after a crash keeps it.
+            self.sink.persist(DeviceType::Blk, || self.state().encode());
             bulkhead_common::rate_limited!(
                 log::Level::Info,
                 "guest set the write cache to {}",
@@ -242,6 +289,7 @@ impl VhostUserDevice for BlkDevice {
 
     fn reset(&self) {
         self.writeback.store(true, Ordering::Relaxed);
+        self.acked.store(0, Ordering::Release);
     }
 
     fn create_worker(&self, index: u16, size: u16, _features: u64) -> io::Result<BlkWorker> {

@@ -7,3 +7,4 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod request;
+pub mod state;

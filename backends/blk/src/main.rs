@@ -141,6 +141,7 @@ fn sandbox_policy(args: &Args) -> Policy {
         needs_network: false,
         max_open_files: fd_budget(args.num_queues, FDS_PER_QUEUE),
         writes_files: true,
+        memfd_bytes: 0,
     }
 }
 

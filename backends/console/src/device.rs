@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_common::notify::ConfigNotifier;
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -25,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::port::{Input, Port, STALL_MS, StatsSource};
 use crate::request::{CONTROL_HDR_LEN, ControlMsg, DeviceEvent, DriverEvent};
+use crate::state::{ConsoleState, Limits, PortState};
 
 /// Virtio-console feature bits (virtio spec 5.3.3).
 pub mod features {
@@ -71,9 +73,47 @@ pub struct Control {
     driver_ready: AtomicBool,
     ports: Vec<Arc<Port>>,
     stats: Arc<DeviceStats>,
+    /// Where the state goes after each change (the inflight area).
+    sink: StateSink,
 }
 
 impl Control {
+    fn names(&self) -> Vec<Option<&str>> {
+        self.ports.iter().map(|p| p.name()).collect()
+    }
+
+    fn state(&self) -> ConsoleState {
+        ConsoleState {
+            features: virtio_features(self.acked.load(Ordering::Acquire)),
+            driver_ready: self.driver_ready.load(Ordering::Acquire),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| PortState {
+                    ready: p.ready(),
+                    guest_open: p.guest_open(),
+                    size: p.size(),
+                })
+                .collect(),
+            pending: self
+                .pending
+                .lock()
+                .map(|q| q.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        self.state().encode(&self.names())
+    }
+
+    /// Keeps the state in the inflight area. Called without the pending
+    /// lock held, before the control message that changed it completes.
+    fn persist(&self) {
+        self.sink
+            .persist(DeviceType::Console, || self.encode_state());
+    }
+
     fn has(&self, bit: u32) -> bool {
         self.acked.load(Ordering::Acquire) & (1 << bit) != 0
     }
@@ -164,6 +204,8 @@ impl Control {
         if self.has(features::MULTIPORT) && self.port(0).is_some_and(|p| p.ready()) {
             self.push(DeviceEvent::Resize { id, cols, rows });
         }
+        // The new size is what the guest is told (config space or RESIZE).
+        self.persist();
         if self.has(features::SIZE)
             && let Ok(n) = self.notifier.lock()
             && let Some(n) = n.as_ref()
@@ -215,6 +257,7 @@ impl ConsoleDevice {
             driver_ready: AtomicBool::new(false),
             ports,
             stats: stats.clone(),
+            sink: StateSink::default(),
         });
         for p in &control.ports {
             p.set_stats_source(control.clone());
@@ -265,6 +308,66 @@ pub fn role(index: u16) -> Role {
 
 impl VhostUserDevice for ConsoleDevice {
     type Worker = ConsoleWorker;
+    type State = ConsoleState;
+
+    fn device_type(&self) -> DeviceType {
+        DeviceType::Console
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        self.control.encode_state()
+    }
+
+    fn parse_state(&self, payload: &[u8]) -> Result<ConsoleState, StateError> {
+        let c = &self.control;
+        let limits = Limits {
+            acked: c.acked.load(Ordering::Acquire),
+            names: c.names(),
+            max_pending: c.max_pending(),
+        };
+        ConsoleState::parse(payload, &limits)
+    }
+
+    fn apply_state(&self, state: ConsoleState) {
+        let c = &self.control;
+        c.driver_ready.store(state.driver_ready, Ordering::Release);
+        for (p, s) in c.ports.iter().zip(&state.ports) {
+            p.set_ready(s.ready);
+            p.set_guest_open(s.guest_open);
+            // The host side's size: this daemon's own if its host side has
+            // one (a pty), else the size the guest was told.
+            if p.size().is_none()
+                && let Some((cols, rows)) = s.size
+            {
+                p.set_size(cols, rows);
+            }
+        }
+        if let Ok(mut q) = c.pending.lock() {
+            *q = state.pending.into_iter().collect();
+        }
+        // A console whose host side has another size than the guest was
+        // told: tell it, as a resize would.
+        if let (Some(p0), Some(s0)) = (c.port(0), state.ports.first())
+            && let Some((cols, rows)) = p0.size()
+            && s0.size != Some((cols, rows))
+            && c.has(features::MULTIPORT)
+            && p0.ready()
+        {
+            c.push(DeviceEvent::Resize { id: 0, cols, rows });
+        }
+        let _ = c.wake.write(1);
+        for p in &c.ports {
+            p.wake();
+        }
+    }
+
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
+    fn set_state_section(&self, section: Option<Arc<StateSection>>) {
+        self.control.sink.attach(section);
+    }
 
     fn num_queues(&self) -> u16 {
         // Two per port plus the control pair; ports are bounded by the CLI.
@@ -294,6 +397,7 @@ impl VhostUserDevice for ConsoleDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn config(&self) -> Vec<u8> {
@@ -614,6 +718,9 @@ impl ControlRxWorker {
         drop(q);
         if used {
             vq.notify();
+            // After the messages went out: a crash in between sends one
+            // again (harmless: Linux takes each again), never loses one.
+            c.persist();
         }
     }
 }
@@ -635,7 +742,11 @@ impl ControlTxWorker {
                     Err(_) => return,
                 };
                 match ControlMsg::parse(&chain, ports) {
-                    Ok(ev) => self.control.handle(ev),
+                    Ok(ev) => {
+                        self.control.handle(ev);
+                        // Before the driver sees the message used.
+                        self.control.persist();
+                    }
                     Err(e) => {
                         self.control
                             .stats
@@ -731,9 +842,13 @@ impl QueueWorker for ConsoleWorker {
         if let ConsoleWorker::PortRx(w) = self
             && let Some(chain) = w.held.take()
         {
-            // Give the unused buffer back so a restarted queue does not lose it.
-            vq.complete(chain.head(), 0);
-            vq.notify();
+            // The receive buffer held for input goes back on the ring (the
+            // next avail index moves back over it), so stops and swaps never
+            // eat the guest's buffers; used empty only if it cannot.
+            if !vq.give_back(&[chain.head()]).is_empty() {
+                vq.complete(chain.head(), 0);
+                vq.notify();
+            }
         }
     }
 }

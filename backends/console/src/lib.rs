@@ -6,3 +6,4 @@
 pub mod device;
 pub mod port;
 pub mod request;
+pub mod state;

@@ -169,6 +169,13 @@ fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
         needs_network: false,
         max_open_files: fd_budget(2 * (ports as u16 + 1), FDS_PER_QUEUE),
         writes_files,
+        // The inflight area (with its device-state section) is the one
+        // file it sizes, unless a file= port needs no limit at all.
+        memfd_bytes: bulkhead_common::inflight::max_area_size(
+            2 * (ports as u16 + 1),
+            bulkhead_console::device::MAX_QUEUE_SIZE,
+            true,
+        ),
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_common::chain::IoVecBuf;
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::virtqueue::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -24,6 +25,7 @@ use crate::request::{
     CtrlCommand, CtrlFeatures, CtrlRequest, ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME_LEN,
     MacAddr, TxError, TxFrame, TxOffloads, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
+use crate::state::{Limits, NetState};
 use crate::tap::{Tap, offload_flags};
 
 /// Virtio-net feature bits (virtio spec 5.1.3).
@@ -283,6 +285,26 @@ struct Shared {
     filter: Mutex<RxFilter>,
     mac: Option<MacAddr>,
     active_pairs: AtomicU16,
+    /// Virtio features the driver acked (for state blobs).
+    acked: AtomicU64,
+    /// Where the state goes after each control command (the inflight area).
+    sink: StateSink,
+}
+
+impl Shared {
+    fn state(&self) -> NetState {
+        NetState {
+            features: virtio_features(self.acked.load(Ordering::Acquire)),
+            filter: self.filter.lock().map(|f| f.clone()).unwrap_or_default(),
+            active_pairs: self.active_pairs.load(Ordering::Relaxed),
+            mac: self.mac,
+        }
+    }
+
+    /// Keeps the state in the inflight area; before the command that changed it completes.
+    fn persist(&self) {
+        self.sink.persist(DeviceType::Net, || self.state().encode());
+    }
 }
 
 /// The net device served by the daemon.
@@ -340,6 +362,8 @@ impl NetDevice {
             filter: Mutex::new(RxFilter::default()),
             mac: cfg.mac,
             active_pairs: AtomicU16::new(1),
+            acked: AtomicU64::new(0),
+            sink: StateSink::default(),
         });
         let dev = NetDevice {
             cfg,
@@ -385,6 +409,41 @@ impl Config {
 
 impl VhostUserDevice for NetDevice {
     type Worker = NetWorker;
+    type State = NetState;
+
+    fn device_type(&self) -> DeviceType {
+        DeviceType::Net
+    }
+
+    fn save_state(&self) -> Vec<u8> {
+        self.shared.state().encode()
+    }
+
+    fn parse_state(&self, payload: &[u8]) -> Result<NetState, StateError> {
+        let limits = Limits {
+            acked: self.shared.acked.load(Ordering::Acquire),
+            queue_pairs: self.cfg.queue_pairs,
+            mac: self.cfg.mac,
+        };
+        NetState::parse(payload, &limits)
+    }
+
+    fn apply_state(&self, state: NetState) {
+        if let Ok(mut f) = self.shared.filter.lock() {
+            *f = state.filter;
+        }
+        self.shared
+            .active_pairs
+            .store(state.active_pairs, Ordering::Relaxed);
+    }
+
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
+    fn set_state_section(&self, section: Option<Arc<StateSection>>) {
+        self.shared.sink.attach(section);
+    }
 
     fn num_queues(&self) -> u16 {
         2 * self.cfg.queue_pairs + 1
@@ -432,6 +491,7 @@ impl VhostUserDevice for NetDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn config(&self) -> Vec<u8> {
@@ -445,6 +505,7 @@ impl VhostUserDevice for NetDevice {
     }
 
     fn set_features(&self, features: u64) -> io::Result<()> {
+        self.shared.acked.store(features, Ordering::Release);
         self.configure_tap(features).inspect_err(|e| {
             bulkhead_common::rate_limited!(
                 log::Level::Error,
@@ -464,6 +525,7 @@ impl VhostUserDevice for NetDevice {
             *f = RxFilter::default();
         }
         self.shared.active_pairs.store(1, Ordering::Relaxed);
+        self.shared.acked.store(0, Ordering::Release);
         if let Err(e) = self.configure_tap(0) {
             bulkhead_common::rate_limited!(
                 log::Level::Warn,
@@ -591,13 +653,22 @@ impl QueueWorker for NetWorker {
     fn drain(&mut self, vq: &mut VirtQueue) {
         match self {
             NetWorker::Rx(w) => {
-                // Unused receive buffers go back empty; the driver reposts them.
-                for c in w.spare.drain(..) {
-                    vq.complete(c.head(), 0);
+                // Receive buffers taken and not used go back on the ring
+                // (the next avail index moves back over them), so stops and
+                // swaps never eat the guest's buffers; any that cannot are
+                // used empty, and the driver reposts them. A packet read from
+                // the tap and not yet delivered is lost, as on a wire.
+                let heads: Vec<u16> = w.spare.drain(..).map(|c| c.head()).collect();
+                for h in vq.give_back(&heads) {
+                    vq.complete(h, 0);
                 }
             }
             NetWorker::Tx(w) => {
-                if let Some((chain, _)) = w.pending.take() {
+                // The frame the tap refused goes back on the ring too: the
+                // next backend sends it.
+                if let Some((chain, _)) = w.pending.take()
+                    && !vq.give_back(&[chain.head()]).is_empty()
+                {
                     w.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
                     vq.complete(chain.head(), 0);
                 }
@@ -983,6 +1054,9 @@ impl CtrlWorker {
                 let ack = match req.command {
                     Ok(cmd) => {
                         self.apply(cmd);
+                        // In the inflight area before the driver sees the ack:
+                        // a daemon killed after the ack leaves the new state.
+                        self.shared.persist();
                         s.ctrl_ok.fetch_add(1, Ordering::Relaxed);
                         VIRTIO_NET_OK
                     }

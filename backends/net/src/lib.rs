@@ -5,4 +5,5 @@
 
 pub mod device;
 pub mod request;
+pub mod state;
 pub mod tap;

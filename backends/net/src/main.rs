@@ -118,7 +118,7 @@ const FDS_PER_QUEUE: u64 = 8;
 /// features, and attaches a pair's tap queue when its first queue starts; a
 /// queue thread reads and writes frames, and detaches its pair's tap queue
 /// when the last queue of the pair stops.
-fn sandbox_policy(pairs: u16) -> Policy {
+fn sandbox_policy(pairs: u16, queue_size: u16) -> Policy {
     use libc::*;
     Policy {
         paths: Vec::new(),
@@ -133,6 +133,9 @@ fn sandbox_policy(pairs: u16) -> Policy {
         // rx, tx per pair plus the control queue.
         max_open_files: fd_budget(2 * pairs + 1, FDS_PER_QUEUE),
         writes_files: false,
+        // The inflight area (with its device-state section) is the one
+        // file it sizes.
+        memfd_bytes: bulkhead_common::inflight::max_area_size(2 * pairs + 1, queue_size, true),
     }
 }
 
@@ -206,7 +209,7 @@ fn main() -> ExitCode {
         Ok(e) => e.with_busy_poll(args.busy_poll.max()),
         Err(e) => return fail(&e),
     };
-    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(pairs)) {
+    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(pairs, args.queue_size)) {
         return fail(&e);
     }
     #[cfg(feature = "test-hooks")]
