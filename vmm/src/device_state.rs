@@ -137,6 +137,16 @@ fn write_some(
     Ok(())
 }
 
+/// Writes as much of `data` into the pipe's write end `w` as fits without
+/// blocking (`*at` advances). All of it: `w` is closed, so a reader sees the
+/// end of the data even before it is told to read; the rest is left for
+/// later, and `w` is handed back.
+fn prefill(mut w: File, data: &[u8], at: &mut usize) -> io::Result<Option<File>> {
+    nonblocking(&w)?;
+    write_some(&mut w, data, at, None)?;
+    Ok((*at < data.len()).then_some(w))
+}
+
 /// Asks a stopped backend for its device state (SAVE), then
 /// CHECK_DEVICE_STATE. Every ring must already be stopped (GET_VRING_BASE).
 pub fn save(fe: &mut Frontend) -> Result<Vec<u8>, DeviceError> {
@@ -161,13 +171,9 @@ pub fn save(fe: &mut Frontend) -> Result<Vec<u8>, DeviceError> {
 /// (LOAD), then CHECK_DEVICE_STATE: an error if the backend refused it.
 pub fn load(fe: &mut Frontend, blob: &[u8]) -> Result<(), DeviceError> {
     let deadline = Instant::now() + STATE_TIMEOUT;
-    let (r, mut w) = pipe().map_err(|e| io_err("pipe", e))?;
-    nonblocking(&w).map_err(|e| io_err("pipe", e))?;
+    let (r, w) = pipe().map_err(|e| io_err("pipe", e))?;
     let mut at = 0;
-    write_some(&mut w, blob, &mut at, None).map_err(|e| io_err("load", e))?;
-    // All in the pipe: close our end now, so the backend sees the end of
-    // the blob even if it reads before it replies.
-    let mut w = if at == blob.len() { None } else { Some(w) };
+    let mut w = prefill(w, blob, &mut at).map_err(|e| io_err("load", e))?;
     let theirs = fe
         .set_device_state_fd(
             VhostTransferStateDirection::LOAD,
@@ -229,6 +235,25 @@ mod tests {
         let e = read_all(r, Instant::now() + Duration::from_millis(200)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_prefilled_blob_ends_in_eof_with_no_writer_left() {
+        let (r, w) = pipe().unwrap();
+        let mut at = 0;
+        assert!(prefill(w, b"state", &mut at).unwrap().is_none());
+        // EOF arrives at once: a writer left open would time out here.
+        let got = read_all(r, Instant::now() + Duration::from_millis(500)).unwrap();
+        assert_eq!(got, b"state");
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_pipe_keeps_its_writer_for_the_rest() {
+        let (_r, w) = pipe().unwrap();
+        let big = vec![3u8; 4 << 20];
+        let mut at = 0;
+        let w = prefill(w, &big, &mut at).unwrap();
+        assert!(w.is_some() && at > 0 && at < big.len());
     }
 
     #[test]
