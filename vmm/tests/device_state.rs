@@ -149,7 +149,13 @@ fn net_filter_and_console_state_survive_a_swap_and_a_crash_under_linux() {
     ] {
         let socket = new.socket().to_string_lossy().into_owned();
         let reply = vm.ctl(&["swap", id, "--socket", &socket]).expect("ctl swap");
-        assert_eq!(reply["ok"], true, "swap {id}: {reply}\n{}", vm.vmm_log());
+        assert_eq!(
+            reply["ok"],
+            true,
+            "swap {id}: {reply}\n{}\n--- the new daemon:\n{}",
+            vm.vmm_log(),
+            linux::daemon_log(&new)
+        );
         if id == "net0" {
             vm.backends.replace_net(new);
         } else {
