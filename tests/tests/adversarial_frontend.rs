@@ -903,8 +903,9 @@ impl FdMsg {
             // Fds here are a mistake the spec tells backends to forgive:
             // they are closed unused, whatever they are.
             FdMsg::RemMemReg => true,
-            // Only blk offers INFLIGHT_SHMFD.
-            FdMsg::Inflight => kind == Kind::Blk && matches!(fd, Fd::Memfd | Fd::RegularFile),
+            // Every daemon offers INFLIGHT_SHMFD (net and console keep
+            // their device state there since issue 22).
+            FdMsg::Inflight => matches!(fd, Fd::Memfd | Fd::RegularFile),
             // Only console offers BACKEND_REQ; the channel is a unix stream socket.
             FdMsg::BackendReq => kind == Kind::Console && fd == Fd::Socket,
             // No daemon offers dirty logging.

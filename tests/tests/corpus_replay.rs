@@ -128,6 +128,23 @@ fn console_inputs_replay_cleanly() {
 }
 
 #[test]
+fn device_state_inputs_replay_cleanly() {
+    replay("device_state");
+}
+
+#[test]
+fn device_state_seeds_are_states_the_devices_accept() {
+    for (name, bytes) in harness::device_state::seeds() {
+        let refused = name.contains("too-many");
+        assert_eq!(
+            harness::device_state::accepts(&bytes),
+            !refused,
+            "seed {name}"
+        );
+    }
+}
+
+#[test]
 fn hostile_frontend_inputs_replay_cleanly() {
     replay("hostile_frontend");
 }

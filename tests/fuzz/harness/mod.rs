@@ -16,6 +16,7 @@ pub mod blk_request;
 pub mod chain;
 pub mod console;
 pub mod device;
+pub mod device_state;
 pub mod frontend;
 pub mod guest;
 pub mod inflight;
@@ -82,6 +83,11 @@ pub const TARGETS: &[Target] = &[
         name: "console_messages",
         run: vhost_user::run_console,
         seeds: vhost_user::seeds_console,
+    },
+    Target {
+        name: "device_state",
+        run: device_state::run,
+        seeds: device_state::seeds,
     },
     Target {
         name: "hostile_frontend",
