@@ -514,3 +514,79 @@ fn help_capabilities_and_docs_agree() {
     }
     assert!(help.contains("resize COLS ROWS"));
 }
+
+/// Input a client sent is not lost when a newer client replaces it (how a
+/// console follower that reconnects lost 16 bytes typed on hvc0, issue 22):
+/// the guest gets the replaced client's bytes first, then the new one's;
+/// output goes only to the new client.
+#[test]
+fn input_of_a_replaced_client_still_reaches_the_guest() {
+    let d = start(&["--port", &format!("name={LOG_PORT}")]);
+    let mut drv = connect(&d);
+    drv.linux_bring_up(&[None, Some(LOG_PORT)]).unwrap();
+    let path = d.dir().join(format!("vhost.sock.{LOG_PORT}"));
+    let attached = |n: u64| {
+        let ctl = d.dir().join(format!("vhost.sock.{LOG_PORT}.ctl"));
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let line = ctl_command(&ctl, "stats").expect("stats");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("stats JSON");
+            if v["attaches"].as_u64() >= Some(n) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "client never attached: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut a = client(&path);
+    attached(1);
+    // The port is not open in the guest yet: the daemon has not read this.
+    a.write_all(b"typed-by-a").unwrap();
+    let mut b = client(&path);
+    attached(2);
+    b.write_all(b"+b").unwrap();
+    drv.open_port(1).unwrap();
+    assert_eq!(drv.read(1, 12, TIMEOUT).unwrap(), b"typed-by-a+b");
+    drv.write(1, b"out", 64).unwrap();
+    assert_eq!(read_n(b.as_mut(), 3, TIMEOUT).unwrap(), b"out");
+    // The replaced client reads end of file: its output side is shut.
+    a.timeout(Some(TIMEOUT)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut *a, &mut byte).unwrap(), 0);
+}
+
+/// Input typed on hvc0 and on a named port at the same moment, each from a
+/// fresh connection (the previous round's clients may not be noticed gone
+/// yet, so they are replaced), reaches both ports byte for byte.
+#[test]
+fn input_typed_on_two_ports_at_the_same_moment_reaches_both() {
+    let d = start(&["--port", &format!("name={LOG_PORT}")]);
+    let mut drv = connect(&d);
+    drv.linux_bring_up(&[None, Some(LOG_PORT)]).unwrap();
+    drv.open_port(1).unwrap();
+    let named = d.dir().join(format!("vhost.sock.{LOG_PORT}"));
+    for round in 0..20u8 {
+        let (p0, p1) = (console_path(&d), named.clone());
+        let a = std::thread::spawn(move || {
+            let mut c = client(&p0);
+            c.write_all(&[b'a' + round % 26; 16]).unwrap();
+            c
+        });
+        let b = std::thread::spawn(move || {
+            let mut c = client(&p1);
+            c.write_all(&[b'A' + round % 26; 16]).unwrap();
+            c
+        });
+        let (_ca, _cb) = (a.join().unwrap(), b.join().unwrap());
+        assert_eq!(
+            drv.read(0, 16, TIMEOUT).unwrap(),
+            vec![b'a' + round % 26; 16],
+            "round {round} hvc0"
+        );
+        assert_eq!(
+            drv.read(1, 16, TIMEOUT).unwrap(),
+            vec![b'A' + round % 26; 16],
+            "round {round} named"
+        );
+    }
+}

@@ -162,6 +162,8 @@ fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
             // UnixStream::set_nonblocking on an accepted client.
             Syscall::ioctl(FIONBIO),
             Syscall::ioctl(TIOCGWINSZ),
+            // Ending a replaced client's output side (it reads end of file).
+            Syscall::any(SYS_shutdown),
             Syscall::any(SYS_readv),
             Syscall::any(SYS_sendto),
             Syscall::any(SYS_timerfd_settime),

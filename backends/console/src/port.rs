@@ -39,6 +39,8 @@ pub const DEFAULT_SCROLLBACK: usize = 64 << 10;
 pub const MAX_NAME_LEN: usize = crate::request::MAX_NAME_LEN;
 /// Resize-control clients served at once per port.
 const MAX_CTL_CLIENTS: usize = 4;
+/// Replaced clients whose input is still read; a fifth closes the oldest.
+const MAX_REPLACED: usize = 4;
 /// Longest resize-control command line.
 const MAX_CTL_LINE: usize = 256;
 /// How long guest output waits for a host side that takes nothing, in milliseconds.
@@ -229,6 +231,10 @@ enum Kind {
         listener: UnixListener,
         ctl: UnixListener,
         client: Option<Client>,
+        /// Clients a newer one replaced, oldest first: their output side is
+        /// shut, their input is still read (ahead of the new client's) until
+        /// they close, so nothing typed before the replacement is lost.
+        replaced: Vec<UnixStream>,
         ctl_clients: Vec<CtlClient>,
     },
     Pty {
@@ -519,6 +525,7 @@ impl Port {
                         listener,
                         ctl,
                         client: None,
+                        replaced: Vec::new(),
                         ctl_clients: Vec::new(),
                     },
                     format!("socket {} (resize: {})", path.display(), cpath.display()),
@@ -893,6 +900,24 @@ impl Port {
         let Some(mut h) = self.lock() else {
             return Input::Idle;
         };
+        let cnt = iov.len().min(1024) as libc::c_int;
+        if let Kind::Socket { replaced, .. } = &mut h.kind {
+            // Replaced clients first: they typed before the current one.
+            while let Some(old) = replaced.first() {
+                // SAFETY: as below.
+                let n = unsafe { libc::readv(old.as_raw_fd(), iov.as_ptr(), cnt) };
+                if n > 0 {
+                    self.stats.to_guest.fetch_add(n as u64, Ordering::Relaxed);
+                    return Input::Data(n as usize);
+                }
+                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                    break;
+                }
+                // End of its input (or an error): done with it.
+                let old = replaced.remove(0);
+                ep_del(&self.input_ep, old.as_raw_fd());
+            }
+        }
         let fd = match &h.kind {
             Kind::Socket {
                 client: Some(c), ..
@@ -901,7 +926,6 @@ impl Port {
             Kind::Stdio { input: true, .. } => 0,
             _ => return Input::Idle,
         };
-        let cnt = iov.len().min(1024) as libc::c_int;
         // SAFETY: the iovecs point into guest memory kept mapped by the caller's
         // chain snapshot; readv writes at most their lengths.
         let n = unsafe { libc::readv(fd, iov.as_ptr(), cnt) };
@@ -1016,7 +1040,10 @@ impl Port {
 
     fn accept(&self, h: &mut Host) {
         let Kind::Socket {
-            listener, client, ..
+            listener,
+            client,
+            replaced,
+            ..
         } = &mut h.kind
         else {
             return;
@@ -1044,7 +1071,21 @@ impl Port {
                 "port {}: a new client replaces the attached one",
                 self.id
             );
-            self.forget_client(&old);
+            // Its output side ends (it sees end of file); what it typed is
+            // still read, ahead of the new client's input.
+            ep_del(&self.out_ep, old.stream.as_raw_fd());
+            let _ = old.stream.shutdown(std::net::Shutdown::Write);
+            let _ = self.out_wake.write(1);
+            if replaced.len() >= MAX_REPLACED {
+                let gone = replaced.remove(0);
+                ep_del(&self.input_ep, gone.as_raw_fd());
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "port {}: more than {MAX_REPLACED} replaced clients still open; closing the oldest",
+                    self.id
+                );
+            }
+            replaced.push(old.stream);
         }
         let rdhup = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
         if ep_add(&self.input_ep, fd, rdhup, T_IN).is_err()
