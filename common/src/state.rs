@@ -475,6 +475,13 @@ impl StateSection {
         let target = 1 - st.active;
         let off = Self::slot_off(target);
         let io = |e: vm_memory::volatile_memory::Error| StateError::Invalid(e.to_string());
+        // The other slot must not outrank this write: after a load that
+        // found the section corrupt (or never ran), it may still hold an
+        // old state with a higher generation, which a successor would take.
+        let other = Self::slot_off(st.active);
+        if Self::read_u64(&s, other) > st.generation {
+            s.write_obj(0u64, other).map_err(io)?;
+        }
         let mut hdr = [0u8; 16];
         hdr[0..4].copy_from_slice(&SECTION_MAGIC);
         hdr[4..6].copy_from_slice(&SECTION_VERSION.to_le_bytes());
@@ -653,6 +660,25 @@ mod tests {
             sl.write_obj(u32::MAX, off + 8).unwrap();
         }
         assert!(matches!(s.load(), Stored::Corrupt(_)));
+    }
+
+    #[test]
+    fn a_write_after_a_corrupt_load_outranks_every_old_slot() {
+        // Found by the device_state fuzz target: a bad section header, and
+        // a stale but valid slot with a high generation.
+        let (m, s) = section();
+        s.store(b"stale").unwrap();
+        for _ in 0..5 {
+            s.store(b"stale").unwrap();
+        }
+        let sl = m.get_slice(128, SECTION_LEN).unwrap();
+        sl.write_slice(b"XXXX", 0).unwrap();
+        let next = StateSection::new(m.clone(), 128).unwrap();
+        assert!(matches!(next.load(), Stored::Corrupt(_)));
+        next.store(b"fresh").unwrap();
+        assert_eq!(next.load(), Stored::Blob(b"fresh".to_vec()));
+        let successor = StateSection::new(m, 128).unwrap();
+        assert_eq!(successor.load(), Stored::Blob(b"fresh".to_vec()));
     }
 
     #[test]
