@@ -298,7 +298,20 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()?;
+        cfg.assign_macs();
         Ok(cfg)
+    }
+
+    /// Gives each net device without a MAC one, as libvirt does: without
+    /// it bulkhead-net has no address to filter on (the guest would pick
+    /// its own and the device would take every frame), and every restart
+    /// of the daemon must offer the same one (its saved state names it).
+    fn assign_macs(&mut self) {
+        for n in &mut self.net {
+            if n.mac.is_none() && !n.args.iter().any(|a| a == "--mac") {
+                n.mac = Some(random_mac());
+            }
+        }
     }
 
     /// Parses `text` (for tests); paths stay as written.
@@ -446,6 +459,20 @@ impl Config {
     }
 }
 
+/// A MAC in QEMU's and libvirt's locally administered range 52:54:00, the
+/// rest random.
+fn random_mac() -> String {
+    let mut b = [0u8; 3];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy at all: still unique per launcher.
+        let pid = std::process::id().to_le_bytes();
+        b.copy_from_slice(&pid[..3]);
+    }
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +523,25 @@ mac = "52:54:00:12:34:56"
             ["--image", "/var/lib/vm/root.img", "--num-queues", "2"]
         );
         assert_eq!(b[1].args, ["--tap", "tap0", "--mac", "52:54:00:12:34:56"]);
+    }
+
+    #[test]
+    fn a_net_device_without_a_mac_gets_one_that_every_restart_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "frontend = \"none\"\n[[net]]\ntap = \"a\"\n[[net]]\ntap = \"b\"\nargs = [\"--mac\", \"02:00:00:00:00:01\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let mac = c.net[0].mac.clone().expect("a MAC was assigned");
+        assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
+        assert!(c.net[1].mac.is_none(), "--mac in args is the user's own");
+        // The daemon's arguments (used for every restart) carry it.
+        let b = c.backends(Path::new("/run/x"));
+        assert_eq!(b[0].args, ["--tap", "a", "--mac", mac.as_str()]);
+        assert_eq!(c.backends(Path::new("/run/x"))[0].args, b[0].args);
     }
 
     #[test]

@@ -332,7 +332,8 @@ pub struct PortClient {
 }
 
 impl PortClient {
-    fn new(path: PathBuf) -> Self {
+    /// A client of the port socket at `path` (it connects on the first poll).
+    pub fn new(path: PathBuf) -> Self {
         PortClient {
             path,
             stream: None,
