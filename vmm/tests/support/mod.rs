@@ -22,10 +22,12 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_GSI: u32 = 5;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
+// Each test binary uses a different part of this module.
+#[allow(unused_imports)]
+pub use bulkhead_spec::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+pub use bulkhead_spec::ring::{
+    VRING_DESC_F_NEXT as DESC_F_NEXT, VRING_DESC_F_WRITE as DESC_F_WRITE,
+};
 
 /// Waits until `fd` is readable (the irqfd stand-in fired) and consumes it.
 pub fn wait_irq(fd: &EventFd) -> bool {
