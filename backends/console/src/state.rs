@@ -370,12 +370,12 @@ mod tests {
     #[test]
     fn a_single_port_driver_keeps_only_port_0_open() {
         let l = Limits {
-            acked: 1 << 32,
+            acked: VIRTIO_F_VERSION_1,
             names: vec![None],
             max_pending: 80,
         };
         let s = ConsoleState {
-            features: 1 << 32,
+            features: VIRTIO_F_VERSION_1,
             driver_ready: false,
             ports: vec![PortState {
                 ready: false,

@@ -266,16 +266,16 @@ mod tests {
         ));
         assert!(matches!(
             other(Limits {
-                acked: 1 << 32,
+                acked: VIRTIO_F_VERSION_1,
                 ..limits()
             }),
             StateError::Mismatch(_)
         ));
         // A filter without CTRL_RX, pairs without MQ.
         let mut s = state();
-        s.features = 1 << 32;
+        s.features = VIRTIO_F_VERSION_1;
         let l = Limits {
-            acked: 1 << 32,
+            acked: VIRTIO_F_VERSION_1,
             ..limits()
         };
         assert!(matches!(

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_spec::blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH};
 use bulkhead_vmm::bus::Bus;
 use bulkhead_vmm::device::VIRTIO_F_VERSION_1;
 use bulkhead_vmm::memory::GuestRam;
@@ -317,7 +318,7 @@ impl PciDriver {
         let offered = lo | (hi << 32);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
         assert_eq!(offered & (1 << 30), 0, "vhost-user protocol bit hidden");
-        let acked = offered & (VIRTIO_F_VERSION_1 | (1 << 9) | (1 << 6));
+        let acked = offered & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 0);
         self.w(common::DRIVER_FEATURE, 4, acked & 0xffff_ffff);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 1);
