@@ -22,6 +22,9 @@ pub mod transfer;
 pub mod virtqueue;
 pub mod worker;
 
+/// The virtio spec layer (`bulkhead-spec`), for the backends.
+pub use bulkhead_spec as spec;
+
 pub use chain::{ChainError, Descriptor, DescriptorChain, Reader, Writer};
 pub use device::{Polled, QueueWorker, VhostUserDevice};
 pub use virtqueue::VirtQueue;

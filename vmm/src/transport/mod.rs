@@ -16,18 +16,12 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::device::{ActiveQueue, DeviceError, VIRTIO_F_VERSION_1, VirtioDevice};
 
-/// Device status bit: the guest noticed the device.
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-/// Device status bit: the guest has a driver for it.
-pub const STATUS_DRIVER: u8 = 2;
-/// Device status bit: the driver is ready; queues are live.
-pub const STATUS_DRIVER_OK: u8 = 4;
-/// Device status bit: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u8 = 8;
-/// Device status bit: the device hit an error and needs a reset.
-pub const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
-/// Device status bit: the driver gave up on the device.
-pub const STATUS_FAILED: u8 = 0x80;
+pub use bulkhead_spec::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as STATUS_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as STATUS_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as STATUS_DEVICE_NEEDS_RESET,
+};
 /// MSI-X "no vector" value.
 pub const NO_VECTOR: u16 = 0xffff;
 
