@@ -23,6 +23,6 @@ pub mod virtqueue;
 pub mod worker;
 
 pub use chain::{ChainError, Descriptor, DescriptorChain, Reader, Writer};
-pub use device::{Polled, QueueWorker, VhostUserDevice};
+pub use device::VhostUserDevice;
 pub use virtqueue::VirtQueue;
-pub use worker::WorkerCtl;
+pub use worker::{Polled, QueueWorker, WorkerCtl};

@@ -13,7 +13,6 @@ use bulkhead_common::virtqueue::{
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::disk::Disk;
@@ -217,15 +216,6 @@ impl VhostUserDevice for BlkDevice {
             f |= (1 << DISCARD) | (1 << WRITE_ZEROES);
         }
         f
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn config(&self) -> Vec<u8> {

@@ -13,6 +13,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::notify::ConfigNotifier;
 use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::virtqueue::{
@@ -392,12 +393,8 @@ impl VhostUserDevice for ConsoleDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        // Config-change notifications (SIZE) go through the backend channel.
+        DEFAULT_PROTOCOL_FEATURES | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn config(&self) -> Vec<u8> {

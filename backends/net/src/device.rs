@@ -19,7 +19,6 @@ use bulkhead_common::virtqueue::{
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::request::{
     CtrlCommand, CtrlFeatures, CtrlRequest, ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME_LEN,
@@ -484,14 +483,6 @@ impl VhostUserDevice for NetDevice {
             f |= 1 << MTU;
         }
         f
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn config(&self) -> Vec<u8> {
