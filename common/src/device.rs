@@ -82,8 +82,15 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 
-    /// The frontend went away and every queue thread has stopped (log counters here).
+    /// The frontend went away and every queue thread has stopped.
     fn disconnected(&self) {}
+
+    /// The device's counters as `name=value` pairs on one line: logged as
+    /// a `stats:` line on SIGUSR1 and at exit ([`crate::scaffold`]).
+    /// Empty: nothing to count.
+    fn stats(&self) -> String {
+        String::new()
+    }
 
     /// The frontend gave us its backend-request channel (for config-change notifications).
     fn set_backend_channel(&self, channel: vhost::vhost_user::Backend) {

@@ -88,6 +88,20 @@ pub struct BlkStats {
     pub malformed: AtomicU64,
 }
 
+impl BlkStats {
+    /// All counters as `name=value` pairs on one line.
+    pub fn line(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "ok={} ioerr={} unsupported={} malformed={}",
+            c(&self.ok),
+            c(&self.ioerr),
+            c(&self.unsupp),
+            c(&self.malformed)
+        )
+    }
+}
+
 /// The block device served by the daemon.
 pub struct BlkDevice {
     disk: Disk,
@@ -156,6 +170,10 @@ impl Config {
 impl VhostUserDevice for BlkDevice {
     type Worker = BlkWorker;
     type State = BlkState;
+
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
 
     fn device_type(&self) -> DeviceType {
         DeviceType::Blk

@@ -410,6 +410,10 @@ impl VhostUserDevice for NetDevice {
     type Worker = NetWorker;
     type State = NetState;
 
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Net
     }

@@ -56,7 +56,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use seccompiler::SeccompAction;
 
-pub use seccomp::{Syscall, ThreadKind, allowed_syscalls};
+pub use seccomp::{Syscall, ThreadKind, allowed_syscalls, check};
 
 /// What `--sandbox` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -183,6 +183,8 @@ fn base_main() -> Vec<Syscall> {
         // A new queue thread installs the worker filter on itself.
         Syscall::prctl(PR_SET_NO_NEW_PRIVS),
         Syscall::arg_eq(SYS_seccomp, 0, SECCOMP_SET_MODE_FILTER as u64),
+        // The stats thread waits for SIGUSR1 (`crate::scaffold`).
+        Syscall::any(SYS_rt_sigtimedwait),
     ];
     // Whether a frontend's fd is an eventfd: its name in /proc/self/fd,
     // read through the directory fd opened before the sandbox, never a path.
@@ -235,6 +237,14 @@ pub(super) fn worker_list(policy: &Policy) -> Vec<Syscall> {
     let mut v = base_common();
     v.extend(policy.worker.iter().cloned());
     v
+}
+
+/// Builds every filter of `policy` without installing any: what a daemon's
+/// policy tests call to show its lists compile.
+pub fn check(policy: &Policy) -> Result<(), SandboxError> {
+    compile(&main_list(policy), SeccompAction::KillProcess)?;
+    compile(&worker_list(policy), SeccompAction::KillProcess)?;
+    clone3_enosys().map(|_| ())
 }
 
 /// The allow-list of `kind` under `policy`, as system call numbers (for docs and tests).
