@@ -7,6 +7,12 @@ use landlock::{
     RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
 use super::{PathAccess, SandboxError};
 
 /// Landlock: every filesystem access right handled, only the policy's paths
@@ -17,11 +23,115 @@ use super::{PathAccess, SandboxError};
 /// Applies to the calling thread and the threads and processes it creates
 /// later, so call it before spawning any.
 pub fn restrict(paths: &[PathAccess], needs_network: bool) -> Result<String, SandboxError> {
+    restrict_with(AccessFs::from_all(ABI::V7), paths, needs_network)
+}
+
+/// Landlock for a process that starts others (the launcher): of the
+/// filesystem rights only execution is handled, so it and its children may
+/// execute exactly the `PathAccess::Execute` files given (programs and
+/// their ELF interpreter) and read and write as before (each child confines
+/// itself further); TCP denied; signals and abstract unix sockets scoped.
+pub fn restrict_execution(paths: &[PathAccess]) -> Result<String, SandboxError> {
+    restrict_with(AccessFs::Execute.into(), paths, false)
+}
+
+/// What executing `program` opens with execute rights: the file itself and
+/// its interpreter (an ELF's `PT_INTERP`, a script's `#!` line), each
+/// followed through one level.
+pub fn executed_files(program: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = vec![program.to_path_buf()];
+    if let Some(interp) = interpreter(program)? {
+        let next = interpreter(&interp)?;
+        out.push(interp);
+        out.extend(next);
+    }
+    Ok(out)
+}
+
+/// The interpreter the kernel loads for `path`, if any.
+fn interpreter(path: &Path) -> io::Result<Option<PathBuf>> {
+    let mut f = File::open(path)?;
+    let mut head = vec![0u8; 4096];
+    let n = read_full(&mut f, &mut head)?;
+    head.truncate(n);
+    if let Some(line) = head.strip_prefix(b"#!") {
+        let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+        let word = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .find(|w| !w.is_empty())
+            .unwrap_or_default();
+        return Ok((!word.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(word))));
+    }
+    elf_interpreter(&mut f, &head)
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// `PT_INTERP` of a 64-bit little-endian ELF whose header is in `head`.
+fn elf_interpreter(f: &mut File, head: &[u8]) -> io::Result<Option<PathBuf>> {
+    const PT_INTERP: u32 = 3;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed ELF program headers");
+    if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Ok(None);
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let phoff = u64_at(head, 32).ok_or_else(bad)?;
+    let phentsize = u64::from(u16_at(54));
+    let phnum = u64::from(u16_at(56));
+    if phentsize < 56 {
+        return Err(bad());
+    }
+    for i in 0..phnum {
+        let off = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(bad)?;
+        let mut ph = [0u8; 56];
+        f.seek(SeekFrom::Start(off))?;
+        f.read_exact(&mut ph)?;
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) != PT_INTERP {
+            continue;
+        }
+        let (at, len) = (
+            u64_at(&ph, 8).ok_or_else(bad)?,
+            u64_at(&ph, 32).ok_or_else(bad)?,
+        );
+        if len == 0 || len > 4096 {
+            return Err(bad());
+        }
+        let mut name = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut name)?;
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        return Ok(Some(PathBuf::from(OsStr::from_bytes(&name[..end]))));
+    }
+    Ok(None)
+}
+
+fn restrict_with(
+    handled: landlock::BitFlags<AccessFs>,
+    paths: &[PathAccess],
+    needs_network: bool,
+) -> Result<String, SandboxError> {
     let abi = ABI::V7;
     let ll = SandboxError::Landlock;
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(abi))
+        .handle_access(handled)
         .map_err(ll)?;
     if !needs_network {
         ruleset = ruleset
@@ -54,7 +164,10 @@ pub fn restrict(paths: &[PathAccess], needs_network: bool) -> Result<String, San
             ),
         };
         let fd = PathFd::new(path).map_err(|e| SandboxError::LandlockPath(path.clone(), e))?;
-        created = created.add_rule(PathBeneath::new(fd, access)).map_err(ll)?;
+        // Only the rights this ruleset handles (a file rule takes file rights only).
+        created = created
+            .add_rule(PathBeneath::new(fd, access & handled))
+            .map_err(ll)?;
     }
     let status = created.restrict_self().map_err(ll)?;
     Ok(match status.ruleset {
@@ -114,6 +227,44 @@ mod tests {
         if !status.starts_with("partially") {
             assert_eq!(tcp, Err(ErrorKind::PermissionDenied), "{status}");
         }
+    }
+
+    #[test]
+    fn execution_is_refused_outside_the_granted_programs() {
+        let files = executed_files(Path::new("/bin/true")).unwrap();
+        let grants: Vec<_> = files.into_iter().map(PathAccess::Execute).collect();
+        let (status, granted, other) = in_thread(move || {
+            let status = restrict_execution(&grants).unwrap();
+            let run = |p: &str| std::process::Command::new(p).status().map_err(|e| e.kind());
+            (status, run("/bin/true"), run("/bin/false"))
+        });
+        if status == "not enforced" {
+            eprintln!("Landlock unavailable here; nothing to check");
+            return;
+        }
+        assert!(granted.unwrap().success(), "{status}");
+        assert_eq!(
+            other.map(|_| ()),
+            Err(ErrorKind::PermissionDenied),
+            "{status}"
+        );
+    }
+
+    #[test]
+    fn a_dynamic_program_needs_its_elf_interpreter_and_a_script_its_shell() {
+        let files = executed_files(Path::new("/bin/true")).unwrap();
+        assert!(files.len() >= 2, "{files:?}");
+        assert!(
+            files.iter().any(|f| f.to_string_lossy().contains("ld-")),
+            "{files:?}"
+        );
+        let script = std::env::temp_dir().join(format!("bulkhead-script-{}", std::process::id()));
+        std::fs::write(&script, "#!/bin/sh -e\nexit 0\n").unwrap();
+        let files = executed_files(&script);
+        std::fs::remove_file(&script).unwrap();
+        let files = files.unwrap();
+        assert_eq!(files[0], script);
+        assert!(files.contains(&PathBuf::from("/bin/sh")), "{files:?}");
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub use seccomp::{Syscall, ThreadKind, allowed_syscalls, check};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SandboxMode {
     /// Every layer on; a system call outside the allow-list kills the daemon (SIGSYS).
+    #[value(alias = "kill")]
     Enforce,
     /// Every layer on, but a system call outside the allow-list is only logged by the kernel (audit log / dmesg).
     Log,

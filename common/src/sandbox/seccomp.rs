@@ -239,6 +239,73 @@ pub(super) fn worker_list(policy: &Policy) -> Vec<Syscall> {
     v
 }
 
+/// What no Bulkhead process, nor QEMU under the launcher, ever calls:
+/// debugging other processes, loading kernel code, rebooting, mounting,
+/// changing the clock, kernel keyrings. The launcher's filter refuses them
+/// for itself and every process it starts (filters are inherited across
+/// `execve`), under the daemons' and the VMM's own allow-lists.
+pub const NEVER: &[libc::c_long] = &[
+    libc::SYS_acct,
+    libc::SYS_add_key,
+    libc::SYS_adjtimex,
+    libc::SYS_bpf,
+    libc::SYS_clock_adjtime,
+    libc::SYS_clock_settime,
+    libc::SYS_delete_module,
+    libc::SYS_finit_module,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fsopen,
+    libc::SYS_fspick,
+    libc::SYS_init_module,
+    libc::SYS_ioperm,
+    libc::SYS_iopl,
+    libc::SYS_kexec_file_load,
+    libc::SYS_kexec_load,
+    libc::SYS_keyctl,
+    libc::SYS_mount,
+    libc::SYS_mount_setattr,
+    libc::SYS_move_mount,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_open_tree,
+    libc::SYS_perf_event_open,
+    libc::SYS_pivot_root,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_ptrace,
+    libc::SYS_quotactl,
+    libc::SYS_reboot,
+    libc::SYS_request_key,
+    libc::SYS_setns,
+    libc::SYS_settimeofday,
+    libc::SYS_swapoff,
+    libc::SYS_swapon,
+    libc::SYS_syslog,
+    libc::SYS_umount2,
+    libc::SYS_userfaultfd,
+];
+
+/// A filter that refuses each of `calls` (with EPERM, or only logging it
+/// for `--sandbox log`) and allows everything else: for a process that
+/// starts others and cannot know their allow-lists.
+pub fn deny_list(calls: &[libc::c_long], log_only: bool) -> Result<BpfProgram, SandboxError> {
+    let rules = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+    let action = if log_only {
+        SeccompAction::Log
+    } else {
+        SeccompAction::Errno(libc::EPERM as u32)
+    };
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, action, arch())
+        .map_err(SandboxError::Filter)?;
+    BpfProgram::try_from(filter).map_err(SandboxError::Filter)
+}
+
+/// Installs `filter` on the calling thread (and the threads and processes
+/// it creates later).
+pub fn install(filter: &BpfProgram) -> Result<(), SandboxError> {
+    seccompiler::apply_filter(filter).map_err(SandboxError::Seccomp)
+}
+
 /// Builds every filter of `policy` without installing any: what a daemon's
 /// policy tests call to show its lists compile.
 pub fn check(policy: &Policy) -> Result<(), SandboxError> {
@@ -353,6 +420,40 @@ mod tests {
             libc::SYS_mount,
         ] {
             assert!(!m.contains(&nr), "main allows syscall {nr}");
+        }
+    }
+
+    #[test]
+    fn the_deny_list_builds_and_refuses_what_it_lists_in_a_thread() {
+        assert!(deny_list(NEVER, true).is_ok());
+        // Refuse getppid in one thread only (filters are per thread).
+        let r = std::thread::spawn(|| {
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            seccompiler::apply_filter(&deny_list(&[libc::SYS_getppid], false).unwrap()).unwrap();
+            // SAFETY: a raw system call without pointers.
+            let r = unsafe { libc::syscall(libc::SYS_getppid) };
+            (r, std::io::Error::last_os_error().raw_os_error())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(r, (-1, Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn the_deny_list_spares_what_the_daemons_and_the_vmm_need() {
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_unshare,
+            libc::SYS_seccomp,
+            libc::SYS_prctl,
+            libc::SYS_capset,
+            libc::SYS_setresuid,
+            libc::SYS_landlock_restrict_self,
+            libc::SYS_ioctl,
+        ] {
+            assert!(!NEVER.contains(&nr), "{nr}");
         }
     }
 
