@@ -34,6 +34,11 @@ pub const EXIT_FAILURE: u8 = 1;
 /// exits with it too for an option it rejects.
 pub const EXIT_USAGE: u8 = 2;
 
+/// The exit statuses, for each daemon's `--help` (`after_help`).
+pub const EXIT_STATUS_HELP: &str = "Exit status: 0 stopped by SIGTERM or SIGINT; 1 something it names cannot be \
+opened or set up, or serving failed; 2 the command line is wrong in itself; 75 guest memory was \
+truncated under it (SIGBUS).";
+
 /// The options every backend takes: the vhost-user backend program
 /// conventions and the sandbox (flatten into the daemon's clap `Args`).
 #[derive(clap::Args, Debug, Clone)]

@@ -47,7 +47,7 @@ fn parse_serial(s: &str) -> Result<String, String> {
 /// virtio-blk driver through any vhost-user frontend (QEMU, Cloud Hypervisor,
 /// crosvm, bulkhead-vmm).
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-blk", version)]
+#[command(name = "bulkhead-blk", version, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
     backend: BackendArgs,

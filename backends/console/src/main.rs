@@ -61,7 +61,7 @@ fn parse_scrollback(s: &str) -> Result<usize, String> {
 /// (MULTIPORT) and in the config space with a config-change notification
 /// (SIZE; needs the BACKEND_REQ protocol feature).
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-console", version, verbatim_doc_comment)]
+#[command(name = "bulkhead-console", version, verbatim_doc_comment, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
     backend: BackendArgs,

@@ -38,7 +38,7 @@ fn parse_mac(s: &str) -> Result<MacAddr, String> {
 /// vhost-user frontend (QEMU, Cloud Hypervisor, crosvm, bulkhead-vmm, DPDK
 /// virtio-user), to a tap device on the host.
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-net", version)]
+#[command(name = "bulkhead-net", version, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
     backend: BackendArgs,

@@ -182,8 +182,14 @@ image = "disk.img"
     let launcher = l.child.id() as i32;
     assert_eq!(status_field(launcher, "NoNewPrivs").as_deref(), Some("1"));
     assert_eq!(status_field(launcher, "Seccomp").as_deref(), Some("2"));
-    let own: u32 = status_field(launcher, "Seccomp_filters").unwrap().parse().unwrap();
-    let child: u32 = status_field(blk, "Seccomp_filters").unwrap().parse().unwrap();
+    let own: u32 = status_field(launcher, "Seccomp_filters")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let child: u32 = status_field(blk, "Seccomp_filters")
+        .unwrap()
+        .parse()
+        .unwrap();
     // The daemon stacks its own filters on the launcher's.
     assert!(child > own, "launcher {own} filters, blk {child}");
     stop_and_check_clean(l, &[blk]);
