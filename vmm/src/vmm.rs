@@ -381,33 +381,38 @@ mod tests {
     }
 
     #[test]
-    fn under_its_ruleset_the_vmm_cannot_open_the_kernel_again() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-vmm-ll-{}", std::process::id()));
+    fn under_its_ruleset_the_vmm_cannot_open_the_kernel_again_but_reaches_backends() {
+        let tmp = |what: &str| {
+            std::env::temp_dir().join(format!("bulkhead-vmm-{what}-{}", std::process::id()))
+        };
+        let (dir, kernel, backend) = (tmp("ll"), tmp("kernel"), tmp("backend"));
         std::fs::create_dir_all(&dir).unwrap();
-        let kernel =
-            std::env::temp_dir().join(format!("bulkhead-vmm-kernel-{}", std::process::id()));
         std::fs::write(&kernel, b"k").unwrap();
+        let _ = std::fs::remove_file(&backend);
+        // A backend's socket outside: reconnections and swaps must still reach it.
+        let listener = std::os::unix::net::UnixListener::bind(&backend).unwrap();
         let c = cfg(Some(dir.join("api.sock").to_str().unwrap()));
-        let k = kernel.clone();
-        let (status, kernel_read, socket_dir) = std::thread::spawn(move || {
+        let (k, be) = (kernel.clone(), backend.clone());
+        let (status, kernel_read, bound, connected) = std::thread::spawn(move || {
             let status =
                 bulkhead_common::sandbox::landlock::restrict(&landlock_paths(&c), false).unwrap();
             let bound = std::os::unix::net::UnixListener::bind(c.api_socket.as_ref().unwrap());
-            (
-                status,
-                std::fs::read(&k).map_err(|e| e.kind()),
-                bound.map(|_| ()),
-            )
+            let connected = std::os::unix::net::UnixStream::connect(&be);
+            let read = std::fs::read(&k).map_err(|e| e.kind());
+            (status, read, bound.map(|_| ()), connected.map(|_| ()))
         })
         .join()
         .unwrap();
+        drop(listener);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(&kernel).unwrap();
+        std::fs::remove_file(&backend).unwrap();
         if status == "not enforced" {
             eprintln!("Landlock unavailable here; nothing to check");
             return;
         }
         assert_eq!(kernel_read, Err(std::io::ErrorKind::PermissionDenied));
-        socket_dir.unwrap();
+        bound.unwrap();
+        connected.unwrap();
     }
 }
