@@ -18,7 +18,6 @@ use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, vi
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::disk::Disk;
@@ -63,6 +62,20 @@ pub struct BlkStats {
     pub unsupp: AtomicU64,
     /// Chains that were not block requests (guest errors).
     pub malformed: AtomicU64,
+}
+
+impl BlkStats {
+    /// All counters as `name=value` pairs on one line.
+    pub fn line(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "ok={} ioerr={} unsupported={} malformed={}",
+            c(&self.ok),
+            c(&self.ioerr),
+            c(&self.unsupp),
+            c(&self.malformed)
+        )
+    }
 }
 
 /// The block device served by the daemon.
@@ -125,6 +138,10 @@ impl VhostUserDevice for BlkDevice {
     type Worker = BlkWorker;
     type State = BlkState;
 
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Blk
     }
@@ -179,15 +196,6 @@ impl VhostUserDevice for BlkDevice {
             f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn config(&self) -> Vec<u8> {

@@ -13,6 +13,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::notify::ConfigNotifier;
 use bulkhead_common::spec::VIRTIO_F_VERSION_1;
 use bulkhead_common::spec::console::{
@@ -300,6 +301,35 @@ impl VhostUserDevice for ConsoleDevice {
     type Worker = ConsoleWorker;
     type State = ConsoleState;
 
+    /// Device counters, then each port's (`port1.delivered=...`); a port's
+    /// `.ctl` socket answers `stats` with the same as JSON.
+    fn stats(&self) -> String {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut line = format!(
+            "malformed_control={} bad_buffers={} control_dropped={} config_changes={} emerg_writes={}",
+            l(&s.malformed_control),
+            l(&s.bad_buffers),
+            l(&s.control_dropped),
+            l(&s.config_changes),
+            l(&s.emerg_writes),
+        );
+        for p in self.ports() {
+            let ps = &p.stats;
+            line.push_str(&format!(
+                " port{id}.from_guest={} port{id}.delivered={} port{id}.dropped={} port{id}.to_guest={} port{id}.attaches={} port{id}.write_errors={}",
+                l(&ps.from_guest),
+                l(&ps.delivered),
+                l(&ps.dropped),
+                l(&ps.to_guest),
+                l(&ps.attaches),
+                l(&ps.write_errors),
+                id = p.id(),
+            ));
+        }
+        line
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Console
     }
@@ -378,12 +408,8 @@ impl VhostUserDevice for ConsoleDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        // Config-change notifications (SIZE) go through the backend channel.
+        DEFAULT_PROTOCOL_FEATURES | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn config(&self) -> Vec<u8> {

@@ -26,7 +26,6 @@ use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, vi
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::ByteValued;
 
 use crate::request::{
@@ -369,6 +368,10 @@ impl VhostUserDevice for NetDevice {
     type Worker = NetWorker;
     type State = NetState;
 
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Net
     }
@@ -437,14 +440,6 @@ impl VhostUserDevice for NetDevice {
             f |= VIRTIO_NET_F_MTU;
         }
         f
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn config(&self) -> Vec<u8> {

@@ -618,7 +618,7 @@ fn seeds_for(daemon: Daemon) -> Vec<(&'static str, Vec<u8>)> {
             Msg::new(RESET_DEVICE, &[], vec![]),
         ]);
     } else {
-        // Net and console refuse config writes (and offer no RESET_DEVICE):
+        // Net and console refuse config writes:
         // the refused write comes last, as it ends the connection.
         a.extend([
             Msg::new(GET_VRING_BASE, &state(0, 0), vec![]),

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bulkhead_common::cli::error_chain;
+use bulkhead_common::sandbox::SandboxMode;
 use bulkhead_launcher::config::Config;
 use bulkhead_launcher::supervisor::Supervisor;
 use clap::{Parser, Subcommand};
@@ -28,6 +30,14 @@ enum Cmd {
         /// The VM's TOML file.
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
+        /// Confinement of the launcher and everything it starts, the
+        /// daemons' words: no_new_privs, a seccomp filter refusing what no
+        /// Bulkhead process needs (ptrace, mount, module loading, ...), and
+        /// Landlock (only the programs it starts may be executed; no TCP).
+        /// `log` logs refused calls instead; `off` for a QEMU whose extra
+        /// args need TCP. Each child still takes its own --sandbox.
+        #[arg(long, value_enum, value_name = "MODE", default_value = "enforce")]
+        sandbox: SandboxMode,
     },
     /// Check the config and print the backends and frontend it describes.
     Check {
@@ -40,7 +50,7 @@ enum Cmd {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
-    let (Cmd::Up { config } | Cmd::Check { config }) = &args.command;
+    let (Cmd::Up { config, .. } | Cmd::Check { config }) = &args.command;
     let cfg = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -55,11 +65,22 @@ fn main() -> ExitCode {
         println!("frontend: {:?}", cfg.frontend);
         return ExitCode::SUCCESS;
     }
-    match Supervisor::new(cfg) {
-        Ok(s) => ExitCode::from(s.run()),
+    let Cmd::Up { sandbox, .. } = args.command else {
+        return ExitCode::from(1);
+    };
+    let s = match Supervisor::new(cfg) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("bulkhead: {e}");
-            ExitCode::from(1)
+            eprintln!("bulkhead: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match bulkhead_launcher::sandbox::enter(sandbox, &s.programs()) {
+        Ok(what) => log::info!("{what}"),
+        Err(e) => {
+            eprintln!("bulkhead: {}", error_chain(&e));
+            return ExitCode::from(1);
         }
     }
+    ExitCode::from(s.run())
 }
