@@ -17,8 +17,8 @@ mod linux;
 
 use std::time::Duration;
 
-use bulkhead_tests::netns::PacketSocket;
 use bulkhead_tests::nested;
+use bulkhead_tests::netns::PacketSocket;
 use linux::{GUEST_ADDR, Options, PORT_NAME, TAP, TAP_ADDR, Vm};
 
 /// Frames the host sends to a foreign MAC per phase.
@@ -85,7 +85,9 @@ fn foreign_frame(i: usize) -> Vec<u8> {
 fn host_phase(vm: &mut Vm, frames: &PacketSocket, n: u16) -> Vec<String> {
     vm.await_phase(&format!("ready-{n}"));
     for i in 0..FOREIGN_FRAMES {
-        frames.send(&foreign_frame(i)).expect("send a foreign frame");
+        frames
+            .send(&foreign_frame(i))
+            .expect("send a foreign frame");
     }
     assert!(
         vm.wait_until(|vm| vm.hvc0.send("\n").is_ok() && vm.named.send("").is_ok()),
@@ -148,7 +150,9 @@ fn net_filter_and_console_state_survive_a_swap_and_a_crash_under_linux() {
         ("console0", vm.backends.second_console()),
     ] {
         let socket = new.socket().to_string_lossy().into_owned();
-        let reply = vm.ctl(&["swap", id, "--socket", &socket]).expect("ctl swap");
+        let reply = vm
+            .ctl(&["swap", id, "--socket", &socket])
+            .expect("ctl swap");
         assert_eq!(
             reply["ok"],
             true,

@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
+use bulkhead_common::event::{EventLoop, EventToken, Interest};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Default scrollback per port.
@@ -46,14 +48,39 @@ pub const STALL_MS: i64 = 500;
 /// How often a pty's or terminal's size is polled, in milliseconds.
 const WINSIZE_POLL_MS: i64 = 250;
 
-const T_WAKE: u64 = 1;
-const T_LISTENER: u64 = 2;
-const T_CTL_LISTENER: u64 = 3;
-const T_TIMER: u64 = 5;
-const T_OUT: u64 = 1;
-const T_OUT_WAKE: u64 = 2;
-const T_CTL_CLIENT: u64 = 1 << 32;
-const T_IN: u64 = 1;
+/// What the event set reports (receive worker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostEvent {
+    /// The port's wake eventfd.
+    Wake,
+    /// A client connects to the socket.
+    Listener,
+    /// A client connects to the resize-control socket.
+    CtlListener,
+    /// Time to poll the terminal's size.
+    Timer,
+    /// A resize-control client (its fd) sent something.
+    CtlClient(usize),
+}
+bulkhead_common::event_token!(HostEvent { Wake, Listener, CtlListener, Timer; CtlClient });
+
+/// What the output set reports (transmit worker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutEvent {
+    /// The host side can take output, or hung up.
+    Out,
+    /// The port's output wake eventfd.
+    Wake,
+}
+bulkhead_common::event_token!(OutEvent { Out, Wake });
+
+/// The one fd of the input set: where host input comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InEvent {
+    /// Host input is readable.
+    Host,
+}
+bulkhead_common::event_token!(InEvent { Host });
 
 /// Where a port's host side is, as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,9 +293,9 @@ pub struct Port {
     id: u32,
     name: Option<String>,
     what: String,
-    input_ep: OwnedFd,
-    event_ep: OwnedFd,
-    out_ep: OwnedFd,
+    input_ep: EventLoop<InEvent>,
+    event_ep: EventLoop<HostEvent>,
+    out_ep: EventLoop<OutEvent>,
     wake: EventFd,
     out_wake: EventFd,
     host: Mutex<Host>,
@@ -282,31 +309,9 @@ pub struct Port {
     device_stats: Mutex<Option<Weak<dyn StatsSource>>>,
 }
 
-fn epoll_new() -> io::Result<OwnedFd> {
-    // SAFETY: creating a new epoll fd; checked below.
-    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn ep_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: epoll_ctl on fds we hold, with a valid event struct.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn ep_add(ep: &OwnedFd, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-    ep_ctl(ep, libc::EPOLL_CTL_ADD, fd, events, token)
-}
-
-fn ep_del(ep: &OwnedFd, fd: RawFd) {
-    let _ = ep_ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+/// Stops watching `fd` in `set` (it may not be there: nothing to do then).
+fn ep_del<T: EventToken>(set: &EventLoop<T>, fd: RawFd) {
+    let _ = set.delete_raw(fd);
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -482,18 +487,13 @@ impl Port {
         host: &HostSpec,
         scrollback: usize,
     ) -> io::Result<(Self, Option<StdinRestore>)> {
-        let input_ep = epoll_new()?;
-        let event_ep = epoll_new()?;
-        let out_ep = epoll_new()?;
+        let input_ep = EventLoop::new()?;
+        let event_ep = EventLoop::new()?;
+        let out_ep = EventLoop::new()?;
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        ep_add(&event_ep, wake.as_raw_fd(), libc::EPOLLIN as u32, T_WAKE)?;
+        event_ep.add(&wake, Interest::READ, HostEvent::Wake)?;
         let out_wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        ep_add(
-            &out_ep,
-            out_wake.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            T_OUT_WAKE,
-        )?;
+        out_ep.add(&out_wake, Interest::READ, OutEvent::Wake)?;
         let mut restore = None;
         let mut size = None;
         let mut timer_fd = None;
@@ -502,18 +502,8 @@ impl Port {
                 let listener = bind(path)?;
                 let cpath = ctl_path(path);
                 let ctl = bind(&cpath)?;
-                ep_add(
-                    &event_ep,
-                    listener.as_raw_fd(),
-                    libc::EPOLLIN as u32,
-                    T_LISTENER,
-                )?;
-                ep_add(
-                    &event_ep,
-                    ctl.as_raw_fd(),
-                    libc::EPOLLIN as u32,
-                    T_CTL_LISTENER,
-                )?;
+                event_ep.add(&listener, Interest::READ, HostEvent::Listener)?;
+                event_ep.add(&ctl, Interest::READ, HostEvent::CtlListener)?;
                 (
                     Kind::Socket {
                         listener,
@@ -526,11 +516,11 @@ impl Port {
             }
             HostSpec::Pty => {
                 let (master, slave, path) = open_pty()?;
-                ep_add(&input_ep, master.as_raw_fd(), libc::EPOLLIN as u32, T_IN)?;
-                ep_add(&out_ep, master.as_raw_fd(), 0, T_OUT)?;
+                input_ep.add(&master, Interest::READ, InEvent::Host)?;
+                out_ep.add(&master, Interest::NONE, OutEvent::Out)?;
                 size = winsize(master.as_raw_fd());
                 let t = timer(WINSIZE_POLL_MS)?;
-                ep_add(&event_ep, t.as_raw_fd(), libc::EPOLLIN as u32, T_TIMER)?;
+                event_ep.add(&t, Interest::READ, HostEvent::Timer)?;
                 timer_fd = Some(t);
                 (
                     Kind::Pty {
@@ -562,13 +552,13 @@ impl Port {
                     }
                     size = winsize(0);
                     let t = timer(WINSIZE_POLL_MS)?;
-                    ep_add(&event_ep, t.as_raw_fd(), libc::EPOLLIN as u32, T_TIMER)?;
+                    event_ep.add(&t, Interest::READ, HostEvent::Timer)?;
                     timer_fd = Some(t);
                 }
                 let input = set_nonblocking(0).is_ok()
-                    && ep_add(&input_ep, 0, libc::EPOLLIN as u32, T_IN).is_ok();
-                let out_pollable =
-                    set_nonblocking(1).is_ok() && ep_add(&out_ep, 1, 0, T_OUT).is_ok();
+                    && input_ep.add_raw(0, Interest::READ, InEvent::Host).is_ok();
+                let out_pollable = set_nonblocking(1).is_ok()
+                    && out_ep.add_raw(1, Interest::NONE, OutEvent::Out).is_ok();
                 (
                     Kind::Stdio {
                         input,
@@ -749,34 +739,23 @@ impl Port {
 
     /// Handles output readiness (transmit worker); returns whether output is still congested.
     pub fn handle_out_events(&self) -> bool {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        // SAFETY: epoll_wait into a local array of the given length, without waiting.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.out_ep.as_raw_fd(),
-                evs.as_mut_ptr(),
-                evs.len() as libc::c_int,
-                0,
-            )
-        };
+        let evs = self.out_ep.wait(Some(Duration::ZERO)).unwrap_or_default();
         let Some(mut h) = self.lock() else {
             return false;
         };
-        for ev in &evs[..n.max(0) as usize] {
-            let (token, bits) = (ev.u64, ev.events);
-            match token {
-                T_OUT_WAKE => {
+        for ev in &evs {
+            match ev.token {
+                OutEvent::Wake => {
                     let _ = self.out_wake.read();
                 }
-                T_OUT => {
-                    if bits & libc::EPOLLOUT as u32 != 0 {
+                OutEvent::Out => {
+                    if ev.writable {
                         self.flush(&mut h);
                     }
-                    if bits & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                    if ev.hangup {
                         self.hung_up(&mut h);
                     }
                 }
-                _ => {}
             }
         }
         congested(&h)
@@ -879,8 +858,12 @@ impl Port {
         if let Some(fd) = fd
             && want != h.out_armed
         {
-            let ev = if want { libc::EPOLLOUT as u32 } else { 0 };
-            if ep_ctl(&self.out_ep, libc::EPOLL_CTL_MOD, fd, ev, T_OUT).is_ok() {
+            let ev = if want {
+                Interest::WRITE
+            } else {
+                Interest::NONE
+            };
+            if self.out_ep.modify_raw(fd, ev, OutEvent::Out).is_ok() {
                 h.out_armed = want;
             }
         } else if fd.is_none() {
@@ -943,31 +926,21 @@ impl Port {
     /// Handles whatever the event set reports (never blocks).
     pub fn handle_events(&self) -> Events {
         let mut out = Events::default();
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
-        // SAFETY: epoll_wait into a local array of the given length, without waiting.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.event_ep.as_raw_fd(),
-                evs.as_mut_ptr(),
-                evs.len() as libc::c_int,
-                0,
-            )
-        };
-        if n <= 0 {
+        let evs = self.event_ep.wait(Some(Duration::ZERO)).unwrap_or_default();
+        if evs.is_empty() {
             return out;
         }
         let Some(mut h) = self.lock() else {
             return out;
         };
-        for ev in &evs[..n as usize] {
-            let token = ev.u64;
-            match token {
-                T_WAKE => {
+        for ev in &evs {
+            match ev.token {
+                HostEvent::Wake => {
                     let _ = self.wake.read();
                 }
-                T_LISTENER => self.accept(&mut h),
-                T_CTL_LISTENER => self.accept_ctl(&mut h),
-                T_TIMER => {
+                HostEvent::Listener => self.accept(&mut h),
+                HostEvent::CtlListener => self.accept_ctl(&mut h),
+                HostEvent::Timer => {
                     if let Some(t) = &h.timer {
                         let mut b = [0u8; 8];
                         // SAFETY: reading the 8-byte expiry count of our timerfd.
@@ -984,12 +957,13 @@ impl Port {
                         out.resized = Some((c, r));
                     }
                 }
-                t if t & T_CTL_CLIENT != 0 => {
-                    if let Some(sz) = self.ctl_readable(&mut h, (t & 0xffff_ffff) as RawFd) {
+                HostEvent::CtlClient(fd) => {
+                    if let Ok(fd) = RawFd::try_from(fd)
+                        && let Some(sz) = self.ctl_readable(&mut h, fd)
+                    {
                         out.resized = Some(sz);
                     }
                 }
-                _ => {}
             }
         }
         out
@@ -1046,9 +1020,16 @@ impl Port {
             );
             self.forget_client(&old);
         }
-        let rdhup = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
-        if ep_add(&self.input_ep, fd, rdhup, T_IN).is_err()
-            || ep_add(&self.out_ep, fd, 0, T_OUT).is_err()
+        let rdhup = Interest {
+            read: true,
+            write: false,
+            hangup: true,
+        };
+        if self.input_ep.add_raw(fd, rdhup, InEvent::Host).is_err()
+            || self
+                .out_ep
+                .add_raw(fd, Interest::NONE, OutEvent::Out)
+                .is_err()
         {
             ep_del(&self.input_ep, fd);
             return;
@@ -1082,14 +1063,10 @@ impl Port {
             return;
         }
         let fd = stream.as_raw_fd();
-        if ep_add(
-            &self.event_ep,
-            fd,
-            libc::EPOLLIN as u32,
-            T_CTL_CLIENT | fd as u64,
-        )
-        .is_ok()
-        {
+        let Ok(token) = usize::try_from(fd).map(HostEvent::CtlClient) else {
+            return;
+        };
+        if self.event_ep.add_raw(fd, Interest::READ, token).is_ok() {
             ctl_clients.push(CtlClient {
                 stream,
                 line: Vec::new(),
