@@ -146,6 +146,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Shared state for a worker under test: device address `mac`.
+    #[cfg(test)]
+    pub(crate) fn for_test(mac: Option<MacAddr>) -> Self {
+        Shared {
+            stats: Arc::new(NetStats::default()),
+            filter: Mutex::new(RxFilter::default()),
+            mac,
+            active_pairs: AtomicU16::new(1),
+            acked: AtomicU64::new(0),
+            sink: StateSink::default(),
+        }
+    }
+
     fn state(&self) -> NetState {
         NetState {
             features: virtio_features(self.acked.load(Ordering::Acquire)),

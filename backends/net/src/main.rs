@@ -128,7 +128,8 @@ fn sandbox_policy(pairs: u16, queue_size: u16) -> Policy {
             // The stats thread (sigwait).
             Syscall::any(SYS_rt_sigtimedwait),
         ],
-        worker: vec![Syscall::ioctl(TUNSETQUEUE)],
+        // readv: frames straight from the tap into guest buffers.
+        worker: vec![Syscall::ioctl(TUNSETQUEUE), Syscall::any(SYS_readv)],
         needs_network: false,
         // rx, tx per pair plus the control queue.
         max_open_files: fd_budget(2 * pairs + 1, FDS_PER_QUEUE),
