@@ -603,6 +603,26 @@ impl<'a> Writer<'a> {
         })
     }
 
+    /// Skips `n` bytes (written later through another writer), counted as written.
+    pub fn skip(&mut self, n: u64) -> io::Result<()> {
+        if n > self.available() {
+            return Err(short());
+        }
+        self.bufs.advance(n);
+        self.written += n;
+        Ok(())
+    }
+
+    /// [`Writer::iovecs`] appended to a vector the caller keeps.
+    pub fn iovecs_into(&mut self, len: u64, out: &mut IoVecs) -> io::Result<()> {
+        if len > self.available() {
+            return Err(short());
+        }
+        host_iovecs(self.mem, &mut self.bufs, len, out)?;
+        self.written += len;
+        Ok(())
+    }
+
     /// Host iovecs for the next `len` bytes (zero-copy I/O), counted as written.
     pub fn iovecs(&mut self, len: u64) -> io::Result<IoVecs> {
         if len > self.available() {

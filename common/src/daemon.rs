@@ -15,6 +15,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReq
 
 use crate::cli::VhostUserArgs;
 use crate::device::VhostUserDevice;
+use crate::event::{EventLoop, Interest};
 use crate::handler::BackendHandler;
 use crate::rate_limited;
 use vmm_sys_util::eventfd::EventFd;
@@ -166,28 +167,30 @@ fn ignore_write_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until one of `fds` is readable; returns its index.
-fn wait_readable(fds: &[RawFd]) -> io::Result<usize> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+/// What woke the serve loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// A signal (or the test's stop eventfd).
+    Stop,
+    /// The frontend's socket, or the listener.
+    Conn,
+}
+crate::event_token!(Wake { Stop, Conn });
+
+/// An event loop over the stop fd and `conn`, both watched for readability.
+fn stop_and(stop: RawFd, conn: RawFd) -> io::Result<EventLoop<Wake>> {
+    let events = EventLoop::new()?;
+    events.add_raw(stop, Interest::READ, Wake::Stop)?;
+    events.add_raw(conn, Interest::READ, Wake::Conn)?;
+    Ok(events)
+}
+
+/// Waits until a watched fd is ready; returns the tokens that woke.
+fn wait_ready(events: &EventLoop<Wake>) -> io::Result<Vec<Wake>> {
     loop {
-        // SAFETY: poll on a valid array of pollfd.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if let Some(i) = pfds.iter().position(|p| p.revents != 0) {
-            return Ok(i);
+        let ready = events.wait(None)?;
+        if !ready.is_empty() {
+            return Ok(ready.iter().map(|e| e.token).collect());
         }
     }
 }
@@ -216,19 +219,6 @@ enum Next {
     /// The frontend stalled or framed its message so that it cannot be read
     /// without blocking; the string says how.
     Stalled(&'static str),
-}
-
-fn poll_fds(pfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> {
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll on a valid array of pollfd.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Bytes queued on the socket, across every send of the frontend.
@@ -269,13 +259,16 @@ fn peek_payload_len(conn: RawFd) -> Option<usize> {
 /// header with fds attached to fewer than [`HEADER_LEN`] bytes cannot be
 /// read in one piece either, and is dropped.
 fn wait_for_message(conn: RawFd, stop: &dyn Stop, deadline: Duration) -> io::Result<Next> {
+    let events = stop_and(stop.fd(), conn)?;
     loop {
-        let ready = wait_readable(&[stop.fd(), conn])?;
-        if ready == 0 {
+        let ready = wait_ready(&events)?;
+        if ready.contains(&Wake::Stop) {
             if let Some(sig) = stop.take() {
                 return Ok(Next::Stop(sig));
             }
-            continue;
+            if !ready.contains(&Wake::Conn) {
+                continue;
+            }
         }
         break;
     }
@@ -294,18 +287,14 @@ fn wait_for_message(conn: RawFd, stop: &dyn Stop, deadline: Duration) -> io::Res
             // A header announcing too much is refused at once: no payload to wait for.
             let need = HEADER_LEN + if len > MAX_PAYLOAD { 0 } else { len };
             if have >= need {
-                let mut p = [libc::pollfd {
-                    fd: conn,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                }];
-                poll_fds(&mut p, Duration::ZERO)?;
-                if p[0].revents & libc::POLLOUT != 0 {
-                    return Ok(Next::Message);
-                }
-                if p[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                    // The reply cannot go anywhere; the crate sees the error.
-                    return Ok(Next::Message);
+                events.modify_raw(conn, Interest::WRITE, Wake::Conn)?;
+                let ready = events.wait(Some(Duration::ZERO))?;
+                if let Some(e) = ready.iter().find(|e| e.token == Wake::Conn) {
+                    // Writable; or hung up or in error, and the reply cannot
+                    // go anywhere: the crate sees the error.
+                    if e.writable || e.hangup {
+                        return Ok(Next::Message);
+                    }
                 }
                 need_room = true;
             }
@@ -320,29 +309,20 @@ fn wait_for_message(conn: RawFd, stop: &dyn Stop, deadline: Duration) -> io::Res
         // Partial data keeps the socket readable: sleep in short slices on
         // the stop fd, watching for the peer to hang up or (when a reply
         // waits for room) for room.
-        let mut pfds = [
-            libc::pollfd {
-                fd: stop.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: conn,
-                events: if need_room {
-                    libc::POLLOUT
-                } else {
-                    libc::POLLRDHUP
-                },
-                revents: 0,
-            },
-        ];
-        poll_fds(&mut pfds, left.min(Duration::from_millis(10)))?;
-        if pfds[0].revents != 0
+        let interest = if need_room {
+            Interest::WRITE
+        } else {
+            Interest::HANGUP
+        };
+        events.modify_raw(conn, interest, Wake::Conn)?;
+        let ready = events.wait(Some(left.min(Duration::from_millis(10))))?;
+        if ready.iter().any(|e| e.token == Wake::Stop)
             && let Some(sig) = stop.take()
         {
             return Ok(Next::Stop(sig));
         }
-        if !need_room && pfds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        let hung_up = ready.iter().any(|e| e.token == Wake::Conn && e.hangup);
+        if !need_room && hung_up {
             // Hung up mid-message (a hang-up after a whole message was
             // caught above): nothing more will come.
             if queued(conn)? == have {
@@ -635,15 +615,18 @@ pub fn serve_endpoint<D: VhostUserDevice>(
                 Some(p) => log::info!("listening on {}", p.display()),
                 None => log::info!("listening on fd {}", listener.as_raw_fd()),
             }
+            let events =
+                stop_and(signals.fd(), listener.as_raw_fd()).map_err(DaemonError::Setup)?;
             loop {
-                let ready = wait_readable(&[signals.fd(), listener.as_raw_fd()])
-                    .map_err(DaemonError::Setup)?;
-                if ready == 0 {
+                let ready = wait_ready(&events).map_err(DaemonError::Setup)?;
+                if ready.contains(&Wake::Stop) {
                     if let Some(sig) = signals.take() {
                         log::info!("signal {sig}: shutting down");
                         break Ok(());
                     }
-                    continue;
+                    if !ready.contains(&Wake::Conn) {
+                        continue;
+                    }
                 }
                 let stream = match listener.accept() {
                     Ok((s, _)) => s,

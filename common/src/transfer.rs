@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::event::{EventLoop, Interest};
 use crate::state::MAX_BLOB;
 
 /// Longest a transfer may take, from SET_DEVICE_STATE_FD to the end of file.
@@ -58,36 +59,32 @@ fn set_nonblocking(fd: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `fd` is ready for `events`, or the deadline passes.
+/// The one fd a transfer waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pipe {
+    /// The blob's pipe end.
+    End,
+}
+crate::event_token!(Pipe { End });
+
+/// Waits until `fd` is ready for `interest`, or the deadline passes.
 fn wait(
     fd: &File,
-    events: libc::c_short,
+    interest: Interest,
     until: Instant,
     what: &'static str,
     limit: Duration,
 ) -> Result<(), TransferError> {
+    let io = |e: io::Error| TransferError::Io(e.to_string());
+    let events = EventLoop::new().map_err(io)?;
+    events.add(fd, interest, Pipe::End).map_err(io)?;
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(TransferError::Deadline(what, limit));
         }
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll on one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(TransferError::Io(e.to_string()));
-        }
-        if r > 0 {
-            // Readable, writable, hung up or in error: the next call says which.
+        // Readable, writable, hung up or in error: the next call says which.
+        if !events.wait(Some(left)).map_err(io)?.is_empty() {
             return Ok(());
         }
     }
@@ -107,7 +104,7 @@ fn write_all(fd: &File, blob: &[u8], limit: Duration) -> Result<(), TransferErro
         let e = io::Error::last_os_error();
         match e.kind() {
             io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => wait(fd, libc::POLLOUT, until, "read the state", limit)?,
+            io::ErrorKind::WouldBlock => wait(fd, Interest::WRITE, until, "read the state", limit)?,
             io::ErrorKind::BrokenPipe => return Err(TransferError::Closed(done, blob.len())),
             _ => return Err(TransferError::Io(e.to_string())),
         }
@@ -138,7 +135,7 @@ fn read_to_end(fd: &File, limit: Duration) -> Result<Vec<u8>, TransferError> {
             io::ErrorKind::Interrupted => {}
             io::ErrorKind::WouldBlock => wait(
                 fd,
-                libc::POLLIN,
+                Interest::READ,
                 until,
                 "write the state and close its end",
                 limit,

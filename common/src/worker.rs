@@ -5,7 +5,7 @@
 //! it sleeps (see [`BusyPoll`]).
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -13,11 +13,20 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::event::{Event, EventLoop, Interest};
 use crate::virtqueue::VirtQueue;
 
-const TOKEN_KICK: u64 = 0;
-const TOKEN_STOP: u64 = 1;
-const TOKEN_FIRST_FD: u64 = 2;
+/// What woke a queue thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// The guest kicked the queue.
+    Kick,
+    /// The handler stops the queue.
+    Stop,
+    /// The worker's own fd at this index of [`QueueWorker::fds`].
+    Fd(usize),
+}
+crate::event_token!(Token { Kick, Stop; Fd });
 
 /// What every queue thread runs first, before it touches its queue.
 pub type ThreadStartHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
@@ -83,7 +92,7 @@ pub trait QueueWorker: Send + 'static {
 
 /// Lets a worker change which of its fds are watched (back-pressure).
 pub struct WorkerCtl {
-    epoll: RawFd,
+    events: Option<EventLoop<Token>>,
     fds: Vec<RawFd>,
 }
 
@@ -92,41 +101,27 @@ impl WorkerCtl {
     /// thread (fuzz targets, benchmarks): `watch` and `watch_io` do nothing.
     pub fn detached() -> Self {
         WorkerCtl {
-            epoll: -1,
+            events: None,
             fds: Vec::new(),
         }
     }
 
     /// Starts or stops watching extra fd `index` for readability.
     pub fn watch(&self, index: usize, on: bool) {
-        let Some(&fd) = self.fds.get(index) else {
-            return;
-        };
-        let ev = epoll::Event::new(
-            if on {
-                epoll::Events::EPOLLIN
-            } else {
-                epoll::Events::empty()
-            },
-            TOKEN_FIRST_FD + index as u64,
-        );
-        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev);
+        self.watch_io(index, on, false);
     }
 
     /// Starts or stops watching extra fd `index` for writability (EPOLLOUT), keeping EPOLLIN as given.
     pub fn watch_io(&self, index: usize, read: bool, write: bool) {
-        let Some(&fd) = self.fds.get(index) else {
+        let (Some(events), Some(&fd)) = (&self.events, self.fds.get(index)) else {
             return;
         };
-        let mut events = epoll::Events::empty();
-        if read {
-            events |= epoll::Events::EPOLLIN;
-        }
-        if write {
-            events |= epoll::Events::EPOLLOUT;
-        }
-        let ev = epoll::Event::new(events, TOKEN_FIRST_FD + index as u64);
-        let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev);
+        let interest = Interest {
+            read,
+            write,
+            hangup: false,
+        };
+        let _ = events.modify_raw(fd, interest, Token::Fd(index));
     }
 }
 
@@ -264,15 +259,6 @@ impl QueueThread {
     }
 }
 
-fn add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
-    epoll::ctl(
-        epoll,
-        epoll::ControlOptions::EPOLL_CTL_ADD,
-        fd,
-        epoll::Event::new(epoll::Events::EPOLLIN, token),
-    )
-}
-
 /// A round that ran out of budget left work on the ring: kick ourselves, so
 /// the thread returns to it after looking at its other events (stop above all).
 fn rekick_if_exhausted(vq: &mut VirtQueue, kick: &EventFd) {
@@ -299,20 +285,23 @@ fn run<W: QueueWorker>(
         );
         return vq;
     }
-    let epoll = match epoll::create(true) {
-        Ok(fd) => fd,
+    let events = match EventLoop::new() {
+        Ok(e) => e,
         Err(e) => {
             crate::rate_limited!(log::Level::Error, "queue {}: epoll: {e}", vq.index());
             return vq;
         }
     };
     let fds = worker.fds();
-    let mut ok = add(epoll, kick.as_raw_fd(), TOKEN_KICK).is_ok()
-        && add(epoll, stop.as_raw_fd(), TOKEN_STOP).is_ok();
+    let mut ok = events.add(&kick, Interest::READ, Token::Kick).is_ok()
+        && events.add(&stop, Interest::READ, Token::Stop).is_ok();
     for (i, &fd) in fds.iter().enumerate() {
-        ok = ok && add(epoll, fd, TOKEN_FIRST_FD + i as u64).is_ok();
+        ok = ok && events.add_raw(fd, Interest::READ, Token::Fd(i)).is_ok();
     }
-    let ctl = WorkerCtl { epoll, fds };
+    let ctl = WorkerCtl {
+        events: Some(events),
+        fds,
+    };
     if !ok {
         crate::rate_limited!(
             log::Level::Error,
@@ -320,11 +309,11 @@ fn run<W: QueueWorker>(
             vq.index(),
             io::Error::last_os_error()
         );
-    } else {
+    } else if let Some(events) = &ctl.events {
         vq.refill_budget();
         worker.on_kick(&mut vq, &ctl);
         rekick_if_exhausted(&mut vq, &kick);
-        let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 16];
+        let mut ready: Vec<Event<Token>> = Vec::with_capacity(16);
         'outer: loop {
             let idle_since = poll.enabled().then(Instant::now);
             if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window(), stopping)
@@ -332,25 +321,21 @@ fn run<W: QueueWorker>(
                 rekick_if_exhausted(&mut vq, &kick);
                 continue;
             }
-            let n = match epoll::wait(epoll, -1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    crate::rate_limited!(
-                        log::Level::Error,
-                        "queue {}: epoll wait: {e}",
-                        vq.index()
-                    );
-                    break;
-                }
-            };
+            if let Err(e) = events.wait_into(None, &mut ready) {
+                crate::rate_limited!(log::Level::Error, "queue {}: epoll wait: {e}", vq.index());
+                break;
+            }
+            if ready.is_empty() {
+                // EINTR: no idle gap ended.
+                continue;
+            }
             if let Some(t) = idle_since {
                 poll.adapt(t.elapsed());
             }
-            for ev in &events[..n] {
-                match ev.data {
-                    TOKEN_STOP => break 'outer,
-                    TOKEN_KICK => {
+            for ev in &ready {
+                match ev.token {
+                    Token::Stop => break 'outer,
+                    Token::Kick => {
                         // Non-blocking (`frontend_fd`): another queue given
                         // the same eventfd may have taken this kick.
                         let _ = kick.read();
@@ -358,9 +343,9 @@ fn run<W: QueueWorker>(
                         worker.on_kick(&mut vq, &ctl);
                         rekick_if_exhausted(&mut vq, &kick);
                     }
-                    t => {
+                    Token::Fd(i) => {
                         vq.refill_budget();
-                        worker.on_fd(&mut vq, (t - TOKEN_FIRST_FD) as usize, &ctl);
+                        worker.on_fd(&mut vq, i, &ctl);
                         rekick_if_exhausted(&mut vq, &kick);
                     }
                 }
@@ -368,8 +353,6 @@ fn run<W: QueueWorker>(
         }
     }
     worker.drain(&mut vq);
-    // SAFETY: closing the epoll fd we created.
-    unsafe { libc::close(epoll) };
     vq
 }
 

@@ -3,8 +3,12 @@
 //! is only the CLI; fuzz targets and benchmarks use these modules directly.
 #![warn(missing_docs)]
 
+mod ctrl;
 pub mod device;
 pub mod policy;
 pub mod request;
+mod rx;
 pub mod state;
+mod stats;
 pub mod tap;
+mod tx;

@@ -23,7 +23,8 @@ pub fn policy(pairs: u16, queue_size: u16) -> Policy {
             Syscall::ioctl(TUNSETOFFLOAD),
             Syscall::ioctl(TUNSETVNETHDRSZ),
         ],
-        worker: vec![Syscall::ioctl(TUNSETQUEUE)],
+        // readv: frames straight from the tap into guest buffers.
+        worker: vec![Syscall::ioctl(TUNSETQUEUE), Syscall::any(SYS_readv)],
         needs_network: false,
         max_open_files: fd_budget(queues, FDS_PER_QUEUE),
         writes_files: false,

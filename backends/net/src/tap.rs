@@ -212,6 +212,20 @@ impl Tap {
         Ok(n as usize)
     }
 
+    /// Reads one packet scattered over `iovecs` (a longer packet is cut short).
+    ///
+    /// # Safety
+    /// Every iovec must point to memory writable for its length for the whole call.
+    pub unsafe fn readv(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        let n = libc::c_int::try_from(iovecs.len()).map_err(io::Error::other)?;
+        // SAFETY: the caller guarantees the iovecs are writable.
+        let r = unsafe { libc::readv(self.fd.as_raw_fd(), iovecs.as_ptr(), n) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
     /// Writes one frame (its vnet header first) from `buf`.
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: `buf` is readable for its length.

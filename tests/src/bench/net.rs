@@ -684,11 +684,16 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         }));
     }
     let stats = env.daemon.stats().ok();
-    let rx = if a.rx {
-        Some(measure_rx(&env.ns, a, &args)?)
-    } else {
-        None
-    };
+    // Receive at 64 B (the injector's rate bounds it) and at 1514 B.
+    let mut rx_sizes = Vec::new();
+    if a.rx {
+        for size in [Size::Small, Size::Mtu] {
+            if a.sizes.contains(&size) || size == Size::Small {
+                rx_sizes.push(measure_rx(&env.ns, a, &args, size)?);
+            }
+        }
+    }
+    let rx = rx_sizes.first().cloned();
     let prof = if a.profile > 0.0 && profile::perf_available() {
         Some(profile_daemon(&mut env, a)?)
     } else {
@@ -706,13 +711,15 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         "points": points,
         "daemon_stats": stats,
         "rx": rx,
+        "rx_sizes": rx_sizes,
         "profile": prof,
     }))
 }
 
 /// Receive: a packet socket floods a tap of its own (single queue, its own
-/// daemon) with 64-byte frames; the kit counts what reaches its rx ring.
-fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str]) -> Result<Value> {
+/// daemon) with frames of `size`; the kit counts what reaches its rx ring,
+/// and the daemon's CPU time is divided by the frames it delivered.
+fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
     ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
     ns.run(
         "sysctl",
@@ -722,8 +729,9 @@ fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str]) -> Result<Value> {
     let mut daemon = NetDaemon::start_with_fds(ns.open_tap_fds(RX_TAP, 1, false)?, daemon_args)?;
     let mut kit = Kit::connect(&daemon)?;
     let sock: PacketSocket = ns.packet_socket(RX_TAP, false)?;
-    let frame = Size::Small.packet()[HDR_LEN..].to_vec();
+    let frame = size.packet()[HDR_LEN..].to_vec();
     let heads: Vec<u16> = kit.rx_bufs.iter().map(|b| b.0).collect();
+    let cpu_before = profile::cpu_ns(daemon.pid());
     let vq = kit.dev.queues.first_mut().ok_or("no rx queue")?;
     let stop = AtomicBool::new(false);
     let seen = AtomicU64::new(0);
@@ -759,18 +767,30 @@ fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str]) -> Result<Value> {
             None => Ok(injected),
         }
     })?;
+    let cpu = profile::cpu_ns(daemon.pid()).saturating_sub(cpu_before);
+    let delivered = seen.load(Ordering::Relaxed);
+    let cpu_per_frame = (cpu as f64 / delivered.max(1) as f64).round();
     let stats = daemon.stats().ok();
+    drop(kit);
+    drop(daemon);
+    // The next size gets a fresh tap.
+    let _ = ns.ip(&["link", "del", RX_TAP]);
     let pps = median(&runs);
-    eprintln!("net rx 64B  bulkhead-net/kit {pps:>9.0}");
+    eprintln!(
+        "net rx {:<5} bulkhead-net/kit {pps:>9.0} ({cpu_per_frame:.0} ns daemon CPU per frame)",
+        size.name()
+    );
     Ok(json!({
-        "size": "64B",
+        "size": size.name(),
         "pps": pps.round(),
         "runs_pps": runs.iter().map(|x| x.round()).collect::<Vec<_>>(),
         "injected": injected,
+        "daemon_cpu_ns_per_frame": cpu_per_frame,
         "daemon_stats": stats,
-        "how": "an AF_PACKET socket on a tap of its own sends 64-byte frames in a loop \
+        "how": format!("an AF_PACKET socket on a tap of its own sends {}-byte frames in a loop \
                 (the tap's queue drops what the daemon does not take); frames counted as \
-                the kit takes them from its rx ring (256 buffers of 2 KiB, reposted at once)",
+                the kit takes them from its rx ring (256 buffers of 2 KiB, reposted at once); \
+                daemon CPU divided by the frames delivered over the whole point", size.frame_len()),
     }))
 }
 

@@ -975,6 +975,15 @@ fn net_section(m: &mut String, net: &Value) {
             rx["how"].as_str().unwrap_or(""),
             rx["injected"],
         );
+        for r in net["rx_sizes"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "- receive {}: {:.0} pps, daemon CPU ≈ {:.0} ns per frame",
+                r["size"].as_str().unwrap_or(""),
+                f(r, "pps"),
+                f(r, "daemon_cpu_ns_per_frame"),
+            );
+        }
     }
     for s in net["skipped"].as_array().into_iter().flatten() {
         let _ = writeln!(m, "- skipped: {}", s.as_str().unwrap_or(""));

@@ -1,0 +1,705 @@
+//! The receive worker: frames from the tap queue into the guest's receive
+//! buffers, through the receive filter the driver set (CTRL_RX).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bulkhead_common::chain::IoVecBuf;
+use bulkhead_common::{DescriptorChain, VirtQueue, WorkerCtl, guest_error};
+
+use bulkhead_common::spec::net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
+
+use crate::device::{PairUse, Shared, vnet_hdr_len};
+use crate::request::{ETH_HLEN, HDR_LEN_V1, MAX_FRAME_LEN, MacAddr};
+
+/// Receive buffer: the largest packet a tap hands over plus slack.
+const RX_BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME_LEN as usize + 256;
+/// Packets a receive worker moves before returning to its event loop.
+const RX_BUDGET: u32 = 256;
+
+/// The receive filter the driver set through CTRL_RX.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RxFilter {
+    /// Accept every frame.
+    pub promisc: bool,
+    /// Accept every multicast frame.
+    pub allmulti: bool,
+    /// Extra unicast addresses accepted.
+    pub unicast: Vec<MacAddr>,
+    /// Multicast addresses accepted.
+    pub multicast: Vec<MacAddr>,
+}
+
+impl Default for RxFilter {
+    fn default() -> Self {
+        // Until the driver says otherwise, everything reaches it.
+        RxFilter {
+            promisc: true,
+            allmulti: true,
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+        }
+    }
+}
+
+impl RxFilter {
+    /// Whether a frame for `dst` reaches a device whose address is `own` (None: unknown).
+    pub fn accepts(&self, own: Option<MacAddr>, dst: MacAddr) -> bool {
+        if self.promisc || dst == MacAddr::BROADCAST {
+            return true;
+        }
+        if dst.is_multicast() {
+            return self.allmulti || self.multicast.contains(&dst);
+        }
+        match own {
+            // Without a configured address we cannot tell our frames from others.
+            None => true,
+            Some(m) => dst == m || self.unicast.contains(&dst),
+        }
+    }
+}
+
+/// The virtio-net header and the Ethernet header: read from the tap into
+/// the worker's own memory (the header to be fixed up, the destination for
+/// the receive filter), written into the guest's buffer by the worker.
+const PREFIX_MAX: usize = HDR_LEN_V1 + ETH_HLEN as usize;
+/// Most iovecs one readv takes.
+const IOV_MAX: usize = 1024;
+
+/// What happened to the packet waiting for the guest.
+enum Delivery {
+    /// Delivered or dropped: the buffer is free again.
+    Done,
+    /// The guest has no room: keep it and wait for a kick.
+    NoRoom,
+}
+
+/// What one read from the tap did.
+enum Received {
+    /// A frame was delivered, dropped or kept pending: read the next.
+    Next,
+    /// The tap is empty, or failed: back to the event loop.
+    Stop,
+    /// The guest has no receive buffer: the frame stays in the tap.
+    NoRoom,
+}
+
+/// A frame read from the tap and not yet delivered.
+enum Pending {
+    /// The whole frame, header first, in `buf[..len]` (the copy path).
+    Copied(usize),
+    /// A frame larger than the first receive buffer (MRG_RXBUF): its first
+    /// `head` bytes are in the front spare chain, except `prefix`, which is
+    /// written there on delivery; the other `tail` bytes are in `buf`.
+    Split {
+        prefix: [u8; PREFIX_MAX],
+        head: usize,
+        tail: usize,
+    },
+}
+
+/// Moves packets from the tap queue into the guest's receive buffers.
+///
+/// A frame is read with one readv straight into the front receive chain,
+/// behind a local prefix (vnet header and Ethernet header) and ahead of a
+/// local overflow buffer: the prefix is checked (runt, receive filter) and
+/// fixed up before the worker writes it into the chain, and a frame the chain
+/// cannot hold lands in the overflow and goes on into further chains
+/// (MRG_RXBUF) or is dropped. A frame that is dropped leaves its chain
+/// unused, for the next frame. Chains too short for the prefix, or in too
+/// many pieces for one readv, take the copy path (the whole frame read into
+/// `buf`, then copied).
+pub struct RxWorker {
+    pub(crate) pair: PairUse,
+    hdr_len: usize,
+    mergeable: bool,
+    guest_csum: bool,
+    /// The overflow of a direct read; the whole frame on the copy path.
+    buf: Vec<u8>,
+    pending: Option<Pending>,
+    /// Receive chains taken off the ring and not used yet (bounded by the queue size).
+    pub(crate) spare: VecDeque<DescriptorChain>,
+    watching: bool,
+    shared: Arc<Shared>,
+    iov: IoVecBuf,
+}
+
+impl RxWorker {
+    pub(crate) fn new(pair: PairUse, features: u64, shared: Arc<Shared>) -> Self {
+        let bit = |m: u64| features & m != 0;
+        RxWorker {
+            pair,
+            hdr_len: vnet_hdr_len(features),
+            mergeable: bit(VIRTIO_NET_F_MRG_RXBUF),
+            guest_csum: bit(VIRTIO_NET_F_GUEST_CSUM),
+            buf: vec![0; RX_BUF_LEN],
+            pending: None,
+            spare: VecDeque::new(),
+            watching: true,
+            shared,
+            iov: IoVecBuf::default(),
+        }
+    }
+
+    pub(crate) fn process(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        vq.disable_notifications();
+        let mut budget = RX_BUDGET;
+        loop {
+            // A pending frame the guest has no room for stalls the queue
+            // before anything more is read.
+            let stalled = self.pending.is_some() && matches!(self.deliver(vq), Delivery::NoRoom);
+            if !stalled {
+                self.pending = None;
+                if budget == 0 || vq.is_broken() {
+                    break;
+                }
+                budget -= 1;
+                match self.receive(vq) {
+                    Received::Next => continue,
+                    Received::Stop => break,
+                    Received::NoRoom => {}
+                }
+            }
+            match vq.enable_notifications() {
+                Ok(true) => continue,
+                _ => {
+                    // Back-pressure: leave packets in the tap until the guest kicks.
+                    if self.watching {
+                        self.shared.stats.rx_stalls.fetch_add(1, Ordering::Relaxed);
+                        ctl.watch(0, false);
+                        self.watching = false;
+                    }
+                    vq.notify();
+                    return;
+                }
+            }
+        }
+        if !self.watching {
+            ctl.watch(0, true);
+            self.watching = true;
+        }
+        vq.notify();
+    }
+
+    /// Reads one frame from the tap into the front receive chain.
+    fn receive(&mut self, vq: &mut VirtQueue) -> Received {
+        if self.gather(vq, 1).is_none() {
+            if vq.is_broken() {
+                return Received::Stop;
+            }
+            return Received::NoRoom;
+        }
+        let prefix_len = self.hdr_len + ETH_HLEN as usize;
+        let mut prefix = [0u8; PREFIX_MAX];
+        let RxWorker {
+            pair,
+            buf,
+            spare,
+            iov,
+            ..
+        } = self;
+        let Some(chain) = spare.front() else {
+            return Received::NoRoom;
+        };
+        let cap = chain.writable_len();
+        let iov = iov.start();
+        iov.push(libc::iovec {
+            iov_base: prefix.as_mut_ptr().cast(),
+            iov_len: prefix_len,
+        });
+        let mut w = chain.writer();
+        let direct = cap >= prefix_len as u64
+            && w.skip(prefix_len as u64).is_ok()
+            && w.iovecs_into(cap - prefix_len as u64, iov).is_ok()
+            && iov.len() < IOV_MAX;
+        let r = if direct {
+            iov.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            });
+            // SAFETY: `prefix` and `buf` live through the call; the other
+            // iovecs point into guest memory kept mapped by the chain's memory
+            // snapshot (the chain stays in `spare`), within its validated
+            // writable buffers.
+            unsafe { pair.tap().readv(iov) }
+        } else {
+            iov.clear();
+            pair.tap().read(buf)
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Stop,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Received::Next,
+            Err(e) => {
+                self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                bulkhead_common::rate_limited!(
+                    log::Level::Warn,
+                    "tap {}: read: {e}",
+                    self.pair.tap().name()
+                );
+                return Received::Stop;
+            }
+        };
+        if n < prefix_len {
+            self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+            return Received::Next;
+        }
+        if !direct {
+            self.pending = Some(Pending::Copied(n));
+            return Received::Next;
+        }
+        if !self.accepts(&prefix[self.hdr_len..prefix_len]) {
+            return Received::Next;
+        }
+        let head = usize::try_from(cap).map_or(n, |cap| n.min(cap));
+        let tail = n - head;
+        if tail == 0 {
+            let Some(chain) = self.spare.pop_front() else {
+                return Received::Next;
+            };
+            self.fix_header(&mut prefix, 1);
+            let written = match chain.writer().write_all(&prefix[..prefix_len]) {
+                Ok(()) => n,
+                Err(_) => 0,
+            };
+            vq.complete(chain.head(), written as u32);
+            self.count(n);
+            return Received::Next;
+        }
+        if !self.mergeable {
+            // Without MRG_RXBUF a packet must fit one buffer: drop it, keep the buffer.
+            self.shared.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
+            return Received::Next;
+        }
+        self.pending = Some(Pending::Split { prefix, head, tail });
+        Received::Next
+    }
+
+    /// Whether the receive filter lets a frame with this Ethernet header
+    /// through; counts it when not.
+    fn accepts(&self, eth: &[u8]) -> bool {
+        let mut dst = [0u8; 6];
+        let Some(d) = eth.get(..6) else {
+            return false;
+        };
+        dst.copy_from_slice(d);
+        let accepted = self
+            .shared
+            .filter
+            .lock()
+            .map(|f| f.accepts(self.shared.mac, MacAddr(dst)))
+            .unwrap_or(true);
+        if !accepted {
+            self.shared
+                .stats
+                .rx_filtered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        accepted
+    }
+
+    /// Fixes up the tap's vnet header for the driver: no checksum flags for a
+    /// driver without GUEST_CSUM, and the number of buffers used.
+    fn fix_header(&self, hdr: &mut [u8], buffers: u16) {
+        if !self.guest_csum {
+            // The driver cannot take partial checksums; the tap sent none, and
+            // DATA_VALID means nothing to it.
+            hdr[0] = 0;
+        }
+        if self.hdr_len == HDR_LEN_V1 {
+            hdr[10..12].copy_from_slice(&buffers.to_le_bytes());
+        }
+    }
+
+    fn count(&self, len: usize) {
+        let s = &self.shared.stats;
+        s.rx_frames.fetch_add(1, Ordering::Relaxed);
+        s.rx_bytes
+            .fetch_add(len.saturating_sub(self.hdr_len) as u64, Ordering::Relaxed);
+    }
+
+    /// Takes receive chains until `len` bytes fit (one chain without MRG_RXBUF).
+    fn gather(&mut self, vq: &mut VirtQueue, len: u64) -> Option<usize> {
+        loop {
+            let mut room = 0u64;
+            for (i, c) in self.spare.iter().enumerate() {
+                room = room.saturating_add(c.writable_len());
+                if room >= len || !self.mergeable {
+                    return Some(i + 1);
+                }
+            }
+            match vq.pop() {
+                Ok(Some(c)) if c.writable_len() < self.hdr_len as u64 => {
+                    self.shared
+                        .stats
+                        .rx_bad_buffers
+                        .fetch_add(1, Ordering::Relaxed);
+                    guest_error!(
+                        "queue {}: receive buffer of {} bytes",
+                        vq.index(),
+                        c.writable_len()
+                    );
+                    vq.complete(c.head(), 0);
+                }
+                Ok(Some(c)) => self.spare.push_back(c),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    fn deliver(&mut self, vq: &mut VirtQueue) -> Delivery {
+        match self.pending {
+            None => Delivery::Done,
+            Some(Pending::Copied(len)) => self.deliver_copied(vq, len),
+            Some(Pending::Split { prefix, head, tail }) => {
+                self.deliver_split(vq, prefix, head, tail)
+            }
+        }
+    }
+
+    /// Delivers a frame whose first `head` bytes are in the front chain.
+    fn deliver_split(
+        &mut self,
+        vq: &mut VirtQueue,
+        mut prefix: [u8; PREFIX_MAX],
+        head: usize,
+        tail: usize,
+    ) -> Delivery {
+        let len = head.saturating_add(tail);
+        let Some(n) = self.gather(vq, len as u64) else {
+            if vq.is_broken() {
+                return Delivery::Done;
+            }
+            return Delivery::NoRoom;
+        };
+        let Ok(buffers) = u16::try_from(n) else {
+            // More buffers than a ring holds: cannot happen; drop the frame.
+            return Delivery::Done;
+        };
+        let Some(first) = self.spare.pop_front() else {
+            return Delivery::Done;
+        };
+        let prefix_len = self.hdr_len + ETH_HLEN as usize;
+        self.fix_header(&mut prefix, buffers);
+        let written = match first.writer().write_all(&prefix[..prefix_len]) {
+            Ok(()) => head,
+            Err(_) => 0,
+        };
+        let mut used = Vec::with_capacity(n);
+        used.push((first.head(), written as u32));
+        let mut off = 0usize;
+        for _ in 1..n {
+            let Some(c) = self.spare.pop_front() else {
+                break;
+            };
+            let mut w = c.writer();
+            let take = usize::try_from(w.available()).map_or(tail - off, |a| a.min(tail - off));
+            let written = match self.buf.get(off..off + take).map(|b| w.write_all(b)) {
+                Some(Ok(())) => take,
+                _ => 0,
+            };
+            off += take;
+            used.push((c.head(), written as u32));
+        }
+        for (head, n) in used {
+            vq.complete(head, n);
+        }
+        self.count(len);
+        Delivery::Done
+    }
+
+    /// Delivers a frame read whole into `buf` (the copy path).
+    fn deliver_copied(&mut self, vq: &mut VirtQueue, len: usize) -> Delivery {
+        let h = self.hdr_len;
+        if !self.accepts(&self.buf[h..h + ETH_HLEN as usize]) {
+            return Delivery::Done;
+        }
+        let Some(n) = self.gather(vq, len as u64) else {
+            if vq.is_broken() {
+                return Delivery::Done;
+            }
+            return Delivery::NoRoom;
+        };
+        if !self.mergeable && self.spare.front().map(|c| c.writable_len()) < Some(len as u64) {
+            // Without MRG_RXBUF a packet must fit one buffer: drop it, keep the buffer.
+            self.shared.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
+            return Delivery::Done;
+        }
+        let mut hdr = [0u8; HDR_LEN_V1];
+        hdr[..h].copy_from_slice(&self.buf[..h]);
+        self.fix_header(&mut hdr[..h], n as u16);
+        self.buf[..h].copy_from_slice(&hdr[..h]);
+        let mut off = 0usize;
+        let mut used = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(c) = self.spare.pop_front() else {
+                break;
+            };
+            let mut w = c.writer();
+            let take = (w.available() as usize).min(len - off);
+            let written = match w.write_all(&self.buf[off..off + take]) {
+                Ok(()) => take,
+                Err(_) => 0,
+            };
+            off += take;
+            used.push((c.head(), written as u32));
+        }
+        for (head, n) in used {
+            vq.complete(head, n);
+        }
+        self.count(len);
+        Delivery::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Pair;
+    use crate::tap::Tap;
+    use bulkhead_common::memory::GuestMemoryHandle;
+    use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+    use bulkhead_common::virtqueue::{CallSlot, QueueConfig, RingAddrs};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+    const OWN: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+    const OTHER: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 2]);
+    const BUFS: u64 = 0x8000;
+
+    /// An rx queue of 8 whose chains are the given writable buffers, each
+    /// chain a list of descriptor lengths; buffers start at `BUFS`, 0x1000 apart.
+    fn rx_queue(chains: &[&[u32]], features: u64) -> (VirtQueue, GuestMemoryHandle) {
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        let m = mem.memory();
+        let mut d = 0u16;
+        for (i, chain) in chains.iter().enumerate() {
+            m.write_obj(d, GuestAddress(0x2004 + 2 * i as u64)).unwrap();
+            for (k, &len) in chain.iter().enumerate() {
+                let a = 0x1000 + 16 * u64::from(d);
+                m.write_obj(BUFS + 0x1000 * u64::from(d), GuestAddress(a))
+                    .unwrap();
+                m.write_obj(len, GuestAddress(a + 8)).unwrap();
+                let more = k + 1 < chain.len();
+                let flags: u16 = 2 | if more { 1 } else { 0 };
+                m.write_obj(flags, GuestAddress(a + 12)).unwrap();
+                m.write_obj(d + 1, GuestAddress(a + 14)).unwrap();
+                d += 1;
+            }
+        }
+        m.write_obj(chains.len() as u16, GuestAddress(0x2002))
+            .unwrap();
+        let cfg = QueueConfig {
+            index: 0,
+            size: 16,
+            addrs: RingAddrs {
+                desc: GuestAddress(0x1000),
+                avail: GuestAddress(0x2000),
+                used: GuestAddress(0x3000),
+            },
+            next_avail: 0,
+            features,
+            max_chain_bytes: 1 << 20,
+        };
+        let call = Arc::new(CallSlot::default());
+        let vq = VirtQueue::start(cfg, mem.clone(), call, None, None, Default::default()).unwrap();
+        (vq, mem)
+    }
+
+    /// Used ring: (head, len) of every used entry.
+    fn used(mem: &GuestMemoryHandle) -> Vec<(u32, u32)> {
+        let m = mem.memory();
+        let n: u16 = m.read_obj(GuestAddress(0x3002)).unwrap();
+        (0..u64::from(n))
+            .map(|i| {
+                let e = 0x3004 + 8 * i;
+                (
+                    m.read_obj(GuestAddress(e)).unwrap(),
+                    m.read_obj(GuestAddress(e + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn read(mem: &GuestMemoryHandle, desc: u16, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.memory()
+            .read_slice(&mut v, GuestAddress(BUFS + 0x1000 * u64::from(desc)))
+            .unwrap();
+        v
+    }
+
+    /// A packet socket standing in for the tap: `send` writes one packet
+    /// (12-byte vnet header, frame to `dst` of `len` bytes, byte i = i).
+    struct FakeTap {
+        peer: OwnedFd,
+    }
+
+    impl FakeTap {
+        fn send(&self, dst: MacAddr, len: usize) -> Vec<u8> {
+            let mut p = vec![0u8; HDR_LEN_V1 + len];
+            p[0] = 1; // NEEDS_CSUM, cleared for a driver without GUEST_CSUM
+            for (i, b) in p[HDR_LEN_V1..].iter_mut().enumerate() {
+                *b = i as u8;
+            }
+            let k = len.min(6);
+            p[HDR_LEN_V1..HDR_LEN_V1 + k].copy_from_slice(&dst.0[..k]);
+            // SAFETY: writing a local buffer.
+            let n = unsafe { libc::write(self.peer.as_raw_fd(), p.as_ptr().cast(), p.len()) };
+            assert_eq!(n, p.len() as isize);
+            p
+        }
+    }
+
+    fn worker(features: u64, filter: Option<RxFilter>) -> (RxWorker, FakeTap, Arc<Shared>) {
+        let mut sv = [0; 2];
+        // SAFETY: socketpair writes two fds into the array.
+        assert_eq!(
+            unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                    sv.as_mut_ptr(),
+                )
+            },
+            0
+        );
+        // SAFETY: fresh fds we own.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+        let shared = Arc::new(Shared::for_test(Some(OWN)));
+        if let Some(f) = filter {
+            *shared.filter.lock().unwrap() = f;
+        }
+        let pair = Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(a),
+            users: Mutex::new(0),
+        });
+        let w = RxWorker::new(PairUse::new(pair), features, shared.clone());
+        (w, FakeTap { peer: b }, shared)
+    }
+
+    const V1: u64 = VIRTIO_F_VERSION_1;
+    const MRG: u64 = V1 | VIRTIO_NET_F_MRG_RXBUF;
+
+    #[test]
+    fn a_frame_lands_in_the_guest_buffer_behind_a_fixed_up_header() {
+        let (mut w, tap, shared) = worker(V1, None);
+        let (mut vq, mem) = rx_queue(&[&[64, 2048]], V1);
+        let sent = tap.send(OWN, 500);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert_eq!(used(&mem), vec![(0, sent.len() as u32)]);
+        let mut want = sent.clone();
+        want[0] = 0;
+        want[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let mut got = read(&mem, 0, 64);
+        got.extend(read(&mem, 1, sent.len() - 64));
+        assert_eq!(got, want);
+        assert_eq!(shared.stats.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.stats.rx_bytes.load(Ordering::Relaxed), 500);
+    }
+
+    #[test]
+    fn a_filtered_runt_or_oversized_frame_leaves_its_buffer_for_the_next() {
+        let filter = RxFilter {
+            promisc: false,
+            allmulti: false,
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+        };
+        let (mut w, tap, shared) = worker(V1, Some(filter));
+        let (mut vq, mem) = rx_queue(&[&[1024]], V1);
+        tap.send(OTHER, 100);
+        tap.send(OWN, 5); // runt: shorter than an Ethernet header
+        tap.send(OWN, 1500); // larger than the only buffer, no MRG_RXBUF
+        let sent = tap.send(OWN, 60);
+        w.process(&mut vq, &WorkerCtl::detached());
+        let s = &shared.stats;
+        assert_eq!(s.rx_filtered.load(Ordering::Relaxed), 1);
+        assert_eq!(s.rx_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(s.rx_too_big.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            used(&mem),
+            vec![(0, sent.len() as u32)],
+            "only the last is seen"
+        );
+        assert_eq!(read(&mem, 0, sent.len())[HDR_LEN_V1..], sent[HDR_LEN_V1..]);
+    }
+
+    #[test]
+    fn a_frame_larger_than_its_buffer_spreads_over_mergeable_buffers() {
+        let (mut w, tap, _) = worker(MRG, None);
+        let (mut vq, mem) = rx_queue(&[&[100], &[100], &[4000]], MRG);
+        let sent = tap.send(OWN, 250);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert_eq!(used(&mem), vec![(0, 100), (1, 100), (2, 62)]);
+        let mut got = read(&mem, 0, 100);
+        got.extend(read(&mem, 1, 100));
+        got.extend(read(&mem, 2, 62));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(got[HDR_LEN_V1..], sent[HDR_LEN_V1..]);
+    }
+
+    #[test]
+    fn a_frame_waits_for_more_buffers_and_buffers_shorter_than_the_headers_take_the_copy_path() {
+        let (mut w, tap, _) = worker(MRG, None);
+        // The first chain holds less than the two headers: copy path.
+        let (mut vq, mem) = rx_queue(&[&[16], &[8, 8]], MRG);
+        let sent = tap.send(OWN, 100);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert!(used(&mem).is_empty(), "32 bytes of room for 112: waits");
+        // The guest posts one more buffer and kicks.
+        let m = mem.memory();
+        m.write_obj(3u16, GuestAddress(0x2004 + 4)).unwrap();
+        let a = 0x1000 + 16 * 3;
+        m.write_obj(BUFS + 0x3000, GuestAddress(a)).unwrap();
+        m.write_obj(2048u32, GuestAddress(a + 8)).unwrap();
+        m.write_obj(2u16, GuestAddress(a + 12)).unwrap();
+        m.write_obj(3u16, GuestAddress(0x2002)).unwrap();
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert_eq!(used(&mem), vec![(0, 16), (1, 16), (3, 80)]);
+        let mut got = read(&mem, 0, 16);
+        got.extend(read(&mem, 1, 8));
+        got.extend(read(&mem, 2, 8));
+        got.extend(read(&mem, 3, 80));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+        assert_eq!(got[HDR_LEN_V1..], sent[HDR_LEN_V1..]);
+    }
+
+    #[test]
+    fn stopping_gives_every_unused_buffer_back() {
+        let (mut w, tap, _) = worker(V1, None);
+        let (mut vq, mem) = rx_queue(&[&[64], &[64]], V1);
+        tap.send(OWN, 1000); // too big for either: dropped, buffer kept
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert_eq!(w.spare.len(), 1);
+        let heads: Vec<u16> = w.spare.drain(..).map(|c| c.head()).collect();
+        assert!(vq.give_back(&heads).is_empty());
+        assert!(used(&mem).is_empty());
+    }
+
+    #[test]
+    fn filter_follows_promisc_allmulti_and_tables() {
+        let own = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
+        let other = MacAddr([0x52, 0x54, 0, 0, 0, 2]);
+        let mc = MacAddr([0x01, 0, 0x5e, 0, 0, 1]);
+        let mut f = RxFilter::default();
+        assert!(f.accepts(Some(own), other));
+        f.promisc = false;
+        f.allmulti = false;
+        assert!(f.accepts(Some(own), own));
+        assert!(!f.accepts(Some(own), other));
+        assert!(f.accepts(None, other));
+        assert!(f.accepts(Some(own), MacAddr::BROADCAST));
+        assert!(!f.accepts(Some(own), mc));
+        f.multicast.push(mc);
+        f.unicast.push(other);
+        assert!(f.accepts(Some(own), mc));
+        assert!(f.accepts(Some(own), other));
+    }
+}
