@@ -6,5 +6,6 @@
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod image;
 pub mod request;
 pub mod state;

@@ -12,8 +12,9 @@ use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget}
 use clap::{Parser, ValueEnum};
 
 use bulkhead_blk::device::{BlkConfig, BlkDevice};
-use bulkhead_blk::disk::Disk;
+use bulkhead_blk::disk::{Disk, ImageOptions};
 use bulkhead_blk::engine::{self, EngineKind};
+use bulkhead_blk::image::FormatCheck;
 use bulkhead_blk::request;
 
 /// I/O engine choices on the command line.
@@ -95,6 +96,22 @@ struct Args {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+
+    /// raw: serve the image even if it starts like qcow2, vmdk, vhdx, vdi,
+    /// qed, parallels or LUKS (refused by default: docs/blk.md).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: Option<FormatArg>,
+
+    /// Do not take QEMU's image lock (another process may then write it too).
+    #[arg(long)]
+    no_lock: bool,
+}
+
+/// `--format`: only raw can be served; naming it skips the format probe.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    /// The bytes are the disk.
+    Raw,
 }
 
 /// `BLKDISCARD` and `BLKZEROOUT` (linux/fs.h), the only ioctls a queue issues.
@@ -156,22 +173,30 @@ fn main() -> ExitCode {
         log::error!("{e}");
         return ExitCode::from(2);
     }
+    let opts = ImageOptions {
+        readonly: args.readonly,
+        direct: args.direct,
+        format: match args.format {
+            Some(FormatArg::Raw) => FormatCheck::Raw,
+            None => FormatCheck::Probe,
+        },
+        lock: !args.no_lock,
+    };
     let disk = match (&args.image, args.image_fd) {
-        (Some(path), _) => Disk::open(path, args.readonly, args.direct)
-            .map_err(|e| format!("cannot open image {}: {e}", path.display())),
+        (Some(path), _) => Disk::open(path, opts),
         (None, Some(fd)) => {
             // SAFETY: the launcher handed us this fd to own.
             let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            Disk::from_file(f).map_err(|e| format!("cannot use image fd {fd}: {e}"))
+            Disk::from_fd_checked(f, fd, opts)
         }
-        (None, None) => Err("--image or --image-fd is required".to_string()),
+        (None, None) => {
+            log::error!("--image or --image-fd is required");
+            return ExitCode::FAILURE;
+        }
     };
     let disk = match disk {
         Ok(d) => d,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&e),
     };
     let engine = match args.engine {
         EngineArg::IoUring if engine::io_uring_available() => EngineKind::IoUring,
