@@ -15,6 +15,7 @@ pub mod memory;
 pub mod notify;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod size;
 pub mod state;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities};
+use bulkhead_common::cli::{
+    BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities_if_asked,
+};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::{Parser, ValueEnum};
@@ -163,9 +165,11 @@ fn sandbox_policy(args: &Args) -> Policy {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = print_capabilities_if_asked("block", &["read-only", "blk-file"]) {
+        return code;
+    }
     let args = Args::parse();
-    if args.vhost_user.print_capabilities {
-        print_capabilities("block", &["read-only", "blk-file"]);
+    if args.vhost_user.check {
         return ExitCode::SUCCESS;
     }
     init_logging("bulkhead-blk");

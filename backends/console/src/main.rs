@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
+use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities_if_asked};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
@@ -182,9 +182,11 @@ fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = print_capabilities_if_asked("console", &[]) {
+        return code;
+    }
     let args = Args::parse();
-    if args.vhost_user.print_capabilities {
-        print_capabilities("console", &["console", "port", "scrollback"]);
+    if args.vhost_user.check {
         return ExitCode::SUCCESS;
     }
     init_logging("bulkhead-console");

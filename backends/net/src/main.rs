@@ -4,7 +4,9 @@ use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bulkhead_common::cli::{BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities};
+use bulkhead_common::cli::{
+    BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities_if_asked,
+};
 use bulkhead_common::daemon::{Endpoint, serve_endpoint};
 use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
 use clap::Parser;
@@ -27,11 +29,7 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
-    let mac: MacAddr = s.parse()?;
-    if mac.is_multicast() || mac.0 == [0; 6] {
-        return Err("must be a unicast address, not all zeroes".into());
-    }
-    Ok(mac)
+    MacAddr::parse_unicast(s)
 }
 
 /// vhost-user net device backend: connects a virtio-net driver, through any
@@ -167,9 +165,11 @@ fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), String> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = print_capabilities_if_asked("net", &[]) {
+        return code;
+    }
     let args = Args::parse();
-    if args.vhost_user.print_capabilities {
-        print_capabilities("net", &["tap", "tap-fd", "mac", "mtu", "queue-pairs"]);
+    if args.vhost_user.check {
         return ExitCode::SUCCESS;
     }
     init_logging("bulkhead-net");

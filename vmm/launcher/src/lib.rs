@@ -5,6 +5,7 @@
 //! removes every socket on SIGTERM or Ctrl-C. See `docs/launcher.md`.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod config;
 pub mod frontend;
 pub mod supervisor;

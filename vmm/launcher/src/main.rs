@@ -29,7 +29,9 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
     },
-    /// Check the config and print the backends and frontend it describes.
+    /// Check the config, its files and each backend's options (the daemon's
+    /// own parser, `--check`); print every problem, or the backends and
+    /// frontend it describes. Exit status 1 if anything is wrong.
     Check {
         /// The VM's TOML file.
         #[arg(long, value_name = "PATH")]
@@ -40,7 +42,10 @@ enum Cmd {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
-    let (Cmd::Up { config } | Cmd::Check { config }) = &args.command;
+    let config = match &args.command {
+        Cmd::Up { config } => config,
+        Cmd::Check { config } => return check(config),
+    };
     let cfg = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -48,13 +53,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Cmd::Check { .. } = args.command {
-        for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
-            println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
-        }
-        println!("frontend: {:?}", cfg.frontend);
-        return ExitCode::SUCCESS;
-    }
     match Supervisor::new(cfg) {
         Ok(s) => ExitCode::from(s.run()),
         Err(e) => {
@@ -62,4 +60,28 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `bulkhead check`: every problem at once, each naming its field.
+fn check(config: &std::path::Path) -> ExitCode {
+    let cfg = match Config::read(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead: {}: {e}", config.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut problems = cfg.problems();
+    problems.extend(bulkhead_launcher::check::problems(&cfg));
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("bulkhead: {}: {p}", config.display());
+        }
+        return ExitCode::from(1);
+    }
+    for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
+        println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
+    }
+    println!("frontend: {:?}", cfg.frontend);
+    ExitCode::SUCCESS
 }
