@@ -147,3 +147,29 @@ fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them()
         );
     }
 }
+
+#[test]
+fn the_libvirt_example_validates_and_uses_the_units_sockets() {
+    let xml = repo_root().join("contrib/libvirt/bulkhead-vm.xml");
+    let text = std::fs::read_to_string(&xml).unwrap();
+    // The sockets contrib/systemd's units listen on, instance vm1.
+    assert!(text.contains("path='/run/bulkhead/blk-vm1.sock'"));
+    assert!(text.contains("path='/run/bulkhead/net-vm1.sock'"));
+    for unit in ["bulkhead-blk@.socket", "bulkhead-net@.socket"] {
+        let u = std::fs::read_to_string(repo_root().join("contrib/systemd").join(unit)).unwrap();
+        assert!(u.contains("ListenStream=/run/bulkhead/"), "{unit}");
+    }
+    match Command::new("virt-xml-validate")
+        .arg(&xml)
+        .arg("domain")
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "virt-xml-validate: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!("SKIPPED: virt-xml-validate is not installed (libvirt-clients)"),
+    }
+}
