@@ -15,13 +15,7 @@ use vm_memory::{
 };
 
 use crate::memory::{GuestMemorySnapshot, read_guest_obj, region_slice};
-
-/// Descriptor flag: the chain continues at `next`.
-pub const VRING_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the device writes this buffer.
-pub const VRING_DESC_F_WRITE: u16 = 2;
-/// Descriptor flag: the buffer is a table of descriptors.
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+use crate::spec::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 /// Size of one descriptor in a table.
 pub const DESC_SIZE: u64 = 16;

@@ -116,20 +116,38 @@ pub fn init_logging(program: &'static str) {
         .init();
 }
 
-/// Logs `e` with its causes; the exit code for a daemon's failed start or run.
-pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
-    log::error!("{e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        log::error!("  caused by: {s}");
-        src = s.source();
+/// `e` and its causes on one line, `outer: inner: innermost`: how every
+/// Bulkhead binary prints an error.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
     }
-    std::process::ExitCode::FAILURE
+    s
+}
+
+/// Logs `e` with its causes; the exit code for a daemon's failed start or
+/// run ([`crate::scaffold::EXIT_FAILURE`]).
+pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
+    log::error!("{}", error_chain(e));
+    std::process::ExitCode::from(crate::scaffold::EXIT_FAILURE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_names_every_cause_outermost_first() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot start")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("no such file"));
+        assert_eq!(error_chain(&e), "cannot start: no such file");
+    }
 
     #[test]
     fn capabilities_are_valid_json() {

@@ -1,15 +1,24 @@
-//! The two traits a backend implements: the device (features, config space,
-//! one worker per queue) and the queue worker (what to do on a kick).
+//! The device trait a backend implements: features, config space, state,
+//! and one [`QueueWorker`] per queue (the queue-thread contract lives in
+//! [`crate::worker`], which imports nothing from here).
 
 use std::io;
-use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::state::{DeviceType, StateError, StateSection};
-use crate::virtqueue::VirtQueue;
-use crate::worker::WorkerCtl;
+use crate::worker::QueueWorker;
+
+/// Protocol features every device offers, because the shared handler
+/// ([`crate::handler`]) implements them the same way for all: multiqueue,
+/// replies, config space, memory slots, inflight I/O tracking and reset.
+pub const DEFAULT_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::RESET_DEVICE);
 
 /// A virtio device served over vhost-user.
 ///
@@ -32,8 +41,12 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Virtio feature bits offered; `VHOST_USER_F_PROTOCOL_FEATURES` is added by the handler.
     fn features(&self) -> u64;
 
-    /// Protocol features offered.
-    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// Protocol features offered: [`DEFAULT_PROTOCOL_FEATURES`] unless the
+    /// device needs more (console: BACKEND_REQ for config-change
+    /// notifications). DEVICE_STATE is added by the handler.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        DEFAULT_PROTOCOL_FEATURES
+    }
 
     /// The device's config space as the guest currently sees it.
     fn config(&self) -> Vec<u8>;
@@ -69,8 +82,15 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 
-    /// The frontend went away and every queue thread has stopped (log counters here).
+    /// The frontend went away and every queue thread has stopped.
     fn disconnected(&self) {}
+
+    /// The device's counters as `name=value` pairs on one line: logged as
+    /// a `stats:` line on SIGUSR1 and at exit ([`crate::scaffold`]).
+    /// Empty: nothing to count.
+    fn stats(&self) -> String {
+        String::new()
+    }
 
     /// The frontend gave us its backend-request channel (for config-change notifications).
     fn set_backend_channel(&self, channel: vhost::vhost_user::Backend) {
@@ -116,53 +136,4 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// Creates the worker for queue `index`, about to start with `size`
     /// entries (the frontend's SET_VRING_NUM) and the negotiated `features`.
     fn create_worker(&self, index: u16, size: u16, features: u64) -> io::Result<Self::Worker>;
-}
-
-/// What one call of [`QueueWorker::poll`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Polled {
-    /// Work was waiting and has been handled.
-    Work,
-    /// Nothing yet; polling on may catch the next request.
-    Nothing,
-    /// Stop polling and sleep: what comes next is done by other threads
-    /// (I/O workers, a full tap draining) that need this CPU more than a
-    /// spinning thread does, and whose completion wakes the thread anyway.
-    Sleep,
-}
-
-/// The per-queue half of a device, run by its own thread.
-pub trait QueueWorker: Send + 'static {
-    /// The queue thread may busy-poll this worker (see [`QueueWorker::poll`])
-    /// before it sleeps; asked once, when the thread starts.
-    fn busy_polls(&self) -> bool {
-        false
-    }
-
-    /// Busy-poll hook: handles work that arrived since the last event and
-    /// can be seen without a syscall (new chains on the ring, completions in
-    /// a shared ring). Called in a tight loop for a few microseconds before
-    /// the queue thread sleeps, so it must be cheap when there is nothing.
-    fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
-        let _ = (vq, ctl);
-        Polled::Sleep
-    }
-
-    /// Extra fds the worker thread polls (an I/O completion fd, a tap); level-triggered.
-    fn fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
-
-    /// The guest kicked the queue (also called once when the queue starts).
-    fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl);
-
-    /// Extra fd number `index` (position in [`QueueWorker::fds`]) is ready.
-    fn on_fd(&mut self, vq: &mut VirtQueue, index: usize, ctl: &WorkerCtl) {
-        let _ = (vq, index, ctl);
-    }
-
-    /// The queue is stopping: finish or give up every request in flight.
-    fn drain(&mut self, vq: &mut VirtQueue) {
-        let _ = vq;
-    }
 }

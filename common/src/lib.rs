@@ -1,7 +1,8 @@
 //! Pieces shared by every Bulkhead vhost-user backend: guest memory from the
 //! frontend's table, validated descriptor-chain snapshots, split virtqueues
 //! with in-flight head tracking, vhost-user inflight I/O tracking, the
-//! request handler, per-queue worker threads, and the daemon serve loop.
+//! request handler, per-queue worker threads, the daemon serve loop, the
+//! sandbox, and the scaffold every daemon's `main` runs ([`scaffold::run`]).
 #![warn(missing_docs)]
 
 pub mod chain;
@@ -15,6 +16,7 @@ pub mod memory;
 pub mod notify;
 pub mod ratelimit;
 pub mod sandbox;
+pub mod scaffold;
 pub mod size;
 pub mod state;
 #[cfg(feature = "test-hooks")]
@@ -23,7 +25,10 @@ pub mod transfer;
 pub mod virtqueue;
 pub mod worker;
 
+/// The virtio spec layer (`bulkhead-spec`), for the backends.
+pub use bulkhead_spec as spec;
+
 pub use chain::{ChainError, Descriptor, DescriptorChain, Reader, Writer};
-pub use device::{Polled, QueueWorker, VhostUserDevice};
+pub use device::VhostUserDevice;
 pub use virtqueue::VirtQueue;
-pub use worker::WorkerCtl;
+pub use worker::{Polled, QueueWorker, WorkerCtl};

@@ -26,14 +26,10 @@ use crate::memory::{
 };
 use crate::ratelimit::guest_error;
 
-/// VIRTIO_RING_F_EVENT_IDX.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-/// VIRTIO_RING_F_INDIRECT_DESC.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-/// VIRTIO_F_VERSION_1.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+use crate::spec::ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_USED_F_NO_NOTIFY,
+};
 
 /// Largest queue any Bulkhead backend accepts.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -275,10 +271,10 @@ impl VirtQueue {
             // entry and signalling it; without this the guest would wait
             // for that interrupt forever. A spurious interrupt is harmless.
             signalled_used: None,
-            event_idx: cfg.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            event_idx: cfg.features & VIRTIO_RING_F_EVENT_IDX != 0,
             limits: ChainLimits {
                 queue_size: cfg.size,
-                indirect: cfg.features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
+                indirect: cfg.features & VIRTIO_RING_F_INDIRECT_DESC != 0,
                 max_total_len: cfg.max_chain_bytes,
             },
             heads,
@@ -612,8 +608,9 @@ impl VirtQueue {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::chain::{RawDescriptor, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use crate::chain::RawDescriptor;
     use crate::memory::tests::single_region;
+    use crate::spec::ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     const SIZE: u16 = 8;
     const DESC: u64 = 0x1000;
@@ -864,7 +861,7 @@ pub(crate) mod tests {
             .memory()
             .write_obj(2u16, GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
             .unwrap();
-        let (mut q, efd) = g.queue(1 << VIRTIO_RING_F_EVENT_IDX);
+        let (mut q, efd) = g.queue(VIRTIO_RING_F_EVENT_IDX);
         let mut heads = vec![];
         while let Some(c) = q.pop().unwrap() {
             heads.push(c.head());

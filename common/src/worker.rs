@@ -1,6 +1,8 @@
-//! One thread per running queue: an epoll loop over the kick eventfd, a stop
-//! eventfd and the worker's own fds, with an adaptive busy-poll before it
-//! sleeps (see [`BusyPoll`]).
+//! The queue-thread contract and its thread: what a device's per-queue
+//! half implements ([`QueueWorker`], [`Polled`], [`WorkerCtl`]), and one
+//! thread per running queue running an epoll loop over the kick eventfd, a
+//! stop eventfd and the worker's own fds, with an adaptive busy-poll before
+//! it sleeps (see [`BusyPoll`]).
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -11,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Polled, QueueWorker};
 use crate::virtqueue::VirtQueue;
 
 const TOKEN_KICK: u64 = 0;
@@ -29,6 +30,55 @@ static THREAD_START: OnceLock<ThreadStartHook> = OnceLock::new();
 /// one was installed before.
 pub fn set_thread_start_hook(hook: ThreadStartHook) -> Result<(), ThreadStartHook> {
     THREAD_START.set(hook)
+}
+
+/// What one call of [`QueueWorker::poll`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polled {
+    /// Work was waiting and has been handled.
+    Work,
+    /// Nothing yet; polling on may catch the next request.
+    Nothing,
+    /// Stop polling and sleep: what comes next is done by other threads
+    /// (I/O workers, a full tap draining) that need this CPU more than a
+    /// spinning thread does, and whose completion wakes the thread anyway.
+    Sleep,
+}
+
+/// The per-queue half of a device, run by its own thread.
+pub trait QueueWorker: Send + 'static {
+    /// The queue thread may busy-poll this worker (see [`QueueWorker::poll`])
+    /// before it sleeps; asked once, when the thread starts.
+    fn busy_polls(&self) -> bool {
+        false
+    }
+
+    /// Busy-poll hook: handles work that arrived since the last event and
+    /// can be seen without a syscall (new chains on the ring, completions in
+    /// a shared ring). Called in a tight loop for a few microseconds before
+    /// the queue thread sleeps, so it must be cheap when there is nothing.
+    fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
+        let _ = (vq, ctl);
+        Polled::Sleep
+    }
+
+    /// Extra fds the worker thread polls (an I/O completion fd, a tap); level-triggered.
+    fn fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// The guest kicked the queue (also called once when the queue starts).
+    fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl);
+
+    /// Extra fd number `index` (position in [`QueueWorker::fds`]) is ready.
+    fn on_fd(&mut self, vq: &mut VirtQueue, index: usize, ctl: &WorkerCtl) {
+        let _ = (vq, index, ctl);
+    }
+
+    /// The queue is stopping: finish or give up every request in flight.
+    fn drain(&mut self, vq: &mut VirtQueue) {
+        let _ = vq;
+    }
 }
 
 /// Lets a worker change which of its fds are watched (back-pressure).

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bulkhead_blk::request::{Geometry, OutHdr, Request, VIRTIO_BLK_T_IN};
-use bulkhead_common::chain::{
-    ChainLimits, DescriptorChain, RawDescriptor, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
+use bulkhead_blk::request::{Geometry, OutHdr, Request};
+use bulkhead_common::chain::{ChainLimits, DescriptorChain, RawDescriptor};
 use bulkhead_common::inflight::InflightRegion;
 use bulkhead_common::virtqueue::{QueueConfig, RingAddrs, VirtQueue};
+use bulkhead_spec::blk::VIRTIO_BLK_T_IN;
+use bulkhead_spec::ring::{VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use serde_json::json;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -176,7 +176,7 @@ fn bulkhead_queue(
             used: GuestAddress(USED),
         },
         next_avail: 0,
-        features: 1 << 28,
+        features: VIRTIO_RING_F_INDIRECT_DESC,
         max_chain_bytes: 1 << 30,
     };
     let (region, qi) = if inflight {

@@ -11,53 +11,21 @@ use crate::le::{le16, le32, le64};
 use crate::memory::MemoryError;
 use crate::virtq::{Buf, UsedElem, VirtQueue, VirtqError};
 
-/// Request type: read.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Request type: write.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Request type: flush.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Request type: device id string.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Request type: discard.
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// Request type: write zeroes.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-
-/// Status: success.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// Status: I/O error.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// Status: unsupported request.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// Feature bit: size_max is valid.
-pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
-/// Feature bit: seg_max is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// Feature bit: read-only device.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-/// Feature bit: blk_size is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-/// Feature bit: flush supported.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-/// Feature bit: topology is valid.
-pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
-/// Feature bit: writeback toggle in config.
-pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
-/// Feature bit: multiple queues.
-pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-/// Feature bit: discard supported.
-pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-/// Feature bit: write zeroes supported.
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+pub use bulkhead_spec::blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use bulkhead_spec::blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_SECTOR_SIZE, VirtioBlkConfig};
 
 /// Sector size of the virtio-blk protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = VIRTIO_BLK_SECTOR_SIZE;
 /// Length of the classic virtio_blk_config (through write_zeroes_may_unmap + padding).
-pub const CONFIG_LEN: u32 = 60;
+pub const CONFIG_LEN: u32 = size_of::<VirtioBlkConfig>() as u32;
 /// Length of the GET_ID string.
-pub const ID_LEN: u32 = 20;
+pub const ID_LEN: u32 = VIRTIO_BLK_ID_BYTES as u32;
 /// Alignment of data buffers laid out by [`BlkDriver::submit`] (page, like Linux).
 pub const DATA_ALIGN: u64 = 4096;
 /// Default wait for one completion.

@@ -45,29 +45,14 @@ use crate::memory::MemoryError;
 use crate::process::{ChildGuard, wait_for_path, workspace_binary};
 use crate::virtq::{Buf, VirtqError};
 
-/// Feature bit: cols and rows in config are valid.
-pub const VIRTIO_CONSOLE_F_SIZE: u64 = 1 << 0;
-/// Feature bit: several ports and control queues.
-pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
-/// Feature bit: emergency write.
-pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u64 = 1 << 2;
-
-/// Control event: the driver is ready.
-pub const DEVICE_READY: u16 = 0;
-/// Control event: a port was added.
-pub const PORT_ADD: u16 = 1;
-/// Control event: a port was removed.
-pub const PORT_REMOVE: u16 = 2;
-/// Control event: the driver set a port up.
-pub const PORT_READY: u16 = 3;
-/// Control event: the port is a console.
-pub const CONSOLE_PORT: u16 = 4;
-/// Control event: console size.
-pub const RESIZE: u16 = 5;
-/// Control event: a side opened or closed the port.
-pub const PORT_OPEN: u16 = 6;
-/// Control event: port name.
-pub const PORT_NAME: u16 = 7;
+pub use bulkhead_spec::console::{
+    VIRTIO_CONSOLE_CONFIG_EMERG_WR_OFFSET as EMERG_WR_OFFSET,
+    VIRTIO_CONSOLE_CONSOLE_PORT as CONSOLE_PORT, VIRTIO_CONSOLE_DEVICE_READY as DEVICE_READY,
+    VIRTIO_CONSOLE_F_EMERG_WRITE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE,
+    VIRTIO_CONSOLE_PORT_ADD as PORT_ADD, VIRTIO_CONSOLE_PORT_NAME as PORT_NAME,
+    VIRTIO_CONSOLE_PORT_OPEN as PORT_OPEN, VIRTIO_CONSOLE_PORT_READY as PORT_READY,
+    VIRTIO_CONSOLE_PORT_REMOVE as PORT_REMOVE, VIRTIO_CONSOLE_RESIZE as RESIZE,
+};
 
 /// Linux's buffer size for receive and control buffers (PAGE_SIZE).
 pub const PAGE: u32 = 4096;
@@ -75,8 +60,6 @@ pub const PAGE: u32 = 4096;
 pub const BAD_ID: u32 = u32::MAX;
 /// Default wait for the device.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
-/// Offset of emerg_wr in the config space.
-pub const EMERG_WR_OFFSET: u32 = 8;
 
 /// Errors from the console driver.
 #[derive(Debug, thiserror::Error)]

@@ -20,14 +20,11 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::memory::{GuestMemory, MemoryError};
 use crate::virtq::{VirtQueue, VirtqError};
 
-/// virtio feature bit: INDIRECT_DESC.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// virtio feature bit: EVENT_IDX.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use bulkhead_spec::VIRTIO_F_VERSION_1;
+pub use bulkhead_spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
 /// vhost-user feature bit: protocol features are negotiated.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// virtio feature bit: VERSION_1.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device-type-specific feature bits (0..=23), all acceptable by default.
 pub const DEVICE_FEATURES: u64 = (1 << 24) - 1;
 /// vhost feature bit: dirty logging (never acked by the kit).

@@ -21,70 +21,21 @@ use crate::netns::NetNs;
 use crate::process::{ChildGuard, workspace_binary};
 use crate::virtq::{Buf, UsedElem, VirtqError};
 
-/// Feature bit: driver may send partial checksums.
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-/// Feature bit: driver accepts partial checksums.
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
-/// Feature bit: mtu in config.
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-/// Feature bit: mac in config.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-/// Feature bit: driver accepts TSOv4.
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-/// Feature bit: driver accepts TSOv6.
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-/// Feature bit: driver accepts TSO with ECN.
-pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
-/// Feature bit: driver accepts UFO.
-pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
-/// Feature bit: device accepts TSOv4.
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-/// Feature bit: device accepts TSOv6.
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
-/// Feature bit: device accepts TSO with ECN.
-pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
-/// Feature bit: device accepts UFO.
-pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
-/// Feature bit: mergeable receive buffers.
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-/// Feature bit: status in config.
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-/// Feature bit: control queue.
-pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
-/// Feature bit: control RX mode.
-pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
-/// Feature bit: several queue pairs.
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub use bulkhead_spec::net::{
+    VIRTIO_NET_CTRL_MAC as CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET as CTRL_MAC_TABLE_SET,
+    VIRTIO_NET_CTRL_MQ as CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_RX as CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI as CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC as CTRL_RX_PROMISC, VIRTIO_NET_ERR as CTRL_ERR, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM as NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE as GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4 as GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6 as GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP as GSO_UDP,
+    VIRTIO_NET_OK as CTRL_OK,
+};
 
-/// Header flag: checksum needed at csum_start + csum_offset.
-pub const NEEDS_CSUM: u8 = 1;
-/// GSO type: none.
-pub const GSO_NONE: u8 = 0;
-/// GSO type: TCPv4.
-pub const GSO_TCPV4: u8 = 1;
-/// GSO type: UDP.
-pub const GSO_UDP: u8 = 3;
-/// GSO type: TCPv6.
-pub const GSO_TCPV6: u8 = 4;
-
-/// Control class RX.
-pub const CTRL_RX: u8 = 0;
-/// RX command: promiscuous.
-pub const CTRL_RX_PROMISC: u8 = 0;
-/// RX command: all-multicast.
-pub const CTRL_RX_ALLMULTI: u8 = 1;
-/// Control class MAC.
-pub const CTRL_MAC: u8 = 1;
-/// MAC command: filter tables.
-pub const CTRL_MAC_TABLE_SET: u8 = 0;
-/// Control class MQ.
-pub const CTRL_MQ: u8 = 4;
-/// MQ command: pairs in use.
-pub const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
-/// Ack: OK.
-pub const CTRL_OK: u8 = 0;
-/// Ack: error.
-pub const CTRL_ERR: u8 = 1;
 /// Ack byte value before the device writes it.
 pub const ACK_UNTOUCHED: u8 = 0xa5;
 

@@ -15,16 +15,11 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::{GuestMemory, MemoryError};
 
-/// Descriptor flag: the chain continues at `next`.
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the device writes this buffer.
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-/// Descriptor flag: the buffer is a table of descriptors.
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-/// Avail flag: the driver does not want interrupts.
-pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// Used flag: the device does not want kicks.
-pub const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
+pub use bulkhead_spec::ring::{
+    VRING_AVAIL_F_NO_INTERRUPT as VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT as VIRTQ_DESC_F_INDIRECT, VRING_DESC_F_NEXT as VIRTQ_DESC_F_NEXT,
+    VRING_DESC_F_WRITE as VIRTQ_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY as VIRTQ_USED_F_NO_NOTIFY,
+};
 
 /// Errors from the virtqueue driver.
 #[derive(Debug, thiserror::Error)]

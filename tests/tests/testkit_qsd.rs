@@ -3,7 +3,9 @@
 
 use bulkhead_tests::blk::{BlkDriver, Request, SECTOR_SIZE, VIRTIO_BLK_S_OK};
 use bulkhead_tests::daemon::{Daemon, Scratch};
-use bulkhead_tests::frontend::{Options, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_tests::frontend::{
+    Options, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 const IMAGE_SIZE: u64 = 8 << 20;
 
@@ -99,5 +101,5 @@ fn raw_connection_speaks_vhost_user_with_qsd() {
     assert_eq!(reply.request, FrontendReq::GET_FEATURES as u32);
     assert_eq!(reply.payload.len(), 8);
     let features = u64::from_le_bytes(reply.payload.try_into().unwrap());
-    assert_ne!(features & (1 << 32), 0, "VERSION_1");
+    assert_ne!(features & VIRTIO_F_VERSION_1, 0, "VERSION_1");
 }

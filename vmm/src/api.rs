@@ -13,6 +13,7 @@
 //! `shutdown`, `list`) is accepted for the commands without arguments.
 //! [`request`] is the client side used by `bulkhead-vmm ctl`.
 
+use bulkhead_common::cli::error_chain;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -89,17 +90,6 @@ fn device_json(h: &BackendHandle) -> Value {
         "inflight": i.inflight,
         "last_error": i.last_error,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Answers one request. `shutdown` only answers: the caller asks the VMM to

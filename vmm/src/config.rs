@@ -5,6 +5,10 @@
 
 use std::path::PathBuf;
 
+use bulkhead_spec::blk::VirtioBlkConfig;
+use bulkhead_spec::console::VirtioConsoleConfig;
+use bulkhead_spec::net::VirtioNetConfig;
+
 use crate::device::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
 /// Default largest queue size offered to the driver (net and console).
@@ -56,13 +60,14 @@ pub enum DeviceKind {
 
 impl DeviceKind {
     fn defaults(self) -> (Option<u32>, u32) {
-        // (virtio id, config size): struct virtio_blk_config up to
-        // write_zeroes_may_unmap, virtio_net_config up to mtu,
-        // virtio_console_config.
+        // (virtio id, config size): the config spaces the backends serve.
         match self {
-            DeviceKind::Blk => (Some(VIRTIO_ID_BLOCK), 60),
-            DeviceKind::Net => (Some(VIRTIO_ID_NET), 12),
-            DeviceKind::Console => (Some(VIRTIO_ID_CONSOLE), 12),
+            DeviceKind::Blk => (Some(VIRTIO_ID_BLOCK), size_of::<VirtioBlkConfig>() as u32),
+            DeviceKind::Net => (Some(VIRTIO_ID_NET), size_of::<VirtioNetConfig>() as u32),
+            DeviceKind::Console => (
+                Some(VIRTIO_ID_CONSOLE),
+                size_of::<VirtioConsoleConfig>() as u32,
+            ),
             DeviceKind::Generic => (None, 0),
         }
     }

@@ -5,15 +5,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// virtio device type: network card.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// virtio device type: block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
-/// virtio device type: console.
-pub const VIRTIO_ID_CONSOLE: u32 = 3;
-
-/// virtio feature bit: VERSION_1 (modern device).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use bulkhead_spec::{VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
 /// Errors a device reports to its transport.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
 //! `bulkhead-vmm`: boots a Linux kernel under KVM with every virtio device
 //! served by a vhost-user backend process.
 
+use bulkhead_common::cli::error_chain;
+use bulkhead_common::sandbox::SandboxMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +10,7 @@ use bulkhead_vmm::config::{self, DeviceConfig, DeviceKind, SerialMode};
 use bulkhead_vmm::seccomp::SeccompMode;
 use bulkhead_vmm::vcpu::ExitReason;
 use bulkhead_vmm::vmm::{self, DEFAULT_CMDLINE, VmConfig};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use serde_json::json;
 
 /// Exit status: the guest powered off.
@@ -21,17 +23,6 @@ const EXIT_REBOOT: u8 = 3;
 const EXIT_VCPU_ERROR: u8 = 4;
 /// Exit status: stopped through the API socket.
 const EXIT_STOPPED: u8 = 5;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum SeccompArg {
-    /// Kill the VMM on a forbidden system call (`kill` is accepted too).
-    #[value(alias = "kill")]
-    Enforce,
-    /// Log forbidden system calls and let them through.
-    Log,
-    /// No filters (debugging only).
-    Off,
-}
 
 fn blk(s: &str) -> Result<DeviceConfig, String> {
     config::parse_device(DeviceKind::Blk, s)
@@ -108,8 +99,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
-    /// Confinement: per-thread seccomp filters with argument checks, as
-    /// the daemons' `--sandbox` (`--seccomp` is the old name).
+    /// Confinement, the daemons' flag and words: per-thread seccomp filters
+    /// with argument checks and Landlock (no path but the --api-socket's
+    /// directory, no TCP). `log` logs seccomp violations instead of killing
+    /// the VMM; Landlock stays on. `--seccomp` and `kill` are older names.
     #[arg(
         long = "sandbox",
         alias = "seccomp",
@@ -117,7 +110,7 @@ struct Args {
         value_enum,
         default_value = "enforce"
     )]
-    seccomp: SeccompArg,
+    seccomp: SandboxMode,
 
     /// Hide CMPXCHG16B from the guest's CPUID (for nested hypervisors that
     /// cannot run it; costs the guest some SLUB performance).
@@ -187,17 +180,6 @@ fn ctl(api_socket: &std::path::Path, req: CtlRequest) -> ExitCode {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     // Never styled: a style check is an ioctl on the terminal, which the
     // seccomp filter refuses.
@@ -243,9 +225,9 @@ fn main() -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
         seccomp: match args.seccomp {
-            SeccompArg::Enforce => SeccompMode::Kill,
-            SeccompArg::Log => SeccompMode::Log,
-            SeccompArg::Off => SeccompMode::Off,
+            SandboxMode::Enforce => SeccompMode::Kill,
+            SandboxMode::Log => SeccompMode::Log,
+            SandboxMode::Off => SeccompMode::Off,
         },
         hide_cx16: args.no_cx16,
     };

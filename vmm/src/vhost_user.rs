@@ -34,6 +34,7 @@
 //! the new one before its rings start ([`crate::device_state`]); an old
 //! backend that cannot give it keeps the device.
 
+use bulkhead_common::cli::error_chain;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -800,17 +801,6 @@ impl Inner {
         self.generation = self.generation.wrapping_add(1);
         self.swaps += 1;
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Waits for `fd` to hang up or `wake` to fire, at most `timeout`.

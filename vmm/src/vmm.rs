@@ -14,6 +14,8 @@ use crate::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use crate::kvm::{FIRST_MSI_GSI, Vm};
 use crate::memory::GuestRam;
 use crate::pci::{self, PciRoot};
+use bulkhead_common::sandbox::PathAccess;
+
 use crate::seccomp::{self, SeccompMode, Thread};
 use crate::serial::{COM1_GSI, COM1_PORT, COM1_PORTS, SerialPort};
 use crate::transport::VirtioState;
@@ -50,7 +52,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
-    /// Seccomp mode.
+    /// Confinement (`--sandbox`): the seccomp filters' mode; Landlock is on
+    /// unless it is [`SeccompMode::Off`].
     pub seccomp: SeccompMode,
     /// Hide CMPXCHG16B from the guest (workaround for nested hypervisors).
     pub hide_cx16: bool,
@@ -77,6 +80,9 @@ pub enum VmmError {
     /// Seccomp.
     #[error("Seccomp")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Landlock refused the VMM's ruleset.
+    #[error("Landlock")]
+    Landlock(#[source] bulkhead_common::sandbox::SandboxError),
     /// Too many devices for the address space or IRQs.
     #[error("Too many devices: {0}")]
     TooManyDevices(&'static str),
@@ -236,6 +242,14 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     }
     // Compile filters before any thread starts, so a bad filter fails early.
     seccomp::filter(Thread::Vcpu, cfg.seccomp)?;
+    // Every file is open now (RAM, /dev/kvm, kernel, initrd, serial) and
+    // every backend connected: Landlock before the first thread, so every
+    // thread inherits it.
+    if cfg.seccomp != SeccompMode::Off {
+        let what = bulkhead_common::sandbox::landlock::restrict(&landlock_paths(cfg), false)
+            .map_err(VmmError::Landlock)?;
+        log::info!("Landlock {what}");
+    }
     for h in &handles {
         h.start_monitor(cfg.seccomp)
             .map_err(|e| VmmError::Io("cannot start a backend monitor thread", e))?;
@@ -285,6 +299,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     Ok(reason)
 }
 
+/// What the VMM still reaches by path once it runs: the directory of its
+/// control socket (bound by the API thread, removed at exit). Backend
+/// sockets are reached with `connect`, which Landlock does not restrict.
+pub fn landlock_paths(cfg: &VmConfig) -> Vec<PathAccess> {
+    let dir = |p: &std::path::Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    cfg.api_socket
+        .iter()
+        .map(|p| PathAccess::Directory(dir(p)))
+        .collect()
+}
+
 fn wait(exit: &ExitRequest) {
     use std::os::fd::AsRawFd;
     while !exit.stopping() {
@@ -320,4 +348,71 @@ fn spawn_stdin(serial: Arc<Mutex<SerialPort>>, mode: SeccompMode) {
                     .input(&buf[..n]);
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(api_socket: Option<&str>) -> VmConfig {
+        VmConfig {
+            kernel: "/vmlinux".into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory: 1 << 20,
+            cpus: 1,
+            devices: Vec::new(),
+            serial: SerialMode::None,
+            api_socket: api_socket.map(PathBuf::from),
+            seccomp: SeccompMode::Kill,
+            hide_cx16: false,
+        }
+    }
+
+    #[test]
+    fn the_vmm_keeps_only_its_control_sockets_directory() {
+        assert!(landlock_paths(&cfg(None)).is_empty());
+        let p = landlock_paths(&cfg(Some("/run/vm/api.sock")));
+        assert!(
+            matches!(&p[..], [PathAccess::Directory(d)] if d == std::path::Path::new("/run/vm"))
+        );
+        let p = landlock_paths(&cfg(Some("api.sock")));
+        assert!(matches!(&p[..], [PathAccess::Directory(d)] if d == std::path::Path::new(".")));
+    }
+
+    #[test]
+    fn under_its_ruleset_the_vmm_cannot_open_the_kernel_again_but_reaches_backends() {
+        let tmp = |what: &str| {
+            std::env::temp_dir().join(format!("bulkhead-vmm-{what}-{}", std::process::id()))
+        };
+        let (dir, kernel, backend) = (tmp("ll"), tmp("kernel"), tmp("backend"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&kernel, b"k").unwrap();
+        let _ = std::fs::remove_file(&backend);
+        // A backend's socket outside: reconnections and swaps must still reach it.
+        let listener = std::os::unix::net::UnixListener::bind(&backend).unwrap();
+        let c = cfg(Some(dir.join("api.sock").to_str().unwrap()));
+        let (k, be) = (kernel.clone(), backend.clone());
+        let (status, kernel_read, bound, connected) = std::thread::spawn(move || {
+            let status =
+                bulkhead_common::sandbox::landlock::restrict(&landlock_paths(&c), false).unwrap();
+            let bound = std::os::unix::net::UnixListener::bind(c.api_socket.as_ref().unwrap());
+            let connected = std::os::unix::net::UnixStream::connect(&be);
+            let read = std::fs::read(&k).map_err(|e| e.kind());
+            (status, read, bound.map(|_| ()), connected.map(|_| ()))
+        })
+        .join()
+        .unwrap();
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(&kernel).unwrap();
+        std::fs::remove_file(&backend).unwrap();
+        if status == "not enforced" {
+            eprintln!("Landlock unavailable here; nothing to check");
+            return;
+        }
+        assert_eq!(kernel_read, Err(std::io::ErrorKind::PermissionDenied));
+        bound.unwrap();
+        connected.unwrap();
+    }
 }

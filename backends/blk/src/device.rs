@@ -6,47 +6,24 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
-use bulkhead_common::virtqueue::{
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+use bulkhead_common::spec::blk::{
+    VIRTIO_BLK_CONFIG_WCE_OFFSET, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VirtioBlkConfig,
 };
+use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::disk::Disk;
 use crate::engine::{self, Completion, Engine, EngineKind, Op};
-use crate::request::{
-    ID_BYTES, MAX_SEGMENTS, ParseError, Request, RequestKind, SECTOR_SIZE, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
-};
+use crate::request::{ID_BYTES, MAX_SEGMENTS, ParseError, Request, RequestKind, SECTOR_SIZE};
 use crate::state::BlkState;
-
-/// Virtio-blk feature bits (virtio spec 5.2.3).
-pub mod features {
-    /// Maximum segment size in `size_max`.
-    pub const SIZE_MAX: u32 = 1;
-    /// Maximum segments per request in `seg_max`.
-    pub const SEG_MAX: u32 = 2;
-    /// Read-only device.
-    pub const RO: u32 = 5;
-    /// Block size in `blk_size`.
-    pub const BLK_SIZE: u32 = 6;
-    /// Flush command.
-    pub const FLUSH: u32 = 9;
-    /// Topology information.
-    pub const TOPOLOGY: u32 = 10;
-    /// Writeback cache mode in `wce`, writable.
-    pub const CONFIG_WCE: u32 = 11;
-    /// Several queues.
-    pub const MQ: u32 = 12;
-    /// Discard command.
-    pub const DISCARD: u32 = 13;
-    /// Write-zeroes command.
-    pub const WRITE_ZEROES: u32 = 14;
-}
 
 /// Largest data segment the guest may use.
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -56,8 +33,6 @@ pub const SEG_MAX_RING: u16 = 128;
 /// 4096 entries (and its 8192 completions) is about 400 KiB of locked
 /// memory; a bigger ring buys nothing a disk image could use.
 pub const MAX_ENGINE_DEPTH: usize = 4096;
-/// Offset of `wce` in the config space.
-const CONFIG_WCE_OFFSET: u32 = 32;
 /// Most sectors in one discard / write-zeroes segment.
 const MAX_ZERO_SECTORS: u32 = u32::MAX / 512 / 8 * 8;
 
@@ -87,6 +62,20 @@ pub struct BlkStats {
     pub unsupp: AtomicU64,
     /// Chains that were not block requests (guest errors).
     pub malformed: AtomicU64,
+}
+
+impl BlkStats {
+    /// All counters as `name=value` pairs on one line.
+    pub fn line(&self) -> String {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "ok={} ioerr={} unsupported={} malformed={}",
+            c(&self.ok),
+            c(&self.ioerr),
+            c(&self.unsupp),
+            c(&self.malformed)
+        )
+    }
 }
 
 /// The block device served by the daemon.
@@ -145,18 +134,13 @@ impl BlkDevice {
     }
 }
 
-/// Little-endian config space writer.
-struct Config(Vec<u8>);
-
-impl Config {
-    fn put(&mut self, off: usize, bytes: &[u8]) {
-        self.0[off..off + bytes.len()].copy_from_slice(bytes);
-    }
-}
-
 impl VhostUserDevice for BlkDevice {
     type Worker = BlkWorker;
     type State = BlkState;
+
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
 
     fn device_type(&self) -> DeviceType {
         DeviceType::Blk
@@ -196,65 +180,52 @@ impl VhostUserDevice for BlkDevice {
     }
 
     fn features(&self) -> u64 {
-        use features::*;
-        let mut f: u64 = [
-            SIZE_MAX,
-            SEG_MAX,
-            BLK_SIZE,
-            FLUSH,
-            TOPOLOGY,
-            CONFIG_WCE,
-            MQ,
-            VIRTIO_RING_F_INDIRECT_DESC,
-            VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_F_VERSION_1,
-        ]
-        .iter()
-        .fold(0, |acc, b| acc | 1 << b);
+        let mut f = VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_CONFIG_WCE
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_VERSION_1;
         if self.cfg.readonly {
-            f |= 1 << RO;
+            f |= VIRTIO_BLK_F_RO;
         } else {
-            f |= (1 << DISCARD) | (1 << WRITE_ZEROES);
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::RESET_DEVICE
-    }
-
     fn config(&self) -> Vec<u8> {
-        // struct virtio_blk_config, up to write_zeroes_may_unmap (60 bytes).
-        let mut c = Config(vec![0; 60]);
         let lbs = self.disk.logical_block_size;
         let phys_exp = (self.disk.physical_block_size / lbs)
             .max(1)
             .trailing_zeros() as u8;
-        c.put(0, &(self.disk.capacity / SECTOR_SIZE).to_le_bytes());
-        c.put(8, &SIZE_MAX.to_le_bytes());
-        c.put(12, &self.seg_max().to_le_bytes());
-        c.put(20, &lbs.to_le_bytes());
-        c.put(24, &[phys_exp, 0]);
-        c.put(26, &1u16.to_le_bytes()); // min_io_size, in logical blocks
-        c.put(28, &0u32.to_le_bytes()); // opt_io_size
-        c.put(32, &[u8::from(self.writeback.load(Ordering::Relaxed))]);
-        c.put(34, &self.cfg.num_queues.to_le_bytes());
-        c.put(36, &MAX_ZERO_SECTORS.to_le_bytes());
-        c.put(40, &MAX_SEGMENTS.to_le_bytes());
-        c.put(44, &(4096 / SECTOR_SIZE as u32).to_le_bytes());
-        c.put(48, &MAX_ZERO_SECTORS.to_le_bytes());
-        c.put(52, &MAX_SEGMENTS.to_le_bytes());
-        c.put(56, &[1]); // write_zeroes_may_unmap
-        c.0
+        VirtioBlkConfig {
+            capacity: (self.disk.capacity / SECTOR_SIZE).into(),
+            size_max: SIZE_MAX.into(),
+            seg_max: self.seg_max().into(),
+            blk_size: lbs.into(),
+            physical_block_exp: phys_exp,
+            min_io_size: 1.into(), // in logical blocks
+            wce: u8::from(self.writeback.load(Ordering::Relaxed)),
+            num_queues: self.cfg.num_queues.into(),
+            max_discard_sectors: MAX_ZERO_SECTORS.into(),
+            max_discard_seg: MAX_SEGMENTS.into(),
+            discard_sector_alignment: (4096 / SECTOR_SIZE as u32).into(),
+            max_write_zeroes_sectors: MAX_ZERO_SECTORS.into(),
+            max_write_zeroes_seg: MAX_SEGMENTS.into(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+        .as_slice()
+        .to_vec()
     }
 
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
-        if offset == CONFIG_WCE_OFFSET && data.len() == 1 {
+        if offset == VIRTIO_BLK_CONFIG_WCE_OFFSET && data.len() == 1 {
             self.writeback.store(data[0] != 0, Ordering::Relaxed);
             // Before the frontend answers: a successor after a crash keeps it.
             self.sink.persist(DeviceType::Blk, || self.state().encode());

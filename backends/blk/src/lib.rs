@@ -1,5 +1,5 @@
 //! `bulkhead-blk` as a library: the virtio-blk device, request parsing, the
-//! image and the I/O engines. The binary (`main.rs`) is only the CLI; fuzz
+//! image, the I/O engines and the sandbox policy. The binary (`main.rs`) is only the CLI; fuzz
 //! targets and benchmarks use these modules directly.
 #![warn(missing_docs)]
 
@@ -7,5 +7,6 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod image;
+pub mod policy;
 pub mod request;
 pub mod state;

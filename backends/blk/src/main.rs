@@ -4,20 +4,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{
-    BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities_if_asked,
-};
-use bulkhead_common::daemon::{Endpoint, serve_endpoint};
-use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
+use bulkhead_common::cli::{BusyPollArgs, error_chain};
+use bulkhead_common::scaffold::{self, Backend, BackendArgs, Program, StartError};
 use clap::{Parser, ValueEnum};
 
 use bulkhead_blk::device::{BlkConfig, BlkDevice};
 use bulkhead_blk::disk::{Disk, ImageOptions};
 use bulkhead_blk::engine::{self, EngineKind};
 use bulkhead_blk::image::FormatCheck;
-use bulkhead_blk::request;
+use bulkhead_blk::{policy, request};
 
 /// I/O engine choices on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -52,13 +48,10 @@ fn parse_serial(s: &str) -> Result<String, String> {
 /// virtio-blk driver through any vhost-user frontend (QEMU, Cloud Hypervisor,
 /// crosvm, bulkhead-vmm).
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-blk", version)]
+#[command(name = "bulkhead-blk", version, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
-    vhost_user: VhostUserArgs,
-
-    #[command(flatten)]
-    sandbox: SandboxArgs,
+    backend: BackendArgs,
 
     #[command(flatten)]
     busy_poll: BusyPollArgs,
@@ -116,67 +109,14 @@ enum FormatArg {
     Raw,
 }
 
-/// `BLKDISCARD` and `BLKZEROOUT` (linux/fs.h), the only ioctls a queue issues.
-const BLKDISCARD: u64 = 0x1277;
-const BLKZEROOUT: u64 = 0x127f;
-/// `IORING_REGISTER_EVENTFD`: each engine's completion eventfd.
-const IORING_REGISTER_EVENTFD: u64 = 4;
-/// `IORING_REGISTER_RESTRICTIONS`: each engine's ring is limited to its opcodes.
-const IORING_REGISTER_RESTRICTIONS: u64 = 11;
-/// `IORING_REGISTER_ENABLE_RINGS`: starts a ring created disabled.
-const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
-/// Fds one queue holds: kick, call, err, stop, epoll, engine eventfd, ring, spare.
-const FDS_PER_QUEUE: u64 = 8;
+const PROGRAM: Program = Program {
+    name: "bulkhead-blk",
+    device_type: "block",
+    capabilities: &["read-only", "blk-file"],
+};
 
-/// What bulkhead-blk needs once it serves: the image is an open fd, so no
-/// path at all; no network. The main thread creates each queue's engine (an
-/// io_uring ring and its eventfd); a queue thread only submits and reaps.
-fn sandbox_policy(args: &Args) -> Policy {
-    use libc::*;
-    Policy {
-        paths: Vec::new(),
-        main: vec![
-            Syscall::any(SYS_io_uring_setup),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_EVENTFD),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_RESTRICTIONS),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_ENABLE_RINGS),
-            // The io_uring engine asks whether reads may be served inline:
-            // O_DIRECT, then the filesystem of the image fd (tmpfs, ramfs).
-            Syscall::fcntl(F_GETFL),
-            Syscall::any(SYS_fstatfs),
-        ],
-        worker: vec![
-            Syscall::any(SYS_io_uring_enter),
-            Syscall::any(SYS_preadv),
-            Syscall::any(SYS_pwritev),
-            Syscall::any(SYS_preadv2),
-            Syscall::any(SYS_pwritev2),
-            Syscall::any(SYS_fdatasync),
-            Syscall::any(SYS_fsync),
-            Syscall::any(SYS_fallocate),
-            Syscall::ioctl(BLKDISCARD),
-            Syscall::ioctl(BLKZEROOUT),
-        ],
-        needs_network: false,
-        max_open_files: fd_budget(args.num_queues, FDS_PER_QUEUE),
-        writes_files: true,
-        memfd_bytes: 0,
-    }
-}
-
-fn main() -> ExitCode {
-    if let Some(code) = print_capabilities_if_asked("block", &["read-only", "blk-file"]) {
-        return code;
-    }
-    let args = Args::parse();
-    if args.vhost_user.check {
-        return ExitCode::SUCCESS;
-    }
-    init_logging("bulkhead-blk");
-    if let Err(e) = args.vhost_user.require_socket() {
-        log::error!("{e}");
-        return ExitCode::from(2);
-    }
+/// Opens the image and builds the device (before the sandbox).
+fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
     let opts = ImageOptions {
         readonly: args.readonly,
         direct: args.direct,
@@ -194,14 +134,12 @@ fn main() -> ExitCode {
             Disk::from_fd_checked(f, fd, opts)
         }
         (None, None) => {
-            log::error!("--image or --image-fd is required");
-            return ExitCode::FAILURE;
+            return Err(StartError::Usage(
+                "--image or --image-fd is required".into(),
+            ));
         }
-    };
-    let disk = match disk {
-        Ok(d) => d,
-        Err(e) => return fail(&e),
-    };
+    }
+    .map_err(|e| StartError::Failed(error_chain(&e)))?;
     let engine = match args.engine {
         EngineArg::IoUring if engine::io_uring_available() => EngineKind::IoUring,
         EngineArg::IoUring => {
@@ -233,26 +171,15 @@ fn main() -> ExitCode {
             engine,
         },
     ));
-    let endpoint = match Endpoint::open(&args.vhost_user) {
-        Ok(e) => e.with_busy_poll(args.busy_poll.max()),
-        Err(e) => return fail(&e),
-    };
-    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(&args)) {
-        return fail(&e);
+    let mut backend = Backend::new(device, policy::policy(args.num_queues));
+    backend.busy_poll = args.busy_poll.max();
+    Ok(backend)
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
     }
-    #[cfg(feature = "test-hooks")]
-    bulkhead_common::test_hooks::run_from_env();
-    let result = serve_endpoint(endpoint, device.clone());
-    let s = &device.stats;
-    log::info!(
-        "requests: {} ok, {} ioerr, {} unsupported, {} malformed",
-        s.ok.load(Ordering::Relaxed),
-        s.ioerr.load(Ordering::Relaxed),
-        s.unsupp.load(Ordering::Relaxed),
-        s.malformed.load(Ordering::Relaxed)
-    );
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    let args = Args::parse();
+    scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

@@ -5,34 +5,19 @@
 //! the returned [`Request`].
 
 use bulkhead_common::DescriptorChain;
+use bulkhead_common::spec::blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_SECTOR_SIZE,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use vm_memory::{ByteValued, GuestAddress};
 
 /// Sector size of the virtio-blk protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = VIRTIO_BLK_SECTOR_SIZE;
 /// Bytes of a GET_ID reply.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES;
 /// Most discard / write-zeroes segments in one request.
 pub const MAX_SEGMENTS: u32 = 16;
-
-/// Request types (virtio spec 5.2.6).
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Write.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Flush.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Device id string.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Discard.
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// Write zeroes.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-
-/// Request completed.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// Request failed.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// Request type not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// `virtio_blk_outhdr`, as the guest lays it out.
 #[repr(C)]
@@ -194,9 +179,11 @@ fn parse_segments(
         let Ok(s) = reader.read_obj::<RawSegment>() else {
             return RequestKind::Fail(VIRTIO_BLK_S_IOERR);
         };
-        let unmap = s.flags & 1 != 0;
+        let unmap = s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
         // Discard takes no flags; write-zeroes only "unmap".
-        if s.flags & !1 != 0 || (type_ == VIRTIO_BLK_T_DISCARD && unmap) {
+        if s.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
+            || (type_ == VIRTIO_BLK_T_DISCARD && unmap)
+        {
             return RequestKind::Fail(VIRTIO_BLK_S_UNSUPP);
         }
         if s.num_sectors > g.max_zero_sectors {
@@ -217,10 +204,9 @@ fn parse_segments(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_common::chain::{
-        ChainLimits, RawDescriptor, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
+    use bulkhead_common::chain::{ChainLimits, RawDescriptor};
     use bulkhead_common::memory::{MemoryTable, RegionDesc};
+    use bulkhead_common::spec::ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use std::sync::Arc;
     use vm_memory::Bytes;
 

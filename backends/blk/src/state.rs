@@ -44,15 +44,16 @@ impl BlkState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_common::spec::VIRTIO_F_VERSION_1;
 
     #[test]
     fn round_trips_and_refuses_other_features_and_bad_values() {
         let s = BlkState {
-            features: 1 << 32,
+            features: VIRTIO_F_VERSION_1,
             writeback: false,
         };
         let p = s.encode();
-        assert_eq!(BlkState::parse(&p, (1 << 32) | (1 << 30)), Ok(s));
+        assert_eq!(BlkState::parse(&p, VIRTIO_F_VERSION_1 | (1 << 30)), Ok(s));
         assert!(matches!(
             BlkState::parse(&p, 1 << 33),
             Err(StateError::Mismatch(_))
@@ -60,17 +61,17 @@ mod tests {
         let mut bad = p.clone();
         bad[8] = 2;
         assert!(matches!(
-            BlkState::parse(&bad, 1 << 32),
+            BlkState::parse(&bad, VIRTIO_F_VERSION_1),
             Err(StateError::Invalid(_))
         ));
         assert_eq!(
-            BlkState::parse(&p[..8], 1 << 32),
+            BlkState::parse(&p[..8], VIRTIO_F_VERSION_1),
             Err(StateError::Short("the write cache mode"))
         );
         let mut long = p;
         long.push(0);
         assert_eq!(
-            BlkState::parse(&long, 1 << 32),
+            BlkState::parse(&long, VIRTIO_F_VERSION_1),
             Err(StateError::Trailing(1))
         );
     }

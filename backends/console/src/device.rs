@@ -13,35 +13,26 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::notify::ConfigNotifier;
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
-use bulkhead_common::virtqueue::{
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+use bulkhead_common::spec::console::{
+    VIRTIO_CONSOLE_CONFIG_EMERG_WR_OFFSET, VIRTIO_CONSOLE_F_EMERG_WRITE,
+    VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VirtioConsoleConfig,
 };
+use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::{
     DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::port::{Input, Port, STALL_MS, StatsSource};
 use crate::request::{CONTROL_HDR_LEN, ControlMsg, DeviceEvent, DriverEvent};
 use crate::state::{ConsoleState, Limits, PortState};
 
-/// Virtio-console feature bits (virtio spec 5.3.3).
-pub mod features {
-    /// cols and rows in the config space are valid.
-    pub const SIZE: u32 = 0;
-    /// Several ports and the control queues.
-    pub const MULTIPORT: u32 = 1;
-    /// Emergency write through the config space.
-    pub const EMERG_WRITE: u32 = 2;
-}
-
-/// Bytes of `struct virtio_console_config`.
-pub const CONFIG_LEN: usize = 12;
-/// Offset of `emerg_wr` in the config space.
-pub const EMERG_WR_OFFSET: u32 = 8;
 /// Largest queue size accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most bytes one chain may carry (Linux sends at most 32 KiB per write).
@@ -114,8 +105,8 @@ impl Control {
             .persist(DeviceType::Console, || self.encode_state());
     }
 
-    fn has(&self, bit: u32) -> bool {
-        self.acked.load(Ordering::Acquire) & (1 << bit) != 0
+    fn has(&self, feature: u64) -> bool {
+        self.acked.load(Ordering::Acquire) & feature != 0
     }
 
     fn max_pending(&self) -> usize {
@@ -201,12 +192,12 @@ impl Control {
         if id != 0 {
             return;
         }
-        if self.has(features::MULTIPORT) && self.port(0).is_some_and(|p| p.ready()) {
+        if self.has(VIRTIO_CONSOLE_F_MULTIPORT) && self.port(0).is_some_and(|p| p.ready()) {
             self.push(DeviceEvent::Resize { id, cols, rows });
         }
         // The new size is what the guest is told (config space or RESIZE).
         self.persist();
-        if self.has(features::SIZE)
+        if self.has(VIRTIO_CONSOLE_F_SIZE)
             && let Ok(n) = self.notifier.lock()
             && let Some(n) = n.as_ref()
         {
@@ -310,6 +301,35 @@ impl VhostUserDevice for ConsoleDevice {
     type Worker = ConsoleWorker;
     type State = ConsoleState;
 
+    /// Device counters, then each port's (`port1.delivered=...`); a port's
+    /// `.ctl` socket answers `stats` with the same as JSON.
+    fn stats(&self) -> String {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut line = format!(
+            "malformed_control={} bad_buffers={} control_dropped={} config_changes={} emerg_writes={}",
+            l(&s.malformed_control),
+            l(&s.bad_buffers),
+            l(&s.control_dropped),
+            l(&s.config_changes),
+            l(&s.emerg_writes),
+        );
+        for p in self.ports() {
+            let ps = &p.stats;
+            line.push_str(&format!(
+                " port{id}.from_guest={} port{id}.delivered={} port{id}.dropped={} port{id}.to_guest={} port{id}.attaches={} port{id}.write_errors={}",
+                l(&ps.from_guest),
+                l(&ps.delivered),
+                l(&ps.dropped),
+                l(&ps.to_guest),
+                l(&ps.attaches),
+                l(&ps.write_errors),
+                id = p.id(),
+            ));
+        }
+        line
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Console
     }
@@ -350,7 +370,7 @@ impl VhostUserDevice for ConsoleDevice {
         if let (Some(p0), Some(s0)) = (c.port(0), state.ports.first())
             && let Some((cols, rows)) = p0.size()
             && s0.size != Some((cols, rows))
-            && c.has(features::MULTIPORT)
+            && c.has(VIRTIO_CONSOLE_F_MULTIPORT)
             && p0.ready()
         {
             c.push(DeviceEvent::Resize { id: 0, cols, rows });
@@ -379,25 +399,17 @@ impl VhostUserDevice for ConsoleDevice {
     }
 
     fn features(&self) -> u64 {
-        [
-            features::SIZE,
-            features::MULTIPORT,
-            features::EMERG_WRITE,
-            VIRTIO_RING_F_INDIRECT_DESC,
-            VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_F_VERSION_1,
-        ]
-        .iter()
-        .fold(0, |acc, b| acc | 1 << b)
+        VIRTIO_CONSOLE_F_SIZE
+            | VIRTIO_CONSOLE_F_MULTIPORT
+            | VIRTIO_CONSOLE_F_EMERG_WRITE
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_VERSION_1
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        // Config-change notifications (SIZE) go through the backend channel.
+        DEFAULT_PROTOCOL_FEATURES | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn config(&self) -> Vec<u8> {
@@ -406,16 +418,18 @@ impl VhostUserDevice for ConsoleDevice {
             .port(0)
             .and_then(|p| p.size())
             .unwrap_or((0, 0));
-        let mut c = Vec::with_capacity(CONFIG_LEN);
-        c.extend_from_slice(&cols.to_le_bytes());
-        c.extend_from_slice(&rows.to_le_bytes());
-        c.extend_from_slice(&self.nr_ports().to_le_bytes());
-        c.extend_from_slice(&0u32.to_le_bytes());
-        c
+        VirtioConsoleConfig {
+            cols: cols.into(),
+            rows: rows.into(),
+            max_nr_ports: self.nr_ports().into(),
+            emerg_wr: 0.into(),
+        }
+        .as_slice()
+        .to_vec()
     }
 
     fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
-        if offset == EMERG_WR_OFFSET && (1..=4).contains(&data.len()) {
+        if offset == VIRTIO_CONSOLE_CONFIG_EMERG_WR_OFFSET && (1..=4).contains(&data.len()) {
             // The device offers EMERG_WRITE, and the spec lets a driver
             // use it without negotiating it (an early console writes
             // before it touches the feature bits), so none is checked.
@@ -437,7 +451,7 @@ impl VhostUserDevice for ConsoleDevice {
 
     fn set_features(&self, features: u64) -> io::Result<()> {
         self.control.acked.store(features, Ordering::Release);
-        if features & (1 << features::MULTIPORT) == 0
+        if features & VIRTIO_CONSOLE_F_MULTIPORT == 0
             && let Some(p) = self.control.port(0)
         {
             // A single-port console is open from the start.

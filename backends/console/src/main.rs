@@ -4,14 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use bulkhead_common::cli::{VhostUserArgs, fail, init_logging, print_capabilities_if_asked};
-use bulkhead_common::daemon::{Endpoint, serve_endpoint};
-use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
+use bulkhead_common::scaffold::{self, Backend, BackendArgs, Program, StartError};
 use clap::Parser;
 
 use bulkhead_console::device::ConsoleDevice;
+use bulkhead_console::policy;
 use bulkhead_console::port::{DEFAULT_SCROLLBACK, HostSpec, Port, PortSpec};
 
 /// Most named ports besides the console.
@@ -63,13 +61,10 @@ fn parse_scrollback(s: &str) -> Result<usize, String> {
 /// (MULTIPORT) and in the config space with a config-change notification
 /// (SIZE; needs the BACKEND_REQ protocol feature).
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-console", version, verbatim_doc_comment)]
+#[command(name = "bulkhead-console", version, verbatim_doc_comment, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
-    vhost_user: VhostUserArgs,
-
-    #[command(flatten)]
-    sandbox: SandboxArgs,
+    backend: BackendArgs,
 
     /// Host side of the console (port 0): socket=PATH, pty, file=PATH or stdio.
     /// Default: socket=SOCKET.console beside the vhost-user socket.
@@ -99,7 +94,7 @@ fn beside(socket: &Option<PathBuf>, suffix: &str) -> Option<PathBuf> {
 
 /// Resolves default host sides; returns (name, host, label) per port.
 fn resolve(args: &Args) -> Result<Vec<(Option<String>, HostSpec, String)>, String> {
-    let sock = &args.vhost_user.socket_path;
+    let sock = &args.backend.vhost_user.socket_path;
     let mut out = Vec::new();
     let console = match args.console.as_ref().and_then(|c| c.host.clone()) {
         Some(h) => h,
@@ -132,139 +127,55 @@ fn resolve(args: &Args) -> Result<Vec<(Option<String>, HostSpec, String)>, Strin
     Ok(out)
 }
 
-/// Fds per queue: its own (kick, call, err, stop, epoll, stall timer) and
-/// its share of its port's (epolls, wake eventfds, listener, control socket
-/// and its clients, the attached client, pty or file, size timer).
-const FDS_PER_QUEUE: u64 = 16;
+const PROGRAM: Program = Program {
+    name: "bulkhead-console",
+    device_type: "console",
+    // QEMU's vhost-user.json defines no features for this type.
+    capabilities: &[],
+};
 
-/// What bulkhead-console needs once it serves: every host side is open
-/// before it enters the sandbox (sockets bound and listening, ptys opened and
-/// their path files written, log files opened), so no path at all and no
-/// network (a fresh net namespace; bound unix sockets keep accepting). The
-/// main thread creates each transmit queue's stall timer; a queue thread
-/// accepts clients on the port and control sockets, moves bytes between them
-/// and the guest, polls terminal sizes and arms timers.
-fn sandbox_policy(ports: usize, writes_files: bool) -> Policy {
-    use libc::*;
-    Policy {
-        paths: Vec::new(),
-        main: vec![
-            Syscall::any(SYS_timerfd_create),
-            // The backend-request channel (config-change notifications): the
-            // vhost crate checks the socket it receives.
-            Syscall::getsockopt(SOL_SOCKET, SO_DOMAIN),
-            Syscall::getsockopt(SOL_SOCKET, SO_TYPE),
-            // Restoring stdin's terminal settings at exit (tcsetattr).
-            Syscall::ioctl(TCSETS),
-        ],
-        worker: vec![
-            Syscall::any(SYS_accept4),
-            // UnixStream::set_nonblocking on an accepted client.
-            Syscall::ioctl(FIONBIO),
-            Syscall::ioctl(TIOCGWINSZ),
-            // Ending a replaced client's output side (it reads end of file).
-            Syscall::any(SYS_shutdown),
-            Syscall::any(SYS_readv),
-            Syscall::any(SYS_sendto),
-            Syscall::any(SYS_timerfd_settime),
-        ],
-        needs_network: false,
-        max_open_files: fd_budget(2 * (ports as u16 + 1), FDS_PER_QUEUE),
-        writes_files,
-        // The inflight area (with its device-state section) is the one
-        // file it sizes, unless a file= port needs no limit at all.
-        memfd_bytes: bulkhead_common::inflight::max_area_size(
-            2 * (ports as u16 + 1),
-            bulkhead_console::device::MAX_QUEUE_SIZE,
-            true,
-        ),
-    }
-}
-
-fn main() -> ExitCode {
-    if let Some(code) = print_capabilities_if_asked("console", &[]) {
-        return code;
-    }
-    let args = Args::parse();
-    if args.vhost_user.check {
-        return ExitCode::SUCCESS;
-    }
-    init_logging("bulkhead-console");
-    if let Err(e) = args.vhost_user.require_socket() {
-        log::error!("{e}");
-        return ExitCode::from(2);
-    }
-    let specs = match resolve(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+/// Opens every port's host side and builds the device (before the sandbox).
+fn build(args: &Args) -> Result<Backend<ConsoleDevice>, StartError> {
+    let specs = resolve(args).map_err(StartError::Usage)?;
     let mut ports = Vec::new();
     let mut restore = None;
     for (id, (name, host, label)) in specs.iter().enumerate() {
-        match Port::open(id as u32, name.clone(), host, args.scrollback) {
-            Ok((port, r)) => {
-                log::info!("port {id} ({label}): {}", port.describe());
-                if let HostSpec::Pty = host {
-                    let what = port.describe().trim_start_matches("pty ").to_string();
-                    println!("port {id} ({label}): pty {what}");
-                    if let Some(file) =
-                        beside(&args.vhost_user.socket_path, &format!("{label}.pty"))
-                        && let Err(e) = std::fs::write(&file, format!("{what}\n"))
-                    {
-                        log::warn!("cannot write {}: {e}", file.display());
-                    }
-                }
-                restore = restore.or(r);
-                ports.push(port);
-            }
-            Err(e) => {
-                log::error!("port {id} ({label}): {e}");
-                return ExitCode::FAILURE;
+        let (port, r) = Port::open(id as u32, name.clone(), host, args.scrollback)
+            .map_err(|e| StartError::Failed(format!("port {id} ({label}): {e}")))?;
+        log::info!("port {id} ({label}): {}", port.describe());
+        if let HostSpec::Pty = host {
+            let what = port.describe().trim_start_matches("pty ").to_string();
+            println!("port {id} ({label}): pty {what}");
+            if let Some(file) = beside(
+                &args.backend.vhost_user.socket_path,
+                &format!("{label}.pty"),
+            ) && let Err(e) = std::fs::write(&file, format!("{what}\n"))
+            {
+                log::warn!("cannot write {}: {e}", file.display());
             }
         }
+        restore = restore.or(r);
+        ports.push(port);
     }
-    let device = match ConsoleDevice::new(ports) {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let device = ConsoleDevice::new(ports).map_err(|e| StartError::Failed(e.to_string()))?;
     log::info!(
         "serving a console with {} port(s), scrollback {} bytes",
         device.ports().len(),
         args.scrollback
     );
-    let endpoint = match Endpoint::open(&args.vhost_user) {
-        Ok(e) => e,
-        Err(e) => return fail(&e),
-    };
     let writes_files = specs.iter().any(|(_, h, _)| matches!(h, HostSpec::File(_)));
-    let policy = sandbox_policy(device.ports().len(), writes_files);
-    if let Err(e) = Sandbox::enter(&args.sandbox, &policy) {
-        return fail(&e);
-    }
-    #[cfg(feature = "test-hooks")]
-    bulkhead_common::test_hooks::run_from_env();
-    let result = serve_endpoint(endpoint, device.clone());
+    let policy = policy::policy(device.ports().len(), writes_files);
+    let mut backend = Backend::new(Arc::new(device), policy);
     if let Some(r) = restore {
-        r.restore();
+        backend.at_exit = Some(Box::new(move || r.restore()));
     }
-    for p in device.ports() {
-        log::info!("port {}: {}", p.id(), p.stats_json());
+    Ok(backend)
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
     }
-    log::info!(
-        "control: {} malformed, {} bad buffers, {} config changes, {} emergency writes",
-        device.stats.malformed_control.load(Ordering::Relaxed),
-        device.stats.bad_buffers.load(Ordering::Relaxed),
-        device.stats.config_changes.load(Ordering::Relaxed),
-        device.stats.emerg_writes.load(Ordering::Relaxed),
-    );
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    let args = Args::parse();
+    scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

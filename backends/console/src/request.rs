@@ -6,24 +6,12 @@
 //! [`DeviceEvent`]s and encoded by [`DeviceEvent::encode`].
 
 use bulkhead_common::DescriptorChain;
+use bulkhead_common::spec::console::{
+    VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_ADD,
+    VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_PORT_READY,
+    VIRTIO_CONSOLE_PORT_REMOVE, VIRTIO_CONSOLE_RESIZE,
+};
 use vm_memory::ByteValued;
-
-/// The driver is ready (value 1) or failed to set up the device (0).
-pub const VIRTIO_CONSOLE_DEVICE_READY: u16 = 0;
-/// Device: a port was added.
-pub const VIRTIO_CONSOLE_PORT_ADD: u16 = 1;
-/// Device: a port was removed.
-pub const VIRTIO_CONSOLE_PORT_REMOVE: u16 = 2;
-/// Driver: a port is ready (value 1) or failed (0).
-pub const VIRTIO_CONSOLE_PORT_READY: u16 = 3;
-/// Device: this port is a console.
-pub const VIRTIO_CONSOLE_CONSOLE_PORT: u16 = 4;
-/// Device: the console's size changed.
-pub const VIRTIO_CONSOLE_RESIZE: u16 = 5;
-/// Both: the port was opened (1) or closed (0) on the sender's side.
-pub const VIRTIO_CONSOLE_PORT_OPEN: u16 = 6;
-/// Device: the port's name follows the header.
-pub const VIRTIO_CONSOLE_PORT_NAME: u16 = 7;
 
 /// Bytes of the control header.
 pub const CONTROL_HDR_LEN: usize = 8;

@@ -21,13 +21,13 @@
 //!   u16 rows; the others nothing (a name is the port's own)
 //! ```
 
+use bulkhead_common::spec::console::{
+    VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_PORT_ADD,
+    VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_RESIZE,
+};
 use bulkhead_common::state::{Reader, StateError, Writer, check_features};
 
-use crate::device::features;
-use crate::request::{
-    DeviceEvent, VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_PORT_ADD, VIRTIO_CONSOLE_PORT_NAME,
-    VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_RESIZE,
-};
+use crate::request::DeviceEvent;
 
 /// One port's part of the state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl ConsoleState {
         let mut r = Reader::new(payload);
         let features = r.u64("the features")?;
         check_features(features, limits.acked)?;
-        let multiport = features & (1 << features::MULTIPORT) != 0;
+        let multiport = features & VIRTIO_CONSOLE_F_MULTIPORT != 0;
         let driver_ready = r.flag("the driver-ready flag")?;
         let nports = r.u32("the port count")?;
         if usize::try_from(nports).ok() != Some(limits.names.len()) {
@@ -223,8 +223,10 @@ impl ConsoleState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+    use bulkhead_common::spec::console::VIRTIO_CONSOLE_F_SIZE;
 
-    const MP: u64 = (1 << 32) | (1 << features::MULTIPORT) | (1 << features::SIZE);
+    const MP: u64 = VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_MULTIPORT | VIRTIO_CONSOLE_F_SIZE;
 
     fn limits() -> Limits<'static> {
         Limits {
@@ -368,12 +370,12 @@ mod tests {
     #[test]
     fn a_single_port_driver_keeps_only_port_0_open() {
         let l = Limits {
-            acked: 1 << 32,
+            acked: VIRTIO_F_VERSION_1,
             names: vec![None],
             max_pending: 80,
         };
         let s = ConsoleState {
-            features: 1 << 32,
+            features: VIRTIO_F_VERSION_1,
             driver_ready: false,
             ports: vec![PortState {
                 ready: false,

@@ -12,62 +12,29 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_common::chain::IoVecBuf;
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
-use bulkhead_common::virtqueue::{
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+use bulkhead_common::spec::net::{
+    VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_LINK_UP, VirtioNetConfig,
 };
+use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
-use vhost::vhost_user::VhostUserProtocolFeatures;
+use vm_memory::ByteValued;
 
 use crate::request::{
     CtrlCommand, CtrlFeatures, CtrlRequest, ETH_HLEN, HDR_LEN_LEGACY, HDR_LEN_V1, MAX_FRAME_LEN,
-    MacAddr, TxError, TxFrame, TxOffloads, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+    MacAddr, TxError, TxFrame, TxOffloads,
 };
 use crate::state::{Limits, NetState};
 use crate::tap::{Tap, offload_flags};
 
-/// Virtio-net feature bits (virtio spec 5.1.3).
-pub mod features {
-    /// Driver may send partial checksums.
-    pub const CSUM: u32 = 0;
-    /// Driver accepts partial checksums.
-    pub const GUEST_CSUM: u32 = 1;
-    /// `mtu` in config space is valid.
-    pub const MTU: u32 = 3;
-    /// `mac` in config space is valid.
-    pub const MAC: u32 = 5;
-    /// Driver accepts TSOv4.
-    pub const GUEST_TSO4: u32 = 7;
-    /// Driver accepts TSOv6.
-    pub const GUEST_TSO6: u32 = 8;
-    /// Driver accepts TSO with ECN.
-    pub const GUEST_ECN: u32 = 9;
-    /// Driver accepts UFO.
-    pub const GUEST_UFO: u32 = 10;
-    /// Device accepts TSOv4.
-    pub const HOST_TSO4: u32 = 11;
-    /// Device accepts TSOv6.
-    pub const HOST_TSO6: u32 = 12;
-    /// Device accepts TSO with ECN.
-    pub const HOST_ECN: u32 = 13;
-    /// Device accepts UFO.
-    pub const HOST_UFO: u32 = 14;
-    /// Driver can merge receive buffers.
-    pub const MRG_RXBUF: u32 = 15;
-    /// `status` in config space is valid.
-    pub const STATUS: u32 = 16;
-    /// Control virtqueue.
-    pub const CTRL_VQ: u32 = 17;
-    /// Control: promiscuous, all-multicast, MAC tables.
-    pub const CTRL_RX: u32 = 18;
-    /// Several queue pairs.
-    pub const MQ: u32 = 22;
-}
-
-/// Config status bit: link up.
-pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// Receive buffer: the largest packet a tap hands over plus slack.
 const RX_BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME_LEN as usize + 256;
 /// Packets a receive worker moves before returning to its event loop.
@@ -316,13 +283,13 @@ pub struct NetDevice {
     pub stats: Arc<NetStats>,
 }
 
-fn bit(features: u64, b: u32) -> bool {
-    features & (1 << b) != 0
+fn bit(features: u64, mask: u64) -> bool {
+    features & mask != 0
 }
 
 /// vnet header size for the negotiated features.
 pub fn vnet_hdr_len(features: u64) -> usize {
-    if bit(features, VIRTIO_F_VERSION_1) || bit(features, features::MRG_RXBUF) {
+    if bit(features, VIRTIO_F_VERSION_1) || bit(features, VIRTIO_NET_F_MRG_RXBUF) {
         HDR_LEN_V1
     } else {
         HDR_LEN_LEGACY
@@ -382,34 +349,28 @@ impl NetDevice {
 
     /// Sets the tap's vnet header size and offloads for `features`.
     fn configure_tap(&self, features: u64) -> io::Result<()> {
-        use features::*;
         let Some(p) = self.pairs.first() else {
             return Ok(());
         };
         p.tap.set_vnet_hdr_size(vnet_hdr_len(features))?;
         let off = offload_flags(
-            bit(features, GUEST_CSUM),
-            bit(features, GUEST_TSO4),
-            bit(features, GUEST_TSO6),
-            bit(features, GUEST_ECN),
-            bit(features, GUEST_UFO),
+            bit(features, VIRTIO_NET_F_GUEST_CSUM),
+            bit(features, VIRTIO_NET_F_GUEST_TSO4),
+            bit(features, VIRTIO_NET_F_GUEST_TSO6),
+            bit(features, VIRTIO_NET_F_GUEST_ECN),
+            bit(features, VIRTIO_NET_F_GUEST_UFO),
         );
         p.tap.set_offload(off)
-    }
-}
-
-/// Little-endian config space writer.
-struct Config(Vec<u8>);
-
-impl Config {
-    fn put(&mut self, off: usize, bytes: &[u8]) {
-        self.0[off..off + bytes.len()].copy_from_slice(bytes);
     }
 }
 
 impl VhostUserDevice for NetDevice {
     type Worker = NetWorker;
     type State = NetState;
+
+    fn stats(&self) -> String {
+        self.stats.line()
+    }
 
     fn device_type(&self) -> DeviceType {
         DeviceType::Net
@@ -454,54 +415,42 @@ impl VhostUserDevice for NetDevice {
     }
 
     fn features(&self) -> u64 {
-        use features::*;
-        let mut f: u64 = [
-            CSUM,
-            GUEST_CSUM,
-            GUEST_TSO4,
-            GUEST_TSO6,
-            GUEST_ECN,
-            GUEST_UFO,
-            HOST_TSO4,
-            HOST_TSO6,
-            HOST_ECN,
-            HOST_UFO,
-            MRG_RXBUF,
-            STATUS,
-            CTRL_VQ,
-            CTRL_RX,
-            MQ,
-            VIRTIO_RING_F_INDIRECT_DESC,
-            VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_F_VERSION_1,
-        ]
-        .iter()
-        .fold(0, |acc, b| acc | 1 << b);
+        let mut f = VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
+            | VIRTIO_NET_F_GUEST_ECN
+            | VIRTIO_NET_F_GUEST_UFO
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_HOST_ECN
+            | VIRTIO_NET_F_HOST_UFO
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_CTRL_VQ
+            | VIRTIO_NET_F_CTRL_RX
+            | VIRTIO_NET_F_MQ
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_VERSION_1;
         if self.cfg.mac.is_some() {
-            f |= 1 << MAC;
+            f |= VIRTIO_NET_F_MAC;
         }
         if self.cfg.mtu.is_some() {
-            f |= 1 << MTU;
+            f |= VIRTIO_NET_F_MTU;
         }
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-    }
-
     fn config(&self) -> Vec<u8> {
-        // struct virtio_net_config up to mtu (12 bytes).
-        let mut c = Config(vec![0; 12]);
-        c.put(0, &self.cfg.mac.unwrap_or_default().0);
-        c.put(6, &VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        c.put(8, &self.cfg.queue_pairs.to_le_bytes());
-        c.put(10, &self.cfg.mtu.unwrap_or(0).to_le_bytes());
-        c.0
+        VirtioNetConfig {
+            mac: self.cfg.mac.unwrap_or_default().0,
+            status: VIRTIO_NET_S_LINK_UP.into(),
+            max_virtqueue_pairs: self.cfg.queue_pairs.into(),
+            mtu: self.cfg.mtu.unwrap_or(0).into(),
+        }
+        .as_slice()
+        .to_vec()
     }
 
     fn set_features(&self, features: u64) -> io::Result<()> {
@@ -546,8 +495,8 @@ impl VhostUserDevice for NetDevice {
             return Ok(NetWorker::Ctrl(CtrlWorker {
                 shared: self.shared.clone(),
                 features: CtrlFeatures {
-                    rx: bit(features, features::CTRL_RX),
-                    mq: bit(features, features::MQ),
+                    rx: bit(features, VIRTIO_NET_F_CTRL_RX),
+                    mq: bit(features, VIRTIO_NET_F_MQ),
                     max_pairs: pairs,
                 },
             }));
@@ -561,8 +510,8 @@ impl VhostUserDevice for NetDevice {
             NetWorker::Rx(RxWorker {
                 pair,
                 hdr_len,
-                mergeable: bit(features, features::MRG_RXBUF),
-                guest_csum: bit(features, features::GUEST_CSUM),
+                mergeable: bit(features, VIRTIO_NET_F_MRG_RXBUF),
+                guest_csum: bit(features, VIRTIO_NET_F_GUEST_CSUM),
                 buf: vec![0; RX_BUF_LEN],
                 pending: None,
                 spare: VecDeque::new(),
@@ -570,16 +519,15 @@ impl VhostUserDevice for NetDevice {
                 shared: self.shared.clone(),
             })
         } else {
-            use features::*;
             NetWorker::Tx(TxWorker {
                 pair,
                 hdr_len,
                 offloads: TxOffloads {
-                    csum: bit(features, CSUM),
-                    tso4: bit(features, HOST_TSO4),
-                    tso6: bit(features, HOST_TSO6),
-                    ecn: bit(features, HOST_ECN),
-                    ufo: bit(features, HOST_UFO),
+                    csum: bit(features, VIRTIO_NET_F_CSUM),
+                    tso4: bit(features, VIRTIO_NET_F_HOST_TSO4),
+                    tso6: bit(features, VIRTIO_NET_F_HOST_TSO6),
+                    ecn: bit(features, VIRTIO_NET_F_HOST_ECN),
+                    ufo: bit(features, VIRTIO_NET_F_HOST_UFO),
                 },
                 pending: None,
                 started: false,
@@ -1117,8 +1065,8 @@ mod tests {
     #[test]
     fn header_is_twelve_bytes_with_version_1_or_mergeable_buffers() {
         assert_eq!(vnet_hdr_len(0), 10);
-        assert_eq!(vnet_hdr_len(1 << VIRTIO_F_VERSION_1), 12);
-        assert_eq!(vnet_hdr_len(1 << features::MRG_RXBUF), 12);
+        assert_eq!(vnet_hdr_len(VIRTIO_F_VERSION_1), 12);
+        assert_eq!(vnet_hdr_len(VIRTIO_NET_F_MRG_RXBUF), 12);
     }
 
     /// A guest with one tx queue of 8 holding `n` single-descriptor frames (header + 60 bytes, byte 12+14 = seq).
@@ -1152,7 +1100,7 @@ mod tests {
                 used: GuestAddress(0x3000),
             },
             next_avail: 0,
-            features: 1 << VIRTIO_F_VERSION_1,
+            features: VIRTIO_F_VERSION_1,
             max_chain_bytes: 1 << 20,
         };
         let call = Arc::new(CallSlot::default());

@@ -1,9 +1,10 @@
 //! `bulkhead-net` as a library: the virtio-net device, parsing of packet
-//! headers and control commands, and the tap device. The binary (`main.rs`)
+//! headers and control commands, the tap device and the sandbox policy. The binary (`main.rs`)
 //! is only the CLI; fuzz targets and benchmarks use these modules directly.
 #![warn(missing_docs)]
 
 pub mod device;
+pub mod policy;
 pub mod request;
 pub mod state;
 pub mod tap;

@@ -4,14 +4,12 @@ use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bulkhead_common::cli::{
-    BusyPollArgs, VhostUserArgs, fail, init_logging, print_capabilities_if_asked,
-};
-use bulkhead_common::daemon::{Endpoint, serve_endpoint};
-use bulkhead_common::sandbox::{Policy, Sandbox, SandboxArgs, Syscall, fd_budget};
+use bulkhead_common::cli::BusyPollArgs;
+use bulkhead_common::scaffold::{self, Backend, BackendArgs, Program, StartError};
 use clap::Parser;
 
-use bulkhead_net::device::{NetConfig, NetDevice, NetStats};
+use bulkhead_net::device::{NetConfig, NetDevice};
+use bulkhead_net::policy;
 use bulkhead_net::request::MacAddr;
 use bulkhead_net::tap::Tap;
 
@@ -36,13 +34,10 @@ fn parse_mac(s: &str) -> Result<MacAddr, String> {
 /// vhost-user frontend (QEMU, Cloud Hypervisor, crosvm, bulkhead-vmm, DPDK
 /// virtio-user), to a tap device on the host.
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-net", version)]
+#[command(name = "bulkhead-net", version, after_help = scaffold::EXIT_STATUS_HELP)]
 struct Args {
     #[command(flatten)]
-    vhost_user: VhostUserArgs,
-
-    #[command(flatten)]
-    sandbox: SandboxArgs,
+    backend: BackendArgs,
 
     #[command(flatten)]
     busy_poll: BusyPollArgs,
@@ -74,129 +69,65 @@ struct Args {
     queue_size: u16,
 }
 
-/// Blocks SIGUSR1 in this thread and every thread it creates later; the
-/// stats thread takes it with sigwait. Call it single-threaded, before the
-/// socket exists, so an early SIGUSR1 never kills the daemon.
-fn block_sigusr1() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: plain signal-mask calls on a zeroed sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(set)
-    }
-}
-
-/// Logs the counters each time SIGUSR1 (blocked by [`block_sigusr1`]) arrives.
-fn stats_on_sigusr1(set: libc::sigset_t, stats: Arc<NetStats>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("stats".into())
-        .spawn(move || {
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: sigwait on a valid set, writing the signal number into `sig`.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    log::info!("stats: {}", stats.line());
-                }
-            }
-        })?;
-    Ok(())
-}
-
-/// Fds one queue holds beyond the tap: kick, call, err, stop, epoll, spare.
-const FDS_PER_QUEUE: u64 = 8;
-
-/// What bulkhead-net needs once it serves: its tap queues are open fds, so
-/// no path at all, and no network either (a fresh, empty net namespace: the
-/// tap fds keep carrying frames of the tap's own namespace). The main thread
-/// sets the tap's vnet header size and offloads when the driver acks its
-/// features, and attaches a pair's tap queue when its first queue starts; a
-/// queue thread reads and writes frames, and detaches its pair's tap queue
-/// when the last queue of the pair stops.
-fn sandbox_policy(pairs: u16, queue_size: u16) -> Policy {
-    use libc::*;
-    Policy {
-        paths: Vec::new(),
-        main: vec![
-            Syscall::ioctl(TUNSETOFFLOAD),
-            Syscall::ioctl(TUNSETVNETHDRSZ),
-            // The stats thread (sigwait).
-            Syscall::any(SYS_rt_sigtimedwait),
-        ],
-        worker: vec![Syscall::ioctl(TUNSETQUEUE)],
-        needs_network: false,
-        // rx, tx per pair plus the control queue.
-        max_open_files: fd_budget(2 * pairs + 1, FDS_PER_QUEUE),
-        writes_files: false,
-        // The inflight area (with its device-state section) is the one
-        // file it sizes.
-        memfd_bytes: bulkhead_common::inflight::max_area_size(2 * pairs + 1, queue_size, true),
-    }
-}
-
-fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), String> {
+/// The tap queues: inherited fds, or opened by name. A --queue-pairs that
+/// disagrees with the fds is a usage error; fds that are no tap fail.
+fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), StartError> {
+    let failed = StartError::Failed;
     if !args.tap_fd.is_empty() {
-        let n = u16::try_from(args.tap_fd.len()).map_err(|_| "too many --tap-fd")?;
+        let n = u16::try_from(args.tap_fd.len())
+            .map_err(|_| StartError::Usage("too many --tap-fd".into()))?;
         if let Some(p) = args.queue_pairs
             && p != n
         {
-            return Err(format!("--queue-pairs {p} but {n} --tap-fd given"));
+            return Err(StartError::Usage(format!(
+                "--queue-pairs {p} but {n} --tap-fd given"
+            )));
         }
         let taps = args
             .tap_fd
             .iter()
-            .map(|&fd| Tap::from_raw_fd(fd).map_err(|e| format!("--tap-fd {fd}: {e}")))
+            .map(|&fd| Tap::from_raw_fd(fd).map_err(|e| failed(format!("--tap-fd {fd}: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
         if n > 1 && taps.iter().any(|t| !t.is_multi_queue()) {
-            return Err("several --tap-fd need a tap opened with IFF_MULTI_QUEUE".into());
+            return Err(failed(
+                "several --tap-fd need a tap opened with IFF_MULTI_QUEUE".into(),
+            ));
         }
         if taps.iter().any(|t| t.name() != taps[0].name()) {
-            return Err("every --tap-fd must be a queue of the same tap".into());
+            return Err(failed(
+                "every --tap-fd must be a queue of the same tap".into(),
+            ));
         }
         return Ok((taps, n));
     }
-    let name = args.tap.as_deref().ok_or("--tap or --tap-fd is required")?;
+    let name = args
+        .tap
+        .as_deref()
+        .ok_or_else(|| StartError::Usage("--tap or --tap-fd is required".into()))?;
     let pairs = args.queue_pairs.unwrap_or(1);
-    let taps = Tap::open_queues(name, pairs).map_err(|e| format!("cannot open tap {name}: {e}"))?;
+    let taps = Tap::open_queues(name, pairs)
+        .map_err(|e| failed(format!("cannot open tap {name}: {e}")))?;
     Ok((taps, pairs))
 }
 
-fn main() -> ExitCode {
-    if let Some(code) = print_capabilities_if_asked("net", &[]) {
-        return code;
-    }
-    let args = Args::parse();
-    if args.vhost_user.check {
-        return ExitCode::SUCCESS;
-    }
-    init_logging("bulkhead-net");
-    if let Err(e) = args.vhost_user.require_socket() {
-        log::error!("{e}");
-        return ExitCode::from(2);
-    }
-    let (taps, pairs) = match open_taps(&args) {
-        Ok(t) => t,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+const PROGRAM: Program = Program {
+    name: "bulkhead-net",
+    device_type: "net",
+    // QEMU's vhost-user.json defines no features for this type.
+    capabilities: &[],
+};
+
+/// Opens the tap queues and builds the device (before the sandbox).
+fn build(args: &Args) -> Result<Backend<NetDevice>, StartError> {
+    let (taps, pairs) = open_taps(args)?;
     let cfg = NetConfig {
         mac: args.mac,
         mtu: args.mtu,
         queue_pairs: pairs,
         queue_size: args.queue_size,
     };
-    let device = match NetDevice::new(cfg, taps) {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            log::error!("cannot set up the tap: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let device = NetDevice::new(cfg, taps)
+        .map_err(|e| StartError::Failed(format!("cannot set up the tap: {e}")))?;
     log::info!(
         "serving tap {} ({pairs} queue pair(s) of up to {} entries{}{})",
         device.tap_name(),
@@ -204,23 +135,15 @@ fn main() -> ExitCode {
         args.mac.map(|m| format!(", mac {m}")).unwrap_or_default(),
         args.mtu.map(|m| format!(", mtu {m}")).unwrap_or_default(),
     );
-    let sigusr1 = block_sigusr1();
-    let endpoint = match Endpoint::open(&args.vhost_user) {
-        Ok(e) => e.with_busy_poll(args.busy_poll.max()),
-        Err(e) => return fail(&e),
-    };
-    if let Err(e) = Sandbox::enter(&args.sandbox, &sandbox_policy(pairs, args.queue_size)) {
-        return fail(&e);
+    let mut backend = Backend::new(Arc::new(device), policy::policy(pairs, args.queue_size));
+    backend.busy_poll = args.busy_poll.max();
+    Ok(backend)
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
     }
-    #[cfg(feature = "test-hooks")]
-    bulkhead_common::test_hooks::run_from_env();
-    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.stats.clone())) {
-        log::warn!("no stats on SIGUSR1: {e}");
-    }
-    let result = serve_endpoint(endpoint, device.clone());
-    log::info!("stats: {}", device.stats.line());
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    let args = Args::parse();
+    scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

@@ -7,6 +7,13 @@
 //! the validated copy, never guest memory.
 
 use bulkhead_common::DescriptorChain;
+use bulkhead_common::spec::net::{
+    VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
+};
 use vm_memory::ByteValued;
 
 /// Size of an Ethernet header: the shortest frame worth sending.
@@ -17,40 +24,6 @@ pub const MAX_FRAME_LEN: u64 = 65536;
 pub const HDR_LEN_V1: usize = 12;
 /// Header size of a legacy device without MRG_RXBUF (`virtio_net_hdr`).
 pub const HDR_LEN_LEGACY: usize = 10;
-
-/// Header flag: the device must complete the checksum at csum_start + csum_offset.
-pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-/// Header flag (receive only): the checksum was verified.
-pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
-/// GSO type: none.
-pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
-/// GSO type: TCP over IPv4.
-pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-/// GSO type: UDP fragmentation offload.
-pub const VIRTIO_NET_HDR_GSO_UDP: u8 = 3;
-/// GSO type: TCP over IPv6.
-pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
-/// GSO type bit: TCP with ECN.
-pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
-
-/// Control class: receive filtering.
-pub const VIRTIO_NET_CTRL_RX: u8 = 0;
-/// RX command: promiscuous mode on/off.
-pub const VIRTIO_NET_CTRL_RX_PROMISC: u8 = 0;
-/// RX command: all-multicast on/off.
-pub const VIRTIO_NET_CTRL_RX_ALLMULTI: u8 = 1;
-/// Control class: MAC filter tables.
-pub const VIRTIO_NET_CTRL_MAC: u8 = 1;
-/// MAC command: set the unicast and multicast filter tables.
-pub const VIRTIO_NET_CTRL_MAC_TABLE_SET: u8 = 0;
-/// Control class: multi-queue.
-pub const VIRTIO_NET_CTRL_MQ: u8 = 4;
-/// MQ command: number of queue pairs in use.
-pub const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
-/// Control ack: done.
-pub const VIRTIO_NET_OK: u8 = 0;
-/// Control ack: refused.
-pub const VIRTIO_NET_ERR: u8 = 1;
 
 /// Most addresses in one MAC filter table.
 pub const MAX_MAC_TABLE: u32 = 64;

@@ -18,9 +18,10 @@
 //! same), no CTRL_RX_EXTRA, no CTRL_VLAN and no GUEST_ANNOUNCE, and its link
 //! is always up.
 
+use bulkhead_common::spec::net::{VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_MQ};
 use bulkhead_common::state::{Reader, StateError, Writer, check_features};
 
-use crate::device::{RxFilter, features};
+use crate::device::RxFilter;
 use crate::request::{MAX_MAC_TABLE, MacAddr};
 
 /// What a state must fit: this daemon and the features its driver acked.
@@ -108,7 +109,7 @@ impl NetState {
         r.finish()?;
 
         check_features(features, limits.acked)?;
-        let bit = |b: u32| features & (1 << b) != 0;
+        let bit = |mask: u64| features & mask != 0;
         if modes & !(PROMISC | ALLMULTI) != 0 {
             return Err(StateError::Invalid(format!(
                 "receive modes {modes:#x} (only promiscuous and all-multicast exist)"
@@ -120,7 +121,7 @@ impl NetState {
             unicast,
             multicast,
         };
-        if !bit(features::CTRL_RX) && filter != RxFilter::default() {
+        if !bit(VIRTIO_NET_F_CTRL_RX) && filter != RxFilter::default() {
             return Err(StateError::Invalid(
                 "a receive filter set without CTRL_RX".into(),
             ));
@@ -134,7 +135,7 @@ impl NetState {
                 limits.queue_pairs
             )));
         }
-        if !bit(features::MQ) && active_pairs != 1 {
+        if !bit(VIRTIO_NET_F_MQ) && active_pairs != 1 {
             return Err(StateError::Invalid(format!(
                 "{active_pairs} queue pairs in use without MQ"
             )));
@@ -166,10 +167,12 @@ impl NetState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+    use bulkhead_common::spec::net::VIRTIO_NET_F_CTRL_VQ;
 
     const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
     const FEATURES: u64 =
-        (1 << 32) | (1 << features::CTRL_VQ) | (1 << features::CTRL_RX) | (1 << features::MQ);
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_RX | VIRTIO_NET_F_MQ;
 
     fn limits() -> Limits {
         Limits {
@@ -263,16 +266,16 @@ mod tests {
         ));
         assert!(matches!(
             other(Limits {
-                acked: 1 << 32,
+                acked: VIRTIO_F_VERSION_1,
                 ..limits()
             }),
             StateError::Mismatch(_)
         ));
         // A filter without CTRL_RX, pairs without MQ.
         let mut s = state();
-        s.features = 1 << 32;
+        s.features = VIRTIO_F_VERSION_1;
         let l = Limits {
-            acked: 1 << 32,
+            acked: VIRTIO_F_VERSION_1,
             ..limits()
         };
         assert!(matches!(

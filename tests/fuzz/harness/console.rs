@@ -19,12 +19,14 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use bulkhead_common::memory::GuestMemoryHandle;
-use bulkhead_common::{QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
-use bulkhead_console::device::{ConsoleDevice, ConsoleWorker, EMERG_WR_OFFSET, features};
-use bulkhead_console::port::{HostSpec, Port, ctl_path};
-use bulkhead_console::request::{
-    VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_PORT_READY,
+use bulkhead_common::spec::console::{
+    VIRTIO_CONSOLE_CONFIG_EMERG_WR_OFFSET as EMERG_WR_OFFSET, VIRTIO_CONSOLE_DEVICE_READY,
+    VIRTIO_CONSOLE_F_EMERG_WRITE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE,
+    VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_PORT_READY,
 };
+use bulkhead_common::{QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
+use bulkhead_console::device::{ConsoleDevice, ConsoleWorker};
+use bulkhead_console::port::{HostSpec, Port, ctl_path};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::WriteWatch;
@@ -96,12 +98,12 @@ pub fn run(data: &[u8]) {
     let fbits = inp.u8();
     let mut acked = 0u64;
     for (bit, f) in [
-        (1, features::SIZE),
-        (2, features::MULTIPORT),
-        (4, features::EMERG_WRITE),
+        (1, VIRTIO_CONSOLE_F_SIZE),
+        (2, VIRTIO_CONSOLE_F_MULTIPORT),
+        (4, VIRTIO_CONSOLE_F_EMERG_WRITE),
     ] {
         if fbits & bit != 0 {
-            acked |= 1 << f;
+            acked |= f;
         }
     }
     let nq = 2 + 2 * nports as usize;

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 use bulkhead_blk::state::BlkState;
 use bulkhead_common::VhostUserDevice;
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+use bulkhead_common::spec::net::{VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 use bulkhead_common::state::{
     DeviceType, HEADER_LEN, MAX_BLOB, SECTION_LEN, StateSection, Stored, crc32, decode, encode,
 };
@@ -179,14 +181,14 @@ pub fn accepts(data: &[u8]) -> bool {
     }
 }
 
-const V1: u64 = 1 << 32;
+const V1: u64 = VIRTIO_F_VERSION_1;
 
 /// Seeds: a state each device accepts (and one it refuses), a section.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     // Net: VERSION_1, CTRL_VQ, CTRL_RX, MQ; two pairs, --mac; promiscuous
     // off, all-multicast on, one unicast and one multicast address.
-    let nf = V1 | (1 << 17) | (1 << 18) | (1 << 22);
+    let nf = V1 | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_RX | VIRTIO_NET_F_MQ;
     let mut p = Vec::new();
     p.extend_from_slice(&nf.to_le_bytes());
     p.push(2);

@@ -239,12 +239,9 @@ impl Image {
     }
 }
 
-/// Descriptor flag: the chain continues.
-pub const F_NEXT: u16 = 1;
-/// Descriptor flag: device-writable.
-pub const F_WRITE: u16 = 2;
-/// Descriptor flag: indirect table.
-pub const F_INDIRECT: u16 = 4;
+pub use bulkhead_common::spec::ring::{
+    VRING_DESC_F_INDIRECT as F_INDIRECT, VRING_DESC_F_NEXT as F_NEXT, VRING_DESC_F_WRITE as F_WRITE,
+};
 
 /// The 16 bytes of a split-ring descriptor.
 pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {

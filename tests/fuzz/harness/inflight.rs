@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use bulkhead_common::inflight::{InflightRegion, QueueInflight};
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
 
 use super::input::{Input, Seed};
 
@@ -166,7 +167,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         (1, 0),
     ];
     let mut s = Seed::new();
-    s.u8(0).u8(1).u8(3).u8(3).u64(1 << 32).u16(0).u16(0).u16(0);
+    s.u8(0)
+        .u8(1)
+        .u8(3)
+        .u8(3)
+        .u64(VIRTIO_F_VERSION_1)
+        .u16(0)
+        .u16(0)
+        .u16(0);
     s.u8(ops.len() as u8);
     for &(k, a) in ops {
         s.u8(k).u16(a);
@@ -186,7 +194,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         area[off + 8..off + 16].copy_from_slice(&c.to_le_bytes());
     }
     let mut s = Seed::new();
-    s.u8(0).u8(0).u8(3).u8(3).u64(1 << 32).u16(3).u16(0);
+    s.u8(0)
+        .u8(0)
+        .u8(3)
+        .u8(3)
+        .u64(VIRTIO_F_VERSION_1)
+        .u16(3)
+        .u16(0);
     s.u16(area.len() as u16).bytes(&area);
     s.u8(3).u8(0).u16(3).u8(3).u16(0).u8(1).u16(0);
     out.push(("stale-area", s.finish()));

@@ -18,14 +18,17 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use bulkhead_common::memory::GuestMemoryHandle;
-use bulkhead_common::virtqueue::VIRTIO_F_VERSION_1;
-use bulkhead_common::{QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
-use bulkhead_net::device::{NetConfig, NetDevice, NetWorker, features, vnet_hdr_len};
-use bulkhead_net::request::{
-    ETH_HLEN, HDR_LEN_V1, MAX_FRAME_LEN, MacAddr, TxFrame, TxOffloads, VIRTIO_NET_CTRL_MAC,
-    VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-    VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC,
+use bulkhead_common::spec::VIRTIO_F_VERSION_1;
+use bulkhead_common::spec::net::{
+    VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
 };
+use bulkhead_common::{QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
+use bulkhead_net::device::{NetConfig, NetDevice, NetWorker, vnet_hdr_len};
+use bulkhead_net::request::{ETH_HLEN, HDR_LEN_V1, MAX_FRAME_LEN, MacAddr, TxFrame, TxOffloads};
 use bulkhead_net::tap::Tap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -165,13 +168,13 @@ pub fn run(data: &[u8]) {
     let acked = dev.features() & mask;
     dev.set_features(acked).expect("features");
     let hdr_len = vnet_hdr_len(acked);
-    let bit = |b: u32| acked & (1 << b) != 0;
+    let bit = |mask: u64| acked & mask != 0;
     let offloads = TxOffloads {
-        csum: bit(features::CSUM),
-        tso4: bit(features::HOST_TSO4),
-        tso6: bit(features::HOST_TSO6),
-        ecn: bit(features::HOST_ECN),
-        ufo: bit(features::HOST_UFO),
+        csum: bit(VIRTIO_NET_F_CSUM),
+        tso4: bit(VIRTIO_NET_F_HOST_TSO4),
+        tso6: bit(VIRTIO_NET_F_HOST_TSO6),
+        ecn: bit(VIRTIO_NET_F_HOST_ECN),
+        ufo: bit(VIRTIO_NET_F_HOST_UFO),
     };
 
     let handle = GuestMemoryHandle::new(g.mem.clone());
@@ -334,16 +337,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }
         let mut s = Seed::new();
         Guest::encode(&mut s, ONE_REGION);
-        let mut mask = 1u64 << features::MAC;
+        let mut mask = VIRTIO_NET_F_MAC;
         if modern {
-            mask |= (1 << VIRTIO_F_VERSION_1)
-                | (1 << features::MRG_RXBUF)
-                | (1 << features::CSUM)
-                | (1 << features::GUEST_CSUM)
-                | (1 << features::HOST_TSO4)
-                | (1 << features::CTRL_VQ)
-                | (1 << features::CTRL_RX)
-                | (1 << features::MQ);
+            mask |= VIRTIO_F_VERSION_1
+                | VIRTIO_NET_F_MRG_RXBUF
+                | VIRTIO_NET_F_CSUM
+                | VIRTIO_NET_F_GUEST_CSUM
+                | VIRTIO_NET_F_HOST_TSO4
+                | VIRTIO_NET_F_CTRL_VQ
+                | VIRTIO_NET_F_CTRL_RX
+                | VIRTIO_NET_F_MQ;
         }
         s.u8(pairs - 1).u64(mask).bool(true);
         for q in 0..2 * u32::from(pairs) + 1 {

@@ -302,14 +302,33 @@ pub enum Daemon {
 impl Daemon {
     /// The virtio features the seeds acknowledge (offered by the device).
     fn seed_features(self) -> u64 {
-        let common = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28);
+        use bulkhead_common::spec::{VIRTIO_F_VERSION_1, blk::*, console::*, net::*, ring::*};
+        // 1 << 30: VHOST_USER_F_PROTOCOL_FEATURES.
+        let common =
+            VIRTIO_F_VERSION_1 | (1 << 30) | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
         match self {
-            // FLUSH, DISCARD, WRITE_ZEROES, SEG_MAX.
-            Daemon::Blk => common | (1 << 9) | (1 << 13) | (1 << 14) | (1 << 2),
-            // CSUM, MAC, MRG_RXBUF, STATUS, CTRL_VQ, CTRL_RX.
-            Daemon::Net => common | 1 | (1 << 5) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 18),
-            // SIZE, MULTIPORT, EMERG_WRITE.
-            Daemon::Console => common | 1 | (1 << 1) | (1 << 2),
+            Daemon::Blk => {
+                common
+                    | VIRTIO_BLK_F_FLUSH
+                    | VIRTIO_BLK_F_DISCARD
+                    | VIRTIO_BLK_F_WRITE_ZEROES
+                    | VIRTIO_BLK_F_SEG_MAX
+            }
+            Daemon::Net => {
+                common
+                    | VIRTIO_NET_F_CSUM
+                    | VIRTIO_NET_F_MAC
+                    | VIRTIO_NET_F_MRG_RXBUF
+                    | VIRTIO_NET_F_STATUS
+                    | VIRTIO_NET_F_CTRL_VQ
+                    | VIRTIO_NET_F_CTRL_RX
+            }
+            Daemon::Console => {
+                common
+                    | VIRTIO_CONSOLE_F_SIZE
+                    | VIRTIO_CONSOLE_F_MULTIPORT
+                    | VIRTIO_CONSOLE_F_EMERG_WRITE
+            }
         }
     }
 
@@ -599,7 +618,7 @@ fn seeds_for(daemon: Daemon) -> Vec<(&'static str, Vec<u8>)> {
             Msg::new(RESET_DEVICE, &[], vec![]),
         ]);
     } else {
-        // Net and console refuse config writes (and offer no RESET_DEVICE):
+        // Net and console refuse config writes:
         // the refused write comes last, as it ends the connection.
         a.extend([
             Msg::new(GET_VRING_BASE, &state(0, 0), vec![]),

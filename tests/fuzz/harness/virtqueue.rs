@@ -19,10 +19,8 @@ use std::sync::Arc;
 
 use bulkhead_common::inflight::InflightRegion;
 use bulkhead_common::memory::GuestMemoryHandle;
-use bulkhead_common::virtqueue::{
-    CallSlot, QueueConfig, RingAddrs, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-    VirtQueue,
-};
+use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::virtqueue::{CallSlot, QueueConfig, RingAddrs, VirtQueue};
 use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,10 +68,10 @@ impl RingSetup {
         let f = inp.u8();
         let mut features = 0u64;
         if f & 1 != 0 {
-            features |= 1 << VIRTIO_RING_F_EVENT_IDX;
+            features |= VIRTIO_RING_F_EVENT_IDX;
         }
         if f & 2 != 0 {
-            features |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+            features |= VIRTIO_RING_F_INDIRECT_DESC;
         }
         let addrs = RingAddrs {
             desc: GuestAddress(g.addr(inp)),

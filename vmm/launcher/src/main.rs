@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bulkhead_common::cli::error_chain;
+use bulkhead_common::sandbox::SandboxMode;
 use bulkhead_launcher::config::Config;
 use bulkhead_launcher::supervisor::Supervisor;
 use clap::{Parser, Subcommand};
@@ -28,6 +30,14 @@ enum Cmd {
         /// The VM's TOML file.
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
+        /// Confinement of the launcher and everything it starts, the
+        /// daemons' words: no_new_privs, a seccomp filter refusing what no
+        /// Bulkhead process needs (ptrace, mount, module loading, ...), and
+        /// Landlock (only the programs it starts may be executed; no TCP).
+        /// `log` logs refused calls instead; `off` for a QEMU whose extra
+        /// args need TCP. Each child still takes its own --sandbox.
+        #[arg(long, value_enum, value_name = "MODE", default_value = "enforce")]
+        sandbox: SandboxMode,
     },
     /// Check the config, its files and each backend's options (the daemon's
     /// own parser, `--check`); print every problem, or the backends and
@@ -42,8 +52,8 @@ enum Cmd {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
-    let config = match &args.command {
-        Cmd::Up { config } => config,
+    let (config, sandbox) = match &args.command {
+        Cmd::Up { config, sandbox } => (config, *sandbox),
         Cmd::Check { config } => return check(config),
     };
     let cfg = match Config::load(config) {
@@ -53,13 +63,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match Supervisor::new(cfg) {
-        Ok(s) => ExitCode::from(s.run()),
+    let s = match Supervisor::new(cfg) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("bulkhead: {e}");
-            ExitCode::from(1)
+            eprintln!("bulkhead: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match bulkhead_launcher::sandbox::enter(sandbox, &s.programs()) {
+        Ok(what) => log::info!("{what}"),
+        Err(e) => {
+            eprintln!("bulkhead: {}", error_chain(&e));
+            return ExitCode::from(1);
         }
     }
+    ExitCode::from(s.run())
 }
 
 /// `bulkhead check`: every problem at once, each naming its field.

@@ -5,6 +5,7 @@
 //! SIGHUP, or when the frontend exits, everything stopped and every socket
 //! and pid file removed.
 
+use bulkhead_common::cli::error_chain;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -245,6 +246,40 @@ impl Supervisor {
         })
     }
 
+    /// The QEMU binary: the configured path, or found as `find_binary` does.
+    fn qemu_program(&self) -> Result<PathBuf, LaunchError> {
+        let bin = &self.cfg.qemu.binary;
+        if bin.components().count() > 1 {
+            Ok(bin.clone())
+        } else {
+            find_binary(&bin.display().to_string())
+        }
+    }
+
+    /// Every program this launcher may start: the backends, and the
+    /// frontends its config can choose (`bulkhead-vmm` also runs `probe`).
+    /// The launcher's sandbox lets it execute these only.
+    pub fn programs(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for b in &self.backends {
+            if !out.contains(&b.program) {
+                out.push(b.program.clone());
+            }
+        }
+        let kind = self.cfg.frontend;
+        if kind != FrontendKind::None
+            && let Ok(vmm) = find_binary("bulkhead-vmm")
+        {
+            out.push(vmm);
+        }
+        if matches!(kind, FrontendKind::Qemu | FrontendKind::Auto)
+            && let Ok(qemu) = self.qemu_program()
+        {
+            out.push(qemu);
+        }
+        out
+    }
+
     /// The runtime directory (sockets, pid files).
     pub fn runtime_dir(&self) -> &Path {
         &self.runtime_dir
@@ -365,13 +400,7 @@ impl Supervisor {
                         "{s}: QEMU cannot attach a vhost-user console; the backend runs but the guest does not see it"
                     ));
                 }
-                let bin = &self.cfg.qemu.binary;
-                let program = if bin.components().count() > 1 {
-                    bin.clone()
-                } else {
-                    find_binary(&bin.display().to_string())?
-                };
-                ("qemu", program, args)
+                ("qemu", self.qemu_program()?, args)
             }
         };
         say(format_args!(
@@ -517,17 +546,6 @@ impl Supervisor {
         }
         say(format_args!("stopped"));
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

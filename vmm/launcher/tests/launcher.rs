@@ -163,6 +163,38 @@ image = "disk.img"
     stop_and_check_clean(l, &[old, new, newer, console]);
 }
 
+/// A `Name:` field of `/proc/PID/status`.
+fn status_field(pid: i32, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+#[test]
+fn the_launcher_confines_itself_and_its_children_inherit_it() {
+    let l = up(r#"
+frontend = "none"
+[[blk]]
+image = "disk.img"
+"#);
+    let blk = wait_up(&l, "blk0");
+    let launcher = l.child.id() as i32;
+    assert_eq!(status_field(launcher, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(status_field(launcher, "Seccomp").as_deref(), Some("2"));
+    let own: u32 = status_field(launcher, "Seccomp_filters")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let child: u32 = status_field(blk, "Seccomp_filters")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The daemon stacks its own filters on the launcher's.
+    assert!(child > own, "launcher {own} filters, blk {child}");
+    stop_and_check_clean(l, &[blk]);
+}
+
 /// The guest's disk writer: a 4 KiB O_DIRECT write every 200 ms, each
 /// reported as `@@IO ok N` or `@@IO fail N`; with `stop`, it ends once the
 /// host left `STOP` at that byte offset of the disk, saying `@@IO stopped`.

@@ -11,6 +11,8 @@
 use std::io;
 use std::sync::Arc;
 
+use bulkhead_spec::mmio::{VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION_2};
+
 use crate::bus::BusDevice;
 use crate::transport::{QueueField, StatusAction, VirtioState, get_le, put_le};
 use crate::vm_events::{IoAddr, VmEvents};
@@ -18,43 +20,35 @@ use crate::vm_events::{IoAddr, VmEvents};
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4b4c_4842; // "BHLK"
 
-/// Register offsets (virtio 1.x 4.2.2).
+/// Register offsets (virtio 1.x 4.2.2), short names for the match below.
 mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
+    pub use bulkhead_spec::mmio::{
+        VIRTIO_MMIO_CONFIG as CONFIG, VIRTIO_MMIO_CONFIG_GENERATION as CONFIG_GENERATION,
+        VIRTIO_MMIO_DEVICE_FEATURES as DEVICE_FEATURES,
+        VIRTIO_MMIO_DEVICE_FEATURES_SEL as DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID as DEVICE_ID,
+        VIRTIO_MMIO_DRIVER_FEATURES as DRIVER_FEATURES,
+        VIRTIO_MMIO_DRIVER_FEATURES_SEL as DRIVER_FEATURES_SEL,
+        VIRTIO_MMIO_INTERRUPT_ACK as INTERRUPT_ACK,
+        VIRTIO_MMIO_INTERRUPT_STATUS as INTERRUPT_STATUS, VIRTIO_MMIO_MAGIC_VALUE as MAGIC,
+        VIRTIO_MMIO_QUEUE_AVAIL_HIGH as QUEUE_DRIVER_HIGH,
+        VIRTIO_MMIO_QUEUE_AVAIL_LOW as QUEUE_DRIVER_LOW,
+        VIRTIO_MMIO_QUEUE_DESC_HIGH as QUEUE_DESC_HIGH,
+        VIRTIO_MMIO_QUEUE_DESC_LOW as QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY as QUEUE_NOTIFY,
+        VIRTIO_MMIO_QUEUE_NUM as QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX as QUEUE_NUM_MAX,
+        VIRTIO_MMIO_QUEUE_READY as QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL as QUEUE_SEL,
+        VIRTIO_MMIO_QUEUE_USED_HIGH as QUEUE_DEVICE_HIGH,
+        VIRTIO_MMIO_QUEUE_USED_LOW as QUEUE_DEVICE_LOW, VIRTIO_MMIO_STATUS as STATUS,
+        VIRTIO_MMIO_VENDOR_ID as VENDOR_ID, VIRTIO_MMIO_VERSION as VERSION,
+    };
 }
 
 /// Offset of the QueueNotify register (for tests and the ACPI table).
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 /// InterruptStatus bit: a used buffer was added.
-pub const INT_VRING: u32 = 1;
+pub use bulkhead_spec::mmio::VIRTIO_MMIO_INT_VRING as INT_VRING;
 
 /// A virtio-mmio transport at a fixed guest address with a fixed GSI.
 pub struct VirtioMmioDevice {
@@ -161,8 +155,8 @@ impl VirtioMmioDevice {
         let s = &self.state;
         let q = s.selected_queue();
         match offset {
-            reg::MAGIC => MAGIC,
-            reg::VERSION => VERSION,
+            reg::MAGIC => VIRTIO_MMIO_MAGIC,
+            reg::VERSION => VIRTIO_MMIO_VERSION_2,
             reg::DEVICE_ID => s.device().device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => s.device_features_word(),

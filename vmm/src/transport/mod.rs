@@ -14,42 +14,44 @@ use std::io;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use bulkhead_common::ratelimit::RateLimit;
+
 use crate::device::{ActiveQueue, DeviceError, VIRTIO_F_VERSION_1, VirtioDevice};
 
-/// Device status bit: the guest noticed the device.
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-/// Device status bit: the guest has a driver for it.
-pub const STATUS_DRIVER: u8 = 2;
-/// Device status bit: the driver is ready; queues are live.
-pub const STATUS_DRIVER_OK: u8 = 4;
-/// Device status bit: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u8 = 8;
-/// Device status bit: the device hit an error and needs a reset.
-pub const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
-/// Device status bit: the driver gave up on the device.
-pub const STATUS_FAILED: u8 = 0x80;
+pub use bulkhead_spec::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as STATUS_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as STATUS_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as STATUS_DEVICE_NEEDS_RESET,
+};
 /// MSI-X "no vector" value.
 pub const NO_VECTOR: u16 = 0xffff;
 
-/// How many guest errors a transport logs before it goes quiet.
-const GUEST_ERROR_LOG_LIMIT: u32 = 32;
-
-/// Counts guest errors and logs only the first few (a guest must not be able
-/// to flood the host log).
-#[derive(Debug, Default)]
+/// Counts a device's guest errors and logs them through the daemons' rate
+/// limiter (`bulkhead_common::ratelimit`: a burst per second, then a count
+/// of what was suppressed), so a guest cannot flood the host log.
+#[derive(Default)]
 pub struct GuestErrors {
     count: u32,
+    limit: RateLimit,
+}
+
+impl std::fmt::Debug for GuestErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestErrors")
+            .field("count", &self.count)
+            .finish()
+    }
 }
 
 impl GuestErrors {
-    /// Records a guest error described by `what`; logs it while under the limit.
+    /// Records a guest error described by `what`; logs it unless the limiter says no.
     pub fn report(&mut self, what: std::fmt::Arguments<'_>) {
         self.count = self.count.saturating_add(1);
-        if self.count <= GUEST_ERROR_LOG_LIMIT {
-            log::warn!("guest error: {what}");
-            if self.count == GUEST_ERROR_LOG_LIMIT {
-                log::warn!("further guest errors on this device are not logged");
-            }
+        match self.limit.allow() {
+            Some(0) => log::warn!("guest error: {what}"),
+            Some(n) => log::warn!("guest error: {what} ({n} similar messages suppressed)"),
+            None => {}
         }
     }
 

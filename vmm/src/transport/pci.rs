@@ -19,6 +19,8 @@
 use std::io;
 use std::sync::Arc;
 
+use bulkhead_spec::{VIRTIO_PCI_MODERN_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID};
+
 use crate::pci::{CONFIG_SPACE_SIZE, PciFunction};
 use crate::transport::{NO_VECTOR, QueueField, StatusAction, VirtioState, get_le, put_le};
 use crate::vm_events::{IoAddr, MsiMessage, VmEvents};
@@ -46,8 +48,6 @@ pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 /// Size of one MSI-X table entry.
 pub const MSIX_ENTRY_SIZE: u64 = 16;
 
-const VIRTIO_VENDOR: u16 = 0x1af4;
-const MODERN_DEVICE_BASE: u16 = 0x1040;
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
 const CAP_START: usize = 0x40;
@@ -162,20 +162,20 @@ impl VirtioPciDevice {
         let dev_type = state.device().device_type();
         let device_id = u16::try_from(dev_type)
             .ok()
-            .and_then(|t| MODERN_DEVICE_BASE.checked_add(t))
+            .and_then(|t| VIRTIO_PCI_MODERN_DEVICE_ID_BASE.checked_add(t))
             .ok_or_else(|| io::Error::other("virtio device type out of range"))?;
         let (class, subclass) = class_of(dev_type);
         let mut config = [0u8; CONFIG_SPACE_SIZE];
         let put16 = |c: &mut [u8; CONFIG_SPACE_SIZE], at: usize, v: u16| {
             c[at..at + 2].copy_from_slice(&v.to_le_bytes())
         };
-        put16(&mut config, 0x00, VIRTIO_VENDOR);
+        put16(&mut config, 0x00, VIRTIO_PCI_VENDOR_ID);
         put16(&mut config, 0x02, device_id);
         put16(&mut config, 0x06, 1 << 4); // status: capability list
         config[0x08] = 1; // revision 1: modern
         config[0x0a] = subclass;
         config[0x0b] = class;
-        put16(&mut config, 0x2c, VIRTIO_VENDOR);
+        put16(&mut config, 0x2c, VIRTIO_PCI_VENDOR_ID);
         put16(&mut config, 0x2e, 0x40); // subsystem id (>= 0x40: modern)
         config[0x34] = CAP_START as u8;
         let notify_len = u32::try_from(state.num_queues())

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_spec::blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH};
 use bulkhead_vmm::bus::Bus;
 use bulkhead_vmm::device::VIRTIO_F_VERSION_1;
 use bulkhead_vmm::memory::GuestRam;
@@ -22,10 +23,12 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_GSI: u32 = 5;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
+// Each test binary uses a different part of this module.
+#[allow(unused_imports)]
+pub use bulkhead_spec::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+pub use bulkhead_spec::ring::{
+    VRING_DESC_F_NEXT as DESC_F_NEXT, VRING_DESC_F_WRITE as DESC_F_WRITE,
+};
 
 /// Waits until `fd` is readable (the irqfd stand-in fired) and consumes it.
 pub fn wait_irq(fd: &EventFd) -> bool {
@@ -315,7 +318,7 @@ impl PciDriver {
         let offered = lo | (hi << 32);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
         assert_eq!(offered & (1 << 30), 0, "vhost-user protocol bit hidden");
-        let acked = offered & (VIRTIO_F_VERSION_1 | (1 << 9) | (1 << 6));
+        let acked = offered & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 0);
         self.w(common::DRIVER_FEATURE, 4, acked & 0xffff_ffff);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 1);

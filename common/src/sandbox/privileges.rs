@@ -1,0 +1,178 @@
+//! `--user`/`--group` and capabilities: ids resolved while /etc is still
+//! reachable, then the bounding, ambient, effective, permitted and
+//! inheritable sets emptied.
+
+use std::ffi::CString;
+use std::io;
+
+use super::{Sandbox, SandboxArgs, SandboxError, sys};
+
+pub(super) fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+/// Looks `name` up with a reentrant libc call that fills a buffer; numbers pass through.
+pub(super) fn resolve_ids(args: &SandboxArgs) -> Result<Option<(u32, u32)>, SandboxError> {
+    let user = match &args.user {
+        Some(u) => Some(lookup_user(u)?),
+        None => None,
+    };
+    let gid = match &args.group {
+        Some(g) => Some(lookup_group(g)?),
+        None => user.map(|(_, gid)| gid),
+    };
+    Ok(match (user, gid) {
+        (Some((uid, _)), Some(gid)) => Some((uid, gid)),
+        // --group alone: keep the uid.
+        // SAFETY: getuid has no preconditions.
+        (None, Some(gid)) => Some((unsafe { libc::getuid() }, gid)),
+        _ => None,
+    })
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32), SandboxError> {
+    let unknown = || SandboxError::UnknownId("user", name.to_string());
+    let cname = CString::new(name).map_err(|_| unknown())?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: getpwnam_r writes into `pw` and at most `buf.len()` bytes of `buf`.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc == 0 && !result.is_null() {
+            return Ok((pw.pw_uid, pw.pw_gid));
+        }
+        return match name.parse::<u32>() {
+            Ok(uid) => Ok((uid, uid)),
+            Err(_) => Err(unknown()),
+        };
+    }
+}
+
+fn lookup_group(name: &str) -> Result<u32, SandboxError> {
+    let unknown = || SandboxError::UnknownId("group", name.to_string());
+    let cname = CString::new(name).map_err(|_| unknown())?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: a zeroed group is a valid out-parameter.
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: getgrnam_r writes into `gr` and at most `buf.len()` bytes of `buf`.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut gr,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc == 0 && !result.is_null() {
+            return Ok(gr.gr_gid);
+        }
+        return name.parse::<u32>().map_err(|_| unknown());
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties the effective, permitted and inheritable capability sets.
+fn clear_capabilities() -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads a header and two data structs (version 3).
+    if unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub(super) fn drop_privileges(
+    ids: Option<(u32, u32)>,
+    last_cap: u32,
+    sb: &mut Sandbox,
+) -> Result<(), SandboxError> {
+    // The bounding set needs CAP_SETPCAP, so it goes first.
+    let mut bounding_kept = false;
+    for cap in 0..=last_cap {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINVAL) => break,
+                Some(libc::EPERM) => bounding_kept = true,
+                _ => return Err(SandboxError::Sys("PR_CAPBSET_DROP", e)),
+            }
+        }
+    }
+    if bounding_kept {
+        sb.notes
+            .push("bounding set kept (no CAP_SETPCAP; no_new_privs still applies)".into());
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(sys("PR_CAP_AMBIENT_CLEAR_ALL"));
+    }
+    if let Some((uid, gid)) = ids {
+        // SAFETY: setgroups with an empty list reads nothing.
+        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+            return Err(sys("setgroups"));
+        }
+        // SAFETY: plain id switches.
+        if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+            return Err(sys("setresgid"));
+        }
+        // SAFETY: plain id switch.
+        if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+            return Err(sys("setresuid"));
+        }
+        sb.uid = Some((uid, gid));
+    }
+    clear_capabilities().map_err(|e| SandboxError::Sys("capset", e))
+}
