@@ -991,7 +991,12 @@ fn net_section(m: &mut String, net: &Value) {
             m,
             "\nReceive against an earlier build (`--net-baseline-bin`, one run each in turn):\n"
         );
-        for (now, old) in net["rx_sizes"].as_array().into_iter().flatten().zip(&before) {
+        for (now, old) in net["rx_sizes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(&before)
+        {
             let (c_now, c_old) = (
                 f(now, "daemon_cpu_ns_per_frame"),
                 f(old, "daemon_cpu_ns_per_frame"),
