@@ -415,7 +415,11 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         self.features_set = false;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
         for v in &mut self.vrings {
+            // The counters cover the whole connection (logged when it ends):
+            // QEMU resets the device at every stop of a guest.
+            let stats = v.stats.clone();
             *v = Vring::new();
+            v.stats = stats;
         }
     }
 }

@@ -469,8 +469,8 @@ fn blk_sections(m: &mut String, v: &Value) {
          thread per queue. Both busy-poll alike before they sleep: bulkhead-blk with \
          `--poll-max-us N`, qsd's iothread with `poll-max-ns` of the same N µs (`--poll-max-us` \
          of bulkhead-bench, default 64; QEMU's own default is 32 µs). qsd exports the file node \
-         directly (no raw format layer) and `locking=off` lets all targets open the same \
-         image.\n"
+         directly (no raw format layer); `locking=off` and bulkhead-blk's `--no-lock` let all \
+         targets open the same image.\n"
     );
 
     let micro = &v["micro"];

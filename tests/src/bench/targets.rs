@@ -162,6 +162,8 @@ impl Target {
                     "io-uring".into(),
                     "--poll-max-us".into(),
                     bulkhead.poll_max_us.to_string(),
+                    // Every target serves the same image (qsd: locking=off).
+                    "--no-lock".into(),
                 ]
                 .into_iter()
                 .chain(bulkhead.args.iter().cloned())
@@ -189,8 +191,16 @@ impl Target {
                 ]
                 .into_iter()
                 .chain(
+                    // Every target serves the same image (qsd: locking=off);
+                    // an earlier build (the baseline) may predate the lock.
                     (kind == Kind::Bulkhead)
-                        .then(|| ["--poll-max-us".into(), bulkhead.poll_max_us.to_string()])
+                        .then(|| {
+                            [
+                                "--poll-max-us".into(),
+                                bulkhead.poll_max_us.to_string(),
+                                "--no-lock".into(),
+                            ]
+                        })
                         .into_iter()
                         .flatten(),
                 )
