@@ -13,6 +13,9 @@ pub struct VhostUserArgs {
     pub socket_path: Option<PathBuf>,
 
     /// Use this inherited socket fd instead: a listening socket, or one end of a connected socketpair.
+    /// Without either option, a socket-activated fd 3 (LISTEN_PID, LISTEN_FDS=1, as systemd
+    /// passes a .socket unit's listener). With NOTIFY_SOCKET set, the daemon sends READY=1 once
+    /// it serves and STOPPING=1 when it stops.
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
 
@@ -54,7 +57,10 @@ impl VhostUserArgs {
     /// Fails unless one of `--socket-path` or `--fd` was given.
     pub fn require_socket(&self) -> Result<(), String> {
         if self.socket_path.is_none() && self.fd.is_none() {
-            return Err("one of --socket-path or --fd is required".into());
+            return Err(
+                "one of --socket-path or --fd is required (or a socket-activated fd 3: LISTEN_FDS)"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ pub mod sandbox;
 pub mod scaffold;
 pub mod size;
 pub mod state;
+pub mod systemd;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 pub mod transfer;

@@ -10,7 +10,9 @@
 //! 5. the daemon's `build` opens what it serves and returns the device and
 //!    its sandbox [`Policy`] (exit 2 for a bad configuration, 1 for what
 //!    cannot be opened);
-//! 6. the endpoint (socket and SIGTERM/SIGINT signalfd), then the sandbox;
+//! 6. the endpoint (socket and SIGTERM/SIGINT signalfd; a socket-activated
+//!    fd 3 when the command line names none), then the sandbox, then
+//!    `READY=1` to `NOTIFY_SOCKET` ([`crate::systemd`]);
 //! 7. a stats thread that logs [`VhostUserDevice::stats`] on SIGUSR1;
 //! 8. the serve loop until SIGTERM or SIGINT, then the stats once more.
 //!
@@ -26,6 +28,7 @@ use crate::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
 use crate::daemon::{Endpoint, serve_endpoint};
 use crate::device::VhostUserDevice;
 use crate::sandbox::{Policy, Sandbox, SandboxArgs};
+use crate::systemd;
 
 /// Exit status: stopped by SIGTERM or SIGINT (or capabilities printed).
 pub const EXIT_OK: u8 = 0;
@@ -133,7 +136,19 @@ pub fn run<D: VhostUserDevice>(
         return ExitCode::from(EXIT_OK);
     }
     init_logging(program.name);
-    if let Err(e) = args.vhost_user.require_socket() {
+    // Socket activation: fd 3, unless the command line names a socket.
+    let mut vhost_user = args.vhost_user.clone();
+    match systemd::listen_fd() {
+        Ok(Some(fd)) if vhost_user.socket_path.is_none() && vhost_user.fd.is_none() => {
+            vhost_user.fd = Some(fd);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    if let Err(e) = vhost_user.require_socket() {
         log::error!("{e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -145,13 +160,20 @@ pub fn run<D: VhostUserDevice>(
             return ExitCode::from(e.exit_code());
         }
     };
-    let endpoint = match Endpoint::open(&args.vhost_user) {
+    let endpoint = match Endpoint::open(&vhost_user) {
         Ok(e) => e.with_busy_poll(backend.busy_poll),
         Err(e) => return fail(&e),
     };
+    // Connected before the sandbox, which forbids socket and connect.
+    let notifier = systemd::Notifier::from_env().unwrap_or_else(|e| {
+        log::warn!("NOTIFY_SOCKET: {e}; the supervisor will not hear READY=1");
+        None
+    });
     if let Err(e) = Sandbox::enter(&args.sandbox, &backend.policy) {
         return fail(&e);
     }
+    // The socket listens and the sandbox holds: frontends may come.
+    notify(&notifier, "READY=1");
     #[cfg(feature = "test-hooks")]
     crate::test_hooks::run_from_env();
     let device = backend.device;
@@ -159,6 +181,7 @@ pub fn run<D: VhostUserDevice>(
         log::warn!("no stats on SIGUSR1: {e}");
     }
     let result = serve_endpoint(endpoint, device.clone());
+    notify(&notifier, "STOPPING=1");
     if let Some(f) = backend.at_exit {
         f();
     }
@@ -166,6 +189,15 @@ pub fn run<D: VhostUserDevice>(
     match result {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => fail(&e),
+    }
+}
+
+/// Tells a supervisor (systemd, the launcher) `state`, if one listens.
+fn notify(notifier: &Option<systemd::Notifier>, state: &str) {
+    if let Some(n) = notifier
+        && let Err(e) = n.send(state)
+    {
+        log::warn!("NOTIFY_SOCKET: sending {state}: {e}");
     }
 }
 

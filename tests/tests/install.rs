@@ -105,7 +105,8 @@ fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them()
             assert!(!text.contains("@BINDIR@"), "{unit}");
             if unit.ends_with(".service") {
                 assert!(
-                    text.contains(&format!("ExecStart=/usr/bin/{daemon} --fd 3")),
+                    text.contains(&format!("ExecStart=/usr/bin/{daemon} $BULKHEAD_ARGS"))
+                        && text.contains("Type=notify"),
                     "{unit}"
                 );
             }

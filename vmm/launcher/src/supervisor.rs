@@ -7,6 +7,7 @@
 
 use bulkhead_common::cli::error_chain;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -98,7 +99,21 @@ fn prefix_lines(id: String, r: impl Read + Send + 'static, to_stderr: bool) {
 /// reaches only the launcher, which stops things in order), killed if the
 /// launcher dies, output prefixed.
 fn spawn(id: &str, program: &Path, args: &[String], stdin: Stdio) -> Result<Child, LaunchError> {
+    spawn_with(id, program, args, stdin, None)
+}
+
+/// As [`spawn`], with `NOTIFY_SOCKET` set to `notify` when given.
+fn spawn_with(
+    id: &str,
+    program: &Path,
+    args: &[String],
+    stdin: Stdio,
+    notify: Option<&Path>,
+) -> Result<Child, LaunchError> {
     let mut cmd = Command::new(program);
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
     cmd.args(args)
         .stdin(stdin)
         .stdout(Stdio::piped())
@@ -188,6 +203,8 @@ struct Backend {
     restarts: u32,
     delay: Duration,
     next_start: Option<Instant>,
+    /// Where the backend says `READY=1` (its `NOTIFY_SOCKET`).
+    notify: Option<UnixDatagram>,
 }
 
 /// One VM's processes.
@@ -235,6 +252,7 @@ impl Supervisor {
                 restarts: 0,
                 delay: Duration::from_millis(cfg.restart.initial_delay_ms),
                 next_start: None,
+                notify: None,
             });
         }
         Ok(Supervisor {
@@ -292,7 +310,18 @@ impl Supervisor {
     fn start_backend(&mut self, i: usize) -> Result<(), LaunchError> {
         let b = &self.backends[i];
         let args = backend_args(&b.spec, b.restarts > 0);
-        let child = spawn(&b.spec.id, &b.program, &args, Stdio::null())?;
+        // A fresh readiness socket per start: nothing stale is read as READY.
+        let notify_path = self.notify_path(&b.spec.id);
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path)
+            .map_err(|e| LaunchError::Io(format!("Cannot bind {}", notify_path.display()), e))?;
+        let child = spawn_with(
+            &b.spec.id,
+            &b.program,
+            &args,
+            Stdio::null(),
+            Some(&notify_path),
+        )?;
         let pid = child.id();
         let pid_file = self.pid_file(&b.spec.id);
         let _ = std::fs::write(pid_file, format!("{pid}\n"));
@@ -300,15 +329,33 @@ impl Supervisor {
         b.child = Some(child);
         b.started = Instant::now();
         b.next_start = None;
+        b.notify = Some(notify);
         Ok(())
     }
 
+    /// The backend's readiness socket, beside its vhost-user socket (so the
+    /// cleanup at exit takes it too).
+    fn notify_path(&self, id: &str) -> PathBuf {
+        self.runtime_dir.join(format!("{id}.sock.notify"))
+    }
+
+    /// Waits for the backend's `READY=1` (sent once its socket listens and
+    /// its sandbox holds), instead of probing the socket with a connection
+    /// the daemon would log as a frontend that came and went.
     fn wait_socket(&mut self, i: usize) -> Result<(), LaunchError> {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
         let b = &mut self.backends[i];
+        let mut buf = [0u8; 4096];
         loop {
-            if std::os::unix::net::UnixStream::connect(&b.spec.socket).is_ok() {
-                return Ok(());
+            if let Some(n) = &b.notify {
+                let _ = n.set_read_timeout(Some(Duration::from_millis(10)));
+                if let Ok(len) = n.recv(&mut buf)
+                    && String::from_utf8_lossy(&buf[..len])
+                        .lines()
+                        .any(|l| l == "READY=1")
+                {
+                    return Ok(());
+                }
             }
             if let Some(c) = b.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
@@ -322,12 +369,11 @@ impl Supervisor {
             }
             if Instant::now() >= deadline {
                 return Err(LaunchError::Backend(format!(
-                    "{} did not create {} within {SOCKET_TIMEOUT:?}",
+                    "{} did not say READY=1 (serving {}) within {SOCKET_TIMEOUT:?}",
                     b.spec.id,
                     b.spec.socket.display()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
