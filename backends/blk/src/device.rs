@@ -287,7 +287,7 @@ impl VhostUserDevice for BlkDevice {
         };
         bulkhead_common::rate_limited!(
             log::Level::Debug,
-            "queue {index}: {:?} engine, depth {depth}",
+            "queue {index}: {} engine, depth {depth}",
             self.cfg.engine
         );
         Ok(BlkWorker {

@@ -97,6 +97,16 @@ pub enum EngineKind {
     Sync,
 }
 
+impl std::fmt::Display for EngineKind {
+    /// The word `--engine` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::IoUring => "io-uring",
+            EngineKind::Sync => "sync",
+        })
+    }
+}
+
 /// An asynchronous executor of block operations on one image fd.
 pub trait Engine: Send {
     /// Fd that becomes readable when completions are ready; the worker adds it to its epoll set.

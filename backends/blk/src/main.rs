@@ -149,7 +149,7 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
         EngineArg::Sync => EngineKind::Sync,
     };
     log::info!(
-        "serving {} ({} bytes, {} queue(s) of up to {}, {:?} engine{}{})",
+        "serving {} ({} bytes, {} queue(s) of up to {}, {} engine{}{})",
         args.image
             .as_ref()
             .map(|p| p.display().to_string())

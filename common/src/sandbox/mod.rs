@@ -70,6 +70,17 @@ pub enum SandboxMode {
     Off,
 }
 
+impl SandboxMode {
+    /// The word `--sandbox` takes, for log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            SandboxMode::Enforce => "enforce",
+            SandboxMode::Log => "log",
+            SandboxMode::Off => "off",
+        }
+    }
+}
+
 /// Sandbox options every daemon takes (flatten into its clap `Args`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct SandboxArgs {
@@ -204,7 +215,8 @@ impl fmt::Display for Sandbox {
         };
         write!(
             f,
-            "sandbox {mode:?}: seccomp per thread kind, no_new_privs, Landlock {}, namespaces [{}], no capabilities",
+            "sandbox {}: seccomp per thread kind, no_new_privs, Landlock {}, namespaces [{}], no capabilities",
+            mode.name(),
             self.landlock.as_deref().unwrap_or("unsupported"),
             self.namespaces.join(" ")
         )?;

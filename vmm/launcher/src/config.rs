@@ -35,6 +35,18 @@ pub enum FrontendKind {
     None,
 }
 
+impl std::fmt::Display for FrontendKind {
+    /// The word the config file takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrontendKind::Auto => "auto",
+            FrontendKind::BulkheadVmm => "bulkhead-vmm",
+            FrontendKind::Qemu => "qemu",
+            FrontendKind::None => "none",
+        })
+    }
+}
+
 /// The `[vm]` table: what the frontend boots.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -100,6 +100,6 @@ fn check(config: &std::path::Path) -> ExitCode {
     for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
         println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
     }
-    println!("frontend: {:?}", cfg.frontend);
+    println!("frontend: {}", cfg.frontend);
     ExitCode::SUCCESS
 }
