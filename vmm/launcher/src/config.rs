@@ -207,6 +207,10 @@ pub struct Config {
     /// Which frontend runs the guest.
     #[serde(default)]
     pub frontend: FrontendKind,
+    /// The user every backend switches to once its files and sockets are
+    /// open (`--user`), when the launcher runs as root: default `nobody`;
+    /// `"root"` keeps them root. Ignored when the launcher is not root.
+    pub user: Option<String>,
     /// What to boot (required unless `frontend = "none"`).
     pub vm: Option<VmSection>,
     /// Restart policy for crashed backends.
@@ -435,6 +439,39 @@ impl Config {
 
     /// Every backend, with its socket in `runtime_dir`.
     pub fn backends(&self, runtime_dir: &Path) -> Vec<BackendSpec> {
+        let mut v = self.backends_as_given(runtime_dir);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if let Some(user) = self.backend_user(root) {
+            for b in &mut v {
+                if !b.args.iter().any(|a| a == "--user") {
+                    b.args.extend(["--user".into(), user.to_string()]);
+                }
+            }
+        }
+        v
+    }
+
+    /// Whom the backends run as, given whether the launcher is root: least
+    /// privilege by default (the seed's first rule), `nobody` unless the
+    /// file says otherwise; None: as the launcher.
+    fn backend_user(&self, root: bool) -> Option<&str> {
+        if !root {
+            return None;
+        }
+        match self.user.as_deref() {
+            Some("root") | Some("0") => None,
+            Some(u) => Some(u),
+            // A minimal host (a container, an initramfs) may have no
+            // passwd entry for nobody: its uid, the kernel's overflow uid,
+            // is what the name stands for everywhere else.
+            None if user_exists("nobody") => Some("nobody"),
+            None => Some("65534"),
+        }
+    }
+
+    /// The backends with the arguments the file gives them.
+    fn backends_as_given(&self, runtime_dir: &Path) -> Vec<BackendSpec> {
         let sock = |id: &str| runtime_dir.join(format!("{id}.sock"));
         let mut v = Vec::new();
         for (i, b) in self.blk.iter().enumerate() {
@@ -504,6 +541,28 @@ fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+/// Whether the user database knows `name`.
+fn user_exists(name: &str) -> bool {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: a zeroed passwd is a valid out-parameter.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pw` and at most `buf.len()` bytes of `buf`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    rc == 0 && !result.is_null()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,7 +604,7 @@ mac = "52:54:00:12:34:56"
         let c = Config::parse(FULL).unwrap();
         assert_eq!(c.frontend, FrontendKind::Qemu);
         assert_eq!(c.restart.max_restarts, 3);
-        let b = c.backends(Path::new("/run/bh/web1"));
+        let b = c.backends_as_given(Path::new("/run/bh/web1"));
         let ids: Vec<&str> = b.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, ["root", "net0", "console0"]);
         assert_eq!(b[0].socket, Path::new("/run/bh/web1/root.sock"));
@@ -570,9 +629,21 @@ mac = "52:54:00:12:34:56"
         assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
         assert!(c.net[1].mac.is_none(), "--mac in args is the user's own");
         // The daemon's arguments (used for every restart) carry it.
-        let b = c.backends(Path::new("/run/x"));
+        let b = c.backends_as_given(Path::new("/run/x"));
         assert_eq!(b[0].args, ["--tap", "a", "--mac", mac.as_str()]);
-        assert_eq!(c.backends(Path::new("/run/x"))[0].args, b[0].args);
+        assert_eq!(c.backends_as_given(Path::new("/run/x"))[0].args, b[0].args);
+    }
+
+    #[test]
+    fn backends_run_as_nobody_under_a_root_launcher_unless_told_otherwise() {
+        let c = Config::parse("frontend = \"none\"\n[[console]]\n").unwrap();
+        let nobody = c.backend_user(true);
+        assert!(matches!(nobody, Some("nobody" | "65534")), "{nobody:?}");
+        assert_eq!(c.backend_user(false), None);
+        let c = Config::parse("frontend = \"none\"\nuser = \"root\"\n[[console]]\n").unwrap();
+        assert_eq!(c.backend_user(true), None);
+        let c = Config::parse("frontend = \"none\"\nuser = \"vmuser\"\n[[console]]\n").unwrap();
+        assert_eq!(c.backend_user(true), Some("vmuser"));
     }
 
     #[test]

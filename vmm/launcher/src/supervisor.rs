@@ -600,8 +600,10 @@ mod tests {
 
     #[test]
     fn a_restarted_blk_backend_skips_the_format_probe() {
-        let cfg = Config::parse("frontend = \"none\"\n[[blk]]\nimage = \"/d.img\"\n[[console]]\n")
-            .unwrap();
+        let cfg = Config::parse(
+            "frontend = \"none\"\nuser = \"root\"\n[[blk]]\nimage = \"/d.img\"\n[[console]]\n",
+        )
+        .unwrap();
         let specs = cfg.backends(Path::new("/run/x"));
         let first = backend_args(&specs[0], false);
         assert_eq!(

@@ -152,6 +152,23 @@ image = "disk.img"
 [[console]]
 "#);
     let console = wait_up(&l, "console0");
+    // A root launcher runs its backends as nobody by default (least
+    // privilege), once they have opened their image and sockets.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        for id in ["console0", "blk0"] {
+            let pid = wait_up(&l, id);
+            // It switches right after its socket listens: give it a moment.
+            wait_for(
+                &format!("{id} to run as nobody"),
+                Duration::from_secs(5),
+                || {
+                    let uid = status_field(pid, "Uid")?;
+                    uid.split_whitespace().all(|u| u == "65534").then_some(())
+                },
+            );
+        }
+    }
     let (old, new) = kill_and_wait_restart(&l, "blk0");
     // A second crash, with the doubled delay.
     let (_, newer) = kill_and_wait_restart(&l, "blk0");
