@@ -79,6 +79,19 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         u64::from(u32::MAX)
     }
 
+    /// The first queue is about to start (none runs): take what the device
+    /// holds only while it serves (blk: the image's writer lock). An error
+    /// fails the request that would start the queue.
+    fn activate(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The last running queue stopped (GET_VRING_BASE, SET_VRING_ENABLE 0,
+    /// RESET_DEVICE, a disconnect): let go of what [`activate`] took.
+    ///
+    /// [`activate`]: VhostUserDevice::activate
+    fn deactivate(&self) {}
+
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 

@@ -101,6 +101,8 @@ pub struct BackendHandler<D: VhostUserDevice> {
     /// The frontend sent a state to load on this connection: the inflight
     /// area's state is then not restored, whether the load succeeds or not.
     load_sent: bool,
+    /// [`VhostUserDevice::activate`] succeeded and no `deactivate` followed.
+    active: bool,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -138,6 +140,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             state_settled: false,
             section: None,
             load_sent: false,
+            active: false,
         }
     }
 
@@ -175,6 +178,15 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     pub fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.stop_queue(i);
+        }
+        self.deactivate_if_idle();
+    }
+
+    /// Tells the device its last queue stopped, once.
+    fn deactivate_if_idle(&mut self) {
+        if self.active && self.running_queue().is_none() {
+            self.active = false;
+            self.device.deactivate();
         }
     }
 
@@ -215,6 +227,14 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     }
 
     fn maybe_start(&mut self, i: usize) -> VuResult<()> {
+        let r = self.try_start(i);
+        if r.is_err() {
+            self.deactivate_if_idle();
+        }
+        r
+    }
+
+    fn try_start(&mut self, i: usize) -> VuResult<()> {
         let v = &self.vrings[i];
         if v.thread.is_some() || !v.enabled || v.size == 0 || self.table.is_empty() {
             return Ok(());
@@ -258,6 +278,13 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         // Drivers size requests from the config (e.g. blk's seg_max), which
         // does not depend on the ring size the frontend chose.
         vq.set_max_descriptors(self.device.max_chain_descriptors());
+        if !self.active {
+            self.device.activate().map_err(|e| {
+                crate::rate_limited!(log::Level::Warn, "queue {i} not started: {e}");
+                VuError::ReqHandlerError(e)
+            })?;
+            self.active = true;
+        }
         let worker = self
             .device
             .create_worker(i as u16, v.size, self.acked_features)
@@ -549,6 +576,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         self.vring(index)?;
         let i = index as usize;
         self.stop_queue(i);
+        self.deactivate_if_idle();
         let protocol = self.protocol_acked();
         let v = &mut self.vrings[i];
         // GET_VRING_BASE stops the ring; SET_VRING_KICK starts it again.
@@ -573,7 +601,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         if !protocol {
             v.enabled = true;
         }
-        self.maybe_start(usize::from(index))
+        let r = self.maybe_start(usize::from(index));
+        // A queue restarted around its new fd keeps the device active.
+        self.deactivate_if_idle();
+        r
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
@@ -628,6 +659,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         } else {
             self.stop_queue(i);
             self.vrings[i].enabled = false;
+            self.deactivate_if_idle();
             Ok(())
         }
     }

@@ -267,7 +267,10 @@ fn start_blk(scratch: Scratch) -> Daemon {
     .expect("start bulkhead-blk (cargo build -p bulkhead-blk)")
 }
 
-/// A second bulkhead-blk serving the same image on another socket.
+/// A second bulkhead-blk serving the same image on another socket. It
+/// starts beside the first (both hold only the reader part of the image
+/// lock until their device runs) and takes the writer part when the swap
+/// starts its queue, after the first's stopped.
 fn second_blk(image: &Path) -> Daemon {
     let scratch = Scratch::new(4096).unwrap();
     let mut cmd = Command::new(bin("bulkhead-blk"));
@@ -283,8 +286,6 @@ fn second_blk(image: &Path) -> Daemon {
             "--engine",
             "sync",
             "--direct",
-            // The first holds the image lock until the swap stops it.
-            "--no-lock",
         ]);
     Daemon::start("bulkhead-blk", cmd, scratch).expect("start the second bulkhead-blk")
 }
@@ -469,6 +470,23 @@ fn blk_swap_to_a_second_bulkhead_blk_through_ctl_keeps_io_running() {
     let rig = Rig::new("blk0", old.socket(), VIRTIO_ID_BLOCK, 60);
     let api = start_api(&rig, old.scratch().dir());
     swap_blk_under_load(new.socket(), &mut old, &rig, &api, &image);
+    // The image lock moved with the device: a reader (which refuses
+    // writers) cannot start beside the new backend.
+    let reader = Scratch::new(4096).unwrap();
+    let out = Command::new(bin("bulkhead-blk"))
+        .arg("--socket-path")
+        .arg(reader.socket())
+        .arg("--image")
+        .arg(&image)
+        .arg("--readonly")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is locked"),
+        "a reader started beside the swapped-to backend: {err}"
+    );
     // The swapped-to backend survives a crash too: reconnect goes to its socket.
     assert_eq!(rig.handle.info().socket, new.socket());
 }
@@ -492,7 +510,9 @@ fn blk_swap_to_qemu_storage_daemon_keeps_io_running() {
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
         .arg(format!(
-            // bulkhead-blk holds QEMU's image lock until the swap.
+            // qemu-storage-daemon takes the writer lock as it starts
+            // (bulkhead-blk takes it only while its device runs), so one of
+            // the two would be refused without this.
             "driver=file,node-name=file0,filename={},cache.direct=on,locking=off",
             image.display()
         ))

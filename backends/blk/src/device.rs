@@ -258,6 +258,16 @@ impl VhostUserDevice for BlkDevice {
         u64::from(self.seg_max()) * u64::from(SIZE_MAX) + 4096
     }
 
+    fn activate(&self) -> io::Result<()> {
+        self.disk
+            .activate()
+            .map_err(|e| io::Error::other(bulkhead_common::cli::error_chain(&e)))
+    }
+
+    fn deactivate(&self) {
+        self.disk.deactivate();
+    }
+
     fn reset(&self) {
         self.writeback.store(true, Ordering::Relaxed);
         self.acked.store(0, Ordering::Release);

@@ -22,6 +22,10 @@ pub struct Disk {
     pub logical_block_size: u32,
     /// Physical block size (for the topology hint).
     pub physical_block_size: u32,
+    /// The image's name, where the device takes QEMU's writer lock while it
+    /// runs ([`Disk::activate`]); None: read-only, `--no-lock`, or no OFD
+    /// locks on its filesystem.
+    writer_lock: Option<String>,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -56,7 +60,8 @@ pub struct ImageOptions {
     pub direct: bool,
     /// Refuse a foreign format, or serve the bytes as they are.
     pub format: FormatCheck,
-    /// Take QEMU's image lock (`image::lock`).
+    /// Take QEMU's image lock (`image::lock`, and `image::activate` while
+    /// the device runs).
     pub lock: bool,
 }
 
@@ -77,7 +82,7 @@ pub enum OpenError {
     /// Another process holds a conflicting lock.
     #[error(
         "{what} is locked: {reason} (a bulkhead-blk, QEMU, qemu-storage-daemon or qemu-img holds \
-         QEMU's image lock) and this daemon wants it {mode}; stop that process{hint}, or pass \
+         QEMU's image lock) and this daemon wants it {mode}; stop that process, or pass \
          --no-lock if you are sure no two writers will share it"
     )]
     Locked {
@@ -87,6 +92,19 @@ pub enum OpenError {
         reason: image::LockError,
         /// "read-write" or "read-only".
         mode: &'static str,
+    },
+    /// Another process writes the image, or refuses writers, as the device starts.
+    #[error(
+        "{what} is locked: {reason} (a bulkhead-blk, QEMU, qemu-storage-daemon or qemu-img holds \
+         QEMU's image lock), so the device cannot start writing it; stop that process{hint} (a \
+         swap's old daemon lets go once its queues stop), or pass --no-lock if you are sure no \
+         two writers will share it"
+    )]
+    InUse {
+        /// The image.
+        what: String,
+        /// Which lock conflicts.
+        reason: image::LockError,
         /// What else may help.
         hint: &'static str,
     },
@@ -117,12 +135,15 @@ pub enum OpenError {
 /// after the process is gone; a restart right away must not fail on that.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// [`image::lock`], retried for up to [`LOCK_WAIT`] while another holds it.
-fn lock_waiting(file: &File, readonly: bool, what: &str) -> Result<(), image::LockError> {
+/// `take`, retried for up to [`LOCK_WAIT`] while another holds the lock.
+fn lock_waiting(
+    what: &str,
+    take: impl Fn() -> Result<(), image::LockError>,
+) -> Result<(), image::LockError> {
     let start = std::time::Instant::now();
     let mut told = false;
     loop {
-        match image::lock(file, readonly) {
+        match take() {
             Err(image::LockError::Io(e)) => return Err(image::LockError::Io(e)),
             Err(e) if start.elapsed() < LOCK_WAIT => {
                 if !told {
@@ -183,34 +204,67 @@ impl Disk {
                 Err(source) => return Err(OpenError::Io { what, source }),
             }
         }
+        let mut writer_lock = None;
         if opts.lock {
-            match lock_waiting(&file, opts.readonly, &what) {
+            match lock_waiting(&what, || image::lock(&file, opts.readonly)) {
+                Ok(()) if !opts.readonly => writer_lock = Some(what.clone()),
                 Ok(()) => {}
                 Err(e) if image::unsupported(&e) => {
                     log::warn!("{what} is not locked: its filesystem has no OFD locks ({e})")
                 }
                 Err(reason) => {
-                    let hint = match reason {
-                        image::LockError::Read if !opts.readonly => {
-                            ", or serve it with --readonly too (readers share an image)"
-                        }
-                        _ => "",
-                    };
                     let mode = if opts.readonly {
                         "read-only"
                     } else {
                         "read-write"
                     };
-                    return Err(OpenError::Locked {
-                        what,
-                        reason,
-                        mode,
-                        hint,
-                    });
+                    return Err(OpenError::Locked { what, reason, mode });
                 }
             }
         }
-        Self::from_file(file).map_err(|source| OpenError::Io { what, source })
+        let mut disk = Self::from_file(file).map_err(|source| OpenError::Io {
+            what: what.clone(),
+            source,
+        })?;
+        disk.writer_lock = writer_lock;
+        Ok(disk)
+    }
+
+    /// The device starts: takes the writer part of the image lock, waiting
+    /// up to [`LOCK_WAIT`] for a swap's old daemon (which lets go once its
+    /// queues stop) or a killed one (whose io_uring holds the image a
+    /// moment). Nothing to do for a read-only or unlocked image.
+    pub fn activate(&self) -> Result<(), OpenError> {
+        let Some(what) = &self.writer_lock else {
+            return Ok(());
+        };
+        lock_waiting(what, || image::activate(&self.file)).map_err(|reason| {
+            let hint = match reason {
+                image::LockError::Read => {
+                    ", or serve it with --readonly too (readers share an image)"
+                }
+                _ => "",
+            };
+            OpenError::InUse {
+                what: what.clone(),
+                reason,
+                hint,
+            }
+        })?;
+        log::debug!("{what}: writer lock taken");
+        Ok(())
+    }
+
+    /// The device stopped: drops the writer part, so another daemon (a
+    /// swap's new one) may write the image.
+    pub fn deactivate(&self) {
+        let Some(what) = &self.writer_lock else {
+            return;
+        };
+        match image::deactivate(&self.file) {
+            Ok(()) => log::debug!("{what}: writer lock released"),
+            Err(e) => log::warn!("{what}: cannot release the writer lock: {e}"),
+        }
     }
 
     /// Uses an already-open image (an fd passed by a launcher).
@@ -244,6 +298,7 @@ impl Disk {
             is_block_device,
             logical_block_size: lbs.clamp(512, 65536),
             physical_block_size: pbs.clamp(512, 65536),
+            writer_lock: None,
         })
     }
 }

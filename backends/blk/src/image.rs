@@ -8,8 +8,10 @@
 //! other on the same image. QEMU locks byte `100 + i` for each permission
 //! `i` it holds and byte `200 + i` for each one it refuses to share, then
 //! tests the opposite bytes of everyone else (block/file-posix.c). An OFD
-//! lock belongs to the open image, so it is taken before the sandbox and
-//! lasts until the process exits; no system call is needed afterwards.
+//! lock belongs to the open image (not to a thread or process), so the
+//! main thread changes it inside the sandbox: a writable daemon holds the
+//! writer part only while its device runs (see [`activate`]), so a swap's
+//! new daemon can start beside the old one.
 
 use std::fs::File;
 use std::io;
@@ -125,32 +127,73 @@ pub fn unsupported(e: &LockError) -> bool {
         Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)))
 }
 
-/// Locks the image as a reader (`readonly`) or as its only writer, and
-/// checks no other process's lock conflicts. A reader holds "read" and
-/// refuses writers, like a read-only QEMU disk; so readers share an image,
-/// and a writer excludes both readers and writers.
+/// Locks the image as the daemon holds it from start: `readonly`, as a
+/// reader that refuses writers (QEMU's read-only disk, `share-rw=off`), for
+/// its whole life; writable, as an idle user that reads and shares
+/// everything (QEMU's inactive image, on an incoming migration), until its
+/// device runs and [`activate`] takes the writer part. So idle daemons and
+/// readers share an image, and only a running device or a reader excludes
+/// writers.
 pub fn lock(file: &File, readonly: bool) -> Result<(), LockError> {
-    let held: &[i64] = if readonly { &[READ] } else { &[READ, WRITE] };
-    let unshared = [WRITE, RESIZE];
-    for &p in held {
-        set(file, PERM_BASE + p).map_err(LockError::Io)?;
-    }
-    for p in unshared {
-        set(file, SHARED_BASE + p).map_err(LockError::Io)?;
+    set(file, PERM_BASE + READ, libc::F_RDLCK).map_err(LockError::Io)?;
+    if readonly {
+        for p in UNSHARED {
+            set(file, SHARED_BASE + p, libc::F_RDLCK).map_err(LockError::Io)?;
+        }
     }
     // Both sides lock, then test: of two processes starting at once, at
     // least one sees the other.
     // Writers first, so a writer is named as one (a writer also refuses
     // other writers).
-    if taken(file, PERM_BASE + WRITE).map_err(LockError::Io)?
-        || taken(file, PERM_BASE + RESIZE).map_err(LockError::Io)?
-    {
+    if readonly && writer_present(file)? {
         return Err(LockError::Written);
     }
-    if taken(file, SHARED_BASE + READ).map_err(LockError::Io)?
-        || (held.contains(&WRITE) && taken(file, SHARED_BASE + WRITE).map_err(LockError::Io)?)
-    {
+    if taken(file, SHARED_BASE + READ).map_err(LockError::Io)? {
         return Err(LockError::Read);
+    }
+    Ok(())
+}
+
+/// What an active writer refuses to share, as QEMU's virtio-blk does.
+const UNSHARED: [i64; 2] = [WRITE, RESIZE];
+
+/// Whether another process holds the write or resize permission.
+fn writer_present(file: &File) -> Result<bool, LockError> {
+    Ok(taken(file, PERM_BASE + WRITE).map_err(LockError::Io)?
+        || taken(file, PERM_BASE + RESIZE).map_err(LockError::Io)?)
+}
+
+/// Takes the writer part of the lock, on a writable image already
+/// [`lock`]ed: "I write, and nobody else may write or resize". Fails, and
+/// holds only the idle part again, where another process writes the image
+/// or refuses writers (a running device elsewhere, QEMU, qemu-img).
+pub fn activate(file: &File) -> Result<(), LockError> {
+    let r = (|| {
+        set(file, PERM_BASE + WRITE, libc::F_RDLCK).map_err(LockError::Io)?;
+        for p in UNSHARED {
+            set(file, SHARED_BASE + p, libc::F_RDLCK).map_err(LockError::Io)?;
+        }
+        if writer_present(file)? {
+            return Err(LockError::Written);
+        }
+        if taken(file, SHARED_BASE + WRITE).map_err(LockError::Io)? {
+            return Err(LockError::Read);
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        // Back to idle at once: holding half the writer part would block
+        // the process we lost to.
+        let _ = deactivate(file);
+    }
+    r
+}
+
+/// Drops the writer part: the image is shared again, as at start.
+pub fn deactivate(file: &File) -> io::Result<()> {
+    set(file, PERM_BASE + WRITE, libc::F_UNLCK)?;
+    for p in UNSHARED {
+        set(file, SHARED_BASE + p, libc::F_UNLCK)?;
     }
     Ok(())
 }
@@ -166,9 +209,10 @@ fn flock_at(byte: i64, kind: libc::c_int) -> libc::flock {
     fl
 }
 
-/// Takes a shared OFD lock on one byte; fails at once if it conflicts.
-fn set(file: &File, byte: i64) -> io::Result<()> {
-    let fl = flock_at(byte, libc::F_RDLCK);
+/// Takes a shared OFD lock on one byte (`F_RDLCK`), failing at once if it
+/// conflicts, or drops it (`F_UNLCK`).
+fn set(file: &File, byte: i64, kind: libc::c_int) -> io::Result<()> {
+    let fl = flock_at(byte, kind);
     // SAFETY: F_OFD_SETLK reads one flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
         return Err(io::Error::last_os_error());
@@ -225,27 +269,57 @@ mod tests {
             .unwrap()
     }
 
+    // OFD locks of two open file descriptions conflict even in one
+    // process, so each `reopen` plays another daemon.
+
     #[test]
-    fn a_writer_excludes_writers_and_readers_and_readers_share() {
+    fn idle_daemons_share_an_image_and_only_one_may_be_active() {
         let (p, first) = image();
+        let second = reopen(&p, true);
         lock(&first, false).unwrap();
-        assert!(matches!(
-            lock(&reopen(&p, true), false),
-            Err(LockError::Written)
-        ));
+        lock(&second, false).unwrap();
+        activate(&first).unwrap();
+        // A third idle daemon (a swap target) still starts.
+        lock(&reopen(&p, true), false).unwrap();
+        assert!(matches!(activate(&second), Err(LockError::Written)));
+        // A reader refuses writers: it cannot start beside an active one.
         assert!(matches!(
             lock(&reopen(&p, false), true),
             Err(LockError::Written)
         ));
-        drop(first);
+        deactivate(&first).unwrap();
+        activate(&second).unwrap();
+        assert!(matches!(activate(&first), Err(LockError::Written)));
+        // Closing the image (the daemon exits) drops its lock too.
+        drop(second);
+        activate(&first).unwrap();
+    }
+
+    #[test]
+    fn a_failed_activation_holds_nothing_that_blocks_the_winner() {
+        let (p, first) = image();
+        let second = reopen(&p, true);
+        lock(&first, false).unwrap();
+        lock(&second, false).unwrap();
+        activate(&first).unwrap();
+        assert!(activate(&second).is_err());
+        deactivate(&first).unwrap();
+        activate(&first).unwrap();
+    }
+
+    #[test]
+    fn readers_share_and_keep_writers_from_activating() {
+        let (p, w) = image();
+        lock(&w, false).unwrap();
         let r1 = reopen(&p, false);
         let r2 = reopen(&p, false);
         lock(&r1, true).unwrap();
         lock(&r2, true).unwrap();
-        assert!(matches!(
-            lock(&reopen(&p, true), false),
-            Err(LockError::Read)
-        ));
+        assert!(matches!(activate(&w), Err(LockError::Read)));
+        drop(r1);
+        assert!(matches!(activate(&w), Err(LockError::Read)));
+        drop(r2);
+        activate(&w).unwrap();
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub fn policy(num_queues: u16) -> Policy {
             // O_DIRECT, then the filesystem of the image fd (tmpfs, ramfs).
             Syscall::fcntl(F_GETFL),
             Syscall::any(SYS_fstatfs),
+            // QEMU's image lock: the writer part is taken when the first
+            // queue starts and dropped when the last stops (`image`).
+            Syscall::fcntl(F_OFD_SETLK),
+            Syscall::fcntl(F_OFD_GETLK),
         ],
         worker: vec![
             Syscall::any(SYS_io_uring_enter),

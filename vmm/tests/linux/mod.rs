@@ -229,12 +229,12 @@ impl Backends {
 
     /// A second `bulkhead-blk` on the same image, on a socket of its own
     /// (the target of a swap).
-    /// It starts while the first still holds the image lock, so without it
-    /// (`--no-lock`): a swap stops the first's queues before this one's start.
+    /// It starts beside the first: each holds the writer part of the image
+    /// lock only while its device runs, and a swap stops the first's queues
+    /// before it starts this one's.
     pub fn second_blk(&self) -> Daemon {
         let scratch = Scratch::new(0).expect("scratch");
-        let mut cmd = blk_command(&scratch, &self.image(), self.blk_queues);
-        cmd.arg("--no-lock");
+        let cmd = blk_command(&scratch, &self.image(), self.blk_queues);
         Daemon::start("bulkhead-blk", cmd, scratch).expect("start the second bulkhead-blk")
     }
 
