@@ -5,6 +5,9 @@
 //! Without /dev/kvm every test skips (`bulkhead_tests::skip`; CI accepts
 //! this one reason).
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};

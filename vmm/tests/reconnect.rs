@@ -6,6 +6,9 @@
 //! ctl`), including a qemu-storage-daemon export. Build the binaries first:
 //! `cargo build -p bulkhead-blk -p bulkhead-net -p bulkhead-console -p bulkhead-vmm`.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::BTreeSet;

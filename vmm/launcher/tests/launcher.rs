@@ -8,6 +8,9 @@
 //! with status 0. Build first:
 //! `cargo build -p bulkhead-launcher -p bulkhead-blk -p bulkhead-console -p bulkhead-vmm`.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

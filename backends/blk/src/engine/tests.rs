@@ -278,8 +278,9 @@ fn write_zeroes_zeroes_range_with_and_without_unmap() {
 #[test]
 fn zeroing_on_tmpfs_falls_back_where_fallocate_modes_are_missing() {
     let shm = Path::new("/dev/shm");
-    // SAFETY: statfs writes into the zeroed struct we pass.
+    // SAFETY: statfs is plain integers; all zeroes is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we pass.
     let is_tmpfs = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0
         && st.f_type == libc::TMPFS_MAGIC;
     if !is_tmpfs {
