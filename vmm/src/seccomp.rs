@@ -59,6 +59,10 @@ fn any(nr: i64) -> Allow {
 }
 
 /// A rule on one 32-bit argument.
+#[expect(
+    clippy::expect_used,
+    reason = "callers pass constant argument indexes below 6 and one condition"
+)]
 fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
     let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
         .expect("argument index below 6");

@@ -33,7 +33,7 @@
 //! to the guest).
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod linux;
 

@@ -6,7 +6,7 @@
 //! the transport registered as the queue's irqfd.
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

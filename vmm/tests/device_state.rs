@@ -14,7 +14,7 @@
 //!   port once, before the first phase; a resize reaches hvc0's tty.
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod linux;
 

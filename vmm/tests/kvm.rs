@@ -6,7 +6,7 @@
 //! this one reason).
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

@@ -16,7 +16,7 @@
 //! run inside the nested host (`nested::delegate`, tests/src/nested.rs).
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod linux;
 

@@ -7,7 +7,7 @@
 //! `cargo build -p bulkhead-blk -p bulkhead-net -p bulkhead-console -p bulkhead-vmm`.
 
 // Test code: a panic is the report.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
