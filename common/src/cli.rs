@@ -16,9 +16,14 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "N")]
     pub fd: Option<RawFd>,
 
-    /// Print the backend's capabilities as JSON and exit.
+    /// Print the backend's capabilities as JSON and exit; every other option is ignored.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// Only check the other options: exit 0 if they are valid, 2 with the
+    /// error if not. Opens nothing (the launcher's `bulkhead check` uses it).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// `--poll-max-us`, for the daemons whose queues busy-poll (blk, net).
@@ -55,9 +60,34 @@ impl VhostUserArgs {
     }
 }
 
-/// Capabilities JSON (vhost-user spec, backend program conventions).
+/// Capabilities JSON (vhost-user spec, backend program conventions). The
+/// schema (QEMU's docs/interop/vhost-user.json) defines features for some
+/// types only (block: `read-only`, `blk-file`); a type without any gets no
+/// `features` member, which the schema would not accept.
 pub fn capabilities_json(device_type: &str, features: &[&str]) -> String {
+    if features.is_empty() {
+        return serde_json::json!({ "type": device_type }).to_string();
+    }
     serde_json::json!({ "type": device_type, "features": features }).to_string()
+}
+
+/// Prints the capabilities if `--print-capabilities` is on the command line,
+/// whatever else is there (the conventions say other options are ignored:
+/// a management tool probes the binary without them); the exit code then.
+/// Runs before the options are parsed, so a bad or missing one cannot fail it.
+pub fn print_capabilities_if_asked(
+    device_type: &str,
+    features: &[&str],
+) -> Option<std::process::ExitCode> {
+    let asked = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--print-capabilities");
+    if !asked {
+        return None;
+    }
+    print_capabilities(device_type, features);
+    Some(std::process::ExitCode::SUCCESS)
 }
 
 /// Prints the capabilities JSON on stdout.
@@ -125,5 +155,7 @@ mod tests {
             serde_json::from_str(&capabilities_json("block", &["read-only"])).unwrap();
         assert_eq!(v["type"], "block");
         assert_eq!(v["features"][0], "read-only");
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json("net", &[])).unwrap();
+        assert_eq!(v, serde_json::json!({ "type": "net" }));
     }
 }

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod ratelimit;
 pub mod sandbox;
 pub mod scaffold;
+pub mod size;
 pub mod state;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;

@@ -1,7 +1,9 @@
 //! The skeleton every backend's `main` runs, so a daemon's `main.rs` only
 //! parses its command line and builds its device:
 //!
-//! 1. `--print-capabilities`: print the JSON and exit 0;
+//! 1. `--print-capabilities`: print the JSON and exit 0 (a daemon's `main`
+//!    calls [`capabilities_if_asked`] before it parses its options, so a bad
+//!    or missing one cannot fail it); `--check`: exit 0, the options parsed;
 //! 2. logging to stderr;
 //! 3. `--socket-path` or `--fd` is required (exit 2 without);
 //! 4. SIGUSR1 blocked, before any thread exists;
@@ -107,6 +109,14 @@ impl<D> Backend<D> {
     }
 }
 
+/// Prints the capabilities and returns the exit status if
+/// `--print-capabilities` is anywhere on the command line; the daemon's
+/// `main` calls it before parsing, as the conventions ask other options to
+/// be ignored.
+pub fn capabilities_if_asked(program: &Program) -> Option<ExitCode> {
+    crate::cli::print_capabilities_if_asked(program.device_type, program.capabilities)
+}
+
 /// Runs a backend daemon from its parsed options: see the module docs for
 /// the steps. `build` runs single-threaded, before the sandbox, and must
 /// open every file and socket the daemon will use.
@@ -117,6 +127,9 @@ pub fn run<D: VhostUserDevice>(
 ) -> ExitCode {
     if args.vhost_user.print_capabilities {
         print_capabilities(program.device_type, program.capabilities);
+        return ExitCode::from(EXIT_OK);
+    }
+    if args.vhost_user.check {
         return ExitCode::from(EXIT_OK);
     }
     init_logging(program.name);

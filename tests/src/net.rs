@@ -616,8 +616,14 @@ impl NetDaemon {
 
     /// Starts `bulkhead-net` outside any namespace with these tap fds (as `--tap-fd 10 ...`).
     pub fn start_with_fds(fds: Vec<OwnedFd>, args: &[&str]) -> io::Result<Self> {
+        Self::start_bin_with_fds(&workspace_binary("bulkhead-net"), fds, args)
+    }
+
+    /// As [`NetDaemon::start_with_fds`], with the `bulkhead-net` binary at
+    /// `bin` (an earlier build, for a before/after benchmark).
+    pub fn start_bin_with_fds(bin: &Path, fds: Vec<OwnedFd>, args: &[&str]) -> io::Result<Self> {
         let (dir, socket, log) = Self::paths()?;
-        let mut cmd = Command::new(workspace_binary("bulkhead-net"));
+        let mut cmd = Command::new(bin);
         cmd.arg("--socket-path").arg(&socket);
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         for i in 0..raw.len() {

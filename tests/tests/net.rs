@@ -710,3 +710,29 @@ fn tap_is_created_by_name_when_absent() {
         "a UDP socket passed as --tap-fd must be refused"
     );
 }
+
+#[test]
+fn a_missing_tap_without_cap_net_admin_says_so_and_how_to_make_one() {
+    let scratch = bulkhead_tests::daemon::Scratch::new(0).unwrap();
+    let bin = workspace_binary("bulkhead-net");
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        // Root has CAP_NET_ADMIN: drop it, as an unprivileged daemon lacks it.
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--bounding-set=-net_admin", "--"]).arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    let out = cmd
+        .arg("--socket-path")
+        .arg(scratch.socket())
+        .args(["--tap", "bhnotap0", "--sandbox", "off"])
+        .output()
+        .expect("run bulkhead-net");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("tap bhnotap0 does not exist"), "{err}");
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert!(err.contains("ip tuntap add dev bhnotap0"), "{err}");
+    assert!(err.contains("--tap-fd"), "{err}");
+}

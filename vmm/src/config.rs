@@ -84,21 +84,8 @@ pub enum SerialMode {
     None,
 }
 
-/// Parses `512M`, `2G`, `65536K` or a byte count.
-pub fn parse_memory(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, shift) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 512M or 2G"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
+/// Parses `512M`, `2G`, `65536K` or a byte count (shared with the launcher).
+pub use bulkhead_common::size::parse_memory;
 
 fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
     v.parse()
@@ -204,15 +191,6 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memory_sizes() {
-        assert_eq!(parse_memory("512M"), Ok(512 << 20));
-        assert_eq!(parse_memory("2G"), Ok(2 << 30));
-        assert_eq!(parse_memory("4096"), Ok(4096));
-        assert!(parse_memory("12Q").is_err());
-        assert!(parse_memory("99999999999G").is_err());
-    }
 
     #[test]
     fn device_options() {

@@ -287,6 +287,8 @@ fn second_blk(image: &Path) -> Daemon {
             "--engine",
             "sync",
             "--direct",
+            // The first holds the image lock until the swap stops it.
+            "--no-lock",
         ]);
     Daemon::start("bulkhead-blk", cmd, scratch).expect("start the second bulkhead-blk")
 }
@@ -489,7 +491,8 @@ fn blk_swap_to_qemu_storage_daemon_keeps_io_running() {
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
         .arg(format!(
-            "driver=file,node-name=file0,filename={},cache.direct=on",
+            // bulkhead-blk holds QEMU's image lock until the swap.
+            "driver=file,node-name=file0,filename={},cache.direct=on,locking=off",
             image.display()
         ))
         .arg("--blockdev")

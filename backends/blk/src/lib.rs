@@ -6,6 +6,7 @@
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod image;
 pub mod policy;
 pub mod request;
 pub mod state;

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bulkhead_common::cli::BusyPollArgs;
+use bulkhead_common::cli::{BusyPollArgs, error_chain};
 use bulkhead_common::scaffold::{self, Backend, BackendArgs, Program, StartError};
 use clap::{Parser, ValueEnum};
 
 use bulkhead_blk::device::{BlkConfig, BlkDevice};
-use bulkhead_blk::disk::Disk;
+use bulkhead_blk::disk::{Disk, ImageOptions};
 use bulkhead_blk::engine::{self, EngineKind};
+use bulkhead_blk::image::FormatCheck;
 use bulkhead_blk::{policy, request};
 
 /// I/O engine choices on the command line.
@@ -90,6 +91,22 @@ struct Args {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+
+    /// raw: serve the image even if it starts like qcow2, vmdk, vhdx, vdi,
+    /// qed, parallels or LUKS (refused by default: docs/blk.md).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: Option<FormatArg>,
+
+    /// Do not take QEMU's image lock (another process may then write it too).
+    #[arg(long)]
+    no_lock: bool,
+}
+
+/// `--format`: only raw can be served; naming it skips the format probe.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    /// The bytes are the disk.
+    Raw,
 }
 
 const PROGRAM: Program = Program {
@@ -100,13 +117,21 @@ const PROGRAM: Program = Program {
 
 /// Opens the image and builds the device (before the sandbox).
 fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
+    let opts = ImageOptions {
+        readonly: args.readonly,
+        direct: args.direct,
+        format: match args.format {
+            Some(FormatArg::Raw) => FormatCheck::Raw,
+            None => FormatCheck::Probe,
+        },
+        lock: !args.no_lock,
+    };
     let disk = match (&args.image, args.image_fd) {
-        (Some(path), _) => Disk::open(path, args.readonly, args.direct)
-            .map_err(|e| format!("cannot open image {}: {e}", path.display())),
+        (Some(path), _) => Disk::open(path, opts),
         (None, Some(fd)) => {
             // SAFETY: the launcher handed us this fd to own.
             let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            Disk::from_file(f).map_err(|e| format!("cannot use image fd {fd}: {e}"))
+            Disk::from_fd_checked(f, fd, opts)
         }
         (None, None) => {
             return Err(StartError::Usage(
@@ -114,7 +139,7 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
             ));
         }
     }
-    .map_err(StartError::Failed)?;
+    .map_err(|e| StartError::Failed(error_chain(&e)))?;
     let engine = match args.engine {
         EngineArg::IoUring if engine::io_uring_available() => EngineKind::IoUring,
         EngineArg::IoUring => {
@@ -152,6 +177,9 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
+    }
     let args = Args::parse();
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

@@ -130,7 +130,8 @@ fn resolve(args: &Args) -> Result<Vec<(Option<String>, HostSpec, String)>, Strin
 const PROGRAM: Program = Program {
     name: "bulkhead-console",
     device_type: "console",
-    capabilities: &["console", "port", "scrollback"],
+    // QEMU's vhost-user.json defines no features for this type.
+    capabilities: &[],
 };
 
 /// Opens every port's host side and builds the device (before the sandbox).
@@ -172,6 +173,9 @@ fn build(args: &Args) -> Result<Backend<ConsoleDevice>, StartError> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
+    }
     let args = Args::parse();
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

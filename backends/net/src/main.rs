@@ -27,11 +27,7 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
-    let mac: MacAddr = s.parse()?;
-    if mac.is_multicast() || mac.0 == [0; 6] {
-        return Err("must be a unicast address, not all zeroes".into());
-    }
-    Ok(mac)
+    MacAddr::parse_unicast(s)
 }
 
 /// vhost-user net device backend: connects a virtio-net driver, through any
@@ -117,7 +113,8 @@ fn open_taps(args: &Args) -> Result<(Vec<Tap>, u16), StartError> {
 const PROGRAM: Program = Program {
     name: "bulkhead-net",
     device_type: "net",
-    capabilities: &["tap", "tap-fd", "mac", "mtu", "queue-pairs"],
+    // QEMU's vhost-user.json defines no features for this type.
+    capabilities: &[],
 };
 
 /// Opens the tap queues and builds the device (before the sandbox).
@@ -144,6 +141,9 @@ fn build(args: &Args) -> Result<Backend<NetDevice>, StartError> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = scaffold::capabilities_if_asked(&PROGRAM) {
+        return code;
+    }
     let args = Args::parse();
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

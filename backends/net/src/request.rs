@@ -64,6 +64,16 @@ impl MacAddr {
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 != 0
     }
+
+    /// Parses an address a device can own (`--mac`, the launcher's `mac`):
+    /// unicast and not all zeroes.
+    pub fn parse_unicast(s: &str) -> Result<Self, String> {
+        let mac: MacAddr = s.parse()?;
+        if mac.is_multicast() || mac.0 == [0; 6] {
+            return Err("must be a unicast address, not all zeroes".into());
+        }
+        Ok(mac)
+    }
 }
 
 impl std::str::FromStr for MacAddr {

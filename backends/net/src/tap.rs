@@ -7,6 +7,45 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Whether an interface `name` exists in this network namespace.
+fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Turns a failed open of tap `name` into an error that says why and what
+/// to do: the kernel's EPERM is the same for "absent, and creating needs
+/// CAP_NET_ADMIN" and "present, but someone else's".
+pub fn explain(name: &str, queues: u16, e: io::Error, exists: bool) -> io::Error {
+    let mq = if queues > 1 { " multi_queue" } else { "" };
+    let create = format!("ip tuntap add dev {name} mode tap vnet_hdr{mq} user $USER");
+    let msg = match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) if !exists => format!(
+            "tap {name} does not exist, and creating one needs CAP_NET_ADMIN, which this process \
+             lacks: create it beforehand (`{create}`, then `ip link set {name} up`), or pass an \
+             open tap with --tap-fd ({e})"
+        ),
+        Some(libc::EPERM | libc::EACCES) => format!(
+            "tap {name} exists, but this user may not attach to it: it belongs to another user or \
+             group (recreate it with `{create}`), or run with CAP_NET_ADMIN ({e})"
+        ),
+        Some(libc::ENOENT | libc::ENODEV) => format!(
+            "/dev/net/tun is missing: load the tun module (`modprobe tun`), or pass an open tap \
+             with --tap-fd ({e})"
+        ),
+        Some(libc::EINVAL | libc::EBUSY) if exists => format!(
+            "{name} exists but cannot be opened as a tap with vnet_hdr{mq} and {queues} queue(s): \
+             it is not a tap, or was made with other flags, or its queues are taken; recreate it \
+             with `{create}` ({e})"
+        ),
+        _ => return e,
+    };
+    io::Error::new(e.kind(), msg)
+}
+
 /// Flags every Bulkhead tap queue carries.
 const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
 
@@ -56,8 +95,13 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 impl Tap {
-    /// Opens (creating it when absent and allowed) tap `name` with `queues` queues.
+    /// Opens (creating it when absent and allowed) tap `name` with `queues`
+    /// queues; an error says what to do about it ([`explain`]).
     pub fn open_queues(name: &str, queues: u16) -> io::Result<Vec<Tap>> {
+        Self::open_queues_raw(name, queues).map_err(|e| explain(name, queues, e, exists(name)))
+    }
+
+    fn open_queues_raw(name: &str, queues: u16) -> io::Result<Vec<Tap>> {
         if queues > 1 {
             return (0..queues).map(|_| Self::open(name, true)).collect();
         }
@@ -288,6 +332,29 @@ pub fn offload_flags(csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_tap_is_named_with_how_to_create_it() {
+        let e = explain("tap9", 1, io::Error::from_raw_os_error(libc::EPERM), false).to_string();
+        assert!(e.contains("tap tap9 does not exist"), "{e}");
+        assert!(e.contains("CAP_NET_ADMIN"), "{e}");
+        assert!(
+            e.contains("ip tuntap add dev tap9 mode tap vnet_hdr user"),
+            "{e}"
+        );
+        assert!(e.contains("--tap-fd"), "{e}");
+        let e = explain("tap9", 2, io::Error::from_raw_os_error(libc::EPERM), true).to_string();
+        assert!(e.contains("exists, but this user may not attach"), "{e}");
+        assert!(e.contains("multi_queue"), "{e}");
+        let e = explain("t", 1, io::Error::from_raw_os_error(libc::ENOENT), false).to_string();
+        assert!(e.contains("modprobe tun"), "{e}");
+        let e = explain("t", 1, io::Error::from_raw_os_error(libc::EIO), false);
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EIO),
+            "other errors pass through"
+        );
+    }
 
     #[test]
     fn offloads_need_checksum() {

@@ -180,6 +180,9 @@ pub struct NetArgs {
     pub profile: f64,
     /// Extra `bulkhead-net` arguments.
     pub daemon_args: Vec<String>,
+    /// An earlier `bulkhead-net` build whose receive is measured too,
+    /// alternating run by run with the current one.
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 /// The test kit's tx (and rx) rings over a connected `bulkhead-net`.
@@ -686,10 +689,18 @@ pub fn run(a: &NetArgs) -> Result<Value> {
     let stats = env.daemon.stats().ok();
     // Receive at 64 B (the injector's rate bounds it) and at 1514 B.
     let mut rx_sizes = Vec::new();
+    let mut rx_before = Vec::new();
     if a.rx {
         for size in [Size::Small, Size::Mtu] {
             if a.sizes.contains(&size) || size == Size::Small {
-                rx_sizes.push(measure_rx(&env.ns, a, &args, size)?);
+                match &a.baseline {
+                    None => rx_sizes.push(measure_rx(&env.ns, a, &args, size, None)?),
+                    Some(old) => {
+                        let (now, before) = rx_before_after(&env.ns, a, &args, size, old)?;
+                        rx_sizes.push(now);
+                        rx_before.push(before);
+                    }
+                }
             }
         }
     }
@@ -712,6 +723,7 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         "daemon_stats": stats,
         "rx": rx,
         "rx_sizes": rx_sizes,
+        "rx_before": rx_before,
         "profile": prof,
     }))
 }
@@ -719,14 +731,24 @@ pub fn run(a: &NetArgs) -> Result<Value> {
 /// Receive: a packet socket floods a tap of its own (single queue, its own
 /// daemon) with frames of `size`; the kit counts what reaches its rx ring,
 /// and the daemon's CPU time is divided by the frames it delivered.
-fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
+fn measure_rx(
+    ns: &NetNs,
+    a: &NetArgs,
+    daemon_args: &[&str],
+    size: Size,
+    bin: Option<&std::path::Path>,
+) -> Result<Value> {
     ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
     ns.run(
         "sysctl",
         &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
     )?;
     ns.ip(&["link", "set", RX_TAP, "up"])?;
-    let mut daemon = NetDaemon::start_with_fds(ns.open_tap_fds(RX_TAP, 1, false)?, daemon_args)?;
+    let fds = ns.open_tap_fds(RX_TAP, 1, false)?;
+    let mut daemon = match bin {
+        Some(b) => NetDaemon::start_bin_with_fds(b, fds, daemon_args)?,
+        None => NetDaemon::start_with_fds(fds, daemon_args)?,
+    };
     let mut kit = Kit::connect(&daemon)?;
     let sock: PacketSocket = ns.packet_socket(RX_TAP, false)?;
     let frame = size.packet()[HDR_LEN..].to_vec();
@@ -794,6 +816,53 @@ fn measure_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Resu
     }))
 }
 
+/// Receive with the current build and with `old`, one run each in turn, `a.runs`
+/// rounds (so both see the same machine load); returns the current build's
+/// point and the earlier build's, each with the medians of its rounds.
+fn rx_before_after(
+    ns: &NetNs,
+    a: &NetArgs,
+    daemon_args: &[&str],
+    size: Size,
+    old: &std::path::Path,
+) -> Result<(Value, Value)> {
+    let one = NetArgs {
+        runs: 1,
+        sizes: a.sizes.clone(),
+        daemon_args: a.daemon_args.clone(),
+        baseline: None,
+        ..*a
+    };
+    let (mut now, mut before) = (Vec::new(), Vec::new());
+    for _ in 0..a.runs {
+        now.push(measure_rx(ns, &one, daemon_args, size, None)?);
+        before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
+    }
+    let sum = |v: &[Value], label: &str| -> Value {
+        let col = |k: &str| -> Vec<f64> { v.iter().filter_map(|x| x[k].as_f64()).collect() };
+        let (pps, cpu) = (col("pps"), col("daemon_cpu_ns_per_frame"));
+        json!({
+            "size": size.name(),
+            "binary": label,
+            "pps": median(&pps).round(),
+            "runs_pps": pps,
+            "daemon_cpu_ns_per_frame": median(&cpu).round(),
+            "runs_daemon_cpu_ns_per_frame": cpu,
+            "how": v.first().map(|x| x["how"].clone()).unwrap_or(Value::Null),
+            "injected": v.iter().filter_map(|x| x["injected"].as_u64()).sum::<u64>(),
+        })
+    };
+    let now_v = sum(&now, "current");
+    let before_v = sum(&before, &old.display().to_string());
+    eprintln!(
+        "net rx {:<5} daemon CPU per frame: current {:.0} ns, before {:.0} ns",
+        size.name(),
+        now_v["daemon_cpu_ns_per_frame"].as_f64().unwrap_or(0.0),
+        before_v["daemon_cpu_ns_per_frame"].as_f64().unwrap_or(0.0)
+    );
+    Ok((now_v, before_v))
+}
+
 /// perf-records the daemon while the kit sends 64-byte frames.
 fn profile_daemon(env: &mut Env, a: &NetArgs) -> Result<Value> {
     let pid = env.daemon.pid();
@@ -801,6 +870,7 @@ fn profile_daemon(env: &mut Env, a: &NetArgs) -> Result<Value> {
     let data = dir.path().join("perf-net.data");
     let rec = profile::Recording::start(pid, &data)?;
     let pa = NetArgs {
+        baseline: None,
         runs: 1,
         secs: a.profile,
         warmup: 0.0,

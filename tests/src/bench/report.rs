@@ -985,6 +985,34 @@ fn net_section(m: &mut String, net: &Value) {
             );
         }
     }
+    let before = net["rx_before"].as_array().cloned().unwrap_or_default();
+    if !before.is_empty() {
+        let _ = writeln!(
+            m,
+            "\nReceive against an earlier build (`--net-baseline-bin`, one run each in turn):\n"
+        );
+        for (now, old) in net["rx_sizes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(&before)
+        {
+            let (c_now, c_old) = (
+                f(now, "daemon_cpu_ns_per_frame"),
+                f(old, "daemon_cpu_ns_per_frame"),
+            );
+            let _ = writeln!(
+                m,
+                "- receive {}: daemon CPU per frame {:.0} ns now, {:.0} ns before ({:.2}x); {:.0} pps now, {:.0} pps before",
+                now["size"].as_str().unwrap_or(""),
+                c_now,
+                c_old,
+                if c_old > 0.0 { c_now / c_old } else { 0.0 },
+                f(now, "pps"),
+                f(old, "pps"),
+            );
+        }
+    }
     for s in net["skipped"].as_array().into_iter().flatten() {
         let _ = writeln!(m, "- skipped: {}", s.as_str().unwrap_or(""));
     }

@@ -76,6 +76,8 @@ usage: bulkhead-bench [--quick] [options]
   --net-sizes LIST      64B,1514B,tso-65000B (default all)
   --dpdk on|off         DPDK targets (default on, off with --quick)
   --net-args ARGS       extra bulkhead-net arguments (e.g. \"--sandbox log\")
+  --net-baseline-bin PATH  also measure receive with this (earlier) bulkhead-net build,
+                        one run each in turn, and report daemon CPU per frame before/after
   --console-args ARGS   extra bulkhead-console arguments
   --console-mib N       MiB per console run (default 64)
   --vmm-boots N         boots per vmm configuration and VMM (default 10, 2 with --quick)
@@ -111,6 +113,7 @@ struct Args {
     net_sizes: Vec<net::Size>,
     dpdk: bool,
     net_args: Vec<String>,
+    net_baseline: Option<PathBuf>,
     console_args: Vec<String>,
     console_mib: usize,
     micro: Option<PathBuf>,
@@ -168,6 +171,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         },
         dpdk: !quick,
         net_args: Vec::new(),
+        net_baseline: None,
         console_args: Vec::new(),
         console_mib: if quick { 4 } else { 64 },
         micro: None,
@@ -218,6 +222,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--net-sizes" => a.net_sizes = list(&v, net::Size::parse)?,
             "--dpdk" => a.dpdk = v == "on",
             "--net-args" => a.net_args = v.split_whitespace().map(String::from).collect(),
+            "--net-baseline-bin" => a.net_baseline = Some(PathBuf::from(v)),
             "--console-args" => a.console_args = v.split_whitespace().map(String::from).collect(),
             "--console-mib" => a.console_mib = (num(&v)? as usize).max(1),
             "--micro" => a.micro = Some(v.into()),
@@ -455,6 +460,7 @@ fn run(a: &Args) -> Result<Value> {
             rx: true,
             profile: if a.quick { 0.0 } else { a.profile },
             daemon_args: a.net_args.clone(),
+            baseline: a.net_baseline.clone(),
         })?
     } else {
         Value::Null

@@ -291,12 +291,7 @@ fn check_transport(id: &str, t: &Option<String>) -> Result<(), ConfigError> {
 impl Config {
     /// Reads and validates `path`; relative paths in it are taken relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let mut cfg: Config =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
+        let mut cfg = Self::read(path)?;
         cfg.validate()?;
         cfg.assign_macs();
         Ok(cfg)
@@ -346,60 +341,84 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
+        }
+    }
+
+    /// Reads `path` and resolves its relative paths, without validating it
+    /// (`bulkhead check` then lists every problem at once).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// Every value that is out of range or inconsistent, each naming its
+    /// field; empty when the file is valid. Sizes and MACs go through the
+    /// parsers bulkhead-vmm and bulkhead-net use.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
         if !valid_id(&self.name) {
-            return Err(ConfigError::Invalid(format!(
+            p.push(format!(
                 "name = \"{}\": 1 to 32 letters, digits, '-' or '_'",
                 self.name
-            )));
-        }
-        if self.frontend != FrontendKind::None && self.vm.is_none() {
-            return Err(ConfigError::Invalid(
-                "a [vm] table (kernel) is required unless frontend = \"none\"".into(),
             ));
         }
-        if let Some(vm) = &self.vm
-            && (vm.cpus == 0 || vm.cpus > 254)
-        {
-            return Err(ConfigError::Invalid(format!(
-                "vm.cpus = {}: must be 1 to 254",
-                vm.cpus
-            )));
+        if self.frontend != FrontendKind::None && self.vm.is_none() {
+            p.push("a [vm] table (kernel) is required unless frontend = \"none\"".into());
+        }
+        if let Some(vm) = &self.vm {
+            if vm.cpus == 0 || vm.cpus > 254 {
+                p.push(format!("vm.cpus = {}: must be 1 to 254", vm.cpus));
+            }
+            match bulkhead_common::size::parse_memory(&vm.memory) {
+                Ok(0) => p.push(format!("vm.memory = \"{}\": must not be 0", vm.memory)),
+                Ok(_) => {}
+                Err(e) => p.push(format!("vm.memory = \"{}\": {e}", vm.memory)),
+            }
         }
         let r = &self.restart;
         if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
-            return Err(ConfigError::Invalid(
-                "restart: initial_delay_ms must be > 0 and <= max_delay_ms".into(),
-            ));
+            p.push("restart: initial_delay_ms must be > 0 and <= max_delay_ms".into());
         }
         if !matches!(self.qemu.accel.as_str(), "auto" | "kvm" | "tcg") {
-            return Err(ConfigError::Invalid(format!(
+            p.push(format!(
                 "qemu.accel = \"{}\": expected auto, kvm or tcg",
                 self.qemu.accel
-            )));
+            ));
         }
         let specs = self.backends(Path::new("/"));
         let mut seen = std::collections::BTreeSet::new();
         for s in &specs {
             if !valid_id(&s.id) {
-                return Err(ConfigError::Invalid(format!(
+                p.push(format!(
                     "id = \"{}\": 1 to 32 letters, digits, '-' or '_'",
                     s.id
-                )));
+                ));
             }
             if !seen.insert(s.id.clone()) {
-                return Err(ConfigError::Invalid(format!(
-                    "id \"{}\" is used twice",
-                    s.id
-                )));
+                p.push(format!("id \"{}\" is used twice", s.id));
             }
-            check_transport(&s.id, &s.transport)?;
+            if let Err(ConfigError::Invalid(e)) = check_transport(&s.id, &s.transport) {
+                p.push(e);
+            }
+            if let Some(mac) = &s.mac
+                && let Err(e) = bulkhead_net::request::MacAddr::parse_unicast(mac)
+            {
+                p.push(format!("{}: mac = \"{mac}\": {e}", s.id));
+            }
         }
         if specs.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no backends: add a [[blk]], [[net]] or [[console]] entry".into(),
-            ));
+            p.push("no backends: add a [[blk]], [[net]] or [[console]] entry".into());
         }
-        Ok(())
+        p
     }
 
     /// Every backend, with its socket in `runtime_dir`.
@@ -556,5 +575,22 @@ mac = "52:54:00:12:34:56"
         );
         assert!(e("frontend = \"none\"\n[[console]]\ntransport = \"isa\"").contains("transport"));
         assert!(e("frontend = \"none\"\n[[blk]]\nid = \"x\"").contains("image"));
+    }
+
+    #[test]
+    fn every_bad_value_is_named_at_once() {
+        let c: Config = toml::from_str(
+            "[vm]\nkernel = \"k\"\nmemory = \"lots\"\ncpus = 0\n[[net]]\ntap = \"t\"\nmac = \"52:54:00:zz:00:01\"\n[[net]]\ntap = \"u\"\nmac = \"01:00:5e:00:00:01\"\n",
+        )
+        .unwrap();
+        let p = c.problems().join("\n");
+        assert!(p.contains("vm.memory = \"lots\""), "{p}");
+        assert!(p.contains("vm.cpus = 0"), "{p}");
+        assert!(p.contains("net0: mac = \"52:54:00:zz:00:01\""), "{p}");
+        assert!(p.contains("net1: mac") && p.contains("unicast"), "{p}");
+        assert_eq!(c.problems().len(), 4, "{p}");
+        let ok: Config =
+            toml::from_str("[vm]\nkernel = \"k\"\nmemory = \"2G\"\n[[console]]\n").unwrap();
+        assert!(ok.problems().is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! children first (`sandbox`). See `docs/launcher.md`.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod config;
 pub mod frontend;
 pub mod sandbox;

@@ -39,7 +39,9 @@ enum Cmd {
         #[arg(long, value_enum, value_name = "MODE", default_value = "enforce")]
         sandbox: SandboxMode,
     },
-    /// Check the config and print the backends and frontend it describes.
+    /// Check the config, its files and each backend's options (the daemon's
+    /// own parser, `--check`); print every problem, or the backends and
+    /// frontend it describes. Exit status 1 if anything is wrong.
     Check {
         /// The VM's TOML file.
         #[arg(long, value_name = "PATH")]
@@ -50,23 +52,16 @@ enum Cmd {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
-    let (Cmd::Up { config, .. } | Cmd::Check { config }) = &args.command;
+    let (config, sandbox) = match &args.command {
+        Cmd::Up { config, sandbox } => (config, *sandbox),
+        Cmd::Check { config } => return check(config),
+    };
     let cfg = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bulkhead: {}: {e}", config.display());
             return ExitCode::from(1);
         }
-    };
-    if let Cmd::Check { .. } = args.command {
-        for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
-            println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
-        }
-        println!("frontend: {:?}", cfg.frontend);
-        return ExitCode::SUCCESS;
-    }
-    let Cmd::Up { sandbox, .. } = args.command else {
-        return ExitCode::from(1);
     };
     let s = match Supervisor::new(cfg) {
         Ok(s) => s,
@@ -83,4 +78,28 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::from(s.run())
+}
+
+/// `bulkhead check`: every problem at once, each naming its field.
+fn check(config: &std::path::Path) -> ExitCode {
+    let cfg = match Config::read(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead: {}: {e}", config.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut problems = cfg.problems();
+    problems.extend(bulkhead_launcher::check::problems(&cfg));
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("bulkhead: {}: {p}", config.display());
+        }
+        return ExitCode::from(1);
+    }
+    for b in cfg.backends(std::path::Path::new("RUNTIME_DIR")) {
+        println!("{} {} {}", b.id, b.kind.binary(), b.args.join(" "));
+    }
+    println!("frontend: {:?}", cfg.frontend);
+    ExitCode::SUCCESS
 }

@@ -161,6 +161,25 @@ fn stop(id: &str, child: &mut Child) {
     }
 }
 
+/// A backend's command line. A restarted bulkhead-blk serves the image as
+/// raw without probing it: the first start found it raw, and since then the
+/// guest may have written another format's header to its first sector (a
+/// `luksFormat` of the whole disk), which would make every restart fail.
+fn backend_args(spec: &BackendSpec, restart: bool) -> Vec<String> {
+    let mut args = vec![
+        "--socket-path".to_string(),
+        spec.socket.display().to_string(),
+    ];
+    args.extend(spec.args.iter().cloned());
+    if restart
+        && spec.kind == crate::config::Kind::Blk
+        && !spec.args.iter().any(|a| a == "--format")
+    {
+        args.extend(["--format".to_string(), "raw".to_string()]);
+    }
+    args
+}
+
 struct Backend {
     spec: BackendSpec,
     program: PathBuf,
@@ -272,11 +291,7 @@ impl Supervisor {
 
     fn start_backend(&mut self, i: usize) -> Result<(), LaunchError> {
         let b = &self.backends[i];
-        let mut args = vec![
-            "--socket-path".to_string(),
-            b.spec.socket.display().to_string(),
-        ];
-        args.extend(b.spec.args.iter().cloned());
+        let args = backend_args(&b.spec, b.restarts > 0);
         let child = spawn(&b.spec.id, &b.program, &args, Stdio::null())?;
         let pid = child.id();
         let pid_file = self.pid_file(&b.spec.id);
@@ -530,5 +545,25 @@ impl Supervisor {
             let _ = std::fs::remove_dir(&self.runtime_dir);
         }
         say(format_args!("stopped"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_blk_backend_skips_the_format_probe() {
+        let cfg = Config::parse("frontend = \"none\"\n[[blk]]\nimage = \"/d.img\"\n[[console]]\n")
+            .unwrap();
+        let specs = cfg.backends(Path::new("/run/x"));
+        let first = backend_args(&specs[0], false);
+        assert_eq!(
+            first,
+            ["--socket-path", "/run/x/blk0.sock", "--image", "/d.img"]
+        );
+        let again = backend_args(&specs[0], true);
+        assert_eq!(again[4..], ["--format", "raw"]);
+        assert!(!backend_args(&specs[1], true).contains(&"--format".to_string()));
     }
 }

@@ -232,8 +232,13 @@ impl Backends {
 
     /// A second `bulkhead-blk` on the same image, on a socket of its own
     /// (the target of a swap).
+    /// It starts while the first still holds the image lock, so without it
+    /// (`--no-lock`): a swap stops the first's queues before this one's start.
     pub fn second_blk(&self) -> Daemon {
-        start_blk(Some(&self.image()), self.blk_queues)
+        let scratch = Scratch::new(0).expect("scratch");
+        let mut cmd = blk_command(&scratch, &self.image(), self.blk_queues);
+        cmd.arg("--no-lock");
+        Daemon::start("bulkhead-blk", cmd, scratch).expect("start the second bulkhead-blk")
     }
 
     /// The disk image every blk backend of this VM serves.

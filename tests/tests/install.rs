@@ -1,0 +1,175 @@
+//! `scripts/install` into a staging root (DESTDIR): the binaries, the
+//! vhost-user backend descriptors with the installed path and only the
+//! members QEMU's schema (docs/interop/vhost-user.json, `VhostUserBackend`)
+//! defines, the systemd units, man pages and completions; then
+//! `--uninstall` removes every file again. Run `cargo build --workspace
+//! --bins` first (the test installs those binaries).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulkhead_tests::guest::repo_root;
+use bulkhead_tests::process::workspace_binary;
+
+/// `VHostUserBackendType` in QEMU's schema.
+const SCHEMA_TYPES: &[&str] = &[
+    "9p",
+    "balloon",
+    "block",
+    "caif",
+    "console",
+    "crypto",
+    "gpu",
+    "input",
+    "net",
+    "rng",
+    "rpmsg",
+    "rproc-serial",
+    "scsi",
+    "vsock",
+    "fs",
+];
+
+fn install(destdir: &Path, extra: &[&str]) {
+    let bin_dir = workspace_binary("bulkhead-blk")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new(repo_root().join("scripts/install"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .args(extra)
+        .env("DESTDIR", destdir)
+        .env("PREFIX", "/usr")
+        .output()
+        .expect("run scripts/install");
+    assert!(
+        out.status.success(),
+        "scripts/install {extra:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn staged(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+#[test]
+fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them() {
+    let root = tempfile::tempdir().unwrap();
+    install(root.path(), &[]);
+
+    for (daemon, kind) in [
+        ("bulkhead-blk", "block"),
+        ("bulkhead-net", "net"),
+        ("bulkhead-console", "console"),
+    ] {
+        let name = daemon.trim_start_matches("bulkhead-");
+        let desc = staged(
+            root.path(),
+            &format!("/usr/share/qemu/vhost-user/50-bulkhead-{name}.json"),
+        );
+        let text = std::fs::read_to_string(&desc).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let obj = v.as_object().expect("a JSON object");
+        for key in obj.keys() {
+            assert!(
+                ["description", "type", "binary", "tags"].contains(&key.as_str()),
+                "{desc:?}: {key} is not in the schema"
+            );
+        }
+        assert!(v["description"].is_string(), "{desc:?}: description");
+        assert_eq!(v["type"], kind, "{desc:?}");
+        assert!(SCHEMA_TYPES.contains(&kind));
+        let binary = v["binary"].as_str().expect("binary");
+        assert_eq!(binary, format!("/usr/bin/{daemon}"), "the installed path");
+        let installed = staged(root.path(), binary);
+        // The installed binary agrees with its descriptor.
+        let caps = Command::new(&installed)
+            .arg("--print-capabilities")
+            .output()
+            .unwrap();
+        let caps: serde_json::Value = serde_json::from_slice(&caps.stdout).unwrap();
+        assert_eq!(caps["type"], kind);
+
+        for unit in [
+            format!("bulkhead-{name}@.service"),
+            format!("bulkhead-{name}@.socket"),
+        ] {
+            let text = std::fs::read_to_string(staged(
+                root.path(),
+                &format!("/usr/lib/systemd/system/{unit}"),
+            ))
+            .unwrap();
+            assert!(!text.contains("@BINDIR@"), "{unit}");
+            if unit.ends_with(".service") {
+                assert!(
+                    text.contains(&format!("ExecStart=/usr/bin/{daemon} --fd 3")),
+                    "{unit}"
+                );
+            }
+        }
+    }
+    for b in [
+        "bulkhead-blk",
+        "bulkhead-net",
+        "bulkhead-console",
+        "bulkhead-vmm",
+        "bulkhead",
+    ] {
+        let man =
+            std::fs::read_to_string(staged(root.path(), &format!("/usr/share/man/man1/{b}.1")))
+                .unwrap();
+        assert!(man.starts_with(".TH "), "{b}.1");
+        assert!(man.contains("--help"), "{b}.1 carries the options");
+        let comp = std::fs::read_to_string(staged(
+            root.path(),
+            &format!("/usr/share/bash-completion/completions/{b}"),
+        ))
+        .unwrap();
+        assert!(comp.contains(&format!("complete -F _{} {b}", b.replace('-', "_"))));
+    }
+    assert!(staged(root.path(), "/usr/lib/systemd/system/bulkhead@.service").is_file());
+
+    let manifest = staged(root.path(), "/usr/share/bulkhead/install-manifest");
+    let files: Vec<String> = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(files.len() >= 26, "{files:?}");
+    install(root.path(), &["--uninstall"]);
+    for f in &files {
+        assert!(
+            !staged(root.path(), f).exists(),
+            "{f} is left after --uninstall"
+        );
+    }
+}
+
+#[test]
+fn the_libvirt_example_validates_and_uses_the_units_sockets() {
+    let xml = repo_root().join("contrib/libvirt/bulkhead-vm.xml");
+    let text = std::fs::read_to_string(&xml).unwrap();
+    // The sockets contrib/systemd's units listen on, instance vm1.
+    assert!(text.contains("path='/run/bulkhead/blk-vm1.sock'"));
+    assert!(text.contains("path='/run/bulkhead/net-vm1.sock'"));
+    for unit in ["bulkhead-blk@.socket", "bulkhead-net@.socket"] {
+        let u = std::fs::read_to_string(repo_root().join("contrib/systemd").join(unit)).unwrap();
+        assert!(u.contains("ListenStream=/run/bulkhead/"), "{unit}");
+    }
+    match Command::new("virt-xml-validate")
+        .arg(&xml)
+        .arg("domain")
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "virt-xml-validate: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!("SKIPPED: virt-xml-validate is not installed (libvirt-clients)"),
+    }
+}
