@@ -56,7 +56,9 @@ pub fn under_ci() -> bool {
 /// reason CI does not accept panics instead.
 #[track_caller]
 pub fn skip(test: &str, reason: SkipReason) {
-    skip_in(test, &reason, under_ci());
+    // Past libtest's capture, in one write so parallel tests do not
+    // interleave their lines.
+    skip_in(test, &reason, under_ci(), &mut std::io::stderr());
 }
 
 /// [`skip`] when `reason` is `Some`; true when the caller should return.
@@ -72,16 +74,12 @@ pub fn skip_if(test: &str, reason: Option<SkipReason>) -> bool {
 }
 
 #[track_caller]
-fn skip_in(test: &str, reason: &SkipReason, ci: bool) {
+fn skip_in(test: &str, reason: &SkipReason, ci: bool, out: &mut dyn std::io::Write) {
     assert!(
         !ci || reason.ci_accepts(),
         "{test} would be skipped, which CI does not accept: {reason}"
     );
-    // One write, so parallel tests do not interleave their lines.
-    let _ = std::io::Write::write_fmt(
-        &mut std::io::stderr(),
-        format_args!("SKIPPED {test}: {reason}\n"),
-    );
+    let _ = out.write_fmt(format_args!("SKIPPED {test}: {reason}\n"));
 }
 
 /// Why tests that need root cannot run here, or None.
@@ -109,33 +107,44 @@ pub fn needs_program(program: &str) -> Option<SkipReason> {
 mod tests {
     use super::*;
 
+    /// What [`skip_in`] prints (nothing reaches this test's stderr, so a
+    /// run of the suite shows no SKIPPED line of its own).
+    fn printed(reason: &SkipReason, ci: bool) -> String {
+        let mut out = Vec::new();
+        skip_in("t", reason, ci, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
-    fn outside_ci_every_reason_skips() {
+    fn outside_ci_every_reason_skips_with_one_line() {
+        assert_eq!(
+            printed(&SkipReason::NotRoot, false),
+            "SKIPPED t: needs root\n"
+        );
         for r in [
-            SkipReason::NotRoot,
             SkipReason::NotInstalled("x".into()),
             SkipReason::Unsupported("x".into()),
             SkipReason::NoKvm("x".into()),
         ] {
-            skip_in("t", &r, false);
+            assert!(printed(&r, false).starts_with("SKIPPED t: "));
         }
     }
 
     #[test]
     #[should_panic(expected = "CI does not accept")]
     fn under_ci_a_missing_tool_fails_the_test() {
-        skip_in("t", &SkipReason::NotInstalled("qemu".into()), true);
+        printed(&SkipReason::NotInstalled("qemu".into()), true);
     }
 
     #[test]
     #[should_panic(expected = "CI does not accept")]
     fn under_ci_missing_root_fails_the_test() {
-        skip_in("t", &SkipReason::NotRoot, true);
+        printed(&SkipReason::NotRoot, true);
     }
 
     #[test]
     fn under_ci_only_missing_kvm_is_accepted() {
-        skip_in("t", &SkipReason::NoKvm("no /dev/kvm".into()), true);
+        printed(&SkipReason::NoKvm("no /dev/kvm".into()), true);
         assert!(!SkipReason::Unsupported("x".into()).ci_accepts());
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{SkipReason, skip};
 
 const IMAGE_SIZE: u64 = 4 << 20;
 
@@ -49,10 +50,12 @@ fn refused(mut cmd: Command) -> (i32, String) {
     }
 }
 
-fn have(tool: &str) -> bool {
+/// Whether `tool` runs here; where not, [`skip`]s `test` (under CI that
+/// fails: `.ci/install-deps` installs every tool these tests use).
+fn have(test: &str, tool: &str) -> bool {
     let ok = Command::new(tool).arg("--version").output().is_ok();
     if !ok {
-        eprintln!("SKIPPED: {tool} is not installed");
+        skip(test, SkipReason::NotInstalled(tool.into()));
     }
     ok
 }
@@ -109,7 +112,8 @@ fn no_lock_lets_a_second_daemon_start() {
 
 #[test]
 fn qemu_img_sees_the_lock_of_a_serving_daemon() {
-    if !have("qemu-img") {
+    const TEST: &str = "qemu_img_sees_the_lock_of_a_serving_daemon";
+    if !have(TEST, "qemu-img") {
         return;
     }
     let first = Daemon::blk(Scratch::new(IMAGE_SIZE).unwrap(), &[]).expect("start bulkhead-blk");
@@ -126,7 +130,7 @@ fn qemu_img_sees_the_lock_of_a_serving_daemon() {
     assert!(err.contains("lock"), "{err}");
     // And the other way round: an image qemu-storage-daemon serves.
     drop(first);
-    if !have("qemu-storage-daemon") {
+    if !have(TEST, "qemu-storage-daemon") {
         return;
     }
     let qsd = Daemon::qsd(Scratch::new(IMAGE_SIZE).unwrap(), 1).expect("start qsd");
@@ -138,7 +142,7 @@ fn qemu_img_sees_the_lock_of_a_serving_daemon() {
 
 #[test]
 fn a_qcow2_image_is_refused_unless_format_raw() {
-    if !have("qemu-img") {
+    if !have("a_qcow2_image_is_refused_unless_format_raw", "qemu-img") {
         return;
     }
     let scratch = Scratch::new(0).unwrap();
@@ -169,8 +173,9 @@ fn an_image_the_daemon_cannot_write_names_readonly() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444)).unwrap();
     // Root writes any file: run the daemon without CAP_DAC_OVERRIDE then.
+    // SAFETY: geteuid has no side effects and cannot fail.
     let cmd = if unsafe { libc::geteuid() } == 0 {
-        if !have("setpriv") {
+        if !have("an_image_the_daemon_cannot_write_names_readonly", "setpriv") {
             return;
         }
         let mut c = Command::new("setpriv");

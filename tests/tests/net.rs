@@ -715,6 +715,7 @@ fn tap_is_created_by_name_when_absent() {
 fn a_missing_tap_without_cap_net_admin_says_so_and_how_to_make_one() {
     let scratch = bulkhead_tests::daemon::Scratch::new(0).unwrap();
     let bin = workspace_binary("bulkhead-net");
+    // SAFETY: geteuid has no side effects and cannot fail.
     let mut cmd = if unsafe { libc::geteuid() } == 0 {
         // Root has CAP_NET_ADMIN: drop it, as an unprivileged daemon lacks it.
         let mut c = std::process::Command::new("setpriv");
