@@ -126,6 +126,7 @@ impl Stop for Signals {
     }
 
     fn take(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain integers; all zeroes is valid.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading one siginfo record into a buffer of its size.

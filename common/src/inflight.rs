@@ -214,8 +214,11 @@ pub struct QueueInflight {
 }
 
 impl QueueInflight {
+    #[expect(
+        clippy::expect_used,
+        reason = "in range by construction: base + region size <= mapping size"
+    )]
     fn slice(&self) -> VolatileSlice<'_> {
-        // In range by construction: base + region size <= mapping size.
         self.mapping
             .get_slice(self.base, queue_region_size(self.desc_num))
             .expect("inflight queue area inside its mapping")

@@ -111,6 +111,7 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
     }
     // Room for a few fds so extra ones are received (and closed) rather than truncated.
     const MAX_FDS: usize = 4;
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
     let mut cbuf = vec![0u64; (space as usize).div_ceil(8)];
     let mut iov = libc::iovec {
@@ -123,10 +124,10 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: msg points at live local buffers for the duration of the call.
     // The duplicate arrives close-on-exec (no fcntl, which the blk and net
     // sandboxes once refused with SIGSYS).
     let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    // SAFETY: msg points at live local buffers for the duration of the call.
     let n = unsafe { libc::recvmsg(conn, &mut msg, flags) };
     if n <= 0 {
         return None;

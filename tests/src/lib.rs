@@ -19,4 +19,5 @@ pub mod net;
 pub mod netns;
 pub mod process;
 pub mod sandbox;
+pub mod skip;
 pub mod virtq;

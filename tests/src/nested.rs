@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use crate::cpio::NewcWriter;
 use crate::guest::{self, GuestImage, QEMU_SLOT};
 use crate::process::workspace_binary;
+use crate::skip::{SkipReason, skip};
 
 /// Set (to `1`) inside the nested host by `nested-host.sh`.
 pub const INSIDE_ENV: &str = "BULKHEAD_NESTED_INSIDE";
@@ -90,7 +91,7 @@ pub enum Lane {
     /// Inside the nested host.
     Nested,
     /// Nowhere, and why.
-    Unavailable(String),
+    Unavailable(SkipReason),
 }
 
 /// The lane of this process's KVM tests, decided once.
@@ -125,11 +126,10 @@ fn nested_or_why() -> Lane {
     let qemu = qemu_binary();
     match Command::new(&qemu).arg("--version").output() {
         Ok(o) if o.status.success() => Lane::Nested,
-        _ => Lane::Unavailable(format!(
-            "KVM here cannot run Linux and {} is missing for the nested host \
-             (run .ci/install-deps)",
+        _ => Lane::Unavailable(SkipReason::NotInstalled(format!(
+            "KVM here cannot run Linux and {}, for the nested host,",
             qemu.to_string_lossy()
-        )),
+        ))),
     }
 }
 
@@ -169,7 +169,7 @@ fn probe() -> Option<String> {
 /// nested host unless KVM here runs Linux. Returns `false` when the caller
 /// should run the test body here; `true` when it ran in the nested host and
 /// passed (a failure there panics here with its output) or cannot run at
-/// all (a `SKIPPED` line; under `CI` that panics instead).
+/// all ([`skip`]: under CI that fails).
 pub fn delegate(test: &str) -> bool {
     delegate_with(test, DEFAULT_TIMEOUT)
 }
@@ -179,11 +179,7 @@ pub fn delegate_with(test: &str, timeout: Duration) -> bool {
     match lane() {
         Lane::Here => false,
         Lane::Unavailable(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: cannot run in CI: {why}"
-            );
-            eprintln!("SKIPPED {test}: {why}");
+            skip(test, why.clone());
             true
         }
         Lane::Nested => {

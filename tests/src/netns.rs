@@ -17,21 +17,22 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::skip::{self, SkipReason};
+
 /// Prefix of every namespace the kit creates.
 const PREFIX: &str = "bhnet-";
 
 /// Why net tests cannot run here, or None when they can (root, `ip`, /dev/net/tun).
-pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (network namespaces and taps)".into());
+pub fn unavailable() -> Option<SkipReason> {
+    if let Some(why) = skip::needs_root() {
+        return Some(why);
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun is missing".into());
+        return Some(SkipReason::Unsupported("/dev/net/tun is missing".into()));
     }
     match Command::new("ip").arg("-V").output() {
         Ok(o) if o.status.success() => None,
-        _ => Some("the `ip` tool (iproute2) is missing".into()),
+        _ => Some(SkipReason::NotInstalled("the `ip` tool (iproute2)".into())),
     }
 }
 

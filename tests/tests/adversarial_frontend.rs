@@ -11,7 +11,7 @@
 //! one, and messages out of order. Daemons run under their default sandbox,
 //! with stderr on a pipe (so `RLIMIT_FSIZE` is 0 for net and console, as in
 //! production). The net daemon needs root (a namespace and a tap); its cases
-//! are skipped, with a SKIP line, elsewhere.
+//! are skipped (`bulkhead_tests::skip`) elsewhere.
 //!
 //! Run `cargo build -p bulkhead-blk -p bulkhead-net -p bulkhead-console` first.
 
@@ -32,6 +32,7 @@ use bulkhead_tests::memory::GuestMemory;
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
 use bulkhead_tests::sandbox::{Logged, pass_fds};
+use bulkhead_tests::skip::{SkipReason, skip_if};
 use tempfile::TempDir;
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -100,7 +101,7 @@ struct Dut {
 }
 
 /// Why `kind` cannot run here (net needs root for its tap), or None.
-fn unavailable(kind: Kind) -> Option<String> {
+fn unavailable(kind: Kind) -> Option<SkipReason> {
     match kind {
         Kind::Net => netns::unavailable(),
         _ => None,
@@ -108,10 +109,9 @@ fn unavailable(kind: Kind) -> Option<String> {
 }
 
 impl Dut {
-    /// Starts `kind` with `args`, or None (and a SKIP line) where it cannot run.
+    /// Starts `kind` with `args`, or None (and [`skip`]) where it cannot run.
     fn start(kind: Kind, args: &[&str], test: &str) -> Option<Self> {
-        if let Some(why) = unavailable(kind) {
-            eprintln!("SKIP {test} on {}: {why}", kind.name());
+        if skip_if(&format!("{test} on {}", kind.name()), unavailable(kind)) {
             return None;
         }
         let dir = tempfile::Builder::new()

@@ -14,6 +14,7 @@ use bulkhead_tests::blk::{BlkDriver, VIRTIO_BLK_S_OK};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{SkipReason, skip};
 
 const IMAGE_SIZE: u64 = 4 << 20;
 
@@ -53,10 +54,12 @@ fn refused(mut cmd: Command) -> (i32, String) {
     }
 }
 
-fn have(tool: &str) -> bool {
+/// Whether `tool` runs here; where not, [`skip`]s `test` (under CI that
+/// fails: `.ci/install-deps` installs every tool these tests use).
+fn have(test: &str, tool: &str) -> bool {
     let ok = Command::new(tool).arg("--version").output().is_ok();
     if !ok {
-        eprintln!("SKIPPED: {tool} is not installed");
+        skip(test, SkipReason::NotInstalled(tool.into()));
     }
     ok
 }
@@ -167,7 +170,7 @@ fn no_lock_lets_a_second_device_run() {
 
 #[test]
 fn qemu_img_sees_the_lock_of_a_running_device() {
-    if !have("qemu-img") {
+    if !have("qemu_img_sees_the_lock_of_a_running_device", "qemu-img") {
         return;
     }
     let first = Daemon::blk(Scratch::new(IMAGE_SIZE).unwrap(), &[]).expect("start bulkhead-blk");
@@ -187,7 +190,10 @@ fn qemu_img_sees_the_lock_of_a_running_device() {
 
 #[test]
 fn qemu_storage_daemon_and_a_running_device_exclude_each_other() {
-    if !have("qemu-storage-daemon") {
+    if !have(
+        "qemu_storage_daemon_and_a_running_device_exclude_each_other",
+        "qemu-storage-daemon",
+    ) {
         return;
     }
     // qemu-storage-daemon takes its lock at start: refused beside a running device.
@@ -215,7 +221,7 @@ fn qemu_storage_daemon_and_a_running_device_exclude_each_other() {
 
 #[test]
 fn a_qcow2_image_is_refused_unless_format_raw() {
-    if !have("qemu-img") {
+    if !have("a_qcow2_image_is_refused_unless_format_raw", "qemu-img") {
         return;
     }
     let scratch = Scratch::new(0).unwrap();
@@ -246,8 +252,9 @@ fn an_image_the_daemon_cannot_write_names_readonly() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444)).unwrap();
     // Root writes any file: run the daemon without CAP_DAC_OVERRIDE then.
+    // SAFETY: geteuid has no side effects and cannot fail.
     let cmd = if unsafe { libc::geteuid() } == 0 {
-        if !have("setpriv") {
+        if !have("an_image_the_daemon_cannot_write_names_readonly", "setpriv") {
             return;
         }
         let mut c = Command::new("setpriv");

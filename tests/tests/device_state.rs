@@ -25,6 +25,7 @@ use bulkhead_tests::device_state::{
 use bulkhead_tests::frontend::{Device, Options};
 use bulkhead_tests::net::*;
 use bulkhead_tests::netns::{self, NetNs};
+use bulkhead_tests::skip::skip_if;
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -524,16 +525,6 @@ const MC_OUT: [u8; 6] = [0x01, 0, 0x5e, 0, 0, 0x02];
 const HOST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const ETHERTYPE: u16 = 0x88b5;
 
-fn skip(test: &str) -> bool {
-    match netns::unavailable() {
-        Some(why) => {
-            eprintln!("SKIP {test}: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 /// Daemons on queues of one multi-queue tap (dropped before the namespace).
 struct Net {
     daemons: Vec<Option<NetDaemon>>,
@@ -657,7 +648,10 @@ fn stats(net: &mut Net, i: usize) -> BTreeMap<String, u64> {
 
 #[test]
 fn a_net_device_swapped_with_device_state_keeps_its_receive_filter_and_pairs() {
-    if skip("a_net_device_swapped_with_device_state_keeps_its_receive_filter_and_pairs") {
+    if skip_if(
+        "a_net_device_swapped_with_device_state_keeps_its_receive_filter_and_pairs",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut net = Net::new(2, 2);
@@ -687,7 +681,10 @@ fn a_net_device_swapped_with_device_state_keeps_its_receive_filter_and_pairs() {
 
 #[test]
 fn a_net_device_restarted_after_sigkill_keeps_its_receive_filter() {
-    if skip("a_net_device_restarted_after_sigkill_keeps_its_receive_filter") {
+    if skip_if(
+        "a_net_device_restarted_after_sigkill_keeps_its_receive_filter",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut net = Net::new(1, 2);
@@ -722,7 +719,10 @@ fn a_net_device_restarted_after_sigkill_keeps_its_receive_filter() {
 
 #[test]
 fn a_hundred_net_swaps_with_an_idle_guest_keep_every_receive_buffer() {
-    if skip("a_hundred_net_swaps_with_an_idle_guest_keep_every_receive_buffer") {
+    if skip_if(
+        "a_hundred_net_swaps_with_an_idle_guest_keep_every_receive_buffer",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut net = Net::new(2, 1);
@@ -761,7 +761,10 @@ fn a_hundred_net_swaps_with_an_idle_guest_keep_every_receive_buffer() {
 
 #[test]
 fn receive_buffers_held_for_a_frame_that_does_not_fit_yet_go_back_at_a_swap() {
-    if skip("receive_buffers_held_for_a_frame_that_does_not_fit_yet_go_back_at_a_swap") {
+    if skip_if(
+        "receive_buffers_held_for_a_frame_that_does_not_fit_yet_go_back_at_a_swap",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut net = Net::new(1, 1);
@@ -797,7 +800,10 @@ fn receive_buffers_held_for_a_frame_that_does_not_fit_yet_go_back_at_a_swap() {
 
 #[test]
 fn malformed_net_state_is_refused_with_nothing_applied() {
-    if skip("malformed_net_state_is_refused_with_nothing_applied") {
+    if skip_if(
+        "malformed_net_state_is_refused_with_nothing_applied",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut net = Net::new(1, 2);

@@ -19,16 +19,20 @@ use bulkhead_tests::guest::die_with_parent;
 use bulkhead_tests::net::{NetDaemon, ethernet};
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::ChildGuard;
+use bulkhead_tests::skip::{SkipReason, skip_if};
 
 const TAP: &str = "bhtap0";
 const PMD_DIR: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
 
-fn skip(test: &str) -> bool {
-    let why = netns::unavailable().or_else(|| {
+/// Why these tests cannot run here: no namespaces and taps, or no DPDK.
+fn unavailable() -> Option<SkipReason> {
+    netns::unavailable().or_else(|| {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("dpdk-testpmd").exists()));
         if !found {
-            return Some("dpdk-testpmd is not installed (package dpdk)".to_string());
+            return Some(SkipReason::NotInstalled(
+                "dpdk-testpmd (package dpdk)".into(),
+            ));
         }
         let pmd = std::fs::read_dir(PMD_DIR).ok().is_some_and(|rd| {
             rd.flatten().any(|e| {
@@ -37,18 +41,12 @@ fn skip(test: &str) -> bool {
                     .starts_with("librte_net_virtio")
             })
         });
-        (!pmd).then(|| format!("no virtio PMD in {PMD_DIR} (package librte-net-virtio23)"))
-    });
-    match why {
-        Some(why) => {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIP {test}: {why}\n"),
-            );
-            true
-        }
-        None => false,
-    }
+        (!pmd).then(|| {
+            SkipReason::NotInstalled(format!(
+                "a virtio PMD in {PMD_DIR} (package librte-net-virtio23)"
+            ))
+        })
+    })
 }
 
 /// A running testpmd in interactive mode fed through a pipe.
@@ -179,7 +177,7 @@ fn env() -> (NetNs, NetDaemon) {
 
 #[test]
 fn testpmd_txonly_frames_all_reach_the_tap() {
-    if skip("testpmd_txonly_frames_all_reach_the_tap") {
+    if skip_if("testpmd_txonly_frames_all_reach_the_tap", unavailable()) {
         return;
     }
     let (ns, mut daemon) = env();
@@ -215,7 +213,10 @@ fn testpmd_txonly_frames_all_reach_the_tap() {
 
 #[test]
 fn frames_injected_on_the_tap_all_reach_testpmd_rxonly() {
-    if skip("frames_injected_on_the_tap_all_reach_testpmd_rxonly") {
+    if skip_if(
+        "frames_injected_on_the_tap_all_reach_testpmd_rxonly",
+        unavailable(),
+    ) {
         return;
     }
     let (ns, mut daemon) = env();

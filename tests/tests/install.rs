@@ -10,6 +10,7 @@ use std::process::Command;
 
 use bulkhead_tests::guest::repo_root;
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{SkipReason, skip};
 
 /// `VHostUserBackendType` in QEMU's schema.
 const SCHEMA_TYPES: &[&str] = &[
@@ -171,6 +172,9 @@ fn the_libvirt_example_validates_and_uses_the_units_sockets() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(_) => eprintln!("SKIPPED: virt-xml-validate is not installed (libvirt-clients)"),
+        Err(_) => skip(
+            "the_libvirt_example_validates_and_uses_the_units_sockets (virt-xml-validate)",
+            SkipReason::NotInstalled("virt-xml-validate (libvirt-clients)".into()),
+        ),
     }
 }

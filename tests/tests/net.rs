@@ -16,6 +16,7 @@ use bulkhead_tests::frontend::{
 use bulkhead_tests::net::*;
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::skip_if;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 const TAP: &str = "bhtap0";
@@ -23,20 +24,6 @@ const HOST_IP: [u8; 4] = [10, 77, 0, 1];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Prints why the test is skipped and returns true when it cannot run here.
-fn skip(test: &str) -> bool {
-    match netns::unavailable() {
-        Some(why) => {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIP {test}: {why}\n"),
-            );
-            true
-        }
-        None => false,
-    }
-}
 
 /// A namespace with a tap, and `bulkhead-net` serving it.
 struct Env {
@@ -147,7 +134,10 @@ fn assert_still_serving(env: &mut Env) {
 
 #[test]
 fn offers_the_documented_features_config_and_capabilities() {
-    if skip("offers_the_documented_features_config_and_capabilities") {
+    if skip_if(
+        "offers_the_documented_features_config_and_capabilities",
+        netns::unavailable(),
+    ) {
         return;
     }
     let env = env_named(2, &["--mac", "52:54:00:aa:bb:cc", "--mtu", "1400"]);
@@ -221,7 +211,10 @@ fn offers_the_documented_features_config_and_capabilities() {
 
 #[test]
 fn arp_and_icmp_echo_sent_on_tx_are_answered_on_rx_with_tap_fds() {
-    if skip("arp_and_icmp_echo_sent_on_tx_are_answered_on_rx_with_tap_fds") {
+    if skip_if(
+        "arp_and_icmp_echo_sent_on_tx_are_answered_on_rx_with_tap_fds",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &[]);
@@ -243,7 +236,10 @@ fn arp_and_icmp_echo_sent_on_tx_are_answered_on_rx_with_tap_fds() {
 
 #[test]
 fn receive_without_mergeable_buffers_uses_one_buffer_per_packet() {
-    if skip("receive_without_mergeable_buffers_uses_one_buffer_per_packet") {
+    if skip_if(
+        "receive_without_mergeable_buffers_uses_one_buffer_per_packet",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &[]);
@@ -274,7 +270,10 @@ fn receive_without_mergeable_buffers_uses_one_buffer_per_packet() {
 
 #[test]
 fn receive_with_mergeable_buffers_spans_several_small_buffers() {
-    if skip("receive_with_mergeable_buffers_spans_several_small_buffers") {
+    if skip_if(
+        "receive_with_mergeable_buffers_spans_several_small_buffers",
+        netns::unavailable(),
+    ) {
         return;
     }
     let env = env_fds(1, &[]);
@@ -289,7 +288,10 @@ fn receive_with_mergeable_buffers_spans_several_small_buffers() {
 
 #[test]
 fn checksum_offload_frames_with_needs_csum_reach_a_socket_in_the_namespace() {
-    if skip("checksum_offload_frames_with_needs_csum_reach_a_socket_in_the_namespace") {
+    if skip_if(
+        "checksum_offload_frames_with_needs_csum_reach_a_socket_in_the_namespace",
+        netns::unavailable(),
+    ) {
         return;
     }
     let env = env_fds(1, &[]);
@@ -328,7 +330,10 @@ fn checksum_offload_frames_with_needs_csum_reach_a_socket_in_the_namespace() {
 
 #[test]
 fn tso_frames_reach_the_tap_as_one_gso_packet() {
-    if skip("tso_frames_reach_the_tap_as_one_gso_packet") {
+    if skip_if(
+        "tso_frames_reach_the_tap_as_one_gso_packet",
+        netns::unavailable(),
+    ) {
         return;
     }
     let env = env_fds(1, &[]);
@@ -365,7 +370,10 @@ fn tso_frames_reach_the_tap_as_one_gso_packet() {
 
 #[test]
 fn two_queue_pairs_carry_traffic_and_the_control_queue_sets_them() {
-    if skip("two_queue_pairs_carry_traffic_and_the_control_queue_sets_them") {
+    if skip_if(
+        "two_queue_pairs_carry_traffic_and_the_control_queue_sets_them",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_named(2, &[]);
@@ -407,7 +415,10 @@ fn two_queue_pairs_carry_traffic_and_the_control_queue_sets_them() {
 
 #[test]
 fn back_pressure_without_rx_buffers_bounds_memory_and_traffic_resumes() {
-    if skip("back_pressure_without_rx_buffers_bounds_memory_and_traffic_resumes") {
+    if skip_if(
+        "back_pressure_without_rx_buffers_bounds_memory_and_traffic_resumes",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &[]);
@@ -483,7 +494,10 @@ fn back_pressure_without_rx_buffers_bounds_memory_and_traffic_resumes() {
 
 #[test]
 fn malformed_tx_frames_are_dropped_and_counted_and_the_daemon_keeps_serving() {
-    if skip("malformed_tx_frames_are_dropped_and_counted_and_the_daemon_keeps_serving") {
+    if skip_if(
+        "malformed_tx_frames_are_dropped_and_counted_and_the_daemon_keeps_serving",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &[]);
@@ -557,7 +571,10 @@ fn malformed_tx_frames_are_dropped_and_counted_and_the_daemon_keeps_serving() {
 
 #[test]
 fn malformed_and_unknown_control_commands_are_refused_and_counted() {
-    if skip("malformed_and_unknown_control_commands_are_refused_and_counted") {
+    if skip_if(
+        "malformed_and_unknown_control_commands_are_refused_and_counted",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_named(2, &[]);
@@ -615,7 +632,10 @@ fn malformed_and_unknown_control_commands_are_refused_and_counted() {
 
 #[test]
 fn receive_filter_drops_other_unicast_after_promiscuous_mode_is_turned_off() {
-    if skip("receive_filter_drops_other_unicast_after_promiscuous_mode_is_turned_off") {
+    if skip_if(
+        "receive_filter_drops_other_unicast_after_promiscuous_mode_is_turned_off",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &["--mac", "52:54:00:12:34:56"]);
@@ -646,7 +666,10 @@ fn receive_filter_drops_other_unicast_after_promiscuous_mode_is_turned_off() {
 
 #[test]
 fn daemon_serves_a_new_connection_after_a_disconnect_and_exits_on_sigterm() {
-    if skip("daemon_serves_a_new_connection_after_a_disconnect_and_exits_on_sigterm") {
+    if skip_if(
+        "daemon_serves_a_new_connection_after_a_disconnect_and_exits_on_sigterm",
+        netns::unavailable(),
+    ) {
         return;
     }
     let mut env = env_fds(1, &[]);
@@ -668,7 +691,7 @@ fn daemon_serves_a_new_connection_after_a_disconnect_and_exits_on_sigterm() {
 
 #[test]
 fn tap_is_created_by_name_when_absent() {
-    if skip("tap_is_created_by_name_when_absent") {
+    if skip_if("tap_is_created_by_name_when_absent", netns::unavailable()) {
         return;
     }
     let ns = NetNs::new().unwrap();
@@ -692,6 +715,7 @@ fn tap_is_created_by_name_when_absent() {
 fn a_missing_tap_without_cap_net_admin_says_so_and_how_to_make_one() {
     let scratch = bulkhead_tests::daemon::Scratch::new(0).unwrap();
     let bin = workspace_binary("bulkhead-net");
+    // SAFETY: geteuid has no side effects and cannot fail.
     let mut cmd = if unsafe { libc::geteuid() } == 0 {
         // Root has CAP_NET_ADMIN: drop it, as an unprivileged daemon lacks it.
         let mut c = std::process::Command::new("setpriv");

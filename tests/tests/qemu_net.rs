@@ -8,34 +8,22 @@
 //! Needs root (namespaces, taps) and QEMU; says so when skipped.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use bulkhead_tests::guest::{Guest, GuestRun, spawn_daemon, tail};
 use bulkhead_tests::net::NetDaemon;
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{self, SkipReason, skip_if};
 
 const TAP: &str = "bhtap0";
 
-fn skip(test: &str) -> bool {
-    let why = netns::unavailable().or_else(|| {
+/// Why these tests cannot run here: no namespaces and taps, or no QEMU.
+fn unavailable() -> Option<SkipReason> {
+    netns::unavailable().or_else(|| {
         let qemu = std::env::var("BULKHEAD_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
-        match Command::new(&qemu).arg("--version").output() {
-            Ok(o) if o.status.success() => None,
-            _ => Some(format!("{qemu} is not installed (run .ci/install-deps)")),
-        }
-    });
-    match why {
-        Some(why) => {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIP {test}: {why}\n"),
-            );
-            true
-        }
-        None => false,
-    }
+        skip::needs_program(&qemu)
+    })
 }
 
 /// The guest's script: address, ping, iperf3 up and down, queue checks.
@@ -171,7 +159,10 @@ fn queue_chains(log: &str, q: usize) -> u64 {
 
 #[test]
 fn qemu_guest_pings_and_runs_iperf3_through_bulkhead_net() {
-    if skip("qemu_guest_pings_and_runs_iperf3_through_bulkhead_net") {
+    if skip_if(
+        "qemu_guest_pings_and_runs_iperf3_through_bulkhead_net",
+        unavailable(),
+    ) {
         return;
     }
     let (run, stats, log) = scenario(1);
@@ -183,7 +174,10 @@ fn qemu_guest_pings_and_runs_iperf3_through_bulkhead_net() {
 
 #[test]
 fn qemu_guest_uses_two_queue_pairs_of_bulkhead_net() {
-    if skip("qemu_guest_uses_two_queue_pairs_of_bulkhead_net") {
+    if skip_if(
+        "qemu_guest_uses_two_queue_pairs_of_bulkhead_net",
+        unavailable(),
+    ) {
         return;
     }
     let (run, stats, log) = scenario(2);

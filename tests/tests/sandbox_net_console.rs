@@ -28,6 +28,7 @@ use bulkhead_tests::sandbox::{
     assert_nobody_without_capabilities, assert_seccomp_logged, confined_workers, has_test_hooks,
     hooked_binary, pass_fds, proc_status, threads,
 };
+use bulkhead_tests::skip::skip_if;
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -56,13 +57,9 @@ struct NetEnv {
 }
 
 impl NetEnv {
-    /// None (and a SKIP line) where namespaces and taps are unavailable.
+    /// None (and [`skip`]) where namespaces and taps are unavailable.
     fn new(test: &str, pairs: usize) -> Option<Self> {
-        if let Some(why) = netns::unavailable() {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIP {test}: {why}\n"),
-            );
+        if skip_if(test, netns::unavailable()) {
             return None;
         }
         let ns = NetNs::new().expect("create a network namespace");
@@ -218,11 +215,10 @@ fn net_under_user_nobody_serves_tap_fds_holding_no_capability() {
 
 #[test]
 fn net_with_tap_by_name_holds_no_capability_once_serving() {
-    if let Some(why) = netns::unavailable() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP net_with_tap_by_name: {why}\n"),
-        );
+    if skip_if(
+        "net_with_tap_by_name_holds_no_capability_once_serving",
+        netns::unavailable(),
+    ) {
         return;
     }
     // The daemon creates the tap in the namespace (CAP_NET_ADMIN at start),

@@ -16,9 +16,10 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use bulkhead_common::event::{EventLoop, Interest};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 
@@ -61,8 +62,17 @@ fn nonblocking(f: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `f` is ready for `events` or `deadline` passes.
-fn wait(f: &impl AsFd, events: libc::c_short, deadline: Instant) -> io::Result<()> {
+/// The one fd a transfer waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    Pipe,
+}
+bulkhead_common::event_token!(Token { Pipe });
+
+/// Waits until `f` is ready for `interest` (or hung up) or `deadline` passes.
+fn wait(f: &impl AsRawFd, interest: Interest, deadline: Instant) -> io::Result<()> {
+    let ev = EventLoop::new()?;
+    ev.add(f, interest, Token::Pipe)?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -71,22 +81,9 @@ fn wait(f: &impl AsFd, events: libc::c_short, deadline: Instant) -> io::Result<(
                 format!("no progress within {STATE_TIMEOUT:?}"),
             ));
         }
-        let mut p = libc::pollfd {
-            fd: f.as_fd().as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: one pollfd on the stack.
-        match unsafe { libc::poll(&mut p, 1, ms) } {
-            n if n > 0 => return Ok(()),
-            0 => {}
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        // An empty list is a timeout or EINTR: look at the deadline again.
+        if !ev.wait(Some(left.min(Duration::from_secs(1))))?.is_empty() {
+            return Ok(());
         }
     }
 }
@@ -107,7 +104,7 @@ fn read_all(mut f: File, deadline: Instant) -> io::Result<Vec<u8>> {
                 }
                 out.extend_from_slice(&buf[..n]);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&f, libc::POLLIN, deadline)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&f, Interest::READ, deadline)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -127,7 +124,7 @@ fn write_some(
             Ok(0) => return Err(io::Error::other("the pipe took nothing")),
             Ok(n) => *at += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => match deadline {
-                Some(d) => wait(f, libc::POLLOUT, d)?,
+                Some(d) => wait(f, Interest::WRITE, d)?,
                 None => return Ok(()),
             },
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -59,6 +59,10 @@ fn any(nr: i64) -> Allow {
 }
 
 /// A rule on one 32-bit argument.
+#[expect(
+    clippy::expect_used,
+    reason = "callers pass constant argument indexes below 6 and one condition"
+)]
 fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
     let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
         .expect("argument index below 6");
@@ -134,8 +138,6 @@ fn common_syscalls() -> Vec<Allow> {
         libc::SYS_gettid,
         libc::SYS_exit,
         libc::SYS_exit_group,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
         libc::SYS_fcntl,
         libc::SYS_statx,
         libc::SYS_fstat,
@@ -149,10 +151,20 @@ fn common_syscalls() -> Vec<Allow> {
     v
 }
 
+/// Waiting on an event loop made before (`Connection::hung_up`, the main
+/// thread's wait for the exit request).
+const EPOLL_WAIT: [i64; 2] = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait];
+
 /// What connecting to a backend and replaying onto it needs (no ioctl: the
-/// eventfds handed over are already registered with KVM).
-fn backend_link_syscalls() -> [i64; 10] {
+/// eventfds handed over are already registered with KVM): a new
+/// connection's own event loop (`epoll_create1`, `epoll_ctl`), the device
+/// state transfer's waits, the monitor's watch of the socket.
+fn backend_link_syscalls() -> [i64; 14] {
     [
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
         libc::SYS_socket,
         libc::SYS_connect,
         libc::SYS_setsockopt,
@@ -182,19 +194,13 @@ fn syscalls(thread: Thread) -> Vec<Allow> {
                 ]
                 .map(any),
             );
+            // A failed message checks whether the backend hung up.
+            v.extend(EPOLL_WAIT.map(any));
         }
         Thread::Main => {
             v.push(tgkill_own());
-            v.extend(
-                [
-                    libc::SYS_unlink,
-                    libc::SYS_unlinkat,
-                    libc::SYS_epoll_wait,
-                    libc::SYS_epoll_pwait,
-                    libc::SYS_epoll_ctl,
-                ]
-                .map(any),
-            );
+            v.extend([libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_epoll_ctl].map(any));
+            v.extend(EPOLL_WAIT.map(any));
         }
         Thread::Api => {
             v.extend(
@@ -326,6 +332,41 @@ mod tests {
             });
             assert_eq!(exec, libc::EPERM, "{thread:?}: PROT_EXEC");
             assert_eq!(plain, 0, "{thread:?}: a data mapping");
+        }
+    }
+
+    #[test]
+    fn every_thread_waits_through_epoll_and_none_polls() {
+        use bulkhead_common::event::{EventLoop, Interest};
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        enum Token {
+            Fd,
+        }
+        bulkhead_common::event_token!(Token { Fd });
+        for thread in [Thread::Vcpu, Thread::Main, Thread::Api, Thread::Monitor] {
+            // A loop made before the filter, as the main thread's and each
+            // connection's are.
+            let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let ev = EventLoop::new().unwrap();
+            ev.add(&fd, Interest::READ, Token::Fd).unwrap();
+            let (waited, created, polled) = under(thread, move || {
+                let waited = ev.wait(Some(std::time::Duration::ZERO)).map(|e| e.len());
+                let created = EventLoop::<Token>::new()
+                    .map(|_| ())
+                    .map_err(|e| e.raw_os_error());
+                // SAFETY: poll on no fds with no wait.
+                let polled = errno(unsafe { libc::syscall(libc::SYS_poll, 0usize, 0, 0) });
+                (waited.ok(), created, polled)
+            });
+            assert_eq!(waited, Some(0), "{thread:?}: epoll_wait");
+            assert_eq!(polled, libc::EPERM, "{thread:?}: poll");
+            // Only threads that open connections make new loops.
+            let opens = matches!(thread, Thread::Api | Thread::Monitor);
+            assert_eq!(
+                created.is_ok(),
+                opens,
+                "{thread:?}: epoll_create1 {created:?}"
+            );
         }
     }
 

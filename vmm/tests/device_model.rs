@@ -5,6 +5,9 @@
 //! hand in the VMM's own guest RAM; completion is seen through the eventfd
 //! the transport registered as the queue's irqfd.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::{Arc, Mutex};

@@ -13,6 +13,9 @@
 //!   writes to the named port reaches the guest's reader, which opened the
 //!   port once, before the first phase; a resize reaches hvc0's tty.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod linux;
 
 use std::path::PathBuf;

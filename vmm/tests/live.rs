@@ -15,6 +15,9 @@
 //! These need a KVM that runs Linux: where `bulkhead-vmm probe` fails they
 //! run inside the nested host (`nested::delegate`, tests/src/nested.rs).
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod linux;
 
 use std::time::{Duration, Instant};

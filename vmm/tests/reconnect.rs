@@ -6,6 +6,9 @@
 //! ctl`), including a qemu-storage-daemon export. Build the binaries first:
 //! `cargo build -p bulkhead-blk -p bulkhead-net -p bulkhead-console -p bulkhead-vmm`.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::BTreeSet;
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{self, skip_if};
 use bulkhead_vmm::bus::Bus;
 use bulkhead_vmm::device::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 use bulkhead_vmm::memory::GuestRam;
@@ -493,15 +497,10 @@ fn blk_swap_to_a_second_bulkhead_blk_through_ctl_keeps_io_running() {
 
 #[test]
 fn blk_swap_to_qemu_storage_daemon_keeps_io_running() {
-    if Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIPPED: qemu-storage-daemon is not installed\n"),
-        );
+    if skip_if(
+        "blk_swap_to_qemu_storage_daemon_keeps_io_running",
+        skip::needs_program("qemu-storage-daemon"),
+    ) {
         return;
     }
     let mut old = start_blk(Scratch::new(BLK_IMAGE).unwrap());
@@ -689,29 +688,20 @@ fn wait_frame(sock: &netns::PacketSocket, marker: &[u8]) {
     }
 }
 
-fn net_setup() -> Option<NetNs> {
-    if let Some(why) = netns::unavailable() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIPPED: net reconnect test: {why}\n"),
-        );
+/// A fresh namespace, or None (and [`skip`]) where namespaces and taps are
+/// unavailable.
+fn net_setup(test: &str) -> Option<NetNs> {
+    if skip_if(test, netns::unavailable()) {
         return None;
     }
-    match NetNs::new() {
-        Ok(ns) => Some(ns),
-        Err(e) => {
-            let _ = std::io::Write::write_fmt(
-                &mut std::io::stderr(),
-                format_args!("SKIPPED: net reconnect test: cannot create a namespace: {e}\n"),
-            );
-            None
-        }
-    }
+    Some(NetNs::new().expect("create a network namespace"))
 }
 
 #[test]
 fn net_sigkill_reconnects_and_frames_flow_again() {
-    let Some(ns) = net_setup() else { return };
+    let Some(ns) = net_setup("net_sigkill_reconnects_and_frames_flow_again") else {
+        return;
+    };
     ns.add_tap("tap0", "10.91.0.1/24", false).expect("tap0");
     let sock = ns.packet_socket("tap0", false).unwrap();
     let daemon = start_net(&ns, "tap0");
@@ -735,7 +725,9 @@ fn net_sigkill_reconnects_and_frames_flow_again() {
 
 #[test]
 fn net_swap_to_a_second_bulkhead_net_moves_traffic_to_its_tap() {
-    let Some(ns) = net_setup() else { return };
+    let Some(ns) = net_setup("net_swap_to_a_second_bulkhead_net_moves_traffic_to_its_tap") else {
+        return;
+    };
     ns.add_tap("tap0", "10.92.0.1/24", false).expect("tap0");
     ns.add_tap("tap1", "10.93.0.1/24", false).expect("tap1");
     let sock0 = ns.packet_socket("tap0", false).unwrap();

@@ -558,17 +558,15 @@ mod tests {
     fn worker(features: u64, filter: Option<RxFilter>) -> (RxWorker, FakeTap, Arc<Shared>) {
         let mut sv = [0; 2];
         // SAFETY: socketpair writes two fds into the array.
-        assert_eq!(
-            unsafe {
-                libc::socketpair(
-                    libc::AF_UNIX,
-                    libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    0,
-                    sv.as_mut_ptr(),
-                )
-            },
-            0
-        );
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                sv.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
         // SAFETY: fresh fds we own.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
         let shared = Arc::new(Shared::for_test(Some(OWN)));

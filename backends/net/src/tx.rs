@@ -276,10 +276,8 @@ mod tests {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let mut p = [0; 2];
         // SAFETY: pipe2 writes two fds into the array.
-        assert_eq!(
-            unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: fresh fds we own.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
         // Fill the pipe: the "tap" answers EAGAIN.

@@ -19,8 +19,9 @@ fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> 
 
 /// True if fd `fd` is a regular file (stdout/stderr redirected to a log file).
 fn is_regular_file(fd: libc::c_int) -> bool {
-    // SAFETY: fstat writes one stat struct.
+    // SAFETY: stat is plain integers; all zeroes is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat struct.
     (unsafe { libc::fstat(fd, &mut st) } == 0) && (st.st_mode & libc::S_IFMT) == libc::S_IFREG
 }
 

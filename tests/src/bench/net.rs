@@ -584,7 +584,7 @@ pub fn run(a: &NetArgs) -> Result<Value> {
             &mut std::io::stderr(),
             format_args!("SKIP net benchmark: {why}\n"),
         );
-        return Ok(json!({"skipped": why}));
+        return Ok(json!({"skipped": why.to_string()}));
     }
     let ns = NetNs::new()?;
     ns.ip(&[

@@ -2,6 +2,9 @@
 //! the exit status says so; a good config passes. Build first:
 //! `cargo build -p bulkhead-launcher -p bulkhead-blk -p bulkhead-net -p bulkhead-console`.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use bulkhead_tests::process::workspace_binary;

@@ -8,6 +8,9 @@
 //! with status 0. Build first:
 //! `cargo build -p bulkhead-launcher -p bulkhead-blk -p bulkhead-console -p bulkhead-vmm`.
 
+// Test code: a panic is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use bulkhead_tests::guest;
 use bulkhead_tests::nested;
 use bulkhead_tests::netns::NetNs;
 use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::skip::{self, skip_if};
 
 struct Launcher {
     child: Child,
@@ -250,15 +254,10 @@ fn last_ok(serial: &Path) -> Option<u64> {
 
 #[test]
 fn qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing() {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIPPED: qemu-system-x86_64 is not installed\n"),
-        );
+    if skip_if(
+        "qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing",
+        skip::needs_program("qemu-system-x86_64"),
+    ) {
         return;
     }
     let image = guest::image();

@@ -3,6 +3,9 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulkhead_common::event::{EventLoop, Interest};
 
 use vhost::VhostBackend;
 use vhost::vhost_user::message::{
@@ -24,16 +27,25 @@ fn wanted_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
-/// Whether the peer of `fd` hung up or the socket has an error (no wait).
-pub(super) fn hung_up(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; poll only writes its revents.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
+/// The token of a connection's own event loop: its socket, watched for a
+/// hang-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Link {
+    Socket,
+}
+bulkhead_common::event_token!(Link { Socket });
+
+/// A loop watching `stream` for a hang-up.
+fn watch_link(stream: &UnixStream) -> std::io::Result<EventLoop<Link>> {
+    let link = EventLoop::new()?;
+    link.add(stream, Interest::HANGUP, Link::Socket)?;
+    Ok(link)
+}
+
+/// Whether `link`'s socket hung up or has an error (no wait).
+fn link_hung_up(link: &EventLoop<Link>) -> bool {
+    link.wait(Some(Duration::ZERO))
+        .is_ok_and(|events| events.iter().any(|e| e.hangup))
 }
 
 /// One live vhost-user connection and what the backend said at negotiation.
@@ -44,6 +56,9 @@ pub(super) struct Connection {
     pub(super) protocol: VhostUserProtocolFeatures,
     pub(super) queues: u64,
     pub(super) config: Vec<u8>,
+    /// The socket registered for a hang-up, so [`Connection::hung_up`] is one
+    /// `epoll_wait` on any thread (no fd, no new registration).
+    link: EventLoop<Link>,
 }
 
 impl Connection {
@@ -61,6 +76,7 @@ impl Connection {
             .set_read_timeout(Some(MESSAGE_TIMEOUT))
             .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)))
             .map_err(|e| ConnectError::Connect(path.clone(), e))?;
+        let link = watch_link(&stream).map_err(|e| ConnectError::Connect(path.clone(), e))?;
         let mut fe = Frontend::from_stream(stream, MAX_QUEUES as u64);
         fe.set_owner().map_err(fail("SET_OWNER"))?;
         let features = fe.get_features().map_err(fail("GET_FEATURES"))?;
@@ -100,6 +116,7 @@ impl Connection {
             protocol,
             queues,
             config,
+            link,
         })
     }
 
@@ -109,6 +126,11 @@ impl Connection {
 
     pub(super) fn fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
+    }
+
+    /// Whether the backend hung up or the socket has an error (no wait).
+    pub(super) fn hung_up(&self) -> bool {
+        link_hung_up(&self.link)
     }
 }
 
@@ -188,8 +210,10 @@ mod tests {
     #[test]
     fn hung_up_sees_the_peer_close() {
         let (a, b) = UnixStream::pair().unwrap();
-        assert!(!hung_up(a.as_raw_fd()));
+        let link = watch_link(&a).unwrap();
+        assert!(!link_hung_up(&link));
         drop(b);
-        assert!(hung_up(a.as_raw_fd()));
+        assert!(link_hung_up(&link));
+        assert!(link_hung_up(&link), "level-triggered: still reported");
     }
 }

@@ -8,7 +8,7 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::connect::{Connection, hung_up};
+use super::connect::Connection;
 use super::handle::{BackendHandle, Inner};
 use super::replay::{ActiveSetup, Bases, QueueSetup};
 use super::*;
@@ -222,7 +222,7 @@ impl VirtioDevice for VhostUserDevice {
                 g.conn = Some(conn);
                 Ok(())
             }
-            Err(e) if is_link_error(&e) || hung_up(conn.fd()) => {
+            Err(e) if is_link_error(&e) || conn.hung_up() => {
                 g.conn = Some(conn);
                 g.lose(error_chain(&e));
                 let _ = self.handle.wake.write(1);
@@ -252,7 +252,7 @@ impl VirtioDevice for VhostUserDevice {
         // A fresh driver starts from index 0: the old inflight area no longer applies.
         g.inflight = None;
         if let Err(e) = &r
-            && (is_link_error(e) || g.conn.as_ref().is_some_and(|c| hung_up(c.fd())))
+            && (is_link_error(e) || g.conn.as_ref().is_some_and(|c| c.hung_up()))
         {
             g.lose(error_chain(e));
             let _ = self.handle.wake.write(1);

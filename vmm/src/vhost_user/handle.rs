@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::connect::{Connection, hung_up};
+use super::connect::Connection;
 use super::replay::{ActiveSetup, Bases};
 use super::{ConnectError, SwapError, error_chain};
 use crate::device::DeviceError;
@@ -178,7 +178,7 @@ impl BackendHandle {
     pub fn check_link(&self) -> bool {
         let mut g = self.lock();
         if let Some(c) = &g.conn
-            && hung_up(c.fd())
+            && c.hung_up()
         {
             g.lose("backend hung up".into());
             let _ = self.wake.write(1);

@@ -1,10 +1,12 @@
 //! The thread that watches a device's backend connection and reconnects
 //! after a loss, with bounded exponential backoff.
 
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bulkhead_common::event::{EventLoop, Interest};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handle::BackendHandle;
@@ -16,6 +18,7 @@ impl BackendHandle {
     /// loss (applies the `Monitor` seccomp filter to itself).
     pub fn start_monitor(self: &Arc<Self>, mode: SeccompMode) -> std::io::Result<()> {
         let weak = Arc::downgrade(self);
+        let watch = Watch::new(&self.wake)?;
         std::thread::Builder::new()
             .name(format!("vu-{}", self.id))
             .spawn(move || {
@@ -23,42 +26,65 @@ impl BackendHandle {
                     log::error!("backend monitor: {e}");
                     return;
                 }
-                monitor(weak);
+                monitor(weak, &watch);
             })?;
         Ok(())
     }
 }
 
-/// Waits for `fd` to hang up or `wake` to fire, at most `timeout`.
-/// Returns whether `fd` hung up.
-pub(super) fn wait_hangup(fd: Option<RawFd>, wake: &EventFd, timeout: Duration) -> bool {
-    let mut fds = vec![libc::pollfd {
-        fd: wake.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    if let Some(fd) = fd {
-        fds.push(libc::pollfd {
-            fd,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        });
-    }
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: a valid array of pollfds; poll only writes their revents.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return false;
-    }
-    if fds[0].revents & libc::POLLIN != 0 {
-        let _ = wake.read();
-    }
-    fds.get(1).is_some_and(|p| {
-        p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
-    })
+/// What wakes the monitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// The handle's wake eventfd: a state change to look at.
+    Wake,
+    /// The watched connection hung up.
+    Socket,
+}
+bulkhead_common::event_token!(Token { Wake, Socket });
+
+/// The monitor's event loop: the handle's wake eventfd always, the
+/// connection's socket while one is watched.
+pub(super) struct Watch {
+    ev: EventLoop<Token>,
 }
 
-pub(super) fn monitor(weak: Weak<BackendHandle>) {
+impl Watch {
+    pub(super) fn new(wake: &EventFd) -> io::Result<Self> {
+        let ev = EventLoop::new()?;
+        ev.add(wake, Interest::READ, Token::Wake)?;
+        Ok(Watch { ev })
+    }
+
+    /// Waits for `fd` to hang up or `wake` (the one registered) to fire, at
+    /// most `timeout`. Returns whether `fd` hung up.
+    pub(super) fn wait_hangup(&self, fd: Option<RawFd>, wake: &EventFd, timeout: Duration) -> bool {
+        // Registered only for this wait: deleted below before the caller
+        // closes it, as epoll keeps a registration while the open file
+        // description lives (the connection's own fd shares it).
+        let fd = fd.filter(|&fd| {
+            self.ev
+                .add_raw(fd, Interest::HANGUP, Token::Socket)
+                .map_err(|e| log::warn!("backend monitor: cannot watch the socket: {e}"))
+                .is_ok()
+        });
+        let events = self.ev.wait(Some(timeout)).unwrap_or_default();
+        if let Some(fd) = fd {
+            let _ = self.ev.delete_raw(fd);
+        }
+        let mut hung_up = false;
+        for e in events {
+            match e.token {
+                Token::Wake => {
+                    let _ = wake.read();
+                }
+                Token::Socket => hung_up |= e.hangup,
+            }
+        }
+        hung_up
+    }
+}
+
+pub(super) fn monitor(weak: Weak<BackendHandle>, watch: &Watch) {
     let mut delay = RECONNECT_MIN_DELAY;
     let mut failures = 0u32;
     loop {
@@ -85,7 +111,7 @@ pub(super) fn monitor(weak: Weak<BackendHandle>) {
             Some((Some(fd), generation)) => {
                 delay = RECONNECT_MIN_DELAY;
                 failures = 0;
-                if wait_hangup(Some(fd.as_raw_fd()), &h.wake, Duration::from_millis(500)) {
+                if watch.wait_hangup(Some(fd.as_raw_fd()), &h.wake, Duration::from_millis(500)) {
                     let mut g = h.lock();
                     if g.generation == generation {
                         g.lose("backend hung up".into());
@@ -93,7 +119,7 @@ pub(super) fn monitor(weak: Weak<BackendHandle>) {
                 }
             }
             Some((None, _)) => {
-                wait_hangup(None, &h.wake, Duration::from_millis(500));
+                watch.wait_hangup(None, &h.wake, Duration::from_millis(500));
             }
             None => {
                 let started = Instant::now();
@@ -113,7 +139,7 @@ pub(super) fn monitor(weak: Weak<BackendHandle>) {
                         }
                         h.lock().last_error = Some(e);
                         let wait = delay.saturating_sub(started.elapsed());
-                        wait_hangup(None, &h.wake, wait);
+                        watch.wait_hangup(None, &h.wake, wait);
                         delay = (delay * 2).min(RECONNECT_MAX_DELAY);
                     }
                 }
@@ -131,27 +157,16 @@ mod tests {
     #[test]
     fn wait_hangup_reports_a_hang_up_and_not_a_wake_or_a_timeout() {
         let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+        let watch = Watch::new(&wake).unwrap();
         let (a, b) = UnixStream::pair().unwrap();
         let t = Instant::now();
-        assert!(!wait_hangup(
-            Some(a.as_raw_fd()),
-            &wake,
-            Duration::from_millis(20)
-        ));
+        assert!(!watch.wait_hangup(Some(a.as_raw_fd()), &wake, Duration::from_millis(20)));
         assert!(t.elapsed() >= Duration::from_millis(20));
         wake.write(1).unwrap();
-        assert!(!wait_hangup(
-            Some(a.as_raw_fd()),
-            &wake,
-            Duration::from_secs(5)
-        ));
+        assert!(!watch.wait_hangup(Some(a.as_raw_fd()), &wake, Duration::from_secs(5)));
         assert!(wake.read().is_err(), "the wake-up was consumed");
         drop(b);
-        assert!(wait_hangup(
-            Some(a.as_raw_fd()),
-            &wake,
-            Duration::from_secs(5)
-        ));
-        assert!(!wait_hangup(None, &wake, Duration::ZERO));
+        assert!(watch.wait_hangup(Some(a.as_raw_fd()), &wake, Duration::from_secs(5)));
+        assert!(!watch.wait_hangup(None, &wake, Duration::ZERO));
     }
 }

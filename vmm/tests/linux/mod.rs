@@ -30,6 +30,7 @@ use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::guest::{self, GuestImage, GuestRun};
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::{ChildGuard, workspace_binary};
+use bulkhead_tests::skip::skip;
 
 /// Hard limit for one boot, before `BULKHEAD_TIMEOUT_SCALE`.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -156,18 +157,23 @@ pub struct Backends {
 impl Backends {
     /// Starts `bulkhead-blk` on a fresh image, `bulkhead-console` with a
     /// named port and, where namespaces can be made, `bulkhead-net` on a tap
-    /// in a new namespace (else the VM runs without a net device and a line
-    /// says why).
+    /// in a new namespace (else the VM runs without a net device, after a
+    /// skip line; under CI that fails).
     pub fn start(opts: &Options) -> Backends {
         let blk = start_blk(None, opts.blk_queues);
         let scratch = Scratch::new(0).expect("scratch");
         let cmd = console_command(&scratch);
         let console = Daemon::start("bulkhead-console", cmd, scratch)
             .expect("start bulkhead-console (cargo build -p bulkhead-console)");
-        let (net, iperf3, ns) = match Self::start_net(opts.multi_queue_tap) {
-            Ok((net, iperf3, ns)) => (Some(net), Some(iperf3), Some(ns)),
-            Err(why) => {
-                eprintln!("SKIPPED (net device only): {why}; the guest runs with blk and console");
+        let (net, iperf3, ns) = match netns::unavailable() {
+            None => {
+                let (net, iperf3, ns) = Self::start_net(opts.multi_queue_tap);
+                (Some(net), Some(iperf3), Some(ns))
+            }
+            Some(why) => {
+                // libtest names the test's thread after the test.
+                let test = std::thread::current().name().unwrap_or("?").to_string();
+                skip(&format!("{test} (net device; blk and console run)"), why);
                 (None, None, None)
             }
         };
@@ -184,23 +190,20 @@ impl Backends {
     }
 
     /// A namespace with tap [`TAP`] at [`TAP_ADDR`], `bulkhead-net` and an
-    /// iperf3 server inside it, or why not.
-    fn start_net(multi_queue: bool) -> Result<(Daemon, ChildGuard, NetNs), String> {
-        if let Some(why) = netns::unavailable() {
-            return Err(why);
-        }
-        let ns = NetNs::new().map_err(|e| format!("cannot create a namespace: {e}"))?;
+    /// iperf3 server inside it.
+    fn start_net(multi_queue: bool) -> (Daemon, ChildGuard, NetNs) {
+        let ns = NetNs::new().expect("create a network namespace");
         ns.add_tap(TAP, &format!("{TAP_ADDR}/24"), multi_queue)
-            .map_err(|e| format!("cannot add a tap: {e}"))?;
-        let scratch = Scratch::new(0).map_err(|e| e.to_string())?;
+            .expect("add a tap");
+        let scratch = Scratch::new(0).expect("scratch");
         let cmd = net_command(&ns, &scratch);
         let net = Daemon::start("bulkhead-net", cmd, scratch)
-            .map_err(|e| format!("cannot start bulkhead-net (cargo build -p bulkhead-net): {e}"))?;
+            .expect("start bulkhead-net (cargo build -p bulkhead-net)");
         let mut cmd = ns.command("iperf3");
         cmd.args(["-s", "-B", TAP_ADDR]);
         let iperf3 = guest::spawn_daemon("iperf3 -s", &mut cmd, Path::new("/dev/null"))
-            .map_err(|e| format!("cannot start iperf3 (run .ci/install-deps): {e}"))?;
-        Ok((net, iperf3, ns))
+            .expect("start iperf3 (run .ci/install-deps)");
+        (net, iperf3, ns)
     }
 
     /// Host socket of console port `name` (`hvc0` is port 0, `console`).

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bulkhead_tests::skip::{SkipReason, skip};
+
 use super::{Completion, Engine, EngineKind, Op, is_queue_full, new_engine};
 
 /// A scratch image file, removed on drop.
@@ -60,7 +62,12 @@ fn kinds() -> Vec<EngineKind> {
     if super::io_uring_available() {
         vec![EngineKind::Sync, EngineKind::IoUring]
     } else {
-        eprintln!("io_uring unavailable here: testing the sync engine only");
+        // libtest names the test's thread after the test.
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        skip(
+            &format!("{test} (the io_uring engine)"),
+            SkipReason::Unsupported("io_uring".into()),
+        );
         vec![EngineKind::Sync]
     }
 }
@@ -271,14 +278,15 @@ fn write_zeroes_zeroes_range_with_and_without_unmap() {
 #[test]
 fn zeroing_on_tmpfs_falls_back_where_fallocate_modes_are_missing() {
     let shm = Path::new("/dev/shm");
-    // SAFETY: statfs writes into the zeroed struct we pass.
+    // SAFETY: statfs is plain integers; all zeroes is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we pass.
     let is_tmpfs = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0
         && st.f_type == libc::TMPFS_MAGIC;
     if !is_tmpfs {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP: /dev/shm is not a tmpfs here\n"),
+        skip(
+            "zeroing_on_tmpfs_falls_back_where_fallocate_modes_are_missing",
+            SkipReason::Unsupported("/dev/shm is not a tmpfs".into()),
         );
         return;
     }
@@ -457,9 +465,9 @@ fn read_past_end_of_file_completes_with_eio() {
 #[test]
 fn enospc_surfaces_in_the_completion() {
     let Ok(full) = OpenOptions::new().write(true).open("/dev/full") else {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP: /dev/full cannot be opened here\n"),
+        skip(
+            "enospc_surfaces_in_the_completion",
+            SkipReason::Unsupported("/dev/full cannot be opened".into()),
         );
         return;
     };
@@ -568,13 +576,12 @@ fn block_device_range_ops_use_ioctls() {
         None => match LoopDevice::new(4 << 20) {
             Ok(l) => _loop.insert(l).path.clone(),
             Err(why) => {
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!(
-                        "SKIP block_device_range_ops_use_ioctls: no loop device ({why}); \
-                         set BULKHEAD_TEST_BLOCK_DEVICE to a scratch block device\n"
-                    ),
-                );
+                let reason = bulkhead_tests::skip::needs_root().unwrap_or_else(|| {
+                    SkipReason::Unsupported(format!(
+                        "a loop device ({why}; BULKHEAD_TEST_BLOCK_DEVICE names a scratch device)"
+                    ))
+                });
+                skip("block_device_range_ops_use_ioctls", reason);
                 return;
             }
         },
@@ -669,18 +676,16 @@ fn shm_dir() -> Option<PathBuf> {
 fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
     use super::inline::InlineReads;
     use std::os::unix::io::AsRawFd;
+    const TEST: &str = "reads_on_tmpfs_are_served_inline_and_return_the_right_bytes";
     let Some(dir) = shm_dir() else {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP: /dev/shm is not tmpfs\n"),
+        skip(
+            TEST,
+            SkipReason::Unsupported("/dev/shm is not a tmpfs".into()),
         );
         return;
     };
     if !super::io_uring_available() {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP: io_uring unavailable\n"),
-        );
+        skip(TEST, SkipReason::Unsupported("io_uring".into()));
         return;
     }
     let img = TempImage::new(&dir, "inline", 64 * 1024, 0);
@@ -719,9 +724,9 @@ fn direct_images_are_never_read_inline() {
         .custom_flags(libc::O_DIRECT)
         .open(&img.path)
     else {
-        let _ = std::io::Write::write_fmt(
-            &mut std::io::stderr(),
-            format_args!("SKIP: O_DIRECT unsupported in the temp dir\n"),
+        skip(
+            "direct_images_are_never_read_inline",
+            SkipReason::Unsupported("O_DIRECT in the temp dir".into()),
         );
         return;
     };
