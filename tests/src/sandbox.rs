@@ -27,7 +27,11 @@ pub fn threads(pid: u32) -> Vec<(String, String, String)> {
     };
     for e in dir.flatten() {
         let dir = e.path();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        // A thread that ended between the listing and this read (a queue
+        // thread stopping as the frontend reconnects) holds nothing: skip it.
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
         let name = field(&status, "Name").unwrap_or_default();
         let tid = dir
             .file_name()
