@@ -34,8 +34,19 @@ pub(super) fn resolve_ids(args: &SandboxArgs) -> Result<Option<(u32, u32)>, Sand
 }
 
 fn lookup_user(name: &str) -> Result<(u32, u32), SandboxError> {
-    let unknown = || SandboxError::UnknownId("user", name.to_string());
-    let cname = CString::new(name).map_err(|_| unknown())?;
+    match passwd_ids(name) {
+        Some(ids) => Ok(ids),
+        None => match name.parse::<u32>() {
+            Ok(uid) => Ok((uid, uid)),
+            Err(_) => Err(SandboxError::UnknownId("user", name.to_string())),
+        },
+    }
+}
+
+/// `name`'s (uid, gid) in the user database; None where it has no entry.
+/// Public so the launcher asks the same question its backends will.
+pub fn passwd_ids(name: &str) -> Option<(u32, u32)> {
+    let cname = CString::new(name).ok()?;
     let mut buf = vec![0u8; 4096];
     loop {
         // SAFETY: a zeroed passwd is a valid out-parameter.
@@ -55,13 +66,7 @@ fn lookup_user(name: &str) -> Result<(u32, u32), SandboxError> {
             buf.resize(buf.len() * 2, 0);
             continue;
         }
-        if rc == 0 && !result.is_null() {
-            return Ok((pw.pw_uid, pw.pw_gid));
-        }
-        return match name.parse::<u32>() {
-            Ok(uid) => Ok((uid, uid)),
-            Err(_) => Err(unknown()),
-        };
+        return (rc == 0 && !result.is_null()).then_some((pw.pw_uid, pw.pw_gid));
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use bulkhead_common::sandbox::privileges::passwd_ids;
 use serde::Deserialize;
 
 /// Errors while reading the config.
@@ -465,7 +466,7 @@ impl Config {
             // A minimal host (a container, an initramfs) may have no
             // passwd entry for nobody: its uid, the kernel's overflow uid,
             // is what the name stands for everywhere else.
-            None if user_exists("nobody") => Some("nobody"),
+            None if passwd_ids("nobody").is_some() => Some("nobody"),
             None => Some("65534"),
         }
     }
@@ -539,28 +540,6 @@ fn random_mac() -> String {
         b.copy_from_slice(&pid[..3]);
     }
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
-}
-
-/// Whether the user database knows `name`.
-fn user_exists(name: &str) -> bool {
-    let Ok(cname) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    let mut buf = vec![0u8; 16 << 10];
-    // SAFETY: a zeroed passwd is a valid out-parameter.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r writes into `pw` and at most `buf.len()` bytes of `buf`.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    rc == 0 && !result.is_null()
 }
 
 #[cfg(test)]
