@@ -369,6 +369,14 @@ impl Guest {
         run
     }
 
+    /// Writes the guest's initramfs (the kit's, then `/test.sh` and the
+    /// test's files) to `out`, for a frontend other than QEMU run here
+    /// (libvirt): boot it with [`GuestImage::kernel`] and read the serial
+    /// console with [`GuestRun::parse`].
+    pub fn write_initrd_to(&self, out: &Path) -> io::Result<()> {
+        self.write_initrd(&image().initrd, out)
+    }
+
     /// Writes the base initramfs followed by a cpio with `/test.sh` and the
     /// test's files to `out`.
     fn write_initrd(&self, base: &Path, out: &Path) -> io::Result<()> {
