@@ -137,6 +137,12 @@ impl Tap {
         })
     }
 
+    /// The queue's fd, to hand to another process (the launcher passes
+    /// taps it opened to a daemon that may not open them itself).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Takes ownership of an inherited tap fd and checks it is a tap with a vnet header and no PI.
     pub fn from_raw_fd(raw: RawFd) -> io::Result<Tap> {
         // SAFETY: F_GETFD only checks that the fd is open.

@@ -269,6 +269,31 @@ impl Kind {
     }
 }
 
+/// What the launcher opens for a backend that runs as another user, and
+/// passes as inherited fds (`--image-fd`, `--tap-fd`): the daemon then
+/// needs neither the right to open the image nor CAP_NET_ADMIN for the tap,
+/// and never sees the path. Opened afresh at each (re)start, so an image's
+/// lock and a tap's queues belong to the daemon that runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Preopen {
+    /// `--image PATH` in the arguments becomes `--image-fd N`.
+    Image {
+        /// The image file or block device.
+        path: PathBuf,
+        /// Opened read-only (`readonly` or `--readonly`).
+        readonly: bool,
+        /// `--direct`: opened with O_DIRECT.
+        direct: bool,
+    },
+    /// `--tap NAME` becomes one `--tap-fd N` per queue pair.
+    Tap {
+        /// The tap's name.
+        name: String,
+        /// Queue pairs (`--queue-pairs`), one fd each.
+        queues: u16,
+    },
+}
+
 /// One backend to run, resolved from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -286,6 +311,8 @@ pub struct BackendSpec {
     pub num_queues: Option<u16>,
     /// MAC address the frontend must give the guest (net).
     pub mac: Option<String>,
+    /// What the launcher opens for it ([`Preopen`]); None: it opens its own.
+    pub preopen: Option<Preopen>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -444,12 +471,39 @@ impl Config {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if let Some(user) = self.backend_user(root) {
-            for b in &mut v {
+            for (b, preopen) in v.iter_mut().zip(self.preopens()) {
                 if !b.args.iter().any(|a| a == "--user") {
                     b.args.extend(["--user".into(), user.to_string()]);
                 }
+                b.preopen = preopen;
             }
         }
+        v
+    }
+
+    /// For each backend (in [`Config::backends`] order), what the launcher
+    /// would open for it: the blk image, the net tap; not when the
+    /// backend's own arguments already name an fd.
+    fn preopens(&self) -> Vec<Option<Preopen>> {
+        let has = |args: &[String], flag: &str| {
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut v = Vec::new();
+        for b in &self.blk {
+            v.push((!has(&b.args, "--image-fd")).then(|| Preopen::Image {
+                path: b.image.clone(),
+                readonly: b.readonly || has(&b.args, "--readonly"),
+                direct: has(&b.args, "--direct"),
+            }));
+        }
+        for n in &self.net {
+            v.push((!has(&n.args, "--tap-fd")).then(|| Preopen::Tap {
+                name: n.tap.clone(),
+                queues: queue_pairs(&n.args),
+            }));
+        }
+        v.extend(self.console.iter().map(|_| None));
         v
     }
 
@@ -493,6 +547,7 @@ impl Config {
                 transport: b.transport.clone(),
                 num_queues: b.num_queues,
                 mac: None,
+                preopen: None,
             });
         }
         for (i, n) in self.net.iter().enumerate() {
@@ -510,6 +565,7 @@ impl Config {
                 transport: n.transport.clone(),
                 num_queues: None,
                 mac: n.mac.clone(),
+                preopen: None,
             });
         }
         for (i, c) in self.console.iter().enumerate() {
@@ -522,10 +578,26 @@ impl Config {
                 transport: c.transport.clone(),
                 num_queues: None,
                 mac: None,
+                preopen: None,
             });
         }
         v
     }
+}
+
+/// `--queue-pairs N` (or `=N`) in bulkhead-net's arguments; 1 without one
+/// or with a value the daemon will refuse anyway.
+fn queue_pairs(args: &[String]) -> u16 {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = match a.strip_prefix("--queue-pairs") {
+            Some("") => it.next().map(String::as_str),
+            Some(rest) => rest.strip_prefix('='),
+            None => continue,
+        };
+        return value.and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    }
+    1
 }
 
 /// A MAC in QEMU's and libvirt's locally administered range 52:54:00, the
@@ -623,6 +695,36 @@ mac = "52:54:00:12:34:56"
         assert_eq!(c.backend_user(true), None);
         let c = Config::parse("frontend = \"none\"\nuser = \"vmuser\"\n[[console]]\n").unwrap();
         assert_eq!(c.backend_user(true), Some("vmuser"));
+    }
+
+    #[test]
+    fn the_launcher_would_open_images_and_taps_unless_given_fds() {
+        let c = Config::parse(
+            "frontend = \"none\"\n[[blk]]\nimage = \"/a.img\"\nargs = [\"--direct\"]\n\
+             [[blk]]\nimage = \"/b.img\"\nargs = [\"--image-fd=7\"]\n\
+             [[net]]\ntap = \"t0\"\nargs = [\"--queue-pairs\", \"4\"]\n[[console]]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.preopens(),
+            [
+                Some(Preopen::Image {
+                    path: "/a.img".into(),
+                    readonly: false,
+                    direct: true
+                }),
+                None,
+                Some(Preopen::Tap {
+                    name: "t0".into(),
+                    queues: 4
+                }),
+                None,
+            ]
+        );
+        let pairs = |a: &[&str]| queue_pairs(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(pairs(&["--queue-pairs=3"]), 3);
+        assert_eq!(pairs(&["--mac", "m"]), 1);
+        assert_eq!(pairs(&["--queue-pairs", "zero"]), 1);
     }
 
     #[test]

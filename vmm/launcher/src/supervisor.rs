@@ -7,6 +7,8 @@
 
 use bulkhead_common::cli::error_chain;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -14,13 +16,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::{BackendSpec, Config, FrontendKind};
+use crate::config::{BackendSpec, Config, FrontendKind, Preopen};
 use crate::frontend::{self, Frontend};
 
 /// How long a backend may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a process may take to exit after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first fd number a backend inherits a preopened file at.
+const FIRST_PASSED_FD: RawFd = 10;
 /// The supervision loop's period.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -99,16 +103,19 @@ fn prefix_lines(id: String, r: impl Read + Send + 'static, to_stderr: bool) {
 /// reaches only the launcher, which stops things in order), killed if the
 /// launcher dies, output prefixed.
 fn spawn(id: &str, program: &Path, args: &[String], stdin: Stdio) -> Result<Child, LaunchError> {
-    spawn_with(id, program, args, stdin, None)
+    spawn_with(id, program, args, stdin, None, Vec::new())
 }
 
-/// As [`spawn`], with `NOTIFY_SOCKET` set to `notify` when given.
+/// As [`spawn`], with `NOTIFY_SOCKET` set to `notify` when given, and
+/// `fds` inherited as fds [`FIRST_PASSED_FD`], +1, ... (closed here once
+/// the child has them).
 fn spawn_with(
     id: &str,
     program: &Path,
     args: &[String],
     stdin: Stdio,
     notify: Option<&Path>,
+    fds: Vec<OwnedFd>,
 ) -> Result<Child, LaunchError> {
     let mut cmd = Command::new(program);
     if let Some(n) = notify {
@@ -118,12 +125,37 @@ fn spawn_with(
         .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setpgid and prctl are async-signal-safe and touch no memory
-    // of the parent.
+    // Above every target number, so no dup2 below overwrites a source.
+    let above = FIRST_PASSED_FD + RawFd::try_from(fds.len()).unwrap_or(RawFd::MAX / 2);
+    let sources = fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC on an fd this function owns.
+            let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
+            if raw < 0 {
+                return Err(LaunchError::Io(
+                    "Cannot duplicate a file for the backend".into(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: fcntl just returned this new fd, owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        })
+        .collect::<Result<Vec<OwnedFd>, LaunchError>>()?;
+    drop(fds);
+    let raw: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: setpgid, prctl and dup2 are async-signal-safe and touch no
+    // memory of the parent; `raw` is only read.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for (target, &src) in (FIRST_PASSED_FD..).zip(&raw) {
+                // dup2 leaves the new fd without FD_CLOEXEC: inherited.
+                if libc::dup2(src, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -131,6 +163,7 @@ fn spawn_with(
     let mut child = cmd
         .spawn()
         .map_err(|e| LaunchError::Io(format!("Cannot start {}", program.display()), e))?;
+    drop(sources);
     if let Some(out) = child.stdout.take() {
         prefix_lines(id.into(), out, false);
     }
@@ -193,6 +226,60 @@ fn backend_args(spec: &BackendSpec, restart: bool) -> Vec<String> {
         args.extend(["--format".to_string(), "raw".to_string()]);
     }
     args
+}
+
+/// Opens what `preopen` names, as the backend's user could not: the image
+/// (read-only or read-write, O_DIRECT if asked), or the tap's queues.
+fn open_preopened(preopen: &Preopen) -> Result<Vec<OwnedFd>, LaunchError> {
+    match preopen {
+        Preopen::Image {
+            path,
+            readonly,
+            direct,
+        } => {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(!readonly);
+            if *direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            let file = o.open(path).map_err(|e| {
+                LaunchError::Io(
+                    format!("Cannot open image {} for its backend", path.display()),
+                    e,
+                )
+            })?;
+            Ok(vec![file.into()])
+        }
+        Preopen::Tap { name, queues } => bulkhead_net::tap::Tap::open_queues(name, *queues)
+            .map(|taps| taps.into_iter().map(|t| t.into_fd()).collect())
+            .map_err(|e| LaunchError::Io(format!("Cannot open tap {name} for its backend"), e)),
+    }
+}
+
+/// `args` with the preopened files' fds in place of their paths: `--image
+/// PATH` becomes `--image-fd N`, `--tap NAME` one `--tap-fd N` per fd.
+fn fd_args(args: &[String], preopen: &Preopen, fds: usize) -> Vec<String> {
+    let (flag, fd_flag) = match preopen {
+        Preopen::Image { .. } => ("--image", "--image-fd"),
+        Preopen::Tap { .. } => ("--tap", "--tap-fd"),
+    };
+    let mut out = Vec::with_capacity(args.len() + fds);
+    let mut it = args.iter();
+    let mut replaced = false;
+    while let Some(a) = it.next() {
+        if replaced || (a != flag && !a.starts_with(&format!("{flag}="))) {
+            out.push(a.clone());
+            continue;
+        }
+        if a == flag {
+            it.next();
+        }
+        for fd in (FIRST_PASSED_FD..).take(fds) {
+            out.extend([fd_flag.to_string(), fd.to_string()]);
+        }
+        replaced = true;
+    }
+    out
 }
 
 struct Backend {
@@ -309,7 +396,12 @@ impl Supervisor {
 
     fn start_backend(&mut self, i: usize) -> Result<(), LaunchError> {
         let b = &self.backends[i];
-        let args = backend_args(&b.spec, b.restarts > 0);
+        let mut args = backend_args(&b.spec, b.restarts > 0);
+        let mut fds = Vec::new();
+        if let Some(p) = &b.spec.preopen {
+            fds = open_preopened(p)?;
+            args = fd_args(&args, p, fds.len());
+        }
         // A fresh readiness socket per start: nothing stale is read as READY.
         let notify_path = self.notify_path(&b.spec.id);
         let _ = std::fs::remove_file(&notify_path);
@@ -321,6 +413,7 @@ impl Supervisor {
             &args,
             Stdio::null(),
             Some(&notify_path),
+            fds,
         )?;
         let pid = child.id();
         let pid_file = self.pid_file(&b.spec.id);
@@ -597,6 +690,72 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_preopened_file_replaces_its_path_by_fds() {
+        let args: Vec<String> = ["--tap", "t0", "--queue-pairs", "2", "--mac", "m"]
+            .map(String::from)
+            .to_vec();
+        let tap = Preopen::Tap {
+            name: "t0".into(),
+            queues: 2,
+        };
+        assert_eq!(
+            fd_args(&args, &tap, 2),
+            [
+                "--tap-fd",
+                "10",
+                "--tap-fd",
+                "11",
+                "--queue-pairs",
+                "2",
+                "--mac",
+                "m"
+            ]
+        );
+        let image = Preopen::Image {
+            path: "/d.img".into(),
+            readonly: true,
+            direct: false,
+        };
+        let args: Vec<String> = ["--socket-path", "/s", "--image=/d.img", "--readonly"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            fd_args(&args, &image, 1),
+            ["--socket-path", "/s", "--image-fd", "10", "--readonly"]
+        );
+    }
+
+    #[test]
+    fn a_preopened_image_that_cannot_be_opened_is_named() {
+        let e = open_preopened(&Preopen::Image {
+            path: "/nonexistent/vm.img".into(),
+            readonly: false,
+            direct: false,
+        })
+        .unwrap_err();
+        assert!(error_chain(&e).contains("/nonexistent/vm.img"), "{e}");
+    }
+
+    #[test]
+    fn passed_fds_reach_the_child_at_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        let fd: OwnedFd = std::fs::File::open(&path).unwrap().into();
+        let child = spawn_with(
+            "t",
+            Path::new("/bin/sh"),
+            &["-c".into(), "readlink /proc/self/fd/10".into()],
+            Stdio::null(),
+            None,
+            vec![fd],
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+    }
 
     #[test]
     fn a_restarted_blk_backend_skips_the_format_probe() {

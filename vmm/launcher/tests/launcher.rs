@@ -23,7 +23,7 @@ use bulkhead_tests::skip::{self, skip_if};
 
 struct Launcher {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     run: PathBuf,
 }
 
@@ -66,11 +66,7 @@ fn up_in(ns: Option<&NetNs>, toml_body: &str) -> Launcher {
         .stdin(Stdio::null())
         .spawn()
         .expect("start bulkhead (cargo build -p bulkhead-launcher)");
-    Launcher {
-        child,
-        _dir: dir,
-        run,
-    }
+    Launcher { child, dir, run }
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -173,7 +169,16 @@ image = "disk.img"
             );
         }
     }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        assert_image_passed_as_fd(&l, wait_up(&l, "blk0"));
+    }
     let (old, new) = kill_and_wait_restart(&l, "blk0");
+    if root {
+        // Opened afresh for the restarted daemon.
+        assert_image_passed_as_fd(&l, new);
+    }
     // A second crash, with the doubled delay.
     let (_, newer) = kill_and_wait_restart(&l, "blk0");
     assert_eq!(
@@ -182,6 +187,28 @@ image = "disk.img"
         "console untouched"
     );
     stop_and_check_clean(l, &[old, new, newer, console]);
+}
+
+/// A root launcher opened blk0's image and passed it: the daemon was
+/// started with `--image-fd 10` and no path, and its fd 10 is the image.
+fn assert_image_passed_as_fd(l: &Launcher, pid: i32) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--image-fd" && w[1] == "10"),
+        "blk0 (pid {pid}) args {args:?}"
+    );
+    assert!(!args.iter().any(|a| a == "--image"), "{args:?}");
+    let fd10 = std::fs::read_link(format!("/proc/{pid}/fd/10")).unwrap();
+    assert_eq!(
+        fd10,
+        l.dir.path().join("disk.img").canonicalize().unwrap(),
+        "blk0's fd 10"
+    );
 }
 
 /// A `Name:` field of `/proc/PID/status`.
@@ -429,7 +456,7 @@ transport = "mmio"
     }
 
     // The guest stops and powers off; the launcher exits with bulkhead-vmm's 0.
-    let disk = l._dir.path().join("disk.img");
+    let disk = l.dir.path().join("disk.img");
     let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"STOP", STOP_OFFSET).unwrap();
     f.sync_all().unwrap();
