@@ -393,6 +393,12 @@ impl PacketSocket {
             data.extend_from_slice(&[0u8; 10]);
         }
         data.extend_from_slice(frame);
+        self.send_raw(&data)
+    }
+
+    /// Sends `data` as it is: on a socket with a vnet header, its first 10
+    /// bytes are that header (a GSO frame's, say).
+    pub fn send_raw(&self, data: &[u8]) -> io::Result<()> {
         // SAFETY: sockaddr_ll is plain old data.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
