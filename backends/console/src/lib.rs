@@ -3,6 +3,7 @@
 //! CLI.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod device;
 pub mod policy;
 pub mod port;

@@ -3,6 +3,7 @@
 //! is only the CLI; fuzz targets and benchmarks use these modules directly.
 #![warn(missing_docs)]
 
+pub mod cli;
 mod ctrl;
 pub mod device;
 pub mod policy;
