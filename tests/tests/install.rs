@@ -178,6 +178,26 @@ fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them()
     // bulkhead-docgen is a build tool, not installed.
     assert!(!staged(root.path(), "/usr/bin/bulkhead-docgen").exists());
     assert!(staged(root.path(), "/usr/lib/systemd/system/bulkhead@.service").is_file());
+    // Each unit's Documentation= page is installed.
+    for unit in std::fs::read_dir(repo_root().join("contrib/systemd")).unwrap() {
+        let unit = unit.unwrap().path();
+        let text = std::fs::read_to_string(&unit).unwrap();
+        let docs: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("Documentation="))
+            .flat_map(str::split_whitespace)
+            .filter_map(|d| d.strip_prefix("man:"))
+            .collect();
+        assert!(!docs.is_empty(), "{unit:?} names no man page");
+        for page in docs {
+            let (name, section) = page.trim_end_matches(')').split_once('(').unwrap();
+            let path = format!("/usr/share/man/man{section}/{name}.{section}");
+            assert!(
+                staged(root.path(), &path).is_file(),
+                "{unit:?}: Documentation=man:{page} is not installed"
+            );
+        }
+    }
 
     let files: Vec<String> = std::fs::read_to_string(&manifest)
         .unwrap()
