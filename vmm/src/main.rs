@@ -2,6 +2,7 @@
 //! served by a vhost-user backend process.
 
 use bulkhead_common::cli::error_chain;
+use bulkhead_common::logging;
 use bulkhead_common::sandbox::SandboxMode;
 use std::process::ExitCode;
 
@@ -50,11 +51,7 @@ fn ctl(api_socket: &std::path::Path, req: CtlRequest) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    // Never styled: a style check is an ioctl on the terminal, which the
-    // seccomp filter refuses.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .write_style(env_logger::WriteStyle::Never)
-        .init();
+    logging::init_logging("bulkhead-vmm", log::LevelFilter::Warn);
     let args = Args::parse();
     if let Some(Command::Ctl {
         api_socket,

@@ -3,13 +3,14 @@
 use std::process::ExitCode;
 
 use bulkhead_common::cli::error_chain;
+use bulkhead_common::logging;
 use bulkhead_launcher::cli::{Args, Cmd};
 use bulkhead_launcher::config::Config;
 use bulkhead_launcher::supervisor::Supervisor;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    logging::init_logging("bulkhead", log::LevelFilter::Warn);
     let args = Args::parse();
     let (config, sandbox) = match &args.command {
         Cmd::Up { config, sandbox } => (config, *sandbox),
