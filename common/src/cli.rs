@@ -1,5 +1,6 @@
 //! Command-line pieces shared by every daemon: the vhost-user backend program
-//! conventions (`--socket-path`, `--fd`, `--print-capabilities`) and logging.
+//! conventions (`--socket-path`, `--fd`, `--print-capabilities`), error
+//! chains, and the daemons' call into [`crate::logging`].
 
 use std::io::Write;
 use std::os::unix::io::RawFd;
@@ -102,24 +103,10 @@ pub fn print_capabilities(device_type: &str, features: &[&str]) {
     let _ = writeln!(out, "{}", capabilities_json(device_type, features));
 }
 
-/// Initialises logging to stderr (`RUST_LOG` overrides the default `info`).
-///
-/// Plain text, never styled: a style check asks the terminal with an ioctl
-/// on each line, which the sandbox's filter refuses (a daemon started in a
-/// terminal died of SIGSYS at its first line after confinement).
+/// Initialises a daemon's logging: [`crate::logging::init_logging`] at the
+/// daemons' default level, `info` (`RUST_LOG` overrides it).
 pub fn init_logging(program: &'static str) {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .write_style(env_logger::WriteStyle::Never)
-        .format(move |buf, record| {
-            writeln!(
-                buf,
-                "{program}[{}]: {} {}",
-                std::process::id(),
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
+    crate::logging::init_logging(program, log::LevelFilter::Info);
 }
 
 /// `e` and its causes on one line, `outer: inner: innermost`: how every

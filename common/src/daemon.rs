@@ -519,9 +519,14 @@ pub const SIGBUS_MESSAGE: &str = "ERROR SIGBUS: a shared memory file (guest memo
      exiting (status 75)\n";
 
 extern "C" fn on_sigbus(_: libc::c_int) {
-    // Only async-signal-safe calls: one write(2), then _exit(2).
-    // SAFETY: writing a static buffer to fd 2 and exiting.
+    // Only async-signal-safe calls: an atomic load, write(2), then _exit(2).
+    // In the journal the line carries its priority (crate::logging).
+    let journal = crate::logging::Sink::current() == crate::logging::Sink::Journal;
+    // SAFETY: writing static buffers to fd 2 and exiting.
     unsafe {
+        if journal {
+            libc::write(2, b"<3>".as_ptr().cast(), 3);
+        }
         libc::write(2, SIGBUS_MESSAGE.as_ptr().cast(), SIGBUS_MESSAGE.len());
         libc::_exit(EXIT_SIGBUS);
     }

@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use crate::spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -203,7 +203,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     }
 
     fn protocol_acked(&self) -> bool {
-        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+        self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0
     }
 
     /// Whether SET_FEATURES acked VHOST_USER_F_PROTOCOL_FEATURES.
@@ -483,7 +483,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.device.features() | VHOST_USER_F_PROTOCOL_FEATURES)
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {

@@ -13,6 +13,7 @@ pub mod event;
 pub mod frontend_fd;
 pub mod handler;
 pub mod inflight;
+pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod ratelimit;

@@ -22,6 +22,7 @@
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};
 
+use crate::spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
 use vm_memory::{Bytes, MmapRegion, VolatileMemory, VolatileSlice};
 
 /// First bytes of every blob.
@@ -112,13 +113,10 @@ pub enum StateError {
     Mismatch(String),
 }
 
-/// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user detail, not a device feature.
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-
 /// The virtio features a blob records: the acked set without
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 pub fn virtio_features(acked: u64) -> u64 {
-    acked & !PROTOCOL_FEATURES_BIT
+    acked & !VHOST_USER_F_PROTOCOL_FEATURES
 }
 
 /// Checks that a blob saved under `saved` features belongs to a driver that

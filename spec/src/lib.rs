@@ -8,6 +8,8 @@
 //! the field it goes into: feature bits are `u64` masks (the bindings give
 //! bit numbers), descriptor flags `u16`, status bytes `u8`. The bindings
 //! have no virtio-console header: `console.rs` cites the spec instead.
+//! vhost-user's own feature bits (`vhost_user.rs`) come from the `vhost`
+//! crate.
 //! Config spaces are `#[repr(C)]` structs of little-endian fields that
 //! implement `ByteValued`, so a device builds its config space by filling
 //! in fields, not by writing bytes at offsets.
@@ -19,6 +21,7 @@ pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod ring;
+pub mod vhost_user;
 
 use virtio_bindings::{virtio_config, virtio_ids};
 
@@ -78,6 +81,8 @@ mod tests {
         assert_eq!(ring::VIRTIO_RING_F_EVENT_IDX, 1 << 29);
         assert_eq!(blk::VIRTIO_BLK_F_WRITE_ZEROES, 1 << 14);
         assert_eq!(net::VIRTIO_NET_F_MQ, 1 << 22);
+        assert_eq!(vhost_user::VHOST_USER_F_PROTOCOL_FEATURES, 1 << 30);
+        assert_eq!(vhost_user::VHOST_F_LOG_ALL, 1 << 26);
         assert_eq!(console::VIRTIO_CONSOLE_F_EMERG_WRITE, 1 << 2);
     }
 }

@@ -22,13 +22,12 @@ use crate::virtq::{VirtQueue, VirtqError};
 
 pub use bulkhead_spec::VIRTIO_F_VERSION_1;
 pub use bulkhead_spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+/// vhost-user's bits: protocol features negotiated; dirty logging (never
+/// acked by the kit).
+pub use bulkhead_spec::vhost_user::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 
-/// vhost-user feature bit: protocol features are negotiated.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// Device-type-specific feature bits (0..=23), all acceptable by default.
 pub const DEVICE_FEATURES: u64 = (1 << 24) - 1;
-/// vhost feature bit: dirty logging (never acked by the kit).
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Errors from the frontend.
 #[derive(Debug, thiserror::Error)]

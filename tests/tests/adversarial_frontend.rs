@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_tests::blk::{BlkDriver, VIRTIO_BLK_S_OK};
 use bulkhead_tests::console::{ConsoleDriver, tx_queue};
-use bulkhead_tests::frontend::{Device, Options, RawConnection};
+use bulkhead_tests::frontend::{Device, Options, RawConnection, VHOST_F_LOG_ALL};
 use bulkhead_tests::memory::GuestMemory;
 use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::process::workspace_binary;
@@ -233,7 +233,7 @@ impl Session {
         let pf = fe.get_protocol_features().unwrap() & want;
         fe.set_protocol_features(pf).unwrap();
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe.set_features(offered & !(1 << 26)).unwrap();
+        fe.set_features(offered & !VHOST_F_LOG_ALL).unwrap();
         let mem = Arc::new(GuestMemory::new(4 << 20).unwrap());
         if with_mem {
             fe.set_mem_table(&mem.region_infos()).unwrap();
@@ -1495,7 +1495,7 @@ fn a_disconnect_at_every_step_of_a_bring_up_leaves_the_daemon_serving() {
                         fe.get_queue_num()?;
                     }
                     if next() {
-                        fe.set_features(features & !(1 << 26))?;
+                        fe.set_features(features & !VHOST_F_LOG_ALL)?;
                     }
                     if next() {
                         fe.set_mem_table(&mem.region_infos())?;

@@ -1,7 +1,8 @@
 //! `scripts/install` into a staging root (DESTDIR): the binaries, the
 //! vhost-user backend descriptors with the installed path and only the
 //! members QEMU's schema (docs/interop/vhost-user.json, `VhostUserBackend`)
-//! defines, the systemd units, man pages and completions; then
+//! defines, the systemd units, the man pages and bash, zsh and fish
+//! completions bulkhead-docgen writes; then
 //! `--uninstall` removes every file again. Run `cargo build --workspace
 //! --bins` first (the test installs those binaries).
 
@@ -31,6 +32,9 @@ const SCHEMA_TYPES: &[&str] = &[
     "fs",
 ];
 
+/// A page of an earlier install (section 1, from `--help`).
+const OLD_PAGE: &str = "/usr/share/man/man1/bulkhead-blk.1";
+
 fn install(destdir: &Path, extra: &[&str]) {
     let bin_dir = workspace_binary("bulkhead-blk")
         .parent()
@@ -59,6 +63,13 @@ fn staged(root: &Path, path: &str) -> PathBuf {
 #[test]
 fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them() {
     let root = tempfile::tempdir().unwrap();
+    // An earlier install, with a page this one does not write.
+    let manifest = staged(root.path(), "/usr/share/bulkhead/install-manifest");
+    for f in [&staged(root.path(), OLD_PAGE), &manifest] {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+    }
+    std::fs::write(staged(root.path(), OLD_PAGE), ".TH old\n").unwrap();
+    std::fs::write(&manifest, format!("{OLD_PAGE}\n")).unwrap();
     install(root.path(), &[]);
 
     for (daemon, kind) in [
@@ -121,26 +132,87 @@ fn install_puts_descriptors_units_and_docs_in_place_and_uninstall_removes_them()
         "bulkhead",
     ] {
         let man =
-            std::fs::read_to_string(staged(root.path(), &format!("/usr/share/man/man1/{b}.1")))
+            std::fs::read_to_string(staged(root.path(), &format!("/usr/share/man/man8/{b}.8")))
                 .unwrap();
-        assert!(man.starts_with(".TH "), "{b}.1");
-        assert!(man.contains("--help"), "{b}.1 carries the options");
-        let comp = std::fs::read_to_string(staged(
+        assert!(man.contains("\n.TH "), "{b}.8");
+        assert!(
+            man.contains(&format!(".TH {b} 8 ")) && man.contains("\\-\\-help"),
+            "{b}.8 is bulkhead-docgen's page"
+        );
+        let bash = std::fs::read_to_string(staged(
             root.path(),
             &format!("/usr/share/bash-completion/completions/{b}"),
         ))
         .unwrap();
-        assert!(comp.contains(&format!("complete -F _{} {b}", b.replace('-', "_"))));
+        assert!(
+            bash.lines()
+                .map(str::trim)
+                .any(|l| l.starts_with("complete -F ") && l.ends_with(&format!(" {b}"))),
+            "{b} (bash)"
+        );
+        let zsh = std::fs::read_to_string(staged(
+            root.path(),
+            &format!("/usr/share/zsh/site-functions/_{b}"),
+        ))
+        .unwrap();
+        assert!(zsh.starts_with(&format!("#compdef {b}")), "_{b} (zsh)");
+        let fish = std::fs::read_to_string(staged(
+            root.path(),
+            &format!("/usr/share/fish/vendor_completions.d/{b}.fish"),
+        ))
+        .unwrap();
+        assert!(fish.contains(&format!("complete -c {b} ")), "{b}.fish");
     }
+    // A page per subcommand.
+    for page in ["bulkhead-up.8", "bulkhead-check.8", "bulkhead-vmm-ctl.8"] {
+        assert!(
+            staged(root.path(), &format!("/usr/share/man/man8/{page}")).is_file(),
+            "{page}"
+        );
+    }
+    // What an older install listed and this one does not write is gone.
+    assert!(
+        !staged(root.path(), OLD_PAGE).exists(),
+        "{OLD_PAGE} of the earlier install is left"
+    );
+    // bulkhead-docgen is a build tool, not installed.
+    assert!(!staged(root.path(), "/usr/bin/bulkhead-docgen").exists());
     assert!(staged(root.path(), "/usr/lib/systemd/system/bulkhead@.service").is_file());
+    // Each unit's Documentation= page is installed.
+    for unit in std::fs::read_dir(repo_root().join("contrib/systemd")).unwrap() {
+        let unit = unit.unwrap().path();
+        let text = std::fs::read_to_string(&unit).unwrap();
+        let docs: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("Documentation="))
+            .flat_map(str::split_whitespace)
+            .filter_map(|d| d.strip_prefix("man:"))
+            .collect();
+        assert!(!docs.is_empty(), "{unit:?} names no man page");
+        for page in docs {
+            let (name, section) = page.trim_end_matches(')').split_once('(').unwrap();
+            let path = format!("/usr/share/man/man{section}/{name}.{section}");
+            assert!(
+                staged(root.path(), &path).is_file(),
+                "{unit:?}: Documentation=man:{page} is not installed"
+            );
+        }
+    }
 
-    let manifest = staged(root.path(), "/usr/share/bulkhead/install-manifest");
     let files: Vec<String> = std::fs::read_to_string(&manifest)
         .unwrap()
         .lines()
         .map(String::from)
         .collect();
-    assert!(files.len() >= 26, "{files:?}");
+    // 5 binaries, 3 descriptors, 7 units, 15 completions, 14 pages, the
+    // manifest.
+    assert!(files.len() >= 45, "{files:?}");
+    assert!(
+        files.iter().any(|f| f.starts_with("/usr/share/man/man8/"))
+            && files.iter().any(|f| f.starts_with("/usr/share/zsh/"))
+            && files.iter().any(|f| f.starts_with("/usr/share/fish/")),
+        "the manifest lists pages and completions: {files:?}"
+    );
     install(root.path(), &["--uninstall"]);
     for f in &files {
         assert!(

@@ -1,5 +1,6 @@
 //! Keeps the spec layer the one place virtio constants are written (issue
-//! 15): no `const VIRTIO_*`, `VRING_*` or `VIRTQ_*` outside `spec/`, no crate
+//! 15): no `const VIRTIO_*`, `VRING_*`, `VIRTQ_*` or vhost-user feature bit
+//! (`VHOST_USER_F_*`, `VHOST_F_*`, `VHOST_USER_PROTOCOL_F_*`) outside `spec/`, no crate
 //! but `bulkhead-spec` reading `virtio-bindings` directly, and no declared
 //! dependency that its crate never names (what `cargo machete` checks; this
 //! runs without it).
@@ -81,9 +82,16 @@ fn no_virtio_constant_is_written_outside_the_spec_layer() {
         let text = fs::read_to_string(&path).expect("read a source file");
         for (n, line) in text.lines().enumerate() {
             for name in const_names(line) {
-                let virtio = ["VIRTIO_", "VRING_", "VIRTQ_"]
-                    .iter()
-                    .any(|p| name.starts_with(p));
+                let virtio = [
+                    "VIRTIO_",
+                    "VRING_",
+                    "VIRTQ_",
+                    "VHOST_USER_F_",
+                    "VHOST_F_",
+                    "VHOST_USER_PROTOCOL_F_",
+                ]
+                .iter()
+                .any(|p| name.starts_with(p));
                 if virtio && !ALLOWED.contains(&(r.as_str(), name)) {
                     bad.push(format!("{r}:{}: {name}", n + 1));
                 }

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod boot;
 pub mod bus;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod device_state;

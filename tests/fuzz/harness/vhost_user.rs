@@ -302,10 +302,12 @@ pub enum Daemon {
 impl Daemon {
     /// The virtio features the seeds acknowledge (offered by the device).
     fn seed_features(self) -> u64 {
+        use bulkhead_common::spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
         use bulkhead_common::spec::{VIRTIO_F_VERSION_1, blk::*, console::*, net::*, ring::*};
-        // 1 << 30: VHOST_USER_F_PROTOCOL_FEATURES.
-        let common =
-            VIRTIO_F_VERSION_1 | (1 << 30) | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+        let common = VIRTIO_F_VERSION_1
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC;
         match self {
             Daemon::Blk => {
                 common

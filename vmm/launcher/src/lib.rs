@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod frontend;
 pub mod sandbox;

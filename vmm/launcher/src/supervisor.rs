@@ -6,6 +6,7 @@
 //! and pid file removed.
 
 use bulkhead_common::cli::error_chain;
+use bulkhead_common::logging;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -75,7 +76,11 @@ fn say(msg: std::fmt::Arguments<'_>) {
 }
 
 /// Copies `r` line by line to stdout or stderr, each line prefixed `[id] `.
+/// When stderr is the journal, a line a Bulkhead child logged keeps its
+/// level as the entry's priority (`<4>[blk0] bulkhead-blk[42]: WARN ...`;
+/// the child's own stderr is this pipe, so its lines are plain).
 fn prefix_lines(id: String, r: impl Read + Send + 'static, to_stderr: bool) {
+    let journal = to_stderr && logging::Sink::current() == logging::Sink::Journal;
     let _ = std::thread::Builder::new()
         .name(format!("log-{id}"))
         .spawn(move || {
@@ -88,7 +93,12 @@ fn prefix_lines(id: String, r: impl Read + Send + 'static, to_stderr: bool) {
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
                         let text = text.trim_end_matches(['\n', '\r']);
-                        if to_stderr {
+                        let level = journal
+                            .then(|| logging::level_of_plain_line(text))
+                            .flatten();
+                        if let Some(level) = level {
+                            eprintln!("<{}>[{id}] {text}", logging::priority(level));
+                        } else if to_stderr {
                             eprintln!("[{id}] {text}");
                         } else {
                             println!("[{id}] {text}");

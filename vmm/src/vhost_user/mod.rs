@@ -56,10 +56,8 @@ use crate::device::DeviceError;
 pub use device::VhostUserDevice;
 pub use handle::{BackendHandle, BackendInfo, LinkState};
 
-/// vhost-user feature bit 30: protocol features are negotiated (not a virtio bit).
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// vhost feature bit 26: dirty logging (migration), never offered to the guest.
-const VHOST_F_LOG_ALL: u64 = 1 << 26;
+use bulkhead_spec::vhost_user::VHOST_F_LOG_ALL;
+pub use bulkhead_spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
 /// Most queues the frontend accepts from a backend.
 pub const MAX_QUEUES: usize = 64;
 /// Largest config space the frontend reads from a backend.

@@ -317,7 +317,11 @@ impl PciDriver {
         let hi = self.r(common::DEVICE_FEATURE, 4);
         let offered = lo | (hi << 32);
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
-        assert_eq!(offered & (1 << 30), 0, "vhost-user protocol bit hidden");
+        assert_eq!(
+            offered & bulkhead_spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES,
+            0,
+            "vhost-user protocol bit hidden"
+        );
         let acked = offered & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 0);
         self.w(common::DRIVER_FEATURE, 4, acked & 0xffff_ffff);

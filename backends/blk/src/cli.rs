@@ -1,0 +1,112 @@
+//! The command line of `bulkhead-blk`: its clap definition, which `main`
+//! parses and `bulkhead-docgen` turns into the man page and completions.
+
+use std::path::PathBuf;
+
+use bulkhead_common::cli::BusyPollArgs;
+use bulkhead_common::scaffold::{self, BackendArgs};
+use clap::{CommandFactory, Parser, ValueEnum};
+
+use crate::request;
+
+/// I/O engine choices on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EngineArg {
+    /// io_uring (falls back to sync with a warning where unavailable).
+    IoUring,
+    /// Blocking preadv/pwritev in the queue thread.
+    Sync,
+}
+
+/// A ring size the device can run: a power of two up to 32768 (the
+/// virtio maximum; `common::virtqueue::MAX_QUEUE_SIZE`).
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || !n.is_power_of_two() || n > bulkhead_common::virtqueue::MAX_QUEUE_SIZE {
+        return Err(format!(
+            "must be a power of two from 1 to {}",
+            bulkhead_common::virtqueue::MAX_QUEUE_SIZE
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > request::ID_BYTES {
+        return Err(format!("at most {} bytes", request::ID_BYTES));
+    }
+    Ok(s.to_string())
+}
+
+/// vhost-user block device backend: serves a raw image file or block device to a
+/// virtio-blk driver through any vhost-user frontend (QEMU, Cloud Hypervisor,
+/// crosvm, bulkhead-vmm).
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-blk", version, after_help = scaffold::EXIT_STATUS_HELP)]
+pub struct Args {
+    /// The options every backend takes (socket, sandbox, user, ...).
+    #[command(flatten)]
+    pub backend: BackendArgs,
+
+    /// `--poll-max-us`.
+    #[command(flatten)]
+    pub busy_poll: BusyPollArgs,
+
+    /// Raw image file or block device to serve.
+    #[arg(long, visible_alias = "blk-file", value_name = "FILE",
+          required_unless_present_any = ["print_capabilities", "image_fd"])]
+    pub image: Option<PathBuf>,
+
+    /// Use this inherited, already-open fd as the image instead of --image.
+    #[arg(long, value_name = "N", conflicts_with = "image")]
+    pub image_fd: Option<i32>,
+
+    /// Serve the image read-only: writes, discards and write-zeroes fail with IOERR.
+    #[arg(long, visible_alias = "read-only")]
+    pub readonly: bool,
+
+    /// Number of virtqueues (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Largest virtqueue size the frontend may set (a power of two up to
+    /// 32768); every smaller power of two works too. seg_max is 126 whatever
+    /// this is (smaller only below 128).
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Device id returned to GET_ID requests (at most 20 bytes).
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
+    pub serial: Option<String>,
+
+    /// I/O engine.
+    #[arg(long, value_enum, default_value = "io-uring")]
+    pub engine: EngineArg,
+
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+
+    /// raw: serve the image even if it starts like qcow2, vmdk, vhdx, vdi,
+    /// qed, parallels or LUKS (refused by default: docs/blk.md).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<FormatArg>,
+
+    /// Do not take QEMU's image lock (another process may then write it too).
+    #[arg(long)]
+    pub no_lock: bool,
+}
+
+/// `--format`: only raw can be served; naming it skips the format probe.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    /// The bytes are the disk.
+    Raw,
+}
+
+/// The clap definition of the command line, for `bulkhead-docgen` (the man
+/// page and shell completions) and tests.
+pub fn command() -> clap::Command {
+    Args::command()
+}
