@@ -13,13 +13,17 @@
 //! 6. the endpoint (socket and SIGTERM/SIGINT signalfd; a socket-activated
 //!    fd 3 when the command line names none), then the sandbox, then
 //!    `READY=1` to `NOTIFY_SOCKET` ([`crate::systemd`]);
-//! 7. a stats thread that logs [`VhostUserDevice::stats`] on SIGUSR1;
-//! 8. the serve loop until SIGTERM or SIGINT, then the stats once more.
+//!    `--stats-socket` is bound with the endpoint, before the sandbox;
+//! 7. a stats thread that logs [`VhostUserDevice::stats`] on SIGUSR1, and
+//!    with `--stats-socket` a thread that serves them ([`crate::stats_socket`]);
+//! 8. the serve loop until SIGTERM or SIGINT, then the stats once more (and
+//!    the stats socket removed, where the sandbox lets the daemon).
 //!
 //! Exit statuses, the same for every daemon: [`EXIT_OK`], [`EXIT_FAILURE`],
 //! [`EXIT_USAGE`] (also clap's status for a command line it rejects) and
 //! [`crate::daemon::EXIT_SIGBUS`].
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +32,7 @@ use crate::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
 use crate::daemon::{Endpoint, serve_endpoint};
 use crate::device::VhostUserDevice;
 use crate::sandbox::{Policy, Sandbox, SandboxArgs};
+use crate::stats_socket::StatsSocket;
 use crate::systemd;
 
 /// Exit status: stopped by SIGTERM or SIGINT (or capabilities printed).
@@ -54,6 +59,18 @@ pub struct BackendArgs {
     /// `--sandbox`, `--user`, `--group`.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// `--stats-socket`.
+    #[command(flatten)]
+    pub stats: StatsArgs,
+}
+
+/// Where a daemon serves its counters (flattened into [`BackendArgs`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StatsArgs {
+    /// Serve the counters on a Unix socket at PATH: send `stats` for one
+    /// JSON line, `metrics` for the Prometheus text format.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// Who the daemon is, for its log lines and `--print-capabilities`.
@@ -164,6 +181,12 @@ pub fn run<D: VhostUserDevice>(
         Ok(e) => e.with_busy_poll(backend.busy_poll),
         Err(e) => return fail(&e),
     };
+    // Bound before the sandbox, which forbids socket and bind.
+    let stats_socket = match args.stats.stats_socket.as_deref().map(StatsSocket::bind) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return fail(&e),
+        None => None,
+    };
     // Connected before the sandbox, which forbids socket and connect.
     let notifier = systemd::Notifier::from_env().unwrap_or_else(|e| {
         log::warn!("NOTIFY_SOCKET: {e}; the supervisor will not hear READY=1");
@@ -180,12 +203,30 @@ pub fn run<D: VhostUserDevice>(
     if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.clone())) {
         log::warn!("no stats on SIGUSR1: {e}");
     }
+    let mut stats_path = None;
+    if let Some(s) = stats_socket {
+        let d = device.clone();
+        match s.spawn(program.name, move || d.stats()) {
+            Ok(p) => {
+                log::info!("stats on {}", p.display());
+                stats_path = Some(p);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     let result = serve_endpoint(endpoint, device.clone());
     notify(&notifier, "STOPPING=1");
     if let Some(f) = backend.at_exit {
         f();
     }
     log_stats(&*device);
+    // In the sandbox the filesystem is out of reach: the socket stays, and
+    // the next start replaces it (as the vhost-user socket).
+    if let Some(p) = stats_path
+        && !crate::sandbox::is_active()
+    {
+        let _ = std::fs::remove_file(p);
+    }
     match result {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => fail(&e),
@@ -203,7 +244,7 @@ fn notify(notifier: &Option<systemd::Notifier>, state: &str) {
 
 /// Logs the device's counters as one `stats:` line (none if it has none).
 fn log_stats<D: VhostUserDevice>(device: &D) {
-    let line = device.stats();
+    let line = device.stats().line();
     if !line.is_empty() {
         log::info!("stats: {line}");
     }
