@@ -8,12 +8,15 @@
 //! | `{"cmd":"shutdown"}` | `{"ok":true}`, then the VMM exits with status 5 |
 //! | `{"cmd":"list"}` | `{"ok":true,"devices":[{"id":"blk0","type":"blk","socket":"...","state":"connected","active":true,"queues":[0],"reconnects":0,"swaps":0,"swap_state_bytes":null,"inflight":0,"last_error":null}]}` |
 //! | `{"cmd":"swap","device":"blk0","socket":"/new.sock"}` | `{"ok":true,"bases":[[0,17]]}`: the old backend's GET_VRING_BASE per queue |
+//! | `{"cmd":"metrics"}` | `{"ok":true,"metrics":"# HELP bulkhead_vmm_reconnects_total ..."}`: the per-device counters of `list` in the Prometheus text format ([`metrics`]) |
 //!
 //! Errors are `{"ok":false,"error":"..."}`. A bare word (`ping`, `status`,
-//! `shutdown`, `list`) is accepted for the commands without arguments.
+//! `shutdown`, `list`, `metrics`) is accepted for the commands without
+//! arguments.
 //! [`request`] is the client side used by `bulkhead-vmm ctl`.
 
 use bulkhead_common::cli::error_chain;
+use bulkhead_common::stats::Stats;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,7 +28,7 @@ use serde_json::{Value, json};
 use crate::device::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 use crate::seccomp::{self, SeccompMode, Thread};
 use crate::vcpu::{ExitReason, ExitRequest};
-use crate::vhost_user::BackendHandle;
+use crate::vhost_user::{BackendHandle, BackendInfo, LinkState};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -42,6 +45,8 @@ pub enum Request {
     Shutdown,
     /// Devices and their backend state.
     List,
+    /// The devices' counters in the Prometheus text format.
+    Metrics,
     /// Move `device` to the backend listening at `socket`.
     Swap {
         /// Device id (`blk0`, ...).
@@ -71,7 +76,8 @@ fn parse(line: &str) -> Result<Request, String> {
         "status" => Ok(Request::Status),
         "shutdown" => Ok(Request::Shutdown),
         "list" => Ok(Request::List),
-        _ => Err("unknown command (ping, status, shutdown, list, swap)".into()),
+        "metrics" => Ok(Request::Metrics),
+        _ => Err("unknown command (ping, status, shutdown, list, metrics, swap)".into()),
     }
 }
 
@@ -92,6 +98,66 @@ fn device_json(h: &BackendHandle) -> Value {
     })
 }
 
+/// The per-device counters and gauges of `list`, each labelled with the
+/// device's `id` and `type`; the link state is one gauge per state name,
+/// 1 for the current one. Rendered with the `bulkhead_vmm` prefix.
+pub fn metrics(devices: &[BackendInfo]) -> Stats {
+    let mut s = Stats::new();
+    for d in devices {
+        let l = [("id", d.id.as_str()), ("type", type_name(d.virtio_id))];
+        s.counter_with(
+            "reconnects",
+            "Times the backend was reconnected after a loss.",
+            &l,
+            d.reconnects,
+        )
+        .counter_with(
+            "swaps",
+            "Times the device was moved to another backend.",
+            &l,
+            d.swaps,
+        )
+        .gauge_with(
+            "active",
+            "Whether the driver has the device running (1) or not (0).",
+            &l,
+            u64::from(d.active),
+        )
+        .gauge_with(
+            "queues_enabled",
+            "Queues the driver enabled.",
+            &l,
+            d.queues.len() as u64,
+        );
+        for state in [LinkState::Connected, LinkState::Reconnecting] {
+            let sl = [l[0], l[1], ("state", state.name())];
+            s.gauge_with(
+                "link_state",
+                "1 for the backend link's current state, 0 for the others.",
+                &sl,
+                u64::from(d.state == state),
+            );
+        }
+        if let Some(n) = d.inflight {
+            s.gauge_with(
+                "inflight",
+                "Heads the inflight area marks as in flight.",
+                &l,
+                n as u64,
+            );
+        }
+        if let Some(n) = d.swap_state_bytes {
+            s.gauge_with(
+                "swap_state_bytes",
+                "Bytes of device state the last swap moved.",
+                &l,
+                n as u64,
+            );
+        }
+    }
+    s
+}
+
 /// Answers one request. `shutdown` only answers: the caller asks the VMM to
 /// stop once the reply is written, or the exit could close the connection
 /// before the client reads it.
@@ -110,6 +176,10 @@ pub fn handle(req: Request, exit: &ExitRequest, devices: &[Arc<BackendHandle>]) 
         Request::List => {
             let list: Vec<Value> = devices.iter().map(|d| device_json(d)).collect();
             json!({"ok": true, "devices": list})
+        }
+        Request::Metrics => {
+            let infos: Vec<BackendInfo> = devices.iter().map(|d| d.info()).collect();
+            json!({"ok": true, "metrics": metrics(&infos).prometheus("bulkhead_vmm")})
         }
         Request::Swap { device, socket } => {
             let Some(h) = devices.iter().find(|d| d.id() == device) else {
@@ -192,4 +262,78 @@ pub fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn info(id: &str, virtio_id: u32, state: LinkState) -> BackendInfo {
+        BackendInfo {
+            id: id.into(),
+            virtio_id,
+            socket: PathBuf::from("/run/x.sock"),
+            state,
+            active: true,
+            queues: vec![0, 1],
+            reconnects: 3,
+            swaps: 1,
+            inflight: Some(2),
+            swap_state_bytes: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn metrics_label_each_device_and_make_the_link_state_a_gauge_per_state() {
+        let text = metrics(&[
+            info("blk0", VIRTIO_ID_BLOCK, LinkState::Connected),
+            info("net\"0", VIRTIO_ID_NET, LinkState::Reconnecting),
+        ])
+        .prometheus("bulkhead_vmm");
+        for want in [
+            "# HELP bulkhead_vmm_reconnects_total Times the backend was reconnected after a loss.\n\
+             # TYPE bulkhead_vmm_reconnects_total counter\n\
+             bulkhead_vmm_reconnects_total{id=\"blk0\",type=\"blk\"} 3\n\
+             bulkhead_vmm_reconnects_total{id=\"net\\\"0\",type=\"net\"} 3\n",
+            "# TYPE bulkhead_vmm_link_state gauge\n",
+            "bulkhead_vmm_link_state{id=\"blk0\",type=\"blk\",state=\"connected\"} 1\n",
+            "bulkhead_vmm_link_state{id=\"blk0\",type=\"blk\",state=\"reconnecting\"} 0\n",
+            "bulkhead_vmm_link_state{id=\"net\\\"0\",type=\"net\",state=\"reconnecting\"} 1\n",
+            "bulkhead_vmm_inflight{id=\"blk0\",type=\"blk\"} 2\n",
+            "bulkhead_vmm_queues_enabled{id=\"blk0\",type=\"blk\"} 2\n",
+            "# TYPE bulkhead_vmm_swaps_total counter\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // Valid text format line by line (the test kit's strict checker).
+        let exp = bulkhead_tests::stats::check_exposition(&text, "bulkhead_vmm_").unwrap();
+        assert_eq!(
+            exp.value(
+                "bulkhead_vmm_link_state",
+                &[("id", "net\"0"), ("type", "net"), ("state", "reconnecting")]
+            ),
+            Some(1.0)
+        );
+        // No device moved state: no swap_state_bytes family at all.
+        assert!(!text.contains("swap_state_bytes"));
+        // One HELP and one TYPE per family, whatever the number of devices.
+        assert_eq!(text.matches("# TYPE bulkhead_vmm_link_state ").count(), 1);
+    }
+
+    #[test]
+    fn the_metrics_command_answers_ok_with_the_text_in_json() {
+        assert!(matches!(parse("metrics"), Ok(Request::Metrics)));
+        assert!(matches!(
+            parse(r#"{"cmd":"metrics"}"#),
+            Ok(Request::Metrics)
+        ));
+        let exit = ExitRequest::new().unwrap();
+        let reply = handle(Request::Metrics, &exit, &[]);
+        assert_eq!(reply["ok"], true);
+        // No devices: an empty exposition, still a string.
+        assert_eq!(reply["metrics"], "");
+        assert!(parse("metric").unwrap_err().contains("metrics"));
+    }
 }

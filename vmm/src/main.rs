@@ -95,7 +95,7 @@ struct Args {
     serial: SerialMode,
 
     /// Control socket: one JSON request per line (ping, status, shutdown,
-    /// list, swap); see `bulkhead-vmm ctl`.
+    /// list, metrics, swap); see `bulkhead-vmm ctl`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 
@@ -144,6 +144,8 @@ enum CtlRequest {
     Shutdown,
     /// Devices, their backend socket and state (connected, reconnecting).
     List,
+    /// The devices' counters in the Prometheus text format (printed as text, not JSON).
+    Metrics,
     /// Move a running device to another backend process without rebooting the guest.
     Swap {
         /// Device id, as `list` shows it (blk0, net0, console0, or the id= given).
@@ -160,13 +162,18 @@ fn ctl(api_socket: &std::path::Path, req: CtlRequest) -> ExitCode {
         CtlRequest::Status => json!({"cmd": "status"}),
         CtlRequest::Shutdown => json!({"cmd": "shutdown"}),
         CtlRequest::List => json!({"cmd": "list"}),
+        CtlRequest::Metrics => json!({"cmd": "metrics"}),
         CtlRequest::Swap { device, socket } => {
             json!({"cmd": "swap", "device": device, "socket": socket})
         }
     };
     match bulkhead_vmm::api::request(api_socket, &v) {
         Ok(reply) => {
-            println!("{reply}");
+            // `metrics` prints the text itself, ready for a scraper.
+            match reply.get("metrics").and_then(|m| m.as_str()) {
+                Some(text) => print!("{text}"),
+                None => println!("{reply}"),
+            }
             if reply.get("ok").and_then(|o| o.as_bool()) == Some(true) {
                 ExitCode::SUCCESS
             } else {
