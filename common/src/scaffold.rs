@@ -14,7 +14,8 @@
 //!    fd 3 when the command line names none), then the sandbox, then
 //!    `READY=1` to `NOTIFY_SOCKET` ([`crate::systemd`]);
 //!    `--stats-socket` is bound with the endpoint, before the sandbox;
-//! 7. a stats thread that logs [`VhostUserDevice::stats`] on SIGUSR1, and
+//! 7. a stats thread that logs [`VhostUserDevice::stats`] (and each queue's
+//!    counters, [`crate::daemon::QueueCounters`]) on SIGUSR1, and
 //!    with `--stats-socket` a thread that serves them ([`crate::stats_socket`]);
 //! 8. the serve loop until SIGTERM or SIGINT, then the stats once more (and
 //!    the stats socket removed, where the sandbox lets the daemon).
@@ -200,13 +201,21 @@ pub fn run<D: VhostUserDevice>(
     #[cfg(feature = "test-hooks")]
     crate::test_hooks::run_from_env();
     let device = backend.device;
-    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.clone())) {
+    let snapshot: Snapshot = {
+        let (d, queues) = (device.clone(), endpoint.queue_counters());
+        Arc::new(move || {
+            let mut s = d.stats();
+            queues.add_to(&mut s);
+            s
+        })
+    };
+    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, snapshot.clone())) {
         log::warn!("no stats on SIGUSR1: {e}");
     }
     let mut stats_path = None;
     if let Some(s) = stats_socket {
-        let d = device.clone();
-        match s.spawn(program.name, move || d.stats()) {
+        let snapshot = snapshot.clone();
+        match s.spawn(program.name, move || snapshot()) {
             Ok(p) => {
                 log::info!("stats on {}", p.display());
                 stats_path = Some(p);
@@ -219,7 +228,7 @@ pub fn run<D: VhostUserDevice>(
     if let Some(f) = backend.at_exit {
         f();
     }
-    log_stats(&*device);
+    log_stats(&snapshot);
     // In the sandbox the filesystem is out of reach: the socket stays, and
     // the next start replaces it (as the vhost-user socket).
     if let Some(p) = stats_path
@@ -242,9 +251,12 @@ fn notify(notifier: &Option<systemd::Notifier>, state: &str) {
     }
 }
 
-/// Logs the device's counters as one `stats:` line (none if it has none).
-fn log_stats<D: VhostUserDevice>(device: &D) {
-    let line = device.stats().line();
+/// The device's counters and each queue's, as the stats show them.
+type Snapshot = Arc<dyn Fn() -> crate::stats::Stats + Send + Sync>;
+
+/// Logs the counters as one `stats:` line (none if there are none).
+fn log_stats(snapshot: &Snapshot) {
+    let line = snapshot().line();
     if !line.is_empty() {
         log::info!("stats: {line}");
     }
@@ -267,10 +279,7 @@ fn block_sigusr1() -> std::io::Result<libc::sigset_t> {
 }
 
 /// Logs the counters each time SIGUSR1 (blocked by [`block_sigusr1`]) arrives.
-fn stats_on_sigusr1<D: VhostUserDevice>(
-    set: libc::sigset_t,
-    device: Arc<D>,
-) -> std::io::Result<()> {
+fn stats_on_sigusr1(set: libc::sigset_t, snapshot: Snapshot) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("stats".into())
         .spawn(move || {
@@ -278,7 +287,7 @@ fn stats_on_sigusr1<D: VhostUserDevice>(
                 let mut sig: libc::c_int = 0;
                 // SAFETY: sigwait on a valid set, writing the signal number into `sig`.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    log_stats(&*device);
+                    log_stats(&snapshot);
                 }
             }
         })?;

@@ -234,8 +234,11 @@ impl<F: Fn() -> Stats> Server<F> {
             // SAFETY: accept4 returned a new fd that nothing else owns.
             let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
             if self.clients.len() >= MAX_CLIENTS {
-                // Non-blocking: a short line fits any socket buffer; if not, drop it.
+                // Non-blocking: a short line fits any socket buffer; if not,
+                // drop it. What the client sent already is read first, so
+                // the close is an end of file to it rather than a reset.
                 let _ = (&stream).write(b"error: busy, try again\n");
+                let _ = (&stream).read(&mut [0u8; MAX_REQUEST]);
                 continue;
             }
             self.clients.push(Client {

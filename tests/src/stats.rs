@@ -22,9 +22,10 @@ pub fn stats(socket: &Path) -> io::Result<serde_json::Value> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
 }
 
-/// Sends `request` and returns everything answered until the daemon closes
-/// (a daemon that answers and closes before it read all of the request,
-/// `error: busy` say, breaks the pipe: the answer is read all the same).
+/// Sends `request` and returns everything answered until the daemon closes.
+/// A daemon that answers and closes before it read all of the request
+/// (`error: busy`, an over-long line) breaks the pipe, or resets the
+/// connection after its answer: the answer is read all the same.
 pub fn request(socket: &Path, request: &[u8]) -> io::Result<String> {
     let s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
@@ -32,9 +33,18 @@ pub fn request(socket: &Path, request: &[u8]) -> io::Result<String> {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e),
         _ => {}
     }
-    let mut text = String::new();
-    (&s).read_to_string(&mut text)?;
-    Ok(text)
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match (&s).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !answer.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(answer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Sends `metrics` and returns the text answered.
