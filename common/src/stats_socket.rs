@@ -133,8 +133,8 @@ fn parse(line: &[u8]) -> Result<Request, String> {
     }
 }
 
-/// The serving state: the listener and the clients held now. Public to
-/// the crate's tests through [`Server::turn`].
+/// The serving state: the listener and the clients held now; the thread
+/// calls [`Server::turn`] forever (the unit tests call it by hand).
 struct Server<F> {
     listener: UnixListener,
     prefix: String,
