@@ -32,6 +32,10 @@ use crate::vhost_user::{BackendHandle, BackendInfo, LinkState};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
+/// How long a connection may stay silent between requests, or leave a reply
+/// unread, before it is closed: connections are served one at a time, so a
+/// client that neither asks nor reads must not keep the next one out.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A control request.
 #[derive(Debug, Deserialize)]
@@ -197,8 +201,30 @@ fn serve(
     stream: UnixStream,
     exit: &ExitRequest,
     devices: &[Arc<BackendHandle>],
+    idle: std::time::Duration,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(&stream);
+    stream.set_read_timeout(Some(idle))?;
+    stream.set_write_timeout(Some(idle))?;
+    match serve_requests(&stream, exit, devices) {
+        // Silent or not reading for `idle`: closed, nothing to report.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+fn serve_requests(
+    stream: &UnixStream,
+    exit: &ExitRequest,
+    devices: &[Arc<BackendHandle>],
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
         let n = (&mut reader).take(MAX_REQUEST).read_line(&mut line)?;
@@ -207,7 +233,7 @@ fn serve(
         }
         if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
             let reply = json!({"ok": false, "error": "request too long"});
-            (&stream).write_all(format!("{reply}\n").as_bytes())?;
+            (&*stream).write_all(format!("{reply}\n").as_bytes())?;
             return Ok(());
         }
         if line.trim().is_empty() {
@@ -220,7 +246,7 @@ fn serve(
             }
             Err(e) => (json!({"ok": false, "error": e}), false),
         };
-        let written = (&stream).write_all(format!("{reply}\n").as_bytes());
+        let written = (&*stream).write_all(format!("{reply}\n").as_bytes());
         if stop {
             exit.request(ExitReason::Stopped);
         }
@@ -247,7 +273,7 @@ pub fn start(
             // One connection at a time: requests are rare and a swap must
             // not race another swap of the same device.
             for stream in listener.incoming().flatten() {
-                if let Err(e) = serve(stream, &exit, &devices) {
+                if let Err(e) = serve(stream, &exit, &devices, IDLE) {
                     log::warn!("API connection: {e}");
                 }
             }
@@ -320,6 +346,55 @@ mod tests {
         assert!(!text.contains("swap_state_bytes"));
         // One HELP and one TYPE per family, whatever the number of devices.
         assert_eq!(text.matches("# TYPE bulkhead_vmm_link_state ").count(), 1);
+    }
+
+    #[test]
+    fn a_silent_client_is_closed_after_the_idle_time_and_a_talking_one_served() {
+        let exit = ExitRequest::new().unwrap();
+        let (server, client) = UnixStream::pair().unwrap();
+        let start = std::time::Instant::now();
+        let idle = std::time::Duration::from_millis(200);
+        serve(server, &exit, &[], idle).unwrap();
+        assert!(start.elapsed() < idle * 10);
+        drop(client);
+
+        let (server, client) = UnixStream::pair().unwrap();
+        (&client).write_all(b"ping\nmetrics\n").unwrap();
+        let t = std::thread::spawn(move || {
+            let exit = ExitRequest::new().unwrap();
+            serve(server, &exit, &[], idle)
+        });
+        let mut r = BufReader::new(&client);
+        for want in ["pong", ""] {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["ok"], true, "{line}");
+            assert!(v["result"] == want || v["metrics"] == want, "{line}");
+        }
+        // It goes quiet: closed after `idle`, no error.
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_api_thread_answers_and_times_out_under_its_seccomp_filter() {
+        let prog = crate::seccomp::build(
+            Thread::Api,
+            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        )
+        .unwrap();
+        let exit = ExitRequest::new().unwrap();
+        let (server, client) = UnixStream::pair().unwrap();
+        (&client).write_all(b"metrics\n").unwrap();
+        let t = std::thread::spawn(move || {
+            seccompiler::apply_filter(&prog).unwrap();
+            serve(server, &exit, &[], std::time::Duration::from_millis(200))
+        });
+        let mut line = String::new();
+        BufReader::new(&client).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"metrics\":\"\",\"ok\":true}\n");
+        // A forbidden call would fail serve (EPERM) instead of closing quietly.
+        t.join().unwrap().unwrap();
     }
 
     #[test]
