@@ -103,12 +103,6 @@ pub fn print_capabilities(device_type: &str, features: &[&str]) {
     let _ = writeln!(out, "{}", capabilities_json(device_type, features));
 }
 
-/// Initialises a daemon's logging: [`crate::logging::init_logging`] at the
-/// daemons' default level, `info` (`RUST_LOG` overrides it).
-pub fn init_logging(program: &'static str) {
-    crate::logging::init_logging(program, log::LevelFilter::Info);
-}
-
 /// `e` and its causes on one line, `outer: inner: innermost`: how every
 /// Bulkhead binary prints an error.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -18,6 +18,8 @@ use crate::device::VhostUserDevice;
 use crate::event::{EventLoop, Interest};
 use crate::handler::BackendHandler;
 use crate::rate_limited;
+use crate::stats::Stats;
+use crate::virtqueue::QueueStats;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors that stop a daemon.
@@ -414,16 +416,123 @@ pub enum ConnEnd {
     Signal(i32),
 }
 
+/// Each queue's counters over the daemon's life, for the stats: those of
+/// the connections that ended plus those of the one being served (whose
+/// handler keeps its own, logged when it ends).
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    inner: Mutex<QueueCountersInner>,
+}
+
+#[derive(Debug, Default)]
+struct QueueCountersInner {
+    /// Per queue: chains, bad chains, interrupts of the connections that ended.
+    ended: Vec<[u64; 3]>,
+    /// The counters of the connection being served.
+    current: Vec<Arc<QueueStats>>,
+}
+
+fn load(s: &QueueStats) -> [u64; 3] {
+    [
+        s.chains.load(Ordering::Relaxed),
+        s.bad_chains.load(Ordering::Relaxed),
+        s.interrupts.load(Ordering::Relaxed),
+    ]
+}
+
+impl QueueCountersInner {
+    /// Adds the current connection's counts to `ended` and forgets them.
+    fn fold(&mut self) {
+        for (i, s) in std::mem::take(&mut self.current).iter().enumerate() {
+            if self.ended.len() <= i {
+                self.ended.resize(i + 1, [0; 3]);
+            }
+            for (t, v) in self.ended[i].iter_mut().zip(load(s)) {
+                *t = t.saturating_add(v);
+            }
+        }
+    }
+}
+
+impl QueueCounters {
+    /// Shows `queues` queues (zeros) before any frontend connects.
+    fn size(&self, queues: u16) {
+        if let Ok(mut g) = self.inner.lock()
+            && g.ended.len() < usize::from(queues)
+        {
+            g.ended.resize(usize::from(queues), [0; 3]);
+        }
+    }
+
+    /// A connection starts with these counters (a previous one that did not
+    /// detach is folded in first).
+    fn attach(&self, current: Vec<Arc<QueueStats>>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.fold();
+            g.current = current;
+        }
+    }
+
+    /// The connection ended.
+    fn detach(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.fold();
+        }
+    }
+
+    /// Adds `queue_chains`, `queue_bad_chains` and `queue_interrupts`,
+    /// labelled `queue`, to `stats`.
+    pub fn add_to(&self, stats: &mut Stats) {
+        let Ok(g) = self.inner.lock() else {
+            return;
+        };
+        let n = g.ended.len().max(g.current.len());
+        let totals: Vec<[u64; 3]> = (0..n)
+            .map(|i| {
+                let e = g.ended.get(i).copied().unwrap_or_default();
+                let c = g.current.get(i).map(|s| load(s)).unwrap_or_default();
+                [
+                    e[0].saturating_add(c[0]),
+                    e[1].saturating_add(c[1]),
+                    e[2].saturating_add(c[2]),
+                ]
+            })
+            .collect();
+        drop(g);
+        for (name, help, k) in [
+            (
+                "queue_chains",
+                "Descriptor chains a queue took off its ring.",
+                0,
+            ),
+            (
+                "queue_bad_chains",
+                "Chains a queue refused in validation (guest errors).",
+                1,
+            ),
+            ("queue_interrupts", "Interrupts a queue signalled.", 2),
+        ] {
+            for (i, t) in totals.iter().enumerate() {
+                stats.counter_with(name, help, &[("queue", &i.to_string())], t[k]);
+            }
+        }
+    }
+}
+
 fn serve_connection<D: VhostUserDevice>(
     stream: UnixStream,
     device: &Arc<D>,
     stop: &dyn Stop,
     poll_max: Duration,
     deadline: Duration,
+    counters: &QueueCounters,
 ) -> Result<ConnEnd, DaemonError> {
     let handler = Arc::new(Mutex::new(
         BackendHandler::new(device.clone()).with_busy_poll(poll_max),
     ));
+    if let Ok(h) = handler.lock() {
+        counters.attach(h.stats());
+    }
     let conn_fd = stream.as_raw_fd();
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     let end = loop {
@@ -481,6 +590,7 @@ fn serve_connection<D: VhostUserDevice>(
     };
     if let Ok(mut h) = handler.lock() {
         h.stop_all();
+        counters.detach();
         for (i, s) in h.stats().iter().enumerate() {
             let chains = s.chains.load(Ordering::Relaxed);
             if chains > 0 {
@@ -507,7 +617,14 @@ pub fn serve_stream<D: VhostUserDevice>(
     stop: &EventFd,
     deadline: Duration,
 ) -> Result<ConnEnd, DaemonError> {
-    serve_connection(stream, device, &StopEvent(stop), Duration::ZERO, deadline)
+    serve_connection(
+        stream,
+        device,
+        &StopEvent(stop),
+        Duration::ZERO,
+        deadline,
+        &QueueCounters::default(),
+    )
 }
 
 /// Exit status of a daemon stopped by SIGBUS (see [`install_sigbus_handler`]).
@@ -558,6 +675,7 @@ pub struct Endpoint {
     kind: EndpointKind,
     signals: Signals,
     poll_max: Duration,
+    queue_counters: Arc<QueueCounters>,
 }
 
 impl Endpoint {
@@ -574,6 +692,7 @@ impl Endpoint {
             kind,
             signals,
             poll_max: Duration::ZERO,
+            queue_counters: Arc::default(),
         })
     }
 
@@ -582,6 +701,11 @@ impl Endpoint {
     pub fn with_busy_poll(mut self, max: Duration) -> Self {
         self.poll_max = max;
         self
+    }
+
+    /// Each queue's counters over every connection this endpoint serves.
+    pub fn queue_counters(&self) -> Arc<QueueCounters> {
+        self.queue_counters.clone()
     }
 }
 
@@ -606,12 +730,15 @@ pub fn serve_endpoint<D: VhostUserDevice>(
         kind: mut endpoint,
         signals,
         poll_max,
+        queue_counters: counters,
     } = endpoint;
+    counters.size(device.num_queues());
     let result = match &mut endpoint {
         EndpointKind::Connected(stream) => {
             if let Some(s) = stream.take() {
                 log::info!("serving the frontend on fd {}", s.as_raw_fd());
-                serve_connection(s, &device, &signals, poll_max, MESSAGE_DEADLINE).map(|_| ())
+                serve_connection(s, &device, &signals, poll_max, MESSAGE_DEADLINE, &counters)
+                    .map(|_| ())
             } else {
                 Ok(())
             }
@@ -642,7 +769,14 @@ pub fn serve_endpoint<D: VhostUserDevice>(
                     }
                 };
                 rate_limited!(log::Level::Info, "frontend connected");
-                match serve_connection(stream, &device, &signals, poll_max, MESSAGE_DEADLINE)? {
+                match serve_connection(
+                    stream,
+                    &device,
+                    &signals,
+                    poll_max,
+                    MESSAGE_DEADLINE,
+                    &counters,
+                )? {
                     ConnEnd::Disconnected => continue,
                     ConnEnd::Signal(sig) => {
                         log::info!("signal {sig}: shutting down");
@@ -658,4 +792,43 @@ pub fn serve_endpoint<D: VhostUserDevice>(
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(chains: u64, bad: u64, irqs: u64) -> Arc<QueueStats> {
+        let q = QueueStats::default();
+        q.chains.store(chains, Ordering::Relaxed);
+        q.bad_chains.store(bad, Ordering::Relaxed);
+        q.interrupts.store(irqs, Ordering::Relaxed);
+        Arc::new(q)
+    }
+
+    #[test]
+    fn queue_counters_add_every_connection_and_never_go_back() {
+        let c = QueueCounters::default();
+        c.size(2);
+        let mut s = Stats::new();
+        c.add_to(&mut s);
+        assert_eq!(s.get("queue_chains", &[("queue", "1")]), Some(0));
+
+        let first = vec![queue(5, 1, 4), queue(2, 0, 2)];
+        c.attach(first.clone());
+        first[0].chains.store(7, Ordering::Relaxed);
+        let mut s = Stats::new();
+        c.add_to(&mut s);
+        assert_eq!(s.get("queue_chains", &[("queue", "0")]), Some(7));
+        c.detach();
+        // A connection that ended without detaching is folded in by the next.
+        c.attach(vec![queue(3, 0, 3), queue(0, 0, 0)]);
+        c.attach(vec![queue(1, 1, 1), queue(0, 0, 0)]);
+        let mut s = Stats::new();
+        c.add_to(&mut s);
+        assert_eq!(s.get("queue_chains", &[("queue", "0")]), Some(11));
+        assert_eq!(s.get("queue_bad_chains", &[("queue", "0")]), Some(2));
+        assert_eq!(s.get("queue_interrupts", &[("queue", "1")]), Some(2));
+        assert!(s.line().contains("queue_chains{queue=\"0\"}=11"));
+    }
 }

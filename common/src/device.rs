@@ -98,11 +98,12 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The frontend went away and every queue thread has stopped.
     fn disconnected(&self) {}
 
-    /// The device's counters as `name=value` pairs on one line: logged as
-    /// a `stats:` line on SIGUSR1 and at exit ([`crate::scaffold`]).
-    /// Empty: nothing to count.
-    fn stats(&self) -> String {
-        String::new()
+    /// A snapshot of the device's counters, read from the atomics it keeps
+    /// ([`crate::stats`]): logged as a `stats:` line on SIGUSR1 and at exit,
+    /// and served on `--stats-socket` ([`crate::scaffold`]). Called from the
+    /// scaffold's own threads, never a queue thread. Empty: nothing to count.
+    fn stats(&self) -> crate::stats::Stats {
+        crate::stats::Stats::new()
     }
 
     /// The frontend gave us its backend-request channel (for config-change notifications).

@@ -21,6 +21,8 @@ pub mod sandbox;
 pub mod scaffold;
 pub mod size;
 pub mod state;
+pub mod stats;
+pub mod stats_socket;
 pub mod systemd;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;

@@ -13,21 +13,28 @@
 //! 6. the endpoint (socket and SIGTERM/SIGINT signalfd; a socket-activated
 //!    fd 3 when the command line names none), then the sandbox, then
 //!    `READY=1` to `NOTIFY_SOCKET` ([`crate::systemd`]);
-//! 7. a stats thread that logs [`VhostUserDevice::stats`] on SIGUSR1;
-//! 8. the serve loop until SIGTERM or SIGINT, then the stats once more.
+//!    `--stats-socket` is bound with the endpoint, before the sandbox;
+//! 7. a stats thread that logs [`VhostUserDevice::stats`] (and each queue's
+//!    counters, [`crate::daemon::QueueCounters`]) on SIGUSR1, and
+//!    with `--stats-socket` a thread that serves them ([`crate::stats_socket`]);
+//! 8. the serve loop until SIGTERM or SIGINT, then the stats once more (and
+//!    the stats socket removed, where the sandbox lets the daemon).
 //!
 //! Exit statuses, the same for every daemon: [`EXIT_OK`], [`EXIT_FAILURE`],
 //! [`EXIT_USAGE`] (also clap's status for a command line it rejects) and
 //! [`crate::daemon::EXIT_SIGBUS`].
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cli::{VhostUserArgs, fail, init_logging, print_capabilities};
+use crate::cli::{VhostUserArgs, fail, print_capabilities};
 use crate::daemon::{Endpoint, serve_endpoint};
 use crate::device::VhostUserDevice;
+use crate::logging::init_logging;
 use crate::sandbox::{Policy, Sandbox, SandboxArgs};
+use crate::stats_socket::StatsSocket;
 use crate::systemd;
 
 /// Exit status: stopped by SIGTERM or SIGINT (or capabilities printed).
@@ -54,6 +61,18 @@ pub struct BackendArgs {
     /// `--sandbox`, `--user`, `--group`.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// `--stats-socket`.
+    #[command(flatten)]
+    pub stats: StatsArgs,
+}
+
+/// Where a daemon serves its counters (flattened into [`BackendArgs`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StatsArgs {
+    /// Serve the counters on a Unix socket at PATH: send `stats` for one
+    /// JSON line, `metrics` for the Prometheus text format.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
 }
 
 /// Who the daemon is, for its log lines and `--print-capabilities`.
@@ -135,7 +154,8 @@ pub fn run<D: VhostUserDevice>(
     if args.vhost_user.check {
         return ExitCode::from(EXIT_OK);
     }
-    init_logging(program.name);
+    // The daemons log at info unless RUST_LOG says otherwise.
+    init_logging(program.name, log::LevelFilter::Info);
     // Socket activation: fd 3, unless the command line names a socket.
     let mut vhost_user = args.vhost_user.clone();
     match systemd::listen_fd() {
@@ -164,6 +184,12 @@ pub fn run<D: VhostUserDevice>(
         Ok(e) => e.with_busy_poll(backend.busy_poll),
         Err(e) => return fail(&e),
     };
+    // Bound before the sandbox, which forbids socket and bind.
+    let stats_socket = match args.stats.stats_socket.as_deref().map(StatsSocket::bind) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return fail(&e),
+        None => None,
+    };
     // Connected before the sandbox, which forbids socket and connect.
     let notifier = systemd::Notifier::from_env().unwrap_or_else(|e| {
         log::warn!("NOTIFY_SOCKET: {e}; the supervisor will not hear READY=1");
@@ -177,15 +203,41 @@ pub fn run<D: VhostUserDevice>(
     #[cfg(feature = "test-hooks")]
     crate::test_hooks::run_from_env();
     let device = backend.device;
-    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, device.clone())) {
+    let snapshot: Snapshot = {
+        let (d, queues) = (device.clone(), endpoint.queue_counters());
+        Arc::new(move || {
+            let mut s = d.stats();
+            queues.add_to(&mut s);
+            s
+        })
+    };
+    if let Err(e) = sigusr1.and_then(|set| stats_on_sigusr1(set, snapshot.clone())) {
         log::warn!("no stats on SIGUSR1: {e}");
+    }
+    let mut stats_path = None;
+    if let Some(s) = stats_socket {
+        let snapshot = snapshot.clone();
+        match s.spawn(program.name, move || snapshot()) {
+            Ok(p) => {
+                log::info!("stats on {}", p.display());
+                stats_path = Some(p);
+            }
+            Err(e) => return fail(&e),
+        }
     }
     let result = serve_endpoint(endpoint, device.clone());
     notify(&notifier, "STOPPING=1");
     if let Some(f) = backend.at_exit {
         f();
     }
-    log_stats(&*device);
+    log_stats(&snapshot);
+    // In the sandbox the filesystem is out of reach: the socket stays, and
+    // the next start replaces it (as the vhost-user socket).
+    if let Some(p) = stats_path
+        && !crate::sandbox::is_active()
+    {
+        let _ = std::fs::remove_file(p);
+    }
     match result {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => fail(&e),
@@ -201,9 +253,12 @@ fn notify(notifier: &Option<systemd::Notifier>, state: &str) {
     }
 }
 
-/// Logs the device's counters as one `stats:` line (none if it has none).
-fn log_stats<D: VhostUserDevice>(device: &D) {
-    let line = device.stats();
+/// The device's counters and each queue's, as the stats show them.
+type Snapshot = Arc<dyn Fn() -> crate::stats::Stats + Send + Sync>;
+
+/// Logs the counters as one `stats:` line (none if there are none).
+fn log_stats(snapshot: &Snapshot) {
+    let line = snapshot().line();
     if !line.is_empty() {
         log::info!("stats: {line}");
     }
@@ -226,10 +281,7 @@ fn block_sigusr1() -> std::io::Result<libc::sigset_t> {
 }
 
 /// Logs the counters each time SIGUSR1 (blocked by [`block_sigusr1`]) arrives.
-fn stats_on_sigusr1<D: VhostUserDevice>(
-    set: libc::sigset_t,
-    device: Arc<D>,
-) -> std::io::Result<()> {
+fn stats_on_sigusr1(set: libc::sigset_t, snapshot: Snapshot) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("stats".into())
         .spawn(move || {
@@ -237,7 +289,7 @@ fn stats_on_sigusr1<D: VhostUserDevice>(
                 let mut sig: libc::c_int = 0;
                 // SAFETY: sigwait on a valid set, writing the signal number into `sig`.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    log_stats(&*device);
+                    log_stats(&snapshot);
                 }
             }
         })?;

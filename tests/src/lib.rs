@@ -20,4 +20,5 @@ pub mod netns;
 pub mod process;
 pub mod sandbox;
 pub mod skip;
+pub mod stats;
 pub mod virtq;

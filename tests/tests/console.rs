@@ -494,6 +494,7 @@ fn help_capabilities_and_docs_agree() {
         "--console",
         "--port",
         "--scrollback",
+        "--stats-socket",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         assert!(docs.contains(flag), "docs/console.md lacks {flag}");

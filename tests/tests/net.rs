@@ -203,6 +203,7 @@ fn offers_the_documented_features_config_and_capabilities() {
         "--queue-pairs",
         "--queue-size",
         "--poll-max-us",
+        "--stats-socket",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         assert!(doc.contains(flag), "docs/net.md lacks {flag}");

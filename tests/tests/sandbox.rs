@@ -55,13 +55,22 @@ fn serve_io(socket: &Path, scratch: &Scratch, queues: usize) -> BlkDriver {
 
 #[test]
 fn every_thread_of_a_serving_daemon_has_a_seccomp_filter_and_no_new_privs() {
-    let d = Daemon::blk(Scratch::new(IMAGE_SIZE).unwrap(), &["--num-queues", "2"])
-        .expect("start bulkhead-blk (run `cargo build -p bulkhead-blk`)");
+    let scratch = Scratch::new(IMAGE_SIZE).unwrap();
+    // The stats socket's thread runs too, and answers under the filter.
+    let stats = scratch.dir().join("stats.sock");
+    let stats_arg = stats.to_str().unwrap().to_owned();
+    let d = Daemon::blk(
+        scratch,
+        &["--num-queues", "2", "--stats-socket", &stats_arg],
+    )
+    .expect("start bulkhead-blk (run `cargo build -p bulkhead-blk`)");
     // Keep the connection up so both queue threads run while we look.
     let mut blk = BlkDriver::connect(d.socket(), &Options::default().queues(2)).unwrap();
     for q in 0..2 {
         assert_eq!(blk.write(q, 8, &pattern(9, 4096)).unwrap(), VIRTIO_BLK_S_OK);
     }
+    let v = bulkhead_tests::stats::stats(&stats).expect("stats under the sandbox");
+    assert_eq!(v["ok"], 2);
     let workers = confined_workers(d.pid(), 2);
     assert_eq!(workers.len(), 2, "expected two queue threads: {workers:?}");
     assert_no_capabilities(&proc_status(d.pid()));

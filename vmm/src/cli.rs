@@ -81,7 +81,7 @@ pub struct Args {
     pub serial: SerialMode,
 
     /// Control socket: one JSON request per line (ping, status, shutdown,
-    /// list, swap); see `bulkhead-vmm ctl`.
+    /// list, metrics, swap); see `bulkhead-vmm ctl`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
@@ -131,6 +131,8 @@ pub enum CtlRequest {
     Shutdown,
     /// Devices, their backend socket and state (connected, reconnecting).
     List,
+    /// The devices' counters in the Prometheus text format (printed as text, not JSON).
+    Metrics,
     /// Move a running device to another backend process without rebooting the guest.
     Swap {
         /// Device id, as `list` shows it (blk0, net0, console0, or the id= given).

@@ -30,13 +30,18 @@ fn ctl(api_socket: &std::path::Path, req: CtlRequest) -> ExitCode {
         CtlRequest::Status => json!({"cmd": "status"}),
         CtlRequest::Shutdown => json!({"cmd": "shutdown"}),
         CtlRequest::List => json!({"cmd": "list"}),
+        CtlRequest::Metrics => json!({"cmd": "metrics"}),
         CtlRequest::Swap { device, socket } => {
             json!({"cmd": "swap", "device": device, "socket": socket})
         }
     };
     match bulkhead_vmm::api::request(api_socket, &v) {
         Ok(reply) => {
-            println!("{reply}");
+            // `metrics` prints the text itself, ready for a scraper.
+            match reply.get("metrics").and_then(|m| m.as_str()) {
+                Some(text) => print!("{text}"),
+                None => println!("{reply}"),
+            }
             if reply.get("ok").and_then(|o| o.as_bool()) == Some(true) {
                 ExitCode::SUCCESS
             } else {

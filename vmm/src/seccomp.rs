@@ -232,7 +232,7 @@ pub fn filter(thread: Thread, mode: SeccompMode) -> Result<Option<BpfProgram>, S
 }
 
 /// `thread`'s filter with `mismatch` for a forbidden call.
-fn build(thread: Thread, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+pub(crate) fn build(thread: Thread, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     // seccompiler reads an empty rule list as "any arguments"; an
     // unconditional allow of a call wins over conditional ones.
     let mut rules: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();

@@ -371,6 +371,23 @@ fn ctl(api: &Path, args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// `bulkhead-vmm ctl ARGS`'s output as text (`metrics`).
+fn ctl_text(api: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin("bulkhead-vmm"))
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run bulkhead-vmm ctl");
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn start_api(rig: &Rig, dir: &Path) -> PathBuf {
     let api = dir.join("api.sock");
     bulkhead_vmm::api::start(
@@ -455,6 +472,17 @@ fn swap_blk_under_load(
         "{list}"
     );
     assert_eq!(list["devices"][0]["swaps"], 1, "{list}");
+    // `ctl metrics` prints the same numbers as Prometheus text.
+    let id = list["devices"][0]["id"].as_str().unwrap_or_default();
+    let text = ctl_text(api, &["metrics"]);
+    let exp = bulkhead_tests::stats::check_exposition(&text, "bulkhead_vmm_")
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let labels = [("id", id), ("type", "blk")];
+    let swaps = exp.value("bulkhead_vmm_swaps_total", &labels);
+    assert_eq!(swaps, Some(1.0), "{text}");
+    let connected = [labels[0], labels[1], ("state", "connected")];
+    let state = exp.value("bulkhead_vmm_link_state", &connected);
+    assert_eq!(state, Some(1.0), "{text}");
     for w in writes.iter().chain(&writes2) {
         let mut on_disk = vec![0u8; REQ_BYTES];
         use std::os::unix::fs::FileExt;

@@ -15,6 +15,7 @@ use bulkhead_common::spec::blk::{
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::stats::Stats;
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
@@ -65,16 +66,28 @@ pub struct BlkStats {
 }
 
 impl BlkStats {
+    /// Every counter, for the log line and the stats socket.
+    pub fn snapshot(&self) -> Stats {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = Stats::new();
+        s.counter("ok", "Requests completed with OK.", c(&self.ok))
+            .counter("ioerr", "Requests completed with IOERR.", c(&self.ioerr))
+            .counter(
+                "unsupported",
+                "Requests completed with UNSUPP.",
+                c(&self.unsupp),
+            )
+            .counter(
+                "malformed",
+                "Chains that were not block requests (guest errors).",
+                c(&self.malformed),
+            );
+        s
+    }
+
     /// All counters as `name=value` pairs on one line.
     pub fn line(&self) -> String {
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            "ok={} ioerr={} unsupported={} malformed={}",
-            c(&self.ok),
-            c(&self.ioerr),
-            c(&self.unsupp),
-            c(&self.malformed)
-        )
+        self.snapshot().line()
     }
 }
 
@@ -138,8 +151,8 @@ impl VhostUserDevice for BlkDevice {
     type Worker = BlkWorker;
     type State = BlkState;
 
-    fn stats(&self) -> String {
-        self.stats.line()
+    fn stats(&self) -> Stats {
+        self.stats.snapshot()
     }
 
     fn device_type(&self) -> DeviceType {

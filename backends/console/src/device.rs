@@ -22,6 +22,7 @@ use bulkhead_common::spec::console::{
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::stats::Stats;
 use bulkhead_common::{
     DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
@@ -301,33 +302,80 @@ impl VhostUserDevice for ConsoleDevice {
     type Worker = ConsoleWorker;
     type State = ConsoleState;
 
-    /// Device counters, then each port's (`port1.delivered=...`); a port's
-    /// `.ctl` socket answers `stats` with the same as JSON.
-    fn stats(&self) -> String {
+    /// Device counters, then each port's labelled with its number and name
+    /// (`delivered{port="1",name="log"}=...`); a port's `.ctl` socket
+    /// answers `stats` with the same numbers as JSON.
+    fn stats(&self) -> Stats {
         let s = &self.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut line = format!(
-            "malformed_control={} bad_buffers={} control_dropped={} config_changes={} emerg_writes={}",
+        let mut out = Stats::new();
+        out.counter(
+            "malformed_control",
+            "Control messages from the driver that were refused (guest errors).",
             l(&s.malformed_control),
+        )
+        .counter(
+            "bad_buffers",
+            "Receive or control buffers too small or without writable space (guest errors).",
             l(&s.bad_buffers),
+        )
+        .counter(
+            "control_dropped",
+            "Control messages to the driver dropped for want of buffers.",
             l(&s.control_dropped),
+        )
+        .counter(
+            "config_changes",
+            "Config-change notifications sent to the frontend.",
             l(&s.config_changes),
+        )
+        .counter(
+            "emerg_writes",
+            "Emergency writes (EMERG_WRITE) received.",
             l(&s.emerg_writes),
         );
         for p in self.ports() {
             let ps = &p.stats;
-            line.push_str(&format!(
-                " port{id}.from_guest={} port{id}.delivered={} port{id}.dropped={} port{id}.to_guest={} port{id}.attaches={} port{id}.write_errors={}",
+            let id = p.id().to_string();
+            let labels = [("port", id.as_str()), ("name", p.name().unwrap_or(""))];
+            out.counter_with(
+                "from_guest_bytes",
+                "Bytes the guest sent on a port.",
+                &labels,
                 l(&ps.from_guest),
+            )
+            .counter_with(
+                "delivered_bytes",
+                "Bytes of a port handed to the host side.",
+                &labels,
                 l(&ps.delivered),
+            )
+            .counter_with(
+                "dropped_bytes",
+                "Bytes of a port dropped from its full scrollback.",
+                &labels,
                 l(&ps.dropped),
+            )
+            .counter_with(
+                "to_guest_bytes",
+                "Bytes read from the host side of a port into guest buffers.",
+                &labels,
                 l(&ps.to_guest),
+            )
+            .counter_with(
+                "attaches",
+                "Socket clients attached to a port.",
+                &labels,
                 l(&ps.attaches),
+            )
+            .counter_with(
+                "write_errors",
+                "Host-side write errors of a port.",
+                &labels,
                 l(&ps.write_errors),
-                id = p.id(),
-            ));
+            );
         }
-        line
+        out
     }
 
     fn device_type(&self) -> DeviceType {

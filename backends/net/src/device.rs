@@ -232,8 +232,8 @@ impl VhostUserDevice for NetDevice {
     type Worker = NetWorker;
     type State = NetState;
 
-    fn stats(&self) -> String {
-        self.stats.line()
+    fn stats(&self) -> bulkhead_common::stats::Stats {
+        self.stats.snapshot()
     }
 
     fn device_type(&self) -> DeviceType {

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bulkhead_common::stats::Stats;
+
 use crate::request::TxError;
 
 /// Counters shared by every queue, logged on disconnect, on exit and on SIGUSR1.
@@ -47,34 +49,102 @@ pub struct NetStats {
 }
 
 impl NetStats {
+    /// Every counter, for the log line and the stats socket.
+    pub fn snapshot(&self) -> Stats {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = Stats::new();
+        s.counter(
+            "rx_frames",
+            "Frames delivered to the guest.",
+            c(&self.rx_frames),
+        )
+        .counter(
+            "rx_bytes",
+            "Frame bytes delivered to the guest (without vnet headers).",
+            c(&self.rx_bytes),
+        )
+        .counter(
+            "rx_filtered",
+            "Frames dropped by the guest's receive filter.",
+            c(&self.rx_filtered),
+        )
+        .counter(
+            "rx_too_big",
+            "Frames larger than a receive buffer without MRG_RXBUF, dropped.",
+            c(&self.rx_too_big),
+        )
+        .counter(
+            "rx_bad_buffers",
+            "Receive chains too small for a header (guest errors).",
+            c(&self.rx_bad_buffers),
+        )
+        .counter(
+            "rx_stalls",
+            "Times the tap stopped being read because the guest had no buffers.",
+            c(&self.rx_stalls),
+        )
+        .counter(
+            "rx_errors",
+            "Tap read errors and runt packets.",
+            c(&self.rx_errors),
+        )
+        .counter(
+            "tx_frames",
+            "Frames written to the tap.",
+            c(&self.tx_frames),
+        )
+        .counter(
+            "tx_bytes",
+            "Frame bytes written to the tap (without vnet headers).",
+            c(&self.tx_bytes),
+        )
+        .counter(
+            "tx_too_short",
+            "Chains too short for the header and an Ethernet header, dropped.",
+            c(&self.tx_too_short),
+        )
+        .counter(
+            "tx_too_big",
+            "Frames over 64 KiB, dropped.",
+            c(&self.tx_too_big),
+        )
+        .counter(
+            "tx_bad_header",
+            "Headers with bad flags or checksum fields, dropped.",
+            c(&self.tx_bad_header),
+        )
+        .counter(
+            "tx_bad_gso",
+            "Headers with a bad GSO type or GSO fields, dropped.",
+            c(&self.tx_bad_gso),
+        )
+        .counter(
+            "tx_eagain",
+            "Times the tap was full; the frame was kept and retried.",
+            c(&self.tx_eagain),
+        )
+        .counter(
+            "tx_errors",
+            "Tap write errors (frame dropped).",
+            c(&self.tx_errors),
+        )
+        .counter("ctrl_ok", "Control commands applied.", c(&self.ctrl_ok))
+        .counter(
+            "ctrl_malformed",
+            "Control commands with bad lengths or values.",
+            c(&self.ctrl_malformed),
+        )
+        .counter(
+            "ctrl_unsupported",
+            "Control commands of unknown or unnegotiated class or command.",
+            c(&self.ctrl_unsupported),
+        );
+        s
+    }
+
     /// All counters as `name=value` pairs on one line.
     pub fn line(&self) -> String {
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let fields = [
-            ("rx_frames", c(&self.rx_frames)),
-            ("rx_bytes", c(&self.rx_bytes)),
-            ("rx_filtered", c(&self.rx_filtered)),
-            ("rx_too_big", c(&self.rx_too_big)),
-            ("rx_bad_buffers", c(&self.rx_bad_buffers)),
-            ("rx_stalls", c(&self.rx_stalls)),
-            ("rx_errors", c(&self.rx_errors)),
-            ("tx_frames", c(&self.tx_frames)),
-            ("tx_bytes", c(&self.tx_bytes)),
-            ("tx_too_short", c(&self.tx_too_short)),
-            ("tx_too_big", c(&self.tx_too_big)),
-            ("tx_bad_header", c(&self.tx_bad_header)),
-            ("tx_bad_gso", c(&self.tx_bad_gso)),
-            ("tx_eagain", c(&self.tx_eagain)),
-            ("tx_errors", c(&self.tx_errors)),
-            ("ctrl_ok", c(&self.ctrl_ok)),
-            ("ctrl_malformed", c(&self.ctrl_malformed)),
-            ("ctrl_unsupported", c(&self.ctrl_unsupported)),
-        ];
-        fields
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.snapshot().line()
     }
 
     pub(crate) fn count_tx_error(&self, e: &TxError) {
@@ -99,5 +169,19 @@ mod tests {
         let line = s.line();
         assert!(line.contains("tx_bad_gso=3"));
         assert_eq!(line.split(' ').count(), 18);
+    }
+
+    #[test]
+    fn every_counter_has_a_valid_name_and_a_help_line() {
+        let s = NetStats::default().snapshot();
+        assert_eq!(s.metrics().len(), 18);
+        for m in s.metrics() {
+            assert!(bulkhead_common::stats::valid_name(m.name), "{}", m.name);
+            assert!(
+                m.help.ends_with('.') && !m.help.contains('\n'),
+                "{}",
+                m.name
+            );
+        }
     }
 }

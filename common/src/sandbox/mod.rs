@@ -192,10 +192,12 @@ impl Default for Policy {
 /// An `RLIMIT_NOFILE` for a daemon with `queues` queues holding at most
 /// `per_queue` fds each (kick, call, err, stop, epoll, engine fds): stdio,
 /// the listener and connection, the signalfd, the inflight memfd, one fd per
-/// memory slot, the backend channel, and some slack.
+/// memory slot, the backend channel, the stats socket and its clients
+/// (one more for the client told it is busy), and some slack.
 pub fn fd_budget(queues: u16, per_queue: u64) -> u64 {
     let slots = crate::memory::MAX_MEM_SLOTS as u64;
-    64 + slots + u64::from(queues) * per_queue
+    let stats = crate::stats_socket::MAX_CLIENTS as u64 + 2;
+    64 + slots + stats + u64::from(queues) * per_queue
 }
 
 /// What [`Sandbox::enter`] applied, for the log and for tests.

@@ -183,7 +183,9 @@ fn base_main() -> Vec<Syscall> {
         // A new queue thread installs the worker filter on itself.
         Syscall::prctl(PR_SET_NO_NEW_PRIVS),
         Syscall::arg_eq(SYS_seccomp, 0, SECCOMP_SET_MODE_FILTER as u64),
-        // The stats thread waits for SIGUSR1 (`crate::scaffold`).
+        // The stats thread waits for SIGUSR1 (`crate::scaffold`); the stats
+        // socket's thread needs only poll, accept4, recvfrom and write,
+        // allowed above (`crate::stats_socket`).
         Syscall::any(SYS_rt_sigtimedwait),
     ];
     // Whether a frontend's fd is an eventfd: its name in /proc/self/fd,

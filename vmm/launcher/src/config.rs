@@ -465,9 +465,18 @@ impl Config {
         p
     }
 
-    /// Every backend, with its socket in `runtime_dir`.
+    /// Every backend, with its socket in `runtime_dir`, and its stats
+    /// socket there too (`ID.sock.stats`, removed with the other sockets at
+    /// shutdown) unless its `args` name one.
     pub fn backends(&self, runtime_dir: &Path) -> Vec<BackendSpec> {
         let mut v = self.backends_as_given(runtime_dir);
+        for b in &mut v {
+            if !b.args.iter().any(|a| a.starts_with("--stats-socket")) {
+                let path = runtime_dir.join(format!("{}.sock.stats", b.id));
+                b.args
+                    .extend(["--stats-socket".into(), path.display().to_string()]);
+            }
+        }
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if let Some(user) = self.backend_user(root) {
@@ -664,6 +673,29 @@ mac = "52:54:00:12:34:56"
             ["--image", "/var/lib/vm/root.img", "--num-queues", "2"]
         );
         assert_eq!(b[1].args, ["--tap", "tap0", "--mac", "52:54:00:12:34:56"]);
+    }
+
+    #[test]
+    fn every_backend_gets_a_stats_socket_in_the_runtime_dir_unless_its_args_name_one() {
+        let mut c = Config::parse(FULL).unwrap();
+        c.console[0].args = vec!["--stats-socket=/elsewhere".into()];
+        let b = c.backends(Path::new("/run/bh/web1"));
+        let stats = |i: usize| {
+            b[i].args
+                .iter()
+                .position(|a| a == "--stats-socket")
+                .map(|p| b[i].args[p + 1].clone())
+        };
+        assert_eq!(stats(0).as_deref(), Some("/run/bh/web1/root.sock.stats"));
+        assert_eq!(stats(1).as_deref(), Some("/run/bh/web1/net0.sock.stats"));
+        assert_eq!(stats(2), None);
+        assert_eq!(
+            b[2].args
+                .iter()
+                .filter(|a| a.starts_with("--stats-socket"))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -777,10 +777,17 @@ mod tests {
         let first = backend_args(&specs[0], false);
         assert_eq!(
             first,
-            ["--socket-path", "/run/x/blk0.sock", "--image", "/d.img"]
+            [
+                "--socket-path",
+                "/run/x/blk0.sock",
+                "--image",
+                "/d.img",
+                "--stats-socket",
+                "/run/x/blk0.sock.stats"
+            ]
         );
         let again = backend_args(&specs[0], true);
-        assert_eq!(again[4..], ["--format", "raw"]);
+        assert_eq!(again[6..], ["--format", "raw"]);
         assert!(!backend_args(&specs[1], true).contains(&"--format".to_string()));
     }
 }

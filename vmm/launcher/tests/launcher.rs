@@ -186,6 +186,18 @@ image = "disk.img"
         Some(console),
         "console untouched"
     );
+    // Each backend serves its counters in the runtime directory, the
+    // restarted one on the socket its killed predecessor left there.
+    for (id, prefix) in [("blk0", "bulkhead_blk_"), ("console0", "bulkhead_console_")] {
+        let sock = l.run.join(format!("{id}.sock.stats"));
+        let v = wait_for(&format!("{id}'s stats"), Duration::from_secs(5), || {
+            bulkhead_tests::stats::stats(&sock).ok()
+        });
+        assert!(v["queue_chains"].is_array(), "{id}: {v}");
+        let text = bulkhead_tests::stats::metrics(&sock).unwrap();
+        bulkhead_tests::stats::check_exposition(&text, prefix)
+            .unwrap_or_else(|e| panic!("{id}: {e}\n{text}"));
+    }
     stop_and_check_clean(l, &[old, new, newer, console]);
 }
 
