@@ -97,6 +97,19 @@ pub fn print_capabilities_if_asked(
     Some(std::process::ExitCode::SUCCESS)
 }
 
+/// A ring size a device can run, as its `--queue-size` reads it: a power of
+/// two up to the virtio maximum ([`crate::virtqueue::MAX_QUEUE_SIZE`]).
+pub fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || !n.is_power_of_two() || n > crate::virtqueue::MAX_QUEUE_SIZE {
+        return Err(format!(
+            "must be a power of two from 1 to {}",
+            crate::virtqueue::MAX_QUEUE_SIZE
+        ));
+    }
+    Ok(n)
+}
+
 /// Prints the capabilities JSON on stdout.
 pub fn print_capabilities(device_type: &str, features: &[&str]) {
     let mut out = std::io::stdout().lock();
@@ -126,6 +139,15 @@ pub fn fail(e: &dyn std::error::Error) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_size_is_a_power_of_two_the_spec_allows() {
+        assert_eq!(parse_queue_size("256"), Ok(256));
+        assert_eq!(parse_queue_size("32768"), Ok(32768));
+        for bad in ["0", "100", "65536", "-1", "lots"] {
+            assert!(parse_queue_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn an_error_chain_names_every_cause_outermost_first() {

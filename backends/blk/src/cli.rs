@@ -18,19 +18,6 @@ pub enum EngineArg {
     Sync,
 }
 
-/// A ring size the device can run: a power of two up to 32768 (the
-/// virtio maximum; `common::virtqueue::MAX_QUEUE_SIZE`).
-fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 || !n.is_power_of_two() || n > bulkhead_common::virtqueue::MAX_QUEUE_SIZE {
-        return Err(format!(
-            "must be a power of two from 1 to {}",
-            bulkhead_common::virtqueue::MAX_QUEUE_SIZE
-        ));
-    }
-    Ok(n)
-}
-
 fn parse_serial(s: &str) -> Result<String, String> {
     if s.len() > request::ID_BYTES {
         return Err(format!("at most {} bytes", request::ID_BYTES));
@@ -73,7 +60,7 @@ pub struct Args {
     /// Largest virtqueue size the frontend may set (a power of two up to
     /// 32768); every smaller power of two works too. seg_max is 126 whatever
     /// this is (smaller only below 128).
-    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = bulkhead_common::cli::parse_queue_size)]
     pub queue_size: u16,
 
     /// Device id returned to GET_ID requests (at most 20 bytes).
