@@ -292,6 +292,32 @@ fn fd_args(args: &[String], preopen: &Preopen, fds: usize) -> Vec<String> {
     out
 }
 
+/// How the backends run, for the "up" line: whom they switched to and
+/// what the launcher opened for them; empty when they run as the launcher.
+fn privileges<'a>(specs: impl Iterator<Item = &'a BackendSpec> + Clone) -> String {
+    let users: Vec<&str> = specs
+        .clone()
+        .filter_map(|b| {
+            let at = b.args.iter().position(|a| a == "--user")?;
+            b.args.get(at + 1).map(String::as_str)
+        })
+        .collect();
+    let Some(first) = users.first() else {
+        return String::new();
+    };
+    let who = if users.iter().all(|u| u == first) {
+        format!("as user {first}")
+    } else {
+        "as the users their --user names".to_string()
+    };
+    let opened = specs.filter(|b| b.preopen.is_some()).count();
+    if opened == 0 {
+        format!(", {who}")
+    } else {
+        format!(", {who}; their images and taps opened here and passed as fds")
+    }
+}
+
 struct Backend {
     spec: BackendSpec,
     program: PathBuf,
@@ -590,9 +616,10 @@ impl Supervisor {
             self.wait_socket(i)?;
         }
         say(format_args!(
-            "{} backend(s) up in {}",
+            "{} backend(s) up in {}{}",
             self.backends.len(),
-            self.runtime_dir.display()
+            self.runtime_dir.display(),
+            privileges(self.backends.iter().map(|b| &b.spec))
         ));
         if let Some(f) = self.choose_frontend()? {
             self.start_frontend(&f)?;
@@ -700,6 +727,26 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_up_line_says_whom_the_backends_run_as() {
+        let cfg = Config::parse(
+            "frontend = \"none\"\nuser = \"vmuser\"\n[[blk]]\nimage = \"/d.img\"\n[[console]]\n",
+        )
+        .unwrap();
+        let mut specs = cfg.backends(Path::new("/run/x"));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert_eq!(privileges(specs.iter()), "");
+            return;
+        }
+        assert_eq!(
+            privileges(specs.iter()),
+            ", as user vmuser; their images and taps opened here and passed as fds"
+        );
+        specs[0].preopen = None;
+        assert_eq!(privileges(specs.iter()), ", as user vmuser");
+    }
 
     #[test]
     fn a_preopened_file_replaces_its_path_by_fds() {
