@@ -24,6 +24,7 @@ pub mod state;
 pub mod systemd;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
+pub mod throttle;
 pub mod transfer;
 pub mod virtqueue;
 pub mod worker;
