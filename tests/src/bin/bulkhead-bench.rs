@@ -29,6 +29,8 @@ mod profile;
 mod report;
 #[path = "../bench/targets.rs"]
 mod targets;
+#[path = "../bench/throttle.rs"]
+mod throttle;
 #[path = "../bench/vmm.rs"]
 mod vmm;
 #[path = "../bench/workload.rs"]
@@ -53,7 +55,11 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console,vmm (default all four)
+  --suites LIST         blk,net,console,vmm (default all four); throttle: only bulkhead-blk
+                        with I/O limits (--throttle-iops), printed as Markdown, no report
+  --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
+  --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
+  --throttle-secs S     seconds per throttle point (default 10)
   --runs N              runs per point (default 5)
   --secs S              seconds per run (default 0.8)
   --warmup S            discarded warm-up per point and target (default 0.2)
@@ -124,6 +130,9 @@ struct Args {
     vmm_boots: usize,
     vmm_boots_json: Option<PathBuf>,
     merge_json: Option<PathBuf>,
+    throttle_iops: Vec<u64>,
+    throttle_bps: Vec<u64>,
+    throttle_secs: f64,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -182,6 +191,9 @@ fn parse_args() -> std::result::Result<Args, String> {
         vmm_boots: if quick { 2 } else { 10 },
         vmm_boots_json: None,
         merge_json: None,
+        throttle_iops: vec![200, 2000],
+        throttle_bps: vec![20],
+        throttle_secs: 10.0,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -212,7 +224,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console", "vmm"]
+                    ["blk", "net", "console", "vmm", "throttle"]
                         .contains(&x)
                         .then(|| x.into())
                 })?
@@ -233,6 +245,9 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--vmm-boots" => a.vmm_boots = (num(&v)? as usize).max(1),
             "--vmm-boots-json" => a.vmm_boots_json = Some(v.into()),
             "--merge-json" => a.merge_json = Some(v.into()),
+            "--throttle-iops" => a.throttle_iops = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
+            "--throttle-bps" => a.throttle_bps = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
+            "--throttle-secs" => a.throttle_secs = num(&v)?,
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -366,6 +381,50 @@ fn measure_point(
         "qd": qd,
         "results": results,
     }))
+}
+
+/// `--suites throttle`: bulkhead-blk held to each `--throttle-iops` and
+/// `--throttle-bps` limit, on a tmpfs image; prints a Markdown table.
+fn throttle_suite(a: &Args) -> Result<()> {
+    let dir = a.tmpfs_dir.join(format!("bulkhead-bench-throttle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("image.raw");
+    let image_size = 256u64 << 20;
+    fill_image(&image, image_size, false)?;
+    let mut points = Vec::new();
+    for &n in &a.throttle_iops {
+        points.push(throttle::Point {
+            flags: vec!["--iops-total".into(), n.to_string()],
+            limit: n as f64,
+            unit: "IOPS",
+            pattern: Pattern::RandRead,
+        });
+    }
+    for &mib in &a.throttle_bps {
+        points.push(throttle::Point {
+            flags: vec!["--bps-total".into(), format!("{mib}M")],
+            limit: mib as f64,
+            unit: "MiB/s",
+            pattern: Pattern::SeqRead,
+        });
+    }
+    let md = throttle::run(
+        &a.bulkhead_bin,
+        &image,
+        &dir,
+        image_size,
+        &points,
+        a.throttle_secs,
+        32,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "bulkhead-blk throttled, {} s per point, test kit client at QD32 (load {}):\n\n{}",
+        a.throttle_secs,
+        loadavg(),
+        md?
+    );
+    Ok(())
 }
 
 fn daemon(a: &Args) -> targets::Bulkhead<'_> {
@@ -588,6 +647,9 @@ fn main() -> ExitCode {
         }
     };
     let result = (|| -> Result<()> {
+        if a.suites.iter().any(|s| s == "throttle") {
+            return throttle_suite(&a);
+        }
         if let Some(out) = &a.vmm_boots_json {
             let v = vmm::boots_here(a.vmm_boots)?;
             return write(out, &(serde_json::to_string_pretty(&v)? + "\n"));
