@@ -482,6 +482,52 @@ impl Throttle {
         hold.item
     }
 
+    /// For a queue that cannot hold a request (net receive: a frame's size
+    /// is known only once read): takes `cost` now, or says how long until
+    /// it can. With `bytes` 0 it only checks that the byte buckets are not
+    /// in debt; [`Throttle::charge`] then takes the bytes read.
+    pub fn check(&self, cost: Cost) -> Result<(), Duration> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let (_, wait) = self.try_take(cost);
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            self.delayed.fetch_add(1, Ordering::Relaxed);
+            Err(wait)
+        }
+    }
+
+    /// Takes `bytes` of direction `dir` unconditionally (they have moved);
+    /// a bucket may go into debt, which later requests wait out.
+    pub fn charge(&self, dir: Direction, bytes: u64) {
+        if !self.enabled() || bytes == 0 {
+            return;
+        }
+        let now = self.clock.now_ns();
+        let mut g = match self.limits.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let b = &mut g.1;
+        let bps = match dir {
+            Direction::Read => &mut b.bps_read,
+            Direction::Write => &mut b.bps_write,
+        };
+        for b in [b.bps_total.as_mut(), bps.as_mut()].into_iter().flatten() {
+            b.refill(now);
+            b.take(bytes);
+        }
+    }
+
+    /// Adds time a queue spent waiting without holding a request (net
+    /// receive leaves frames in the tap) to the throttled time.
+    pub fn add_throttled(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.throttled_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
     /// Total time requests have been held, ns (held ones count once admitted).
     pub fn throttled_ns(&self) -> u64 {
         self.throttled_ns.load(Ordering::Relaxed)
@@ -743,6 +789,30 @@ mod tests {
         assert!(e.contains("iops-total and iops-write"), "{e}");
         // Zero everywhere is no limit.
         assert!(!Throttle::new(Limits::NONE).unwrap().enabled());
+    }
+
+    #[test]
+    fn check_and_charge_hold_a_receive_queue_to_its_byte_rate() {
+        let (t, clock) = throttle(Limits {
+            bps_read: rate(1000, 1000),
+            iops_read: rate(100, 100),
+            ..Limits::NONE
+        });
+        let peek = Cost {
+            dir: Direction::Read,
+            bytes: 0,
+        };
+        assert_eq!(t.check(peek), Ok(()));
+        t.charge(Direction::Read, 3000);
+        // 2000 bytes of debt: 2 s until the byte bucket is back at zero.
+        assert_eq!(t.check(peek), Err(Duration::from_secs(2)));
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(t.check(peek), Ok(()));
+        // Writes are not charged against reads.
+        t.charge(Direction::Write, 1 << 40);
+        assert_eq!(t.check(peek), Ok(()));
+        t.add_throttled(Duration::from_millis(5));
+        assert_eq!(t.throttled_ns(), 5_000_000);
     }
 
     #[test]

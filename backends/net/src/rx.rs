@@ -5,8 +5,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bulkhead_common::chain::IoVecBuf;
+use bulkhead_common::throttle::{Cost, Direction, Throttle};
 use bulkhead_common::{DescriptorChain, VirtQueue, WorkerCtl, guest_error};
 
 use bulkhead_common::spec::net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
@@ -124,10 +126,19 @@ pub struct RxWorker {
     watching: bool,
     shared: Arc<Shared>,
     iov: IoVecBuf,
+    /// The device's limits (`--rx-pps`, `--rx-bps`).
+    throttle: Arc<Throttle>,
+    /// Since when the throttle has left frames in the tap.
+    throttled_since: Option<Instant>,
 }
 
 impl RxWorker {
-    pub(crate) fn new(pair: PairUse, features: u64, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        pair: PairUse,
+        features: u64,
+        shared: Arc<Shared>,
+        throttle: Arc<Throttle>,
+    ) -> Self {
         let bit = |m: u64| features & m != 0;
         RxWorker {
             pair,
@@ -140,6 +151,40 @@ impl RxWorker {
             watching: true,
             shared,
             iov: IoVecBuf::default(),
+            throttle,
+            throttled_since: None,
+        }
+    }
+
+    /// Whether the throttle lets one more frame be read; when not, the tap
+    /// is left unwatched (its frames wait there) and the thread wakes when
+    /// the buckets have room.
+    fn admit(&mut self, ctl: &WorkerCtl) -> bool {
+        if !self.throttle.enabled() {
+            return true;
+        }
+        // One packet, and no byte debt: the frame's bytes are charged
+        // once read (its size is not known before).
+        let peek = Cost {
+            dir: Direction::Read,
+            bytes: 0,
+        };
+        match self.throttle.check(peek) {
+            Ok(()) => {
+                if let Some(t) = self.throttled_since.take() {
+                    self.throttle.add_throttled(t.elapsed());
+                }
+                true
+            }
+            Err(wait) => {
+                self.throttled_since.get_or_insert_with(Instant::now);
+                if self.watching {
+                    ctl.watch(0, false);
+                    self.watching = false;
+                }
+                ctl.wake_after(wait);
+                false
+            }
         }
     }
 
@@ -154,6 +199,10 @@ impl RxWorker {
                 self.pending = None;
                 if budget == 0 || vq.is_broken() {
                     break;
+                }
+                if !self.admit(ctl) {
+                    vq.notify();
+                    return;
                 }
                 budget -= 1;
                 match self.receive(vq) {
@@ -315,9 +364,10 @@ impl RxWorker {
 
     fn count(&self, len: usize) {
         let s = &self.shared.stats;
+        let bytes = len.saturating_sub(self.hdr_len) as u64;
         s.rx_frames.fetch_add(1, Ordering::Relaxed);
-        s.rx_bytes
-            .fetch_add(len.saturating_sub(self.hdr_len) as u64, Ordering::Relaxed);
+        s.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.throttle.charge(Direction::Read, bytes);
     }
 
     /// Takes receive chains until `len` bytes fit (one chain without MRG_RXBUF).
@@ -578,7 +628,12 @@ mod tests {
             tap: Tap::from_fd_for_test(a),
             users: Mutex::new(0),
         });
-        let w = RxWorker::new(PairUse::new(pair), features, shared.clone());
+        let w = RxWorker::new(
+            PairUse::new(pair),
+            features,
+            shared.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
         (w, FakeTap { peer: b }, shared)
     }
 
