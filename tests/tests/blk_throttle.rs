@@ -23,8 +23,7 @@ fn start(args: &[&str]) -> Daemon {
 /// A driver whose requests take one ring entry each (indirect tables),
 /// so 100 fit a ring of 128.
 fn connect(d: &Daemon) -> BlkDriver {
-    let mut blk =
-        BlkDriver::connect(d.socket(), &Options::default()).expect("vhost-user bring-up");
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default()).expect("vhost-user bring-up");
     blk.use_indirect = true;
     blk
 }
@@ -51,7 +50,10 @@ fn one_done_one_held(d: &Daemon) -> BlkDriver {
     // Give the daemon time to take the second one and hold it.
     std::thread::sleep(Duration::from_millis(200));
     blk.timeout = Duration::from_millis(100);
-    assert!(blk.reap(0).is_err(), "the second read went despite the limit");
+    assert!(
+        blk.reap(0).is_err(),
+        "the second read went despite the limit"
+    );
     blk
 }
 
@@ -75,7 +77,11 @@ fn throttled_requests_all_complete_with_the_data_written() {
                 .unwrap();
         }
         for _ in 0..100 {
-            assert_eq!(blk.reap(0).unwrap().status, VIRTIO_BLK_S_OK, "round {round}");
+            assert_eq!(
+                blk.reap(0).unwrap().status,
+                VIRTIO_BLK_S_OK,
+                "round {round}"
+            );
         }
     }
     for i in 0..100u64 {
@@ -85,7 +91,10 @@ fn throttled_requests_all_complete_with_the_data_written() {
     for _ in 0..100 {
         let c = blk.reap(0).unwrap();
         assert_eq!(c.status, VIRTIO_BLK_S_OK);
-        assert!(written.contains(&c.data), "a read returned data never written");
+        assert!(
+            written.contains(&c.data),
+            "a read returned data never written"
+        );
         seen += 1;
     }
     assert_eq!(seen, 100);
@@ -208,7 +217,10 @@ fn nonsense_limits_are_refused_at_start() {
             "cannot be used together",
         ),
         (&["--bps-write-max", "1M"][..], "needs a rate"),
-        (&["--iops-write", "100", "--iops-write-max", "10"][..], "below"),
+        (
+            &["--iops-write", "100", "--iops-write-max", "10"][..],
+            "below",
+        ),
         (&["--bps-read", "lots"][..], "not a size"),
     ] {
         let out = std::process::Command::new(&bin)

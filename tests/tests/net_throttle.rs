@@ -69,15 +69,31 @@ fn transmit_passes_no_more_frames_than_the_bucket_allows_and_sigterm_is_prompt()
         }
     }
     let limit = allowed(10.0, 10.0, start.elapsed().as_secs_f64());
-    eprintln!("{sent} frames sent in {:?} (at most {limit})", start.elapsed());
-    assert!(f64::from(sent) <= limit, "{sent} frames sent; the bucket allows {limit}");
+    eprintln!(
+        "{sent} frames sent in {:?} (at most {limit})",
+        start.elapsed()
+    );
+    assert!(
+        f64::from(sent) <= limit,
+        "{sent} frames sent; the bucket allows {limit}"
+    );
     let s = daemon.stats().unwrap();
-    assert!(s.get("throttle_delayed").copied().unwrap_or(0) >= 1, "{s:?}");
+    assert!(
+        s.get("throttle_delayed").copied().unwrap_or(0) >= 1,
+        "{s:?}"
+    );
     assert!(s.get("throttle_held").copied().unwrap_or(9) <= 1, "{s:?}");
     // About 3 s of frames are still waiting; SIGTERM does not wait for them.
     let t = Instant::now();
-    assert!(daemon.terminate(Duration::from_secs(20)), "exits on SIGTERM");
-    assert!(t.elapsed() < Duration::from_secs(3), "SIGTERM took {:?}", t.elapsed());
+    assert!(
+        daemon.terminate(Duration::from_secs(20)),
+        "exits on SIGTERM"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -122,10 +138,19 @@ fn receive_passes_no_more_frames_than_the_bucket_allows() {
         got
     });
     let limit = allowed(20.0, 20.0, start.elapsed().as_secs_f64());
-    eprintln!("{got} frames received in {:?} (at most {limit})", start.elapsed());
-    assert!(f64::from(got) <= limit, "{got} frames received; the bucket allows {limit}");
+    eprintln!(
+        "{got} frames received in {:?} (at most {limit})",
+        start.elapsed()
+    );
+    assert!(
+        f64::from(got) <= limit,
+        "{got} frames received; the bucket allows {limit}"
+    );
     assert!(daemon.is_running());
     let s = daemon.stats().unwrap();
-    assert!(s.get("throttle_delayed").copied().unwrap_or(0) >= 1, "{s:?}");
+    assert!(
+        s.get("throttle_delayed").copied().unwrap_or(0) >= 1,
+        "{s:?}"
+    );
     assert!(daemon.terminate(Duration::from_secs(5)), "exits on SIGTERM");
 }

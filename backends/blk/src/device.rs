@@ -460,7 +460,11 @@ impl BlkWorker {
     }
 
     /// Parses a chain; a chain that is no request is completed here.
-    fn parse(&mut self, vq: &mut VirtQueue, chain: DescriptorChain) -> Option<(DescriptorChain, Request)> {
+    fn parse(
+        &mut self,
+        vq: &mut VirtQueue,
+        chain: DescriptorChain,
+    ) -> Option<(DescriptorChain, Request)> {
         match Request::parse(&chain, &self.geometry) {
             Ok(r) => Some((chain, r)),
             Err(e) => {

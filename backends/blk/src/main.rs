@@ -76,17 +76,19 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
         log::info!("I/O limits: {}", describe(&limits));
     }
     let throttle = Throttle::new(limits).map_err(|e| StartError::Usage(e.to_string()))?;
-    let device = Arc::new(BlkDevice::new(
-        disk,
-        BlkConfig {
-            readonly: args.readonly,
-            num_queues: args.num_queues,
-            queue_size: args.queue_size,
-            serial: args.serial.clone(),
-            engine,
-        },
-    )
-    .with_throttle(Arc::new(throttle)));
+    let device = Arc::new(
+        BlkDevice::new(
+            disk,
+            BlkConfig {
+                readonly: args.readonly,
+                num_queues: args.num_queues,
+                queue_size: args.queue_size,
+                serial: args.serial.clone(),
+                engine,
+            },
+        )
+        .with_throttle(Arc::new(throttle)),
+    );
     let mut backend = Backend::new(device, policy::policy(args.num_queues));
     backend.busy_poll = args.busy_poll.max();
     Ok(backend)

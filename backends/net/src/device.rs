@@ -481,7 +481,7 @@ impl QueueWorker for NetWorker {
                 // untouched (nothing was taken after it); so does the frame
                 // the tap refused: the next backend sends it.
                 if let Some(hold) = w.held.take() {
-                    let (chain, _) = w.throttle().release(hold);
+                    let (chain, _) = w.throttle().release(*hold);
                     if !vq.give_back(&[chain.head()]).is_empty() {
                         w.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
                         vq.complete(chain.head(), 0);

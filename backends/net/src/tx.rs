@@ -48,7 +48,8 @@ pub struct TxWorker {
     throttle: Arc<Throttle>,
     /// The frame the throttle holds back: nothing more is taken off the
     /// ring until it has gone.
-    pub(crate) held: Option<Hold<(DescriptorChain, TxFrame)>>,
+    /// Boxed: a throttled queue is the rare case, and it keeps the worker small.
+    pub(crate) held: Option<Box<Hold<(DescriptorChain, TxFrame)>>>,
 }
 
 impl TxWorker {
@@ -191,7 +192,7 @@ impl TxWorker {
             return;
         }
         if let Some(hold) = self.held.take() {
-            match self.throttle.retry(hold) {
+            match self.throttle.retry(*hold) {
                 Ok((chain, frame)) => {
                     if !self.try_send(vq, chain, frame) {
                         ctl.watch_io(0, false, true);
@@ -202,7 +203,7 @@ impl TxWorker {
                 Err(hold) => {
                     // Notifications stay off: the timer wakes the queue.
                     ctl.wake_after(hold.wait());
-                    self.held = Some(hold);
+                    self.held = Some(Box::new(hold));
                     vq.notify();
                     return;
                 }
@@ -242,7 +243,7 @@ impl TxWorker {
                             Ok(f) => f,
                             Err(hold) => {
                                 ctl.wake_after(hold.wait());
-                                self.held = Some(hold);
+                                self.held = Some(Box::new(hold));
                                 vq.notify();
                                 return;
                             }

@@ -386,7 +386,9 @@ fn measure_point(
 /// `--suites throttle`: bulkhead-blk held to each `--throttle-iops` and
 /// `--throttle-bps` limit, on a tmpfs image; prints a Markdown table.
 fn throttle_suite(a: &Args) -> Result<()> {
-    let dir = a.tmpfs_dir.join(format!("bulkhead-bench-throttle-{}", std::process::id()));
+    let dir = a
+        .tmpfs_dir
+        .join(format!("bulkhead-bench-throttle-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let image = dir.join("image.raw");
     let image_size = 256u64 << 20;
