@@ -7,6 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::{Value, json};
+
 use super::client::Result;
 use super::profile;
 use super::targets::{Bulkhead, Kind, Target};
@@ -24,7 +26,8 @@ pub struct Point {
     pub pattern: Pattern,
 }
 
-/// Runs each point for `secs` at queue depth `qd` and returns a Markdown table.
+/// Runs each point for `secs` at queue depth `qd`; one JSON row per point
+/// (`limit`, `workload`, `measured`, `unit`, `ratio`, `daemon_cpu_pct`).
 pub fn run(
     bin: &Path,
     image: &Path,
@@ -33,11 +36,8 @@ pub fn run(
     points: &[Point],
     secs: f64,
     qd: usize,
-) -> Result<String> {
-    let mut md = String::from(
-        "| limit | pattern, QD | measured | measured / limit | daemon CPU while throttled |\n\
-         |---|---|---|---|---|\n",
-    );
+) -> Result<Vec<Value>> {
+    let mut rows = Vec::new();
     for p in points {
         let bulkhead = Bulkhead {
             bin,
@@ -67,17 +67,16 @@ pub fn run(
         } else {
             stats.mib_s
         };
-        let line = format!(
-            "| `{}` | {} QD{qd} | {:.1} {} | {:.3} | {:.2}% of a CPU |\n",
-            p.flags.join(" "),
-            p.pattern.name(),
-            measured,
-            p.unit,
-            measured / p.limit,
-            100.0 * cpu / wall,
-        );
-        eprint!("{line}");
-        md += &line;
+        let row = json!({
+            "limit": format!("bulkhead-blk {}", p.flags.join(" ")),
+            "workload": format!("{} QD{qd}", p.pattern.name()),
+            "measured": (measured * 10.0).round() / 10.0,
+            "unit": p.unit,
+            "ratio": (measured / p.limit * 1000.0).round() / 1000.0,
+            "daemon_cpu_pct": (10000.0 * cpu / wall).round() / 100.0,
+        });
+        eprintln!("throttle: {row}");
+        rows.push(row);
     }
-    Ok(md)
+    Ok(rows)
 }

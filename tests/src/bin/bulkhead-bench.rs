@@ -55,10 +55,12 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console,vmm (default all four); throttle: only bulkhead-blk
-                        with I/O limits (--throttle-iops), printed as Markdown, no report
+  --suites LIST         blk,net,console,vmm,throttle (default all five); throttle:
+                        bulkhead-blk and bulkhead-net held to limits (--throttle-*)
   --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
   --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
+  --throttle-pps LIST   bulkhead-net --tx-pps limits, 64 B frames (default 1000,10000;
+                        needs root for the tap, skipped otherwise)
   --throttle-secs S     seconds per throttle point (default 10)
   --runs N              runs per point (default 5)
   --secs S              seconds per run (default 0.8)
@@ -133,6 +135,7 @@ struct Args {
     throttle_iops: Vec<u64>,
     throttle_bps: Vec<u64>,
     throttle_secs: f64,
+    throttle_pps: Vec<u64>,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -170,7 +173,13 @@ fn parse_args() -> std::result::Result<Args, String> {
         baseline_bin: None,
         poll_max_us: DEFAULT_POLL_MAX_US,
         profile: 0.0,
-        suites: vec!["blk".into(), "net".into(), "console".into(), "vmm".into()],
+        suites: vec![
+            "blk".into(),
+            "net".into(),
+            "console".into(),
+            "vmm".into(),
+            "throttle".into(),
+        ],
         net_runs: if quick { 1 } else { 3 },
         net_secs: if quick { 0.3 } else { 1.0 },
         net_sizes: if quick {
@@ -191,9 +200,10 @@ fn parse_args() -> std::result::Result<Args, String> {
         vmm_boots: if quick { 2 } else { 10 },
         vmm_boots_json: None,
         merge_json: None,
-        throttle_iops: vec![200, 2000],
+        throttle_iops: if quick { vec![2000] } else { vec![200, 2000] },
         throttle_bps: vec![20],
-        throttle_secs: 10.0,
+        throttle_secs: if quick { 1.0 } else { 10.0 },
+        throttle_pps: if quick { vec![1000] } else { vec![1000, 10000] },
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -248,6 +258,9 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--throttle-iops" => a.throttle_iops = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
             "--throttle-bps" => a.throttle_bps = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
             "--throttle-secs" => a.throttle_secs = num(&v)?,
+            "--throttle-pps" => {
+                a.throttle_pps = list(&v, |x| x.parse().ok().filter(|&n| n >= 1000))?
+            }
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -384,8 +397,9 @@ fn measure_point(
 }
 
 /// `--suites throttle`: bulkhead-blk held to each `--throttle-iops` and
-/// `--throttle-bps` limit, on a tmpfs image; prints a Markdown table.
-fn throttle_suite(a: &Args) -> Result<()> {
+/// `--throttle-bps` limit, on a tmpfs image, then bulkhead-net to each
+/// `--throttle-pps`; the report's "I/O limits" section.
+fn throttle_suite(a: &Args) -> Result<Value> {
     let dir = a
         .tmpfs_dir
         .join(format!("bulkhead-bench-throttle-{}", std::process::id()));
@@ -410,7 +424,7 @@ fn throttle_suite(a: &Args) -> Result<()> {
             pattern: Pattern::SeqRead,
         });
     }
-    let md = throttle::run(
+    let blk = throttle::run(
         &a.bulkhead_bin,
         &image,
         &dir,
@@ -420,13 +434,20 @@ fn throttle_suite(a: &Args) -> Result<()> {
         32,
     );
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "bulkhead-blk throttled, {} s per point, test kit client at QD32 (load {}):\n\n{}",
-        a.throttle_secs,
-        loadavg(),
-        md?
-    );
-    Ok(())
+    let mut rows = blk?;
+    let net_skipped = match net::throttled(&a.throttle_pps, a.throttle_secs)? {
+        Ok(r) => {
+            rows.extend(r);
+            Value::Null
+        }
+        Err(why) => json!(why),
+    };
+    Ok(json!({
+        "secs": a.throttle_secs,
+        "load": loadavg(),
+        "rows": rows,
+        "net_skipped": net_skipped,
+    }))
 }
 
 fn daemon(a: &Args) -> targets::Bulkhead<'_> {
@@ -543,6 +564,11 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let throttle_json = if a.suites.iter().any(|s| s == "throttle") {
+        throttle_suite(a)?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -594,6 +620,7 @@ fn run(a: &Args) -> Result<Value> {
         "net": net_json,
         "console": console_json,
         "vmm": vmm_json,
+        "throttle": throttle_json,
     });
     report::analyse(&mut v);
     Ok(v)
@@ -615,6 +642,7 @@ fn suite_keys(suite: &str) -> &'static [&'static str] {
         "net" => &["net"],
         "console" => &["console"],
         "vmm" => &["vmm"],
+        "throttle" => &["throttle"],
         _ => &[],
     }
 }
@@ -649,9 +677,6 @@ fn main() -> ExitCode {
         }
     };
     let result = (|| -> Result<()> {
-        if a.suites.iter().any(|s| s == "throttle") {
-            return throttle_suite(&a);
-        }
         if let Some(out) = &a.vmm_boots_json {
             let v = vmm::boots_here(a.vmm_boots)?;
             return write(out, &(serde_json::to_string_pretty(&v)? + "\n"));
