@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bulkhead_tests::blk::{BlkDriver, Request, VIRTIO_BLK_S_OK};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
+use bulkhead_tests::guest::spawn_daemon;
+use bulkhead_tests::process::{wait_for_path, workspace_binary};
 
 const IMAGE_SIZE: u64 = 16 << 20;
 
@@ -23,7 +25,11 @@ fn start(args: &[&str]) -> Daemon {
 /// A driver whose requests take one ring entry each (indirect tables),
 /// so 100 fit a ring of 128.
 fn connect(d: &Daemon) -> BlkDriver {
-    let mut blk = BlkDriver::connect(d.socket(), &Options::default()).expect("vhost-user bring-up");
+    connect_to(d.socket())
+}
+
+fn connect_to(socket: &std::path::Path) -> BlkDriver {
+    let mut blk = BlkDriver::connect(socket, &Options::default()).expect("vhost-user bring-up");
     blk.use_indirect = true;
     blk
 }
@@ -43,6 +49,11 @@ const BIG_READ: u32 = 64 << 10;
 /// the second is held by the throttle.
 fn one_done_one_held(d: &Daemon) -> BlkDriver {
     let mut blk = connect(d);
+    hold_one(&mut blk);
+    blk
+}
+
+fn hold_one(blk: &mut BlkDriver) {
     blk.submit(0, &Request::read(0, BIG_READ)).unwrap();
     blk.submit(0, &Request::read(128, BIG_READ)).unwrap();
     let c = blk.reap(0).unwrap();
@@ -54,7 +65,6 @@ fn one_done_one_held(d: &Daemon) -> BlkDriver {
         blk.reap(0).is_err(),
         "the second read went despite the limit"
     );
-    blk
 }
 
 #[test]
@@ -144,13 +154,23 @@ fn no_more_requests_complete_than_the_bucket_allows() {
 }
 
 #[test]
-fn sigterm_is_not_held_up_by_a_throttled_queue() {
-    let mut d = start(MINUTE_LIMIT);
-    let _blk = one_done_one_held(&d);
+fn sigterm_is_not_held_up_by_a_throttled_queue_and_the_counters_say_why() {
+    // Started by hand, for its log: the stats line comes at exit.
+    let scratch = Scratch::new(IMAGE_SIZE).unwrap();
+    let log = scratch.dir().join("blk.log");
+    let mut cmd = std::process::Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .arg("--image")
+        .arg(scratch.image())
+        .args(MINUTE_LIMIT);
+    let mut daemon = spawn_daemon("bulkhead-blk", &mut cmd, &log).unwrap();
+    wait_for_path(scratch.socket(), Duration::from_secs(10)).unwrap();
+    let mut blk = connect_to(scratch.socket());
+    hold_one(&mut blk);
     let t = Instant::now();
-    d.guard_mut().signal(libc::SIGTERM).unwrap();
-    let status = d
-        .guard_mut()
+    daemon.signal(libc::SIGTERM).unwrap();
+    let status = daemon
         .wait_timeout(Duration::from_secs(20))
         .unwrap()
         .expect("bulkhead-blk did not exit after SIGTERM");
@@ -160,6 +180,25 @@ fn sigterm_is_not_held_up_by_a_throttled_queue() {
         t.elapsed()
     );
     assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    let stats = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stats: "))
+        .unwrap_or_else(|| panic!("no stats line at exit:\n{log}"));
+    let count = |k: &str| -> u64 {
+        stats
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    };
+    assert_eq!(count("throttle_delayed"), 1, "{stats}");
+    assert_eq!(count("throttle_held"), 0, "given back at the stop: {stats}");
+    assert!(
+        count("throttled_ns") >= 100_000_000,
+        "held for 200 ms or more: {stats}"
+    );
 }
 
 #[test]
