@@ -23,6 +23,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The longest a throttled queue sleeps before it looks again, however far
+/// off its turn: a run-time change of the limits ([`Throttle::set_limits`])
+/// reaches a sleeping queue within this.
+pub const MAX_SLEEP: Duration = Duration::from_secs(1);
+
 /// Nanoseconds in a second: bucket levels are kept in nano-tokens, so a
 /// refill of `rate` tokens/s over `dt` ns adds exactly `rate * dt`.
 const NANOS: u128 = 1_000_000_000;
@@ -365,6 +370,12 @@ impl<T> Hold<T> {
         self.wait
     }
 
+    /// How long its queue sleeps before trying again: [`Hold::wait`], at
+    /// most [`MAX_SLEEP`].
+    pub fn sleep(&self) -> Duration {
+        self.wait.min(MAX_SLEEP)
+    }
+
     /// The held request.
     pub fn item(&self) -> &T {
         &self.item
@@ -414,9 +425,8 @@ impl Throttle {
     }
 
     /// Replaces every limit, at run time (the control socket's call):
-    /// buckets start full. Held requests are retried when their queue
-    /// wakes, at the latest after the wait the old limits gave them; with
-    /// [`Limits::NONE`] they go at their next try.
+    /// buckets start full. A held request is retried when its queue wakes,
+    /// within [`MAX_SLEEP`]; with [`Limits::NONE`] it goes then.
     pub fn set_limits(&self, limits: Limits) -> Result<(), LimitError> {
         limits.validate()?;
         let now = self.clock.now_ns();
@@ -691,6 +701,7 @@ mod tests {
         // 4000 bytes of debt plus 1000 for the next one: 5 s.
         let h = t.admit((), big).unwrap_err();
         assert_eq!(h.wait(), Duration::from_secs(5));
+        assert_eq!(h.sleep(), MAX_SLEEP, "a queue looks again every second");
         clock.advance(Duration::from_secs(4));
         let h = t.retry(h).unwrap_err();
         assert_eq!(h.wait(), Duration::from_secs(1));

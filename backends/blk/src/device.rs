@@ -430,7 +430,7 @@ impl BlkWorker {
             match self.throttle.admit(req, cost) {
                 Ok((chain, req)) => self.start(vq, chain, req),
                 Err(hold) => {
-                    ctl.wake_after(hold.wait());
+                    ctl.wake_after(hold.sleep());
                     self.held = Some(hold);
                     return false;
                 }
@@ -452,7 +452,7 @@ impl BlkWorker {
                 true
             }
             Err(hold) => {
-                ctl.wake_after(hold.wait());
+                ctl.wake_after(hold.sleep());
                 self.held = Some(hold);
                 false
             }

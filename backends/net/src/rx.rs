@@ -182,7 +182,7 @@ impl RxWorker {
                     ctl.watch(0, false);
                     self.watching = false;
                 }
-                ctl.wake_after(wait);
+                ctl.wake_after(wait.min(bulkhead_common::throttle::MAX_SLEEP));
                 false
             }
         }

@@ -202,7 +202,7 @@ impl TxWorker {
                 }
                 Err(hold) => {
                     // Notifications stay off: the timer wakes the queue.
-                    ctl.wake_after(hold.wait());
+                    ctl.wake_after(hold.sleep());
                     self.held = Some(Box::new(hold));
                     vq.notify();
                     return;
@@ -242,7 +242,7 @@ impl TxWorker {
                         let (chain, frame) = match self.throttle.admit((chain, frame), cost) {
                             Ok(f) => f,
                             Err(hold) => {
-                                ctl.wake_after(hold.wait());
+                                ctl.wake_after(hold.sleep());
                                 self.held = Some(Box::new(hold));
                                 vq.notify();
                                 return;
