@@ -448,6 +448,9 @@ impl BlkWorker {
         };
         match self.throttle.retry(hold) {
             Ok((chain, req)) => {
+                // Went before the timer (a kick, a completion): the thread
+                // may busy-poll again.
+                ctl.cancel_wake();
                 self.start(vq, chain, req);
                 true
             }

@@ -173,6 +173,7 @@ impl RxWorker {
             Ok(()) => {
                 if let Some(t) = self.throttled_since.take() {
                     self.throttle.add_throttled(t.elapsed());
+                    ctl.cancel_wake();
                 }
                 true
             }

@@ -194,6 +194,7 @@ impl TxWorker {
         if let Some(hold) = self.held.take() {
             match self.throttle.retry(*hold) {
                 Ok((chain, frame)) => {
+                    ctl.cancel_wake();
                     if !self.try_send(vq, chain, frame) {
                         ctl.watch_io(0, false, true);
                         vq.notify();
