@@ -501,12 +501,13 @@ impl Throttle {
             return Ok(());
         }
         let (_, wait) = self.try_take(cost);
-        if wait.is_zero() {
-            Ok(())
-        } else {
-            self.delayed.fetch_add(1, Ordering::Relaxed);
-            Err(wait)
-        }
+        if wait.is_zero() { Ok(()) } else { Err(wait) }
+    }
+
+    /// Counts one more request that had to wait, for a queue that uses
+    /// [`Throttle::check`] (once per wait, not per try).
+    pub fn count_delayed(&self) {
+        self.delayed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes `bytes` of direction `dir` unconditionally (they have moved);

@@ -178,7 +178,10 @@ impl RxWorker {
                 true
             }
             Err(wait) => {
-                self.throttled_since.get_or_insert_with(Instant::now);
+                if self.throttled_since.is_none() {
+                    self.throttled_since = Some(Instant::now());
+                    self.throttle.count_delayed();
+                }
                 if self.watching {
                     ctl.watch(0, false);
                     self.watching = false;
@@ -640,6 +643,36 @@ mod tests {
 
     const V1: u64 = VIRTIO_F_VERSION_1;
     const MRG: u64 = V1 | VIRTIO_NET_F_MRG_RXBUF;
+
+    #[test]
+    fn a_throttled_queue_leaves_frames_in_the_tap_until_the_bucket_refills() {
+        use bulkhead_common::throttle::{Limit, Limits, ManualClock};
+        let (mut w, tap, shared) = worker(V1, None);
+        let clock = Arc::new(ManualClock::new());
+        let limits = Limits {
+            iops_read: Limit { rate: 1, burst: 1 },
+            ..Limits::NONE
+        };
+        w.throttle = Arc::new(Throttle::with_clock(limits, Box::new(clock.clone())).unwrap());
+        let (mut vq, mem) = rx_queue(&[&[2048], &[2048], &[2048]], V1);
+        for _ in 0..3 {
+            tap.send(OWN, 100);
+        }
+        let ctl = WorkerCtl::detached();
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 1, "one frame per second");
+        assert!(ctl.wake_deadline().is_some(), "the queue asked to wake");
+        // A kick before the bucket refills reads nothing more.
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 1);
+        clock.advance(std::time::Duration::from_secs(1));
+        ctl.cancel_wake();
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 2, "the next frame came from the tap");
+        assert_eq!(shared.stats.rx_frames.load(Ordering::Relaxed), 2);
+        let line = w.throttle.stats_line();
+        assert!(line.contains("throttle_delayed=2"), "once per wait: {line}");
+    }
 
     #[test]
     fn a_frame_lands_in_the_guest_buffer_behind_a_fixed_up_header() {
