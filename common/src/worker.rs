@@ -357,6 +357,11 @@ fn run<W: QueueWorker>(
             if let Some(at) = deadline
                 && Instant::now() >= at
             {
+                // A worker that keeps asking for an immediate wake-up
+                // cannot keep the thread from its stop request.
+                if stopping.load(Ordering::Acquire) {
+                    break;
+                }
                 ctl.wake.set(None);
                 vq.refill_budget();
                 worker.on_timer(&mut vq, &ctl);
@@ -563,6 +568,17 @@ mod tests {
             0,
             "a waiting worker is not polled"
         );
+    }
+
+    #[test]
+    fn a_worker_that_always_asks_to_wake_at_once_still_stops() {
+        let (t, timers, _, kick) = spawn_throttled(Duration::ZERO);
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(t.stop().is_some()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        assert!(timers.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
