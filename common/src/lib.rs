@@ -26,6 +26,7 @@ pub mod stats_socket;
 pub mod systemd;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
+pub mod throttle;
 pub mod transfer;
 pub mod virtqueue;
 pub mod worker;

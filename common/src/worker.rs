@@ -2,8 +2,11 @@
 //! half implements ([`QueueWorker`], [`Polled`], [`WorkerCtl`]), and one
 //! thread per running queue running an epoll loop over the kick eventfd, a
 //! stop eventfd and the worker's own fds, with an adaptive busy-poll before
-//! it sleeps (see [`BusyPoll`]).
+//! it sleeps (see [`BusyPoll`]). A worker held back by its throttle asks for
+//! a wake-up ([`WorkerCtl::wake_after`]): the thread then sleeps until that
+//! deadline (or a stop, a kick, an fd) without busy-polling.
 
+use std::cell::Cell;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +82,12 @@ pub trait QueueWorker: Send + 'static {
     /// The guest kicked the queue (also called once when the queue starts).
     fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl);
 
+    /// The deadline the worker asked for with [`WorkerCtl::wake_after`] has
+    /// passed (a throttled request may go now). Default: as a kick.
+    fn on_timer(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        self.on_kick(vq, ctl);
+    }
+
     /// Extra fd number `index` (position in [`QueueWorker::fds`]) is ready.
     fn on_fd(&mut self, vq: &mut VirtQueue, index: usize, ctl: &WorkerCtl) {
         let _ = (vq, index, ctl);
@@ -94,6 +103,8 @@ pub trait QueueWorker: Send + 'static {
 pub struct WorkerCtl {
     events: Option<EventLoop<Token>>,
     fds: Vec<RawFd>,
+    /// When to call [`QueueWorker::on_timer`]; None: no timer.
+    wake: Cell<Option<Instant>>,
 }
 
 impl WorkerCtl {
@@ -103,7 +114,32 @@ impl WorkerCtl {
         WorkerCtl {
             events: None,
             fds: Vec::new(),
+            wake: Cell::new(None),
         }
+    }
+
+    /// Asks for [`QueueWorker::on_timer`] after `d` (the earliest of several
+    /// asks wins). Until then the thread does not busy-poll: a throttled
+    /// queue sleeps, and still wakes at once for a stop, a kick or an fd.
+    pub fn wake_after(&self, d: Duration) {
+        let at = Instant::now().checked_add(d);
+        let at = match (self.wake.get(), at) {
+            (Some(old), Some(new)) => Some(old.min(new)),
+            (old, new) => old.or(new),
+        };
+        // A deadline past what Instant can hold: a day (any kick retries).
+        let at = at.or_else(|| Instant::now().checked_add(Duration::from_secs(86_400)));
+        self.wake.set(at);
+    }
+
+    /// The pending wake-up deadline, if any.
+    pub fn wake_deadline(&self) -> Option<Instant> {
+        self.wake.get()
+    }
+
+    /// Cancels the wake-up asked for with [`WorkerCtl::wake_after`].
+    pub fn cancel_wake(&self) {
+        self.wake.set(None);
     }
 
     /// Starts or stops watching extra fd `index` for readability.
@@ -301,6 +337,7 @@ fn run<W: QueueWorker>(
     let ctl = WorkerCtl {
         events: Some(events),
         fds,
+        wake: Cell::new(None),
     };
     if !ok {
         crate::rate_limited!(
@@ -315,18 +352,37 @@ fn run<W: QueueWorker>(
         rekick_if_exhausted(&mut vq, &kick);
         let mut ready: Vec<Event<Token>> = Vec::with_capacity(16);
         'outer: loop {
-            let idle_since = poll.enabled().then(Instant::now);
-            if !poll.window().is_zero() && spin(&mut worker, &mut vq, &ctl, poll.window(), stopping)
+            // A worker waiting for its timer (throttled) neither spins nor adapts the window.
+            let deadline = ctl.wake.get();
+            if let Some(at) = deadline
+                && Instant::now() >= at
+            {
+                // A worker that keeps asking for an immediate wake-up
+                // cannot keep the thread from its stop request.
+                if stopping.load(Ordering::Acquire) {
+                    break;
+                }
+                ctl.wake.set(None);
+                vq.refill_budget();
+                worker.on_timer(&mut vq, &ctl);
+                rekick_if_exhausted(&mut vq, &kick);
+                continue;
+            }
+            let idle_since = (poll.enabled() && deadline.is_none()).then(Instant::now);
+            if deadline.is_none()
+                && !poll.window().is_zero()
+                && spin(&mut worker, &mut vq, &ctl, poll.window(), stopping)
             {
                 rekick_if_exhausted(&mut vq, &kick);
                 continue;
             }
-            if let Err(e) = events.wait_into(None, &mut ready) {
+            let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = events.wait_into(timeout, &mut ready) {
                 crate::rate_limited!(log::Level::Error, "queue {}: epoll wait: {e}", vq.index());
                 break;
             }
             if ready.is_empty() {
-                // EINTR: no idle gap ended.
+                // EINTR, or the timer's deadline: looked at above.
                 continue;
             }
             if let Some(t) = idle_since {
@@ -442,6 +498,100 @@ mod tests {
     #[test]
     fn a_worker_that_does_not_poll_is_never_polled() {
         assert_eq!(run_then_stop(false), 0);
+    }
+
+    /// A worker that is always throttled: every kick or timer asks for a
+    /// wake-up after `wait`, and polling finds nothing to do.
+    struct Throttled {
+        wait: Duration,
+        timers: Arc<std::sync::atomic::AtomicU64>,
+        polls: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl QueueWorker for Throttled {
+        fn busy_polls(&self) -> bool {
+            true
+        }
+        fn on_kick(&mut self, _vq: &mut VirtQueue, ctl: &WorkerCtl) {
+            ctl.wake_after(self.wait);
+        }
+        fn on_timer(&mut self, _vq: &mut VirtQueue, ctl: &WorkerCtl) {
+            self.timers.fetch_add(1, Ordering::Relaxed);
+            ctl.wake_after(self.wait);
+        }
+        fn poll(&mut self, _vq: &mut VirtQueue, _ctl: &WorkerCtl) -> Polled {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Polled::Nothing
+        }
+    }
+
+    fn spawn_throttled(
+        wait: Duration,
+    ) -> (
+        QueueThread,
+        Arc<std::sync::atomic::AtomicU64>,
+        Arc<std::sync::atomic::AtomicU64>,
+        EventFd,
+    ) {
+        let guest = crate::virtqueue::tests::Guest::new();
+        let (vq, _call) = guest.queue(0);
+        let timers = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker = Throttled {
+            wait,
+            timers: timers.clone(),
+            polls: polls.clone(),
+        };
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = QueueThread::spawn(
+            vq,
+            worker,
+            kick.try_clone().unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        (t, timers, polls, kick)
+    }
+
+    #[test]
+    fn a_throttled_worker_gets_its_timer_and_is_not_busy_polled() {
+        let (t, timers, polls, kick) = spawn_throttled(Duration::from_millis(5));
+        for _ in 0..20 {
+            kick.write(1).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(t.stop().is_some());
+        assert!(timers.load(Ordering::Relaxed) > 0, "the timer fired");
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            0,
+            "a waiting worker is not polled"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_always_asks_to_wake_at_once_still_stops() {
+        let (t, timers, _, kick) = spawn_throttled(Duration::ZERO);
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(t.stop().is_some()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        assert!(timers.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_stop_is_not_delayed_by_a_long_wake_up() {
+        let (t, timers, _, kick) = spawn_throttled(Duration::from_secs(600));
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || tx.send(t.stop().is_some()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(timers.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -119,3 +119,40 @@ fn quick_bench_reports_net_packet_rates_and_console_throughput() {
     let stats = &v["net"]["daemon_stats"];
     assert_eq!(stats["tx_errors"], 0, "{stats}");
 }
+
+#[test]
+fn quick_throttle_suite_reports_each_limit_against_the_rate_it_got() {
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("bench.json");
+    let md = out.path().join("bench.md");
+    let status = Command::new(env!("CARGO_BIN_EXE_bulkhead-bench"))
+        .args(["--quick", "--suites", "throttle", "--throttle-secs", "0.5"])
+        .arg("--bulkhead-bin")
+        .arg(workspace_binary("bulkhead-blk"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--md")
+        .arg(&md)
+        .arg("--svg")
+        .arg(out.path().join("bench.svg"))
+        .status()
+        .expect("run bulkhead-bench");
+    assert!(status.success(), "bulkhead-bench --quick failed: {status}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["throttle"]["rows"].as_array().unwrap();
+    let want = if netns::unavailable().is_some() { 2 } else { 3 };
+    assert_eq!(
+        rows.len(),
+        want,
+        "blk iops, blk bps (and net pps): {rows:?}"
+    );
+    for r in rows {
+        // An upper bound only: a loaded machine can make a rate lower, not
+        // higher (the burst is a tenth of a second's rate; 0.5 s windows).
+        let ratio = r["ratio"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio <= 1.5, "{r}");
+    }
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("## I/O limits") && report.contains("--iops-total 2000"));
+}

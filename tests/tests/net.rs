@@ -204,6 +204,14 @@ fn offers_the_documented_features_config_and_capabilities() {
         "--queue-size",
         "--poll-max-us",
         "--stats-socket",
+        "--rx-pps",
+        "--rx-pps-max",
+        "--rx-bps",
+        "--rx-bps-max",
+        "--tx-pps",
+        "--tx-pps-max",
+        "--tx-bps",
+        "--tx-bps-max",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         assert!(doc.contains(flag), "docs/net.md lacks {flag}");

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use bulkhead_common::cli::BusyPollArgs;
 use bulkhead_common::scaffold::{self, BackendArgs};
+use bulkhead_common::throttle::{Limit, LimitError, Limits};
 use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::request;
@@ -83,6 +84,84 @@ pub struct Args {
     /// Do not take QEMU's image lock (another process may then write it too).
     #[arg(long)]
     pub no_lock: bool,
+
+    /// I/O limits (`--iops-total`, `--bps-read-max`, ...).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// A byte rate: a count, or with a K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    bulkhead_common::size::parse_memory(s)
+}
+
+/// The I/O limits, named like QEMU's throttle-group properties
+/// (`iops-total`, `bps-read-max`, ...). 0 or absent: no limit.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "I/O limits (shared by all queues; 0: none)")]
+pub struct LimitArgs {
+    /// Requests per second, reads and writes together (flush, discard and
+    /// write-zeroes count as writes).
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_total: u64,
+    /// Burst of --iops-total: requests that may go at once after an idle
+    /// spell (default: a tenth of a second's rate).
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_total_max: u64,
+    /// Read requests per second.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_read: u64,
+    /// Burst of --iops-read.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_read_max: u64,
+    /// Write requests per second (writes, flushes, discards, write-zeroes).
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_write: u64,
+    /// Burst of --iops-write.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub iops_write_max: u64,
+    /// Bytes per second read and written together (K, M, G suffixes).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_total: u64,
+    /// Burst of --bps-total, in bytes (default: a tenth of a second's rate).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_total_max: u64,
+    /// Bytes per second read.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_read: u64,
+    /// Burst of --bps-read, in bytes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_read_max: u64,
+    /// Bytes per second written (write-zeroes counts the bytes it zeroes).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_write: u64,
+    /// Burst of --bps-write, in bytes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, default_value = "0",
+          hide_default_value = true)]
+    pub bps_write_max: u64,
+}
+
+impl LimitArgs {
+    /// The limits, checked (a burst without its rate, a burst below its
+    /// rate, a total with a per-direction limit of the same kind are refused).
+    pub fn limits(&self) -> Result<Limits, LimitError> {
+        let l = |rate, burst| Limit { rate, burst };
+        let limits = Limits {
+            iops_total: l(self.iops_total, self.iops_total_max),
+            iops_read: l(self.iops_read, self.iops_read_max),
+            iops_write: l(self.iops_write, self.iops_write_max),
+            bps_total: l(self.bps_total, self.bps_total_max),
+            bps_read: l(self.bps_read, self.bps_read_max),
+            bps_write: l(self.bps_write, self.bps_write_max),
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
 }
 
 /// `--format`: only raw can be served; naming it skips the format probe.

@@ -16,6 +16,7 @@ use bulkhead_common::spec::blk::{
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
 use bulkhead_common::stats::Stats;
+use bulkhead_common::throttle::{Cost, Direction, Hold, Throttle};
 use bulkhead_common::{
     DescriptorChain, Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
 };
@@ -103,6 +104,8 @@ pub struct BlkDevice {
     sink: StateSink,
     /// Counters.
     pub stats: Arc<BlkStats>,
+    /// I/O limits shared by every queue (`--iops-total` ...).
+    throttle: Arc<Throttle>,
 }
 
 impl BlkDevice {
@@ -115,7 +118,20 @@ impl BlkDevice {
             acked: AtomicU64::new(0),
             sink: StateSink::default(),
             stats: Arc::new(BlkStats::default()),
+            throttle: Arc::new(Throttle::unlimited()),
         }
+    }
+
+    /// The device with its queues held to `throttle`'s limits.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// The throttle every queue shares: [`Throttle::set_limits`] changes
+    /// the limits of a running device.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     fn state(&self) -> BlkState {
@@ -152,7 +168,9 @@ impl VhostUserDevice for BlkDevice {
     type State = BlkState;
 
     fn stats(&self) -> Stats {
-        self.stats.snapshot()
+        let mut stats = self.stats.snapshot();
+        self.throttle.add_to(&mut stats);
+        stats
     }
 
     fn device_type(&self) -> DeviceType {
@@ -323,6 +341,8 @@ impl VhostUserDevice for BlkDevice {
             free: Vec::new(),
             completions: Vec::new(),
             stalled: false,
+            throttle: self.throttle.clone(),
+            held: None,
         })
     }
 }
@@ -348,6 +368,36 @@ pub struct BlkWorker {
     completions: Vec<Completion>,
     /// Stopped taking requests because the engine is full.
     stalled: bool,
+    /// The device's I/O limits.
+    throttle: Arc<Throttle>,
+    /// The request the throttle holds back: the queue takes nothing else off
+    /// its ring until it has gone (its room in the engine is kept for it).
+    held: Option<Hold<(DescriptorChain, Request)>>,
+}
+
+/// What a request costs against the throttle: reads and writes their
+/// bytes, write-zeroes the bytes it zeroes, flush and discard one write
+/// operation each; GET_ID and requests that fail at once cost nothing (they
+/// touch no disk).
+fn cost(kind: &RequestKind) -> Option<Cost> {
+    let write = |bytes| {
+        Some(Cost {
+            dir: Direction::Write,
+            bytes,
+        })
+    };
+    match kind {
+        RequestKind::Read(r) => Some(Cost {
+            dir: Direction::Read,
+            bytes: r.len,
+        }),
+        RequestKind::Write(r) => write(r.len),
+        RequestKind::WriteZeroes(rs) => {
+            write(rs.iter().fold(0u64, |n, (r, _)| n.saturating_add(r.len)))
+        }
+        RequestKind::Flush | RequestKind::Discard(_) => write(0),
+        RequestKind::GetId | RequestKind::Fail(_) => None,
+    }
 }
 
 impl BlkWorker {
@@ -382,10 +432,59 @@ impl BlkWorker {
         }
     }
 
-    /// Starts one request; completes it at once when no I/O is needed.
-    fn start(&mut self, vq: &mut VirtQueue, chain: DescriptorChain) {
-        let req = match Request::parse(&chain, &self.geometry) {
-            Ok(r) => r,
+    /// Parses one request and starts it, unless the throttle holds it
+    /// back: then it becomes the held request, the thread is asked to wake
+    /// when it may go, and false says to take nothing more off the ring.
+    fn take(&mut self, vq: &mut VirtQueue, chain: DescriptorChain, ctl: &WorkerCtl) -> bool {
+        let Some(req) = self.parse(vq, chain) else {
+            return true;
+        };
+        if self.throttle.enabled()
+            && let Some(cost) = cost(&req.1.kind)
+        {
+            match self.throttle.admit(req, cost) {
+                Ok((chain, req)) => self.start(vq, chain, req),
+                Err(hold) => {
+                    ctl.wake_after(hold.sleep());
+                    self.held = Some(hold);
+                    return false;
+                }
+            }
+        } else {
+            self.start(vq, req.0, req.1);
+        }
+        true
+    }
+
+    /// Tries the held request again; true when the queue may take more.
+    fn retry_held(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> bool {
+        let Some(hold) = self.held.take() else {
+            return true;
+        };
+        match self.throttle.retry(hold) {
+            Ok((chain, req)) => {
+                // Went before the timer (a kick, a completion): the thread
+                // may busy-poll again.
+                ctl.cancel_wake();
+                self.start(vq, chain, req);
+                true
+            }
+            Err(hold) => {
+                ctl.wake_after(hold.sleep());
+                self.held = Some(hold);
+                false
+            }
+        }
+    }
+
+    /// Parses a chain; a chain that is no request is completed here.
+    fn parse(
+        &mut self,
+        vq: &mut VirtQueue,
+        chain: DescriptorChain,
+    ) -> Option<(DescriptorChain, Request)> {
+        match Request::parse(&chain, &self.geometry) {
+            Ok(r) => Some((chain, r)),
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 guest_error!("queue {}: head {}: {e}", vq.index(), chain.head());
@@ -398,9 +497,13 @@ impl BlkWorker {
                     // Nowhere to put a status: return the buffers untouched.
                     ParseError::NoStatus => vq.complete(chain.head(), 0),
                 }
-                return;
+                None
             }
-        };
+        }
+    }
+
+    /// Starts one parsed request; completes it at once when no I/O is needed.
+    fn start(&mut self, vq: &mut VirtQueue, chain: DescriptorChain, req: Request) {
         let fua = !self.writeback.load(Ordering::Relaxed);
         let ops = match self.ops(&chain, &req.kind, fua) {
             Ok(Some(ops)) => ops,
@@ -563,8 +666,18 @@ impl BlkWorker {
         self.completions = done;
     }
 
-    /// Takes requests off the ring while the engine has room.
-    fn process(&mut self, vq: &mut VirtQueue) {
+    /// Takes requests off the ring while the engine has room and the
+    /// throttle lets them go.
+    fn process(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        if !self.retry_held(vq, ctl) {
+            // Still held: notifications stay off (the timer wakes us, not
+            // the guest), completions still go back.
+            let _ = self.engine.commit();
+            self.reap(vq);
+            vq.notify();
+            return;
+        }
+        let mut throttled = false;
         loop {
             vq.disable_notifications();
             loop {
@@ -573,7 +686,12 @@ impl BlkWorker {
                     break;
                 }
                 match vq.pop() {
-                    Ok(Some(chain)) => self.start(vq, chain),
+                    Ok(Some(chain)) => {
+                        if !self.take(vq, chain, ctl) {
+                            throttled = true;
+                            break;
+                        }
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         // The queue is broken; VirtQueue logged why.
@@ -590,8 +708,9 @@ impl BlkWorker {
                     vq.index()
                 );
             }
-            if self.stalled {
-                // Resume from the completion handler, which frees room.
+            if self.stalled || throttled {
+                // Resume from the completion handler, which frees room, or
+                // from the timer once the held request may go.
                 break;
             }
             match vq.enable_notifications() {
@@ -625,8 +744,11 @@ impl QueueWorker for BlkWorker {
         if self.engine.has_completions() {
             self.on_fd(vq, 0, ctl);
             Polled::Work
+        } else if self.held.is_some() {
+            // Throttled: the timer wakes the thread.
+            Polled::Sleep
         } else if !self.stalled && vq.has_pending() {
-            self.process(vq);
+            self.process(vq, ctl);
             Polled::Work
         } else if self.engine.in_flight() > POLL_MAX_IN_FLIGHT {
             Polled::Sleep
@@ -635,20 +757,30 @@ impl QueueWorker for BlkWorker {
         }
     }
 
-    fn on_kick(&mut self, vq: &mut VirtQueue, _ctl: &WorkerCtl) {
-        self.process(vq);
+    fn on_kick(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        self.process(vq, ctl);
     }
 
-    fn on_fd(&mut self, vq: &mut VirtQueue, _index: usize, _ctl: &WorkerCtl) {
+    fn on_fd(&mut self, vq: &mut VirtQueue, _index: usize, ctl: &WorkerCtl) {
         self.reap(vq);
         vq.notify();
         if self.stalled {
             self.stalled = false;
-            self.process(vq);
+            self.process(vq, ctl);
         }
     }
 
     fn drain(&mut self, vq: &mut VirtQueue) {
+        // A held request goes back on the ring, untouched: the next daemon
+        // (or this one after a restart) takes it again. If it cannot (it
+        // is not the last chain taken), it is started without waiting for
+        // the throttle, as the stop must not wait for it.
+        if let Some(hold) = self.held.take() {
+            let (chain, req) = self.throttle.release(hold);
+            if !vq.give_back(&[chain.head()]).is_empty() {
+                self.start(vq, chain, req);
+            }
+        }
         let _ = self.engine.commit();
         while self.engine.in_flight() > 0 {
             let mut done = Vec::new();

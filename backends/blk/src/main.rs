@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bulkhead_common::cli::error_chain;
 use bulkhead_common::scaffold::{self, Backend, Program, StartError};
+use bulkhead_common::throttle::{Limits, Throttle};
 use clap::Parser;
 
 use bulkhead_blk::cli::{Args, EngineArg, FormatArg};
@@ -67,19 +68,49 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
         if args.readonly { ", read-only" } else { "" },
         if args.direct { ", O_DIRECT" } else { "" },
     );
-    let device = Arc::new(BlkDevice::new(
-        disk,
-        BlkConfig {
-            readonly: args.readonly,
-            num_queues: args.num_queues,
-            queue_size: args.queue_size,
-            serial: args.serial.clone(),
-            engine,
-        },
-    ));
+    let limits = args
+        .limits
+        .limits()
+        .map_err(|e| StartError::Usage(e.to_string()))?;
+    if limits.any() {
+        log::info!("I/O limits: {}", describe(&limits));
+    }
+    let throttle = Throttle::new(limits).map_err(|e| StartError::Usage(e.to_string()))?;
+    let device = Arc::new(
+        BlkDevice::new(
+            disk,
+            BlkConfig {
+                readonly: args.readonly,
+                num_queues: args.num_queues,
+                queue_size: args.queue_size,
+                serial: args.serial.clone(),
+                engine,
+            },
+        )
+        .with_throttle(Arc::new(throttle)),
+    );
     let mut backend = Backend::new(device, policy::policy(args.num_queues));
     backend.busy_poll = args.busy_poll.max();
     Ok(backend)
+}
+
+/// The limits that are set, as `iops-total=100 bps-read-max=1048576`.
+fn describe(l: &Limits) -> String {
+    let mut out = Vec::new();
+    for (name, limit) in [
+        ("iops-total", l.iops_total),
+        ("iops-read", l.iops_read),
+        ("iops-write", l.iops_write),
+        ("bps-total", l.bps_total),
+        ("bps-read", l.bps_read),
+        ("bps-write", l.bps_write),
+    ] {
+        if limit.is_set() {
+            out.push(format!("{name}={}", limit.rate));
+            out.push(format!("{name}-max={}", limit.bucket()));
+        }
+    }
+    out.join(" ")
 }
 
 fn main() -> ExitCode {
@@ -87,5 +118,10 @@ fn main() -> ExitCode {
         return code;
     }
     let args = Args::parse();
+    // Refused before anything starts, `--check` included.
+    if let Err(e) = args.limits.limits() {
+        eprintln!("bulkhead-blk: {e}");
+        return ExitCode::from(scaffold::EXIT_USAGE);
+    }
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

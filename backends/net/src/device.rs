@@ -21,6 +21,7 @@ use bulkhead_common::spec::net::{
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::throttle::Throttle;
 use bulkhead_common::{Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
 use vm_memory::ByteValued;
 
@@ -145,6 +146,8 @@ pub struct NetDevice {
     shared: Arc<Shared>,
     /// Counters.
     pub stats: Arc<NetStats>,
+    /// Packet and byte limits of both directions (`--rx-pps`, `--tx-bps`, ...).
+    throttle: Arc<Throttle>,
 }
 
 fn bit(features: u64, mask: u64) -> bool {
@@ -201,9 +204,23 @@ impl NetDevice {
             pairs,
             shared,
             stats,
+            throttle: Arc::new(Throttle::unlimited()),
         };
         dev.configure_tap(0)?;
         Ok(dev)
+    }
+
+    /// The device with its queues held to `throttle`'s limits: receive is
+    /// the read direction, transmit the write direction.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// The throttle every queue shares: [`Throttle::set_limits`] changes
+    /// the limits of a running device.
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     /// Name of the tap interface.
@@ -233,7 +250,9 @@ impl VhostUserDevice for NetDevice {
     type State = NetState;
 
     fn stats(&self) -> bulkhead_common::stats::Stats {
-        self.stats.snapshot()
+        let mut stats = self.stats.snapshot();
+        self.throttle.add_to(&mut stats);
+        stats
     }
 
     fn device_type(&self) -> DeviceType {
@@ -371,9 +390,19 @@ impl VhostUserDevice for NetDevice {
             .ok_or_else(|| io::Error::other(format!("no tap queue for queue {index}")))?;
         let pair = PairUse::new(pair.clone());
         Ok(if index.is_multiple_of(2) {
-            NetWorker::Rx(RxWorker::new(pair, features, self.shared.clone()))
+            NetWorker::Rx(RxWorker::new(
+                pair,
+                features,
+                self.shared.clone(),
+                self.throttle.clone(),
+            ))
         } else {
-            NetWorker::Tx(TxWorker::new(pair, features, self.stats.clone()))
+            NetWorker::Tx(TxWorker::new(
+                pair,
+                features,
+                self.stats.clone(),
+                self.throttle.clone(),
+            ))
         })
     }
 }
@@ -398,7 +427,7 @@ impl QueueWorker for NetWorker {
     /// A transmit queue waiting for room in the tap sleeps until it is writable.
     fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
         match self {
-            NetWorker::Tx(w) if w.pending.is_some() => Polled::Sleep,
+            NetWorker::Tx(w) if w.pending.is_some() || w.held.is_some() => Polled::Sleep,
             NetWorker::Tx(w) if vq.has_pending() => {
                 w.process(vq, ctl);
                 Polled::Work
@@ -450,8 +479,16 @@ impl QueueWorker for NetWorker {
                 }
             }
             NetWorker::Tx(w) => {
-                // The frame the tap refused goes back on the ring too: the
-                // next backend sends it.
+                // The frame the throttle holds goes back on the ring
+                // untouched (nothing was taken after it); so does the frame
+                // the tap refused: the next backend sends it.
+                if let Some(hold) = w.held.take() {
+                    let (chain, _) = w.throttle().release(*hold);
+                    if !vq.give_back(&[chain.head()]).is_empty() {
+                        w.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        vq.complete(chain.head(), 0);
+                    }
+                }
                 if let Some((chain, _)) = w.pending.take()
                     && !vq.give_back(&[chain.head()]).is_empty()
                 {

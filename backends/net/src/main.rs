@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_common::scaffold::{self, Backend, Program, StartError};
+use bulkhead_common::throttle::Throttle;
 use clap::Parser;
 
 use bulkhead_net::cli::Args;
@@ -68,8 +69,20 @@ fn build(args: &Args) -> Result<Backend<NetDevice>, StartError> {
         queue_pairs: pairs,
         queue_size: args.queue_size,
     };
+    let limits = args.limits.limits().map_err(StartError::Usage)?;
+    let throttle = Throttle::new(limits).map_err(|e| StartError::Usage(e.to_string()))?;
+    if limits.any() {
+        log::info!(
+            "limits: rx {} pps {} B/s, tx {} pps {} B/s (0: none)",
+            limits.iops_read.rate,
+            limits.bps_read.rate,
+            limits.iops_write.rate,
+            limits.bps_write.rate
+        );
+    }
     let device = NetDevice::new(cfg, taps)
-        .map_err(|e| StartError::Failed(format!("cannot set up the tap: {e}")))?;
+        .map_err(|e| StartError::Failed(format!("cannot set up the tap: {e}")))?
+        .with_throttle(Arc::new(throttle));
     log::info!(
         "serving tap {} ({pairs} queue pair(s) of up to {} entries{}{})",
         device.tap_name(),
@@ -87,5 +100,10 @@ fn main() -> ExitCode {
         return code;
     }
     let args = Args::parse();
+    // Refused before anything starts, `--check` included.
+    if let Err(e) = args.limits.limits() {
+        eprintln!("bulkhead-net: {e}");
+        return ExitCode::from(scaffold::EXIT_USAGE);
+    }
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

@@ -5,8 +5,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bulkhead_common::chain::IoVecBuf;
+use bulkhead_common::throttle::{Cost, Direction, Throttle};
 use bulkhead_common::{DescriptorChain, VirtQueue, WorkerCtl, guest_error};
 
 use bulkhead_common::spec::net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
@@ -124,10 +126,19 @@ pub struct RxWorker {
     watching: bool,
     shared: Arc<Shared>,
     iov: IoVecBuf,
+    /// The device's limits (`--rx-pps`, `--rx-bps`).
+    throttle: Arc<Throttle>,
+    /// Since when the throttle has left frames in the tap.
+    throttled_since: Option<Instant>,
 }
 
 impl RxWorker {
-    pub(crate) fn new(pair: PairUse, features: u64, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        pair: PairUse,
+        features: u64,
+        shared: Arc<Shared>,
+        throttle: Arc<Throttle>,
+    ) -> Self {
         let bit = |m: u64| features & m != 0;
         RxWorker {
             pair,
@@ -140,6 +151,44 @@ impl RxWorker {
             watching: true,
             shared,
             iov: IoVecBuf::default(),
+            throttle,
+            throttled_since: None,
+        }
+    }
+
+    /// Whether the throttle lets one more frame be read; when not, the tap
+    /// is left unwatched (its frames wait there) and the thread wakes when
+    /// the buckets have room.
+    fn admit(&mut self, ctl: &WorkerCtl) -> bool {
+        if !self.throttle.enabled() {
+            return true;
+        }
+        // One packet, and no byte debt: the frame's bytes are charged
+        // once read (its size is not known before).
+        let peek = Cost {
+            dir: Direction::Read,
+            bytes: 0,
+        };
+        match self.throttle.check(peek) {
+            Ok(()) => {
+                if let Some(t) = self.throttled_since.take() {
+                    self.throttle.add_throttled(t.elapsed());
+                    ctl.cancel_wake();
+                }
+                true
+            }
+            Err(wait) => {
+                if self.throttled_since.is_none() {
+                    self.throttled_since = Some(Instant::now());
+                    self.throttle.count_delayed();
+                }
+                if self.watching {
+                    ctl.watch(0, false);
+                    self.watching = false;
+                }
+                ctl.wake_after(wait.min(bulkhead_common::throttle::MAX_SLEEP));
+                false
+            }
         }
     }
 
@@ -154,6 +203,10 @@ impl RxWorker {
                 self.pending = None;
                 if budget == 0 || vq.is_broken() {
                     break;
+                }
+                if !self.admit(ctl) {
+                    vq.notify();
+                    return;
                 }
                 budget -= 1;
                 match self.receive(vq) {
@@ -315,9 +368,10 @@ impl RxWorker {
 
     fn count(&self, len: usize) {
         let s = &self.shared.stats;
+        let bytes = len.saturating_sub(self.hdr_len) as u64;
         s.rx_frames.fetch_add(1, Ordering::Relaxed);
-        s.rx_bytes
-            .fetch_add(len.saturating_sub(self.hdr_len) as u64, Ordering::Relaxed);
+        s.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.throttle.charge(Direction::Read, bytes);
     }
 
     /// Takes receive chains until `len` bytes fit (one chain without MRG_RXBUF).
@@ -578,12 +632,49 @@ mod tests {
             tap: Tap::from_fd_for_test(a),
             users: Mutex::new(0),
         });
-        let w = RxWorker::new(PairUse::new(pair), features, shared.clone());
+        let w = RxWorker::new(
+            PairUse::new(pair),
+            features,
+            shared.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
         (w, FakeTap { peer: b }, shared)
     }
 
     const V1: u64 = VIRTIO_F_VERSION_1;
     const MRG: u64 = V1 | VIRTIO_NET_F_MRG_RXBUF;
+
+    #[test]
+    fn a_throttled_queue_leaves_frames_in_the_tap_until_the_bucket_refills() {
+        use bulkhead_common::throttle::{Limit, Limits, ManualClock};
+        let (mut w, tap, shared) = worker(V1, None);
+        let clock = Arc::new(ManualClock::new());
+        let limits = Limits {
+            iops_read: Limit { rate: 1, burst: 1 },
+            ..Limits::NONE
+        };
+        w.throttle = Arc::new(Throttle::with_clock(limits, Box::new(clock.clone())).unwrap());
+        let (mut vq, mem) = rx_queue(&[&[2048], &[2048], &[2048]], V1);
+        for _ in 0..3 {
+            tap.send(OWN, 100);
+        }
+        let ctl = WorkerCtl::detached();
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 1, "one frame per second");
+        assert!(ctl.wake_deadline().is_some(), "the queue asked to wake");
+        // A kick before the bucket refills reads nothing more.
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 1);
+        clock.advance(std::time::Duration::from_secs(1));
+        ctl.cancel_wake();
+        w.process(&mut vq, &ctl);
+        assert_eq!(used(&mem).len(), 2, "the next frame came from the tap");
+        assert_eq!(shared.stats.rx_frames.load(Ordering::Relaxed), 2);
+        let mut stats = bulkhead_common::stats::Stats::new();
+        w.throttle.add_to(&mut stats);
+        let line = stats.line();
+        assert!(line.contains("throttle_delayed=2"), "once per wait: {line}");
+    }
 
     #[test]
     fn a_frame_lands_in_the_guest_buffer_behind_a_fixed_up_header() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bulkhead_common::chain::IoVecBuf;
+use bulkhead_common::throttle::{Cost, Direction, Hold, Throttle};
 use bulkhead_common::{DescriptorChain, VirtQueue, WorkerCtl, guest_error};
 
 use crate::device::{PairUse, vnet_hdr_len};
@@ -43,10 +44,21 @@ pub struct TxWorker {
     /// Header and bytes of a frame of at most [`COPY_MAX`] bytes.
     small: Box<[u8; HDR_LEN_V1 + COPY_MAX]>,
     pub(crate) stats: Arc<NetStats>,
+    /// The device's limits (`--tx-pps`, `--tx-bps`).
+    throttle: Arc<Throttle>,
+    /// The frame the throttle holds back: nothing more is taken off the
+    /// ring until it has gone.
+    /// Boxed: a throttled queue is the rare case, and it keeps the worker small.
+    pub(crate) held: Option<Box<Hold<(DescriptorChain, TxFrame)>>>,
 }
 
 impl TxWorker {
-    pub(crate) fn new(pair: PairUse, features: u64, stats: Arc<NetStats>) -> Self {
+    pub(crate) fn new(
+        pair: PairUse,
+        features: u64,
+        stats: Arc<NetStats>,
+        throttle: Arc<Throttle>,
+    ) -> Self {
         use bulkhead_common::spec::net::{
             VIRTIO_NET_F_CSUM as CSUM, VIRTIO_NET_F_HOST_ECN as HOST_ECN,
             VIRTIO_NET_F_HOST_TSO4 as HOST_TSO4, VIRTIO_NET_F_HOST_TSO6 as HOST_TSO6,
@@ -69,7 +81,14 @@ impl TxWorker {
             iov: IoVecBuf::default(),
             small: Box::new([0; HDR_LEN_V1 + COPY_MAX]),
             stats,
+            throttle,
+            held: None,
         }
+    }
+
+    /// The device's throttle.
+    pub(crate) fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Writes the validated header and the chain's frame bytes to the tap in
@@ -172,6 +191,25 @@ impl TxWorker {
             vq.notify();
             return;
         }
+        if let Some(hold) = self.held.take() {
+            match self.throttle.retry(*hold) {
+                Ok((chain, frame)) => {
+                    ctl.cancel_wake();
+                    if !self.try_send(vq, chain, frame) {
+                        ctl.watch_io(0, false, true);
+                        vq.notify();
+                        return;
+                    }
+                }
+                Err(hold) => {
+                    // Notifications stay off: the timer wakes the queue.
+                    ctl.wake_after(hold.sleep());
+                    self.held = Some(Box::new(hold));
+                    vq.notify();
+                    return;
+                }
+            }
+        }
         let mut budget = TX_BUDGET;
         loop {
             vq.disable_notifications();
@@ -198,6 +236,19 @@ impl TxWorker {
                         vq.complete(chain.head(), 0);
                     }
                     Ok(frame) => {
+                        let cost = Cost {
+                            dir: Direction::Write,
+                            bytes: frame.len,
+                        };
+                        let (chain, frame) = match self.throttle.admit((chain, frame), cost) {
+                            Ok(f) => f,
+                            Err(hold) => {
+                                ctl.wake_after(hold.sleep());
+                                self.held = Some(Box::new(hold));
+                                vq.notify();
+                                return;
+                            }
+                        };
                         if !self.try_send(vq, chain, frame) {
                             ctl.watch_io(0, false, true);
                             vq.notify();
@@ -290,7 +341,12 @@ mod tests {
             tap: Tap::from_fd_for_test(wr),
             users: Mutex::new(0),
         });
-        let mut w = TxWorker::new(PairUse::new(pair), VIRTIO_F_VERSION_1, stats.clone());
+        let mut w = TxWorker::new(
+            PairUse::new(pair),
+            VIRTIO_F_VERSION_1,
+            stats.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
         let (mut vq, mem) = tx_queue(5);
         let ctl = WorkerCtl::detached();
         w.process(&mut vq, &ctl);

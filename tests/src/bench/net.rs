@@ -916,3 +916,74 @@ fn profile_daemon(env: &mut Env, a: &NetArgs) -> Result<Value> {
     eprintln!("profiled bulkhead-net");
     Ok(v)
 }
+
+/// The throttle suite's net half: `bulkhead-net` with each `--tx-pps`
+/// limit, the test kit keeping its 256-entry transmit ring full of 64-byte
+/// frames for `secs`; returns rows as `throttle::run` does: the rate the
+/// tap received against the limit, and the daemon's CPU while it held the
+/// guest back. `Err` with the reason when taps cannot be made here.
+/// Limits below 1000 would leave the ring draining for over a quarter of a
+/// second after the window; the kit needs no less.
+pub fn throttled(pps: &[u64], secs: f64) -> Result<std::result::Result<Vec<Value>, String>> {
+    if let Some(why) = bulkhead_tests::netns::unavailable() {
+        return Ok(Err(why.to_string()));
+    }
+    let mut rows = Vec::new();
+    for &n in pps {
+        let ns = NetNs::new()?;
+        ns.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            TAP,
+            "mode",
+            "tap",
+            "vnet_hdr",
+            "multi_queue",
+        ])?;
+        ns.run(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{TAP}.disable_ipv6=1")],
+        )?;
+        ns.ip(&["link", "set", TAP, "up"])?;
+        let limit = n.to_string();
+        let daemon =
+            NetDaemon::start_with_fds(ns.open_tap_fds(TAP, 1, true)?, &["--tx-pps", &limit])?;
+        let mut kit = Kit::connect(&daemon)?;
+        kit.set_packet(&Size::Small.packet())?;
+        let heads: Vec<u16> = kit.bufs.iter().map(|b| b.0).collect();
+        let vq = kit.dev.queues.get_mut(1).ok_or("no tx queue")?;
+        let stop = AtomicBool::new(false);
+        let pid = daemon.pid();
+        let (rate, cpu) = std::thread::scope(|s| -> Result<(f64, f64)> {
+            let h = s.spawn(|| kit_tx_loop(vq, &heads, &stop));
+            std::thread::sleep(Duration::from_millis(500));
+            let r0 = tap_rx(&ns, TAP);
+            let c0 = profile::cpu_ns(pid);
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            let r1 = tap_rx(&ns, TAP);
+            let c1 = profile::cpu_ns(pid);
+            stop.store(true, Ordering::Relaxed);
+            let sent = h
+                .join()
+                .unwrap_or_else(|_| Err("tx thread panicked".into()));
+            let (r0, r1) = (r0?, r1?);
+            sent?;
+            let wall = r1.1.saturating_duration_since(r0.1).as_secs_f64().max(1e-9);
+            Ok((rate(r0, r1), c1.saturating_sub(c0) as f64 / 1e9 / wall))
+        })?;
+        let row = json!({
+            "limit": format!("bulkhead-net --tx-pps {n}"),
+            "workload": format!("64 B frames guest → tap, {QUEUE_SIZE} in flight"),
+            "measured": (rate * 10.0).round() / 10.0,
+            "unit": "pps",
+            "ratio": (rate / n as f64 * 1000.0).round() / 1000.0,
+            "daemon_cpu_pct": (10000.0 * cpu).round() / 100.0,
+        });
+        eprintln!("throttle: {row}");
+        rows.push(row);
+        drop(kit);
+        drop(daemon);
+    }
+    Ok(Ok(rows))
+}

@@ -333,12 +333,13 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     net_section(&mut m, &v["net"]);
     console_section(&mut m, &v["console"]);
     vmm_section(&mut m, &v["vmm"]);
+    throttle_section(&mut m, &v["throttle"]);
 
     let _ = writeln!(m, "## Reproduce\n");
     let _ = writeln!(
         m,
         "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
-         `target/release/bulkhead-bench` (blk, net, console, vmm; about 15 minutes), and \
+         `target/release/bulkhead-bench` (blk, net, console, vmm, throttle; about 16 minutes), and \
          rewrites `docs/performance.{{md,json,svg}}`. One suite can be rerun into the \
          existing report: `target/release/bulkhead-bench --suites vmm --merge-json \
          docs/performance.json --json docs/performance.json --md docs/performance.md \
@@ -1054,6 +1055,50 @@ fn net_section(m: &mut String, net: &Value) {
 }
 
 /// The console benchmark's table.
+/// The throttle suite: each limit against the rate measured and the
+/// daemon's CPU while it held the client back.
+fn throttle_section(m: &mut String, t: &Value) {
+    if t.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## I/O limits\n");
+    let _ = writeln!(
+        m,
+        "The daemons held to a limit ([blk.md](blk.md#io-limits), [net.md](net.md#limits)) \
+         while the test kit's client asks for far more: bulkhead-blk on a tmpfs image at \
+         QD32, bulkhead-net with its 256-entry transmit ring kept full. {} s per point (the \
+         default burst, a tenth of a second's rate, adds 1% over 10 s); load {}. \
+         *measured / limit* should be 1.00-1.01, and the daemon's CPU small: a throttled \
+         queue sleeps until its bucket has room, it does not poll. Rerun: \
+         `target/release/bulkhead-bench --suites throttle --merge-json docs/performance.json \
+         --json docs/performance.json --md docs/performance.md --svg docs/performance.svg` \
+         (root for the net rows; `--throttle-iops`, `--throttle-bps`, `--throttle-pps`, \
+         `--throttle-secs` choose the points).\n",
+        t["secs"],
+        t["load"].as_str().unwrap_or("?"),
+    );
+    let _ = writeln!(
+        m,
+        "| limit | workload | measured | measured / limit | daemon CPU |\n|---|---|---|---|---|"
+    );
+    for r in t["rows"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "| `{}` | {} | {} {} | {:.3} | {:.2}% of a CPU |",
+            r["limit"].as_str().unwrap_or("?"),
+            r["workload"].as_str().unwrap_or("?"),
+            r["measured"],
+            r["unit"].as_str().unwrap_or(""),
+            r["ratio"].as_f64().unwrap_or(0.0),
+            r["daemon_cpu_pct"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(why) = t["net_skipped"].as_str() {
+        let _ = writeln!(m, "\nbulkhead-net rows skipped: {why}.");
+    }
+    let _ = writeln!(m);
+}
+
 fn console_section(m: &mut String, c: &Value) {
     if c.is_null() {
         return;

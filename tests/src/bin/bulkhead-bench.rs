@@ -29,6 +29,8 @@ mod profile;
 mod report;
 #[path = "../bench/targets.rs"]
 mod targets;
+#[path = "../bench/throttle.rs"]
+mod throttle;
 #[path = "../bench/vmm.rs"]
 mod vmm;
 #[path = "../bench/workload.rs"]
@@ -53,7 +55,13 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console,vmm (default all four)
+  --suites LIST         blk,net,console,vmm,throttle (default all five); throttle:
+                        bulkhead-blk and bulkhead-net held to limits (--throttle-*)
+  --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
+  --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
+  --throttle-pps LIST   bulkhead-net --tx-pps limits, 64 B frames (default 1000,10000;
+                        needs root for the tap, skipped otherwise)
+  --throttle-secs S     seconds per throttle point (default 10)
   --runs N              runs per point (default 5)
   --secs S              seconds per run (default 0.8)
   --warmup S            discarded warm-up per point and target (default 0.2)
@@ -124,6 +132,10 @@ struct Args {
     vmm_boots: usize,
     vmm_boots_json: Option<PathBuf>,
     merge_json: Option<PathBuf>,
+    throttle_iops: Vec<u64>,
+    throttle_bps: Vec<u64>,
+    throttle_secs: f64,
+    throttle_pps: Vec<u64>,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -161,7 +173,13 @@ fn parse_args() -> std::result::Result<Args, String> {
         baseline_bin: None,
         poll_max_us: DEFAULT_POLL_MAX_US,
         profile: 0.0,
-        suites: vec!["blk".into(), "net".into(), "console".into(), "vmm".into()],
+        suites: vec![
+            "blk".into(),
+            "net".into(),
+            "console".into(),
+            "vmm".into(),
+            "throttle".into(),
+        ],
         net_runs: if quick { 1 } else { 3 },
         net_secs: if quick { 0.3 } else { 1.0 },
         net_sizes: if quick {
@@ -182,6 +200,10 @@ fn parse_args() -> std::result::Result<Args, String> {
         vmm_boots: if quick { 2 } else { 10 },
         vmm_boots_json: None,
         merge_json: None,
+        throttle_iops: if quick { vec![2000] } else { vec![200, 2000] },
+        throttle_bps: vec![20],
+        throttle_secs: if quick { 1.0 } else { 10.0 },
+        throttle_pps: if quick { vec![1000] } else { vec![1000, 10000] },
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -212,7 +234,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console", "vmm"]
+                    ["blk", "net", "console", "vmm", "throttle"]
                         .contains(&x)
                         .then(|| x.into())
                 })?
@@ -233,6 +255,12 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--vmm-boots" => a.vmm_boots = (num(&v)? as usize).max(1),
             "--vmm-boots-json" => a.vmm_boots_json = Some(v.into()),
             "--merge-json" => a.merge_json = Some(v.into()),
+            "--throttle-iops" => a.throttle_iops = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
+            "--throttle-bps" => a.throttle_bps = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
+            "--throttle-secs" => a.throttle_secs = num(&v)?,
+            "--throttle-pps" => {
+                a.throttle_pps = list(&v, |x| x.parse().ok().filter(|&n| n >= 1000))?
+            }
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -368,6 +396,60 @@ fn measure_point(
     }))
 }
 
+/// `--suites throttle`: bulkhead-blk held to each `--throttle-iops` and
+/// `--throttle-bps` limit, on a tmpfs image, then bulkhead-net to each
+/// `--throttle-pps`; the report's "I/O limits" section.
+fn throttle_suite(a: &Args) -> Result<Value> {
+    let dir = a
+        .tmpfs_dir
+        .join(format!("bulkhead-bench-throttle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join("image.raw");
+    let image_size = 256u64 << 20;
+    fill_image(&image, image_size, false)?;
+    let mut points = Vec::new();
+    for &n in &a.throttle_iops {
+        points.push(throttle::Point {
+            flags: vec!["--iops-total".into(), n.to_string()],
+            limit: n as f64,
+            unit: "IOPS",
+            pattern: Pattern::RandRead,
+        });
+    }
+    for &mib in &a.throttle_bps {
+        points.push(throttle::Point {
+            flags: vec!["--bps-total".into(), format!("{mib}M")],
+            limit: mib as f64,
+            unit: "MiB/s",
+            pattern: Pattern::SeqRead,
+        });
+    }
+    let blk = throttle::run(
+        &a.bulkhead_bin,
+        &image,
+        &dir,
+        image_size,
+        &points,
+        a.throttle_secs,
+        32,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rows = blk?;
+    let net_skipped = match net::throttled(&a.throttle_pps, a.throttle_secs)? {
+        Ok(r) => {
+            rows.extend(r);
+            Value::Null
+        }
+        Err(why) => json!(why),
+    };
+    Ok(json!({
+        "secs": a.throttle_secs,
+        "load": loadavg(),
+        "rows": rows,
+        "net_skipped": net_skipped,
+    }))
+}
+
 fn daemon(a: &Args) -> targets::Bulkhead<'_> {
     targets::Bulkhead {
         bin: &a.bulkhead_bin,
@@ -482,6 +564,11 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let throttle_json = if a.suites.iter().any(|s| s == "throttle") {
+        throttle_suite(a)?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -533,6 +620,7 @@ fn run(a: &Args) -> Result<Value> {
         "net": net_json,
         "console": console_json,
         "vmm": vmm_json,
+        "throttle": throttle_json,
     });
     report::analyse(&mut v);
     Ok(v)
@@ -554,6 +642,7 @@ fn suite_keys(suite: &str) -> &'static [&'static str] {
         "net" => &["net"],
         "console" => &["console"],
         "vmm" => &["vmm"],
+        "throttle" => &["throttle"],
         _ => &[],
     }
 }

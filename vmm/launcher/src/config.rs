@@ -2,6 +2,7 @@
 //! serde into validated values. Every field is documented in
 //! `docs/launcher.md`; unknown keys are errors.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bulkhead_common::sandbox::privileges::passwd_ids;
@@ -160,9 +161,144 @@ pub struct BlkBackend {
     pub num_queues: Option<u16>,
     /// `pci` (default) or `mmio` (bulkhead-vmm only).
     pub transport: Option<String>,
+    /// I/O limits: `{ iops-total = 1000, bps-write = "10M" }`, each key
+    /// passed as bulkhead-blk's `--KEY VALUE` ([`BLK_LIMITS`]).
+    #[serde(default)]
+    pub throttle: BTreeMap<String, Rate>,
     /// Extra arguments for bulkhead-blk.
     #[serde(default)]
     pub args: Vec<String>,
+}
+
+/// A limit in a `throttle` table: a count, or a byte size such as `"10M"`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Rate {
+    /// A plain number.
+    Count(u64),
+    /// A number with a K, M or G suffix (powers of 1024).
+    Size(String),
+}
+
+impl Rate {
+    fn value(&self) -> Result<u64, String> {
+        match self {
+            Rate::Count(n) => Ok(*n),
+            Rate::Size(s) => bulkhead_common::size::parse_memory(s),
+        }
+    }
+
+    fn arg(&self) -> String {
+        match self {
+            Rate::Count(n) => n.to_string(),
+            Rate::Size(s) => s.clone(),
+        }
+    }
+}
+
+/// The keys of a `[[blk]]` `throttle` table (bulkhead-blk's options).
+pub const BLK_LIMITS: [&str; 12] = [
+    "iops-total",
+    "iops-total-max",
+    "iops-read",
+    "iops-read-max",
+    "iops-write",
+    "iops-write-max",
+    "bps-total",
+    "bps-total-max",
+    "bps-read",
+    "bps-read-max",
+    "bps-write",
+    "bps-write-max",
+];
+
+/// The keys of a `[[net]]` `throttle` table (bulkhead-net's options), in
+/// the order of the throttle's read (receive) and write (transmit) limits.
+pub const NET_LIMITS: [&str; 8] = [
+    "rx-pps",
+    "rx-pps-max",
+    "rx-bps",
+    "rx-bps-max",
+    "tx-pps",
+    "tx-pps-max",
+    "tx-bps",
+    "tx-bps-max",
+];
+
+/// The daemon arguments of a `throttle` table, or what is wrong with it:
+/// an unknown key, a bad value, or limits the daemon would refuse.
+fn throttle_args(
+    id: &str,
+    table: &BTreeMap<String, Rate>,
+    net: bool,
+) -> Result<Vec<String>, Vec<String>> {
+    use bulkhead_common::throttle::{Limit, Limits};
+    let keys: &[&str] = if net { &NET_LIMITS } else { &BLK_LIMITS };
+    let mut problems = Vec::new();
+    let mut args = Vec::new();
+    let mut get = |key: &str| -> u64 {
+        match table.get(key).map(|r| r.value()) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                problems.push(format!("{id}: throttle.{key}: {e}"));
+                0
+            }
+            None => 0,
+        }
+    };
+    let mut pair = |rate: &str| Limit {
+        rate: get(rate),
+        burst: get(&format!("{rate}-max")),
+    };
+    let limits = if net {
+        Limits {
+            iops_read: pair("rx-pps"),
+            bps_read: pair("rx-bps"),
+            iops_write: pair("tx-pps"),
+            bps_write: pair("tx-bps"),
+            ..Limits::NONE
+        }
+    } else {
+        Limits {
+            iops_total: pair("iops-total"),
+            iops_read: pair("iops-read"),
+            iops_write: pair("iops-write"),
+            bps_total: pair("bps-total"),
+            bps_read: pair("bps-read"),
+            bps_write: pair("bps-write"),
+        }
+    };
+    for (key, rate) in table {
+        if keys.contains(&key.as_str()) {
+            args.extend([format!("--{key}"), rate.arg()]);
+        } else {
+            problems.push(format!(
+                "{id}: throttle.{key}: unknown limit (one of {})",
+                keys.join(", ")
+            ));
+        }
+    }
+    if problems.is_empty()
+        && let Err(e) = limits.validate()
+    {
+        let e = e.to_string();
+        problems.push(if net {
+            format!(
+                "{id}: throttle: {}",
+                e.replace("iops-read", "rx-pps")
+                    .replace("iops-write", "tx-pps")
+                    .replace("bps-read", "rx-bps")
+                    .replace("bps-write", "tx-bps")
+            )
+        } else {
+            format!("{id}: throttle: {e}")
+        });
+    }
+    if problems.is_empty() {
+        Ok(args)
+    } else {
+        Err(problems)
+    }
 }
 
 /// A `[[net]]` entry.
@@ -177,6 +313,10 @@ pub struct NetBackend {
     pub mac: Option<String>,
     /// `pci` (default) or `mmio` (bulkhead-vmm only).
     pub transport: Option<String>,
+    /// Limits: `{ tx-pps = 10000, rx-bps = "100M" }`, each key passed as
+    /// bulkhead-net's `--KEY VALUE` ([`NET_LIMITS`]).
+    #[serde(default)]
+    pub throttle: BTreeMap<String, Rate>,
     /// Extra arguments for bulkhead-net.
     #[serde(default)]
     pub args: Vec<String>,
@@ -459,6 +599,18 @@ impl Config {
                 p.push(format!("{}: mac = \"{mac}\": {e}", s.id));
             }
         }
+        for (i, b) in self.blk.iter().enumerate() {
+            let id = b.id.clone().unwrap_or_else(|| format!("blk{i}"));
+            if let Err(e) = throttle_args(&id, &b.throttle, false) {
+                p.extend(e);
+            }
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            if let Err(e) = throttle_args(&id, &n.throttle, true) {
+                p.extend(e);
+            }
+        }
         if specs.is_empty() {
             p.push("no backends: add a [[blk]], [[net]] or [[console]] entry".into());
         }
@@ -547,6 +699,7 @@ impl Config {
             if let Some(n) = b.num_queues {
                 args.extend(["--num-queues".into(), n.to_string()]);
             }
+            args.extend(throttle_args(&id, &b.throttle, false).unwrap_or_default());
             args.extend(b.args.iter().cloned());
             v.push(BackendSpec {
                 socket: sock(&id),
@@ -565,6 +718,7 @@ impl Config {
             if let Some(m) = &n.mac {
                 args.extend(["--mac".into(), m.clone()]);
             }
+            args.extend(throttle_args(&id, &n.throttle, true).unwrap_or_default());
             args.extend(n.args.iter().cloned());
             v.push(BackendSpec {
                 socket: sock(&id),
@@ -626,6 +780,67 @@ fn random_mac() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_tables_become_the_daemons_limit_options_and_nonsense_is_refused() {
+        let c = Config::parse(
+            "frontend = \"none\"\n[[blk]]\nimage = \"/a.img\"\n\
+             throttle = { iops-total = 500, bps-write = \"10M\" }\n\
+             [[net]]\ntap = \"t0\"\nmac = \"52:54:00:00:00:01\"\nthrottle = { tx-pps = 1000 }\n",
+        )
+        .unwrap();
+        let b = c.backends_as_given(Path::new("/run/x"));
+        assert_eq!(
+            b[0].args,
+            [
+                "--image",
+                "/a.img",
+                "--bps-write",
+                "10M",
+                "--iops-total",
+                "500"
+            ]
+        );
+        assert_eq!(
+            b[1].args,
+            [
+                "--tap",
+                "t0",
+                "--mac",
+                "52:54:00:00:00:01",
+                "--tx-pps",
+                "1000"
+            ]
+        );
+        for (table, want) in [
+            (
+                "{ iops-totl = 5 }",
+                "blk0: throttle.iops-totl: unknown limit",
+            ),
+            ("{ bps-read = \"lots\" }", "blk0: throttle.bps-read:"),
+            (
+                "{ iops-total = 5, iops-read = 5 }",
+                "cannot be used together",
+            ),
+            ("{ iops-write-max = 5 }", "needs a rate"),
+        ] {
+            let e = Config::parse(&format!(
+                "frontend = \"none\"\n[[blk]]\nimage = \"/a.img\"\nthrottle = {table}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{table}: {e}");
+        }
+        let e = Config::parse(
+            "frontend = \"none\"\n[[net]]\ntap = \"t\"\nthrottle = { rx-pps = 100, rx-pps-max = 10 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("net0: throttle: rx-pps-max (10) is below rx-pps (100)"),
+            "{e}"
+        );
+    }
 
     const FULL: &str = r#"
 name = "web1"
