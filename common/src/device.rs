@@ -106,6 +106,18 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         crate::stats::Stats::new()
     }
 
+    /// The device's I/O limits and how it names them, for the control
+    /// socket's `limits` and `limit` requests ([`crate::stats_socket`]);
+    /// None: it has no limits.
+    fn limits_control(
+        &self,
+    ) -> Option<(
+        std::sync::Arc<crate::throttle::Throttle>,
+        &'static crate::throttle::LimitNames,
+    )> {
+        None
+    }
+
     /// The frontend gave us its backend-request channel (for config-change notifications).
     fn set_backend_channel(&self, channel: vhost::vhost_user::Backend) {
         let _ = channel;

@@ -16,7 +16,8 @@
 //!    `--stats-socket` is bound with the endpoint, before the sandbox;
 //! 7. a stats thread that logs [`VhostUserDevice::stats`] (and each queue's
 //!    counters, [`crate::daemon::QueueCounters`]) on SIGUSR1, and
-//!    with `--stats-socket` a thread that serves them ([`crate::stats_socket`]);
+//!    with `--stats-socket` a thread that serves them and the device's I/O
+//!    limits ([`crate::stats_socket`], [`VhostUserDevice::limits_control`]);
 //! 8. the serve loop until SIGTERM or SIGINT, then the stats once more (and
 //!    the stats socket removed, where the sandbox lets the daemon).
 //!
@@ -70,7 +71,9 @@ pub struct BackendArgs {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct StatsArgs {
     /// Serve the counters on a Unix socket at PATH: send `stats` for one
-    /// JSON line, `metrics` for the Prometheus text format.
+    /// JSON line, `metrics` for the Prometheus text format; blk and net
+    /// also answer `limits` and change their I/O limits on `limit
+    /// NAME=VALUE,...`.
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
 }
@@ -217,7 +220,7 @@ pub fn run<D: VhostUserDevice>(
     let mut stats_path = None;
     if let Some(s) = stats_socket {
         let snapshot = snapshot.clone();
-        match s.spawn(program.name, move || snapshot()) {
+        match s.spawn(program.name, move || snapshot(), device.limits_control()) {
             Ok(p) => {
                 log::info!("stats on {}", p.display());
                 stats_path = Some(p);

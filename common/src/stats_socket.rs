@@ -5,7 +5,12 @@
 //! |---|---|
 //! | `stats` | one JSON line ([`Stats::json`]); the connection stays open for the next request |
 //! | `metrics` | the Prometheus text format ([`Stats::prometheus`]), then the daemon closes |
+//! | `limits` | the I/O limits set now, one JSON line (`{"limits":{"iops-total":500}}`) |
+//! | `limit NAME=VALUE,...` | changes those limits at run time ([`Limits::with_changes`]: `0` lifts one, `NAME-max` is a burst); answers `{"ok":true,"limits":{...}}` |
 //! | anything else | one `error: ...` line, then the daemon closes |
+//!
+//! Who may connect may change the limits: the socket's file mode is the
+//! boundary (the daemon's umask; the launcher's runtime directory is 0700).
 //!
 //! One thread of its own serves every client with `poll` on non-blocking
 //! sockets, so nothing a client does reaches a queue thread or the
@@ -27,6 +32,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::stats::Stats;
+use crate::throttle::{LimitNames, Limits, Throttle};
+
+/// A daemon's I/O limits and how it names them ([`crate::VhostUserDevice::limits_control`]).
+pub type LimitsControl = (std::sync::Arc<Throttle>, &'static LimitNames);
 
 /// Longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 256;
@@ -84,7 +93,12 @@ impl StatsSocket {
     /// Serves the socket on a new thread named `stats-socket` for as long as
     /// the process runs; `stats` is called for each request, `prefix` names
     /// the metrics (`bulkhead-blk` gives `bulkhead_blk_...`).
-    pub fn spawn<F>(self, prefix: &str, stats: F) -> Result<PathBuf, StatsSocketError>
+    pub fn spawn<F>(
+        self,
+        prefix: &str,
+        stats: F,
+        limits: Option<LimitsControl>,
+    ) -> Result<PathBuf, StatsSocketError>
     where
         F: Fn() -> Stats + Send + 'static,
     {
@@ -94,6 +108,7 @@ impl StatsSocket {
             .name("stats-socket".into())
             .spawn(move || {
                 let mut server = Server::new(self.listener, prefix, stats);
+                server.limits = limits;
                 loop {
                     if let Err(e) = server.turn(CLIENT_DEADLINE) {
                         crate::rate_limited!(log::Level::Warn, "stats socket: {e}");
@@ -116,11 +131,22 @@ struct Client {
     deadline: Instant,
 }
 
+impl Client {
+    /// Answers with `error` and closes once it is written.
+    fn refuse(&mut self, error: &str) {
+        self.output = error.as_bytes().to_vec();
+        self.closing = true;
+    }
+}
+
 /// What a request line asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
     Stats,
     Metrics,
+    Limits,
+    /// The changes, as sent (`NAME=VALUE,...`).
+    Limit(String),
 }
 
 /// Parses one request line (without its newline).
@@ -129,7 +155,16 @@ fn parse(line: &[u8]) -> Result<Request, String> {
     match line.trim_ascii() {
         b"stats" => Ok(Request::Stats),
         b"metrics" => Ok(Request::Metrics),
-        _ => Err("error: unknown request; send `stats` or `metrics`\n".into()),
+        b"limits" => Ok(Request::Limits),
+        l => match l.strip_prefix(b"limit ") {
+            Some(changes) => std::str::from_utf8(changes)
+                .map(|c| Request::Limit(c.trim().to_string()))
+                .map_err(|_| "error: limit: not UTF-8\n".to_string()),
+            None => Err(
+                "error: unknown request; send `stats`, `metrics`, `limits` or `limit NAME=VALUE,...`\n"
+                    .into(),
+            ),
+        },
     }
 }
 
@@ -140,6 +175,8 @@ struct Server<F> {
     prefix: String,
     stats: F,
     clients: Vec<Client>,
+    /// The limits `limits` and `limit` read and change; None: the daemon has none.
+    limits: Option<LimitsControl>,
 }
 
 impl<F: Fn() -> Stats> Server<F> {
@@ -149,6 +186,7 @@ impl<F: Fn() -> Stats> Server<F> {
             prefix,
             stats,
             clients: Vec::new(),
+            limits: None,
         }
     }
 
@@ -310,11 +348,35 @@ impl<F: Fn() -> Stats> Server<F> {
                 c.output = (self.stats)().prometheus(&self.prefix).into_bytes();
                 c.closing = true;
             }
-            Err(e) => {
-                c.output = e.into_bytes();
-                c.closing = true;
-            }
+            Ok(Request::Limits) => match &self.limits {
+                Some((t, names)) => {
+                    let v = serde_json::json!({"limits": t.limits().to_json(names)});
+                    c.output = format!("{v}\n").into_bytes();
+                }
+                None => c.refuse("error: this daemon has no I/O limits\n"),
+            },
+            Ok(Request::Limit(changes)) => match self.set_limits(&changes) {
+                Ok(now) => {
+                    let v = serde_json::json!({"ok": true, "limits": now});
+                    c.output = format!("{v}\n").into_bytes();
+                }
+                Err(e) => c.refuse(&format!("error: limit: {e}\n")),
+            },
+            Err(e) => c.refuse(&e),
         }
+    }
+
+    /// Applies `changes` to the daemon's limits; the limits now, as JSON.
+    fn set_limits(&self, changes: &str) -> Result<serde_json::Value, String> {
+        let (t, names) = self
+            .limits
+            .as_ref()
+            .ok_or("this daemon has no I/O limits")?;
+        let new: Limits = t.limits().with_changes(names, changes)?;
+        t.set_limits(new).map_err(|e| e.to_string())?;
+        let now = new.to_json(names);
+        log::info!("I/O limits set through the stats socket: {now}");
+        Ok(now)
     }
 }
 
@@ -381,6 +443,64 @@ mod tests {
         r.read_to_string(&mut text).unwrap();
         assert!(text.ends_with("bulkhead_test_ok_total 4\n"), "{text}");
         assert!(s.clients.is_empty());
+    }
+
+    #[test]
+    fn limits_are_read_and_changed_at_run_time_and_a_bad_change_changes_nothing() {
+        use crate::throttle::{BLK_LIMIT_NAMES, Limit};
+        let (mut s, path, _d) = server();
+        let t = std::sync::Arc::new(Throttle::unlimited());
+        s.limits = Some((t.clone(), &BLK_LIMIT_NAMES));
+        let c = UnixStream::connect(&path).unwrap();
+        (&c).write_all(b"limits\nlimit iops-total=100,iops-total-max=200\nlimits\n")
+            .unwrap();
+        turns(&mut s, 8);
+        let mut r = BufReader::new(&c);
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            lines.push(line);
+        }
+        assert_eq!(lines[0], "{\"limits\":{}}\n");
+        assert_eq!(
+            lines[1],
+            "{\"limits\":{\"iops-total\":100,\"iops-total-max\":200},\"ok\":true}\n"
+        );
+        assert_eq!(
+            lines[2],
+            "{\"limits\":{\"iops-total\":100,\"iops-total-max\":200}}\n"
+        );
+        assert_eq!(
+            t.limits().iops_total,
+            Limit {
+                rate: 100,
+                burst: 200
+            }
+        );
+        // QEMU refuses a total with a per-direction limit: nothing changes.
+        (&c).write_all(b"limit iops-read=5\n").unwrap();
+        turns(&mut s, 4);
+        let mut text = String::new();
+        r.read_to_string(&mut text).unwrap();
+        assert!(
+            text.starts_with("error: limit: iops-total and iops-read"),
+            "{text}"
+        );
+        assert_eq!(t.limits().iops_total.rate, 100);
+        assert_eq!(t.limits().iops_read.rate, 0);
+
+        // A daemon without limits says so.
+        let (mut s, path, _d) = server();
+        let c = UnixStream::connect(&path).unwrap();
+        (&c).write_all(b"limit iops-total=1\n").unwrap();
+        turns(&mut s, 4);
+        let mut text = String::new();
+        (&c).read_to_string(&mut text).unwrap();
+        assert!(
+            text.starts_with("error: limit: this daemon has no I/O limits"),
+            "{text}"
+        );
     }
 
     #[test]

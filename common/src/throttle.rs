@@ -135,6 +135,25 @@ pub struct Limits {
     pub bps_write: Limit,
 }
 
+/// How a daemon spells its six limits, in [`Limits`] field order
+/// (`iops_total`, `iops_read`, `iops_write`, `bps_total`, `bps_read`,
+/// `bps_write`); "" for one it does not have. A burst is `NAME-max`.
+pub type LimitNames = [&'static str; 6];
+
+/// bulkhead-blk's names: QEMU's throttle-group properties.
+pub const BLK_LIMIT_NAMES: LimitNames = [
+    "iops-total",
+    "iops-read",
+    "iops-write",
+    "bps-total",
+    "bps-read",
+    "bps-write",
+];
+
+/// bulkhead-net's names: frames and bytes per second each way (read is
+/// receive, write is transmit); no totals.
+pub const NET_LIMIT_NAMES: LimitNames = ["", "rx-pps", "tx-pps", "", "rx-bps", "tx-bps"];
+
 /// Limits that make no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
@@ -159,6 +178,90 @@ impl Limits {
         bps_read: Limit { rate: 0, burst: 0 },
         bps_write: Limit { rate: 0, burst: 0 },
     };
+
+    fn fields_mut(&mut self) -> [&mut Limit; 6] {
+        [
+            &mut self.iops_total,
+            &mut self.iops_read,
+            &mut self.iops_write,
+            &mut self.bps_total,
+            &mut self.bps_read,
+            &mut self.bps_write,
+        ]
+    }
+
+    /// The set limits as a JSON object, by the daemon's `names`: `NAME` for
+    /// a rate, `NAME-max` for a burst given explicitly.
+    pub fn to_json(&self, names: &LimitNames) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for ((_, l), name) in self.named().iter().zip(names) {
+            if name.is_empty() || !l.is_set() {
+                continue;
+            }
+            m.insert((*name).to_string(), l.rate.into());
+            if l.burst != 0 {
+                m.insert(format!("{name}-max"), l.burst.into());
+            }
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// These limits with `changes` applied: `NAME=VALUE` pairs separated by
+    /// commas or spaces, by the daemon's `names` (`NAME-max` for a burst;
+    /// 0 lifts a limit; byte values may take K, M or G). Every pair must
+    /// parse and the result must [`Limits::validate`], or nothing changes.
+    pub fn with_changes(&self, names: &LimitNames, changes: &str) -> Result<Limits, String> {
+        let mut out = *self;
+        let mut any = false;
+        for pair in changes
+            .split(|c: char| c == ',' || c.is_ascii_whitespace())
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("'{pair}' is not NAME=VALUE"))?;
+            let (base, burst) = match key.strip_suffix("-max") {
+                Some(b) => (b, true),
+                None => (key, false),
+            };
+            let at = names
+                .iter()
+                .position(|n| !n.is_empty() && *n == base)
+                .ok_or_else(|| {
+                    let known: Vec<&str> =
+                        names.iter().copied().filter(|n| !n.is_empty()).collect();
+                    format!(
+                        "unknown limit '{key}' (known: {}, each with -max)",
+                        known.join(", ")
+                    )
+                })?;
+            let value = crate::size::parse_memory(value).map_err(|e| format!("{key}: {e}"))?;
+            let field = &mut out.fields_mut()[at];
+            if burst {
+                field.burst = value;
+            } else {
+                field.rate = value;
+                if value == 0 {
+                    field.burst = 0;
+                }
+            }
+            any = true;
+        }
+        if !any {
+            return Err("no NAME=VALUE given".into());
+        }
+        out.validate().map_err(|e| {
+            // The checks name blk's limits; say them as this daemon does.
+            let mut msg = e.to_string();
+            for (blk, own) in BLK_LIMIT_NAMES.iter().zip(names) {
+                if !own.is_empty() {
+                    msg = msg.replace(blk, own);
+                }
+            }
+            msg
+        })?;
+        Ok(out)
+    }
 
     /// True when any limit is set.
     pub fn any(&self) -> bool {
@@ -613,6 +716,59 @@ mod tests {
             }
             assert!(n < 10_000_000, "never throttled");
         }
+    }
+
+    #[test]
+    fn run_time_changes_parse_by_the_daemons_names_and_validate_as_a_whole() {
+        let l = Limits::NONE
+            .with_changes(
+                &BLK_LIMIT_NAMES,
+                "iops-total=500,bps-write=10M bps-write-max=20M",
+            )
+            .unwrap();
+        assert_eq!(
+            l.iops_total,
+            Limit {
+                rate: 500,
+                burst: 0
+            }
+        );
+        assert_eq!(
+            l.bps_write,
+            Limit {
+                rate: 10 << 20,
+                burst: 20 << 20
+            }
+        );
+        let json = l.to_json(&BLK_LIMIT_NAMES);
+        assert_eq!(json["iops-total"], 500);
+        assert_eq!(json["bps-write-max"], 20 << 20);
+        // 0 lifts a limit and its burst.
+        let lifted = l.with_changes(&BLK_LIMIT_NAMES, "bps-write=0").unwrap();
+        assert_eq!(lifted.bps_write, Limit::default());
+        // Net's own names; blk's are unknown there.
+        let n = Limits::NONE
+            .with_changes(&NET_LIMIT_NAMES, "tx-pps=1000")
+            .unwrap();
+        assert_eq!(n.iops_write.rate, 1000);
+        assert_eq!(n.to_json(&NET_LIMIT_NAMES)["tx-pps"], 1000);
+        let e = Limits::NONE
+            .with_changes(&NET_LIMIT_NAMES, "iops-total=5")
+            .unwrap_err();
+        assert!(e.contains("unknown limit 'iops-total'"), "{e}");
+        // A bad pair, nothing, or a result QEMU would refuse: no change.
+        for bad in [
+            "iops-total",
+            "iops-total=lots",
+            "",
+            "iops-total=5,iops-read=5",
+        ] {
+            assert!(l.with_changes(&BLK_LIMIT_NAMES, bad).is_err(), "{bad}");
+        }
+        let e = Limits::NONE
+            .with_changes(&NET_LIMIT_NAMES, "tx-pps=100,tx-pps-max=50")
+            .unwrap_err();
+        assert!(e.contains("tx-pps-max"), "said in net's words: {e}");
     }
 
     #[test]

@@ -272,3 +272,79 @@ fn nonsense_limits_are_refused_at_start() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Sends one request line on the stats socket and reads one answer line.
+fn control(socket: &std::path::Path, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(socket).expect("connect the stats socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_limit_changed_at_run_time_takes_effect_and_lifting_it_frees_the_queue() {
+    let scratch = Scratch::new(IMAGE_SIZE).unwrap();
+    let stats = scratch.dir().join("blk.stats");
+    let d = Daemon::blk(
+        scratch,
+        &[
+            "--iops-read",
+            "5000",
+            "--stats-socket",
+            stats.to_str().unwrap(),
+        ],
+    )
+    .expect("start bulkhead-blk");
+    wait_for_path(&stats, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        control(&stats, "limits"),
+        "{\"limits\":{\"iops-read\":5000}}\n"
+    );
+    // Down to 10 reads a second, a bucket of 10.
+    let set = control(&stats, "limit iops-read=10,iops-read-max=10");
+    assert!(
+        set.starts_with("{\"limits\":{\"iops-read\":10,\"iops-read-max\":10},\"ok\":true}"),
+        "{set}"
+    );
+    let refused = control(&stats, "limit iops-total=1");
+    assert!(
+        refused.starts_with("error: limit: iops-total and iops-read"),
+        "{refused}"
+    );
+    let mut blk = connect(&d);
+    let start = Instant::now();
+    for i in 0..120u64 {
+        blk.submit(0, &Request::read(i % 64, 512)).unwrap();
+    }
+    blk.timeout = Duration::from_millis(20);
+    let mut done = 0u32;
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok(c) = blk.reap(0) {
+            assert_eq!(c.status, VIRTIO_BLK_S_OK);
+            done += 1;
+        }
+    }
+    let allowed = 10.0 + 10.0 * start.elapsed().as_secs_f64();
+    assert!(
+        f64::from(done) <= allowed * 1.2,
+        "{done} reads in {:?} under the new limit; the bucket allows {allowed}",
+        start.elapsed()
+    );
+    // Lifted: the rest (9 s more at 10/s) go at once; a throttled queue
+    // looks again within a second.
+    assert!(control(&stats, "limit iops-read=0").starts_with("{\"limits\":{},\"ok\":true}"));
+    let lifted = Instant::now();
+    blk.timeout = Duration::from_secs(4);
+    while done < 120 {
+        assert_eq!(blk.reap(0).unwrap().status, VIRTIO_BLK_S_OK);
+        done += 1;
+    }
+    assert!(
+        lifted.elapsed() < Duration::from_secs(4),
+        "the lifted limit still held the queue: {:?}",
+        lifted.elapsed()
+    );
+}

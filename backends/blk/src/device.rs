@@ -173,6 +173,18 @@ impl VhostUserDevice for BlkDevice {
         stats
     }
 
+    fn limits_control(
+        &self,
+    ) -> Option<(
+        Arc<Throttle>,
+        &'static bulkhead_common::throttle::LimitNames,
+    )> {
+        Some((
+            self.throttle.clone(),
+            &bulkhead_common::throttle::BLK_LIMIT_NAMES,
+        ))
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Blk
     }

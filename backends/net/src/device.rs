@@ -255,6 +255,18 @@ impl VhostUserDevice for NetDevice {
         stats
     }
 
+    fn limits_control(
+        &self,
+    ) -> Option<(
+        Arc<Throttle>,
+        &'static bulkhead_common::throttle::LimitNames,
+    )> {
+        Some((
+            self.throttle.clone(),
+            &bulkhead_common::throttle::NET_LIMIT_NAMES,
+        ))
+    }
+
     fn device_type(&self) -> DeviceType {
         DeviceType::Net
     }
