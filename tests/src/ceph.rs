@@ -126,7 +126,6 @@ impl Cluster {
                  auth client required = cephx\n\
                  keyring = {p}/keyring\n\
                  run dir = {p}/run\n\
-                 admin socket = {p}/run/$name.asok\n\
                  pid file = {p}/run/$name.pid\n\
                  log file = {p}/log/$name.log\n\
                  mon data = {p}/mon/$cluster-$id\n\
@@ -144,7 +143,16 @@ impl Cluster {
                  osd objectstore = memstore\n\
                  memstore device bytes = 1073741824\n\
                  memstore page set = true\n\
-                 memstore page size = 4096\n"
+                 memstore page size = 4096\n\
+                 [mon]\n\
+                 admin socket = {p}/run/$name.asok\n\
+                 [mgr]\n\
+                 admin socket = {p}/run/$name.asok\n\
+                 [osd]\n\
+                 admin socket = {p}/run/$name.asok\n\
+                 [client]\n\
+                 admin socket =\n\
+                 log file = {p}/log/client.log\n"
             ),
         )?;
         let k = keyring.to_str().unwrap_or_default();

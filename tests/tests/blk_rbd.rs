@@ -12,7 +12,7 @@ use bulkhead_tests::blk::{BlkDriver, Request, SECTOR_SIZE, Segment, VIRTIO_BLK_S
 use bulkhead_tests::ceph::{Cluster, needs_ceph};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
-use bulkhead_tests::process::{ChildGuard, workspace_binary};
+use bulkhead_tests::process::workspace_binary;
 use bulkhead_tests::skip::skip_if;
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -199,15 +199,16 @@ fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
             "write at {sector} lost"
         );
     }
-    drop(d);
-    // Refused without --break-lock is checked above; a daemon started after
-    // a clean stop needs nothing.
+    // A clean stop (SIGTERM) lets go of the lock: the next daemon needs no
+    // --break-lock.
+    d.guard_mut().signal(libc::SIGTERM).unwrap();
+    let st = d.guard_mut().wait_timeout(Duration::from_secs(20)).unwrap();
+    assert!(st.is_some_and(|s| s.success()), "SIGTERM: {st:?}");
     let scratch = Scratch::new(4096).unwrap();
-    let mut g =
-        ChildGuard::spawn_quiet("bulkhead-blk", &mut blk_command(&c, &scratch, &[])).unwrap();
-    bulkhead_tests::process::wait_for_path(scratch.socket(), Duration::from_secs(30))
-        .expect("a daemon after a clean stop starts");
-    assert!(g.try_wait().unwrap().is_none());
+    let cmd = blk_command(&c, &scratch, &[]);
+    let d = Daemon::start("bulkhead-blk", cmd, scratch).expect("start after a clean stop");
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default()).unwrap();
+    assert_eq!(blk.write(0, 0, &[7u8; 512]).unwrap(), VIRTIO_BLK_S_OK);
 }
 
 #[test]

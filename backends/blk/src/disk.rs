@@ -241,7 +241,7 @@ impl Disk {
 
     /// An RBD image, already open (and locked when writable).
     #[cfg(feature = "rbd")]
-    pub fn from_rbd(image: crate::rbd::Image) -> Self {
+    pub fn from_rbd(image: Arc<crate::rbd::Image>) -> Self {
         let size = image.size;
         if size % SECTOR_SIZE != 0 {
             log::warn!(
@@ -251,7 +251,7 @@ impl Disk {
             );
         }
         Disk {
-            source: Source::Rbd(Arc::new(image)),
+            source: Source::Rbd(image),
             capacity: size - size % SECTOR_SIZE,
             is_block_device: false,
             logical_block_size: 512,

@@ -32,8 +32,10 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
         },
         lock: !args.no_lock,
     };
-    if let Some(disk) = rbd_disk(args)? {
-        return Ok(backend(args, disk, EngineKind::Rbd));
+    if let Some((disk, at_exit)) = rbd_disk(args)? {
+        let mut b = backend(args, disk, EngineKind::Rbd);
+        b.at_exit = Some(at_exit);
+        return Ok(b);
     }
     let disk = match (&args.image, args.image_fd) {
         (Some(path), _) => Disk::open(path, opts),
@@ -60,9 +62,13 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
     Ok(backend(args, disk, engine))
 }
 
-/// The disk for `--image rbd:POOL/IMAGE`, or None for a file.
+/// What runs once serving ends.
+type AtExit = Box<dyn FnOnce()>;
+
+/// The disk for `--image rbd:POOL/IMAGE` and what releases its lock at
+/// exit, or None for a file.
 #[cfg(feature = "rbd")]
-fn rbd_disk(args: &Args) -> Result<Option<Disk>, StartError> {
+fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
     use bulkhead_blk::rbd::{Image, ImageSpec, RbdOptions};
     use bulkhead_common::sandbox::SandboxMode;
     let Some(spec) = args.image.as_deref().and_then(ImageSpec::parse) else {
@@ -85,12 +91,17 @@ fn rbd_disk(args: &Args) -> Result<Option<Disk>, StartError> {
         break_lock: args.break_lock,
     };
     let image = Image::open(&spec, &opts).map_err(|e| StartError::Failed(error_chain(&e)))?;
-    Ok(Some(Disk::from_rbd(image)))
+    let image = Arc::new(image);
+    let (held, readonly) = (image.clone(), args.readonly);
+    // The device (and so the image) outlives serving: let go of the lock
+    // here, so a successor after a clean stop needs no --break-lock.
+    let at_exit: AtExit = Box::new(move || held.release_lock(readonly));
+    Ok(Some((Disk::from_rbd(image), at_exit)))
 }
 
 /// Without the `rbd` feature, `rbd:` images are refused.
 #[cfg(not(feature = "rbd"))]
-fn rbd_disk(args: &Args) -> Result<Option<Disk>, StartError> {
+fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
     match args.image.as_deref().and_then(|p| p.to_str()) {
         Some(s) if s.starts_with("rbd:") => Err(StartError::Usage(format!(
             "{s}: this bulkhead-blk was built without the rbd feature"

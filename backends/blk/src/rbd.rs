@@ -134,6 +134,23 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// Blocks SIGTERM and SIGINT in the calling thread, so the threads librados
+/// starts inherit the mask: the daemon takes those signals through its
+/// signalfd (created later, blocking them only in threads started after
+/// it), and one delivered to a librados thread would kill the process
+/// before it lets go of the lock.
+fn block_stop_signals() {
+    // SAFETY: a sigset_t on the stack, initialised by sigemptyset before
+    // use; pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut());
+    }
+}
+
 /// A connected cluster handle with the pool's I/O context.
 struct Cluster {
     rados: sys::rados_t,
@@ -142,6 +159,7 @@ struct Cluster {
 
 impl Cluster {
     fn connect(opts: &RbdOptions, pool: &str) -> Result<Self, RbdError> {
+        block_stop_signals();
         let fail = |step: &str, ret: i32| RbdError::Connect {
             step: step.to_string(),
             source: errno(ret),
@@ -361,6 +379,27 @@ impl Image {
         }
         log::info!("{what}: exclusive lock taken");
         Ok(())
+    }
+}
+
+impl Image {
+    /// Lets go of the exclusive lock (serving ended), so the next daemon
+    /// takes it without `--break-lock`. Nothing to do when read-only.
+    pub fn release_lock(&self, readonly: bool) {
+        if readonly {
+            return;
+        }
+        // SAFETY: an open image.
+        let ret = unsafe { sys::rbd_lock_release(self.handle) };
+        if ret < 0 {
+            log::warn!(
+                "{}: cannot release the exclusive lock: {}",
+                self.spec,
+                errno(ret)
+            );
+        } else {
+            log::info!("{}: exclusive lock released", self.spec);
+        }
     }
 }
 

@@ -91,6 +91,7 @@ unsafe extern "C" {
     ) -> c_int;
 
     pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: rbd_lock_mode_t) -> c_int;
+    pub fn rbd_lock_release(image: rbd_image_t) -> c_int;
     pub fn rbd_lock_get_owners(
         image: rbd_image_t,
         lock_mode: *mut rbd_lock_mode_t,
