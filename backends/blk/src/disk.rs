@@ -243,7 +243,7 @@ impl Disk {
     #[cfg(feature = "rbd")]
     pub fn from_rbd(image: Arc<crate::rbd::Image>) -> Self {
         let size = image.size;
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             log::warn!(
                 "{} size {size} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
                 image.spec,

@@ -204,12 +204,11 @@ impl Cluster {
         }
         // The write cache off: a write completes once the OSDs have it, so
         // FUA needs nothing more and a flush has nothing to wait for.
-        for (k, v) in [(c"rbd_cache", c"false")] {
-            // SAFETY: a live handle; NUL-terminated strings.
-            let ret = unsafe { sys::rados_conf_set(cluster.rados, k.as_ptr(), v.as_ptr()) };
-            if ret < 0 {
-                return Err(fail("rados_conf_set rbd_cache", ret));
-            }
+        // SAFETY: a live handle; NUL-terminated strings.
+        let ret =
+            unsafe { sys::rados_conf_set(cluster.rados, c"rbd_cache".as_ptr(), c"false".as_ptr()) };
+        if ret < 0 {
+            return Err(fail("rados_conf_set rbd_cache", ret));
         }
         // SAFETY: a configured handle.
         let ret = unsafe { sys::rados_connect(cluster.rados) };
