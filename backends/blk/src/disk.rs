@@ -260,6 +260,15 @@ impl Disk {
         }
     }
 
+    /// The image file, or None for an image on RBD.
+    fn file(&self) -> Option<&Arc<File>> {
+        match &self.source {
+            Source::File(f) => Some(f),
+            #[cfg(feature = "rbd")]
+            Source::Rbd(_) => None,
+        }
+    }
+
     /// The device starts: takes the writer part of the image lock, waiting
     /// up to [`LOCK_WAIT`] for a swap's old daemon (which lets go once its
     /// queues stop) or a killed one (whose io_uring holds the image a
@@ -268,7 +277,7 @@ impl Disk {
         let Some(what) = &self.writer_lock else {
             return Ok(());
         };
-        let Source::File(file) = &self.source else {
+        let Some(file) = self.file() else {
             return Ok(());
         };
         lock_waiting(what, || image::activate(file)).map_err(|reason| {
@@ -294,7 +303,7 @@ impl Disk {
         let Some(what) = &self.writer_lock else {
             return;
         };
-        let Source::File(file) = &self.source else {
+        let Some(file) = self.file() else {
             return;
         };
         match image::deactivate(file) {
