@@ -12,7 +12,8 @@ use bulkhead_tests::blk::{BlkDriver, Request, SECTOR_SIZE, Segment, VIRTIO_BLK_S
 use bulkhead_tests::ceph::{Cluster, needs_ceph};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
-use bulkhead_tests::process::workspace_binary;
+use bulkhead_tests::guest::{Guest, spawn_daemon};
+use bulkhead_tests::process::{wait_for_path, workspace_binary};
 use bulkhead_tests::skip::skip_if;
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -29,10 +30,14 @@ fn cluster(test: &str) -> Option<Cluster> {
 }
 
 fn blk_command(c: &Cluster, scratch: &Scratch, extra: &[&str]) -> Command {
+    blk_command_on(c, "rbd:rbd/disk", scratch, extra)
+}
+
+fn blk_command_on(c: &Cluster, image: &str, scratch: &Scratch, extra: &[&str]) -> Command {
     let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
     cmd.arg("--socket-path")
         .arg(scratch.socket())
-        .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
+        .args(["--image", image, "--ceph-conf"])
         .arg(c.conf())
         .args(["--sandbox", "off"])
         .args(extra);
@@ -225,6 +230,90 @@ fn readonly_serves_reads_and_refuses_writes_without_taking_the_lock() {
     let mut r = BlkDriver::connect(reader.socket(), &Options::default()).unwrap();
     assert_eq!(r.read(0, 8, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
     assert_ne!(r.write(0, 8, &[1u8; 4096]).unwrap(), VIRTIO_BLK_S_OK);
+
+    // An image without the exclusive-lock feature cannot be served for
+    // writing: nothing would keep a second writer off it.
+    c.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/nolock",
+    ])
+    .unwrap();
+    let scratch = Scratch::new(4096).unwrap();
+    let out = blk_command_on(&c, "rbd:rbd/nolock", &scratch, &[])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no exclusive-lock feature") && err.contains("--readonly"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_linux_guest_runs_fio_verify_on_an_rbd_image() {
+    let Some(c) = cluster("a_linux_guest_runs_fio_verify_on_an_rbd_image") else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-qemu-rbd-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("blk.sock");
+    let log = dir.path().join("backend.log");
+    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
+        .arg(c.conf())
+        .args(["--sandbox", "off", "--num-queues", "2", "--serial", "rbd0"]);
+    let mut daemon = spawn_daemon("bulkhead-blk", &mut cmd, &log).unwrap();
+    wait_for_path(&socket, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let pattern = pattern(0x5a, 1 << 20);
+    let sectors = IMAGE_SIZE / SECTOR_SIZE;
+    let script = format!(
+        r#"
+expect_eq size "$(cat /sys/block/vda/size)" {sectors}
+expect_eq serial "$(cat /sys/block/vda/serial)" rbd0
+check fio-verify fio --filename=/dev/vda --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \
+  --direct=1 --verify=crc32c --verify_fatal=1 --size=8M \
+  --name=cpu0 --cpus_allowed=0 --offset=0 --name=cpu1 --cpus_allowed=1 --offset=8M
+check fio-large fio --name=large --filename=/dev/vda --offset=16M --size=8M \
+  --rw=write --bs=1M --ioengine=libaio --iodepth=2 --direct=1 --verify=crc32c --verify_fatal=1
+check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
+"#
+    );
+    let run = Guest::new(script)
+        .smp(2)
+        .file("/data/pattern.bin", pattern.clone())
+        .vhost_user_blk(&socket, 2)
+        .timeout(Duration::from_secs(300))
+        .run_watching(&mut [&mut daemon]);
+    let _ = daemon.signal(libc::SIGTERM);
+    let _ = daemon.wait_timeout(Duration::from_secs(10));
+    assert!(
+        run.passed(),
+        "guest test failed\n{}--- backend log:\n{}",
+        run.report(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for check in ["fio-verify", "fio-large", "pattern-write"] {
+        assert!(
+            run.check(check).is_some_and(|c| c.passed),
+            "{check} not passed"
+        );
+    }
+    eprintln!("guest ran {:.1?}, {} checks", run.elapsed, run.checks.len());
+    let image = c.export("disk").unwrap();
+    assert!(
+        image[28 << 20..29 << 20] == pattern[..],
+        "the guest's pattern is not in rbd export"
+    );
 }
 
 #[test]

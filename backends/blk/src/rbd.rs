@@ -113,6 +113,17 @@ pub enum RbdError {
         /// The holders librbd names.
         owners: String,
     },
+    /// The image cannot be locked: it lacks the feature.
+    #[error(
+        "{what} has no exclusive-lock feature, so this daemon cannot keep other writers off it; \
+         enable it (rbd feature enable {what_plain} exclusive-lock) or serve it with --readonly"
+    )]
+    NoLockFeature {
+        /// The image.
+        what: String,
+        /// POOL/IMAGE.
+        what_plain: String,
+    },
     /// Taking or breaking the lock failed.
     #[error("cannot take the exclusive lock of {what} ({step})")]
     Lock {
@@ -340,9 +351,17 @@ impl Image {
             step,
             source,
         };
-        let owners = self
-            .owners()
-            .map_err(|e| lock_err("rbd_lock_get_owners", e))?;
+        let no_feature = || RbdError::NoLockFeature {
+            what: what.clone(),
+            what_plain: format!("{}/{}", self.spec.pool, self.spec.image),
+        };
+        let owners = self.owners().map_err(|e| {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                no_feature()
+            } else {
+                lock_err("rbd_lock_get_owners", e)
+            }
+        })?;
         if !owners.is_empty() {
             if !break_lock {
                 return Err(RbdError::Locked {
@@ -373,6 +392,9 @@ impl Image {
                     what,
                     owners: owners.join(", "),
                 });
+            }
+            if ret == -libc::EINVAL {
+                return Err(no_feature());
             }
             return Err(lock_err("rbd_lock_acquire", errno(ret)));
         }
