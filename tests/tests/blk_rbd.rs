@@ -191,7 +191,11 @@ fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
             assert_eq!(c.status, VIRTIO_BLK_S_OK, "request {} failed", c.head);
             done += 1;
         }
+        // Nothing completes twice: no used entry beyond those reaped.
+        let extra = blk.queue(q).unwrap().wait_used(Duration::from_millis(200));
+        assert!(extra.is_err(), "queue {q}: extra completion {extra:?}");
     }
+    assert_eq!(done, writes.len());
     let took = t.elapsed();
     eprintln!("successor serving {done} resubmitted write(s) after {took:?}");
     assert!(took < Duration::from_secs(10), "restart took {took:?}");
@@ -317,7 +321,7 @@ check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
 }
 
 #[test]
-fn rbd_images_refuse_the_sandbox_until_it_has_a_librados_policy() {
+fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
     // No cluster needed: the refusal comes before connecting.
     let scratch = Scratch::new(4096).unwrap();
     let out = Command::new(workspace_binary("bulkhead-blk"))
@@ -329,4 +333,20 @@ fn rbd_images_refuse_the_sandbox_until_it_has_a_librados_policy() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--sandbox off"), "{err}");
+    // Options of one kind of image are refused for the other, not ignored.
+    for (image, flag) in [
+        ("rbd:rbd/disk", "--no-lock"),
+        ("rbd:rbd/disk", "--direct"),
+        (scratch.image().to_str().unwrap(), "--break-lock"),
+    ] {
+        let out = Command::new(workspace_binary("bulkhead-blk"))
+            .arg("--socket-path")
+            .arg(scratch.socket())
+            .args(["--image", image, "--sandbox", "off", flag])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{image} {flag}: {err}");
+        assert!(err.contains(flag), "{err}");
+    }
 }

@@ -72,9 +72,21 @@ fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
     use bulkhead_blk::rbd::{Image, ImageSpec, RbdOptions};
     use bulkhead_common::sandbox::SandboxMode;
     let Some(spec) = args.image.as_deref().and_then(ImageSpec::parse) else {
+        refuse_rbd_options_for_a_file(args)?;
         return Ok(None);
     };
     let spec = spec.map_err(StartError::Usage)?;
+    for (given, flag) in [
+        (args.direct, "--direct"),
+        (args.format.is_some(), "--format"),
+        (args.no_lock, "--no-lock"),
+    ] {
+        if given {
+            return Err(StartError::Usage(format!(
+                "{flag} does not apply to an RBD image ({spec}; docs/blk.md)"
+            )));
+        }
+    }
     if args.backend.sandbox.sandbox != SandboxMode::Off {
         // librados runs its own threads and talks to every monitor and OSD:
         // the sandbox policy for that is not written yet, and running
@@ -106,8 +118,24 @@ fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
         Some(s) if s.starts_with("rbd:") => Err(StartError::Usage(format!(
             "{s}: this bulkhead-blk was built without the rbd feature"
         ))),
-        _ => Ok(None),
+        _ => refuse_rbd_options_for_a_file(args).map(|()| None),
     }
+}
+
+/// The RBD options make no sense for a file: refused, not ignored.
+fn refuse_rbd_options_for_a_file(args: &Args) -> Result<(), StartError> {
+    for (given, flag) in [
+        (args.ceph_conf.is_some(), "--ceph-conf"),
+        (args.ceph_id.is_some(), "--ceph-id"),
+        (args.break_lock, "--break-lock"),
+    ] {
+        if given {
+            return Err(StartError::Usage(format!(
+                "{flag} applies only to an RBD image (--image rbd:POOL/IMAGE)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The device over `disk` and its sandbox policy.

@@ -16,6 +16,7 @@
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 
@@ -195,12 +196,14 @@ impl Cluster {
             ioctx: ptr::null_mut(),
         };
         let conf = match &opts.conf {
-            Some(p) => Some(
-                cstring(&p.to_string_lossy()).map_err(|source| RbdError::Connect {
-                    step: format!("--ceph-conf {}", p.display()),
-                    source,
-                })?,
-            ),
+            Some(p) => {
+                Some(
+                    CString::new(p.as_os_str().as_bytes()).map_err(|_| RbdError::Connect {
+                        step: format!("--ceph-conf {}", p.display()),
+                        source: io::Error::from(io::ErrorKind::InvalidInput),
+                    })?,
+                )
+            }
             None => None,
         };
         let conf_ptr = conf.as_ref().map_or(ptr::null(), |c| c.as_ptr());

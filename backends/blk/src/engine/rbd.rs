@@ -28,7 +28,7 @@ struct Pending {
     /// Bytes a read must return.
     read_len: Option<u64>,
     /// The iovec array librbd was given, kept until the op completes.
-    _iovecs: Vec<libc::iovec>,
+    iovecs: Vec<libc::iovec>,
 }
 
 extern "C" fn on_complete(c: sys::rbd_completion_t, arg: *mut c_void) {
@@ -142,7 +142,7 @@ impl Engine for RbdEngine {
             shared: Arc::clone(&self.shared),
             token,
             read_len,
-            _iovecs: iovecs,
+            iovecs,
         }));
         let mut c: sys::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` stays valid until the callback reclaims it;
@@ -159,7 +159,7 @@ impl Engine for RbdEngine {
         // keeps valid until this op is reaped (the submit contract); the
         // ranges were checked above; `c` is a fresh completion.
         let ret = unsafe {
-            let iov = &(*arg)._iovecs;
+            let iov = &(*arg).iovecs;
             match op {
                 Op::Read { offset, .. } => {
                     sys::rbd_aio_readv(image, iov.as_ptr(), iov.len() as i32, offset, c)
