@@ -2,7 +2,8 @@
 //! manager and one OSD on 127.0.0.1, in a temporary directory of its own,
 //! with cephx on (one keyring holds every key) and the pool `rbd` of size
 //! one. The OSD keeps its objects in memory (memstore with page sets, so
-//! small random writes do not balloon it). Ready in about 12 s.
+//! small random writes do not balloon it). Ready in 6 to 9 s here (one
+//! per test: tests/tests/blk_rbd.rs runs five in about 25 s, in parallel).
 //!
 //! Every daemon is a [`ChildGuard`]; dropping the [`Cluster`] kills the OSD
 //! and the manager, then the monitor (the mon last: clients of a mon that
