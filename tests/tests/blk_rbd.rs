@@ -5,7 +5,8 @@
 //!
 //! Run `cargo build -p bulkhead-blk` first.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::blk::{BlkDriver, Request, SECTOR_SIZE, Segment, VIRTIO_BLK_S_OK};
@@ -13,7 +14,7 @@ use bulkhead_tests::ceph::{Cluster, needs_ceph};
 use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
 use bulkhead_tests::guest::{Guest, spawn_daemon};
-use bulkhead_tests::process::{wait_for_path, workspace_binary};
+use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
 use bulkhead_tests::skip::skip_if;
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -48,6 +49,23 @@ fn start(c: &Cluster, extra: &[&str]) -> Daemon {
     let scratch = Scratch::new(4096).unwrap();
     let cmd = blk_command(c, &scratch, extra);
     Daemon::start("bulkhead-blk", cmd, scratch).expect("start bulkhead-blk on RBD")
+}
+
+/// Runs a daemon that must exit by itself (a refusal): its exit code and
+/// stderr. One that keeps running fails the test after 60 s instead of
+/// hanging it.
+fn exit_of(mut cmd: Command) -> (Option<i32>, String) {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut g = ChildGuard::spawn_quiet("bulkhead-blk", &mut cmd).unwrap();
+    let st = g
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("bulkhead-blk should have refused to start, but still runs");
+    let mut err = String::new();
+    if let Some(mut e) = g.child_mut().stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (st.code(), err)
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -146,11 +164,8 @@ fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
 
     // A second daemon on the same image while the first serves.
     let other = Scratch::new(4096).unwrap();
-    let out = blk_command(&c, &other, &[])
-        .output()
-        .expect("run a second bulkhead-blk");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "second daemon started: {err}");
+    let (code, err) = exit_of(blk_command(&c, &other, &[]));
+    assert_eq!(code, Some(1), "second daemon: {err}");
     assert!(
         err.contains("locked by another client") && err.contains("--break-lock"),
         "unclear refusal: {err}"
@@ -247,11 +262,8 @@ fn readonly_serves_reads_and_refuses_writes_without_taking_the_lock() {
     ])
     .unwrap();
     let scratch = Scratch::new(4096).unwrap();
-    let out = blk_command_on(&c, "rbd:rbd/nolock", &scratch, &[])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = exit_of(blk_command_on(&c, "rbd:rbd/nolock", &scratch, &[]));
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("no exclusive-lock feature") && err.contains("--readonly"),
         "{err}"
@@ -324,14 +336,12 @@ check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
 fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
     // No cluster needed: the refusal comes before connecting.
     let scratch = Scratch::new(4096).unwrap();
-    let out = Command::new(workspace_binary("bulkhead-blk"))
-        .arg("--socket-path")
+    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
         .arg(scratch.socket())
-        .args(["--image", "rbd:rbd/disk"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+        .args(["--image", "rbd:rbd/disk"]);
+    let (code, err) = exit_of(cmd);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--sandbox off"), "{err}");
     // Options of one kind of image are refused for the other, not ignored.
     for (image, flag) in [
@@ -339,14 +349,16 @@ fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
         ("rbd:rbd/disk", "--direct"),
         (scratch.image().to_str().unwrap(), "--break-lock"),
     ] {
-        let out = Command::new(workspace_binary("bulkhead-blk"))
-            .arg("--socket-path")
-            .arg(scratch.socket())
-            .args(["--image", image, "--sandbox", "off", flag])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{image} {flag}: {err}");
+        let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+        cmd.arg("--socket-path").arg(scratch.socket()).args([
+            "--image",
+            image,
+            "--sandbox",
+            "off",
+            flag,
+        ]);
+        let (code, err) = exit_of(cmd);
+        assert_eq!(code, Some(2), "{image} {flag}: {err}");
         assert!(err.contains(flag), "{err}");
     }
 }
