@@ -362,3 +362,30 @@ fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
         assert!(err.contains(flag), "{err}");
     }
 }
+
+#[test]
+fn break_lock_fences_off_a_holder_that_is_still_alive() {
+    let Some(c) = cluster("break_lock_fences_off_a_holder_that_is_still_alive") else {
+        return;
+    };
+    let mut old = start(&c, &[]);
+    let mut a = BlkDriver::connect(old.socket(), &Options::default()).unwrap();
+    assert_eq!(a.write(0, 0, &pattern(1, 4096)).unwrap(), VIRTIO_BLK_S_OK);
+    // The successor breaks the lock of a daemon that still runs.
+    let new = start(&c, &["--break-lock"]);
+    let mut b = BlkDriver::connect(new.socket(), &Options::default()).unwrap();
+    let data = pattern(2, 4096);
+    assert_eq!(b.write(0, 0, &data).unwrap(), VIRTIO_BLK_S_OK);
+    // The old one is blocklisted: its writes fail (and it stays up), so
+    // nothing it still had to say lands on the image.
+    let t = Instant::now();
+    let st = a.write(0, 0, &pattern(3, 4096)).unwrap();
+    eprintln!(
+        "the fenced daemon's write completed with status {st} after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(st, VIRTIO_BLK_S_OK, "a fenced-off daemon's write succeeded");
+    assert!(old.is_running(), "the fenced-off daemon died");
+    assert_eq!(b.read(0, 0, 4096).unwrap(), (VIRTIO_BLK_S_OK, data.clone()));
+    assert!(c.export("disk").unwrap()[..4096] == data[..]);
+}
