@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod blk;
+pub mod ceph;
 pub mod console;
 pub mod cpio;
 pub mod daemon;

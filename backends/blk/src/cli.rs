@@ -40,7 +40,8 @@ pub struct Args {
     #[command(flatten)]
     pub busy_poll: BusyPollArgs,
 
-    /// Raw image file or block device to serve.
+    /// Raw image file or block device to serve, or rbd:POOL/IMAGE for an
+    /// image on Ceph RBD (needs --sandbox off; see docs/blk.md).
     #[arg(long, visible_alias = "blk-file", value_name = "FILE",
           required_unless_present_any = ["print_capabilities", "image_fd"])]
     pub image: Option<PathBuf>,
@@ -84,6 +85,22 @@ pub struct Args {
     /// Do not take QEMU's image lock (another process may then write it too).
     #[arg(long)]
     pub no_lock: bool,
+
+    /// RBD: the Ceph configuration file (default: $CEPH_CONF, then
+    /// /etc/ceph/ceph.conf, ~/.ceph/ceph.conf, ./ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// RBD: the Ceph client name without "client." (default: admin); its
+    /// keyring is found through the configuration file.
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
+
+    /// RBD: if another client holds the image's exclusive lock, break it and
+    /// blocklist that client (fencing it off) instead of refusing to start.
+    /// Only for a holder that is dead or must be cut off.
+    #[arg(long)]
+    pub break_lock: bool,
 
     /// I/O limits (`--iops-total`, `--bps-read-max`, ...).
     #[command(flatten)]

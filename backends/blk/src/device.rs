@@ -22,7 +22,7 @@ use bulkhead_common::{
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use crate::disk::Disk;
+use crate::disk::{Disk, Source};
 use crate::engine::{self, Completion, Engine, EngineKind, Op};
 use crate::request::{ID_BYTES, MAX_SEGMENTS, ParseError, Request, RequestKind, SECTOR_SIZE};
 use crate::state::BlkState;
@@ -321,7 +321,13 @@ impl VhostUserDevice for BlkDevice {
         // segments, within MAX_ENGINE_DEPTH (a full engine only makes the
         // queue wait for completions).
         let depth = (usize::from(size) + MAX_SEGMENTS as usize).min(MAX_ENGINE_DEPTH);
-        let file = self.disk.file.clone();
+        let file = match &self.disk.source {
+            Source::File(file) => file.clone(),
+            #[cfg(feature = "rbd")]
+            Source::Rbd(image) => {
+                return Ok(self.worker(engine::new_rbd_engine(image.clone(), depth)?));
+            }
+        };
         let bdev = self.disk.is_block_device;
         let engine = match engine::new_engine(self.cfg.engine, file.clone(), depth, bdev) {
             Ok(e) => e,
@@ -343,7 +349,13 @@ impl VhostUserDevice for BlkDevice {
             "queue {index}: {} engine, depth {depth}",
             self.cfg.engine
         );
-        Ok(BlkWorker {
+        Ok(self.worker(engine))
+    }
+}
+
+impl BlkDevice {
+    fn worker(&self, engine: Box<dyn Engine>) -> BlkWorker {
+        BlkWorker {
             engine,
             geometry: self.geometry(),
             serial: self.cfg.serial.clone().unwrap_or_default().into_bytes(),
@@ -355,7 +367,7 @@ impl VhostUserDevice for BlkDevice {
             stalled: false,
             throttle: self.throttle.clone(),
             held: None,
-        })
+        }
     }
 }
 

@@ -10,10 +10,19 @@ use std::sync::Arc;
 use crate::image::{self, FormatCheck};
 use crate::request::SECTOR_SIZE;
 
+/// Where the bytes are.
+pub enum Source {
+    /// A file or block device, shared by every queue's engine.
+    File(Arc<File>),
+    /// An image on Ceph RBD, shared by every queue's engine.
+    #[cfg(feature = "rbd")]
+    Rbd(Arc<crate::rbd::Image>),
+}
+
 /// An open disk image.
 pub struct Disk {
-    /// The image, shared by every queue's engine.
-    pub file: Arc<File>,
+    /// The image.
+    pub source: Source,
     /// Size in bytes, rounded down to whole sectors.
     pub capacity: u64,
     /// True for a block device (discard and write-zeroes use ioctls).
@@ -230,6 +239,36 @@ impl Disk {
         Ok(disk)
     }
 
+    /// An RBD image, already open (and locked when writable).
+    #[cfg(feature = "rbd")]
+    pub fn from_rbd(image: Arc<crate::rbd::Image>) -> Self {
+        let size = image.size;
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "{} size {size} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible to the guest",
+                image.spec,
+                size % SECTOR_SIZE
+            );
+        }
+        Disk {
+            source: Source::Rbd(image),
+            capacity: size - size % SECTOR_SIZE,
+            is_block_device: false,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            writer_lock: None,
+        }
+    }
+
+    /// The image file, or None for an image on RBD.
+    fn file(&self) -> Option<&Arc<File>> {
+        match &self.source {
+            Source::File(f) => Some(f),
+            #[cfg(feature = "rbd")]
+            Source::Rbd(_) => None,
+        }
+    }
+
     /// The device starts: takes the writer part of the image lock, waiting
     /// up to [`LOCK_WAIT`] for a swap's old daemon (which lets go once its
     /// queues stop) or a killed one (whose io_uring holds the image a
@@ -238,7 +277,10 @@ impl Disk {
         let Some(what) = &self.writer_lock else {
             return Ok(());
         };
-        lock_waiting(what, || image::activate(&self.file)).map_err(|reason| {
+        let Some(file) = self.file() else {
+            return Ok(());
+        };
+        lock_waiting(what, || image::activate(file)).map_err(|reason| {
             let hint = match reason {
                 image::LockError::Read => {
                     ", or serve it with --readonly too (readers share an image)"
@@ -261,7 +303,10 @@ impl Disk {
         let Some(what) = &self.writer_lock else {
             return;
         };
-        match image::deactivate(&self.file) {
+        let Some(file) = self.file() else {
+            return;
+        };
+        match image::deactivate(file) {
             Ok(()) => log::debug!("{what}: writer lock released"),
             Err(e) => log::warn!("{what}: cannot release the writer lock: {e}"),
         }
@@ -293,7 +338,7 @@ impl Disk {
             );
         }
         Ok(Disk {
-            file: Arc::new(file),
+            source: Source::File(Arc::new(file)),
             capacity: size - size % SECTOR_SIZE,
             is_block_device,
             logical_block_size: lbs.clamp(512, 65536),

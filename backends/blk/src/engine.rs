@@ -17,7 +17,11 @@
 //!   blocking syscalls and queues its completion; the fallback where io_uring
 //!   is unavailable.
 //!
-//! Both share `ops.rs`: range checks, iovec bookkeeping, the blocking
+//! - RBD (`rbd.rs`, `--image rbd:POOL/IMAGE`): each op is a librbd
+//!   asynchronous call; librbd's threads queue the completion and signal
+//!   the eventfd. Chosen by the image, not by `--engine`.
+//!
+//! The file engines share `ops.rs`: range checks, iovec bookkeeping, the blocking
 //! syscalls, and the fallback chain for zeroing (punch hole, then zero range,
 //! then writing zero buffers: tmpfs supports only punch hole). FUA writes use
 //! `RWF_DSYNC`, so a FUA write completes once, after its data is durable. On
@@ -26,6 +30,8 @@
 
 mod inline;
 mod ops;
+#[cfg(feature = "rbd")]
+mod rbd;
 mod sync;
 #[cfg(test)]
 mod tests;
@@ -95,6 +101,8 @@ pub enum EngineKind {
     IoUring,
     /// Blocking syscalls performed at submit (`--engine sync`).
     Sync,
+    /// librbd's asynchronous calls (`--image rbd:POOL/IMAGE`).
+    Rbd,
 }
 
 impl std::fmt::Display for EngineKind {
@@ -103,6 +111,7 @@ impl std::fmt::Display for EngineKind {
         f.write_str(match self {
             EngineKind::IoUring => "io-uring",
             EngineKind::Sync => "sync",
+            EngineKind::Rbd => "rbd",
         })
     }
 }
@@ -163,7 +172,25 @@ pub fn new_engine(
     Ok(match kind {
         EngineKind::IoUring => Box::new(uring::UringEngine::new(file, depth, is_block_device)?),
         EngineKind::Sync => Box::new(sync::SyncEngine::new(file, depth, is_block_device)?),
+        EngineKind::Rbd => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the rbd engine serves RBD images, not files",
+            ));
+        }
     })
+}
+
+/// Opens an RBD engine over `image` with room for `depth` ops.
+#[cfg(feature = "rbd")]
+pub fn new_rbd_engine(image: Arc<crate::rbd::Image>, depth: usize) -> io::Result<Box<dyn Engine>> {
+    if depth == 0 || depth > MAX_DEPTH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("engine depth {depth} not in 1..={MAX_DEPTH}"),
+        ));
+    }
+    Ok(Box::new(rbd::RbdEngine::new(image, depth)?))
 }
 
 /// True if io_uring works here (probe once: create a small ring); the daemon falls back to Sync with a warning otherwise.

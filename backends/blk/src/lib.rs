@@ -9,5 +9,7 @@ pub mod disk;
 pub mod engine;
 pub mod image;
 pub mod policy;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod request;
 pub mod state;

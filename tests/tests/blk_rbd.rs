@@ -1,0 +1,391 @@
+//! `bulkhead-blk` serving an image on Ceph RBD (`--image rbd:POOL/IMAGE`),
+//! against a throwaway one-node cluster (`bulkhead_tests::ceph`), driven by
+//! the test kit's virtio-blk driver. Each test starts its own cluster
+//! (about 12 s) and tears it down when it ends.
+//!
+//! Run `cargo build -p bulkhead-blk` first.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_tests::blk::{BlkDriver, Request, SECTOR_SIZE, Segment, VIRTIO_BLK_S_OK};
+use bulkhead_tests::ceph::{Cluster, needs_ceph};
+use bulkhead_tests::daemon::{Daemon, Scratch};
+use bulkhead_tests::frontend::Options;
+use bulkhead_tests::guest::{Guest, spawn_daemon};
+use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
+use bulkhead_tests::skip::skip_if;
+
+const IMAGE_SIZE: u64 = 32 << 20;
+/// librbd's default object size: a discard of whole objects removes them.
+const OBJECT: u64 = 4 << 20;
+
+fn cluster(test: &str) -> Option<Cluster> {
+    if skip_if(test, needs_ceph()) {
+        return None;
+    }
+    let c = Cluster::start().expect("start the one-node Ceph cluster");
+    c.create_image("disk", IMAGE_SIZE).expect("rbd create");
+    Some(c)
+}
+
+fn blk_command(c: &Cluster, scratch: &Scratch, extra: &[&str]) -> Command {
+    blk_command_on(c, "rbd:rbd/disk", scratch, extra)
+}
+
+fn blk_command_on(c: &Cluster, image: &str, scratch: &Scratch, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .args(["--image", image, "--ceph-conf"])
+        .arg(c.conf())
+        .args(["--sandbox", "off"])
+        .args(extra);
+    cmd
+}
+
+fn start(c: &Cluster, extra: &[&str]) -> Daemon {
+    let scratch = Scratch::new(4096).unwrap();
+    let cmd = blk_command(c, &scratch, extra);
+    Daemon::start("bulkhead-blk", cmd, scratch).expect("start bulkhead-blk on RBD")
+}
+
+/// Runs a daemon that must exit by itself (a refusal): its exit code and
+/// stderr. One that keeps running fails the test after 60 s instead of
+/// hanging it.
+fn exit_of(mut cmd: Command) -> (Option<i32>, String) {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut g = ChildGuard::spawn_quiet("bulkhead-blk", &mut cmd).unwrap();
+    let st = g
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .expect("bulkhead-blk should have refused to start, but still runs");
+    let mut err = String::new();
+    if let Some(mut e) = g.child_mut().stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (st.code(), err)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8) ^ (i / 4096) as u8)
+        .collect()
+}
+
+#[test]
+fn reads_writes_discards_and_write_zeroes_match_rbd_export() {
+    let Some(c) = cluster("reads_writes_discards_and_write_zeroes_match_rbd_export") else {
+        return;
+    };
+    let d = start(&c, &["--serial", "rbd-disk-1", "--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default().queues(2)).unwrap();
+    assert_eq!(blk.config.capacity, IMAGE_SIZE / SECTOR_SIZE);
+
+    // A pattern over several objects, written on both queues, some of it
+    // in many segments; each read back through the device.
+    let mut expected = vec![0u8; IMAGE_SIZE as usize];
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (OBJECT - 8192, 64 << 10),
+        (9 << 20, 1 << 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(i as u8 + 1, len);
+        let q = i % 2;
+        let req = Request::write(off / SECTOR_SIZE, data.clone()).segs(1 + i * 7);
+        assert_eq!(blk.run(q, &req).unwrap().status, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            blk.read(1 - q, off / SECTOR_SIZE, len as u32).unwrap(),
+            (VIRTIO_BLK_S_OK, data.clone())
+        );
+        expected[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    assert_eq!(blk.flush(0).unwrap(), VIRTIO_BLK_S_OK);
+    let (st, id) = blk.get_id(0).unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(&id[..10], b"rbd-disk-1");
+    assert!(
+        c.export("disk").unwrap() == expected,
+        "rbd export differs after writes"
+    );
+
+    // Write-zeroes of 4 KiB inside written data (a discard this small
+    // librbd would skip), and a discard of two whole objects.
+    let seg = |off: u64, len: u64| Segment {
+        sector: off / SECTOR_SIZE,
+        num_sectors: (len / SECTOR_SIZE) as u32,
+        unmap: false,
+    };
+    let zero_at = OBJECT - 4096;
+    assert_eq!(
+        blk.write_zeroes(0, &[seg(zero_at, 4096)]).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    expected[zero_at as usize..(zero_at + 4096) as usize].fill(0);
+    let mut unmap = seg(9 << 20, 4096);
+    unmap.unmap = true;
+    assert_eq!(blk.write_zeroes(1, &[unmap]).unwrap(), VIRTIO_BLK_S_OK);
+    expected[9 << 20..(9 << 20) + 4096].fill(0);
+    assert_eq!(
+        blk.discard(0, &[seg(2 * OBJECT, 2 * OBJECT)]).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    expected[2 * OBJECT as usize..4 * OBJECT as usize].fill(0);
+    for (off, len) in [(zero_at, 4096u32), (9 << 20, 8192), (2 * OBJECT, 1 << 20)] {
+        let (st, data) = blk.read(0, off / SECTOR_SIZE, len).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert!(
+            data == expected[off as usize..off as usize + len as usize],
+            "read back at {off} differs"
+        );
+    }
+    assert!(
+        c.export("disk").unwrap() == expected,
+        "rbd export differs after zeroing"
+    );
+}
+
+#[test]
+fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
+    let Some(c) =
+        cluster("a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock")
+    else {
+        return;
+    };
+    let opts = Options::default().queues(2);
+    let mut d = start(&c, &["--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(d.socket(), &opts).unwrap();
+    let first = pattern(9, 8192);
+    assert_eq!(blk.write(0, 0, &first).unwrap(), VIRTIO_BLK_S_OK);
+
+    // A second daemon on the same image while the first serves.
+    let other = Scratch::new(4096).unwrap();
+    let (code, err) = exit_of(blk_command(&c, &other, &[]));
+    assert_eq!(code, Some(1), "second daemon: {err}");
+    assert!(
+        err.contains("locked by another client") && err.contains("--break-lock"),
+        "unclear refusal: {err}"
+    );
+    // The first still serves.
+    assert_eq!(
+        blk.read(1, 0, 8192).unwrap(),
+        (VIRTIO_BLK_S_OK, first.clone())
+    );
+
+    // Writes in flight at a SIGKILL are resubmitted by the frontend to the
+    // successor, which breaks the dead one's lock and serves at once.
+    blk.defer_kick = true;
+    let mut writes = Vec::new();
+    for q in 0..2u64 {
+        for i in 0..16u64 {
+            let sector = (1 << 20) / SECTOR_SIZE + (q * 16 + i) * 128;
+            let data = pattern((q * 16 + i) as u8, 64 << 10);
+            blk.submit(q as usize, &Request::write(sector, data.clone()))
+                .unwrap();
+            writes.push((sector, data));
+        }
+    }
+    blk.kick(0).unwrap();
+    blk.kick(1).unwrap();
+    blk.defer_kick = false;
+    std::thread::sleep(Duration::from_millis(2));
+    let scratch = d.kill_keep_scratch().unwrap();
+    let _ = std::fs::remove_file(scratch.socket());
+    let t = Instant::now();
+    let cmd = blk_command(&c, &scratch, &["--num-queues", "2", "--break-lock"]);
+    d = Daemon::start("bulkhead-blk", cmd, scratch).expect("restart with --break-lock");
+    blk = blk.reconnect(d.socket(), &opts).expect("reconnect");
+    let mut done = 0;
+    for q in 0..2 {
+        while blk.pending(q) > 0 {
+            let c = blk.reap(q).expect("every request completes exactly once");
+            assert_eq!(c.status, VIRTIO_BLK_S_OK, "request {} failed", c.head);
+            done += 1;
+        }
+        // Nothing completes twice: no used entry beyond those reaped.
+        let extra = blk.queue(q).unwrap().wait_used(Duration::from_millis(200));
+        assert!(extra.is_err(), "queue {q}: extra completion {extra:?}");
+    }
+    assert_eq!(done, writes.len());
+    let took = t.elapsed();
+    eprintln!("successor serving {done} resubmitted write(s) after {took:?}");
+    assert!(took < Duration::from_secs(10), "restart took {took:?}");
+    assert_eq!(blk.read(0, 0, 8192).unwrap(), (VIRTIO_BLK_S_OK, first));
+    let image = c.export("disk").unwrap();
+    for (sector, data) in &writes {
+        let off = (sector * SECTOR_SIZE) as usize;
+        assert!(
+            image[off..off + data.len()] == data[..],
+            "write at {sector} lost"
+        );
+    }
+    // A clean stop (SIGTERM) lets go of the lock: the next daemon needs no
+    // --break-lock.
+    d.guard_mut().signal(libc::SIGTERM).unwrap();
+    let st = d.guard_mut().wait_timeout(Duration::from_secs(20)).unwrap();
+    assert!(st.is_some_and(|s| s.success()), "SIGTERM: {st:?}");
+    let scratch = Scratch::new(4096).unwrap();
+    let cmd = blk_command(&c, &scratch, &[]);
+    let d = Daemon::start("bulkhead-blk", cmd, scratch).expect("start after a clean stop");
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default()).unwrap();
+    assert_eq!(blk.write(0, 0, &[7u8; 512]).unwrap(), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn readonly_serves_reads_and_refuses_writes_without_taking_the_lock() {
+    let Some(c) = cluster("readonly_serves_reads_and_refuses_writes_without_taking_the_lock")
+    else {
+        return;
+    };
+    let writer = start(&c, &[]);
+    let mut w = BlkDriver::connect(writer.socket(), &Options::default()).unwrap();
+    let data = pattern(3, 4096);
+    assert_eq!(w.write(0, 8, &data).unwrap(), VIRTIO_BLK_S_OK);
+    let reader = start(&c, &["--readonly"]);
+    let mut r = BlkDriver::connect(reader.socket(), &Options::default()).unwrap();
+    assert_eq!(r.read(0, 8, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
+    assert_ne!(r.write(0, 8, &[1u8; 4096]).unwrap(), VIRTIO_BLK_S_OK);
+
+    // An image without the exclusive-lock feature cannot be served for
+    // writing: nothing would keep a second writer off it.
+    c.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/nolock",
+    ])
+    .unwrap();
+    let scratch = Scratch::new(4096).unwrap();
+    let (code, err) = exit_of(blk_command_on(&c, "rbd:rbd/nolock", &scratch, &[]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no exclusive-lock feature") && err.contains("--readonly"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_linux_guest_runs_fio_verify_on_an_rbd_image() {
+    let Some(c) = cluster("a_linux_guest_runs_fio_verify_on_an_rbd_image") else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-qemu-rbd-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("blk.sock");
+    let log = dir.path().join("backend.log");
+    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
+        .arg(c.conf())
+        .args(["--sandbox", "off", "--num-queues", "2", "--serial", "rbd0"]);
+    let mut daemon = spawn_daemon("bulkhead-blk", &mut cmd, &log).unwrap();
+    wait_for_path(&socket, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let pattern = pattern(0x5a, 1 << 20);
+    let sectors = IMAGE_SIZE / SECTOR_SIZE;
+    let script = format!(
+        r#"
+expect_eq size "$(cat /sys/block/vda/size)" {sectors}
+expect_eq serial "$(cat /sys/block/vda/serial)" rbd0
+check fio-verify fio --filename=/dev/vda --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \
+  --direct=1 --verify=crc32c --verify_fatal=1 --size=8M \
+  --name=cpu0 --cpus_allowed=0 --offset=0 --name=cpu1 --cpus_allowed=1 --offset=8M
+check fio-large fio --name=large --filename=/dev/vda --offset=16M --size=8M \
+  --rw=write --bs=1M --ioengine=libaio --iodepth=2 --direct=1 --verify=crc32c --verify_fatal=1
+check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
+"#
+    );
+    let run = Guest::new(script)
+        .smp(2)
+        .file("/data/pattern.bin", pattern.clone())
+        .vhost_user_blk(&socket, 2)
+        .timeout(Duration::from_secs(300))
+        .run_watching(&mut [&mut daemon]);
+    let _ = daemon.signal(libc::SIGTERM);
+    let _ = daemon.wait_timeout(Duration::from_secs(10));
+    assert!(
+        run.passed(),
+        "guest test failed\n{}--- backend log:\n{}",
+        run.report(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for check in ["fio-verify", "fio-large", "pattern-write"] {
+        assert!(
+            run.check(check).is_some_and(|c| c.passed),
+            "{check} not passed"
+        );
+    }
+    eprintln!("guest ran {:.1?}, {} checks", run.elapsed, run.checks.len());
+    let image = c.export("disk").unwrap();
+    assert!(
+        image[28 << 20..29 << 20] == pattern[..],
+        "the guest's pattern is not in rbd export"
+    );
+}
+
+#[test]
+fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
+    // No cluster needed: the refusal comes before connecting.
+    let scratch = Scratch::new(4096).unwrap();
+    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .args(["--image", "rbd:rbd/disk"]);
+    let (code, err) = exit_of(cmd);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--sandbox off"), "{err}");
+    // Options of one kind of image are refused for the other, not ignored.
+    for (image, flag) in [
+        ("rbd:rbd/disk", "--no-lock"),
+        ("rbd:rbd/disk", "--direct"),
+        (scratch.image().to_str().unwrap(), "--break-lock"),
+    ] {
+        let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+        cmd.arg("--socket-path").arg(scratch.socket()).args([
+            "--image",
+            image,
+            "--sandbox",
+            "off",
+            flag,
+        ]);
+        let (code, err) = exit_of(cmd);
+        assert_eq!(code, Some(2), "{image} {flag}: {err}");
+        assert!(err.contains(flag), "{err}");
+    }
+}
+
+#[test]
+fn break_lock_fences_off_a_holder_that_is_still_alive() {
+    let Some(c) = cluster("break_lock_fences_off_a_holder_that_is_still_alive") else {
+        return;
+    };
+    let mut old = start(&c, &[]);
+    let mut a = BlkDriver::connect(old.socket(), &Options::default()).unwrap();
+    assert_eq!(a.write(0, 0, &pattern(1, 4096)).unwrap(), VIRTIO_BLK_S_OK);
+    // The successor breaks the lock of a daemon that still runs.
+    let new = start(&c, &["--break-lock"]);
+    let mut b = BlkDriver::connect(new.socket(), &Options::default()).unwrap();
+    let data = pattern(2, 4096);
+    assert_eq!(b.write(0, 0, &data).unwrap(), VIRTIO_BLK_S_OK);
+    // The old one is blocklisted: its writes fail (and it stays up), so
+    // nothing it still had to say lands on the image.
+    let t = Instant::now();
+    let st = a.write(0, 0, &pattern(3, 4096)).unwrap();
+    eprintln!(
+        "the fenced daemon's write completed with status {st} after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(st, VIRTIO_BLK_S_OK, "a fenced-off daemon's write succeeded");
+    assert!(old.is_running(), "the fenced-off daemon died");
+    assert_eq!(b.read(0, 0, 4096).unwrap(), (VIRTIO_BLK_S_OK, data.clone()));
+    assert!(c.export("disk").unwrap()[..4096] == data[..]);
+}
