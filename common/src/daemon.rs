@@ -456,7 +456,7 @@ impl QueueCountersInner {
 
 impl QueueCounters {
     /// Shows `queues` queues (zeros) before any frontend connects.
-    fn size(&self, queues: u16) {
+    pub(crate) fn size(&self, queues: u16) {
         if let Ok(mut g) = self.inner.lock()
             && g.ended.len() < usize::from(queues)
         {

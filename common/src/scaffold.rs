@@ -208,6 +208,9 @@ pub fn run<D: VhostUserDevice>(
     let device = backend.device;
     let snapshot: Snapshot = {
         let (d, queues) = (device.clone(), endpoint.queue_counters());
+        // Every queue shows (zeros) from the first scrape on, before
+        // serving starts and any frontend connects.
+        queues.size(device.num_queues());
         Arc::new(move || {
             let mut s = d.stats();
             queues.add_to(&mut s);
