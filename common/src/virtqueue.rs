@@ -331,8 +331,16 @@ impl VirtQueue {
     /// them visible. Whatever wrote them (a [`crate::Writer`], iovecs handed
     /// to the kernel), the chain's validated writable buffers say where.
     pub fn complete_chain(&mut self, chain: &DescriptorChain, len: u32) {
+        self.log_chain(chain, u64::from(len));
+        self.complete(chain.head(), len);
+    }
+
+    /// Marks the first `len` bytes of `chain`'s writable buffers dirty when
+    /// the frontend is logging (`u64::MAX`: all of them).
+    #[inline]
+    pub fn log_chain(&self, chain: &DescriptorChain, len: u64) {
         if let Some(d) = self.logging() {
-            let mut left = u64::from(len);
+            let mut left = len;
             for desc in chain.descriptors().iter().filter(|d| d.writable) {
                 if left == 0 {
                     break;
@@ -342,7 +350,6 @@ impl VirtQueue {
                 left -= n;
             }
         }
-        self.complete(chain.head(), len);
     }
 
     /// Lets chains have up to `n` descriptors even when the queue is smaller
