@@ -437,7 +437,9 @@ fn log_fd_message<D: VhostUserDevice>(
         return Ok(false);
     }
     if size != 0 && size != 8 {
-        return Err(io::Error::other(format!("SET_LOG_FD with a {size}-byte payload")));
+        return Err(io::Error::other(format!(
+            "SET_LOG_FD with a {size}-byte payload"
+        )));
     }
     let mut msg = [0u8; HEADER_LEN + 8];
     let len = HEADER_LEN + size as usize;
@@ -450,7 +452,10 @@ fn log_fd_message<D: VhostUserDevice>(
         return Err(io::Error::other("truncated SET_LOG_FD"));
     }
     if fds.len() != 1 {
-        return Err(io::Error::other(format!("SET_LOG_FD with {} fds", fds.len())));
+        return Err(io::Error::other(format!(
+            "SET_LOG_FD with {} fds",
+            fds.len()
+        )));
     }
     let Some(fd) = fds.pop() else {
         return Err(io::Error::other("SET_LOG_FD without an fd"));

@@ -538,7 +538,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         }
         // A frontend that starts or stops a migration flips LOG_ALL alone,
         // queues running: the device does not see that bit.
-        let log_only = self.features_set && (features ^ self.acked_features) & !VHOST_F_LOG_ALL == 0;
+        let log_only =
+            self.features_set && (features ^ self.acked_features) & !VHOST_F_LOG_ALL == 0;
         if !log_only {
             self.device
                 .set_features(features & !VHOST_F_LOG_ALL)

@@ -86,7 +86,11 @@ impl CtrlWorker {
                 {
                     used = 1;
                     // The ack is the last writable byte (live migration log).
-                    if let Some(d) = chain.descriptors().iter().rfind(|d| d.writable && d.len > 0) {
+                    if let Some(d) = chain
+                        .descriptors()
+                        .iter()
+                        .rfind(|d| d.writable && d.len > 0)
+                    {
                         let last = d.addr.raw_value() + u64::from(d.len) - 1;
                         vq.log_write(GuestAddress(last), 1);
                     }
