@@ -1,12 +1,17 @@
 //! Live migration of a QEMU (TCG) guest whose disk is served by a
 //! vhost-user-blk backend: a source QEMU on one backend migrates, with QMP
 //! `migrate`, to a destination QEMU started with `-incoming` on a second
-//! backend serving the same image. The guest writes a random pattern and
-//! reads it back with O_DIRECT in a loop that runs across the migration,
-//! so the device writes guest pages while QEMU copies them: a page the
-//! backend wrote and did not log would arrive stale and the guest's
-//! checksum would fail. The destination's guest finishes the checks and
-//! powers off.
+//! backend serving the same image, while the guest loops over reads and
+//! writes. Each round drops the page cache and reads eight 4 MiB slots of
+//! different random data through it (the device alone writes those pages:
+//! `init_on_alloc=0`, the disk held open so its cache survives), then
+//! writes a slot and reads it back with O_DIRECT. On the destination the
+//! guest reads the slots again from its page cache: a page the backend
+//! wrote after QEMU had copied it, and did not log, arrives stale and the
+//! checksum fails (it does, with bulkhead-blk's logging switched off).
+//! The loop ends when the guest sees the destination's serial (bulkhead-blk
+//! is started with `--serial source` and `--serial destination`), or after
+//! a while, when the guest idles so the migration converges.
 //!
 //! The same scenario runs against `qemu-storage-daemon` (the reference)
 //! and against `bulkhead-blk`. Run `cargo build -p bulkhead-blk` first.
@@ -18,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bulkhead_tests::guest::{Guest, GuestRun, VHOST_USER_BLK_QUEUE_SIZE, image, spawn_daemon, tail};
+use bulkhead_tests::guest::{
+    Guest, GuestRun, VHOST_USER_BLK_QUEUE_SIZE, image, spawn_daemon, tail,
+};
 use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
 use serde_json::{Value, json};
 
@@ -26,38 +33,86 @@ const MIB: u64 = 1024 * 1024;
 const DISK_SIZE: u64 = 64 * MIB;
 /// Guest RAM: the initramfs (about 90 MiB) unpacks into it.
 const MEM_MIB: u32 = 512;
-/// Seconds the guest keeps writing and reading after it reports ready.
-const LOOP_SECONDS: u32 = 25;
-/// Migration bandwidth: slow enough that the copy overlaps guest I/O.
+/// Longest the guest keeps reading and writing after it reports ready (it
+/// stops earlier once it sees the destination's serial).
+const LOOP_SECONDS: u32 = 30;
+/// When the loop ended on time (not at the switch), how long the guest then
+/// stays idle so the migration converges before the checks: a guest that
+/// keeps dirtying 32 MiB of page cache a round may keep it from converging
+/// (qemu-storage-daemon, which logs as it should, does not converge until
+/// the loop ends).
+const SETTLE_SECONDS: u32 = 30;
+/// 4 MiB slots of the pattern on the disk.
+const SLOTS: u32 = 8;
+/// Migration bandwidth: slow enough for several passes over guest memory
+/// while the guest's loop runs, so pages the device writes after QEMU
+/// copied them are common (without the log the checks fail).
 const MAX_BANDWIDTH: u64 = 64 * MIB;
 
 fn guest_script() -> String {
     format!(
         r#"
-dd if=/dev/urandom of=/tmp/pattern.bin bs=1M count=4 2>/dev/null
-want=$(sha256sum /tmp/pattern.bin | cut -d' ' -f1)
-[ ${{#want}} -eq 64 ] && pass pattern || fail pattern "no pattern to write"
-expect_eq disk-present "$(ls /sys/block | grep -c '^vda$')" 1
+# A different random 4 MiB in each slot, written with O_DIRECT.
+i=0
+while [ $i -lt {SLOTS} ]; do
+  dd if=/dev/urandom of=/tmp/slot-$i.bin bs=1M count=4 2>/dev/null
+  sha256sum /tmp/slot-$i.bin | cut -d' ' -f1 >/tmp/want-$i
+  dd if=/tmp/slot-$i.bin of=/dev/vda bs=1M seek=$(( i * 4 )) oflag=direct 2>/dev/null || fail write-slot-$i
+  i=$(( i + 1 ))
+done
+expect_eq patterns "$(cat /tmp/want-* | sort -u | wc -l)" {SLOTS}
+# Held open: Linux drops a block device's page cache at its last close.
+exec 3</dev/vda
+# The serial comes from the device on every read (GET_ID): it changes when
+# the destination's backend answers.
+first=$(cat /sys/block/vda/serial)
+value first-serial "$first"
 value ready 1
 end=$(( $(date +%s) + {LOOP_SECONDS} ))
 rounds=0
 bad=0
-while [ "$(date +%s)" -lt "$end" ]; do
-  slot=$(( rounds % 8 ))
-  dd if=/tmp/pattern.bin of=/dev/vda bs=1M seek=$(( slot * 4 )) oflag=direct 2>/dev/null || bad=$(( bad + 1 ))
+while [ "$(date +%s)" -lt "$end" ] && [ "$(cat /sys/block/vda/serial)" = "$first" ]; do
+  # Buffered reads into fresh page-cache pages (init_on_alloc=0: nothing
+  # but the device writes them), which the guest reads again after the
+  # switch without asking the disk.
+  # The order turns each round: the freed pages, taken again in about the
+  # same order, get another slot's data each round.
+  echo 3 > /proc/sys/vm/drop_caches
+  i=0
+  while [ $i -lt {SLOTS} ]; do
+    dd if=/dev/vda of=/dev/null bs=1M skip=$(( (i + rounds) % {SLOTS} * 4 )) count=4 2>/dev/null
+    i=$(( i + 1 ))
+  done
+  # A write and an O_DIRECT read back.
+  slot=$(( rounds % {SLOTS} ))
+  dd if=/tmp/slot-$slot.bin of=/dev/vda bs=1M seek=$(( slot * 4 )) oflag=direct 2>/dev/null || bad=$(( bad + 1 ))
   got=$(dd if=/dev/vda bs=1M skip=$(( slot * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-  [ "$got" = "$want" ] || {{ bad=$(( bad + 1 )); echo "round $rounds slot $slot: $got"; }}
+  [ "$got" = "$(cat /tmp/want-$slot)" ] || {{ bad=$(( bad + 1 )); echo "round $rounds slot $slot: $got"; }}
   rounds=$(( rounds + 1 ))
 done
 value rounds $rounds
+if [ "$(cat /sys/block/vda/serial)" = "$first" ]; then
+  # Still on the source, or no serial to tell: let the migration finish.
+  sleep {SETTLE_SECONDS}
+fi
+value last-serial "$(cat /sys/block/vda/serial)"
 expect_eq loop-readbacks $bad 0
-[ $rounds -ge 2 ] && pass loop-ran || fail loop-ran "only $rounds rounds"
-# Every slot written before or after the switch reads back whole.
-slots=$(( rounds < 8 ? rounds : 8 ))
+[ $rounds -ge 1 ] && pass loop-ran || fail loop-ran "no round"
+# What the device read into the page cache on the source, read back from
+# the page cache on the destination: a page the device wrote and did not
+# log would be stale here.
 i=0
-while [ $i -lt $slots ]; do
+while [ $i -lt {SLOTS} ]; do
+  got=$(dd if=/dev/vda bs=1M skip=$(( i * 4 )) count=4 2>/dev/null | sha256sum | cut -d' ' -f1)
+  expect_eq cached-slot-$i "$got" "$(cat /tmp/want-$i)"
+  i=$(( i + 1 ))
+done
+# And from the disk.
+echo 3 > /proc/sys/vm/drop_caches
+i=0
+while [ $i -lt {SLOTS} ]; do
   got=$(dd if=/dev/vda bs=1M skip=$(( i * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-  expect_eq final-slot-$i "$got" "$want"
+  expect_eq disk-slot-$i "$got" "$(cat /tmp/want-$i)"
   i=$(( i + 1 ))
 done
 "#
@@ -72,7 +127,8 @@ struct Qmp {
 
 impl Qmp {
     fn connect(path: &Path, timeout: Duration) -> Qmp {
-        wait_for_path(path, timeout).unwrap_or_else(|e| panic!("QMP socket {}: {e}", path.display()));
+        wait_for_path(path, timeout)
+            .unwrap_or_else(|e| panic!("QMP socket {}: {e}", path.display()));
         let deadline = Instant::now() + timeout;
         let sock = loop {
             match UnixStream::connect(path) {
@@ -136,7 +192,9 @@ fn qemu(initrd: &Path, serial: &Path, blk: &Path, qmp: &Path, extra: &[String]) 
         .arg(&img.kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        // init_on_alloc=0: a page-cache page gets its contents from the
+        // device alone (see the guest script).
+        .args(["-append", "console=ttyS0 quiet panic=-1 init_on_alloc=0"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-chardev")
@@ -153,10 +211,15 @@ fn qemu(initrd: &Path, serial: &Path, blk: &Path, qmp: &Path, extra: &[String]) 
 
 struct Backend {
     name: &'static str,
-    start: fn(image: &Path, socket: &Path, log: &Path) -> ChildGuard,
+    /// Starts the backend; the serial its device reports is the last
+    /// argument where the backend can set one.
+    start: fn(image: &Path, socket: &Path, log: &Path, serial: &str) -> ChildGuard,
+    /// Whether the guest sees the switch in the serial (bulkhead-blk's
+    /// `--serial`; qemu-storage-daemon's export has none to set).
+    serials: bool,
 }
 
-fn start_qsd(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
+fn start_qsd(image: &Path, socket: &Path, log: &Path, _serial: &str) -> ChildGuard {
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
         .arg(format!(
@@ -174,7 +237,7 @@ fn start_qsd(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
         .unwrap_or_else(|e| panic!("{e} (run .ci/install-deps)"))
 }
 
-fn start_bulkhead(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
+fn start_bulkhead(image: &Path, socket: &Path, log: &Path, serial: &str) -> ChildGuard {
     let bin = workspace_binary("bulkhead-blk");
     assert!(
         bin.exists(),
@@ -186,7 +249,7 @@ fn start_bulkhead(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
         .arg(socket)
         .arg("--image")
         .arg(image)
-        .args(["--num-queues", "1"])
+        .args(["--num-queues", "1", "--serial", serial])
         .env("RUST_LOG", "info");
     spawn_daemon("bulkhead-blk", &mut cmd, log).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -208,8 +271,18 @@ fn scenario(backend: &Backend) {
         .write_initrd_to(&p("initrd.cpio"))
         .expect("write the guest initrd");
 
-    let mut src_blk = (backend.start)(&p("disk.img"), &p("src-blk.sock"), &p("src-blk.log"));
-    let mut dst_blk = (backend.start)(&p("disk.img"), &p("dst-blk.sock"), &p("dst-blk.log"));
+    let mut src_blk = (backend.start)(
+        &p("disk.img"),
+        &p("src-blk.sock"),
+        &p("src-blk.log"),
+        "source",
+    );
+    let mut dst_blk = (backend.start)(
+        &p("disk.img"),
+        &p("dst-blk.sock"),
+        &p("dst-blk.log"),
+        "destination",
+    );
     for s in ["src-blk.sock", "dst-blk.sock"] {
         wait_for_path(&p(s), Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{}: {s}: {e}", backend.name));
@@ -267,7 +340,7 @@ fn scenario(backend: &Backend) {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Let the loop run a little on the source first.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
     src_qmp.execute(
         "migrate-set-parameters",
         json!({ "max-bandwidth": MAX_BANDWIDTH }),
@@ -295,7 +368,13 @@ fn scenario(backend: &Backend) {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(status, "completed", "{}: migration\n{}", backend.name, logs());
+    assert_eq!(
+        status,
+        "completed",
+        "{}: migration\n{}",
+        backend.name,
+        logs()
+    );
     eprintln!(
         "{}: migration completed in {:.1?}",
         backend.name,
@@ -334,6 +413,15 @@ fn scenario(backend: &Backend) {
         backend.name,
         logs()
     );
+    if backend.serials {
+        assert_eq!(
+            dst_run.value("last-serial"),
+            Some("destination"),
+            "{}: the guest did not see the destination's serial\n{}",
+            backend.name,
+            run.report()
+        );
+    }
     eprintln!(
         "{}: {} rounds, {} checks",
         backend.name,
@@ -347,6 +435,7 @@ fn qemu_guest_migrates_with_qemu_storage_daemon_export() {
     scenario(&Backend {
         name: "qemu-storage-daemon",
         start: start_qsd,
+        serials: false,
     });
 }
 
@@ -355,5 +444,6 @@ fn qemu_guest_migrates_with_bulkhead_blk() {
     scenario(&Backend {
         name: "bulkhead-blk",
         start: start_bulkhead,
+        serials: true,
     });
 }
