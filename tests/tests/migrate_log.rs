@@ -195,3 +195,31 @@ fn net_receive_logs_the_pages_the_frame_landed_in() {
     drop(daemon);
     drop(ns);
 }
+
+/// SET_LOG_FD (which the `vhost` crate leaves to the serve loop) takes an
+/// eventfd and the connection goes on; anything else is refused and the
+/// connection closed, the daemon serving the next frontend.
+#[test]
+fn blk_keeps_a_log_eventfd_and_refuses_other_fds() {
+    use std::os::fd::AsRawFd;
+    use vhost::VhostBackend;
+    let mut d = Daemon::blk(Scratch::new(IMAGE_SIZE).unwrap(), &[])
+        .expect("start bulkhead-blk (run `cargo build -p bulkhead-blk`)");
+    let opts = Options::default().dirty_log().queues(1);
+    let mut blk = BlkDriver::connect(d.socket(), &opts).expect("vhost-user bring-up");
+    let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    blk.dev
+        .frontend
+        .set_log_fd(efd.as_raw_fd())
+        .expect("SET_LOG_FD with an eventfd");
+    let data = vec![7u8; 4096];
+    assert_eq!(blk.write(0, 8, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(blk.read(0, 8, 4096).unwrap(), (VIRTIO_BLK_S_OK, data));
+
+    let (r, _w) = std::io::pipe().unwrap();
+    assert!(blk.dev.frontend.set_log_fd(r.as_raw_fd()).is_err());
+    drop(blk);
+    assert!(d.is_running(), "bulkhead-blk died on a bad log fd");
+    let mut again = BlkDriver::connect(d.socket(), &opts).expect("the next frontend");
+    assert_eq!(again.flush(0).unwrap(), VIRTIO_BLK_S_OK);
+}
