@@ -537,9 +537,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
             )));
         }
         // A frontend that starts or stops a migration flips LOG_ALL alone,
-        // queues running: the device does not see that bit.
-        let log_only =
-            self.features_set && (features ^ self.acked_features) & !VHOST_F_LOG_ALL == 0;
+        // queues running: the device does not see that bit, nor that change.
+        let changed = features ^ self.acked_features;
+        let log_only = self.features_set && changed == VHOST_F_LOG_ALL;
         if !log_only {
             self.device
                 .set_features(features & !VHOST_F_LOG_ALL)
