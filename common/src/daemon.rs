@@ -407,6 +407,81 @@ fn early_vring_enable<D: VhostUserDevice>(
     res.map(|()| true)
 }
 
+/// vhost-user request code of SET_LOG_FD.
+const SET_LOG_FD: u32 = 7;
+
+/// Answers SET_LOG_FD, which the `vhost` crate refuses (it has no handler
+/// method for it) and would close the connection on; returns Ok(true) when
+/// it consumed one. The message carries an eventfd and no payload (a u64 is
+/// tolerated); the handler checks and keeps the fd.
+fn log_fd_message<D: VhostUserDevice>(
+    conn: RawFd,
+    handler: &Mutex<BackendHandler<D>>,
+) -> io::Result<bool> {
+    let mut hdr = [0u8; HEADER_LEN];
+    // SAFETY: peeking into a local buffer of its length; no control buffer.
+    let n = unsafe {
+        libc::recv(
+            conn,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != HEADER_LEN as isize {
+        return Ok(false);
+    }
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    if code != SET_LOG_FD {
+        return Ok(false);
+    }
+    if size != 0 && size != 8 {
+        return Err(io::Error::other(format!(
+            "SET_LOG_FD with a {size}-byte payload"
+        )));
+    }
+    let mut msg = [0u8; HEADER_LEN + 8];
+    let len = HEADER_LEN + size as usize;
+    let Some((got, mut fds)) =
+        crate::notify::recv_with_fds(conn, &mut msg[..len], libc::MSG_DONTWAIT)
+    else {
+        return Err(io::Error::other("truncated SET_LOG_FD"));
+    };
+    if got != len {
+        return Err(io::Error::other("truncated SET_LOG_FD"));
+    }
+    if fds.len() != 1 {
+        return Err(io::Error::other(format!(
+            "SET_LOG_FD with {} fds",
+            fds.len()
+        )));
+    }
+    let Some(fd) = fds.pop() else {
+        return Err(io::Error::other("SET_LOG_FD without an fd"));
+    };
+    let res = match handler.lock() {
+        Ok(mut h) => h
+            .set_log_fd(std::fs::File::from(fd))
+            .map_err(|e| io::Error::other(e.to_string())),
+        Err(_) => Err(io::Error::other("handler poisoned")),
+    };
+    if flags & FLAG_NEED_REPLY != 0 {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_LOG_FD.to_le_bytes());
+        reply[4..8].copy_from_slice(&(FLAG_REPLY | 1).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(res.is_err()).to_le_bytes());
+        // SAFETY: sending a local buffer of its length.
+        let sent =
+            unsafe { libc::send(conn, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+        if sent != reply.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    res.map(|()| true)
+}
+
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnEnd {
@@ -559,7 +634,9 @@ fn serve_connection<D: VhostUserDevice>(
         {
             h.offer_backend_socket(sock);
         }
-        match early_vring_enable(conn_fd, &handler) {
+        match early_vring_enable(conn_fd, &handler)
+            .and_then(|done| Ok(done || log_fd_message(conn_fd, &handler)?))
+        {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {

@@ -9,8 +9,12 @@
 //! GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_MEM_TABLE, GET_MAX_MEM_SLOTS,
 //! ADD_MEM_REG, REM_MEM_REG, SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR,
 //! GET_VRING_BASE, SET_VRING_ENABLE, GET/SET_CONFIG, SET_BACKEND_REQ_FD,
-//! GET/SET_INFLIGHT_FD, SET_DEVICE_STATE_FD and CHECK_DEVICE_STATE. Refused:
-//! logging (migration), shared objects, GPU and shared-memory messages.
+//! GET/SET_INFLIGHT_FD, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE, and dirty
+//! logging for migration (`VHOST_F_LOG_ALL`, SET_LOG_BASE with LOG_SHMFD,
+//! the used ring's log address; see [`crate::dirty_log`]; SET_LOG_FD, which
+//! the `vhost` crate does not dispatch, reaches [`BackendHandler::set_log_fd`]
+//! through the serve loop). Refused: shared objects, GPU and shared-memory
+//! messages.
 //!
 //! Device state (see [`crate::state`]) reaches a new daemon one of two
 //! ways, and is applied once per connection, before the first queue starts:
@@ -20,7 +24,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use crate::spec::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::spec::vhost_user::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -32,6 +36,7 @@ use vhost::vhost_user::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VhostUserDevice;
+use crate::dirty_log::{DirtyLog, LogRegion};
 use crate::inflight::InflightRegion;
 use crate::memory::{GuestMemoryHandle, MAX_MEM_SLOTS, MemoryTable, RegionDesc};
 use crate::state::{StateSection, Stored};
@@ -103,6 +108,11 @@ pub struct BackendHandler<D: VhostUserDevice> {
     load_sent: bool,
     /// [`VhostUserDevice::activate`] succeeded and no `deactivate` followed.
     active: bool,
+    /// Dirty-page log shared with the queue threads (migration).
+    dirty: Arc<DirtyLog>,
+    /// The eventfd of SET_LOG_FD, kept for the frontend (nothing signals it:
+    /// the log is a shared bitmap the frontend reads when it wants).
+    log_fd: Option<EventFd>,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -141,6 +151,32 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             section: None,
             load_sent: false,
             active: false,
+            dirty: Arc::new(DirtyLog::new(usize::from(n))),
+            log_fd: None,
+        }
+    }
+
+    /// Takes the eventfd of SET_LOG_FD (an eventfd, made non-blocking, or
+    /// refused). The serve loop reads that message itself: the `vhost`
+    /// crate does not pass it on.
+    pub fn set_log_fd(&mut self, file: File) -> VuResult<()> {
+        self.log_fd = Some(eventfd(file, "log")?);
+        Ok(())
+    }
+
+    /// Warns when the dirty log no longer covers the memory table (a
+    /// frontend grows the log before it grows the table); marks past it
+    /// are dropped and counted.
+    fn check_log_covers_table(&self) {
+        if let Some(r) = self.dirty.region()
+            && r.covers() < u128::from(self.table.end())
+        {
+            crate::rate_limited!(
+                log::Level::Warn,
+                "dirty log covers guest memory up to {:#x}, the memory table reaches {:#x}",
+                r.covers(),
+                self.table.end()
+            );
         }
     }
 
@@ -278,6 +314,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         // Drivers size requests from the config (e.g. blk's seg_max), which
         // does not depend on the ring size the frontend chose.
         vq.set_max_descriptors(self.device.max_chain_descriptors());
+        vq.set_dirty_log(self.dirty.clone());
         if !self.active {
             self.device.activate().map_err(|e| {
                 crate::rate_limited!(log::Level::Warn, "queue {i} not started: {e}");
@@ -309,9 +346,12 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     }
 
     /// Protocol features offered: the device's, plus DEVICE_STATE, which
-    /// every daemon answers the same way (blk with an empty state).
+    /// every daemon answers the same way (blk with an empty state), and
+    /// LOG_SHMFD (dirty logging, in this layer for every device).
     fn offered_protocol(&self) -> VhostUserProtocolFeatures {
-        self.device.protocol_features() | VhostUserProtocolFeatures::DEVICE_STATE
+        self.device.protocol_features()
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn running_queue(&self) -> Option<usize> {
@@ -440,6 +480,8 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         self.transfer_result = None;
         self.acked_features = 0;
         self.features_set = false;
+        self.dirty.reset();
+        self.log_fd = None;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
         for v in &mut self.vrings {
             // The counters cover the whole connection (logged when it ends):
@@ -483,7 +525,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.device.features() | VHOST_USER_F_PROTOCOL_FEATURES)
+        Ok(self.device.features() | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
@@ -494,11 +536,25 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
                 features & !offered
             )));
         }
-        self.device
-            .set_features(features)
-            .map_err(VuError::ReqHandlerError)?;
+        // A frontend that starts or stops a migration flips LOG_ALL alone,
+        // queues running: the device does not see that bit, nor that change.
+        let changed = features ^ self.acked_features;
+        let log_only = self.features_set && changed == VHOST_F_LOG_ALL;
+        if !log_only {
+            self.device
+                .set_features(features & !VHOST_F_LOG_ALL)
+                .map_err(VuError::ReqHandlerError)?;
+        }
         self.acked_features = features;
         self.features_set = true;
+        let log_all = features & VHOST_F_LOG_ALL != 0;
+        if log_all && self.dirty.region().is_none() {
+            crate::rate_limited!(
+                log::Level::Warn,
+                "VHOST_F_LOG_ALL acked without a log (SET_LOG_BASE): writes are not logged"
+            );
+        }
+        self.dirty.set_log_all(log_all);
         if !self.protocol_acked() {
             // Without protocol features, rings are enabled as soon as they start.
             for v in &mut self.vrings {
@@ -518,6 +574,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         let table =
             MemoryTable::new(&descs, files).map_err(|e| invalid(&format!("memory table: {e}")))?;
         self.install_table(table)?;
+        self.check_log_covers_table();
         Ok(None)
     }
 
@@ -539,12 +596,23 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
+        // The used ring is logged at `log`, a guest physical address, when
+        // the flag says so; the largest used ring must fit below 2^64.
+        let used_log = if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            let ring = 6 + 8 * u64::from(MAX_QUEUE_SIZE);
+            if log.checked_add(ring).is_none() {
+                return Err(invalid(&format!("used ring log address {log:#x}")));
+            }
+            Some(log)
+        } else {
+            None
+        };
         let gpa = |uva: u64| {
             self.table
                 .uva_to_gpa(uva)
@@ -556,10 +624,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
             used: gpa(used)?,
         };
         let v = self.vring(index)?;
-        if v.thread.is_some() {
-            return Err(invalid("SET_VRING_ADDR on a running queue"));
+        // A frontend starting or ending a migration sends the same rings
+        // again, queues running, to switch used-ring logging on or off.
+        if v.thread.is_some() && v.addrs != Some(addrs) {
+            return Err(invalid("SET_VRING_ADDR moving a running queue"));
         }
         v.addrs = Some(addrs);
+        self.dirty.set_used_log(index as usize, used_log);
         Ok(())
     }
 
@@ -772,6 +843,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
             .with_region(&region_desc(region), fd)
             .map_err(|e| invalid(&format!("memory region: {e}")))?;
         self.install_table(table)?;
+        self.check_log_covers_table();
         Ok(None)
     }
 
@@ -857,7 +929,17 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         ))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("dirty logging is not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        // The `vhost` crate checked LOG_SHMFD was acked, and sends the reply.
+        let region = LogRegion::map(file, log.mmap_size, log.mmap_offset, self.table.end())
+            .map_err(|e| invalid(&format!("SET_LOG_BASE: {e}")))?;
+        crate::rate_limited!(
+            log::Level::Info,
+            "dirty log of {} bytes (guest memory up to {:#x})",
+            region.len(),
+            region.covers()
+        );
+        self.dirty.set_region(Some(region));
+        Ok(())
     }
 }

@@ -9,6 +9,7 @@ pub mod chain;
 pub mod cli;
 pub mod daemon;
 pub mod device;
+pub mod dirty_log;
 pub mod event;
 pub mod frontend_fd;
 pub mod handler;

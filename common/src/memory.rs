@@ -253,6 +253,16 @@ impl MemoryTable {
             .ok_or(MemoryError::UnknownRegion(uva))
     }
 
+    /// End of the highest region's guest addresses (0 for an empty table):
+    /// what a dirty log must cover.
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|(d, _)| d.guest_phys_addr.saturating_add(d.size))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Number of regions.
     pub fn len(&self) -> usize {
         self.regions.len()

@@ -109,14 +109,31 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
     if code != SET_BACKEND_REQ_FD {
         return None;
     }
-    // Room for a few fds so extra ones are received (and closed) rather than truncated.
+    // The duplicate arrives close-on-exec (no fcntl, which the blk and net
+    // sandboxes once refused with SIGSYS).
+    let (_, mut fds) = recv_with_fds(conn, &mut hdr, libc::MSG_PEEK | libc::MSG_DONTWAIT)?;
+    if fds.len() != 1 {
+        return None;
+    }
+    let fd = fds.pop()?;
+    Some(UnixStream::from(fd))
+}
+
+/// Receives into `buf` with `flags` (plus `MSG_CMSG_CLOEXEC`), taking up to
+/// a few fds from the control data (extra ones arrive and are closed, not
+/// truncated); None when nothing came.
+pub(crate) fn recv_with_fds(
+    conn: RawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> Option<(usize, Vec<OwnedFd>)> {
     const MAX_FDS: usize = 4;
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
     let mut cbuf = vec![0u64; (space as usize).div_ceil(8)];
     let mut iov = libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: hdr.len(),
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
     // SAFETY: a zeroed msghdr is valid; we fill in the pointers below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -124,11 +141,8 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // The duplicate arrives close-on-exec (no fcntl, which the blk and net
-    // sandboxes once refused with SIGSYS).
-    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
     // SAFETY: msg points at live local buffers for the duration of the call.
-    let n = unsafe { libc::recvmsg(conn, &mut msg, flags) };
+    let n = unsafe { libc::recvmsg(conn, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
     if n <= 0 {
         return None;
     }
@@ -150,11 +164,7 @@ pub fn peek_backend_req_fd(conn: RawFd) -> Option<UnixStream> {
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if fds.len() != 1 {
-        return None;
-    }
-    let fd = fds.pop()?;
-    Some(UnixStream::from(fd))
+    Some((n as usize, fds))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::memory::{GuestMemory, MemoryError};
@@ -22,8 +22,8 @@ use crate::virtq::{VirtQueue, VirtqError};
 
 pub use bulkhead_spec::VIRTIO_F_VERSION_1;
 pub use bulkhead_spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-/// vhost-user's bits: protocol features negotiated; dirty logging (never
-/// acked by the kit).
+/// vhost-user's bits: protocol features negotiated; dirty logging (acked
+/// by the kit only while [`Device::start_dirty_log`] runs a migration's log).
 pub use bulkhead_spec::vhost_user::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 
 /// Device-type-specific feature bits (0..=23), all acceptable by default.
@@ -136,6 +136,61 @@ impl Options {
         self.queue_size = n;
         self
     }
+
+    /// Acks LOG_SHMFD when offered, so [`Device::start_dirty_log`] can hand
+    /// the backend a log as QEMU does for a live migration.
+    pub fn dirty_log(mut self) -> Self {
+        self.protocol_features |= VhostUserProtocolFeatures::LOG_SHMFD;
+        self
+    }
+}
+
+/// Bytes of guest memory one bit of a dirty log covers.
+pub const LOG_PAGE_SIZE: u64 = 4096;
+
+/// The dirty-page bitmap a frontend shares with the backend (SET_LOG_BASE),
+/// sized as QEMU sizes it: whole u64 words, one bit per 4 KiB page.
+pub struct DirtyLog {
+    /// The memfd holding the bitmap.
+    pub file: File,
+    /// Bytes of bitmap.
+    pub size: u64,
+}
+
+impl DirtyLog {
+    /// A clear log covering guest memory up to `mem_end`.
+    pub fn new(mem_end: u64) -> Result<Self> {
+        let size = mem_end.div_ceil(LOG_PAGE_SIZE).div_ceil(64) * 8;
+        let file = crate::memory::create_memfd(size.max(8), true)?;
+        Ok(DirtyLog {
+            file,
+            size: size.max(8),
+        })
+    }
+
+    /// The pages whose bit is set, in order.
+    pub fn pages(&self) -> Vec<u64> {
+        let mut buf = vec![0u8; self.size as usize];
+        if std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut buf, 0).is_err() {
+            return Vec::new();
+        }
+        (0..self.size * 8)
+            .filter(|p| buf[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect()
+    }
+
+    /// Clears every bit (as the frontend does after each pass).
+    pub fn clear(&self) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &vec![0u8; self.size as usize], 0)
+    }
+}
+
+/// The pages `[gpa, gpa + len)` touches.
+pub fn pages_of(gpa: u64, len: u64) -> Vec<u64> {
+    if len == 0 {
+        return Vec::new();
+    }
+    (gpa / LOG_PAGE_SIZE..=(gpa + len - 1) / LOG_PAGE_SIZE).collect()
 }
 
 /// The inflight-tracking area the backend handed out, kept for a reconnect.
@@ -335,6 +390,68 @@ impl Device {
             self.frontend
                 .set_config(offset, VhostUserConfigFlags::WRITABLE, data),
         )
+    }
+
+    /// Starts dirty logging as QEMU does when a live migration begins:
+    /// SET_LOG_BASE with a fresh log, SET_FEATURES with `VHOST_F_LOG_ALL`,
+    /// then SET_VRING_ADDR again for each queue with `VHOST_VRING_F_LOG`
+    /// and the used ring's guest address as its log address (queues keep
+    /// running). Needs LOG_SHMFD acked ([`Options::dirty_log`]).
+    pub fn start_dirty_log(&mut self) -> Result<DirtyLog> {
+        if !self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+        {
+            return Err(FrontendError::MissingFeature("LOG_SHMFD"));
+        }
+        if self.offered_features & VHOST_F_LOG_ALL == 0 {
+            return Err(FrontendError::MissingFeature("VHOST_F_LOG_ALL"));
+        }
+        let end = self
+            .mem
+            .layout()
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .max()
+            .unwrap_or(0);
+        let log = DirtyLog::new(end)?;
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: log.size,
+            mmap_offset: 0,
+            mmap_handle: log.file.as_raw_fd(),
+        };
+        vu("SET_LOG_BASE", self.frontend.set_log_base(0, Some(region)))?;
+        self.set_logging(true)?;
+        Ok(log)
+    }
+
+    /// Ends dirty logging (a migration cancelled, or the source resuming):
+    /// SET_FEATURES without `VHOST_F_LOG_ALL`, rings without the log flag.
+    pub fn stop_dirty_log(&mut self) -> Result<()> {
+        self.set_logging(false)
+    }
+
+    fn set_logging(&mut self, on: bool) -> Result<()> {
+        let features = if on {
+            self.acked_features | VHOST_F_LOG_ALL
+        } else {
+            self.acked_features & !VHOST_F_LOG_ALL
+        };
+        vu("SET_FEATURES", self.frontend.set_features(features))?;
+        for (i, q) in self.queues.iter().enumerate() {
+            let a = q.addrs();
+            let cfg = VringConfigData {
+                queue_max_size: q.size(),
+                queue_size: q.size(),
+                flags: u32::from(on),
+                desc_table_addr: self.mem.host_addr(a.desc)?,
+                used_ring_addr: self.mem.host_addr(a.used)?,
+                avail_ring_addr: self.mem.host_addr(a.avail)?,
+                log_addr: on.then_some(a.used),
+            };
+            vu("SET_VRING_ADDR", self.frontend.set_vring_addr(i, &cfg))?;
+        }
+        Ok(())
     }
 
     /// Stops queue `i` (SET_VRING_ENABLE 0, GET_VRING_BASE) and returns the device's avail index.

@@ -92,7 +92,7 @@ fn round_up(v: u64, align: u64) -> Option<u64> {
 
 /// A memfd of `size` bytes; `sealable` as QEMU creates its RAM
 /// (`MFD_ALLOW_SEALING`), or not (a file nobody can seal).
-fn create_memfd(size: u64, sealable: bool) -> Result<File> {
+pub(crate) fn create_memfd(size: u64, sealable: bool) -> Result<File> {
     let name = CString::new("bulkhead-testkit-guest").map_err(|_| MemoryError::BadLayout)?;
     let flags = if sealable {
         libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING

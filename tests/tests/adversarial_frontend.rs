@@ -229,7 +229,8 @@ impl Session {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::BACKEND_REQ;
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         let pf = fe.get_protocol_features().unwrap() & want;
         fe.set_protocol_features(pf).unwrap();
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -908,8 +909,9 @@ impl FdMsg {
             FdMsg::Inflight => matches!(fd, Fd::Memfd | Fd::RegularFile),
             // Only console offers BACKEND_REQ; the channel is a unix stream socket.
             FdMsg::BackendReq => kind == Kind::Console && fd == Fd::Socket,
-            // No daemon offers dirty logging.
-            FdMsg::LogBase => false,
+            // Every daemon offers dirty logging (LOG_SHMFD); the log is
+            // a file whose size can be checked before it is mapped.
+            FdMsg::LogBase => matches!(fd, Fd::Memfd | Fd::RegularFile),
         }
     }
 }
@@ -1077,7 +1079,11 @@ fn other_case(s: &Session, msg: FdMsg, fds: &[RawFd]) -> Outcome {
         return Outcome::NotSent;
     }
     match s.raw.recv(WAIT) {
-        Ok(Some(r)) if r.payload == 0u64.to_le_bytes() => {
+        // SET_LOG_BASE's reply echoes the log's size and offset.
+        Ok(Some(r))
+            if r.payload == 0u64.to_le_bytes()
+                || (msg == FdMsg::LogBase && r.request == SET_LOG_BASE && r.payload == payload) =>
+        {
             // Still served: the next message is answered.
             s.ok(SET_VRING_NUM, &state(0, 64), &[]);
             Outcome::Accepted

@@ -94,7 +94,13 @@ fn offers_the_documented_virtio_and_protocol_features_and_config() {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::RESET_DEVICE;
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::LOG_SHMFD;
+    // Live migration: dirty logging (QEMU blocks migration without both).
+    assert!(
+        offered & bulkhead_tests::frontend::VHOST_F_LOG_ALL != 0,
+        "VHOST_F_LOG_ALL not offered"
+    );
     assert!(
         blk.dev.offered_protocol.contains(want),
         "protocol features {:?}",

@@ -440,7 +440,14 @@ impl BlkWorker {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let _ = chain.memory().write_obj(status, addr);
-        vq.complete(chain.head(), used_len);
+        // Live migration: the pages written are logged before the used
+        // entry (a no-op unless the frontend is logging). The status byte
+        // ends the chain; a failed read may have written part of the data.
+        vq.log_write(addr, 1);
+        if status == VIRTIO_BLK_S_IOERR {
+            vq.log_chain(chain, u64::MAX);
+        }
+        vq.complete_chain(chain, used_len);
     }
 
     fn slot(&mut self, f: InFlight) -> usize {
@@ -516,6 +523,7 @@ impl BlkWorker {
                     // The driver can still be told: fail it with IOERR.
                     ParseError::NoHeader(status) => {
                         let _ = chain.memory().write_obj(VIRTIO_BLK_S_IOERR, status);
+                        vq.log_write(status, 1);
                         vq.complete(chain.head(), 1);
                     }
                     // Nowhere to put a status: return the buffers untouched.

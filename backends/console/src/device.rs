@@ -631,7 +631,7 @@ impl RxWorker {
             match self.port.read_input(&iov) {
                 Input::Data(n) => {
                     // n <= room <= MAX_CHAIN_BYTES, so it fits a u32.
-                    vq.complete(chain.head(), n as u32);
+                    vq.complete_chain(&chain, n as u32);
                     used = true;
                 }
                 Input::Idle => {
@@ -773,7 +773,7 @@ impl ControlRxWorker {
                 Ok(()) => n as u32,
                 Err(_) => 0,
             };
-            vq.complete(chain.head(), len);
+            vq.complete_chain(&chain, len);
             used = true;
             q.pop_front();
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bulkhead_common::{VirtQueue, guest_error};
+use vm_memory::{Address, GuestAddress};
 
 use crate::device::Shared;
 use bulkhead_common::spec::net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
@@ -84,6 +85,15 @@ impl CtrlWorker {
                     && tail.write_obj(ack).is_ok()
                 {
                     used = 1;
+                    // The ack is the last writable byte (live migration log).
+                    if let Some(d) = chain
+                        .descriptors()
+                        .iter()
+                        .rfind(|d| d.writable && d.len > 0)
+                    {
+                        let last = d.addr.raw_value() + u64::from(d.len) - 1;
+                        vq.log_write(GuestAddress(last), 1);
+                    }
                 }
                 vq.complete(chain.head(), used);
             }

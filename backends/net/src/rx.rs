@@ -317,7 +317,7 @@ impl RxWorker {
                 Ok(()) => n,
                 Err(_) => 0,
             };
-            vq.complete(chain.head(), written as u32);
+            vq.complete_chain(&chain, written as u32);
             self.count(n);
             return Received::Next;
         }
@@ -442,7 +442,7 @@ impl RxWorker {
             Err(_) => 0,
         };
         let mut used = Vec::with_capacity(n);
-        used.push((first.head(), written as u32));
+        used.push((first, written as u32));
         let mut off = 0usize;
         for _ in 1..n {
             let Some(c) = self.spare.pop_front() else {
@@ -455,10 +455,10 @@ impl RxWorker {
                 _ => 0,
             };
             off += take;
-            used.push((c.head(), written as u32));
+            used.push((c, written as u32));
         }
-        for (head, n) in used {
-            vq.complete(head, n);
+        for (chain, n) in used {
+            vq.complete_chain(&chain, n);
         }
         self.count(len);
         Delivery::Done
@@ -498,10 +498,10 @@ impl RxWorker {
                 Err(_) => 0,
             };
             off += take;
-            used.push((c.head(), written as u32));
+            used.push((c, written as u32));
         }
-        for (head, n) in used {
-            vq.complete(head, n);
+        for (chain, n) in used {
+            vq.complete_chain(&chain, n);
         }
         self.count(len);
         Delivery::Done

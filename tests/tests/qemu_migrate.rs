@@ -1,0 +1,449 @@
+//! Live migration of a QEMU (TCG) guest whose disk is served by a
+//! vhost-user-blk backend: a source QEMU on one backend migrates, with QMP
+//! `migrate`, to a destination QEMU started with `-incoming` on a second
+//! backend serving the same image, while the guest loops over reads and
+//! writes. Each round drops the page cache and reads eight 4 MiB slots of
+//! different random data through it (the device alone writes those pages:
+//! `init_on_alloc=0`, the disk held open so its cache survives), then
+//! writes a slot and reads it back with O_DIRECT. On the destination the
+//! guest reads the slots again from its page cache: a page the backend
+//! wrote after QEMU had copied it, and did not log, arrives stale and the
+//! checksum fails (it does, with bulkhead-blk's logging switched off).
+//! The loop ends when the guest sees the destination's serial (bulkhead-blk
+//! is started with `--serial source` and `--serial destination`), or after
+//! a while, when the guest idles so the migration converges.
+//!
+//! The same scenario runs against `qemu-storage-daemon` (the reference)
+//! and against `bulkhead-blk`. Run `cargo build -p bulkhead-blk` first.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bulkhead_tests::guest::{
+    Guest, GuestRun, VHOST_USER_BLK_QUEUE_SIZE, image, spawn_daemon, tail,
+};
+use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1024 * 1024;
+const DISK_SIZE: u64 = 64 * MIB;
+/// Guest RAM: the initramfs (about 90 MiB) unpacks into it.
+const MEM_MIB: u32 = 512;
+/// Longest the guest keeps reading and writing after it reports ready (it
+/// stops earlier once it sees the destination's serial).
+const LOOP_SECONDS: u32 = 30;
+/// When the loop ended on time (not at the switch), how long the guest then
+/// stays idle so the migration converges before the checks: a guest that
+/// keeps dirtying 32 MiB of page cache a round may keep it from converging
+/// (qemu-storage-daemon, which logs as it should, does not converge until
+/// the loop ends).
+const SETTLE_SECONDS: u32 = 30;
+/// 4 MiB slots of the pattern on the disk.
+const SLOTS: u32 = 8;
+/// Migration bandwidth: slow enough for several passes over guest memory
+/// while the guest's loop runs, so pages the device writes after QEMU
+/// copied them are common (without the log the checks fail).
+const MAX_BANDWIDTH: u64 = 64 * MIB;
+
+fn guest_script() -> String {
+    format!(
+        r#"
+# A different random 4 MiB in each slot, written with O_DIRECT.
+i=0
+while [ $i -lt {SLOTS} ]; do
+  dd if=/dev/urandom of=/tmp/slot-$i.bin bs=1M count=4 2>/dev/null
+  sha256sum /tmp/slot-$i.bin | cut -d' ' -f1 >/tmp/want-$i
+  dd if=/tmp/slot-$i.bin of=/dev/vda bs=1M seek=$(( i * 4 )) oflag=direct 2>/dev/null || fail write-slot-$i
+  i=$(( i + 1 ))
+done
+expect_eq patterns "$(cat /tmp/want-* | sort -u | wc -l)" {SLOTS}
+# Held open: Linux drops a block device's page cache at its last close.
+exec 3</dev/vda
+# The serial comes from the device on every read (GET_ID): it changes when
+# the destination's backend answers.
+first=$(cat /sys/block/vda/serial)
+value first-serial "$first"
+value ready 1
+end=$(( $(date +%s) + {LOOP_SECONDS} ))
+rounds=0
+bad=0
+while [ "$(date +%s)" -lt "$end" ] && [ "$(cat /sys/block/vda/serial)" = "$first" ]; do
+  # Buffered reads into fresh page-cache pages (init_on_alloc=0: nothing
+  # but the device writes them), which the guest reads again after the
+  # switch without asking the disk.
+  # The order turns each round: the freed pages, taken again in about the
+  # same order, get another slot's data each round.
+  echo 3 > /proc/sys/vm/drop_caches
+  i=0
+  while [ $i -lt {SLOTS} ]; do
+    dd if=/dev/vda of=/dev/null bs=1M skip=$(( (i + rounds) % {SLOTS} * 4 )) count=4 2>/dev/null
+    i=$(( i + 1 ))
+  done
+  # A write and an O_DIRECT read back.
+  slot=$(( rounds % {SLOTS} ))
+  dd if=/tmp/slot-$slot.bin of=/dev/vda bs=1M seek=$(( slot * 4 )) oflag=direct 2>/dev/null || bad=$(( bad + 1 ))
+  got=$(dd if=/dev/vda bs=1M skip=$(( slot * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$(cat /tmp/want-$slot)" ] || {{ bad=$(( bad + 1 )); echo "round $rounds slot $slot: $got"; }}
+  rounds=$(( rounds + 1 ))
+done
+value rounds $rounds
+if [ "$(cat /sys/block/vda/serial)" = "$first" ]; then
+  # Still on the source, or no serial to tell: let the migration finish.
+  sleep {SETTLE_SECONDS}
+fi
+value last-serial "$(cat /sys/block/vda/serial)"
+expect_eq loop-readbacks $bad 0
+[ $rounds -ge 1 ] && pass loop-ran || fail loop-ran "no round"
+# What the device read into the page cache on the source, read back from
+# the page cache on the destination: a page the device wrote and did not
+# log would be stale here.
+i=0
+while [ $i -lt {SLOTS} ]; do
+  got=$(dd if=/dev/vda bs=1M skip=$(( i * 4 )) count=4 2>/dev/null | sha256sum | cut -d' ' -f1)
+  expect_eq cached-slot-$i "$got" "$(cat /tmp/want-$i)"
+  i=$(( i + 1 ))
+done
+# And from the disk.
+echo 3 > /proc/sys/vm/drop_caches
+i=0
+while [ $i -lt {SLOTS} ]; do
+  got=$(dd if=/dev/vda bs=1M skip=$(( i * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  expect_eq disk-slot-$i "$got" "$(cat /tmp/want-$i)"
+  i=$(( i + 1 ))
+done
+"#
+    )
+}
+
+/// A QMP connection: greeting read, capabilities negotiated.
+struct Qmp {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path, timeout: Duration) -> Qmp {
+        wait_for_path(path, timeout)
+            .unwrap_or_else(|e| panic!("QMP socket {}: {e}", path.display()));
+        let deadline = Instant::now() + timeout;
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("connect QMP {}: {e}", path.display()),
+            }
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("QMP timeout");
+        let mut q = Qmp {
+            out: sock.try_clone().expect("clone QMP socket"),
+            input: BufReader::new(sock),
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        q.execute("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.input.read_line(&mut line).expect("read QMP");
+        assert!(n > 0, "QMP closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command and returns its `return` (events in between are skipped).
+    fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({ "execute": cmd, "arguments": args });
+        writeln!(self.out, "{msg}").expect("write QMP");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            panic!("QMP {cmd}: {v}");
+        }
+    }
+}
+
+/// QEMU's arguments, identical on both sides but for `extra`.
+fn qemu(initrd: &Path, serial: &Path, blk: &Path, qmp: &Path, extra: &[String]) -> Command {
+    let img = image();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-nodefaults", "-nographic", "-no-reboot"])
+        .arg("-m")
+        .arg(format!("{MEM_MIB}M"))
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-memfd,id=mem,size={MEM_MIB}M,share=on"
+        ))
+        .args(["-M", "q35,memory-backend=mem", "-smp", "1"])
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        // init_on_alloc=0: a page-cache page gets its contents from the
+        // device alone (see the guest script).
+        .args(["-append", "console=ttyS0 quiet panic=-1 init_on_alloc=0"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=vu0,path={}", blk.display()))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size={VHOST_USER_BLK_QUEUE_SIZE}"
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra);
+    cmd
+}
+
+struct Backend {
+    name: &'static str,
+    /// Starts the backend; the serial its device reports is the last
+    /// argument where the backend can set one.
+    start: fn(image: &Path, socket: &Path, log: &Path, serial: &str) -> ChildGuard,
+    /// Whether the guest sees the switch in the serial (bulkhead-blk's
+    /// `--serial`; qemu-storage-daemon's export has none to set).
+    serials: bool,
+}
+
+fn start_qsd(image: &Path, socket: &Path, log: &Path, _serial: &str) -> ChildGuard {
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},locking=off",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},\
+             writable=on,num-queues=1",
+            socket.display()
+        ));
+    spawn_daemon("qemu-storage-daemon", &mut cmd, log)
+        .unwrap_or_else(|e| panic!("{e} (run .ci/install-deps)"))
+}
+
+fn start_bulkhead(image: &Path, socket: &Path, log: &Path, serial: &str) -> ChildGuard {
+    let bin = workspace_binary("bulkhead-blk");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p bulkhead-blk` first",
+        bin.display()
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--socket-path")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .args(["--num-queues", "1", "--serial", serial])
+        .env("RUST_LOG", "info");
+    spawn_daemon("bulkhead-blk", &mut cmd, log).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn read_lossy(p: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).replace('\r', "")
+}
+
+fn scenario(backend: &Backend) {
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-qemu-migrate-")
+        .tempdir()
+        .expect("tempdir");
+    let p = |n: &str| -> PathBuf { dir.path().join(n) };
+    File::create(p("disk.img"))
+        .and_then(|f| f.set_len(DISK_SIZE))
+        .expect("create image");
+    Guest::new(guest_script())
+        .write_initrd_to(&p("initrd.cpio"))
+        .expect("write the guest initrd");
+
+    let mut src_blk = (backend.start)(
+        &p("disk.img"),
+        &p("src-blk.sock"),
+        &p("src-blk.log"),
+        "source",
+    );
+    let mut dst_blk = (backend.start)(
+        &p("disk.img"),
+        &p("dst-blk.sock"),
+        &p("dst-blk.log"),
+        "destination",
+    );
+    for s in ["src-blk.sock", "dst-blk.sock"] {
+        wait_for_path(&p(s), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{}: {s}: {e}", backend.name));
+    }
+    let logs = || {
+        format!(
+            "--- source serial:\n{}\n--- destination serial:\n{}\n--- source QEMU:\n{}\n\
+             --- destination QEMU:\n{}\n--- source backend:\n{}\n--- destination backend:\n{}",
+            tail(&read_lossy(&p("src.serial")), 30),
+            tail(&read_lossy(&p("dst.serial")), 30),
+            tail(&read_lossy(&p("src-qemu.log")), 20),
+            tail(&read_lossy(&p("dst-qemu.log")), 20),
+            tail(&read_lossy(&p("src-blk.log")), 20),
+            tail(&read_lossy(&p("dst-blk.log")), 20),
+        )
+    };
+
+    let incoming = format!("unix:{}", p("migrate.sock").display());
+    let mut dst = spawn_daemon(
+        "qemu (destination)",
+        &mut qemu(
+            &p("initrd.cpio"),
+            &p("dst.serial"),
+            &p("dst-blk.sock"),
+            &p("dst.qmp"),
+            &["-incoming".into(), incoming.clone()],
+        ),
+        &p("dst-qemu.log"),
+    )
+    .expect("start the destination QEMU");
+    let mut src = spawn_daemon(
+        "qemu (source)",
+        &mut qemu(
+            &p("initrd.cpio"),
+            &p("src.serial"),
+            &p("src-blk.sock"),
+            &p("src.qmp"),
+            &[],
+        ),
+        &p("src-qemu.log"),
+    )
+    .expect("start the source QEMU");
+    let mut src_qmp = Qmp::connect(&p("src.qmp"), Duration::from_secs(30));
+    let _dst_qmp = Qmp::connect(&p("dst.qmp"), Duration::from_secs(30));
+
+    // The guest boots and starts its I/O loop on the source.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !read_lossy(&p("src.serial")).contains("@@BULKHEAD VALUE ready 1") {
+        assert!(
+            Instant::now() < deadline && matches!(src.try_wait(), Ok(None)),
+            "{}: the guest never got ready\n{}",
+            backend.name,
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Let the loop run a little on the source first.
+    std::thread::sleep(Duration::from_secs(2));
+    src_qmp.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": MAX_BANDWIDTH }),
+    );
+    let started = Instant::now();
+    src_qmp.execute("migrate", json!({ "uri": incoming }));
+    let status = loop {
+        let info = src_qmp.execute("query-migrate", json!({}));
+        let status = info
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            if status != "completed" {
+                eprintln!("query-migrate: {info}");
+            }
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{}: migration still {status} after 120 s\n{}",
+            backend.name,
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        status,
+        "completed",
+        "{}: migration\n{}",
+        backend.name,
+        logs()
+    );
+    eprintln!(
+        "{}: migration completed in {:.1?}",
+        backend.name,
+        started.elapsed()
+    );
+    // The source is paused now (or gone): done with it.
+    let _ = writeln!(src_qmp.out, "{}", json!({ "execute": "quit" }));
+    if !matches!(src.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
+        let _ = src.kill();
+    }
+
+    // The destination's guest finishes the loop and powers off.
+    let exited = dst
+        .wait_timeout(Duration::from_secs(180))
+        .expect("wait for the destination QEMU");
+    if exited.is_none() {
+        let _ = dst.kill();
+    }
+    for d in [&mut src_blk, &mut dst_blk] {
+        let _ = d.signal(libc::SIGTERM);
+        let _ = d.wait_timeout(Duration::from_secs(5));
+    }
+    let serial = read_lossy(&p("src.serial")) + &read_lossy(&p("dst.serial"));
+    let run = GuestRun::parse(&serial);
+    let dst_run = GuestRun::parse(&read_lossy(&p("dst.serial")));
+    assert!(
+        exited.is_some() && run.passed(),
+        "{}: guest test failed (destination QEMU exited: {exited:?})\n{}\n{}",
+        backend.name,
+        run.report(),
+        logs()
+    );
+    assert!(
+        dst_run.check("loop-readbacks").is_some(),
+        "{}: the checks did not finish on the destination\n{}",
+        backend.name,
+        logs()
+    );
+    if backend.serials {
+        assert_eq!(
+            dst_run.value("last-serial"),
+            Some("destination"),
+            "{}: the guest did not see the destination's serial\n{}",
+            backend.name,
+            run.report()
+        );
+    }
+    eprintln!(
+        "{}: {} rounds, {} checks",
+        backend.name,
+        run.value("rounds").unwrap_or("?"),
+        run.checks.len()
+    );
+}
+
+#[test]
+fn qemu_guest_migrates_with_qemu_storage_daemon_export() {
+    scenario(&Backend {
+        name: "qemu-storage-daemon",
+        start: start_qsd,
+        serials: false,
+    });
+}
+
+#[test]
+fn qemu_guest_migrates_with_bulkhead_blk() {
+    scenario(&Backend {
+        name: "bulkhead-blk",
+        start: start_bulkhead,
+        serials: true,
+    });
+}
