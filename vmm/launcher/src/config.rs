@@ -652,11 +652,15 @@ impl Config {
         };
         let mut v = Vec::new();
         for b in &self.blk {
-            v.push((!has(&b.args, "--image-fd")).then(|| Preopen::Image {
-                path: b.image.clone(),
-                readonly: b.readonly || has(&b.args, "--readonly"),
-                direct: has(&b.args, "--direct"),
-            }));
+            // An image on Ceph (`rbd:POOL/IMAGE`) is no file to open here.
+            let remote = b.image.to_str().is_some_and(|s| s.starts_with("rbd:"));
+            v.push(
+                (!remote && !has(&b.args, "--image-fd")).then(|| Preopen::Image {
+                    path: b.image.clone(),
+                    readonly: b.readonly || has(&b.args, "--readonly"),
+                    direct: has(&b.args, "--direct"),
+                }),
+            );
         }
         for n in &self.net {
             v.push((!has(&n.args, "--tap-fd")).then(|| Preopen::Tap {
@@ -949,6 +953,7 @@ mac = "52:54:00:12:34:56"
         let c = Config::parse(
             "frontend = \"none\"\n[[blk]]\nimage = \"/a.img\"\nargs = [\"--direct\"]\n\
              [[blk]]\nimage = \"/b.img\"\nargs = [\"--image-fd=7\"]\n\
+             [[blk]]\nimage = \"rbd:vms/disk1\"\n\
              [[net]]\ntap = \"t0\"\nargs = [\"--queue-pairs\", \"4\"]\n[[console]]\n",
         )
         .unwrap();
@@ -960,6 +965,7 @@ mac = "52:54:00:12:34:56"
                     readonly: false,
                     direct: true
                 }),
+                None,
                 None,
                 Some(Preopen::Tap {
                     name: "t0".into(),
