@@ -292,7 +292,24 @@ mod tests {
         assert!(matches!(activate(&first), Err(LockError::Written)));
         // Closing the image (the daemon exits) drops its lock too.
         drop(second);
-        activate(&first).unwrap();
+        activate_after_close(&first);
+    }
+
+    /// Activates `file` once a file just closed lets go: a test running
+    /// beside this one may have forked (to exec `losetup`) while the closed
+    /// file was open, and its child keeps that open file description, and
+    /// so its locks, until the exec closes it.
+    fn activate_after_close(file: &File) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match activate(file) {
+                Ok(()) => return,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("still locked 5 s after the other file closed: {e:?}")
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
     }
 
     #[test]
@@ -319,7 +336,7 @@ mod tests {
         drop(r1);
         assert!(matches!(activate(&w), Err(LockError::Read)));
         drop(r2);
-        activate(&w).unwrap();
+        activate_after_close(&w);
     }
 
     #[test]
