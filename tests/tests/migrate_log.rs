@@ -18,9 +18,9 @@ use bulkhead_tests::netns::{self, NetNs};
 use bulkhead_tests::skip::skip_if;
 use bulkhead_tests::virtq::{Buf, VirtQueue};
 
+use bulkhead_spec::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
 const IMAGE_SIZE: u64 = 16 << 20;
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
 
 fn set(pages: impl IntoIterator<Item = u64>) -> BTreeSet<u64> {
     pages.into_iter().collect()
