@@ -392,19 +392,24 @@ fn early_vring_enable<D: VhostUserDevice>(
     };
     drop(h);
     if flags & FLAG_NEED_REPLY != 0 {
-        let mut reply = [0u8; 20];
-        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-        reply[4..8].copy_from_slice(&(FLAG_REPLY | 1).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&u64::from(res.is_err()).to_le_bytes());
-        // SAFETY: sending a local buffer of its length.
-        let sent =
-            unsafe { libc::send(conn, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
-        if sent != reply.len() as isize {
-            return Err(io::Error::last_os_error());
-        }
+        send_ack(conn, SET_VRING_ENABLE, res.is_ok())?;
     }
     res.map(|()| true)
+}
+
+/// Sends the REPLY_ACK of request `code`: a u64, 0 for success.
+fn send_ack(conn: RawFd, code: u32, ok: bool) -> io::Result<()> {
+    let mut reply = [0u8; 20];
+    reply[0..4].copy_from_slice(&code.to_le_bytes());
+    reply[4..8].copy_from_slice(&(FLAG_REPLY | 1).to_le_bytes());
+    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+    reply[12..20].copy_from_slice(&u64::from(!ok).to_le_bytes());
+    // SAFETY: sending a local buffer of its length.
+    let sent = unsafe { libc::send(conn, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+    if sent != reply.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// vhost-user request code of SET_LOG_FD.
@@ -467,17 +472,7 @@ fn log_fd_message<D: VhostUserDevice>(
         Err(_) => Err(io::Error::other("handler poisoned")),
     };
     if flags & FLAG_NEED_REPLY != 0 {
-        let mut reply = [0u8; 20];
-        reply[0..4].copy_from_slice(&SET_LOG_FD.to_le_bytes());
-        reply[4..8].copy_from_slice(&(FLAG_REPLY | 1).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&u64::from(res.is_err()).to_le_bytes());
-        // SAFETY: sending a local buffer of its length.
-        let sent =
-            unsafe { libc::send(conn, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
-        if sent != reply.len() as isize {
-            return Err(io::Error::last_os_error());
-        }
+        send_ack(conn, SET_LOG_FD, res.is_ok())?;
     }
     res.map(|()| true)
 }

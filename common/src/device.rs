@@ -109,12 +109,7 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The device's I/O limits and how it names them, for the control
     /// socket's `limits` and `limit` requests ([`crate::stats_socket`]);
     /// None: it has no limits.
-    fn limits_control(
-        &self,
-    ) -> Option<(
-        std::sync::Arc<crate::throttle::Throttle>,
-        &'static crate::throttle::LimitNames,
-    )> {
+    fn limits_control(&self) -> Option<crate::stats_socket::LimitsControl> {
         None
     }
 

@@ -173,12 +173,7 @@ impl VhostUserDevice for BlkDevice {
         stats
     }
 
-    fn limits_control(
-        &self,
-    ) -> Option<(
-        Arc<Throttle>,
-        &'static bulkhead_common::throttle::LimitNames,
-    )> {
+    fn limits_control(&self) -> Option<bulkhead_common::stats_socket::LimitsControl> {
         Some((
             self.throttle.clone(),
             &bulkhead_common::throttle::BLK_LIMIT_NAMES,

@@ -255,12 +255,7 @@ impl VhostUserDevice for NetDevice {
         stats
     }
 
-    fn limits_control(
-        &self,
-    ) -> Option<(
-        Arc<Throttle>,
-        &'static bulkhead_common::throttle::LimitNames,
-    )> {
+    fn limits_control(&self) -> Option<bulkhead_common::stats_socket::LimitsControl> {
         Some((
             self.throttle.clone(),
             &bulkhead_common::throttle::NET_LIMIT_NAMES,
