@@ -48,6 +48,59 @@ impl BusyPollArgs {
     }
 }
 
+/// `--throttle-group` / `--throttle-group-fd`, for the daemons with I/O
+/// limits (blk, net): limits shared with other daemons on this host.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ThrottleGroupArgs {
+    /// Share I/O limits with every daemon that names the same file (created
+    /// if missing; best on a tmpfs such as /run): the first sets the
+    /// group's limits, a later one names the same limits or none. Members
+    /// must trust each other (docs/security.md, "Resource limits").
+    #[arg(long, value_name = "PATH", conflicts_with = "throttle_group_fd")]
+    pub throttle_group: Option<PathBuf>,
+
+    /// As --throttle-group, with an inherited open file (the launcher's
+    /// sealed memfd).
+    #[arg(long, value_name = "N")]
+    pub throttle_group_fd: Option<RawFd>,
+}
+
+impl ThrottleGroupArgs {
+    /// The daemon's throttle: its own `limits`, or the group's when it
+    /// names one (opened here, before the sandbox).
+    pub fn throttle(
+        &self,
+        kind: crate::throttle_group::GroupKind,
+        limits: crate::throttle::Limits,
+    ) -> Result<crate::throttle::Throttle, String> {
+        use crate::throttle::Throttle;
+        use crate::throttle_group::Group;
+        let group = match (&self.throttle_group, self.throttle_group_fd) {
+            (Some(path), _) => Group::open(path, kind, limits),
+            (None, Some(fd)) => {
+                // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+                if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    return Err(format!(
+                        "--throttle-group-fd {fd}: not an open file descriptor"
+                    ));
+                }
+                // SAFETY: the fd is open (checked) and was handed to this
+                // process to own.
+                let owned =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                Group::from_fd(owned, kind, limits)
+            }
+            (None, None) => return Throttle::new(limits).map_err(|e| e.to_string()),
+        }
+        .map_err(|e| e.to_string())?;
+        log::info!(
+            "I/O limits shared through throttle group {}",
+            group.path().display()
+        );
+        Ok(Throttle::grouped(group))
+    }
+}
+
 /// Default of `--poll-max-us`. QEMU's I/O threads default to 32 µs, tuned
 /// for bare metal; in a VM a sleeping thread takes 25-40 µs to wake, so a
 /// 32 µs poll just misses the next request of a QD 1 client, and 64 µs

@@ -28,6 +28,7 @@ pub mod systemd;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 pub mod throttle;
+pub mod throttle_group;
 pub mod transfer;
 pub mod virtqueue;
 pub mod worker;

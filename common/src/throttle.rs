@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::throttle_group::{Group, SharedLevel, monotonic_ns};
+
 /// The longest a throttled queue sleeps before it looks again, however far
 /// off its turn: a run-time change of the limits ([`Throttle::set_limits`])
 /// reaches a sleeping queue within this.
@@ -36,6 +38,17 @@ const NANOS: u128 = 1_000_000_000;
 pub trait Clock: Send + Sync + 'static {
     /// Nanoseconds since this clock's start; never goes back.
     fn now_ns(&self) -> u64;
+}
+
+/// `CLOCK_MONOTONIC` itself, the one clock the members of a throttle
+/// group share (an [`Instant`]'s start differs between processes).
+#[derive(Debug)]
+pub struct SharedMonotonic;
+
+impl Clock for SharedMonotonic {
+    fn now_ns(&self) -> u64 {
+        monotonic_ns()
+    }
 }
 
 /// The real clock (`CLOCK_MONOTONIC` through [`Instant`]).
@@ -374,6 +387,17 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    fn from_shared(limit: Limit, s: SharedLevel) -> Option<Bucket> {
+        limit.is_set().then(|| Bucket {
+            rate: limit.rate,
+            cap: nano(limit.bucket()),
+            level: s.level,
+            last_ns: s.last_ns,
+        })
+    }
+}
+
 fn nano(tokens: u64) -> i128 {
     i128::from(tokens) * NANOS as i128
 }
@@ -398,6 +422,53 @@ impl Buckets {
             bps_total: Bucket::new(l.bps_total, now),
             bps_read: Bucket::new(l.bps_read, now),
             bps_write: Bucket::new(l.bps_write, now),
+        }
+    }
+
+    /// The buckets of a throttle group, from the levels it keeps.
+    fn from_shared(l: &Limits, s: &[SharedLevel; 6]) -> Self {
+        Buckets {
+            iops_total: Bucket::from_shared(l.iops_total, s[0]),
+            iops_read: Bucket::from_shared(l.iops_read, s[1]),
+            iops_write: Bucket::from_shared(l.iops_write, s[2]),
+            bps_total: Bucket::from_shared(l.bps_total, s[3]),
+            bps_read: Bucket::from_shared(l.bps_read, s[4]),
+            bps_write: Bucket::from_shared(l.bps_write, s[5]),
+        }
+    }
+
+    /// Writes the levels back for the group.
+    fn to_shared(&self, s: &mut [SharedLevel; 6]) {
+        let all = [
+            &self.iops_total,
+            &self.iops_read,
+            &self.iops_write,
+            &self.bps_total,
+            &self.bps_read,
+            &self.bps_write,
+        ];
+        for (b, s) in all.into_iter().zip(s.iter_mut()) {
+            if let Some(b) = b {
+                *s = SharedLevel {
+                    level: b.level,
+                    last_ns: b.last_ns,
+                };
+            }
+        }
+    }
+
+    /// Takes `bytes` of direction `dir` unconditionally.
+    fn charge(&mut self, dir: Direction, bytes: u64, now: u64) {
+        let bps = match dir {
+            Direction::Read => &mut self.bps_read,
+            Direction::Write => &mut self.bps_write,
+        };
+        for b in [self.bps_total.as_mut(), bps.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            b.refill(now);
+            b.take(bytes);
         }
     }
 
@@ -440,6 +511,9 @@ pub struct Throttle {
     /// Some limit is set: the one check on the hot path.
     enabled: AtomicBool,
     limits: Mutex<(Limits, Buckets)>,
+    /// A group shared with other daemons: its limits and buckets replace
+    /// `limits`.
+    group: Option<Group>,
     clock: Box<dyn Clock>,
     /// Total time requests spent held, ns.
     throttled_ns: AtomicU64,
@@ -502,11 +576,26 @@ impl Throttle {
         Ok(Self::build(limits, clock))
     }
 
+    /// A throttle whose limits and buckets are `group`'s, shared with the
+    /// group's other daemons (see [`crate::throttle_group`]).
+    pub fn grouped(group: Group) -> Self {
+        let mut t = Self::build(Limits::NONE, Box::new(SharedMonotonic));
+        t.group = Some(group);
+        t.enabled.store(true, Ordering::Relaxed);
+        t
+    }
+
+    /// The group this throttle shares, if any.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
+    }
+
     fn build(limits: Limits, clock: Box<dyn Clock>) -> Self {
         let now = clock.now_ns();
         Throttle {
             enabled: AtomicBool::new(limits.any()),
             limits: Mutex::new((limits, Buckets::new(&limits, now))),
+            group: None,
             clock,
             throttled_ns: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -521,6 +610,9 @@ impl Throttle {
 
     /// The limits in force.
     pub fn limits(&self) -> Limits {
+        if let Some(g) = &self.group {
+            return g.limits();
+        }
         match self.limits.lock() {
             Ok(g) => g.0,
             Err(p) => p.into_inner().0,
@@ -532,6 +624,10 @@ impl Throttle {
     /// within [`MAX_SLEEP`]; with [`Limits::NONE`] it goes then.
     pub fn set_limits(&self, limits: Limits) -> Result<(), LimitError> {
         limits.validate()?;
+        if let Some(g) = &self.group {
+            g.set_limits(&limits);
+            return Ok(());
+        }
         let now = self.clock.now_ns();
         let mut g = match self.limits.lock() {
             Ok(g) => g,
@@ -546,6 +642,15 @@ impl Throttle {
         let now = self.clock.now_ns();
         if !self.enabled() {
             return (now, Duration::ZERO);
+        }
+        if let Some(group) = &self.group {
+            let wait = group.with_levels(|l, s| {
+                let mut b = Buckets::from_shared(l, s);
+                let wait = b.try_take(cost, now);
+                b.to_shared(s);
+                wait
+            });
+            return (now, Duration::from_nanos(wait));
         }
         let mut g = match self.limits.lock() {
             Ok(g) => g,
@@ -620,19 +725,19 @@ impl Throttle {
             return;
         }
         let now = self.clock.now_ns();
+        if let Some(group) = &self.group {
+            group.with_levels(|l, s| {
+                let mut b = Buckets::from_shared(l, s);
+                b.charge(dir, bytes, now);
+                b.to_shared(s);
+            });
+            return;
+        }
         let mut g = match self.limits.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let b = &mut g.1;
-        let bps = match dir {
-            Direction::Read => &mut b.bps_read,
-            Direction::Write => &mut b.bps_write,
-        };
-        for b in [b.bps_total.as_mut(), bps.as_mut()].into_iter().flatten() {
-            b.refill(now);
-            b.take(bytes);
-        }
+        g.1.charge(dir, bytes, now);
     }
 
     /// Adds time a queue spent waiting without holding a request (net

@@ -304,6 +304,12 @@ impl BlkDriver {
         self.pending.get(q).map_or(0, |p| p.len())
     }
 
+    /// Whether queue `q` has a completion to reap now (no waiting).
+    pub fn has_completion(&self, q: usize) -> Result<bool> {
+        let vq = self.dev.queues.get(q).ok_or(BlkError::NoQueue(q))?;
+        Ok(vq.used_idx()? != vq.last_used())
+    }
+
     /// Number of queues brought up.
     pub fn num_queues(&self) -> usize {
         self.dev.queues.len()

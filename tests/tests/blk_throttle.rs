@@ -153,6 +153,136 @@ fn no_more_requests_complete_than_the_bucket_allows() {
     }
 }
 
+/// Keeps `depth[q]` reads in flight on each queue for `run`, under one
+/// limit shared by the queues; returns how many completed on each.
+fn shares(blk: &mut BlkDriver, depth: [usize; 2], run: Duration) -> [u32; 2] {
+    let mut done = [0u32; 2];
+    let mut next = 0u64;
+    for (q, &n) in depth.iter().enumerate() {
+        for _ in 0..n {
+            blk.submit(q, &Request::read(next % 1024, 512)).unwrap();
+            next += 1;
+        }
+    }
+    let start = Instant::now();
+    while start.elapsed() < run {
+        let mut idle = true;
+        for (q, n) in done.iter_mut().enumerate() {
+            while blk.has_completion(q).unwrap() {
+                idle = false;
+                assert_eq!(blk.reap(q).unwrap().status, VIRTIO_BLK_S_OK);
+                *n += 1;
+                blk.submit(q, &Request::read(next % 1024, 512)).unwrap();
+                next += 1;
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    eprintln!("throttled reads completed per queue, {depth:?} in flight: {done:?}");
+    done
+}
+
+#[test]
+fn two_busy_queues_share_one_limit_fairly() {
+    // 100 IOPS for the daemon as a whole, both queues asking for more.
+    let d = start(&["--num-queues", "2", "--iops-total", "100"]);
+    let mut blk = connect(&d);
+    assert_eq!(blk.num_queues(), 2);
+    let [a, b] = shares(&mut blk, [16, 16], Duration::from_secs(4));
+    let total = a + b;
+    // A share, not a rate: a loaded machine slows both queues alike.
+    assert!(total >= 40, "only {total} reads completed in 4 s");
+    for (q, n) in [(0, a), (1, b)] {
+        assert!(
+            f64::from(n) >= 0.35 * f64::from(total),
+            "queue {q} got {n} of {total} throttled reads (queue 0: {a}, queue 1: {b})"
+        );
+    }
+}
+
+#[test]
+fn a_busy_queue_does_not_starve_a_light_one() {
+    // Queue 0 keeps 32 reads waiting; queue 1 only ever one.
+    let d = start(&["--num-queues", "2", "--iops-total", "100"]);
+    let mut blk = connect(&d);
+    let [busy, light] = shares(&mut blk, [32, 1], Duration::from_secs(4));
+    let total = busy + light;
+    assert!(total >= 40, "only {total} reads completed in 4 s");
+    // Round robin between the queues that wait gives the light queue half
+    // while it always has a read waiting; allow for its turn-around.
+    assert!(
+        f64::from(light) >= 0.3 * f64::from(total),
+        "the light queue got {light} of {total} throttled reads (busy queue: {busy})"
+    );
+}
+
+#[test]
+fn two_daemons_in_one_throttle_group_share_its_limit() {
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-test-group")
+        .tempdir()
+        .unwrap();
+    let group = dir.path().join("group");
+    let group = group.to_str().unwrap();
+    // 20 requests/s with a bucket of 20 for the two daemons together.
+    let a = start(&[
+        "--throttle-group",
+        group,
+        "--iops-total",
+        "20",
+        "--iops-total-max",
+        "20",
+    ]);
+    // The second names no limits: it takes the group's.
+    let b = start(&["--throttle-group", group]);
+    // One naming other limits is refused with the reason.
+    std::fs::File::create(dir.path().join("c.img"))
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let out = std::process::Command::new(workspace_binary("bulkhead-blk"))
+        .args([
+            "--socket-path",
+            &dir.path().join("c.sock").to_string_lossy(),
+        ])
+        .args(["--image", &dir.path().join("c.img").to_string_lossy()])
+        .args(["--throttle-group", group, "--iops-total", "500"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has other limits"), "{err}");
+
+    let mut blks = [connect(&a), connect(&b)];
+    let start = Instant::now();
+    for blk in &mut blks {
+        for i in 0..60u64 {
+            blk.submit(0, &Request::read(i, 512)).unwrap();
+        }
+        blk.timeout = Duration::from_millis(10);
+    }
+    let mut done = [0u32; 2];
+    while start.elapsed() < Duration::from_secs(2) {
+        for (blk, n) in blks.iter_mut().zip(done.iter_mut()) {
+            if let Ok(c) = blk.reap(0) {
+                assert_eq!(c.status, VIRTIO_BLK_S_OK);
+                *n += 1;
+            }
+        }
+    }
+    // Either daemon alone would have let 20 + 20/s through; together they
+    // may not let through more than that.
+    let allowed = 20.0 + 20.0 * start.elapsed().as_secs_f64();
+    let total = done[0] + done[1];
+    assert!(
+        f64::from(total) <= allowed * 1.2,
+        "{done:?} reads completed in {:?}; the group allows {allowed}",
+        start.elapsed()
+    );
+    assert!(done[0] > 0 && done[1] > 0, "both members served: {done:?}");
+}
+
 #[test]
 fn sigterm_is_not_held_up_by_a_throttled_queue_and_the_counters_say_why() {
     // Started by hand, for its log: the stats line comes at exit.

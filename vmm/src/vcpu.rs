@@ -404,11 +404,14 @@ impl Vcpu {
         ioctl("SET_REGS", self.fd.set_regs(&regs))
     }
 
-    /// Logs the registers that say where a failed guest was.
-    pub fn log_state(&self) {
+    /// Logs the registers that say where a failed or reset guest was, at
+    /// `level` (an error for a failure; info for a triple fault, which
+    /// a guest may cause on purpose to reboot).
+    pub fn log_state(&self, level: log::Level) {
         if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
-            log::error!(
-                "vCPU {}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+            log::log!(
+                level,
+                "vCPU {}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}+{:#x} gdt {:#x}+{:#x}",
                 self.id,
                 r.rip,
                 r.rsp,
@@ -417,7 +420,11 @@ impl Vcpu {
                 s.cr3,
                 s.cr4,
                 s.efer,
-                s.cs.selector
+                s.cs.selector,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit
             );
         }
     }
@@ -451,6 +458,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Shutdown) => {
                     log::info!("vCPU {}: triple fault (guest reset)", self.id);
+                    self.log_state(log::Level::Info);
                     self.exit.request(ExitReason::Reboot);
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -470,7 +478,7 @@ impl Vcpu {
                         "vCPU {}: unhandled exit {what} (exit reason {suberror})",
                         self.id
                     );
-                    self.log_state();
+                    self.log_state(log::Level::Error);
                     self.exit.request(ExitReason::Error);
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

@@ -105,6 +105,10 @@ pub struct Args {
     /// I/O limits (`--iops-total`, `--bps-read-max`, ...).
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// `--throttle-group`: limits shared with other daemons.
+    #[command(flatten)]
+    pub throttle_group: bulkhead_common::cli::ThrottleGroupArgs,
 }
 
 /// A byte rate: a count, or with a K, M or G suffix (powers of 1024).

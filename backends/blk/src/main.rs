@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use bulkhead_common::cli::error_chain;
 use bulkhead_common::scaffold::{self, Backend, Program, StartError};
-use bulkhead_common::throttle::{Limits, Throttle};
+use bulkhead_common::throttle::Limits;
+use bulkhead_common::throttle_group::GroupKind;
 use clap::Parser;
 
 use bulkhead_blk::cli::{Args, EngineArg, FormatArg};
@@ -158,10 +159,13 @@ fn backend(args: &Args, disk: Disk, engine: EngineKind) -> Result<Backend<BlkDev
         .limits
         .limits()
         .map_err(|e| StartError::Usage(e.to_string()))?;
-    if limits.any() {
-        log::info!("I/O limits: {}", describe(&limits));
+    let throttle = args
+        .throttle_group
+        .throttle(GroupKind::Blk, limits)
+        .map_err(StartError::Usage)?;
+    if throttle.limits().any() {
+        log::info!("I/O limits: {}", describe(&throttle.limits()));
     }
-    let throttle = Throttle::new(limits).map_err(|e| StartError::Usage(e.to_string()))?;
     let device = Arc::new(
         BlkDevice::new(
             disk,

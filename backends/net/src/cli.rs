@@ -57,6 +57,10 @@ pub struct Args {
     /// Packet and byte limits (`--rx-pps`, `--tx-bps-max`, ...).
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    /// `--throttle-group`: limits shared with other daemons.
+    #[command(flatten)]
+    pub throttle_group: bulkhead_common::cli::ThrottleGroupArgs,
 }
 
 /// A byte rate: a count, or with a K, M or G suffix (powers of 1024).

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_common::scaffold::{self, Backend, Program, StartError};
-use bulkhead_common::throttle::Throttle;
+use bulkhead_common::throttle_group::GroupKind;
 use clap::Parser;
 
 use bulkhead_net::cli::Args;
@@ -70,7 +70,11 @@ fn build(args: &Args) -> Result<Backend<NetDevice>, StartError> {
         queue_size: args.queue_size,
     };
     let limits = args.limits.limits().map_err(StartError::Usage)?;
-    let throttle = Throttle::new(limits).map_err(|e| StartError::Usage(e.to_string()))?;
+    let throttle = args
+        .throttle_group
+        .throttle(GroupKind::Net, limits)
+        .map_err(StartError::Usage)?;
+    let limits = throttle.limits();
     if limits.any() {
         log::info!(
             "limits: rx {} pps {} B/s, tx {} pps {} B/s (0: none)",

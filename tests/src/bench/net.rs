@@ -921,8 +921,10 @@ fn profile_daemon(env: &mut Env, a: &NetArgs) -> Result<Value> {
 /// limit, the test kit keeping its 256-entry transmit ring full of 64-byte
 /// frames for `secs`; returns rows as `throttle::run` does: the rate the
 /// tap received against the limit, and the daemon's CPU while it held the
-/// guest back. `Err` with the reason when taps cannot be made here.
-/// Limits below 1000 would leave the ring draining for over a quarter of a
+/// guest back; then the same limits as `--rx-pps`, a packet socket
+/// flooding the tap with 64-byte frames and the kit's receive ring taking
+/// what the daemon delivers. `Err` with the reason when taps cannot be made
+/// here. Limits below 1000 would leave the ring draining for over a quarter of a
 /// second after the window; the kit needs no less.
 pub fn throttled(pps: &[u64], secs: f64) -> Result<std::result::Result<Vec<Value>, String>> {
     if let Some(why) = bulkhead_tests::netns::unavailable() {
@@ -984,6 +986,38 @@ pub fn throttled(pps: &[u64], secs: f64) -> Result<std::result::Result<Vec<Value
         rows.push(row);
         drop(kit);
         drop(daemon);
+    }
+    // Receive: a packet socket floods the tap well above the limit; the
+    // daemon leaves what it may not take in the tap (which drops it).
+    for &n in pps {
+        let ns = NetNs::new()?;
+        let one = NetArgs {
+            runs: 1,
+            secs,
+            warmup: 0.5,
+            sizes: vec![Size::Small],
+            dpdk: false,
+            rx: true,
+            profile: 0.0,
+            daemon_args: Vec::new(),
+            baseline: None,
+        };
+        let limit = n.to_string();
+        let point = measure_rx(&ns, &one, &["--rx-pps", &limit], Size::Small, None)?;
+        let rate = point["pps"].as_f64().unwrap_or(0.0);
+        let ns_per_frame = point["daemon_cpu_ns_per_frame"].as_f64().unwrap_or(0.0);
+        let row = json!({
+            "limit": format!("bulkhead-net --rx-pps {n}"),
+            "workload": "64 B frames tap → guest, flooded by a packet socket",
+            "measured": (rate * 10.0).round() / 10.0,
+            "unit": "pps",
+            "ratio": (rate / n as f64 * 1000.0).round() / 1000.0,
+            // CPU per delivered frame times the rate: the daemon's share
+            // of one CPU while it held the flood back.
+            "daemon_cpu_pct": (ns_per_frame * rate / 1e7 * 100.0).round() / 100.0,
+        });
+        eprintln!("throttle: {row}");
+        rows.push(row);
     }
     Ok(Ok(rows))
 }

@@ -1066,9 +1066,11 @@ fn throttle_section(m: &mut String, t: &Value) {
         m,
         "The daemons held to a limit ([blk.md](blk.md#io-limits), [net.md](net.md#limits)) \
          while the test kit's client asks for far more: bulkhead-blk on a tmpfs image at \
-         QD32, bulkhead-net with its 256-entry transmit ring kept full. {} s per point (the \
-         default burst, a tenth of a second's rate, adds 1% over 10 s); load {}. \
-         *measured / limit* should be 1.00-1.01, and the daemon's CPU small: a throttled \
+         QD32, bulkhead-net with its 256-entry transmit ring kept full, or its tap flooded by \
+         a packet socket for `--rx-pps`. {} s per point (the default burst, a tenth of a \
+         second's rate, adds 1% over 10 s); load {}. The burst row (`-max`) counts every \
+         request from the daemon's start, its bucket full, against the burst plus the rate \
+         for the run. *measured / limit* should be 1.00-1.01, and the daemon's CPU small: a throttled \
          queue sleeps until its bucket has room, it does not poll. Rerun: \
          `target/release/bulkhead-bench --suites throttle --merge-json docs/performance.json \
          --json docs/performance.json --md docs/performance.md --svg docs/performance.svg` \

@@ -59,7 +59,7 @@ usage: bulkhead-bench [--quick] [options]
                         bulkhead-blk and bulkhead-net held to limits (--throttle-*)
   --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
   --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
-  --throttle-pps LIST   bulkhead-net --tx-pps limits, 64 B frames (default 1000,10000;
+  --throttle-pps LIST   bulkhead-net --tx-pps and --rx-pps limits, 64 B frames (default 1000,10000;
                         needs root for the tap, skipped otherwise)
   --throttle-secs S     seconds per throttle point (default 10)
   --runs N              runs per point (default 5)
@@ -414,6 +414,7 @@ fn throttle_suite(a: &Args) -> Result<Value> {
             limit: n as f64,
             unit: "IOPS",
             pattern: Pattern::RandRead,
+            burst: 0,
         });
     }
     for &mib in &a.throttle_bps {
@@ -422,6 +423,23 @@ fn throttle_suite(a: &Args) -> Result<Value> {
             limit: mib as f64,
             unit: "MiB/s",
             pattern: Pattern::SeqRead,
+            burst: 0,
+        });
+    }
+    // A burst: five seconds' worth of requests at once, then the rate.
+    if let Some(&n) = a.throttle_iops.first() {
+        let burst = n * 5;
+        points.push(throttle::Point {
+            flags: vec![
+                "--iops-total".into(),
+                n.to_string(),
+                "--iops-total-max".into(),
+                burst.to_string(),
+            ],
+            limit: n as f64,
+            unit: "IOPS",
+            pattern: Pattern::RandRead,
+            burst,
         });
     }
     let blk = throttle::run(
