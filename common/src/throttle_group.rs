@@ -169,15 +169,18 @@ impl Group {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| GroupError::Io(path.to_path_buf(), e))?;
-        Self::from_file(file, path, kind, limits)
+        Self::from_file(file, path, kind, limits, false)
     }
 
     /// [`Group::open`] for a group file handed over as an open fd (the
     /// launcher's: a memfd, sealed here against shrinking and growing so no
-    /// member can take the mapping away from the others).
+    /// member can take the mapping away from the others). The launcher
+    /// gives every member the same limits, so limits that differ from the
+    /// group's were changed at run time: they hold, for a restarted member
+    /// too.
     pub fn from_fd(fd: OwnedFd, kind: GroupKind, limits: Limits) -> Result<Group, GroupError> {
         let name = PathBuf::from(format!("fd {}", fd.as_raw_fd()));
-        Self::from_file(File::from(fd), &name, kind, limits)
+        Self::from_file(File::from(fd), &name, kind, limits, true)
     }
 
     fn from_file(
@@ -185,6 +188,7 @@ impl Group {
         path: &Path,
         kind: GroupKind,
         limits: Limits,
+        adopt: bool,
     ) -> Result<Group, GroupError> {
         let err = |e| GroupError::Io(path.to_path_buf(), e);
         let meta = file.metadata().map_err(err)?;
@@ -248,14 +252,14 @@ impl Group {
             group.word(0).store(MAGIC, Ordering::Release);
             Ok(())
         } else {
-            group.check_joins(kind, limits)
+            group.check_joins(kind, limits, adopt)
         };
         // SAFETY: flock on an fd the group owns.
         unsafe { libc::flock(group._file.as_raw_fd(), libc::LOCK_UN) };
         joined.map(|()| group)
     }
 
-    fn check_joins(&self, kind: GroupKind, limits: Limits) -> Result<(), GroupError> {
+    fn check_joins(&self, kind: GroupKind, limits: Limits, adopt: bool) -> Result<(), GroupError> {
         if self.word(0).load(Ordering::Acquire) != MAGIC {
             return Err(GroupError::NotAGroup(self.path.clone(), "no magic"));
         }
@@ -269,7 +273,13 @@ impl Group {
             .validate()
             .map_err(|e| GroupError::Invalid(self.path.clone(), e.to_string()))?;
         if limits.any() && limits != theirs {
-            return Err(GroupError::Limits(self.path.clone(), format!("{theirs:?}")));
+            if !adopt {
+                return Err(GroupError::Limits(self.path.clone(), format!("{theirs:?}")));
+            }
+            log::info!(
+                "throttle group {}: its limits were changed at run time; they hold",
+                self.path.display()
+            );
         }
         *self.last_good_lock() = theirs;
         Ok(())
@@ -557,10 +567,16 @@ mod tests {
         // SAFETY: `fd` is a fresh fd no one else owns.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let dup = fd.try_clone().expect("dup");
+        let again = fd.try_clone().expect("dup");
         let g = Group::from_fd(fd, GroupKind::Blk, iops(3, 0)).expect("memfd group");
         let f = File::from(dup);
         assert!(f.set_len(0).is_err(), "a member could shrink the group");
         assert_eq!(g.limits(), iops(3, 0));
+        // Changed at run time, then a member restarted by the launcher
+        // with the configured limits: the group's hold.
+        g.set_limits(&iops(7, 0));
+        let restarted = Group::from_fd(again, GroupKind::Blk, iops(3, 0)).expect("rejoin");
+        assert_eq!(restarted.limits(), iops(7, 0));
     }
 
     #[test]

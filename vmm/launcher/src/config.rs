@@ -165,6 +165,9 @@ pub struct BlkBackend {
     /// passed as bulkhead-blk's `--KEY VALUE` ([`BLK_LIMITS`]).
     #[serde(default)]
     pub throttle: BTreeMap<String, Rate>,
+    /// A throttle group: every `[[blk]]` naming it shares one budget, the
+    /// `throttle` table its members give (the same in each that gives one).
+    pub throttle_group: Option<String>,
     /// Extra arguments for bulkhead-blk.
     #[serde(default)]
     pub args: Vec<String>,
@@ -317,6 +320,8 @@ pub struct NetBackend {
     /// bulkhead-net's `--KEY VALUE` ([`NET_LIMITS`]).
     #[serde(default)]
     pub throttle: BTreeMap<String, Rate>,
+    /// A throttle group shared by every `[[net]]` naming it, as for blk.
+    pub throttle_group: Option<String>,
     /// Extra arguments for bulkhead-net.
     #[serde(default)]
     pub args: Vec<String>,
@@ -453,6 +458,9 @@ pub struct BackendSpec {
     pub mac: Option<String>,
     /// What the launcher opens for it ([`Preopen`]); None: it opens its own.
     pub preopen: Option<Preopen>,
+    /// Its throttle group's name: the launcher passes the group's memfd
+    /// as `--throttle-group-fd`.
+    pub throttle_group: Option<String>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -611,6 +619,7 @@ impl Config {
                 p.extend(e);
             }
         }
+        p.extend(self.group_problems());
         if specs.is_empty() {
             p.push("no backends: add a [[blk]], [[net]] or [[console]] entry".into());
         }
@@ -703,7 +712,8 @@ impl Config {
             if let Some(n) = b.num_queues {
                 args.extend(["--num-queues".into(), n.to_string()]);
             }
-            args.extend(throttle_args(&id, &b.throttle, false).unwrap_or_default());
+            let table = self.group_table(&b.throttle, &b.throttle_group, false);
+            args.extend(throttle_args(&id, table, false).unwrap_or_default());
             args.extend(b.args.iter().cloned());
             v.push(BackendSpec {
                 socket: sock(&id),
@@ -714,6 +724,7 @@ impl Config {
                 num_queues: b.num_queues,
                 mac: None,
                 preopen: None,
+                throttle_group: b.throttle_group.clone(),
             });
         }
         for (i, n) in self.net.iter().enumerate() {
@@ -722,7 +733,8 @@ impl Config {
             if let Some(m) = &n.mac {
                 args.extend(["--mac".into(), m.clone()]);
             }
-            args.extend(throttle_args(&id, &n.throttle, true).unwrap_or_default());
+            let table = self.group_table(&n.throttle, &n.throttle_group, true);
+            args.extend(throttle_args(&id, table, true).unwrap_or_default());
             args.extend(n.args.iter().cloned());
             v.push(BackendSpec {
                 socket: sock(&id),
@@ -733,6 +745,7 @@ impl Config {
                 num_queues: None,
                 mac: n.mac.clone(),
                 preopen: None,
+                throttle_group: n.throttle_group.clone(),
             });
         }
         for (i, c) in self.console.iter().enumerate() {
@@ -746,9 +759,80 @@ impl Config {
                 num_queues: None,
                 mac: None,
                 preopen: None,
+                throttle_group: None,
             });
         }
         v
+    }
+
+    /// Each member's `throttle` table, or its group's: every member of a
+    /// group gets the one table its members give, so whichever starts first
+    /// sets the group's limits and the others agree.
+    fn group_table<'a>(
+        &'a self,
+        own: &'a BTreeMap<String, Rate>,
+        group: &Option<String>,
+        net: bool,
+    ) -> &'a BTreeMap<String, Rate> {
+        let Some(g) = group else {
+            return own;
+        };
+        let tables: Vec<&BTreeMap<String, Rate>> = if net {
+            self.net
+                .iter()
+                .filter(|n| n.throttle_group.as_ref() == Some(g))
+                .map(|n| &n.throttle)
+                .collect()
+        } else {
+            self.blk
+                .iter()
+                .filter(|b| b.throttle_group.as_ref() == Some(g))
+                .map(|b| &b.throttle)
+                .collect()
+        };
+        tables.into_iter().find(|t| !t.is_empty()).unwrap_or(own)
+    }
+
+    /// What is wrong with the throttle groups: a name blk and net both
+    /// use, members giving different tables, a name that is no id.
+    fn group_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut kinds: BTreeMap<&str, (bool, Option<&BTreeMap<String, Rate>>)> = BTreeMap::new();
+        let members = self
+            .blk
+            .iter()
+            .filter_map(|b| b.throttle_group.as_deref().map(|g| (g, false, &b.throttle)))
+            .chain(
+                self.net
+                    .iter()
+                    .filter_map(|n| n.throttle_group.as_deref().map(|g| (g, true, &n.throttle))),
+            );
+        for (g, net, table) in members {
+            if !valid_id(g) {
+                p.push(format!(
+                    "throttle_group = \"{g}\": letters, digits, '-' and '_', up to 32"
+                ));
+                continue;
+            }
+            let entry = kinds.entry(g).or_insert((net, None));
+            if entry.0 != net {
+                p.push(format!(
+                    "throttle_group \"{g}\" has both [[blk]] and [[net]] members: a group is one kind's"
+                ));
+                continue;
+            }
+            if table.is_empty() {
+                continue;
+            }
+            match entry.1 {
+                None => entry.1 = Some(table),
+                Some(t) if t == table => {}
+                Some(_) => p.push(format!(
+                    "throttle_group \"{g}\": its members give different throttle tables (give it in one, or the same in each)"
+                )),
+            }
+        }
+        p
     }
 }
 
@@ -844,6 +928,49 @@ mod tests {
             e.contains("net0: throttle: rx-pps-max (10) is below rx-pps (100)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_throttle_group_gives_every_member_its_table_and_mixed_groups_are_refused() {
+        let c = Config::parse(
+            "frontend = \"none\"\n\
+             [[blk]]\nimage = \"/a.img\"\nthrottle_group = \"g1\"\n\
+             [[blk]]\nimage = \"/b.img\"\nthrottle_group = \"g1\"\nthrottle = { iops-total = 50 }\n\
+             [[blk]]\nimage = \"/c.img\"\n",
+        )
+        .unwrap();
+        let b = c.backends_as_given(Path::new("/run/x"));
+        for m in &b[..2] {
+            assert_eq!(m.throttle_group.as_deref(), Some("g1"));
+            assert!(
+                m.args.ends_with(&["--iops-total".into(), "50".into()]),
+                "{:?}",
+                m.args
+            );
+        }
+        assert_eq!(b[2].throttle_group, None);
+        assert_eq!(b[2].args, ["--image", "/c.img"]);
+        for (body, want) in [
+            (
+                "[[blk]]\nimage = \"/a.img\"\nthrottle_group = \"g\"\nthrottle = { iops-total = 5 }\n\
+                 [[blk]]\nimage = \"/b.img\"\nthrottle_group = \"g\"\nthrottle = { iops-total = 6 }\n",
+                "its members give different throttle tables",
+            ),
+            (
+                "[[blk]]\nimage = \"/a.img\"\nthrottle_group = \"g\"\n\
+                 [[net]]\ntap = \"t\"\nthrottle_group = \"g\"\n",
+                "has both [[blk]] and [[net]] members",
+            ),
+            (
+                "[[blk]]\nimage = \"/a.img\"\nthrottle_group = \"a/b\"\n",
+                "throttle_group = \"a/b\"",
+            ),
+        ] {
+            let e = Config::parse(&format!("frontend = \"none\"\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     const FULL: &str = r#"

@@ -7,6 +7,7 @@
 
 use bulkhead_common::cli::error_chain;
 use bulkhead_common::logging;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -266,6 +267,24 @@ fn open_preopened(preopen: &Preopen) -> Result<Vec<OwnedFd>, LaunchError> {
     }
 }
 
+/// A throttle group's page: a memfd the daemons seal and map
+/// (`common/src/throttle_group.rs`); it lives as long as the launcher.
+fn group_memfd(name: &str) -> Result<OwnedFd, LaunchError> {
+    let cname = std::ffi::CString::new(format!("bulkhead-throttle-group-{name}"))
+        .map_err(|e| LaunchError::Io("Bad throttle group name".into(), std::io::Error::other(e)))?;
+    // SAFETY: memfd_create with a valid C string; the result is checked.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(LaunchError::Io(
+            format!("Cannot create throttle group {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: memfd_create just returned this fd, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `args` with the preopened files' fds in place of their paths: `--image
 /// PATH` becomes `--image-fd N`, `--tap NAME` one `--tap-fd N` per fd.
 fn fd_args(args: &[String], preopen: &Preopen, fds: usize) -> Vec<String> {
@@ -337,6 +356,9 @@ pub struct Supervisor {
     created_dir: bool,
     backends: Vec<Backend>,
     frontend: Option<(String, Child)>,
+    /// Each throttle group's memfd, by name: created once, so the group's
+    /// buckets outlive any one member's restart.
+    groups: BTreeMap<String, OwnedFd>,
 }
 
 fn default_runtime_dir(name: &str) -> PathBuf {
@@ -366,7 +388,13 @@ impl Supervisor {
                 })?;
         }
         let mut backends = Vec::new();
+        let mut groups = BTreeMap::new();
         for spec in cfg.backends(&runtime_dir) {
+            if let Some(g) = &spec.throttle_group
+                && !groups.contains_key(g)
+            {
+                groups.insert(g.clone(), group_memfd(g)?);
+            }
             backends.push(Backend {
                 program: find_binary(spec.kind.binary())?,
                 spec,
@@ -384,6 +412,7 @@ impl Supervisor {
             created_dir,
             backends,
             frontend: None,
+            groups,
         })
     }
 
@@ -437,6 +466,19 @@ impl Supervisor {
         if let Some(p) = &b.spec.preopen {
             fds = open_preopened(p)?;
             args = fd_args(&args, p, fds.len());
+        }
+        if let Some(fd) = b
+            .spec
+            .throttle_group
+            .as_ref()
+            .and_then(|g| self.groups.get(g))
+        {
+            let n = FIRST_PASSED_FD + RawFd::try_from(fds.len()).unwrap_or(RawFd::MAX / 2);
+            fds.push(
+                fd.try_clone()
+                    .map_err(|e| LaunchError::Io("Cannot duplicate a throttle group".into(), e))?,
+            );
+            args.extend(["--throttle-group-fd".into(), n.to_string()]);
         }
         // A fresh readiness socket per start: nothing stale is read as READY.
         let notify_path = self.notify_path(&b.spec.id);

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use bulkhead_tests::guest;
 use bulkhead_tests::nested;
+use std::os::unix::fs::MetadataExt;
+
 use bulkhead_tests::netns::NetNs;
 use bulkhead_tests::process::workspace_binary;
 use bulkhead_tests::skip::{self, skip_if};
@@ -199,6 +201,102 @@ image = "disk.img"
             .unwrap_or_else(|e| panic!("{id}: {e}\n{text}"));
     }
     stop_and_check_clean(l, &[old, new, newer, console]);
+}
+
+#[test]
+fn throttle_group_members_share_one_memfd_and_a_run_time_change() {
+    let l = up(r#"
+frontend = "none"
+[restart]
+initial_delay_ms = 50
+[[blk]]
+image = "disk.img"
+readonly = true
+throttle_group = "g1"
+throttle = { iops-total = 50 }
+[[blk]]
+image = "disk.img"
+readonly = true
+throttle_group = "g1"
+"#);
+    let group_fd = |pid: i32| -> (String, std::path::PathBuf) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| a == "--throttle-group-fd")
+            .unwrap_or_else(|| panic!("pid {pid}: no --throttle-group-fd in {args:?}"));
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--iops-total" && w[1] == "50"),
+            "every member gets the group's table: {args:?}"
+        );
+        let n = args[at + 1].clone();
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+        (n, link)
+    };
+    let (a, b) = (wait_up(&l, "blk0"), wait_up(&l, "blk1"));
+    let (_, la) = group_fd(a);
+    let (_, lb) = group_fd(b);
+    assert!(
+        la.to_string_lossy()
+            .starts_with("/memfd:bulkhead-throttle-group-g1"),
+        "{la:?}"
+    );
+    assert_eq!(la, lb);
+    let ino = |pid: i32| {
+        let (n, _) = group_fd(pid);
+        std::fs::metadata(format!("/proc/{pid}/fd/{n}"))
+            .unwrap()
+            .ino()
+    };
+    assert_eq!(ino(a), ino(b), "one memfd for the group");
+    // A change through one member's stats socket holds for the other, and
+    // for a member the launcher restarts with the configured table.
+    let sock = |id: &str| l.run.join(format!("{id}.sock.stats"));
+    let limits = |id: &str| {
+        wait_for(&format!("{id}'s limits"), Duration::from_secs(5), || {
+            control(&sock(id), "limits")
+        })
+    };
+    assert!(
+        limits("blk1").contains("\"iops-total\":50"),
+        "{}",
+        limits("blk1")
+    );
+    let r = control(&sock("blk0"), "limit iops-total=70").unwrap();
+    assert!(r.contains("\"ok\":true"), "{r}");
+    assert!(
+        limits("blk1").contains("\"iops-total\":70"),
+        "{}",
+        limits("blk1")
+    );
+    let (old, new) = kill_and_wait_restart(&l, "blk1");
+    assert_eq!(
+        ino(new),
+        ino(a),
+        "the restarted member joins the same group"
+    );
+    assert!(
+        limits("blk1").contains("\"iops-total\":70"),
+        "{}",
+        limits("blk1")
+    );
+    stop_and_check_clean(l, &[a, old, new]);
+}
+
+/// One line to a daemon's stats socket, and its one-line answer.
+fn control(socket: &Path, line: &str) -> Option<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    (&s).write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).ok()?;
+    Some(answer)
 }
 
 /// A root launcher opened blk0's image and passed it: the daemon was
