@@ -797,7 +797,9 @@ impl Config {
     /// use, members giving different tables, a name that is no id.
     fn group_problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let mut kinds: BTreeMap<&str, (bool, Option<&BTreeMap<String, Rate>>)> = BTreeMap::new();
+        // Per group: whether it is net's, and the table its members give.
+        type Seen<'a> = (bool, Option<&'a BTreeMap<String, Rate>>);
+        let mut kinds: BTreeMap<&str, Seen<'_>> = BTreeMap::new();
         let members = self
             .blk
             .iter()
