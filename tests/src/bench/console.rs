@@ -12,7 +12,10 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use bulkhead_tests::console::{ConsoleDaemon, ConsoleDriver, HostConn, PAGE, read_n};
+use bulkhead_tests::console::{
+    ConsoleDaemon, ConsoleDriver, HostConn, PAGE, ascii_pattern, read_n, suite,
+    vhost_device_console_binary,
+};
 use serde_json::{Value, json};
 
 use super::client::Result;
@@ -69,6 +72,138 @@ fn input(drv: &mut ConsoleDriver, host: &mut UnixStream, data: &[u8]) -> Result<
         return Err(format!("guest input: {} of {n} bytes arrived", got.len()).into());
     }
     Ok(mib_s(n, t))
+}
+
+/// Round trips of the echo-latency measurement.
+const ECHO_ROUNDS: usize = 200;
+
+/// One daemon of the side-by-side comparison, brought up and connected.
+struct Peer {
+    name: &'static str,
+    daemon: ConsoleDaemon,
+    drv: ConsoleDriver,
+    /// The host client (taken while an output run's reader holds it).
+    host: Option<Box<dyn HostConn>>,
+    out: Vec<f64>,
+    echo_us: Vec<f64>,
+    /// The echo's first leg: host write to the driver's read.
+    in_us: Vec<f64>,
+}
+
+impl Peer {
+    fn start(name: &'static str, daemon: ConsoleDaemon) -> Result<Peer> {
+        let drv = suite::linux_console_bring_up(&daemon);
+        let host = daemon.console.connect()?;
+        // Let the daemon accept the client before the first byte of output.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Peer {
+            name,
+            daemon,
+            drv,
+            host: Some(host),
+            out: Vec::new(),
+            echo_us: Vec::new(),
+            in_us: Vec::new(),
+        })
+    }
+
+    /// Guest output of `data`, byte-exact at the host: MiB/s.
+    fn output(&mut self, data: &[u8]) -> Result<()> {
+        let host = self.host.take().ok_or("no host client")?;
+        let (host, rate) = suite::output_is_byte_exact(host, &mut self.drv, data);
+        self.host = Some(host);
+        self.out.push(rate);
+        Ok(())
+    }
+
+    /// A byte typed at the host, read by the guest, written back and read
+    /// at the host: the round trip, in µs. A 5 ms pause between rounds
+    /// (vhost-device-console 0.1.0 needs its receive buffer back first).
+    fn echo(&mut self) -> Result<()> {
+        let mut b = [0u8; 1];
+        let host = self.host.as_mut().ok_or("no host client")?;
+        for i in 0..ECHO_ROUNDS {
+            std::thread::sleep(Duration::from_millis(5));
+            let byte = b'a' + (i % 26) as u8;
+            let t0 = Instant::now();
+            host.write_all(&[byte])?;
+            let got = self.drv.read(0, 1, RUN_TIMEOUT)?;
+            self.in_us.push(t0.elapsed().as_secs_f64() * 1e6);
+            self.drv.write(0, &got, 1)?;
+            host.timeout(Some(RUN_TIMEOUT))?;
+            std::io::Read::read_exact(host, &mut b)?;
+            self.echo_us.push(t0.elapsed().as_secs_f64() * 1e6);
+            if b[0] != byte {
+                return Err(
+                    format!("{}: echo {:?} came back as {:?}", self.name, byte, b[0]).into(),
+                );
+            }
+        }
+        self.drv.flush(0, Duration::from_secs(10))?;
+        Ok(())
+    }
+}
+
+/// bulkhead-console beside rust-vmm's vhost-device-console (network
+/// backend), the same driver and client for both, runs interleaved: guest
+/// output MiB/s (printable ASCII: 0.1.0 panics on other bytes), echo round
+/// trip, and each daemon's RSS afterwards. Host input throughput is not
+/// compared: vhost-device-console 0.1.0 takes input one byte per used
+/// entry. `Err` with the reason when the peer is not installed.
+pub fn peers(a: &ConsoleArgs) -> Result<std::result::Result<Value, String>> {
+    let Some(bin) = vhost_device_console_binary() else {
+        return Ok(Err(
+            "vhost-device-console not installed (.ci/install-deps)".into()
+        ));
+    };
+    let args: Vec<&str> = a.daemon_args.iter().map(String::as_str).collect();
+    let mut peers = [
+        Peer::start("bulkhead-console", ConsoleDaemon::bulkhead(&args)?)?,
+        Peer::start(
+            "vhost-device-console",
+            ConsoleDaemon::vhost_device_console(&bin)?,
+        )?,
+    ];
+    let data = ascii_pattern(7, a.bytes);
+    for _ in 0..a.runs {
+        for p in &mut peers {
+            p.output(&data)?;
+        }
+    }
+    for p in &mut peers {
+        p.echo()?;
+    }
+    let mut rows = Vec::new();
+    for p in &mut peers {
+        let mut lat = p.echo_us.clone();
+        lat.sort_by(f64::total_cmp);
+        let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
+        let row = json!({
+            "daemon": p.name,
+            "guest_to_host_mib_s": (median(&p.out) * 10.0).round() / 10.0,
+            "runs_mib_s": p.out.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            "echo_p50_us": pct(0.5).round(),
+            "echo_p99_us": pct(0.99).round(),
+            "echo_in_p50_us": median(&p.in_us).round(),
+            "rss_kib": p.daemon.rss_kib(),
+        });
+        eprintln!("console peers: {row}");
+        rows.push(row);
+    }
+    let ratio = |k: &str| {
+        let b = rows[0][k].as_f64().unwrap_or(0.0);
+        let v = rows[1][k].as_f64().unwrap_or(0.0);
+        (b / v.max(1e-9) * 100.0).round() / 100.0
+    };
+    Ok(Ok(json!({
+        "rows": rows,
+        "throughput_ratio": ratio("guest_to_host_mib_s"),
+        "echo_p50_ratio": ratio("echo_p50_us"),
+        "echo_p99_ratio": ratio("echo_p99_us"),
+        "mib_per_run": a.bytes as f64 / (1 << 20) as f64,
+        "runs": a.runs,
+        "echo_rounds": ECHO_ROUNDS,
+    })))
 }
 
 /// Runs the console benchmark; returns its JSON.

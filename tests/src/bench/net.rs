@@ -700,7 +700,18 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         for size in Size::ALL {
             if a.sizes.contains(&size) || size == Size::Small {
                 match &a.baseline {
-                    None => rx_sizes.push(measure_rx(&env.ns, a, &args, size, None)?),
+                    None => {
+                        let mut v = measure_rx(&env.ns, a, &args, size, None)?;
+                        if size != Size::Tso {
+                            let raw = measure_rx_raw(&env.ns, a, size)?;
+                            v["raw_reader_pps"] = json!(raw.round());
+                            v["raw_ratio"] = json!(
+                                (v["pps"].as_f64().unwrap_or(0.0) / raw.max(1.0) * 100.0).round()
+                                    / 100.0
+                            );
+                        }
+                        rx_sizes.push(v);
+                    }
                     Some(old) => {
                         let (now, before) = rx_before_after(&env.ns, a, &args, size, old)?;
                         rx_sizes.push(now);
@@ -844,6 +855,83 @@ fn measure_rx(
                 daemon CPU divided by the frames delivered over the whole point", size.frame_len(),
                 if gso { " with a TCPv4 GSO virtio_net_hdr (gso_size 1448), merged over the kit's buffers" } else { "" }),
     }))
+}
+
+/// The machine's limit for receive: the same injector into a tap of its
+/// own, read by one thread with `read(2)` (vnet header included, as the
+/// daemon reads) instead of a daemon and a guest ring; frames per second.
+fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
+    ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
+    ns.run(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
+    )?;
+    ns.ip(&["link", "set", RX_TAP, "up"])?;
+    let fd = ns
+        .open_tap_fds(RX_TAP, 1, false)?
+        .pop()
+        .ok_or("no tap fd")?;
+    let raw = fd.as_raw_fd();
+    let hdr: libc::c_int = HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int; F_SETFL on our own fd.
+    unsafe {
+        if libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &hdr) < 0
+            || libc::fcntl(raw, libc::F_SETFL, libc::O_NONBLOCK) < 0
+        {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    let sock: PacketSocket = ns.packet_socket(RX_TAP, false)?;
+    let frame = size.packet()[HDR_LEN..].to_vec();
+    let stop = AtomicBool::new(false);
+    let seen = AtomicU64::new(0);
+    let mut runs = Vec::new();
+    std::thread::scope(|s| -> Result<()> {
+        let reader = s.spawn(|| {
+            let mut buf = vec![0u8; 65550 + HDR_LEN];
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: reading into a buffer we own, of its length.
+                let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+                if r > 0 {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let mut p = libc::pollfd {
+                        fd: raw,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one pollfd of ours.
+                    unsafe { libc::poll(&mut p, 1, 50) };
+                }
+            }
+        });
+        let inj = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sock.send(&frame);
+            }
+        });
+        let mut err = None;
+        for _ in 0..a.runs {
+            match window(a, &mut || {
+                Ok((seen.load(Ordering::Relaxed), Instant::now()))
+            }) {
+                Ok(x) => runs.push(x),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = inj.join();
+        let _ = reader.join();
+        err.map_or(Ok(()), Err)
+    })?;
+    drop(fd);
+    let _ = ns.ip(&["link", "del", RX_TAP]);
+    let pps = median(&runs);
+    eprintln!("net rx {:<5} raw-tap-reader   {pps:>9.0}", size.name());
+    Ok(pps)
 }
 
 /// Receive with the current build and with `old`, one run each in turn, `a.runs`
@@ -1015,6 +1103,7 @@ pub fn throttled(pps: &[u64], secs: f64) -> Result<std::result::Result<Vec<Value
             // CPU per delivered frame times the rate: the daemon's share
             // of one CPU while it held the flood back.
             "daemon_cpu_pct": (ns_per_frame * rate / 1e7 * 100.0).round() / 100.0,
+            "daemon_stats": point["daemon_stats"],
         });
         eprintln!("throttle: {row}");
         rows.push(row);

@@ -22,6 +22,27 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// A process's memory from `/proc/PID/status`, in KiB: resident in all,
+/// anonymous (its own heap and stacks: what guest memory mapped from the
+/// frontend does not inflate), and the peak resident size.
+pub fn mem_kib(pid: u32) -> Option<Value> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(serde_json::json!({
+        "rss_kib": field("VmRSS")?,
+        "anon_kib": field("RssAnon")?,
+        "shmem_kib": field("RssShmem")?,
+        "peak_kib": field("VmHWM")?,
+    }))
+}
+
 /// Whether `perf record` can sample a process of ours here.
 pub fn perf_available() -> bool {
     Command::new("perf")

@@ -328,6 +328,7 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     if have_blk {
         blk_sections(&mut m, v);
     }
+    memory_section(&mut m, v);
     engine_section(&mut m, v);
     libblkio_section(&mut m, v);
     net_section(&mut m, &v["net"]);
@@ -347,7 +348,10 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
          (for example `--runs 5 --secs 3` for longer block runs, `--media tmpfs`, \
          `--suites net`, `--baseline-bin OLD-bulkhead-blk` to measure an earlier build \
          beside the current one); `scripts/bench --quick` is a smoke run of every suite \
-         (net without DPDK)."
+         (net without DPDK).\n\n\
+         This file is written whole by each run: measurements made by hand beside it (A/B \
+         runs against earlier builds, profiles of one question) are in \
+         [performance-notes.md](performance-notes.md)."
     );
     m
 }
@@ -977,9 +981,24 @@ fn net_section(m: &mut String, net: &Value) {
             rx["injected"],
         );
         for r in net["rx_sizes"].as_array().into_iter().flatten() {
+            let raw = if r["raw_reader_pps"].is_number() {
+                format!(
+                    "; a raw `read(2)` tap reader got {:.0} pps from the same injector: {:.2}x \
+                     (target >= 0.9x: {})",
+                    f(r, "raw_reader_pps"),
+                    f(r, "raw_ratio"),
+                    if f(r, "raw_ratio") >= 0.9 {
+                        "met"
+                    } else {
+                        "**missed**"
+                    }
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 m,
-                "- receive {}: {:.0} pps, daemon CPU ≈ {:.0} ns per frame",
+                "- receive {}: {:.0} pps, daemon CPU ≈ {:.0} ns per frame{raw}",
                 r["size"].as_str().unwrap_or(""),
                 f(r, "pps"),
                 f(r, "daemon_cpu_ns_per_frame"),
@@ -1052,6 +1071,46 @@ fn net_section(m: &mut String, net: &Value) {
             .collect();
         let _ = writeln!(m, "\nThreads: {}.\n", threads.join(", "));
     }
+}
+
+/// Each blk target's memory: idle after its start, and right after its
+/// last point (the load), with the peak; blk's target against qsd's.
+fn memory_section(m: &mut String, v: &Value) {
+    let Some(rows) = v["memory"].as_array().filter(|r| !r.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(
+        m,
+        "## Memory
+"
+    );
+    let _ = writeln!(
+        m,
+        "Each daemon's `/proc/PID/status`: idle once it serves, and right after its last \
+         point of the blk suite above; *own* is `RssAnon` (heap, stacks, rings of its own), \
+         *shared* is `RssShmem` (the test kit's guest memory the daemon touched, mapped from \
+         the frontend's memfd: the same pages for every daemon), *peak* is `VmHWM`.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| medium | queues | daemon | idle RSS MiB | loaded RSS MiB | own MiB | shared MiB | peak MiB |\n|---|---|---|---|---|---|---|---|"
+    );
+    let mib = |x: &Value, k: &str| x[k].as_f64().unwrap_or(0.0) / 1024.0;
+    for r in rows {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r["medium"].as_str().unwrap_or(""),
+            r["queues"],
+            r["target"].as_str().unwrap_or(""),
+            mib(&r["idle"], "rss_kib"),
+            mib(&r["loaded"], "rss_kib"),
+            mib(&r["loaded"], "anon_kib"),
+            mib(&r["loaded"], "shmem_kib"),
+            mib(&r["loaded"], "peak_kib"),
+        );
+    }
+    let _ = writeln!(m);
 }
 
 /// The console benchmark's table.
@@ -1146,6 +1205,62 @@ fn console_section(m: &mut String, c: &Value) {
         m,
         "\n```text\n{}\n```\n",
         c["config"].as_str().unwrap_or("")
+    );
+    console_peers(m, c);
+}
+
+/// bulkhead-console beside vhost-device-console, with the issue's targets.
+fn console_peers(m: &mut String, c: &Value) {
+    if let Some(why) = c["peers_skipped"].as_str() {
+        let _ = writeln!(m, "Against vhost-device-console: skipped ({why}).\n");
+        return;
+    }
+    let p = &c["peers"];
+    if p.is_null() {
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "### Against rust-vmm's vhost-device-console\n\n\
+         Both daemons in one run with the same test-kit driver: guest → host {} MiB of printable \
+         ASCII per run (vhost-device-console 0.1.0 panics on other bytes; its host side is a TCP \
+         socket, ours a unix socket), medians of {} runs interleaved; echo: a byte typed at the \
+         host, read by the driver, written back and read at the host, {} round trips 5 ms \
+         apart; RSS after the runs. Host → guest throughput is not compared: 0.1.0 takes input \
+         one byte per used entry.\n",
+        p["mib_per_run"], p["runs"], p["echo_rounds"]
+    );
+    let _ = writeln!(
+        m,
+        "| daemon | guest → host MiB/s | runs | echo p50 µs | echo p99 µs | RSS MiB |\n|---|---|---|---|---|---|"
+    );
+    for r in p["rows"].as_array().into_iter().flatten() {
+        let runs: Vec<String> = r["runs_mib_s"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{:.1}", x.as_f64().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {} | {:.1} | {} | {} | {} | {:.1} |",
+            r["daemon"].as_str().unwrap_or("?"),
+            f(r, "guest_to_host_mib_s"),
+            runs.join(" "),
+            r["echo_p50_us"],
+            r["echo_p99_us"],
+            f(r, "rss_kib") / 1024.0,
+        );
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let t = f(p, "throughput_ratio");
+    let (l50, l99) = (f(p, "echo_p50_ratio"), f(p, "echo_p99_ratio"));
+    let _ = writeln!(
+        m,
+        "\nThroughput {t:.2}x vhost-device-console's (target >= 5x: {}); echo latency p50 \
+         {l50:.2}x, p99 {l99:.2}x (target <= 1.0x: {}).\n",
+        verdict(t >= 5.0),
+        verdict(l50 <= 1.0 && l99 <= 1.0),
     );
 }
 

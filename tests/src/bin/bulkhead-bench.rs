@@ -511,6 +511,7 @@ fn run(a: &Args) -> Result<Value> {
     let max_qd = a.qds.iter().copied().max().unwrap_or(1);
     let mut points = Vec::new();
     let mut configs = Vec::new();
+    let mut memory = Vec::new();
     let mut media = Vec::new();
     let mut profile_json = Value::Null;
     let blk = a.suites.iter().any(|s| s == "blk");
@@ -540,9 +541,22 @@ fn run(a: &Args) -> Result<Value> {
                 queues,
                 image_size,
             };
+            let idle: Vec<Option<Value>> = targets
+                .iter()
+                .map(|t| t.pid().and_then(profile::mem_kib))
+                .collect();
             for &pattern in &a.patterns {
                 for &qd in &a.qds {
                     points.push(measure_point(a, &mut targets, &ctx, pattern, qd)?);
+                }
+            }
+            // Right after the last point: memory under load, and the peak.
+            for (t, idle) in targets.iter().zip(idle) {
+                if let (Some(idle), Some(loaded)) = (idle, t.pid().and_then(profile::mem_kib)) {
+                    memory.push(json!({
+                        "medium": medium, "queues": queues, "target": t.kind.name(),
+                        "idle": idle, "loaded": loaded,
+                    }));
                 }
             }
         }
@@ -566,11 +580,17 @@ fn run(a: &Args) -> Result<Value> {
         Value::Null
     };
     let console_json = if a.suites.iter().any(|s| s == "console") {
-        console::run(&console::ConsoleArgs {
+        let args = console::ConsoleArgs {
             runs: if a.quick { 1 } else { 3 },
             bytes: a.console_mib << 20,
             daemon_args: a.console_args.clone(),
-        })?
+        };
+        let mut v = console::run(&args)?;
+        match console::peers(&args)? {
+            Ok(p) => v["peers"] = p,
+            Err(why) => v["peers_skipped"] = json!(why),
+        }
+        v
     } else {
         Value::Null
     };
@@ -632,6 +652,7 @@ fn run(a: &Args) -> Result<Value> {
         },
         "media": media,
         "configs": configs,
+        "memory": memory,
         "points": points,
         "micro": micro,
         "profile": profile_json,
