@@ -67,6 +67,11 @@ pub struct TestPmd {
 }
 
 impl TestPmd {
+    /// Its process id (`ip netns exec` and `stdbuf` exec into testpmd).
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
     /// Starts testpmd and waits for its prompt.
     pub fn start(spec: &PmdSpec<'_>) -> Result<TestPmd> {
         let prefix = format!("bhbench-{}-{}", std::process::id(), spec.name);

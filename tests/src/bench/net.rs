@@ -693,6 +693,19 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         }));
     }
     let stats = env.daemon.stats().ok();
+    // Memory right after the transmit points: bulkhead-net, and DPDK's
+    // vhost PMD forwarding to its tap PMD (the same job) when it ran.
+    let mut memory = serde_json::Map::new();
+    if let Some(m) = profile::mem_kib(env.daemon.pid()) {
+        memory.insert("bulkhead-net".into(), m);
+    }
+    if let Some(m) = env
+        .dpdk
+        .as_ref()
+        .and_then(|d| profile::mem_kib(d.tap_ref.pid()))
+    {
+        memory.insert("dpdk-vhost/tap".into(), m);
+    }
     // Receive at 64 B (the injector's rate bounds it) and at 1514 B.
     let mut rx_sizes = Vec::new();
     let mut rx_before = Vec::new();
@@ -738,6 +751,7 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         "skipped": skipped,
         "points": points,
         "daemon_stats": stats,
+        "memory": memory,
         "rx": rx,
         "rx_sizes": rx_sizes,
         "rx_before": rx_before,

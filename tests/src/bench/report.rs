@@ -1033,6 +1033,22 @@ fn net_section(m: &mut String, net: &Value) {
             );
         }
     }
+    if let Some(mem) = net["memory"].as_object().filter(|o| !o.is_empty()) {
+        let _ = writeln!(
+            m,
+            "\nMemory right after the transmit points (`/proc/PID/status`; DPDK's figure \
+             includes its 512 MiB of `--no-huge` mbuf memory it touched):\n"
+        );
+        for (name, v) in mem {
+            let _ = writeln!(
+                m,
+                "- {name}: RSS {:.1} MiB, own (anonymous) {:.1} MiB, peak {:.1} MiB",
+                f(v, "rss_kib") / 1024.0,
+                f(v, "anon_kib") / 1024.0,
+                f(v, "peak_kib") / 1024.0
+            );
+        }
+    }
     for s in net["skipped"].as_array().into_iter().flatten() {
         let _ = writeln!(m, "- skipped: {}", s.as_str().unwrap_or(""));
     }
