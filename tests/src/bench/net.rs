@@ -773,12 +773,7 @@ fn measure_rx(
     size: Size,
     bin: Option<&std::path::Path>,
 ) -> Result<Value> {
-    ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
-    ns.run(
-        "sysctl",
-        &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
-    )?;
-    ns.ip(&["link", "set", RX_TAP, "up"])?;
+    add_rx_tap(ns)?;
     let fds = ns.open_tap_fds(RX_TAP, 1, false)?;
     let mut daemon = match bin {
         Some(b) => NetDaemon::start_bin_with_fds(b, fds, daemon_args)?,
@@ -871,16 +866,22 @@ fn measure_rx(
     }))
 }
 
-/// The machine's limit for receive: the same injector into a tap of its
-/// own, read by one thread with `read(2)` (vnet header included, as the
-/// daemon reads) instead of a daemon and a guest ring; frames per second.
-fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
+/// Makes the receive benchmarks' tap (single queue, no IPv6 chatter), up.
+fn add_rx_tap(ns: &NetNs) -> Result<()> {
     ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
     ns.run(
         "sysctl",
         &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
     )?;
     ns.ip(&["link", "set", RX_TAP, "up"])?;
+    Ok(())
+}
+
+/// The machine's limit for receive: the same injector into a tap of its
+/// own, read by one thread with `read(2)` (vnet header included, as the
+/// daemon reads) instead of a daemon and a guest ring; frames per second.
+fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
+    add_rx_tap(ns)?;
     let fd = ns
         .open_tap_fds(RX_TAP, 1, false)?
         .pop()

@@ -1225,6 +1225,16 @@ fn console_section(m: &mut String, c: &Value) {
     console_peers(m, c);
 }
 
+/// A JSON array of per-run numbers as one space-separated cell.
+fn runs_list(v: &Value, decimals: usize) -> String {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| format!("{:.*}", decimals, x.as_f64().unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// bulkhead-console beside vhost-device-console, with the targets.
 fn console_peers(m: &mut String, c: &Value) {
     if let Some(why) = c["peers_skipped"].as_str() {
@@ -1251,18 +1261,12 @@ fn console_peers(m: &mut String, c: &Value) {
         "| daemon | guest → host MiB/s | runs | echo p50 µs | echo p99 µs | RSS MiB |\n|---|---|---|---|---|---|"
     );
     for r in p["rows"].as_array().into_iter().flatten() {
-        let runs: Vec<String> = r["runs_mib_s"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| format!("{:.1}", x.as_f64().unwrap_or(0.0)))
-            .collect();
         let _ = writeln!(
             m,
             "| {} | {:.1} | {} | {} | {} | {:.1} |",
             r["daemon"].as_str().unwrap_or("?"),
             f(r, "guest_to_host_mib_s"),
-            runs.join(" "),
+            runs_list(&r["runs_mib_s"], 1),
             r["echo_p50_us"],
             r["echo_p99_us"],
             f(r, "rss_kib") / 1024.0,

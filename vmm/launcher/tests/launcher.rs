@@ -220,11 +220,7 @@ readonly = true
 throttle_group = "g1"
 "#);
     let group_fd = |pid: i32| -> (String, std::path::PathBuf) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let args = cmdline(pid);
         let at = args
             .iter()
             .position(|a| a == "--throttle-group-fd")
@@ -288,6 +284,15 @@ throttle_group = "g1"
     stop_and_check_clean(l, &[a, old, new]);
 }
 
+/// A process's arguments, from `/proc/PID/cmdline`.
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
 /// One line to a daemon's stats socket, and its one-line answer.
 fn control(socket: &Path, line: &str) -> Option<String> {
     use std::io::{BufRead, BufReader, Write};
@@ -302,11 +307,7 @@ fn control(socket: &Path, line: &str) -> Option<String> {
 /// A root launcher opened blk0's image and passed it: the daemon was
 /// started with `--image-fd 10` and no path, and its fd 10 is the image.
 fn assert_image_passed_as_fd(l: &Launcher, pid: i32) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let args = cmdline(pid);
     assert!(
         args.windows(2)
             .any(|w| w[0] == "--image-fd" && w[1] == "10"),
