@@ -48,6 +48,8 @@ use super::workload::median;
 const TAP: &str = "bhbtap0";
 const REF_TAP: &str = "bhbref0";
 const RX_TAP: &str = "bhbrx0";
+/// The tap DPDK's tap PMD makes for the receive reference.
+const RX_REF_TAP: &str = "bhbrxref0";
 /// vnet header with VERSION_1.
 const HDR_LEN: usize = 12;
 /// A packet socket's `PACKET_VNET_HDR`: `struct virtio_net_hdr`, no `num_buffers`.
@@ -734,6 +736,14 @@ pub fn run(a: &NetArgs) -> Result<Value> {
             }
         }
     }
+    let mut rx_dpdk = Vec::new();
+    if a.rx && env.dpdk.is_some() {
+        for size in [Size::Small, Size::Mtu] {
+            if a.sizes.contains(&size) {
+                rx_dpdk.push(dpdk_rx(&env.ns, a, &args, size)?);
+            }
+        }
+    }
     let rx = rx_sizes.first().cloned();
     let prof = if a.profile > 0.0 && profile::perf_available() {
         Some(profile_daemon(&mut env, a)?)
@@ -754,6 +764,7 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         "memory": memory,
         "rx": rx,
         "rx_sizes": rx_sizes,
+        "rx_dpdk": rx_dpdk,
         "rx_before": rx_before,
         "profile": prof,
     }))
@@ -875,6 +886,101 @@ fn add_rx_tap(ns: &NetNs) -> Result<()> {
     )?;
     ns.ip(&["link", "set", RX_TAP, "up"])?;
     Ok(())
+}
+
+/// Receive through a DPDK frontend, against DPDK as the backend: a packet
+/// socket floods a tap with `size` frames; `bulkhead-net` on that tap, or
+/// testpmd's tap PMD forwarding (`io`) to its vhost PMD, delivers them to
+/// a virtio-user testpmd in `rxonly`, whose RX-packets are counted. The
+/// two setups run one after the other, `a.runs` windows each.
+fn dpdk_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
+    let frame = size.packet()[HDR_LEN..].to_vec();
+    let flood = |iface: &str, client: &mut TestPmd| -> Result<f64> {
+        let sock: PacketSocket = ns.packet_socket(iface, false)?;
+        let stop = AtomicBool::new(false);
+        client.cmd("start")?;
+        let mut runs = Vec::new();
+        let r = std::thread::scope(|s| -> Result<()> {
+            let inj = s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = sock.send(&frame);
+                }
+            });
+            let mut err = None;
+            for _ in 0..a.runs {
+                match window(a, &mut || client.port_counts(0).map(|(rx, _, t)| (rx, t))) {
+                    Ok(x) => runs.push(x),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = inj.join();
+            err.map_or(Ok(()), Err)
+        });
+        client.cmd("stop")?;
+        r.map(|()| median(&runs))
+    };
+    let client = |name: &str, sock: &std::path::Path| {
+        TestPmd::start(&PmdSpec {
+            name,
+            vdevs: vec![virtio_user(sock)],
+            mode: "rxonly",
+            fwd_cpu: 1,
+            netns: None,
+        })
+    };
+    // bulkhead-net.
+    add_rx_tap(ns)?;
+    let ours = {
+        let daemon = NetDaemon::start_with_fds(ns.open_tap_fds(RX_TAP, 1, false)?, daemon_args)?;
+        let mut c = client("c-rx-bulkhead", daemon.socket())?;
+        let pps = flood(RX_TAP, &mut c);
+        drop(c);
+        drop(daemon);
+        pps
+    };
+    let _ = ns.ip(&["link", "del", RX_TAP]);
+    let ours = ours?;
+    // DPDK: tap PMD -> vhost PMD.
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-bench-rx")
+        .tempdir()?;
+    let vsock = dir.path().join("dpdk-rx.sock");
+    let mut server = TestPmd::start(&PmdSpec {
+        name: "vhost-tap-rx",
+        vdevs: vec![
+            format!("net_vhost0,iface={},queues=1", vsock.display()),
+            format!("net_tap0,iface={RX_REF_TAP}"),
+        ],
+        mode: "io",
+        fwd_cpu: 0,
+        netns: Some(ns),
+    })?;
+    let mut c = client("c-rx-dpdk", &vsock)?;
+    ns.run(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{RX_REF_TAP}.disable_ipv6=1")],
+    )?;
+    ns.ip(&["link", "set", RX_REF_TAP, "up"])?;
+    server.cmd("start")?;
+    let theirs = flood(RX_REF_TAP, &mut c);
+    let _ = server.cmd("stop");
+    drop(c);
+    drop(server);
+    let theirs = theirs?;
+    eprintln!(
+        "net rx {:<5} bulkhead-net/testpmd {ours:>9.0}  dpdk-vhost/tap {theirs:>9.0}",
+        size.name()
+    );
+    Ok(json!({
+        "size": size.name(),
+        "bulkhead_pps": ours.round(),
+        "dpdk_pps": theirs.round(),
+        "ratio": (ours / theirs.max(1.0) * 100.0).round() / 100.0,
+    }))
 }
 
 /// The machine's limit for receive: the same injector into a tap of its

@@ -1005,6 +1005,31 @@ fn net_section(m: &mut String, net: &Value) {
             );
         }
     }
+    let dpdk_rx: Vec<&Value> = net["rx_dpdk"].as_array().into_iter().flatten().collect();
+    if !dpdk_rx.is_empty() {
+        let _ = writeln!(
+            m,
+            "\nReceive through DPDK's virtio-user (`rxonly`) from a flooded tap: \
+             `bulkhead-net` on the tap against testpmd's tap PMD forwarding (`io`) to its vhost \
+             PMD, the same client and injector, one setup after the other:\n"
+        );
+        for r in dpdk_rx {
+            let _ = writeln!(
+                m,
+                "- receive {}: bulkhead-net {:.0} pps, dpdk-vhost/tap {:.0} pps: {:.2}x \
+                 (target >= 1.0x: {})",
+                r["size"].as_str().unwrap_or(""),
+                f(r, "bulkhead_pps"),
+                f(r, "dpdk_pps"),
+                f(r, "ratio"),
+                if f(r, "ratio") >= 1.0 {
+                    "met"
+                } else {
+                    "**missed**"
+                }
+            );
+        }
+    }
     let before = net["rx_before"].as_array().cloned().unwrap_or_default();
     if !before.is_empty() {
         let _ = writeln!(
