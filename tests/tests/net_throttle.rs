@@ -154,3 +154,101 @@ fn receive_passes_no_more_frames_than_the_bucket_allows() {
     );
     assert!(daemon.terminate(Duration::from_secs(5)), "exits on SIGTERM");
 }
+
+#[test]
+fn two_daemons_in_one_throttle_group_share_its_transmit_limit() {
+    if skip_if(
+        "two_daemons_in_one_throttle_group_share_its_transmit_limit",
+        netns::unavailable(),
+    ) {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-test-netgroup")
+        .tempdir()
+        .unwrap();
+    let group = dir.path().join("group");
+    let group = group.to_str().unwrap();
+    let ns = NetNs::new().expect("create a network namespace");
+    ns.add_tap(TAP, "10.77.0.1/24", false).expect("add the tap");
+    ns.add_tap("bhtap1", "10.78.0.1/24", false)
+        .expect("add the second tap");
+    let start = |tap: &str, args: &[&str]| {
+        let fds = ns.open_tap_fds(tap, 1, false).expect("open the tap queue");
+        NetDaemon::start_with_fds(fds, args).expect("start bulkhead-net")
+    };
+    // 10 frames/s with a bucket of 10 for both daemons together; the
+    // second names no limits and takes the group's.
+    let a = start(
+        TAP,
+        &[
+            "--throttle-group",
+            group,
+            "--tx-pps",
+            "10",
+            "--tx-pps-max",
+            "10",
+        ],
+    );
+    let b = start("bhtap1", &["--throttle-group", group]);
+    let frame = arp_request(GUEST_MAC, GUEST_IP, HOST_IP);
+    let mut nets = [a.socket(), b.socket()].map(|s| {
+        let mut net = NetDriver::connect(s, &Options::default()).unwrap();
+        let hdr = NetHdr::default().to_bytes(net.hdr_len());
+        for _ in 0..30 {
+            let h = net.dev.mem.alloc_with(&hdr).unwrap();
+            let f = net.dev.mem.alloc_with(&frame).unwrap();
+            let bufs = [
+                Buf::readable(h, hdr.len() as u32),
+                Buf::readable(f, frame.len() as u32),
+            ];
+            net.submit_raw(1, &bufs, false).unwrap();
+        }
+        net.timeout = Duration::from_millis(10);
+        net
+    });
+    let t0 = Instant::now();
+    let mut sent = [0u32; 2];
+    while t0.elapsed() < Duration::from_secs(2) {
+        for (net, n) in nets.iter_mut().zip(sent.iter_mut()) {
+            if net.reap_raw(1).is_ok() {
+                *n += 1;
+            }
+        }
+    }
+    // Each daemon alone would allow this much; together no more.
+    let limit = allowed(10.0, 10.0, t0.elapsed().as_secs_f64());
+    let total = sent[0] + sent[1];
+    assert!(
+        f64::from(total) <= limit,
+        "{sent:?} frames sent; the group allows {limit}"
+    );
+    assert!(sent[0] > 0 && sent[1] > 0, "both members sent: {sent:?}");
+    drop(nets);
+    // A group of blk daemons is refused, with the reason.
+    ns.add_tap("bhtap2", "10.79.0.1/24", false)
+        .expect("add the third tap");
+    let blk_group = dir.path().join("blk-group");
+    let _g = bulkhead_common::throttle_group::Group::open(
+        &blk_group,
+        bulkhead_common::throttle_group::GroupKind::Blk,
+        bulkhead_common::throttle::Limits::NONE,
+    )
+    .unwrap();
+    let out = ns
+        .command(bulkhead_tests::process::workspace_binary("bulkhead-net"))
+        .args([
+            "--socket-path",
+            &dir.path().join("c.sock").to_string_lossy(),
+        ])
+        .args(["--tap", "bhtap2", "--throttle-group"])
+        .arg(&blk_group)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is a group of bulkhead-blk daemons, not bulkhead-net"),
+        "{err}"
+    );
+}
