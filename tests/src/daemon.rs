@@ -25,7 +25,16 @@ pub struct Scratch {
 impl Scratch {
     /// Creates a fresh directory with a zero-filled (sparse) image of `image_size` bytes.
     pub fn new(image_size: u64) -> io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("bulkhead-test").tempdir()?;
+        Self::new_in(&std::env::temp_dir(), image_size)
+    }
+
+    /// As [`Scratch::new`], in a directory under `parent` (e.g. `/dev/shm`,
+    /// a tmpfs, where bulkhead-blk serves reads and writes in its queue
+    /// threads).
+    pub fn new_in(parent: &Path, image_size: u64) -> io::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-test")
+            .tempdir_in(parent)?;
         let image = dir.path().join("disk.img");
         File::create(&image)?.set_len(image_size)?;
         let socket = dir.path().join("vhost.sock");

@@ -127,6 +127,36 @@ fn write_read_and_flush_roundtrip_to_the_image_with_the_io_uring_engine() {
 }
 
 #[test]
+fn on_tmpfs_writes_and_reads_served_in_the_queue_thread_roundtrip_to_the_image() {
+    // On a tmpfs the io_uring engine does reads and writes in the queue
+    // thread (engine/inline.rs); the data must land exactly as through the ring.
+    let shm = std::path::Path::new("/dev/shm");
+    let d = start_in(
+        Scratch::new_in(shm, IMAGE_SIZE).unwrap(),
+        &["--engine", "io-uring"],
+    );
+    let mut blk = connect(&d, &Options::default());
+    roundtrip(&mut blk, &d, 0, 11, 512);
+    roundtrip(&mut blk, &d, 8, 12, 65536);
+    roundtrip(&mut blk, &d, CAPACITY - 8, 13, 4096);
+    let data = pattern(14, 16384);
+    let c = blk
+        .run(0, &Request::write(200, data.clone()).segs(8))
+        .unwrap();
+    assert_eq!(c.status, VIRTIO_BLK_S_OK);
+    let c = blk.run(0, &Request::read(200, 16384).segs(5)).unwrap();
+    assert_eq!((c.status, c.data), (VIRTIO_BLK_S_OK, data.clone()));
+    assert!(d.scratch().read_image(200 * SECTOR_SIZE, 16384).unwrap() == data);
+    // Past the end: refused, and the image does not grow.
+    let c = blk
+        .run(0, &Request::write(CAPACITY, pattern(15, 4096)))
+        .unwrap();
+    assert_ne!(c.status, VIRTIO_BLK_S_OK);
+    let len = std::fs::metadata(d.scratch().image()).unwrap().len();
+    assert_eq!(len, IMAGE_SIZE);
+}
+
+#[test]
 fn write_read_and_flush_roundtrip_to_the_image_with_the_sync_engine() {
     let d = start(&["--engine", "sync"]);
     let mut blk = connect(&d, &Options::default());

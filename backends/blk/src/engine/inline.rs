@@ -1,19 +1,22 @@
-//! Reads the io_uring engine serves in the submitting thread.
+//! Reads and writes the io_uring engine serves in the submitting thread.
 //!
 //! io_uring completes a buffered read at submit, in the submitting thread,
 //! when the file supports non-blocking reads (`FMODE_NOWAIT`: ext4, xfs,
 //! btrfs, block devices) and the data is cached. Otherwise it hands the read
-//! to an io-wq worker thread, and every read pays two thread switches. tmpfs
-//! refuses `RWF_NOWAIT`, yet its reads are memory copies: at QD 1 each one
-//! waited for a worker wake-up. So, per image, the engine decides once:
+//! to an io-wq worker thread, and every read pays two thread switches; so
+//! does every buffered write on a file system without non-blocking buffered
+//! writes (ext4 and tmpfs here refuse `RWF_NOWAIT` writes). tmpfs refuses
+//! `RWF_NOWAIT`, yet its reads and writes are memory copies: at QD 1 each
+//! one waited for a worker wake-up. So, per image, the engine decides once:
 //!
-//! - [`InlineReads::Memory`]: the file refuses `RWF_NOWAIT` but lives in
-//!   memory (tmpfs, ramfs: `fstatfs` magic). A plain `preadv2` never waits
-//!   for a device, so reads are done in the queue thread; a short or failed
-//!   one continues through the ring. (A tmpfs page pushed out to swap is
-//!   read back in the queue thread, as qemu-storage-daemon's `aio=threads`
-//!   would do.)
-//! - [`InlineReads::Off`]: everything else. Files that take `RWF_NOWAIT`
+//! - [`InlineIo::Memory`]: the file refuses `RWF_NOWAIT` but lives in
+//!   memory (tmpfs, ramfs: `fstatfs` magic). A plain `preadv2` or `pwritev2`
+//!   never waits for a device (shmem has no writeback to throttle a writer
+//!   on), so reads and writes are done in the queue thread; a short or
+//!   failed one continues through the ring, which reports any error. (A
+//!   tmpfs page pushed out to swap is read back in the queue thread, as
+//!   qemu-storage-daemon's `aio=threads` would do.)
+//! - [`InlineIo::Off`]: everything else. Files that take `RWF_NOWAIT`
 //!   are already served inline by the ring itself: trying `preadv2(RWF_NOWAIT)`
 //!   first measured as pure overhead there (one syscall per read instead of
 //!   one per batch). Other files (network and FUSE filesystems) and every
@@ -29,22 +32,22 @@ const TMPFS_MAGIC: libc::__fsword_t = 0x0102_1994;
 /// `statfs` magic of ramfs.
 const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6u32 as libc::__fsword_t;
 
-/// Whether and how reads are tried in the submitting thread before the ring.
+/// Whether reads and writes are tried in the submitting thread before the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum InlineReads {
+pub(super) enum InlineIo {
     /// Every read goes through the ring.
     Off,
-    /// Plain `preadv2` first: the file is memory, a read never waits for a device.
+    /// Plain `preadv2`/`pwritev2` first: the file is memory, neither waits for a device.
     Memory,
 }
 
-impl InlineReads {
-    /// Decides for the image open as `fd` (an error means [`InlineReads::Off`]).
-    pub(super) fn classify(fd: RawFd) -> InlineReads {
+impl InlineIo {
+    /// Decides for the image open as `fd` (an error means [`InlineIo::Off`]).
+    pub(super) fn classify(fd: RawFd) -> InlineIo {
         // SAFETY: F_GETFL only reads the fd's status flags.
         let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         if fl < 0 || fl & libc::O_DIRECT != 0 {
-            return InlineReads::Off;
+            return InlineIo::Off;
         }
         let mut byte = 0u8;
         let iov = libc::iovec {
@@ -54,10 +57,10 @@ impl InlineReads {
         // SAFETY: one iovec over a local byte.
         match unsafe { preadv2(fd, &[iov], 0, libc::RWF_NOWAIT) } {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && is_memory_fs(fd) => {
-                InlineReads::Memory
+                InlineIo::Memory
             }
             // Served inline by the ring already, or not memory.
-            _ => InlineReads::Off,
+            _ => InlineIo::Off,
         }
     }
 }
@@ -89,6 +92,31 @@ pub(super) unsafe fn preadv2(
     loop {
         // SAFETY: the caller guarantees the iovecs describe writable memory.
         let n = unsafe { libc::preadv2(fd, iovecs.as_ptr(), count, off, flags) };
+        if n >= 0 {
+            return Ok(n as u64);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// One `pwritev2` of `iovecs` (at most `IOV_MAX`) at `offset` with `flags`; retries `EINTR`.
+///
+/// # Safety
+/// `iovecs` must describe readable memory.
+pub(super) unsafe fn pwritev2(
+    fd: RawFd,
+    iovecs: &[libc::iovec],
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<u64> {
+    let off = off_t(offset)?;
+    let count = libc::c_int::try_from(iovecs.len()).map_err(|_| errno_err(libc::EINVAL))?;
+    loop {
+        // SAFETY: the caller guarantees the iovecs describe readable memory.
+        let n = unsafe { libc::pwritev2(fd, iovecs.as_ptr(), count, off, flags) };
         if n >= 0 {
             return Ok(n as u64);
         }

@@ -674,7 +674,7 @@ fn shm_dir() -> Option<PathBuf> {
 
 #[test]
 fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
-    use super::inline::InlineReads;
+    use super::inline::InlineIo;
     use std::os::unix::io::AsRawFd;
     const TEST: &str = "reads_on_tmpfs_are_served_inline_and_return_the_right_bytes";
     let Some(dir) = shm_dir() else {
@@ -691,10 +691,7 @@ fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
     let img = TempImage::new(&dir, "inline", 64 * 1024, 0);
     let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 13 + 5) as u8).collect();
     img.file.write_all_at(&data, 0).expect("fill");
-    assert_eq!(
-        InlineReads::classify(img.file.as_raw_fd()),
-        InlineReads::Memory
-    );
+    assert_eq!(InlineIo::classify(img.file.as_raw_fd()), InlineIo::Memory);
     let mut e = engine(EngineKind::IoUring, &img.file, 4);
     let mut a = vec![0u8; 1000];
     let mut b = vec![0u8; 3096];
@@ -714,8 +711,43 @@ fn reads_on_tmpfs_are_served_inline_and_return_the_right_bytes() {
 }
 
 #[test]
+fn writes_on_tmpfs_are_served_inline_and_land_in_the_image() {
+    use std::os::unix::fs::FileExt;
+    const TEST: &str = "writes_on_tmpfs_are_served_inline_and_land_in_the_image";
+    let Some(dir) = shm_dir() else {
+        skip(
+            TEST,
+            SkipReason::Unsupported("/dev/shm is not a tmpfs".into()),
+        );
+        return;
+    };
+    if !super::io_uring_available() {
+        skip(TEST, SkipReason::Unsupported("io_uring".into()));
+        return;
+    }
+    let img = TempImage::new(&dir, "inline-w", 64 * 1024, 0);
+    let mut e = engine(EngineKind::IoUring, &img.file, 4);
+    let mut a: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 1) as u8).collect();
+    let mut b: Vec<u8> = (0..3096u32).map(|i| (i * 11 + 3) as u8).collect();
+    for (token, fua) in [(1u64, false), (2, true)] {
+        let op = Op::Write {
+            offset: 8192 * token,
+            iovecs: vec![iov(&mut a), iov(&mut b)],
+            fua,
+        };
+        assert_eq!(run(e.as_mut(), token, op).ok(), Some(4096), "fua {fua}");
+        let mut back = vec![0u8; 4096];
+        img.file
+            .read_exact_at(&mut back, 8192 * token)
+            .expect("read back");
+        assert_eq!(back, [a.clone(), b.clone()].concat(), "fua {fua}");
+    }
+    assert_eq!(img.file.metadata().expect("stat").len(), 64 * 1024);
+}
+
+#[test]
 fn direct_images_are_never_read_inline() {
-    use super::inline::InlineReads;
+    use super::inline::InlineIo;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let img = TempImage::in_tmp("direct", 8192, 1);
@@ -730,5 +762,5 @@ fn direct_images_are_never_read_inline() {
         );
         return;
     };
-    assert_eq!(InlineReads::classify(f.as_raw_fd()), InlineReads::Off);
+    assert_eq!(InlineIo::classify(f.as_raw_fd()), InlineIo::Off);
 }

@@ -20,7 +20,7 @@ use io_uring::register::Restriction;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::inline::{self, InlineReads};
+use super::inline::{self, InlineIo};
 use super::ops::{self, FallocSupport, IovCursor, ZeroStep, errno_err};
 use super::{Completion, Engine, Op};
 
@@ -280,7 +280,7 @@ pub(super) struct UringEngine {
     /// Scratch buffer of (user data, result) pairs drained from the CQ.
     cqes: Vec<(u64, i32)>,
     /// Whether reads are tried in the submitting thread first.
-    inline: InlineReads,
+    inline: InlineIo,
 }
 
 impl UringEngine {
@@ -304,10 +304,10 @@ impl UringEngine {
         allowed.push(Restriction::sqe_flags_allowed(0));
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
-        let inline = InlineReads::classify(file.as_raw_fd());
+        let inline = InlineIo::classify(file.as_raw_fd());
         bulkhead_common::rate_limited!(
             log::Level::Debug,
-            "io_uring engine: inline reads {inline:?}"
+            "io_uring engine: inline reads and writes {inline:?}"
         );
         Ok(UringEngine {
             ring,
@@ -354,12 +354,31 @@ impl UringEngine {
     /// # Safety
     /// The iovecs of `cursor` must describe writable memory.
     unsafe fn read_inline(&self, offset: u64, cursor: &IovCursor) -> u64 {
-        if self.inline == InlineReads::Off {
+        if self.inline == InlineIo::Off {
             return 0;
         }
         // SAFETY: the caller guarantees the iovecs are writable memory.
         match unsafe { inline::preadv2(self.fd(), cursor.pending(), offset, 0) } {
             // At most what was asked for; a bogus larger count is ignored.
+            Ok(n) if n <= cursor.pending_len() => n,
+            _ => 0,
+        }
+    }
+
+    /// Writes what it can of `cursor` at `offset` in this thread, if the
+    /// image is memory (see `inline.rs`), with `RWF_DSYNC` for FUA; returns
+    /// the bytes written. As for reads, the ring redoes the rest and reports
+    /// any error itself.
+    ///
+    /// # Safety
+    /// The iovecs of `cursor` must describe readable memory.
+    unsafe fn write_inline(&self, offset: u64, fua: bool, cursor: &IovCursor) -> u64 {
+        if self.inline == InlineIo::Off {
+            return 0;
+        }
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        // SAFETY: the caller guarantees the iovecs are readable memory.
+        match unsafe { inline::pwritev2(self.fd(), cursor.pending(), offset, flags) } {
             Ok(n) if n <= cursor.pending_len() => n,
             _ => 0,
         }
@@ -461,14 +480,24 @@ impl Engine for UringEngine {
                 offset,
                 iovecs,
                 fua,
-            } => State::Rw {
-                write: true,
-                fua,
-                offset,
-                cursor: IovCursor::new(iovecs),
-                done: 0,
-                total,
-            },
+            } => {
+                let mut cursor = IovCursor::new(iovecs);
+                // SAFETY: the `submit` contract: the iovecs are readable memory.
+                let done = unsafe { self.write_inline(offset, fua, &cursor) };
+                if done == total {
+                    self.complete_now(token, Ok(total));
+                    return Ok(());
+                }
+                cursor.advance(done);
+                State::Rw {
+                    write: true,
+                    fua,
+                    offset: offset + done,
+                    cursor,
+                    done,
+                    total,
+                }
+            }
             Op::Flush => State::Flush,
             Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => {
                 self.complete_now(token, Ok(0));
