@@ -92,6 +92,18 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// [`activate`]: VhostUserDevice::activate
     fn deactivate(&self) {}
 
+    /// Announces `mac` on the device's network after a live migration
+    /// (SEND_RARP, offered with the RARP protocol feature): net sends a
+    /// RARP broadcast from that address so that switches learn where the
+    /// guest now is. Default: the device has no network to announce on.
+    fn announce(&self, mac: [u8; 6]) -> io::Result<()> {
+        let _ = mac;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the device has no network to announce on",
+        ))
+    }
+
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 

@@ -238,6 +238,22 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             .ok_or_else(|| invalid(&format!("queue index {index} out of range (have {n})")))
     }
 
+    /// SEND_RARP with the guest's `mac` (the serve loop reads that message
+    /// itself: the `vhost` crate does not pass it on). Refused unless the
+    /// frontend acked the RARP protocol feature, which only a device that
+    /// can announce offers.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> std::io::Result<()> {
+        if !self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::RARP)
+        {
+            return Err(std::io::Error::other(
+                "SEND_RARP without the RARP protocol feature",
+            ));
+        }
+        self.device.announce(mac)
+    }
+
     fn protocol_acked(&self) -> bool {
         self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0
     }
