@@ -132,6 +132,26 @@ pub fn check_features(saved: u64, acked: u64) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The features a payload is checked against
+/// ([`crate::VhostUserDevice::parse_state`]): the driver's (`acked`), or,
+/// before the frontend set any (a migration's destination loads the state
+/// before it sets the features the guest negotiated on the source), those
+/// the payload was saved under, which must all be features this device
+/// offers (`offered`). Every device's payload starts with them, as a u64.
+pub fn load_features(payload: &[u8], acked: Option<u64>, offered: u64) -> Result<u64, StateError> {
+    if let Some(a) = acked {
+        return Ok(a);
+    }
+    let saved = Reader::new(payload).u64("the features")?;
+    let extra = saved & !virtio_features(offered);
+    if extra != 0 {
+        return Err(StateError::Mismatch(format!(
+            "saved under virtio features {saved:#x}, {extra:#x} of which this daemon does not offer"
+        )));
+    }
+    Ok(saved)
+}
+
 /// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
 pub fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;

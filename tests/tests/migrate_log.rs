@@ -264,10 +264,12 @@ fn net_announces_the_guest_on_its_tap_after_send_rarp() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut got = Vec::new();
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            if let Some(c) = capture.recv(left).expect("capture") {
-                if c.frame.len() >= 14 && c.frame[12..14] == [0x80, 0x35] && c.frame[6..12] == mac {
-                    got.push(c.frame);
-                }
+            if let Some(c) = capture.recv(left).expect("capture")
+                && c.frame.len() >= 14
+                && c.frame[12..14] == [0x80, 0x35]
+                && c.frame[6..12] == mac
+            {
+                got.push(c.frame);
             }
         }
         got

@@ -11,6 +11,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::spec::VIRTIO_F_VERSION_1;
 use bulkhead_common::spec::net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
@@ -20,9 +21,10 @@ use bulkhead_common::spec::net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VirtioNetConfig,
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::state::{
+    DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
+};
 use bulkhead_common::throttle::Throttle;
-use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::{Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::ByteValued;
@@ -297,9 +299,9 @@ impl VhostUserDevice for NetDevice {
         self.shared.state().encode()
     }
 
-    fn parse_state(&self, payload: &[u8]) -> Result<NetState, StateError> {
+    fn parse_state(&self, payload: &[u8], acked: Option<u64>) -> Result<NetState, StateError> {
         let limits = Limits {
-            acked: self.shared.acked.load(Ordering::Acquire),
+            acked: load_features(payload, acked, self.features())?,
             queue_pairs: self.cfg.queue_pairs,
             mac: self.cfg.mac,
         };
@@ -345,7 +347,10 @@ impl VhostUserDevice for NetDevice {
         let mut packet = vec![0u8; hdr + RARP_FRAME_LEN];
         packet[hdr..].copy_from_slice(&rarp_frame(mac));
         let n = p.tap.write(&packet).map_err(|e| {
-            io::Error::other(format!("tap {}: announcing {mac_addr}: {e}", self.tap_name()))
+            io::Error::other(format!(
+                "tap {}: announcing {mac_addr}: {e}",
+                self.tap_name()
+            ))
         })?;
         if n != packet.len() {
             return Err(io::Error::other(format!(
