@@ -47,6 +47,12 @@ const LOOP_SECONDS: u32 = 30;
 const SETTLE_SECONDS: u32 = 30;
 /// 4 MiB slots of the pattern on the disk.
 const SLOTS: u32 = 8;
+/// Where fio's verify pattern lies on the disk (after the slots), and its size.
+const FIO_OFFSET_MIB: u32 = 32;
+const FIO_MIB: u32 = 32;
+/// How long fio reads and verifies from the moment the guest is ready:
+/// past the loop, so that it runs through the switch.
+const FIO_SECONDS: u32 = LOOP_SECONDS + 15;
 /// Migration bandwidth: slow enough for several passes over guest memory
 /// while the guest's loop runs, so pages the device writes after QEMU
 /// copied them are common (without the log the checks fail).
@@ -126,7 +132,20 @@ exec 3</dev/vda
 # the destination's backend answers.
 first=$(cat /sys/block/vda/serial)
 value first-serial "$first"
+# fio's verify pattern (each 4 KiB block carries its offset and checksum).
+check fio-write fio --name=pattern --filename=/dev/vda --offset={FIO_OFFSET_MIB}M --size={FIO_MIB}M \
+  --rw=write --bs=4k --direct=1 --ioengine=libaio --iodepth=16 --verify=crc32c --do_verify=0 \
+  --output=/tmp/fio-write.out
 {net_prelude}
+# Random O_DIRECT reads at QD32, straight into fio's 32 buffers (the device
+# alone writes them, over and over), each block verified in guest memory
+# when it completes. Requests in flight when the source stops complete
+# there (GET_VRING_BASE drains the queue) and are verified on the
+# destination: a buffer the device wrote but did not log arrives stale.
+fio --name=migrate --filename=/dev/vda --offset={FIO_OFFSET_MIB}M --size={FIO_MIB}M \
+  --rw=randread --bs=4k --direct=1 --ioengine=libaio --iodepth=32 --verify=crc32c \
+  --time_based --runtime={FIO_SECONDS} --output=/tmp/fio-read.out &
+fiopid=$!
 value ready 1
 end=$(( $(date +%s) + {LOOP_SECONDS} ))
 rounds=0
@@ -151,11 +170,17 @@ while [ "$(date +%s)" -lt "$end" ] && [ "$(cat /sys/block/vda/serial)" = "$first
   rounds=$(( rounds + 1 ))
 done
 value rounds $rounds
+[ "$(cat /sys/block/vda/serial)" = "$first" ] && value loop-ended-at-switch 0 || value loop-ended-at-switch 1
+kill -0 $fiopid 2>/dev/null && value fio-running-after-loop 1 || value fio-running-after-loop 0
 if [ "$(cat /sys/block/vda/serial)" = "$first" ]; then
   # Still on the source, or no serial to tell: let the migration finish.
   sleep {SETTLE_SECONDS}
 fi
 value last-serial "$(cat /sys/block/vda/serial)"
+wait $fiopid
+fio_rc=$?
+grep -E 'verify|IOPS|err=' /tmp/fio-read.out | head -5
+expect_eq fio-read-verify $fio_rc 0
 {net_epilogue}
 expect_eq loop-readbacks $bad 0
 [ $rounds -ge 1 ] && pass loop-ran || fail loop-ran "no round"
@@ -624,6 +649,28 @@ fn scenario(backend: &Backend, net: bool) {
         "{}: the checks did not finish on the destination\n{}",
         backend.name,
         logs()
+    );
+    assert!(
+        dst_run.check("fio-read-verify").is_some(),
+        "{}: fio's verify did not end on the destination\n{}",
+        backend.name,
+        run.report()
+    );
+    if run.value("loop-ended-at-switch") == Some("1") {
+        // fio was reading when the guest found itself on the destination.
+        assert_eq!(
+            run.value("fio-running-after-loop"),
+            Some("1"),
+            "{}: fio ended before the switch\n{}",
+            backend.name,
+            run.report()
+        );
+    }
+    eprintln!(
+        "{}: loop ended at the switch: {}, fio still reading then: {}",
+        backend.name,
+        run.value("loop-ended-at-switch").unwrap_or("?"),
+        run.value("fio-running-after-loop").unwrap_or("?")
     );
     if backend.serials {
         assert_eq!(
