@@ -560,6 +560,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_load_before_set_features_checks_the_saved_features_against_the_offer() {
+        let mut payload = 0b1011u64.to_le_bytes().to_vec();
+        payload.push(1);
+        // After SET_FEATURES: the driver's features, whatever the payload says.
+        assert_eq!(load_features(&payload, Some(0b1), 0), Ok(0b1));
+        // Before: the saved ones, all offered.
+        assert_eq!(load_features(&payload, None, 0b1111), Ok(0b1011));
+        assert_eq!(
+            load_features(&payload, None, 0b1111 | VHOST_USER_F_PROTOCOL_FEATURES),
+            Ok(0b1011)
+        );
+        assert!(matches!(
+            load_features(&payload, None, 0b0011),
+            Err(StateError::Mismatch(_))
+        ));
+        assert!(matches!(
+            load_features(&payload[..5], None, u64::MAX),
+            Err(StateError::Short(_))
+        ));
+    }
+
+    #[test]
     fn crc32_matches_the_ieee_check_value() {
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
         assert_eq!(crc32(b""), 0);
