@@ -477,6 +477,73 @@ fn log_fd_message<D: VhostUserDevice>(
     res.map(|()| true)
 }
 
+/// vhost-user request code of SEND_RARP.
+const SEND_RARP: u32 = 19;
+
+/// Answers SEND_RARP, which the `vhost` crate has no handler method for
+/// (it would close the connection); returns Ok(true) when it consumed one.
+/// QEMU sends it on the migration destination, once the guest runs there,
+/// when the guest did not ack VIRTIO_NET_F_GUEST_ANNOUNCE: its payload (a
+/// u64) carries the guest's MAC address in its first six bytes, and the
+/// device announces that address on its network ([`VhostUserDevice::announce`]).
+/// A malformed message (another size, fds) closes the connection; a refused
+/// announcement (the RARP protocol feature not acked, the device failed to
+/// send) is answered with an error and serving goes on.
+fn rarp_message<D: VhostUserDevice>(
+    conn: RawFd,
+    handler: &Mutex<BackendHandler<D>>,
+) -> io::Result<bool> {
+    let mut hdr = [0u8; HEADER_LEN];
+    // SAFETY: peeking into a local buffer of its length; no control buffer.
+    let n = unsafe {
+        libc::recv(
+            conn,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != HEADER_LEN as isize {
+        return Ok(false);
+    }
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    if code != SEND_RARP {
+        return Ok(false);
+    }
+    if size != 8 {
+        return Err(io::Error::other(format!(
+            "SEND_RARP with a {size}-byte payload"
+        )));
+    }
+    let mut msg = [0u8; HEADER_LEN + 8];
+    let Some((got, fds)) = crate::notify::recv_with_fds(conn, &mut msg, libc::MSG_DONTWAIT) else {
+        return Err(io::Error::other("truncated SEND_RARP"));
+    };
+    if got != msg.len() {
+        return Err(io::Error::other("truncated SEND_RARP"));
+    }
+    if !fds.is_empty() {
+        return Err(io::Error::other(format!(
+            "SEND_RARP with {} fds",
+            fds.len()
+        )));
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&msg[HEADER_LEN..HEADER_LEN + 6]);
+    let res = match handler.lock() {
+        Ok(mut h) => h.send_rarp(mac),
+        Err(_) => Err(io::Error::other("handler poisoned")),
+    };
+    if let Err(e) = &res {
+        rate_limited!(log::Level::Warn, "SEND_RARP refused: {e}");
+    }
+    if flags & FLAG_NEED_REPLY != 0 {
+        send_ack(conn, SEND_RARP, res.is_ok())?;
+    }
+    Ok(true)
+}
+
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnEnd {
@@ -631,6 +698,7 @@ fn serve_connection<D: VhostUserDevice>(
         }
         match early_vring_enable(conn_fd, &handler)
             .and_then(|done| Ok(done || log_fd_message(conn_fd, &handler)?))
+            .and_then(|done| Ok(done || rarp_message(conn_fd, &handler)?))
         {
             Ok(true) => continue,
             Ok(false) => {}

@@ -92,6 +92,18 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// [`activate`]: VhostUserDevice::activate
     fn deactivate(&self) {}
 
+    /// Announces `mac` on the device's network after a live migration
+    /// (SEND_RARP, offered with the RARP protocol feature): net sends a
+    /// RARP broadcast from that address so that switches learn where the
+    /// guest now is. Default: the device has no network to announce on.
+    fn announce(&self, mac: [u8; 6]) -> io::Result<()> {
+        let _ = mac;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the device has no network to announce on",
+        ))
+    }
+
     /// Back to power-on state: a new frontend connected, or RESET_DEVICE.
     fn reset(&self) {}
 
@@ -135,8 +147,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
 
     /// Parses a payload from another daemon into a validated state, checked
     /// against this daemon's configuration and the features the driver
-    /// acked; nothing is applied. Untrusted input.
-    fn parse_state(&self, payload: &[u8]) -> Result<Self::State, StateError>;
+    /// acked (`acked`, without VHOST_F_LOG_ALL); nothing is applied.
+    /// Untrusted input. `acked` is None before SET_FEATURES (a migration's
+    /// destination checks the state before the frontend sets the features):
+    /// the state is then checked against the features it was saved under
+    /// ([`crate::state::load_features`]), and parsed again, with the
+    /// driver's, once they are set.
+    fn parse_state(&self, payload: &[u8], acked: Option<u64>) -> Result<Self::State, StateError>;
 
     /// Makes the device behave as the daemon that saved `state` did. Called
     /// with every queue stopped, after SET_FEATURES.

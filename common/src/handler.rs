@@ -106,6 +106,10 @@ pub struct BackendHandler<D: VhostUserDevice> {
     /// The frontend sent a state to load on this connection: the inflight
     /// area's state is then not restored, whether the load succeeds or not.
     load_sent: bool,
+    /// A state loaded before SET_FEATURES (a migration's destination),
+    /// checked against the features it was saved under: applied once the
+    /// frontend sets the features, if they are those.
+    pending_load: Option<Vec<u8>>,
     /// [`VhostUserDevice::activate`] succeeded and no `deactivate` followed.
     active: bool,
     /// Dirty-page log shared with the queue threads (migration).
@@ -150,6 +154,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             state_settled: false,
             section: None,
             load_sent: false,
+            pending_load: None,
             active: false,
             dirty: Arc::new(DirtyLog::new(usize::from(n))),
             log_fd: None,
@@ -236,6 +241,22 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         self.vrings
             .get_mut(index as usize)
             .ok_or_else(|| invalid(&format!("queue index {index} out of range (have {n})")))
+    }
+
+    /// SEND_RARP with the guest's `mac` (the serve loop reads that message
+    /// itself: the `vhost` crate does not pass it on). Refused unless the
+    /// frontend acked the RARP protocol feature, which only a device that
+    /// can announce offers.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> std::io::Result<()> {
+        if !self
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::RARP)
+        {
+            return Err(std::io::Error::other(
+                "SEND_RARP without the RARP protocol feature",
+            ));
+        }
+        self.device.announce(mac)
     }
 
     fn protocol_acked(&self) -> bool {
@@ -370,12 +391,21 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             Err(e) => Err(e.to_string()),
             Ok(_) if !load => Ok(()),
             Ok(blob) => {
-                let parsed = crate::state::decode(self.device.device_type(), &blob)
-                    .and_then(|payload| self.device.parse_state(payload));
+                let acked = self.features_set.then(|| self.device_features());
+                let parsed =
+                    crate::state::decode(self.device.device_type(), &blob).and_then(|payload| {
+                        self.device
+                            .parse_state(payload, acked)
+                            .map(|state| (payload, state))
+                    });
                 match parsed {
-                    Ok(state) => {
+                    Ok((_, state)) if acked.is_some() => {
                         self.device.apply_state(state);
                         self.store_state();
+                        Ok(())
+                    }
+                    Ok((payload, _)) => {
+                        self.pending_load = Some(payload.to_vec());
                         Ok(())
                     }
                     Err(e) => Err(e.to_string()),
@@ -383,6 +413,10 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             }
         };
         match &result {
+            Ok(()) if load && self.pending_load.is_some() => crate::rate_limited!(
+                log::Level::Info,
+                "device state loaded from the frontend, applied when it sets the features"
+            ),
             Ok(()) if load => {
                 crate::rate_limited!(log::Level::Info, "device state loaded from the frontend")
             }
@@ -394,6 +428,35 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             ),
         }
         self.transfer_result = Some(result);
+    }
+
+    /// The features the device was given (SET_FEATURES without VHOST_F_LOG_ALL).
+    fn device_features(&self) -> u64 {
+        self.acked_features & !VHOST_F_LOG_ALL
+    }
+
+    /// Applies a state loaded before SET_FEATURES, now that the features
+    /// are set: parsed again against them (a state saved under other
+    /// features than the driver acks here means nothing to it: defaults,
+    /// with a warning).
+    fn apply_pending_load(&mut self) {
+        let Some(payload) = self.pending_load.take() else {
+            return;
+        };
+        match self
+            .device
+            .parse_state(&payload, Some(self.device_features()))
+        {
+            Ok(state) => {
+                self.device.apply_state(state);
+                self.store_state();
+                crate::rate_limited!(log::Level::Info, "device state from the frontend applied");
+            }
+            Err(e) => crate::rate_limited!(
+                log::Level::Warn,
+                "device state from the frontend dropped at SET_FEATURES ({e}); starting from defaults"
+            ),
+        }
     }
 
     /// Writes the current state into the inflight area's section, if any.
@@ -450,8 +513,10 @@ impl<D: VhostUserDevice> BackendHandler<D> {
                 return;
             }
         };
-        let r = crate::state::decode(self.device.device_type(), &blob)
-            .and_then(|payload| self.device.parse_state(payload));
+        let r = crate::state::decode(self.device.device_type(), &blob).and_then(|payload| {
+            self.device
+                .parse_state(payload, Some(self.device_features()))
+        });
         match r {
             Ok(state) => {
                 self.device.apply_state(state);
@@ -476,13 +541,17 @@ impl<D: VhostUserDevice> BackendHandler<D> {
         self.section = None;
         self.state_settled = false;
         self.load_sent = false;
+        self.pending_load = None;
         self.transfer = None;
         self.transfer_result = None;
         self.acked_features = 0;
         self.features_set = false;
         self.dirty.reset();
         self.log_fd = None;
-        self.acked_protocol = VhostUserProtocolFeatures::empty();
+        // The protocol features stay: they belong to the connection, not
+        // to the device (QEMU negotiates them once, at connect, and does
+        // not again after RESET_DEVICE; its migration then asks for the
+        // device state on the strength of DEVICE_STATE acked back then).
         for v in &mut self.vrings {
             // The counters cover the whole connection (logged when it ends):
             // QEMU resets the device at every stop of a guest.
@@ -547,6 +616,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         }
         self.acked_features = features;
         self.features_set = true;
+        if !log_only {
+            self.apply_pending_load();
+        }
         let log_all = features & VHOST_F_LOG_ALL != 0;
         if log_all && self.dirty.region().is_none() {
             crate::rate_limited!(
@@ -887,6 +959,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         // A finished transfer nobody checked: its outcome no longer matters.
         self.transfer = None;
         self.transfer_result = None;
+        self.pending_load = None;
         crate::frontend_fd::stream(&fd, "device state").map_err(|e| invalid(&e.to_string()))?;
         let t = match direction {
             VhostTransferStateDirection::SAVE => {

@@ -132,6 +132,26 @@ pub fn check_features(saved: u64, acked: u64) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The features a payload is checked against
+/// ([`crate::VhostUserDevice::parse_state`]): the driver's (`acked`), or,
+/// before the frontend set any (a migration's destination loads the state
+/// before it sets the features the guest negotiated on the source), those
+/// the payload was saved under, which must all be features this device
+/// offers (`offered`). Every device's payload starts with them, as a u64.
+pub fn load_features(payload: &[u8], acked: Option<u64>, offered: u64) -> Result<u64, StateError> {
+    if let Some(a) = acked {
+        return Ok(a);
+    }
+    let saved = Reader::new(payload).u64("the features")?;
+    let extra = saved & !virtio_features(offered);
+    if extra != 0 {
+        return Err(StateError::Mismatch(format!(
+            "saved under virtio features {saved:#x}, {extra:#x} of which this daemon does not offer"
+        )));
+    }
+    Ok(saved)
+}
+
 /// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
 pub fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -538,6 +558,28 @@ impl StateSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_before_set_features_checks_the_saved_features_against_the_offer() {
+        let mut payload = 0b1011u64.to_le_bytes().to_vec();
+        payload.push(1);
+        // After SET_FEATURES: the driver's features, whatever the payload says.
+        assert_eq!(load_features(&payload, Some(0b1), 0), Ok(0b1));
+        // Before: the saved ones, all offered.
+        assert_eq!(load_features(&payload, None, 0b1111), Ok(0b1011));
+        assert_eq!(
+            load_features(&payload, None, 0b1111 | VHOST_USER_F_PROTOCOL_FEATURES),
+            Ok(0b1011)
+        );
+        assert!(matches!(
+            load_features(&payload, None, 0b0011),
+            Err(StateError::Mismatch(_))
+        ));
+        assert!(matches!(
+            load_features(&payload[..5], None, u64::MAX),
+            Err(StateError::Short(_))
+        ));
+    }
 
     #[test]
     fn crc32_matches_the_ieee_check_value() {

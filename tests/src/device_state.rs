@@ -208,6 +208,29 @@ pub fn bring_up_loading(
     carried: Option<Carried>,
     state: Option<&[u8]>,
 ) -> Result<(Device, Result<()>)> {
+    bring_up_with(socket, opts, carried, state, false)
+}
+
+/// Like [`bring_up_loading`], in a live migration's order as QEMU 10 keeps
+/// it on the destination: the state goes to the backend (SET_DEVICE_STATE_FD
+/// LOAD, CHECK_DEVICE_STATE) right after the protocol features, before
+/// SET_FEATURES and everything that starts the device.
+pub fn bring_up_migrating(
+    socket: &Path,
+    opts: &Options,
+    carried: Option<Carried>,
+    state: Option<&[u8]>,
+) -> Result<(Device, Result<()>)> {
+    bring_up_with(socket, opts, carried, state, true)
+}
+
+fn bring_up_with(
+    socket: &Path,
+    opts: &Options,
+    carried: Option<Carried>,
+    state: Option<&[u8]>,
+    load_first: bool,
+) -> Result<(Device, Result<()>)> {
     let (mem, queues, inflight, bases) = match carried {
         Some(c) => (
             c.parts.mem,
@@ -244,6 +267,10 @@ pub fn bring_up_loading(
         vu("GET_QUEUE_NUM", fe.get_queue_num())?
     } else {
         1
+    };
+    let early = match state {
+        Some(blob) if load_first => Some(load(&fe, blob)),
+        _ => None,
     };
     let acked = offered & (opts.features | VHOST_USER_F_PROTOCOL_FEATURES) & !VHOST_F_LOG_ALL;
     vu("SET_FEATURES", fe.set_features(acked))?;
@@ -289,9 +316,10 @@ pub fn bring_up_loading(
         } else {
             None
         };
-    let loaded = match state {
-        Some(blob) => load(&fe, blob),
-        None => Ok(()),
+    let loaded = match (early, state) {
+        (Some(r), _) => r,
+        (None, Some(blob)) => load(&fe, blob),
+        (None, None) => Ok(()),
     };
     for (i, q) in queues.iter().enumerate() {
         let a = q.addrs();

@@ -454,6 +454,38 @@ impl Device {
         Ok(())
     }
 
+    /// Starts queue `i` again after [`Device::stop_queue`], at `base` (what
+    /// GET_VRING_BASE returned): its addresses, base, eventfds, enabled, as
+    /// a frontend does when it resumes a stopped device (a migration that
+    /// failed resumes the source).
+    pub fn start_queue(&mut self, i: usize, base: u16) -> Result<()> {
+        let q = &self.queues[i];
+        let a = q.addrs();
+        let cfg = VringConfigData {
+            queue_max_size: q.size(),
+            queue_size: q.size(),
+            flags: 0,
+            desc_table_addr: self.mem.host_addr(a.desc)?,
+            used_ring_addr: self.mem.host_addr(a.used)?,
+            avail_ring_addr: self.mem.host_addr(a.avail)?,
+            log_addr: None,
+        };
+        vu("SET_VRING_ADDR", self.frontend.set_vring_addr(i, &cfg))?;
+        vu("SET_VRING_BASE", self.frontend.set_vring_base(i, base))?;
+        vu(
+            "SET_VRING_CALL",
+            self.frontend.set_vring_call(i, q.call_fd()),
+        )?;
+        vu(
+            "SET_VRING_KICK",
+            self.frontend.set_vring_kick(i, q.kick_fd()),
+        )?;
+        if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            vu("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, true))?;
+        }
+        Ok(())
+    }
+
     /// Stops queue `i` (SET_VRING_ENABLE 0, GET_VRING_BASE) and returns the device's avail index.
     pub fn stop_queue(&mut self, i: usize) -> Result<u32> {
         if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {

@@ -65,8 +65,16 @@ fn quick_bench_reports_iops_and_latency_for_every_target() {
         }
         assert!(p["ratio_vs_host"].as_f64().unwrap() > 0.0);
     }
+    // The dirtylog suite (on by default): logging on marked pages, and
+    // both states did I/O.
+    let d = &v["dirtylog"];
+    assert!(d["dirty_pages"].as_u64().unwrap_or(0) > 0, "{d}");
+    for state in ["off", "on"] {
+        assert!(d[state]["median_iops"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    }
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("## Goals") && report.contains("randread-4k"));
+    assert!(report.contains("## Dirty logging"));
     if qsd {
         assert!(report.contains("## bulkhead-blk and qemu-storage-daemon through libblkio"));
     }

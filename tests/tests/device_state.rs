@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use bulkhead_common::state::{self as bstate, DeviceType, MAX_BLOB, SECTION_LEN};
 use bulkhead_tests::console::{ConsoleDaemon, ConsoleDriver, TIMEOUT, ctl_command, rx_queue};
 use bulkhead_tests::device_state::{
-    Carried, StateError, bring_up, bring_up_loading, reconnect_after_crash, save, stop_all, swap,
-    take_parts, with_device_state,
+    Carried, StateError, bring_up, bring_up_loading, bring_up_migrating, reconnect_after_crash,
+    save, stop_all, swap, take_parts, with_device_state,
 };
 use bulkhead_tests::frontend::{Device, Options};
 use bulkhead_tests::net::*;
@@ -887,4 +887,133 @@ fn malformed_net_state_is_refused_with_nothing_applied() {
         got.contains(&OTHER),
         "defaults after a corrupt section: {got:?}"
     );
+}
+
+/// Restarts every ring of `drv` where [`stop_all`] left it, as a source
+/// QEMU does when a migration fails after it stopped the device.
+fn resume(drv: &mut NetDriver, bases: &[u16]) {
+    for (i, &b) in bases.iter().enumerate() {
+        drv.dev.start_queue(i, b).expect("restart the ring");
+    }
+}
+
+/// The device state in a live migration's order (QEMU 10 moves
+/// vhost-user-net's state so; `qemu_migrate.rs` runs it with QEMU), the kit
+/// as the frontend on both sides: the source's rings stop and its state is
+/// saved; the destination's daemon gets it right after the protocol
+/// features, before SET_FEATURES, and checks it then. A hostile state fails
+/// CHECK_DEVICE_STATE and the source, its rings restarted where they
+/// stopped, serves on with its filter; a good one holds on the destination
+/// once the rings start; one saved under other features than the
+/// destination's driver then acks is dropped at SET_FEATURES, with a
+/// warning, for the defaults.
+#[test]
+fn net_state_moves_in_a_migrations_order_and_a_refused_load_leaves_the_source_serving() {
+    if skip_if(
+        "net_state_moves_in_a_migrations_order_and_a_refused_load_leaves_the_source_serving",
+        netns::unavailable(),
+    ) {
+        return;
+    }
+    let mut net = Net::new(1, 2);
+    let mut drv = NetDriver::connect(net.d(0).socket(), &net_opts()).expect("bring-up");
+    configure_net(&mut drv);
+    let bases = stop_all(&mut drv.dev).expect("stop the source");
+    let good = save(&drv.dev.frontend).expect("save");
+    let payload = bstate::decode(DeviceType::Net, &good)
+        .expect("good")
+        .to_vec();
+    let pack = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut p = payload.clone();
+        f(&mut p);
+        bstate::encode(DeviceType::Net, &p).expect("encode")
+    };
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a feature the daemon does not offer",
+            pack(&|p| p[7] |= 0x40),
+        ),
+        ("another MAC", pack(&|p| p[17] ^= 1)),
+        (
+            "more pairs than the daemon has",
+            pack(&|p| p[9..11].copy_from_slice(&9u16.to_le_bytes())),
+        ),
+        ("a truncated table", pack(&|p| p.truncate(p.len() - 3))),
+        ("garbage", (0..200u32).map(|i| (i * 31) as u8).collect()),
+    ];
+    let b = net.start(2);
+    for (what, blob) in &hostile {
+        let (_d, loaded) = bring_up_migrating(net.d(b).socket(), &net_opts(), None, Some(blob))
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        assert!(
+            matches!(loaded, Err(StateError::Refused("CHECK_DEVICE_STATE", _))),
+            "{what}: {loaded:?}"
+        );
+    }
+    assert!(net.d_mut(b).is_running(), "the destination died");
+    assert!(
+        net.d(b)
+            .log()
+            .contains("device state load failed, nothing applied"),
+        "{}",
+        net.d(b).log()
+    );
+    // The migration failed: its destination goes, the source resumes.
+    net.kill(b);
+    resume(&mut drv, &bases);
+    assert_eq!(
+        filtered(&net, &mut drv),
+        expected_accepted(),
+        "the source after a refused load"
+    );
+
+    // Now the move: the state reaches the destination before its features.
+    let bases = stop_all(&mut drv.dev).expect("stop the source");
+    let blob = save(&drv.dev.frontend).expect("save");
+    let c = net.start(2);
+    let carried = Carried {
+        parts: take_parts(&mut drv.dev),
+        bases,
+    };
+    let (dev, loaded) =
+        bring_up_migrating(net.d(c).socket(), &net_opts(), Some(carried), Some(&blob))
+            .expect("destination bring-up");
+    loaded.expect("the destination refused the state");
+    drv.dev = dev;
+    net.kill(0);
+    assert_eq!(
+        filtered(&net, &mut drv),
+        expected_accepted(),
+        "on the destination"
+    );
+    let log = net.d(c).log();
+    assert!(
+        log.contains("applied when it sets the features")
+            && log.contains("device state from the frontend applied"),
+        "{log}"
+    );
+
+    // Saved under EVENT_IDX, the next destination's driver acks without it:
+    // the state passed CHECK_DEVICE_STATE (features this daemon offers) and
+    // is dropped at SET_FEATURES: defaults, promiscuous.
+    let bases = stop_all(&mut drv.dev).expect("stop");
+    let blob = save(&drv.dev.frontend).expect("save");
+    let d = net.start(2);
+    let carried = Carried {
+        parts: take_parts(&mut drv.dev),
+        bases,
+    };
+    let opts = net_opts().event_idx(false);
+    let (dev, loaded) = bring_up_migrating(net.d(d).socket(), &opts, Some(carried), Some(&blob))
+        .expect("destination bring-up");
+    loaded.expect("CHECK_DEVICE_STATE");
+    drv.dev = dev;
+    net.kill(c);
+    let log = net.d(d).log();
+    assert!(log.contains("dropped at SET_FEATURES"), "{log}");
+    for pair in 0..drv.pairs {
+        drv.post_rx(pair, 32, 2048).expect("post rx");
+    }
+    let got = filtered(&net, &mut drv);
+    assert!(got.contains(&OTHER), "not the defaults: {got:?}");
 }

@@ -223,3 +223,122 @@ fn blk_keeps_a_log_eventfd_and_refuses_other_fds() {
     let mut again = BlkDriver::connect(d.socket(), &opts).expect("the next frontend");
     assert_eq!(again.flush(0).unwrap(), VIRTIO_BLK_S_OK);
 }
+
+/// The frame SEND_RARP must put on the tap for `mac`: QEMU's announcement
+/// (a broadcast RARP reverse request from and for `mac`, 60 bytes).
+fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..22].copy_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+    f[22..28].copy_from_slice(&mac);
+    f[32..38].copy_from_slice(&mac);
+    f
+}
+
+/// SEND_RARP, which QEMU sends on a migration's destination once the guest
+/// runs there (the guest not having acked GUEST_ANNOUNCE): bulkhead-net
+/// offers the RARP protocol feature and puts the announcement on its tap.
+/// A MAC no guest can own, or the message from a frontend that did not ack
+/// the feature, is refused with a NACK and serving goes on; a malformed
+/// message closes the connection and the daemon serves the next frontend.
+#[test]
+fn net_announces_the_guest_on_its_tap_after_send_rarp() {
+    use bulkhead_tests::frontend::RawConnection;
+    use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+    if skip_if(
+        "net_announces_the_guest_on_its_tap_after_send_rarp",
+        netns::unavailable(),
+    ) {
+        return;
+    }
+    const NEED_REPLY: u32 = 0x8;
+    let send_rarp = FrontendReq::SEND_RARP as u32;
+    let ns = NetNs::new().expect("create a network namespace");
+    ns.add_tap(TAP, "10.78.0.1/24", false).expect("add the tap");
+    let capture = ns.packet_socket(TAP, false).expect("packet socket");
+    let fds = ns.open_tap_fds(TAP, 1, false).expect("open the tap");
+    let mut daemon = NetDaemon::start_with_fds(fds, &[])
+        .expect("start bulkhead-net (run `cargo build -p bulkhead-net`)");
+    let rarps = |mac: [u8; 6]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            if let Some(c) = capture.recv(left).expect("capture")
+                && c.frame.len() >= 14
+                && c.frame[12..14] == [0x80, 0x35]
+                && c.frame[6..12] == mac
+            {
+                got.push(c.frame);
+            }
+        }
+        got
+    };
+    let ack = |raw: &RawConnection| -> u64 {
+        let r = raw
+            .recv(std::time::Duration::from_secs(5))
+            .expect("reply")
+            .expect("the connection stays open");
+        assert_eq!(r.request, send_rarp);
+        u64::from_le_bytes(r.payload[..8].try_into().expect("a u64"))
+    };
+    let payload = |mac: [u8; 6]| {
+        let mut p = [0u8; 8];
+        p[..6].copy_from_slice(&mac);
+        p
+    };
+
+    let mut opts = Options::default();
+    opts.protocol_features |= VhostUserProtocolFeatures::RARP;
+    let mut net = NetDriver::connect(daemon.socket(), &opts).expect("vhost-user bring-up");
+    assert!(
+        net.dev
+            .acked_protocol
+            .contains(VhostUserProtocolFeatures::RARP),
+        "bulkhead-net does not offer RARP"
+    );
+    let raw = RawConnection::from_frontend(&net.dev.frontend).expect("raw connection");
+    raw.send(send_rarp, NEED_REPLY, &payload(GUEST_MAC), &[])
+        .expect("send SEND_RARP");
+    assert_eq!(ack(&raw), 0, "SEND_RARP refused");
+    let got = rarps(GUEST_MAC);
+    assert_eq!(got, vec![rarp_frame(GUEST_MAC)], "the announcement");
+    assert!(daemon.log().contains("announced 52:54:00:12:34:57"));
+
+    // A multicast source address: refused, nothing sent, serving goes on.
+    let group = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    raw.send(send_rarp, NEED_REPLY, &payload(group), &[])
+        .expect("send SEND_RARP");
+    assert_ne!(ack(&raw), 0, "SEND_RARP of a multicast address accepted");
+    assert!(rarps(group).is_empty());
+    let req = arp_request(GUEST_MAC, [10, 78, 0, 2], [10, 78, 0, 1]);
+    net.post_rx(0, 4, 2048).expect("post receive buffers");
+    net.send(0, &NetHdr::default(), &req)
+        .expect("the connection still carries traffic");
+    assert!(
+        net.recv(0, std::time::Duration::from_secs(5))
+            .expect("receive")
+            .is_some(),
+        "no ARP reply after the refused SEND_RARP"
+    );
+
+    // A malformed SEND_RARP (a 4-byte payload) closes the connection.
+    raw.send(send_rarp, NEED_REPLY, &[0; 4], &[])
+        .expect("send SEND_RARP");
+    assert!(raw.closed_within(std::time::Duration::from_secs(5)));
+    drop(net);
+    assert!(daemon.is_running(), "bulkhead-net died on a bad SEND_RARP");
+
+    // Without the RARP protocol feature acked: refused, nothing sent.
+    let plain =
+        NetDriver::connect(daemon.socket(), &Options::default()).expect("the next frontend");
+    let raw = RawConnection::from_frontend(&plain.dev.frontend).expect("raw connection");
+    raw.send(send_rarp, NEED_REPLY, &payload(GUEST_MAC), &[])
+        .expect("send SEND_RARP");
+    assert_ne!(ack(&raw), 0, "SEND_RARP accepted without the feature");
+    assert!(rarps(GUEST_MAC).is_empty());
+    drop(raw);
+    drop(plain);
+    drop(daemon);
+    drop(ns);
+}

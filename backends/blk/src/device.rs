@@ -14,7 +14,9 @@ use bulkhead_common::spec::blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VirtioBlkConfig,
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::state::{
+    DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
+};
 use bulkhead_common::stats::Stats;
 use bulkhead_common::throttle::{Cost, Direction, Hold, Throttle};
 use bulkhead_common::{
@@ -188,8 +190,8 @@ impl VhostUserDevice for BlkDevice {
         self.state().encode()
     }
 
-    fn parse_state(&self, payload: &[u8]) -> Result<BlkState, StateError> {
-        BlkState::parse(payload, self.acked.load(Ordering::Acquire))
+    fn parse_state(&self, payload: &[u8], acked: Option<u64>) -> Result<BlkState, StateError> {
+        BlkState::parse(payload, load_features(payload, acked, self.features())?)
     }
 
     fn apply_state(&self, state: BlkState) {

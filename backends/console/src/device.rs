@@ -21,7 +21,9 @@ use bulkhead_common::spec::console::{
     VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VirtioConsoleConfig,
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::state::{
+    DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
+};
 use bulkhead_common::stats::Stats;
 use bulkhead_common::{
     DescriptorChain, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl, guest_error,
@@ -386,10 +388,10 @@ impl VhostUserDevice for ConsoleDevice {
         self.control.encode_state()
     }
 
-    fn parse_state(&self, payload: &[u8]) -> Result<ConsoleState, StateError> {
+    fn parse_state(&self, payload: &[u8], acked: Option<u64>) -> Result<ConsoleState, StateError> {
         let c = &self.control;
         let limits = Limits {
-            acked: c.acked.load(Ordering::Acquire),
+            acked: load_features(payload, acked, self.features())?,
             names: c.names(),
             max_pending: c.max_pending(),
         };

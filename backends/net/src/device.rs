@@ -11,6 +11,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_common::device::DEFAULT_PROTOCOL_FEATURES;
 use bulkhead_common::spec::VIRTIO_F_VERSION_1;
 use bulkhead_common::spec::net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
@@ -20,9 +21,12 @@ use bulkhead_common::spec::net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VirtioNetConfig,
 };
 use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use bulkhead_common::state::{DeviceType, StateError, StateSection, StateSink, virtio_features};
+use bulkhead_common::state::{
+    DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
+};
 use bulkhead_common::throttle::Throttle;
 use bulkhead_common::{Polled, QueueWorker, VhostUserDevice, VirtQueue, WorkerCtl};
+use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::ByteValued;
 
 pub use crate::ctrl::CtrlWorker;
@@ -139,6 +143,31 @@ impl Shared {
         self.sink.persist(DeviceType::Net, || self.state().encode());
     }
 }
+/// Length of the RARP announcement: the shortest Ethernet frame (without
+/// its FCS), as QEMU's own announcement is.
+pub const RARP_FRAME_LEN: usize = 60;
+
+/// The frame that announces `mac` after a migration: a broadcast RARP
+/// "reverse request" from `mac` asking for `mac`'s address (RFC 903), the
+/// same frame QEMU broadcasts for a device it serves itself. Switches (and
+/// Linux bridges) learn from its source address where the guest now is.
+pub fn rarp_frame(mac: [u8; 6]) -> [u8; RARP_FRAME_LEN] {
+    let mut f = [0u8; RARP_FRAME_LEN];
+    f[0..6].copy_from_slice(&MacAddr::BROADCAST.0);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&(libc::ETH_P_RARP as u16).to_be_bytes());
+    f[14..16].copy_from_slice(&libc::ARPHRD_ETHER.to_be_bytes());
+    f[16..18].copy_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+    f[18] = 6; // hardware address length
+    f[19] = 4; // protocol address length
+    f[20..22].copy_from_slice(&libc::ARPOP_RREQUEST.to_be_bytes());
+    f[22..28].copy_from_slice(&mac); // sender hardware address
+    // sender protocol address 0.0.0.0
+    f[32..38].copy_from_slice(&mac); // target hardware address
+    // target protocol address 0.0.0.0, then padding
+    f
+}
+
 /// The net device served by the daemon.
 pub struct NetDevice {
     cfg: NetConfig,
@@ -270,9 +299,9 @@ impl VhostUserDevice for NetDevice {
         self.shared.state().encode()
     }
 
-    fn parse_state(&self, payload: &[u8]) -> Result<NetState, StateError> {
+    fn parse_state(&self, payload: &[u8], acked: Option<u64>) -> Result<NetState, StateError> {
         let limits = Limits {
-            acked: self.shared.acked.load(Ordering::Acquire),
+            acked: load_features(payload, acked, self.features())?,
             queue_pairs: self.cfg.queue_pairs,
             mac: self.cfg.mac,
         };
@@ -294,6 +323,48 @@ impl VhostUserDevice for NetDevice {
 
     fn set_state_section(&self, section: Option<Arc<StateSection>>) {
         self.shared.sink.attach(section);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // SEND_RARP after a migration: see `announce`.
+        DEFAULT_PROTOCOL_FEATURES | VhostUserProtocolFeatures::RARP
+    }
+
+    fn announce(&self, mac: [u8; 6]) -> io::Result<()> {
+        let mac_addr = MacAddr(mac);
+        if mac_addr.is_multicast() || mac == [0; 6] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("SEND_RARP for {mac_addr}, not an address a guest can own"),
+            ));
+        }
+        let Some(p) = self.pairs.first() else {
+            return Err(io::Error::other("no tap queue"));
+        };
+        // The tap takes a vnet header first (all zero: no offload), of the
+        // length the negotiated features set on it.
+        let hdr = vnet_hdr_len(self.shared.acked.load(Ordering::Acquire));
+        let mut packet = vec![0u8; hdr + RARP_FRAME_LEN];
+        packet[hdr..].copy_from_slice(&rarp_frame(mac));
+        let n = p.tap.write(&packet).map_err(|e| {
+            io::Error::other(format!(
+                "tap {}: announcing {mac_addr}: {e}",
+                self.tap_name()
+            ))
+        })?;
+        if n != packet.len() {
+            return Err(io::Error::other(format!(
+                "tap {}: announcing {mac_addr}: wrote {n} of {} bytes",
+                self.tap_name(),
+                packet.len()
+            )));
+        }
+        bulkhead_common::rate_limited!(
+            log::Level::Info,
+            "announced {mac_addr} on tap {} (SEND_RARP)",
+            self.tap_name()
+        );
+        Ok(())
     }
 
     fn num_queues(&self) -> u16 {
@@ -512,6 +583,20 @@ impl QueueWorker for NetWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rarp_announcement_is_qemus_frame() {
+        let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        let f = rarp_frame(mac);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[14..22], &[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+        assert_eq!(&f[22..28], &mac);
+        assert_eq!(&f[28..32], &[0; 4]);
+        assert_eq!(&f[32..38], &mac);
+        assert!(f[38..].iter().all(|&b| b == 0));
+    }
 
     #[test]
     fn header_is_twelve_bytes_with_version_1_or_mergeable_buffers() {

@@ -60,9 +60,16 @@ fn fixed(blob: &[u8], fix: u8) -> Vec<u8> {
 
 /// Loads `blob` into `dev` as the handler does; checks the invariants;
 /// returns whether the device accepted it.
-fn load<D: VhostUserDevice>(dev: &D, blob: &[u8]) -> bool {
+fn load<D: VhostUserDevice>(dev: &D, acked: u64, blob: &[u8]) -> bool {
     let before = dev.save_state();
-    let parsed = decode(dev.device_type(), blob).and_then(|p| dev.parse_state(p).map(|s| (p, s)));
+    // As a migration's destination checks it, before SET_FEATURES: parsed
+    // against the features it records; nothing applied.
+    if let Ok(p) = decode(dev.device_type(), blob) {
+        let _ = dev.parse_state(p, None);
+    }
+    let acked = Some(acked);
+    let parsed =
+        decode(dev.device_type(), blob).and_then(|p| dev.parse_state(p, acked).map(|s| (p, s)));
     match parsed {
         Ok((payload, state)) => {
             dev.apply_state(state);
@@ -100,7 +107,7 @@ fn net(inp: &mut Input<'_>, fix: u8) -> bool {
     };
     let dev = NetDevice::new(cfg, taps).expect("net device over stand-ins");
     dev.set_features(features).expect("features");
-    load(&dev, &blob)
+    load(&dev, features, &blob)
 }
 
 /// A per-process file the console's ports append to.
@@ -124,7 +131,7 @@ fn console(inp: &mut Input<'_>, fix: u8) -> bool {
         .collect();
     let dev = ConsoleDevice::new(ports).expect("console device");
     dev.set_features(features).expect("features");
-    load(&dev, &blob)
+    load(&dev, features, &blob)
 }
 
 fn blk(inp: &mut Input<'_>, fix: u8) -> bool {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bulkhead_tests::blk::{
     BlkDriver, BlkError, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, header,
 };
-use bulkhead_tests::frontend::{FrontendError, Options};
+use bulkhead_tests::frontend::{DirtyLog, FrontendError, Options};
 use bulkhead_tests::memory::GuestMemory;
 use bulkhead_tests::virtq::{Desc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue};
 use io_uring::{IoUring, opcode, types};
@@ -46,9 +46,29 @@ struct Slot {
 pub struct VuClient {
     driver: BlkDriver,
     slots: Vec<Vec<Slot>>,
+    /// The dirty log while logging is on ([`VuClient::set_dirty_log`]).
+    log: Option<DirtyLog>,
 }
 
 impl VuClient {
+    /// Turns the backend's dirty-page logging on (a fresh log, SET_LOG_BASE,
+    /// `VHOST_F_LOG_ALL`, rings with their log address: what QEMU does when
+    /// a live migration starts) or off again, queues running.
+    pub fn set_dirty_log(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.log = Some(self.driver.dev.start_dirty_log()?);
+        } else {
+            self.driver.dev.stop_dirty_log()?;
+            self.log = None;
+        }
+        Ok(())
+    }
+
+    /// Pages the backend marked in the current log (0 when logging is off).
+    pub fn dirty_pages(&self) -> usize {
+        self.log.as_ref().map_or(0, |l| l.pages().len())
+    }
+
     /// Connects to `socket` with `queues` queues and room for `max_qd` requests on each.
     pub fn connect(socket: &Path, queues: usize, max_qd: usize) -> Result<Self> {
         let queue_size = ((3 * max_qd) as u16).next_power_of_two().max(128);
@@ -59,7 +79,9 @@ impl VuClient {
             ..Options::default()
         }
         .queues(queues)
-        .queue_size(queue_size);
+        .queue_size(queue_size)
+        // Acked when offered; nothing is logged until `set_dirty_log`.
+        .dirty_log();
         // The daemon creates its socket before it listens: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut driver = loop {
@@ -117,7 +139,11 @@ impl VuClient {
             }
             slots.push(qs);
         }
-        Ok(VuClient { driver, slots })
+        Ok(VuClient {
+            driver,
+            slots,
+            log: None,
+        })
     }
 
     /// Runs `spec` on every queue at once (one thread per queue, like one vCPU per queue).

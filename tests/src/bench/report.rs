@@ -335,12 +335,14 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     console_section(&mut m, &v["console"]);
     vmm_section(&mut m, &v["vmm"]);
     throttle_section(&mut m, &v["throttle"]);
+    dirtylog_section(&mut m, &v["dirtylog"]);
 
     let _ = writeln!(m, "## Reproduce\n");
     let _ = writeln!(
         m,
         "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
-         `target/release/bulkhead-bench` (blk, net, console, vmm, throttle; about 16 minutes), and \
+         `target/release/bulkhead-bench` (blk, net, console, vmm, throttle, dirtylog; about 16 \
+         minutes), and \
          rewrites `docs/performance.{{md,json,svg}}`. One suite can be rerun into the \
          existing report: `target/release/bulkhead-bench --suites vmm --merge-json \
          docs/performance.json --json docs/performance.json --md docs/performance.md \
@@ -1199,6 +1201,61 @@ fn throttle_section(m: &mut String, t: &Value) {
         let _ = writeln!(m, "\nbulkhead-net rows skipped: {why}.");
     }
     let _ = writeln!(m);
+}
+
+/// The dirtylog suite: bulkhead-blk with a live migration's dirty logging
+/// off and on.
+fn dirtylog_section(m: &mut String, d: &Value) {
+    if d.is_null() {
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "## Dirty logging
+"
+    );
+    let _ = writeln!(
+        m,
+        "What a live migration's dirty-page logging costs `bulkhead-blk` \
+         ([operations.md](operations.md#live-migration)): the test kit's client switches \
+         logging on (a fresh log, SET_LOG_BASE, `VHOST_F_LOG_ALL`, rings with their log \
+         address, as QEMU does when a migration starts) and off between runs, queues \
+         running, the two states interleaved; {} runs of {} s each per state; load {}. \
+         With logging on, every completion marks its data pages and the used ring in the \
+         log ({} pages marked in a run); off, it costs one atomic load per completion. \
+         Rerun: `target/release/bulkhead-bench --suites dirtylog --merge-json \
+         docs/performance.json --json docs/performance.json --md docs/performance.md \
+         --svg docs/performance.svg` (`--dirtylog-runs`, `--dirtylog-secs`).\n",
+        d["runs"],
+        d["secs"],
+        d["load"].as_str().unwrap_or("?"),
+        d["dirty_pages"],
+    );
+    let _ = writeln!(
+        m,
+        "| workload | logging | IOPS (median) | IOPS per run | daemon CPU per request |\n|---|---|---|---|---|"
+    );
+    for (name, s) in [("off", &d["off"]), ("on", &d["on"])] {
+        let runs = s["iops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| format!("{:.0}", v.as_f64().unwrap_or(0.0)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            m,
+            "| {} | {name} | {:.0} | {runs} | {:.2} µs |",
+            d["workload"].as_str().unwrap_or("?"),
+            s["median_iops"].as_f64().unwrap_or(0.0),
+            s["cpu_us_per_req"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\n*on / off* (median IOPS): **{:.3}**.\n",
+        d["ratio"].as_f64().unwrap_or(0.0)
+    );
 }
 
 fn console_section(m: &mut String, c: &Value) {

@@ -283,6 +283,22 @@ impl Target {
         }
     }
 
+    /// Turns dirty-page logging on or off (the kit's vhost-user client only).
+    pub fn set_dirty_log(&mut self, on: bool) -> Result<()> {
+        match &mut self.client {
+            Client::Vu(c) => c.set_dirty_log(on),
+            _ => Err(format!("{}: no dirty log through this client", self.kind.name()).into()),
+        }
+    }
+
+    /// Pages marked in the dirty log so far (the kit's client only; 0 otherwise).
+    pub fn dirty_pages(&self) -> usize {
+        match &self.client {
+            Client::Vu(c) => c.dirty_pages(),
+            _ => 0,
+        }
+    }
+
     /// The daemon's process id (None for the host).
     pub fn pid(&self) -> Option<u32> {
         self.guard.as_ref().map(|g| g.pid())

@@ -17,6 +17,8 @@
 mod client;
 #[path = "../bench/console.rs"]
 mod console;
+#[path = "../bench/dirtylog.rs"]
+mod dirtylog;
 #[path = "../bench/dpdk.rs"]
 mod dpdk;
 #[path = "../bench/libblkio.rs"]
@@ -55,8 +57,12 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console,vmm,throttle (default all five); throttle:
-                        bulkhead-blk and bulkhead-net held to limits (--throttle-*)
+  --suites LIST         blk,net,console,vmm,throttle,dirtylog (default all six); throttle:
+                        bulkhead-blk and bulkhead-net held to limits (--throttle-*);
+                        dirtylog: bulkhead-blk randread-4k QD32 with a live migration's
+                        dirty logging off and on, interleaved (--dirtylog-*)
+  --dirtylog-runs N     runs per state of the dirtylog suite (default 6)
+  --dirtylog-secs S     seconds per dirtylog run (default 2)
   --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
   --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
   --throttle-pps LIST   bulkhead-net --tx-pps and --rx-pps limits, 64 B frames (default 1000,10000;
@@ -136,6 +142,8 @@ struct Args {
     throttle_bps: Vec<u64>,
     throttle_secs: f64,
     throttle_pps: Vec<u64>,
+    dirtylog_runs: usize,
+    dirtylog_secs: f64,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -179,6 +187,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "console".into(),
             "vmm".into(),
             "throttle".into(),
+            "dirtylog".into(),
         ],
         net_runs: if quick { 1 } else { 3 },
         net_secs: if quick { 0.3 } else { 1.0 },
@@ -204,6 +213,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         throttle_bps: vec![20],
         throttle_secs: if quick { 1.0 } else { 10.0 },
         throttle_pps: if quick { vec![1000] } else { vec![1000, 10000] },
+        dirtylog_runs: if quick { 1 } else { 6 },
+        dirtylog_secs: if quick { 0.3 } else { 2.0 },
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -234,7 +245,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console", "vmm", "throttle"]
+                    ["blk", "net", "console", "vmm", "throttle", "dirtylog"]
                         .contains(&x)
                         .then(|| x.into())
                 })?
@@ -258,6 +269,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--throttle-iops" => a.throttle_iops = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
             "--throttle-bps" => a.throttle_bps = list(&v, |x| x.parse().ok().filter(|&n| n > 0))?,
             "--throttle-secs" => a.throttle_secs = num(&v)?,
+            "--dirtylog-runs" => a.dirtylog_runs = (num(&v)? as usize).max(1),
+            "--dirtylog-secs" => a.dirtylog_secs = num(&v)?,
             "--throttle-pps" => {
                 a.throttle_pps = list(&v, |x| x.parse().ok().filter(|&n| n >= 1000))?
             }
@@ -468,6 +481,29 @@ fn throttle_suite(a: &Args) -> Result<Value> {
     }))
 }
 
+/// `--suites dirtylog`: bulkhead-blk with dirty logging off and on, on a
+/// tmpfs image; the report's "Dirty logging" section.
+fn dirtylog_suite(a: &Args) -> Result<Value> {
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-bench-dirtylog")
+        .tempdir_in(&a.tmpfs_dir)?;
+    let image = dir.path().join("image.raw");
+    let image_size = 256u64 << 20;
+    fill_image(&image, image_size, false)?;
+    dirtylog::run(
+        &dirtylog::Args {
+            bulkhead: daemon(a),
+            runs: a.dirtylog_runs,
+            secs: a.dirtylog_secs,
+            warmup: a.warmup.max(0.2),
+            qd: 32,
+        },
+        &image,
+        dir.path(),
+        image_size,
+    )
+}
+
 fn daemon(a: &Args) -> targets::Bulkhead<'_> {
     targets::Bulkhead {
         bin: &a.bulkhead_bin,
@@ -607,6 +643,11 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let dirtylog_json = if a.suites.iter().any(|s| s == "dirtylog") {
+        dirtylog_suite(a)?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -660,6 +701,7 @@ fn run(a: &Args) -> Result<Value> {
         "console": console_json,
         "vmm": vmm_json,
         "throttle": throttle_json,
+        "dirtylog": dirtylog_json,
     });
     report::analyse(&mut v);
     Ok(v)
@@ -682,6 +724,7 @@ fn suite_keys(suite: &str) -> &'static [&'static str] {
         "console" => &["console"],
         "vmm" => &["vmm"],
         "throttle" => &["throttle"],
+        "dirtylog" => &["dirtylog"],
         _ => &[],
     }
 }
