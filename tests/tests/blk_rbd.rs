@@ -1,7 +1,10 @@
 //! `bulkhead-blk` serving an image on Ceph RBD (`--image rbd:POOL/IMAGE`),
 //! against a throwaway one-node cluster (`bulkhead_tests::ceph`), driven by
 //! the test kit's virtio-blk driver. Each test starts its own cluster
-//! (about 12 s) and tears it down when it ends.
+//! (about 12 s) and tears it down when it ends. Every daemon runs with the
+//! default sandbox (`enforce`: librados' threads under their own list);
+//! the test of a forbidden call builds a `test-hooks` daemon into
+//! `target/hooked` (see `tests/tests/sandbox.rs`).
 //!
 //! Run `cargo build -p bulkhead-blk` first.
 
@@ -15,6 +18,7 @@ use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
 use bulkhead_tests::guest::{Guest, spawn_daemon};
 use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
+use bulkhead_tests::sandbox::{Logged, confined_workers, field, hooked_binary, threads};
 use bulkhead_tests::skip::skip_if;
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -40,7 +44,6 @@ fn blk_command_on(c: &Cluster, image: &str, scratch: &Scratch, extra: &[&str]) -
         .arg(scratch.socket())
         .args(["--image", image, "--ceph-conf"])
         .arg(c.conf())
-        .args(["--sandbox", "off"])
         .args(extra);
     cmd
 }
@@ -162,14 +165,36 @@ fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
     let first = pattern(9, 8192);
     assert_eq!(blk.write(0, 0, &first).unwrap(), VIRTIO_BLK_S_OK);
 
-    // A second daemon on the same image while the first serves.
+    // A second daemon on the same image while the first serves: it starts
+    // (a swap's new daemon must), but its device does not, and its log
+    // names the holder.
     let other = Scratch::new(4096).unwrap();
-    let (code, err) = exit_of(blk_command(&c, &other, &[]));
-    assert_eq!(code, Some(1), "second daemon: {err}");
+    let mut second = Logged::start("bulkhead-blk", blk_command(&c, &other, &[]), other.socket());
+    let t = Instant::now();
+    let refused = match BlkDriver::connect(other.socket(), &Options::default()) {
+        Err(_) => true,
+        Ok(mut b) => b
+            .write(0, 0, &[5u8; 512])
+            .map_or(true, |st| st != VIRTIO_BLK_S_OK),
+    };
+    let log = second.log.text();
+    assert!(refused, "a second daemon wrote the image: {log}");
     assert!(
-        err.contains("locked by another client") && err.contains("--break-lock"),
-        "unclear refusal: {err}"
+        second
+            .log
+            .wait_for("locked by another client", Duration::from_secs(10)),
+        "unclear refusal: {}",
+        second.log.text()
     );
+    let log = second.log.text();
+    // The holder is named (librbd names it by its address).
+    assert!(
+        log.contains("locked by another client (127.0.0.1:") && log.contains("--break-lock"),
+        "{log}"
+    );
+    eprintln!("second daemon's device refused after {:?}", t.elapsed());
+    assert!(second.is_running(), "the refused daemon died: {log}");
+    drop(second);
     // The first still serves.
     assert_eq!(
         blk.read(1, 0, 8192).unwrap(),
@@ -286,7 +311,7 @@ fn a_linux_guest_runs_fio_verify_on_an_rbd_image() {
         .arg(&socket)
         .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
         .arg(c.conf())
-        .args(["--sandbox", "off", "--num-queues", "2", "--serial", "rbd0"]);
+        .args(["--num-queues", "2", "--serial", "rbd0"]);
     let mut daemon = spawn_daemon("bulkhead-blk", &mut cmd, &log).unwrap();
     wait_for_path(&socket, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
@@ -333,16 +358,9 @@ check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
 }
 
 #[test]
-fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
+fn rbd_images_refuse_options_that_do_not_apply() {
     // No cluster needed: the refusal comes before connecting.
     let scratch = Scratch::new(4096).unwrap();
-    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
-    cmd.arg("--socket-path")
-        .arg(scratch.socket())
-        .args(["--image", "rbd:rbd/disk"]);
-    let (code, err) = exit_of(cmd);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--sandbox off"), "{err}");
     // Options of one kind of image are refused for the other, not ignored.
     for (image, flag) in [
         ("rbd:rbd/disk", "--no-lock"),
@@ -350,13 +368,9 @@ fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
         (scratch.image().to_str().unwrap(), "--break-lock"),
     ] {
         let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
-        cmd.arg("--socket-path").arg(scratch.socket()).args([
-            "--image",
-            image,
-            "--sandbox",
-            "off",
-            flag,
-        ]);
+        cmd.arg("--socket-path")
+            .arg(scratch.socket())
+            .args(["--image", image, flag]);
         let (code, err) = exit_of(cmd);
         assert_eq!(code, Some(2), "{image} {flag}: {err}");
         assert!(err.contains(flag), "{err}");
@@ -388,4 +402,144 @@ fn break_lock_fences_off_a_holder_that_is_still_alive() {
     assert!(old.is_running(), "the fenced-off daemon died");
     assert_eq!(b.read(0, 0, 4096).unwrap(), (VIRTIO_BLK_S_OK, data.clone()));
     assert!(c.export("disk").unwrap()[..4096] == data[..]);
+}
+
+#[test]
+fn a_swap_hands_the_lock_to_the_new_daemon_without_losing_io() {
+    let Some(c) = cluster("a_swap_hands_the_lock_to_the_new_daemon_without_losing_io") else {
+        return;
+    };
+    let opts = Options::default().queues(2);
+    let mut old = start(&c, &["--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(old.socket(), &opts).unwrap();
+    let first = pattern(4, 8192);
+    assert_eq!(blk.write(0, 0, &first).unwrap(), VIRTIO_BLK_S_OK);
+
+    // The new daemon starts beside the old one, which holds the lock.
+    let new = start(&c, &["--num-queues", "2"]);
+    // Writes in flight on the old daemon as the frontend moves (what `ctl
+    // swap` and a launcher restart do): the old one lets go of the lock
+    // once its queues stop, the new one takes it as its queues start and
+    // serves the resubmitted writes.
+    blk.defer_kick = true;
+    let mut writes = Vec::new();
+    for q in 0..2u64 {
+        for i in 0..16u64 {
+            let sector = (2 << 20) / SECTOR_SIZE + (q * 16 + i) * 128;
+            let data = pattern(100 + (q * 16 + i) as u8, 64 << 10);
+            blk.submit(q as usize, &Request::write(sector, data.clone()))
+                .unwrap();
+            writes.push((sector, data));
+        }
+    }
+    blk.kick(0).unwrap();
+    blk.kick(1).unwrap();
+    blk.defer_kick = false;
+    let t = Instant::now();
+    // As `ctl swap` does: stop the old daemon's queues (GET_VRING_BASE
+    // answers once its queue thread is done), then move to the new one.
+    for q in 0..2 {
+        blk.dev
+            .stop_queue(q)
+            .expect("stop a queue of the old daemon");
+    }
+    blk = blk
+        .reconnect(new.socket(), &opts)
+        .expect("reconnect to the new daemon");
+    let mut done = 0;
+    for q in 0..2 {
+        while blk.pending(q) > 0 {
+            let c = blk.reap(q).expect("every request completes exactly once");
+            assert_eq!(c.status, VIRTIO_BLK_S_OK, "request {} failed", c.head);
+            done += 1;
+        }
+        let extra = blk.queue(q).unwrap().wait_used(Duration::from_millis(200));
+        assert!(extra.is_err(), "queue {q}: extra completion {extra:?}");
+    }
+    // Served by the new daemon: it holds the lock now.
+    let data = pattern(5, 4096);
+    assert_eq!(blk.write(1, 64, &data).unwrap(), VIRTIO_BLK_S_OK);
+    let took = t.elapsed();
+    eprintln!("swap: {done} in-flight write(s) served by the new daemon after {took:?}");
+    assert_eq!(done, writes.len());
+    assert!(
+        took < Duration::from_secs(5),
+        "the hand-over took {took:?} (the lock wait is 5 s)"
+    );
+    assert!(old.is_running(), "the old daemon died");
+    assert_eq!(blk.read(0, 0, 8192).unwrap(), (VIRTIO_BLK_S_OK, first));
+    let image = c.export("disk").unwrap();
+    for (sector, data) in writes.iter().chain([(64, data)].iter()) {
+        let off = (sector * SECTOR_SIZE) as usize;
+        assert!(
+            image[off..off + data.len()] == data[..],
+            "write at {sector} lost"
+        );
+    }
+    // The old daemon, without the lock, cannot write any more; back on it
+    // (a swap back), it takes the lock again once the new one lets go.
+    for q in 0..2 {
+        blk.dev
+            .stop_queue(q)
+            .expect("stop a queue of the new daemon");
+    }
+    blk = blk.reconnect(old.socket(), &opts).expect("swap back");
+    assert_eq!(blk.write(0, 8, &[6u8; 4096]).unwrap(), VIRTIO_BLK_S_OK);
+    assert!(c.export("disk").unwrap()[4096..8192] == [6u8; 4096][..]);
+}
+
+#[test]
+fn every_thread_of_an_rbd_daemon_is_confined_and_a_forbidden_call_kills_it() {
+    let Some(c) =
+        cluster("every_thread_of_an_rbd_daemon_is_confined_and_a_forbidden_call_kills_it")
+    else {
+        return;
+    };
+    // The default is --sandbox enforce, as for a file.
+    let d = start(&c, &["--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default().queues(2)).unwrap();
+    for q in 0..2 {
+        assert_eq!(blk.write(q, 8, &pattern(9, 4096)).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    // Every thread, librados' included, is in seccomp filter mode with
+    // no_new_privs; each queue thread stacked its own filter.
+    let workers = confined_workers(d.pid(), 2);
+    assert_eq!(workers.len(), 2, "expected two queue threads: {workers:?}");
+    let all = threads(d.pid());
+    let filters = |name: &str| {
+        all.iter()
+            .find(|(_, n, _)| n.starts_with(name))
+            .and_then(|(_, _, s)| field(s, "Seccomp_filters"))
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let main = filters("bulkhead-blk").expect("main thread");
+    let msgr = filters("msgr-worker").expect("a librados messenger thread");
+    // The messenger threads have the library's filters, the main thread
+    // its own on top of them.
+    assert!(msgr >= 1 && msgr < main, "msgr {msgr}, main {main}");
+
+    // A forbidden call on the main thread still kills the daemon, though
+    // librados' threads may open TCP sockets.
+    let scratch = Scratch::new(4096).unwrap();
+    let mut cmd = Command::new(hooked_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .args(["--image", "rbd:rbd/other", "--ceph-conf"])
+        .arg(c.conf())
+        .env("BULKHEAD_TEST_HOOK", "socket-inet");
+    c.create_image("other", 4 << 20).unwrap();
+    let mut hooked = Logged::spawn("bulkhead-blk", cmd).unwrap();
+    assert_eq!(
+        hooked.killed_by(),
+        Some(libc::SIGSYS),
+        "{}",
+        hooked.log.text()
+    );
+    let text = hooked.log.text();
+    assert!(text.contains("threads of librados"), "{text}");
+    assert!(
+        text.contains("test-hook: calling socket(AF_INET)"),
+        "{text}"
+    );
+    assert!(!text.contains("returned an fd"), "{text}");
 }

@@ -36,6 +36,9 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
     if let Some((disk, at_exit)) = rbd_disk(args)? {
         let mut b = backend(args, disk, EngineKind::Rbd)?;
         b.at_exit = Some(at_exit);
+        // librados' threads run already: confined by their own list.
+        b.policy = policy::rbd_policy(args.num_queues);
+        b.library_threads = Some(policy::librados_threads());
         return Ok(b);
     }
     let disk = match (&args.image, args.image_fd) {
@@ -71,7 +74,6 @@ type AtExit = Box<dyn FnOnce()>;
 #[cfg(feature = "rbd")]
 fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
     use bulkhead_blk::rbd::{Image, ImageSpec, RbdOptions};
-    use bulkhead_common::sandbox::SandboxMode;
     let Some(spec) = args.image.as_deref().and_then(ImageSpec::parse) else {
         refuse_rbd_options_for_a_file(args)?;
         return Ok(None);
@@ -88,15 +90,6 @@ fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
             )));
         }
     }
-    if args.backend.sandbox.sandbox != SandboxMode::Off {
-        // librados runs its own threads and talks to every monitor and OSD:
-        // the sandbox policy for that is not written yet, and running
-        // without it must be asked for, not slipped in.
-        return Err(StartError::Usage(format!(
-            "{spec}: RBD images need --sandbox off for now (the sandbox has no policy for \
-             librados yet; docs/blk.md)"
-        )));
-    }
     let opts = RbdOptions {
         conf: args.ceph_conf.clone(),
         id: args.ceph_id.clone(),
@@ -105,10 +98,10 @@ fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
     };
     let image = Image::open(&spec, &opts).map_err(|e| StartError::Failed(error_chain(&e)))?;
     let image = Arc::new(image);
-    let (held, readonly) = (image.clone(), args.readonly);
+    let held = image.clone();
     // The device (and so the image) outlives serving: let go of the lock
     // here, so a successor after a clean stop needs no --break-lock.
-    let at_exit: AtExit = Box::new(move || held.release_lock(readonly));
+    let at_exit: AtExit = Box::new(move || held.release_lock());
     Ok(Some((Disk::from_rbd(image), at_exit)))
 }
 
