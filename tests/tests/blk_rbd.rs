@@ -543,3 +543,62 @@ fn every_thread_of_an_rbd_daemon_is_confined_and_a_forbidden_call_kills_it() {
     );
     assert!(!text.contains("returned an fd"), "{text}");
 }
+
+#[test]
+fn bulkhead_check_opens_rbd_images_and_names_each_problem() {
+    let Some(c) = cluster("bulkhead_check_opens_rbd_images_and_names_each_problem") else {
+        return;
+    };
+    c.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/nolock",
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = c.conf().display().to_string();
+    let check = |body: &str| {
+        let cfg = dir.path().join("vm.toml");
+        std::fs::write(&cfg, body).unwrap();
+        let out = Command::new(workspace_binary("bulkhead"))
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("run bulkhead (cargo build -p bulkhead-launcher)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A good image: no file is looked for, the daemon opens it.
+    let (code, err) = check(&format!(
+        "frontend = \"none\"\n[[blk]]\nimage = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n"
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    // Each problem named by its device: a missing image, one without the
+    // lock feature (fine read-only), a missing pool, a bad spec, a missing
+    // configuration file.
+    let (code, err) = check(&format!(
+        "frontend = \"none\"\n\
+         [[blk]]\nid = \"gone\"\nimage = \"rbd:rbd/missing\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"nolock\"\nimage = \"rbd:rbd/nolock\"\nargs = [\"--ceph-conf={conf}\"]\n\
+         [[blk]]\nid = \"ro\"\nimage = \"rbd:rbd/nolock\"\nreadonly = true\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"nopool\"\nimage = \"rbd:nopool/disk\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"bad\"\nimage = \"rbd:rbd\"\n\
+         [[blk]]\nid = \"noconf\"\nimage = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"/nonexistent/ceph.conf\"]\n"
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    for needle in [
+        "gone: bulkhead-blk refuses its options: cannot open rbd:rbd/missing",
+        "nolock: bulkhead-blk refuses its options: rbd:rbd/nolock has no exclusive-lock feature",
+        "nopool: bulkhead-blk refuses its options: cannot open pool nopool",
+        "bad: bulkhead-blk refuses its options: rbd:rbd: an RBD image is rbd:POOL/IMAGE",
+        "noconf: --ceph-conf = \"/nonexistent/ceph.conf\"",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+    }
+    assert!(!err.contains("ro:"), "{err}");
+}

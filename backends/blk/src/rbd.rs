@@ -339,6 +339,40 @@ impl Image {
         Ok(image)
     }
 
+    /// What `--check` reports: connects, opens the image as the daemon
+    /// would (taking no lock, breaking none, writing nothing) and, for a
+    /// writer, checks it has the exclusive-lock feature and names who holds
+    /// the lock now (a start waits for that holder to let go). An error is
+    /// what the start would fail on: no cluster, no pool, no image, no lock
+    /// feature.
+    pub fn probe(spec: &ImageSpec, opts: &RbdOptions) -> Result<String, RbdError> {
+        let look = RbdOptions {
+            break_lock: false,
+            ..opts.clone()
+        };
+        let image = Image::open(spec, &look)?;
+        let mut what = format!("{spec}: {} bytes", image.size);
+        if !opts.readonly {
+            let owners = image
+                .owners()
+                .map_err(|e| image.lock_error("rbd_lock_get_owners", e))?;
+            if owners.is_empty() {
+                what.push_str(", exclusive lock free");
+            } else {
+                what.push_str(&format!(
+                    ", exclusive lock held by {} ({})",
+                    owners.join(", "),
+                    if opts.break_lock {
+                        "--break-lock would break it"
+                    } else {
+                        "a start waits for it to let go"
+                    }
+                ));
+            }
+        }
+        Ok(what)
+    }
+
     /// The raw handle for the engine.
     pub(crate) fn handle(&self) -> sys::rbd_image_t {
         self.handle

@@ -348,6 +348,12 @@ fn default_runtime_dir(name: &str) -> PathBuf {
 }
 
 impl Supervisor {
+    /// Whether a backend talks to the network (a blk image on Ceph RBD), so
+    /// the launcher's Landlock domain must leave TCP to its children.
+    pub fn needs_network(&self) -> bool {
+        self.cfg.needs_network()
+    }
+
     /// Prepares the runtime directory and finds every binary; starts nothing.
     pub fn new(cfg: Config) -> Result<Self, LaunchError> {
         let runtime_dir = cfg
