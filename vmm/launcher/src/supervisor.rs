@@ -232,6 +232,11 @@ fn backend_args(spec: &BackendSpec, restart: bool) -> Vec<String> {
     if restart
         && spec.kind == crate::config::Kind::Blk
         && !spec.args.iter().any(|a| a == "--format")
+        // An RBD image has no format probe (bulkhead-blk refuses --format).
+        && !spec
+            .args
+            .windows(2)
+            .any(|w| w[0] == "--image" && crate::config::is_rbd_image(Path::new(&w[1])))
     {
         args.extend(["--format".to_string(), "raw".to_string()]);
     }
@@ -842,5 +847,10 @@ mod tests {
         let again = backend_args(&specs[0], true);
         assert_eq!(again[6..], ["--format", "raw"]);
         assert!(!backend_args(&specs[1], true).contains(&"--format".to_string()));
+        let rbd =
+            Config::parse("frontend = \"none\"\nuser = \"root\"\n[[blk]]\nimage = \"rbd:vms/d\"\n")
+                .unwrap();
+        let specs = rbd.backends(Path::new("/run/x"));
+        assert!(!backend_args(&specs[0], true).contains(&"--format".to_string()));
     }
 }
