@@ -602,3 +602,235 @@ fn bulkhead_check_opens_rbd_images_and_names_each_problem() {
     }
     assert!(!err.contains("ro:"), "{err}");
 }
+
+/// A QMP connection (greeting read, capabilities negotiated): just what
+/// the migration test below needs.
+struct Qmp {
+    out: std::os::unix::net::UnixStream,
+    input: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &std::path::Path) -> Qmp {
+        wait_for_path(path, Duration::from_secs(30)).unwrap();
+        let sock = std::os::unix::net::UnixStream::connect(path).expect("connect QMP");
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut q = Qmp {
+            out: sock.try_clone().unwrap(),
+            input: std::io::BufReader::new(sock),
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        q.execute("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        assert!(
+            self.input.read_line(&mut line).expect("read QMP") > 0,
+            "QMP closed"
+        );
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command and returns its `return` (events in between skipped).
+    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({ "execute": cmd, "arguments": args });
+        writeln!(self.out, "{msg}").expect("write QMP");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                continue;
+            }
+            match v.get("return") {
+                Some(r) => return r.clone(),
+                None => panic!("QMP {cmd}: {v}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_migration_moves_the_lock_from_the_source_daemon_to_the_destination() {
+    use bulkhead_tests::guest::{GuestRun, image, tail};
+    let Some(c) = cluster("a_migration_moves_the_lock_from_the_source_daemon_to_the_destination")
+    else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-rbd-migrate-")
+        .tempdir()
+        .unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // The guest writes and reads back with O_DIRECT until the serial it
+    // reads (GET_ID, from the device on every read) says the destination's
+    // daemon answers, then writes once more there.
+    let script = r#"
+dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null
+want=$(sha256sum < /tmp/a | cut -d' ' -f1)
+first=$(cat /sys/block/vda/serial)
+value first-serial "$first"
+value ready 1
+end=$(( $(date +%s) + 90 ))
+rounds=0
+bad=0
+while [ "$(date +%s)" -lt "$end" ] && [ "$(cat /sys/block/vda/serial)" = "$first" ]; do
+  slot=$(( rounds % 4 ))
+  dd if=/tmp/a of=/dev/vda bs=1M seek=$(( slot * 4 )) oflag=direct 2>/dev/null || bad=$(( bad + 1 ))
+  got=$(dd if=/dev/vda bs=1M skip=$(( slot * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || bad=$(( bad + 1 ))
+  rounds=$(( rounds + 1 ))
+done
+value rounds $rounds
+value last-serial "$(cat /sys/block/vda/serial)"
+expect_eq loop-readbacks $bad 0
+check dst-write dd if=/tmp/a of=/dev/vda bs=1M seek=20 oflag=direct
+expect_eq dst-readback "$(dd if=/dev/vda bs=1M skip=20 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)" "$want"
+"#;
+    bulkhead_tests::guest::Guest::new(script.to_string())
+        .write_initrd_to(&p("initrd.cpio"))
+        .unwrap();
+    let daemon = |side: &str| {
+        let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+        cmd.arg("--socket-path")
+            .arg(p(&format!("{side}-blk.sock")))
+            .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
+            .arg(c.conf())
+            .args(["--num-queues", "1", "--serial", side]);
+        let g = spawn_daemon("bulkhead-blk", &mut cmd, &p(&format!("{side}-blk.log"))).unwrap();
+        wait_for_path(&p(&format!("{side}-blk.sock")), Duration::from_secs(30)).unwrap();
+        g
+    };
+    // Both daemons run on the image from the start; the destination's takes
+    // the lock only when its device starts.
+    let mut src_blk = daemon("source");
+    let mut dst_blk = daemon("destination");
+    let qemu = |side: &str, extra: &[String]| {
+        let img = image();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+            "-m",
+            "512M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-M", "q35,memory-backend=mem", "-smp", "1", "-kernel"])
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(p("initrd.cpio"))
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", p(&format!("{side}.serial")).display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=vu0,path={}",
+            p(&format!("{side}-blk.sock")).display()
+        ))
+        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"])
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            p(&format!("{side}.qmp")).display()
+        ))
+        .args(extra);
+        spawn_daemon("qemu", &mut cmd, &p(&format!("{side}-qemu.log"))).unwrap()
+    };
+    let read = |n: &str| {
+        String::from_utf8_lossy(&std::fs::read(p(n)).unwrap_or_default()).replace('\r', "")
+    };
+    let logs = || {
+        format!(
+            "--- source serial:\n{}\n--- destination serial:\n{}\n--- source daemon:\n{}\n\
+             --- destination daemon:\n{}\n--- destination QEMU:\n{}",
+            tail(&read("source.serial"), 20),
+            tail(&read("destination.serial"), 20),
+            tail(&read("source-blk.log"), 20),
+            tail(&read("destination-blk.log"), 20),
+            tail(&read("destination-qemu.log"), 20),
+        )
+    };
+    let incoming = format!("unix:{}", p("migrate.sock").display());
+    let mut dst = qemu("destination", &["-incoming".into(), incoming.clone()]);
+    let mut src = qemu("source", &[]);
+    let mut src_qmp = Qmp::connect(&p("source.qmp"));
+    let _dst_qmp = Qmp::connect(&p("destination.qmp"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !read("source.serial").contains("@@BULKHEAD VALUE ready 1") {
+        assert!(
+            Instant::now() < deadline && matches!(src.try_wait(), Ok(None)),
+            "the guest never got ready\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    src_qmp.execute("migrate", serde_json::json!({ "uri": incoming }));
+    loop {
+        let info = src_qmp.execute("query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status == "completed" {
+            break;
+        }
+        assert!(
+            !matches!(status.as_str(), "failed" | "cancelled")
+                && started.elapsed() < Duration::from_secs(120),
+            "migration {status}: {info}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("migration completed in {:.1?}", started.elapsed());
+    {
+        use std::io::Write;
+        let _ = writeln!(src_qmp.out, "{}", serde_json::json!({ "execute": "quit" }));
+    }
+    if !matches!(src.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
+        let _ = src.kill();
+    }
+    let exited = dst.wait_timeout(Duration::from_secs(180)).unwrap();
+    if exited.is_none() {
+        let _ = dst.kill();
+    }
+    for d in [&mut src_blk, &mut dst_blk] {
+        let _ = d.signal(libc::SIGTERM);
+        let _ = d.wait_timeout(Duration::from_secs(10));
+    }
+    let run = GuestRun::parse(&(read("source.serial") + &read("destination.serial")));
+    let dst_run = GuestRun::parse(&read("destination.serial"));
+    assert!(
+        exited.is_some() && run.passed(),
+        "guest test failed (destination QEMU exited: {exited:?})\n{}\n{}",
+        run.report(),
+        logs()
+    );
+    assert_eq!(
+        dst_run.value("last-serial"),
+        Some("destination"),
+        "{}",
+        logs()
+    );
+    assert!(dst_run.check("dst-readback").is_some(), "{}", logs());
+    // The lock moved: released by the source as its device stopped, taken
+    // by the destination as its device started.
+    let (src_log, dst_log) = (read("source-blk.log"), read("destination-blk.log"));
+    assert!(src_log.contains("exclusive lock released"), "{}", logs());
+    assert!(dst_log.contains("exclusive lock taken"), "{}", logs());
+    eprintln!(
+        "{} rounds on the source, lock handed over",
+        run.value("rounds").unwrap_or("?")
+    );
+    let image = c.export("disk").unwrap();
+    assert!(
+        image[20 << 20..24 << 20] == image[0..4 << 20],
+        "the destination's write is not in rbd export"
+    );
+}
