@@ -834,3 +834,52 @@ expect_eq dst-readback "$(dd if=/dev/vda bs=1M skip=20 count=4 iflag=direct 2>/d
         "the destination's write is not in rbd export"
     );
 }
+
+#[test]
+fn the_sandboxed_launcher_serves_an_rbd_image() {
+    let Some(c) = cluster("the_sandboxed_launcher_serves_an_rbd_image") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let cfg = dir.path().join("vm.toml");
+    // Backends as root: the cluster's directory is private to its owner.
+    std::fs::write(
+        &cfg,
+        format!(
+            "runtime_dir = \"{}\"\nfrontend = \"none\"\nuser = \"root\"\n[[blk]]\nid = \"rbd0\"\n\
+             image = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"{}\"]\n",
+            run.display(),
+            c.conf().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(workspace_binary("bulkhead"));
+    cmd.args(["up", "--config"]).arg(&cfg).stdin(Stdio::null());
+    let mut launcher = ChildGuard::spawn("bulkhead", &mut cmd).unwrap();
+    // The launcher confines itself (Landlock inherited by its children) but
+    // leaves TCP to them: the daemon reaches the cluster and serves.
+    let socket = run.join("rbd0.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut blk = loop {
+        if let Ok(b) = BlkDriver::connect(&socket, &Options::default()) {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline && matches!(launcher.try_wait(), Ok(None)),
+            "the launcher's rbd0 never served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let data = pattern(8, 4096);
+    assert_eq!(blk.write(0, 16, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        blk.read(0, 16, 4096).unwrap(),
+        (VIRTIO_BLK_S_OK, data.clone())
+    );
+    drop(blk);
+    launcher.signal(libc::SIGTERM).unwrap();
+    let st = launcher.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "launcher exit: {st:?}");
+    assert!(c.export("disk").unwrap()[16 * 512..16 * 512 + 4096] == data[..]);
+}
