@@ -34,7 +34,7 @@ use crate::cli::{VhostUserArgs, fail, print_capabilities};
 use crate::daemon::{Endpoint, serve_endpoint};
 use crate::device::VhostUserDevice;
 use crate::logging::init_logging;
-use crate::sandbox::{Policy, Sandbox, SandboxArgs};
+use crate::sandbox::{LibraryThreads, Policy, Sandbox, SandboxArgs};
 use crate::stats_socket::StatsSocket;
 use crate::systemd;
 
@@ -120,6 +120,10 @@ pub struct Backend<D> {
     pub busy_poll: Duration,
     /// Runs once serving ends (console: restores the terminal).
     pub at_exit: Option<Box<dyn FnOnce()>>,
+    /// Threads a library started in `build` (blk: librados for an RBD
+    /// image), confined by [`Sandbox::enter_threaded`]; None: `build` left
+    /// the process single-threaded.
+    pub library_threads: Option<LibraryThreads>,
 }
 
 impl<D> Backend<D> {
@@ -130,6 +134,7 @@ impl<D> Backend<D> {
             policy,
             busy_poll: Duration::ZERO,
             at_exit: None,
+            library_threads: None,
         }
     }
 }
@@ -198,7 +203,11 @@ pub fn run<D: VhostUserDevice>(
         log::warn!("NOTIFY_SOCKET: {e}; the supervisor will not hear READY=1");
         None
     });
-    if let Err(e) = Sandbox::enter(&args.sandbox, &backend.policy) {
+    let entered = match &backend.library_threads {
+        Some(lib) => Sandbox::enter_threaded(&args.sandbox, &backend.policy, lib),
+        None => Sandbox::enter(&args.sandbox, &backend.policy),
+    };
+    if let Err(e) = entered {
         return fail(&e);
     }
     // The socket listens and the sandbox holds: frontends may come.

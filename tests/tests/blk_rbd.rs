@@ -1,7 +1,10 @@
 //! `bulkhead-blk` serving an image on Ceph RBD (`--image rbd:POOL/IMAGE`),
 //! against a throwaway one-node cluster (`bulkhead_tests::ceph`), driven by
 //! the test kit's virtio-blk driver. Each test starts its own cluster
-//! (about 12 s) and tears it down when it ends.
+//! (about 12 s) and tears it down when it ends. Every daemon runs with the
+//! default sandbox (`enforce`: librados' threads under their own list);
+//! the test of a forbidden call builds a `test-hooks` daemon into
+//! `target/hooked` (see `tests/tests/sandbox.rs`).
 //!
 //! Run `cargo build -p bulkhead-blk` first.
 
@@ -15,6 +18,7 @@ use bulkhead_tests::daemon::{Daemon, Scratch};
 use bulkhead_tests::frontend::Options;
 use bulkhead_tests::guest::{Guest, spawn_daemon};
 use bulkhead_tests::process::{ChildGuard, wait_for_path, workspace_binary};
+use bulkhead_tests::sandbox::{Logged, confined_workers, field, hooked_binary, threads};
 use bulkhead_tests::skip::skip_if;
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -40,7 +44,6 @@ fn blk_command_on(c: &Cluster, image: &str, scratch: &Scratch, extra: &[&str]) -
         .arg(scratch.socket())
         .args(["--image", image, "--ceph-conf"])
         .arg(c.conf())
-        .args(["--sandbox", "off"])
         .args(extra);
     cmd
 }
@@ -162,14 +165,36 @@ fn a_second_daemon_is_refused_and_a_killed_one_is_replaced_with_break_lock() {
     let first = pattern(9, 8192);
     assert_eq!(blk.write(0, 0, &first).unwrap(), VIRTIO_BLK_S_OK);
 
-    // A second daemon on the same image while the first serves.
+    // A second daemon on the same image while the first serves: it starts
+    // (a swap's new daemon must), but its device does not, and its log
+    // names the holder.
     let other = Scratch::new(4096).unwrap();
-    let (code, err) = exit_of(blk_command(&c, &other, &[]));
-    assert_eq!(code, Some(1), "second daemon: {err}");
+    let mut second = Logged::start("bulkhead-blk", blk_command(&c, &other, &[]), other.socket());
+    let t = Instant::now();
+    let refused = match BlkDriver::connect(other.socket(), &Options::default()) {
+        Err(_) => true,
+        Ok(mut b) => b
+            .write(0, 0, &[5u8; 512])
+            .map_or(true, |st| st != VIRTIO_BLK_S_OK),
+    };
+    let log = second.log.text();
+    assert!(refused, "a second daemon wrote the image: {log}");
     assert!(
-        err.contains("locked by another client") && err.contains("--break-lock"),
-        "unclear refusal: {err}"
+        second
+            .log
+            .wait_for("locked by another client", Duration::from_secs(10)),
+        "unclear refusal: {}",
+        second.log.text()
     );
+    let log = second.log.text();
+    // The holder is named (librbd names it by its address).
+    assert!(
+        log.contains("locked by another client (127.0.0.1:") && log.contains("--break-lock"),
+        "{log}"
+    );
+    eprintln!("second daemon's device refused after {:?}", t.elapsed());
+    assert!(second.is_running(), "the refused daemon died: {log}");
+    drop(second);
     // The first still serves.
     assert_eq!(
         blk.read(1, 0, 8192).unwrap(),
@@ -286,7 +311,7 @@ fn a_linux_guest_runs_fio_verify_on_an_rbd_image() {
         .arg(&socket)
         .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
         .arg(c.conf())
-        .args(["--sandbox", "off", "--num-queues", "2", "--serial", "rbd0"]);
+        .args(["--num-queues", "2", "--serial", "rbd0"]);
     let mut daemon = spawn_daemon("bulkhead-blk", &mut cmd, &log).unwrap();
     wait_for_path(&socket, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
@@ -333,16 +358,9 @@ check pattern-write dd if=/data/pattern.bin of=/dev/vda bs=1M seek=28 conv=fsync
 }
 
 #[test]
-fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
+fn rbd_images_refuse_options_that_do_not_apply() {
     // No cluster needed: the refusal comes before connecting.
     let scratch = Scratch::new(4096).unwrap();
-    let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
-    cmd.arg("--socket-path")
-        .arg(scratch.socket())
-        .args(["--image", "rbd:rbd/disk"]);
-    let (code, err) = exit_of(cmd);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--sandbox off"), "{err}");
     // Options of one kind of image are refused for the other, not ignored.
     for (image, flag) in [
         ("rbd:rbd/disk", "--no-lock"),
@@ -350,13 +368,9 @@ fn rbd_images_refuse_the_sandbox_and_options_that_do_not_apply() {
         (scratch.image().to_str().unwrap(), "--break-lock"),
     ] {
         let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
-        cmd.arg("--socket-path").arg(scratch.socket()).args([
-            "--image",
-            image,
-            "--sandbox",
-            "off",
-            flag,
-        ]);
+        cmd.arg("--socket-path")
+            .arg(scratch.socket())
+            .args(["--image", image, flag]);
         let (code, err) = exit_of(cmd);
         assert_eq!(code, Some(2), "{image} {flag}: {err}");
         assert!(err.contains(flag), "{err}");
@@ -388,4 +402,484 @@ fn break_lock_fences_off_a_holder_that_is_still_alive() {
     assert!(old.is_running(), "the fenced-off daemon died");
     assert_eq!(b.read(0, 0, 4096).unwrap(), (VIRTIO_BLK_S_OK, data.clone()));
     assert!(c.export("disk").unwrap()[..4096] == data[..]);
+}
+
+#[test]
+fn a_swap_hands_the_lock_to_the_new_daemon_without_losing_io() {
+    let Some(c) = cluster("a_swap_hands_the_lock_to_the_new_daemon_without_losing_io") else {
+        return;
+    };
+    let opts = Options::default().queues(2);
+    let mut old = start(&c, &["--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(old.socket(), &opts).unwrap();
+    let first = pattern(4, 8192);
+    assert_eq!(blk.write(0, 0, &first).unwrap(), VIRTIO_BLK_S_OK);
+
+    // The new daemon starts beside the old one, which holds the lock.
+    let new = start(&c, &["--num-queues", "2"]);
+    // Writes in flight on the old daemon as the frontend moves (what `ctl
+    // swap` and a launcher restart do): the old one lets go of the lock
+    // once its queues stop, the new one takes it as its queues start and
+    // serves the resubmitted writes.
+    blk.defer_kick = true;
+    let mut writes = Vec::new();
+    for q in 0..2u64 {
+        for i in 0..16u64 {
+            let sector = (2 << 20) / SECTOR_SIZE + (q * 16 + i) * 128;
+            let data = pattern(100 + (q * 16 + i) as u8, 64 << 10);
+            blk.submit(q as usize, &Request::write(sector, data.clone()))
+                .unwrap();
+            writes.push((sector, data));
+        }
+    }
+    blk.kick(0).unwrap();
+    blk.kick(1).unwrap();
+    blk.defer_kick = false;
+    let t = Instant::now();
+    // As `ctl swap` does: stop the old daemon's queues (GET_VRING_BASE
+    // answers once its queue thread is done), then move to the new one.
+    for q in 0..2 {
+        blk.dev
+            .stop_queue(q)
+            .expect("stop a queue of the old daemon");
+    }
+    blk = blk
+        .reconnect(new.socket(), &opts)
+        .expect("reconnect to the new daemon");
+    let mut done = 0;
+    for q in 0..2 {
+        while blk.pending(q) > 0 {
+            let c = blk.reap(q).expect("every request completes exactly once");
+            assert_eq!(c.status, VIRTIO_BLK_S_OK, "request {} failed", c.head);
+            done += 1;
+        }
+        let extra = blk.queue(q).unwrap().wait_used(Duration::from_millis(200));
+        assert!(extra.is_err(), "queue {q}: extra completion {extra:?}");
+    }
+    // Served by the new daemon: it holds the lock now.
+    let data = pattern(5, 4096);
+    assert_eq!(blk.write(1, 64, &data).unwrap(), VIRTIO_BLK_S_OK);
+    let took = t.elapsed();
+    eprintln!("swap: {done} in-flight write(s) served by the new daemon after {took:?}");
+    assert_eq!(done, writes.len());
+    assert!(
+        took < Duration::from_secs(5),
+        "the hand-over took {took:?} (the lock wait is 5 s)"
+    );
+    assert!(old.is_running(), "the old daemon died");
+    assert_eq!(blk.read(0, 0, 8192).unwrap(), (VIRTIO_BLK_S_OK, first));
+    let image = c.export("disk").unwrap();
+    for (sector, data) in writes.iter().chain([(64, data)].iter()) {
+        let off = (sector * SECTOR_SIZE) as usize;
+        assert!(
+            image[off..off + data.len()] == data[..],
+            "write at {sector} lost"
+        );
+    }
+    // The old daemon, without the lock, cannot write any more; back on it
+    // (a swap back), it takes the lock again once the new one lets go.
+    for q in 0..2 {
+        blk.dev
+            .stop_queue(q)
+            .expect("stop a queue of the new daemon");
+    }
+    blk = blk.reconnect(old.socket(), &opts).expect("swap back");
+    assert_eq!(blk.write(0, 8, &[6u8; 4096]).unwrap(), VIRTIO_BLK_S_OK);
+    assert!(c.export("disk").unwrap()[4096..8192] == [6u8; 4096][..]);
+}
+
+#[test]
+fn every_thread_of_an_rbd_daemon_is_confined_and_a_forbidden_call_kills_it() {
+    let Some(c) =
+        cluster("every_thread_of_an_rbd_daemon_is_confined_and_a_forbidden_call_kills_it")
+    else {
+        return;
+    };
+    // The default is --sandbox enforce, as for a file.
+    let d = start(&c, &["--num-queues", "2"]);
+    let mut blk = BlkDriver::connect(d.socket(), &Options::default().queues(2)).unwrap();
+    for q in 0..2 {
+        assert_eq!(blk.write(q, 8, &pattern(9, 4096)).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    // Every thread, librados' included, is in seccomp filter mode with
+    // no_new_privs; each queue thread stacked its own filter.
+    let workers = confined_workers(d.pid(), 2);
+    assert_eq!(workers.len(), 2, "expected two queue threads: {workers:?}");
+    let all = threads(d.pid());
+    let filters = |name: &str| {
+        all.iter()
+            .find(|(_, n, _)| n.starts_with(name))
+            .and_then(|(_, _, s)| field(s, "Seccomp_filters"))
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let main = filters("bulkhead-blk").expect("main thread");
+    let msgr = filters("msgr-worker").expect("a librados messenger thread");
+    // The messenger threads have the library's filters, the main thread
+    // its own on top of them.
+    assert!(msgr >= 1 && msgr < main, "msgr {msgr}, main {main}");
+
+    // A forbidden call on the main thread still kills the daemon, though
+    // librados' threads may open TCP sockets.
+    let scratch = Scratch::new(4096).unwrap();
+    let mut cmd = Command::new(hooked_binary("bulkhead-blk"));
+    cmd.arg("--socket-path")
+        .arg(scratch.socket())
+        .args(["--image", "rbd:rbd/other", "--ceph-conf"])
+        .arg(c.conf())
+        .env("BULKHEAD_TEST_HOOK", "socket-inet");
+    c.create_image("other", 4 << 20).unwrap();
+    let mut hooked = Logged::spawn("bulkhead-blk", cmd).unwrap();
+    assert_eq!(
+        hooked.killed_by(),
+        Some(libc::SIGSYS),
+        "{}",
+        hooked.log.text()
+    );
+    let text = hooked.log.text();
+    assert!(text.contains("threads of librados"), "{text}");
+    assert!(
+        text.contains("test-hook: calling socket(AF_INET)"),
+        "{text}"
+    );
+    assert!(!text.contains("returned an fd"), "{text}");
+}
+
+#[test]
+fn bulkhead_check_opens_rbd_images_and_names_each_problem() {
+    let Some(c) = cluster("bulkhead_check_opens_rbd_images_and_names_each_problem") else {
+        return;
+    };
+    c.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/nolock",
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = c.conf().display().to_string();
+    let check = |body: &str| {
+        let cfg = dir.path().join("vm.toml");
+        std::fs::write(&cfg, body).unwrap();
+        let out = Command::new(workspace_binary("bulkhead"))
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("run bulkhead (cargo build -p bulkhead-launcher)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A good image: no file is looked for, the daemon opens it.
+    let (code, err) = check(&format!(
+        "frontend = \"none\"\n[[blk]]\nimage = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n"
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    // Each problem named by its device: a missing image, one without the
+    // lock feature (fine read-only), a missing pool, a bad spec, a missing
+    // configuration file.
+    let (code, err) = check(&format!(
+        "frontend = \"none\"\n\
+         [[blk]]\nid = \"gone\"\nimage = \"rbd:rbd/missing\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"nolock\"\nimage = \"rbd:rbd/nolock\"\nargs = [\"--ceph-conf={conf}\"]\n\
+         [[blk]]\nid = \"ro\"\nimage = \"rbd:rbd/nolock\"\nreadonly = true\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"nopool\"\nimage = \"rbd:nopool/disk\"\nargs = [\"--ceph-conf\", \"{conf}\"]\n\
+         [[blk]]\nid = \"bad\"\nimage = \"rbd:rbd\"\n\
+         [[blk]]\nid = \"noconf\"\nimage = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"/nonexistent/ceph.conf\"]\n"
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    for needle in [
+        "gone: bulkhead-blk refuses its options: cannot open rbd:rbd/missing",
+        "nolock: bulkhead-blk refuses its options: rbd:rbd/nolock has no exclusive-lock feature",
+        "nopool: bulkhead-blk refuses its options: cannot open pool nopool",
+        "bad: bulkhead-blk refuses its options: rbd:rbd: an RBD image is rbd:POOL/IMAGE",
+        "noconf: --ceph-conf = \"/nonexistent/ceph.conf\"",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+    }
+    assert!(!err.contains("ro:"), "{err}");
+}
+
+/// A QMP connection (greeting read, capabilities negotiated): just what
+/// the migration test below needs.
+struct Qmp {
+    out: std::os::unix::net::UnixStream,
+    input: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &std::path::Path) -> Qmp {
+        wait_for_path(path, Duration::from_secs(30)).unwrap();
+        let sock = std::os::unix::net::UnixStream::connect(path).expect("connect QMP");
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut q = Qmp {
+            out: sock.try_clone().unwrap(),
+            input: std::io::BufReader::new(sock),
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        q.execute("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        assert!(
+            self.input.read_line(&mut line).expect("read QMP") > 0,
+            "QMP closed"
+        );
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command and returns its `return` (events in between skipped).
+    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({ "execute": cmd, "arguments": args });
+        writeln!(self.out, "{msg}").expect("write QMP");
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                continue;
+            }
+            match v.get("return") {
+                Some(r) => return r.clone(),
+                None => panic!("QMP {cmd}: {v}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_migration_moves_the_lock_from_the_source_daemon_to_the_destination() {
+    use bulkhead_tests::guest::{GuestRun, image, tail};
+    let Some(c) = cluster("a_migration_moves_the_lock_from_the_source_daemon_to_the_destination")
+    else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-rbd-migrate-")
+        .tempdir()
+        .unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // The guest writes and reads back with O_DIRECT until the serial it
+    // reads (GET_ID, from the device on every read) says the destination's
+    // daemon answers, then writes once more there.
+    let script = r#"
+dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null
+want=$(sha256sum < /tmp/a | cut -d' ' -f1)
+first=$(cat /sys/block/vda/serial)
+value first-serial "$first"
+value ready 1
+end=$(( $(date +%s) + 90 ))
+rounds=0
+bad=0
+while [ "$(date +%s)" -lt "$end" ] && [ "$(cat /sys/block/vda/serial)" = "$first" ]; do
+  slot=$(( rounds % 4 ))
+  dd if=/tmp/a of=/dev/vda bs=1M seek=$(( slot * 4 )) oflag=direct 2>/dev/null || bad=$(( bad + 1 ))
+  got=$(dd if=/dev/vda bs=1M skip=$(( slot * 4 )) count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || bad=$(( bad + 1 ))
+  rounds=$(( rounds + 1 ))
+done
+value rounds $rounds
+value last-serial "$(cat /sys/block/vda/serial)"
+expect_eq loop-readbacks $bad 0
+check dst-write dd if=/tmp/a of=/dev/vda bs=1M seek=20 oflag=direct
+expect_eq dst-readback "$(dd if=/dev/vda bs=1M skip=20 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)" "$want"
+"#;
+    bulkhead_tests::guest::Guest::new(script.to_string())
+        .write_initrd_to(&p("initrd.cpio"))
+        .unwrap();
+    let daemon = |side: &str| {
+        let mut cmd = Command::new(workspace_binary("bulkhead-blk"));
+        cmd.arg("--socket-path")
+            .arg(p(&format!("{side}-blk.sock")))
+            .args(["--image", "rbd:rbd/disk", "--ceph-conf"])
+            .arg(c.conf())
+            .args(["--num-queues", "1", "--serial", side]);
+        let g = spawn_daemon("bulkhead-blk", &mut cmd, &p(&format!("{side}-blk.log"))).unwrap();
+        wait_for_path(&p(&format!("{side}-blk.sock")), Duration::from_secs(30)).unwrap();
+        g
+    };
+    // Both daemons run on the image from the start; the destination's takes
+    // the lock only when its device starts.
+    let mut src_blk = daemon("source");
+    let mut dst_blk = daemon("destination");
+    let qemu = |side: &str, extra: &[String]| {
+        let img = image();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+            "-m",
+            "512M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-M", "q35,memory-backend=mem", "-smp", "1", "-kernel"])
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(p("initrd.cpio"))
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", p(&format!("{side}.serial")).display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=vu0,path={}",
+            p(&format!("{side}-blk.sock")).display()
+        ))
+        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"])
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            p(&format!("{side}.qmp")).display()
+        ))
+        .args(extra);
+        spawn_daemon("qemu", &mut cmd, &p(&format!("{side}-qemu.log"))).unwrap()
+    };
+    let read = |n: &str| {
+        String::from_utf8_lossy(&std::fs::read(p(n)).unwrap_or_default()).replace('\r', "")
+    };
+    let logs = || {
+        format!(
+            "--- source serial:\n{}\n--- destination serial:\n{}\n--- source daemon:\n{}\n\
+             --- destination daemon:\n{}\n--- destination QEMU:\n{}",
+            tail(&read("source.serial"), 20),
+            tail(&read("destination.serial"), 20),
+            tail(&read("source-blk.log"), 20),
+            tail(&read("destination-blk.log"), 20),
+            tail(&read("destination-qemu.log"), 20),
+        )
+    };
+    let incoming = format!("unix:{}", p("migrate.sock").display());
+    let mut dst = qemu("destination", &["-incoming".into(), incoming.clone()]);
+    let mut src = qemu("source", &[]);
+    let mut src_qmp = Qmp::connect(&p("source.qmp"));
+    let _dst_qmp = Qmp::connect(&p("destination.qmp"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !read("source.serial").contains("@@BULKHEAD VALUE ready 1") {
+        assert!(
+            Instant::now() < deadline && matches!(src.try_wait(), Ok(None)),
+            "the guest never got ready\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    src_qmp.execute("migrate", serde_json::json!({ "uri": incoming }));
+    loop {
+        let info = src_qmp.execute("query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        if status == "completed" {
+            break;
+        }
+        assert!(
+            !matches!(status.as_str(), "failed" | "cancelled")
+                && started.elapsed() < Duration::from_secs(120),
+            "migration {status}: {info}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("migration completed in {:.1?}", started.elapsed());
+    {
+        use std::io::Write;
+        let _ = writeln!(src_qmp.out, "{}", serde_json::json!({ "execute": "quit" }));
+    }
+    if !matches!(src.wait_timeout(Duration::from_secs(10)), Ok(Some(_))) {
+        let _ = src.kill();
+    }
+    let exited = dst.wait_timeout(Duration::from_secs(180)).unwrap();
+    if exited.is_none() {
+        let _ = dst.kill();
+    }
+    for d in [&mut src_blk, &mut dst_blk] {
+        let _ = d.signal(libc::SIGTERM);
+        let _ = d.wait_timeout(Duration::from_secs(10));
+    }
+    let run = GuestRun::parse(&(read("source.serial") + &read("destination.serial")));
+    let dst_run = GuestRun::parse(&read("destination.serial"));
+    assert!(
+        exited.is_some() && run.passed(),
+        "guest test failed (destination QEMU exited: {exited:?})\n{}\n{}",
+        run.report(),
+        logs()
+    );
+    assert_eq!(
+        dst_run.value("last-serial"),
+        Some("destination"),
+        "{}",
+        logs()
+    );
+    assert!(dst_run.check("dst-readback").is_some(), "{}", logs());
+    // The lock moved: released by the source as its device stopped, taken
+    // by the destination as its device started.
+    let (src_log, dst_log) = (read("source-blk.log"), read("destination-blk.log"));
+    assert!(src_log.contains("exclusive lock released"), "{}", logs());
+    assert!(dst_log.contains("exclusive lock taken"), "{}", logs());
+    eprintln!(
+        "{} rounds on the source, lock handed over",
+        run.value("rounds").unwrap_or("?")
+    );
+    let image = c.export("disk").unwrap();
+    assert!(
+        image[20 << 20..24 << 20] == image[0..4 << 20],
+        "the destination's write is not in rbd export"
+    );
+}
+
+#[test]
+fn the_sandboxed_launcher_serves_an_rbd_image() {
+    let Some(c) = cluster("the_sandboxed_launcher_serves_an_rbd_image") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let cfg = dir.path().join("vm.toml");
+    // Backends as root: the cluster's directory is private to its owner.
+    std::fs::write(
+        &cfg,
+        format!(
+            "runtime_dir = \"{}\"\nfrontend = \"none\"\nuser = \"root\"\n[[blk]]\nid = \"rbd0\"\n\
+             image = \"rbd:rbd/disk\"\nargs = [\"--ceph-conf\", \"{}\"]\n",
+            run.display(),
+            c.conf().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(workspace_binary("bulkhead"));
+    cmd.args(["up", "--config"]).arg(&cfg).stdin(Stdio::null());
+    let mut launcher = ChildGuard::spawn("bulkhead", &mut cmd).unwrap();
+    // The launcher confines itself (Landlock inherited by its children) but
+    // leaves TCP to them: the daemon reaches the cluster and serves.
+    let socket = run.join("rbd0.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut blk = loop {
+        if let Ok(b) = BlkDriver::connect(&socket, &Options::default()) {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline && matches!(launcher.try_wait(), Ok(None)),
+            "the launcher's rbd0 never served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let data = pattern(8, 4096);
+    assert_eq!(blk.write(0, 16, &data).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        blk.read(0, 16, 4096).unwrap(),
+        (VIRTIO_BLK_S_OK, data.clone())
+    );
+    drop(blk);
+    launcher.signal(libc::SIGTERM).unwrap();
+    let st = launcher.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "launcher exit: {st:?}");
+    assert!(c.export("disk").unwrap()[16 * 512..16 * 512 + 4096] == data[..]);
 }

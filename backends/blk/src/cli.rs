@@ -96,9 +96,9 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub ceph_id: Option<String>,
 
-    /// RBD: if another client holds the image's exclusive lock, break it and
-    /// blocklist that client (fencing it off) instead of refusing to start.
-    /// Only for a holder that is dead or must be cut off.
+    /// RBD: if another client holds the image's exclusive lock, break it at
+    /// start and blocklist that client (fencing it off) instead of waiting
+    /// for it to let go. Only for a holder that is dead or must be cut off.
     #[arg(long)]
     pub break_lock: bool,
 

@@ -128,6 +128,10 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// An RBD image's exclusive lock could not be taken as the device starts.
+    #[cfg(feature = "rbd")]
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
     /// Anything else.
     #[error("cannot open {what}")]
     Io {
@@ -272,8 +276,14 @@ impl Disk {
     /// The device starts: takes the writer part of the image lock, waiting
     /// up to [`LOCK_WAIT`] for a swap's old daemon (which lets go once its
     /// queues stop) or a killed one (whose io_uring holds the image a
-    /// moment). Nothing to do for a read-only or unlocked image.
+    /// moment); for a writable RBD image, its exclusive lock
+    /// ([`crate::rbd::Image::acquire_lock`]). Nothing to do for a read-only
+    /// or unlocked image.
     pub fn activate(&self) -> Result<(), OpenError> {
+        #[cfg(feature = "rbd")]
+        if let Source::Rbd(image) = &self.source {
+            return Ok(image.acquire_lock(crate::rbd::LOCK_WAIT)?);
+        }
         let Some(what) = &self.writer_lock else {
             return Ok(());
         };
@@ -297,9 +307,14 @@ impl Disk {
         Ok(())
     }
 
-    /// The device stopped: drops the writer part, so another daemon (a
-    /// swap's new one) may write the image.
+    /// The device stopped: drops the writer part (an RBD image's exclusive
+    /// lock), so another daemon (a swap's new one) may write the image.
     pub fn deactivate(&self) {
+        #[cfg(feature = "rbd")]
+        if let Source::Rbd(image) = &self.source {
+            image.release_lock();
+            return;
+        }
         let Some(what) = &self.writer_lock else {
             return;
         };

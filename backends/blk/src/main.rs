@@ -37,6 +37,9 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
     if let Some((disk, at_exit)) = rbd_disk(args)? {
         let mut b = backend(args, disk, EngineKind::Rbd)?;
         b.at_exit = Some(at_exit);
+        // librados' threads run already: confined by their own list.
+        b.policy = policy::rbd_policy(args.num_queues);
+        b.library_threads = Some(policy::librados_threads());
         return Ok(b);
     }
     let disk = match (&args.image, args.image_fd) {
@@ -67,12 +70,12 @@ fn build(args: &Args) -> Result<Backend<BlkDevice>, StartError> {
 /// What runs once serving ends.
 type AtExit = Box<dyn FnOnce()>;
 
-/// The disk for `--image rbd:POOL/IMAGE` and what releases its lock at
-/// exit, or None for a file.
+/// The RBD image `--image` names (None for a file), with the options that
+/// do not apply to its kind refused: checked before anything starts,
+/// `--check` included.
 #[cfg(feature = "rbd")]
-fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
-    use bulkhead_blk::rbd::{Image, ImageSpec, RbdOptions};
-    use bulkhead_common::sandbox::SandboxMode;
+fn rbd_spec(args: &Args) -> Result<Option<bulkhead_blk::rbd::ImageSpec>, StartError> {
+    use bulkhead_blk::rbd::ImageSpec;
     let Some(spec) = args.image.as_deref().and_then(ImageSpec::parse) else {
         refuse_rbd_options_for_a_file(args)?;
         return Ok(None);
@@ -89,39 +92,60 @@ fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
             )));
         }
     }
-    if args.backend.sandbox.sandbox != SandboxMode::Off {
-        // librados runs its own threads and talks to every monitor and OSD:
-        // the sandbox policy for that is not written yet, and running
-        // without it must be asked for, not slipped in.
-        return Err(StartError::Usage(format!(
-            "{spec}: RBD images need --sandbox off for now (the sandbox has no policy for \
-             librados yet; docs/blk.md)"
-        )));
-    }
-    let opts = RbdOptions {
-        conf: args.ceph_conf.clone(),
-        id: args.ceph_id.clone(),
-        readonly: args.readonly,
-        break_lock: args.break_lock,
-    };
-    let image = Image::open(&spec, &opts).map_err(|e| StartError::Failed(error_chain(&e)))?;
-    let image = Arc::new(image);
-    let (held, readonly) = (image.clone(), args.readonly);
-    // The device (and so the image) outlives serving: let go of the lock
-    // here, so a successor after a clean stop needs no --break-lock.
-    let at_exit: AtExit = Box::new(move || held.release_lock(readonly));
-    Ok(Some((Disk::from_rbd(image), at_exit)))
+    Ok(Some(spec))
 }
 
 /// Without the `rbd` feature, `rbd:` images are refused.
 #[cfg(not(feature = "rbd"))]
-fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
+fn rbd_spec(args: &Args) -> Result<Option<std::convert::Infallible>, StartError> {
     match args.image.as_deref().and_then(|p| p.to_str()) {
         Some(s) if s.starts_with("rbd:") => Err(StartError::Usage(format!(
             "{s}: this bulkhead-blk was built without the rbd feature"
         ))),
         _ => refuse_rbd_options_for_a_file(args).map(|()| None),
     }
+}
+
+#[cfg(feature = "rbd")]
+fn rbd_options(args: &Args) -> bulkhead_blk::rbd::RbdOptions {
+    bulkhead_blk::rbd::RbdOptions {
+        conf: args.ceph_conf.clone(),
+        id: args.ceph_id.clone(),
+        readonly: args.readonly,
+        break_lock: args.break_lock,
+    }
+}
+
+/// `--check` on an RBD image: connects, opens the image read-only and
+/// says what a start would meet (size, whether a writer can lock it, who
+/// holds the lock); an error is what the start would fail on.
+#[cfg(feature = "rbd")]
+fn check_rbd(args: &Args, spec: &bulkhead_blk::rbd::ImageSpec) -> Result<String, String> {
+    bulkhead_blk::rbd::Image::probe(spec, &rbd_options(args)).map_err(|e| error_chain(&e))
+}
+
+/// The disk for `--image rbd:POOL/IMAGE` and what releases its lock at
+/// exit, or None for a file.
+#[cfg(feature = "rbd")]
+fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
+    use bulkhead_blk::rbd::Image;
+    let Some(spec) = rbd_spec(args)? else {
+        return Ok(None);
+    };
+    let opts = rbd_options(args);
+    let image = Image::open(&spec, &opts).map_err(|e| StartError::Failed(error_chain(&e)))?;
+    let image = Arc::new(image);
+    let held = image.clone();
+    // The device (and so the image) outlives serving: let go of the lock
+    // here, so a successor after a clean stop needs no --break-lock.
+    let at_exit: AtExit = Box::new(move || held.release_lock());
+    Ok(Some((Disk::from_rbd(image), at_exit)))
+}
+
+/// Without the `rbd` feature, `rbd:` images are refused.
+#[cfg(not(feature = "rbd"))]
+fn rbd_disk(args: &Args) -> Result<Option<(Disk, AtExit)>, StartError> {
+    rbd_spec(args).map(|_| None)
 }
 
 /// The RBD options make no sense for a file: refused, not ignored.
@@ -213,5 +237,28 @@ fn main() -> ExitCode {
         eprintln!("bulkhead-blk: {e}");
         return ExitCode::from(scaffold::EXIT_USAGE);
     }
+    let spec = match rbd_spec(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    #[cfg(feature = "rbd")]
+    if let Some(spec) = &spec
+        && args.backend.vhost_user.check
+    {
+        return match check_rbd(&args, spec) {
+            Ok(what) => {
+                eprintln!("bulkhead-blk: {what}");
+                ExitCode::from(scaffold::EXIT_OK)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(scaffold::EXIT_FAILURE)
+            }
+        };
+    }
+    let _ = spec;
     scaffold::run(&PROGRAM, &args.backend, || build(&args))
 }

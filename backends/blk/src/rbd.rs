@@ -2,16 +2,23 @@
 //! the open image and its exclusive lock. The I/O path is
 //! `engine/rbd.rs`; the bindings are `rbd/sys.rs`.
 //!
-//! Ownership: a writable image is opened and its exclusive lock taken with
-//! `rbd_lock_acquire(EXCLUSIVE)` before the daemon serves. A client that
+//! Ownership follows the file image lock (`image.rs`): a writable image is
+//! opened at start, and its exclusive lock taken with
+//! `rbd_lock_acquire(EXCLUSIVE)` when the device starts (its first queue,
+//! [`Image::acquire_lock`]) and let go when the device stops (its last
+//! queue, [`Image::release_lock`]). So a `ctl swap`'s, a launcher
+//! restart's or a migration's new daemon starts beside the old one on the
+//! same image, and takes the lock once the old one's queues have stopped,
+//! waiting up to [`LOCK_WAIT`]; if the holder does not let go by then, the
+//! queue does not start and the log names the holder. A client that
 //! acquired the lock this way keeps it: every other writer's I/O fails
-//! (`-EROFS`) until it lets go. If another client holds the lock, the
-//! daemon refuses to start and names it, unless `--break-lock` is given:
-//! then the holder is broken off (`rbd_lock_break`, which also blocklists
-//! it at the OSDs, so a holder that is still alive can no longer write:
-//! fencing) and the lock taken. Without `--break-lock`, librbd itself
-//! breaks the lock of a holder that is dead once its watch expires (about
-//! 30 s).
+//! (`-EROFS`) until it lets go, and after letting go its own writes fail
+//! the same way (librbd does not take the lock back by itself).
+//!
+//! `--break-lock` breaks off the holder at start (`rbd_lock_break`, which
+//! also blocklists it at the OSDs, so a holder that is still alive can no
+//! longer write: fencing). Without it, librbd itself breaks the lock of a
+//! holder that is dead once its watch expires (about 30 s).
 
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
@@ -19,6 +26,13 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the device's start waits for another holder of the lock to
+/// let go (a swap's or migration's old daemon lets go once its queues
+/// stop, within milliseconds).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) mod sys;
 
@@ -105,14 +119,18 @@ pub enum RbdError {
     },
     /// Another client holds the exclusive lock.
     #[error(
-        "{what} is locked by another client ({owners}); stop it, or pass --break-lock to break \
-         its lock and blocklist it (only when it is dead or must be fenced off)"
+        "{what} is locked by another client ({owners}), which did not let go within \
+         {waited:?}; stop it (a swap's old daemon lets go once its queues stop), or restart \
+         this daemon with --break-lock to break its lock and blocklist it (only when it is dead \
+         or must be fenced off)"
     )]
     Locked {
         /// The image.
         what: String,
         /// The holders librbd names.
         owners: String,
+        /// How long the device's start waited.
+        waited: Duration,
     },
     /// The image cannot be locked: it lacks the feature.
     #[error(
@@ -265,6 +283,10 @@ pub struct Image {
     pub size: u64,
     /// What it is, for messages.
     pub spec: ImageSpec,
+    /// Opened for writing: the device takes the exclusive lock while it runs.
+    writable: bool,
+    /// This client holds the exclusive lock.
+    held: AtomicBool,
     /// Dropped after the image is closed.
     _cluster: Cluster,
 }
@@ -302,6 +324,8 @@ impl Image {
             handle,
             size: 0,
             spec: spec.clone(),
+            writable: !opts.readonly,
+            held: AtomicBool::new(false),
             _cluster: cluster,
         };
         // SAFETY: an open image; out-pointer to a field of ours.
@@ -310,9 +334,43 @@ impl Image {
             return Err(open_err(errno(ret)));
         }
         if !opts.readonly {
-            image.lock(opts.break_lock)?;
+            image.check_lock(opts.break_lock)?;
         }
         Ok(image)
+    }
+
+    /// What `--check` reports: connects, opens the image as the daemon
+    /// would (taking no lock, breaking none, writing nothing) and, for a
+    /// writer, checks it has the exclusive-lock feature and names who holds
+    /// the lock now (a start waits for that holder to let go). An error is
+    /// what the start would fail on: no cluster, no pool, no image, no lock
+    /// feature.
+    pub fn probe(spec: &ImageSpec, opts: &RbdOptions) -> Result<String, RbdError> {
+        let look = RbdOptions {
+            break_lock: false,
+            ..opts.clone()
+        };
+        let image = Image::open(spec, &look)?;
+        let mut what = format!("{spec}: {} bytes", image.size);
+        if !opts.readonly {
+            let owners = image
+                .owners()
+                .map_err(|e| image.lock_error("rbd_lock_get_owners", e))?;
+            if owners.is_empty() {
+                what.push_str(", exclusive lock free");
+            } else {
+                what.push_str(&format!(
+                    ", exclusive lock held by {} ({})",
+                    owners.join(", "),
+                    if opts.break_lock {
+                        "--break-lock would break it"
+                    } else {
+                        "a start waits for it to let go"
+                    }
+                ));
+            }
+        }
+        Ok(what)
     }
 
     /// The raw handle for the engine.
@@ -347,70 +405,112 @@ impl Image {
         Ok(owners)
     }
 
-    fn lock(&self, break_lock: bool) -> Result<(), RbdError> {
+    /// At start: refuses an image without the exclusive-lock feature, and
+    /// with `break_lock` breaks off (and blocklists) whoever holds the lock.
+    /// Another holder is otherwise left alone: the device waits for it to
+    /// let go when it starts ([`Image::acquire_lock`]).
+    fn check_lock(&self, break_lock: bool) -> Result<(), RbdError> {
         let what = self.spec.to_string();
-        let lock_err = |step, source| RbdError::Lock {
-            what: what.clone(),
-            step,
-            source,
-        };
-        let no_feature = || RbdError::NoLockFeature {
-            what: what.clone(),
-            what_plain: format!("{}/{}", self.spec.pool, self.spec.image),
-        };
-        let owners = self.owners().map_err(|e| {
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                no_feature()
-            } else {
-                lock_err("rbd_lock_get_owners", e)
-            }
-        })?;
-        if !owners.is_empty() {
-            if !break_lock {
-                return Err(RbdError::Locked {
-                    what,
-                    owners: owners.join(", "),
-                });
-            }
-            for owner in &owners {
-                log::warn!(
-                    "{what}: breaking the exclusive lock of {owner} (--break-lock); it is blocklisted"
-                );
-                let c = cstring(owner).map_err(|e| lock_err("owner name", e))?;
-                // SAFETY: an open image; a NUL-terminated owner name.
-                let ret = unsafe {
-                    sys::rbd_lock_break(self.handle, sys::RBD_LOCK_MODE_EXCLUSIVE, c.as_ptr())
-                };
-                if ret < 0 && ret != -libc::ENOENT {
-                    return Err(lock_err("rbd_lock_break", errno(ret)));
-                }
+        let owners = self
+            .owners()
+            .map_err(|e| self.lock_error("rbd_lock_get_owners", e))?;
+        if owners.is_empty() {
+            return Ok(());
+        }
+        if !break_lock {
+            log::info!(
+                "{what}: the exclusive lock is held by {}; this daemon takes it when its device \
+                 starts, once that holder lets go (waiting up to {LOCK_WAIT:?})",
+                owners.join(", ")
+            );
+            return Ok(());
+        }
+        for owner in &owners {
+            log::warn!(
+                "{what}: breaking the exclusive lock of {owner} (--break-lock); it is blocklisted"
+            );
+            let c = cstring(owner).map_err(|e| self.lock_error("owner name", e))?;
+            // SAFETY: an open image; a NUL-terminated owner name.
+            let ret = unsafe {
+                sys::rbd_lock_break(self.handle, sys::RBD_LOCK_MODE_EXCLUSIVE, c.as_ptr())
+            };
+            if ret < 0 && ret != -libc::ENOENT {
+                return Err(self.lock_error("rbd_lock_break", errno(ret)));
             }
         }
-        // SAFETY: an open image.
-        let ret = unsafe { sys::rbd_lock_acquire(self.handle, sys::RBD_LOCK_MODE_EXCLUSIVE) };
-        if ret < 0 {
-            let owners = self.owners().unwrap_or_default();
-            if !owners.is_empty() {
-                return Err(RbdError::Locked {
-                    what,
-                    owners: owners.join(", "),
-                });
-            }
-            if ret == -libc::EINVAL {
-                return Err(no_feature());
-            }
-            return Err(lock_err("rbd_lock_acquire", errno(ret)));
-        }
-        log::info!("{what}: exclusive lock taken");
         Ok(())
     }
-}
 
-impl Image {
-    /// Lets go of the exclusive lock (serving ended), so the next daemon
-    /// takes it without `--break-lock`. Nothing to do when read-only.
-    pub fn release_lock(&self, readonly: bool) {
-        if readonly {
+    /// What a failed lock call means: no exclusive-lock feature (EINVAL),
+    /// or the call's error.
+    fn lock_error(&self, step: &'static str, e: io::Error) -> RbdError {
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            RbdError::NoLockFeature {
+                what: self.spec.to_string(),
+                what_plain: format!("{}/{}", self.spec.pool, self.spec.image),
+            }
+        } else {
+            RbdError::Lock {
+                what: self.spec.to_string(),
+                step,
+                source: e,
+            }
+        }
+    }
+
+    /// The device starts: takes the exclusive lock, waiting up to `wait`
+    /// while another client holds it. Nothing to do when read-only or held.
+    pub fn acquire_lock(&self, wait: Duration) -> Result<(), RbdError> {
+        if !self.writable || self.held.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let what = self.spec.to_string();
+        let start = Instant::now();
+        let mut told = false;
+        loop {
+            // rbd_lock_acquire on a lock another client holds asks that
+            // client for it and blocks (up to its watch timeout, about
+            // 30 s) when it refuses: wait for the holder to let go first.
+            let owners = self
+                .owners()
+                .map_err(|e| self.lock_error("rbd_lock_get_owners", e))?;
+            if !owners.is_empty() {
+                if start.elapsed() >= wait {
+                    return Err(RbdError::Locked {
+                        what,
+                        owners: owners.join(", "),
+                        waited: wait,
+                    });
+                }
+                if !told {
+                    log::info!(
+                        "{what}: the exclusive lock is held by {}; waiting up to {wait:?} for it",
+                        owners.join(", ")
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            // SAFETY: an open image.
+            let ret = unsafe { sys::rbd_lock_acquire(self.handle, sys::RBD_LOCK_MODE_EXCLUSIVE) };
+            if ret >= 0 {
+                self.held.store(true, Ordering::SeqCst);
+                log::info!("{what}: exclusive lock taken");
+                return Ok(());
+            }
+            // Another client took it first: wait for it as above.
+            if start.elapsed() >= wait || self.owners().map_or(true, |o| o.is_empty()) {
+                return Err(self.lock_error("rbd_lock_acquire", errno(ret)));
+            }
+        }
+    }
+
+    /// The device stopped (or serving ended): lets go of the exclusive
+    /// lock, so the next daemon takes it without waiting or `--break-lock`.
+    /// Nothing to do when it is not held.
+    pub fn release_lock(&self) {
+        if !self.held.swap(false, Ordering::SeqCst) {
             return;
         }
         // SAFETY: an open image.

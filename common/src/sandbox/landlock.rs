@@ -30,9 +30,14 @@ pub fn restrict(paths: &[PathAccess], needs_network: bool) -> Result<String, San
 /// filesystem rights only execution is handled, so it and its children may
 /// execute exactly the `PathAccess::Execute` files given (programs and
 /// their ELF interpreter) and read and write as before (each child confines
-/// itself further); TCP denied; signals and abstract unix sockets scoped.
-pub fn restrict_execution(paths: &[PathAccess]) -> Result<String, SandboxError> {
-    restrict_with(AccessFs::Execute.into(), paths, false)
+/// itself further); TCP denied unless `needs_network` (a child that talks
+/// to a cluster: `bulkhead-blk` on a Ceph RBD image); signals and abstract
+/// unix sockets scoped.
+pub fn restrict_execution(
+    paths: &[PathAccess],
+    needs_network: bool,
+) -> Result<String, SandboxError> {
+    restrict_with(AccessFs::Execute.into(), paths, needs_network)
 }
 
 /// What executing `program` opens with execute rights: the file itself and
@@ -237,7 +242,7 @@ mod tests {
         let files = executed_files(Path::new("/bin/true")).unwrap();
         let grants: Vec<_> = files.into_iter().map(PathAccess::Execute).collect();
         let (status, granted, other) = in_thread(move || {
-            let status = restrict_execution(&grants).unwrap();
+            let status = restrict_execution(&grants, false).unwrap();
             let run = |p: &str| std::process::Command::new(p).status().map_err(|e| e.kind());
             (status, run("/bin/true"), run("/bin/false"))
         });

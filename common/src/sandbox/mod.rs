@@ -25,6 +25,21 @@
 //!    later inherits, and registers the stricter vring-worker filter that
 //!    [`crate::worker`] installs at the start of each queue thread.
 //!
+//! A daemon whose image lives on Ceph RBD cannot be single-threaded at
+//! step 1: librados starts its messenger, timer and finisher threads when
+//! it connects, and the daemon connects (and opens the image) before it
+//! serves, like it opens a file. [`Sandbox::enter_threaded`] confines such
+//! a process with the library's threads in it: their allow-list
+//! ([`LibraryThreads`]) is installed on every thread at once
+//! (`SECCOMP_FILTER_FLAG_TSYNC`, which also sets `no_new_privs` on each),
+//! under a filter that answers every `open` with `EPERM` (they read their
+//! files while connecting); then the main thread stacks its own filter on
+//! it, so the serving threads still get exactly their lists. Landlock and
+//! the capability drop apply to the calling thread and the threads it
+//! creates later (the serving threads), not to the library's; namespaces
+//! are left out (they would hold the main thread only). Those gaps are in
+//! the sandbox's log line.
+//!
 //! Seccomp filters stack and threads inherit their creator's, so the main
 //! filter allows everything a worker needs plus what the control thread
 //! needs; a worker then adds its own list, so it can no longer accept
@@ -56,7 +71,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use seccompiler::SeccompAction;
 
-pub use seccomp::{Syscall, ThreadKind, allowed_syscalls, check};
+pub use seccomp::{Syscall, ThreadKind, allowed_syscalls, check, library_syscalls};
 
 /// What `--sandbox` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -200,6 +215,17 @@ pub fn fd_budget(queues: u16, per_queue: u64) -> u64 {
     64 + slots + stats + u64::from(queues) * per_queue
 }
 
+/// Threads a library started before the sandbox (librados' for an RBD
+/// image) and what they may call beyond the main list: see the [module
+/// docs](self) and [`Sandbox::enter_threaded`].
+#[derive(Clone, Debug)]
+pub struct LibraryThreads {
+    /// The library, for the log (`librados`).
+    pub library: &'static str,
+    /// System calls its threads make beyond the main list.
+    pub calls: Vec<Syscall>,
+}
+
 /// What [`Sandbox::enter`] applied, for the log and for tests.
 #[derive(Debug, Default)]
 pub struct Sandbox {
@@ -246,6 +272,28 @@ impl Sandbox {
     /// Call it once, single-threaded, after every fd the daemon needs is open
     /// and before serving. With `--sandbox off` it only warns.
     pub fn enter(args: &SandboxArgs, policy: &Policy) -> Result<Sandbox, SandboxError> {
+        Self::enter_inner(args, policy, None)
+    }
+
+    /// [`Sandbox::enter`] for a process in which `library` already started
+    /// threads: they get the main list plus `library.calls` (and `EPERM` for
+    /// every `open`), installed on every thread at once; the calling thread
+    /// then stacks the main filter. Landlock, the capability drop and the
+    /// worker filters hold for the calling thread and the threads it starts
+    /// later; no namespaces (see the [module docs](self)).
+    pub fn enter_threaded(
+        args: &SandboxArgs,
+        policy: &Policy,
+        library: &LibraryThreads,
+    ) -> Result<Sandbox, SandboxError> {
+        Self::enter_inner(args, policy, Some(library))
+    }
+
+    fn enter_inner(
+        args: &SandboxArgs,
+        policy: &Policy,
+        library: Option<&LibraryThreads>,
+    ) -> Result<Sandbox, SandboxError> {
         if args.sandbox == SandboxMode::Off {
             log::warn!(
                 "--sandbox off: running WITHOUT seccomp, Landlock, namespaces or dropped privileges; a compromised daemon can do anything this user can"
@@ -256,19 +304,28 @@ impl Sandbox {
             return Err(SandboxError::Twice);
         }
         let threads = thread_count()?;
-        if threads != 1 {
+        if threads != 1 && library.is_none() {
             return Err(SandboxError::Threads(threads));
         }
         let mut sb = Sandbox {
             mode: Some(args.sandbox),
             ..Sandbox::default()
         };
+        fix_malloc_arenas();
         // Before the filesystem is out of reach: how frontend fds are checked.
         crate::frontend_fd::init();
         let ids = privileges::resolve_ids(args)?;
         let last_cap = privileges::last_capability();
         limits::set_rlimits(policy, &mut sb)?;
-        namespaces::enter_namespaces(policy, &mut sb);
+        match library {
+            Some(lib) if threads > 1 => sb.notes.push(format!(
+                "no namespaces ({} threads of {} run already; a namespace would hold this thread \
+                 only)",
+                threads - 1,
+                lib.library
+            )),
+            _ => namespaces::enter_namespaces(policy, &mut sb),
+        }
         privileges::drop_privileges(ids, last_cap, &mut sb)?;
         // SAFETY: geteuid has no preconditions.
         if ids.is_none() && unsafe { libc::geteuid() } == 0 {
@@ -280,11 +337,31 @@ impl Sandbox {
             _ => SeccompAction::KillProcess,
         };
         let main_prog = seccomp::compile(&seccomp::main_list(policy), kill.clone())?;
-        let worker_prog = seccomp::compile(&seccomp::worker_list(policy), kill)?;
+        let worker_prog = seccomp::compile(&seccomp::worker_list(policy), kill.clone())?;
         let clone3_prog = seccomp::clone3_enosys()?;
+        let library_progs = match library {
+            Some(lib) => Some((
+                seccomp::deny_list(seccomp::OPEN_CALLS, false)?,
+                seccomp::compile(&seccomp::library_list(policy, &lib.calls), kill)?,
+            )),
+            None => None,
+        };
         sb.landlock = Some(landlock::restrict(&policy.paths, policy.needs_network)?);
-        seccompiler::apply_filter(&main_prog).map_err(SandboxError::Seccomp)?;
-        seccompiler::apply_filter(&clone3_prog).map_err(SandboxError::Seccomp)?;
+        if let (Some((no_open, library_prog)), Some(lib)) = (&library_progs, library) {
+            // Every thread at once; the main filter stacks on these below.
+            for prog in [no_open, library_prog, &clone3_prog] {
+                seccompiler::apply_filter_all_threads(prog).map_err(SandboxError::Seccomp)?;
+            }
+            sb.notes.push(format!(
+                "threads of {}: their own seccomp list (no Landlock, no open, capabilities kept \
+                 unless --user)",
+                lib.library
+            ));
+            seccompiler::apply_filter(&main_prog).map_err(SandboxError::Seccomp)?;
+        } else {
+            seccompiler::apply_filter(&main_prog).map_err(SandboxError::Seccomp)?;
+            seccompiler::apply_filter(&clone3_prog).map_err(SandboxError::Seccomp)?;
+        }
         let hook = move || -> io::Result<()> {
             seccompiler::apply_filter(&worker_prog).map_err(io::Error::other)
         };
@@ -299,6 +376,22 @@ impl Sandbox {
     /// Whether seccomp, Landlock and the rest were applied (false for `--sandbox off`).
     pub fn is_enforcing(&self) -> bool {
         self.mode.is_some()
+    }
+}
+
+/// glibc reads `/sys/devices/system/cpu/online` the first time a thread
+/// needs a ninth malloc arena, to size the arena limit: inside the sandbox
+/// that read would be a forbidden `openat`. Setting the limit here (glibc's
+/// own default, eight per CPU) leaves nothing to read later.
+fn fix_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt takes two integers.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } == 0 {
+            log::warn!("mallopt(M_ARENA_MAX) failed; a busy thread may read /sys later");
+        }
     }
 }
 

@@ -82,6 +82,15 @@ impl Syscall {
         Syscall::any(libc::SYS_socket).and32(0, SeccompCmpOp::Eq, domain as u64)
     }
 
+    /// `socket(domain, kind | flags, ...)` for this one address family and
+    /// socket type (e.g. `AF_INET`, `SOCK_STREAM`), any `SOCK_CLOEXEC` or
+    /// `SOCK_NONBLOCK` flags.
+    pub fn socket_of(domain: libc::c_int, kind: libc::c_int) -> Self {
+        // The type is in the low bits (linux/net.h: SOCK_TYPE_MASK).
+        const SOCK_TYPE_MASK: u64 = 0xf;
+        Syscall::socket(domain).and32(1, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), kind as u64)
+    }
+
     fn and(mut self, index: u8, op: SeccompCmpOp, value: u64) -> Self {
         self.conds.push((index, SeccompCmpArgLen::Qword, op, value));
         self
@@ -234,6 +243,18 @@ pub(super) fn main_list(policy: &Policy) -> Vec<Syscall> {
     v
 }
 
+/// The list of threads a library started before the sandbox: the main
+/// list (their filter is the one every thread stacks its own on), the
+/// library's own calls, and every `open`, which a filter under this one
+/// answers `EPERM` ([`OPEN_CALLS`]; allowed here so that answer is the one
+/// that counts).
+pub(super) fn library_list(policy: &Policy, library: &[Syscall]) -> Vec<Syscall> {
+    let mut v = main_list(policy);
+    v.extend(library.iter().cloned());
+    v.extend(OPEN_CALLS.iter().map(|&nr| Syscall::any(nr)));
+    v
+}
+
 /// A vring worker's list.
 pub(super) fn worker_list(policy: &Policy) -> Vec<Syscall> {
     let mut v = base_common();
@@ -306,6 +327,32 @@ pub fn deny_list(calls: &[libc::c_long], log_only: bool) -> Result<BpfProgram, S
 /// it creates later).
 pub fn install(filter: &BpfProgram) -> Result<(), SandboxError> {
     seccompiler::apply_filter(filter).map_err(SandboxError::Seccomp)
+}
+
+/// Every way to open a path: what a library's threads are answered
+/// `EPERM` for ([`super::Sandbox::enter_threaded`]).
+#[cfg(target_arch = "x86_64")]
+pub const OPEN_CALLS: &[libc::c_long] = &[
+    libc::SYS_open,
+    libc::SYS_creat,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+];
+/// Every way to open a path: what a library's threads are answered
+/// `EPERM` for ([`super::Sandbox::enter_threaded`]).
+#[cfg(not(target_arch = "x86_64"))]
+pub const OPEN_CALLS: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_openat2];
+
+/// What the threads of a library started before the sandbox may call (for
+/// docs and tests): [`library_list`] as numbers.
+pub fn library_syscalls(policy: &Policy, library: &[Syscall]) -> Vec<libc::c_long> {
+    let mut nrs: Vec<_> = library_list(policy, library)
+        .iter()
+        .map(Syscall::nr)
+        .collect();
+    nrs.sort_unstable();
+    nrs.dedup();
+    nrs
 }
 
 /// Builds every filter of `policy` without installing any: what a daemon's

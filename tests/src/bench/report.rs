@@ -336,6 +336,7 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     vmm_section(&mut m, &v["vmm"]);
     throttle_section(&mut m, &v["throttle"]);
     dirtylog_section(&mut m, &v["dirtylog"]);
+    rbd_section(&mut m, &v["rbd"]);
 
     let _ = writeln!(m, "## Reproduce\n");
     let _ = writeln!(
@@ -1530,4 +1531,68 @@ fn vmm_section(m: &mut String, vmm: &Value) {
         }
         let _ = writeln!(m);
     }
+}
+
+/// The rbd suite: bulkhead-blk and qemu-storage-daemon's rbd driver on the
+/// same cluster, side by side, with the ratio of their medians.
+fn rbd_section(m: &mut String, r: &Value) {
+    if r.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## Ceph RBD\n");
+    if let Some(why) = r["skipped"].as_str() {
+        let _ = writeln!(m, "Skipped: {why}.\n");
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "`bulkhead-blk --image rbd:rbd/bench-blk` against qemu-storage-daemon's rbd driver \
+         (`--blockdev driver=rbd,...,cache.direct=on`) on an image of the same size \
+         ({} MiB, written whole first) in the same pool of one throwaway cluster ({}); \
+         each keeps its image's exclusive lock, so each has its own. Client: {}. Both \
+         without librbd's write cache. Runs interleaved as above; medians; *ratio* is \
+         bulkhead-blk / qsd (IOPS: higher is better; CPU: lower is better). Load before \
+         {}, after {}. Rerun: `target/release/bulkhead-bench --suites rbd --merge-json \
+         docs/performance.json --json docs/performance.json --md docs/performance.md \
+         --svg docs/performance.svg` (root, Ceph installed).\n",
+        r["image_mib"],
+        r["cluster"].as_str().unwrap_or(""),
+        r["client"].as_str().unwrap_or(""),
+        r["load_before"].as_str().unwrap_or(""),
+        r["load_after"].as_str().unwrap_or(""),
+    );
+    let _ = writeln!(
+        m,
+        "| pattern | QD | bulkhead-blk IOPS | qsd IOPS | ratio | bulkhead-blk p50 / p99 / p99.9 µs | qsd p50 / p99 / p99.9 µs | bulkhead-blk CPU µs/op | qsd CPU µs/op | CPU ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in r["points"].as_array().into_iter().flatten() {
+        let b = &p["results"]["bulkhead-blk-rbd"];
+        let q = &p["results"]["qsd-rbd"];
+        let r2 = |x: f64, y: f64| ratio(x, y).map_or("-".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p["pattern"].as_str().unwrap_or(""),
+            p["qd"],
+            fmt_num(f(b, "iops")),
+            fmt_num(f(q, "iops")),
+            r2(f(b, "iops"), f(q, "iops")),
+            lat(b),
+            lat(q),
+            cpu(b),
+            cpu(q),
+            r2(f(b, "daemon_cpu_us_per_op"), f(q, "daemon_cpu_us_per_op")),
+        );
+    }
+    let _ = writeln!(m);
+    for c in r["configs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "- `{}`: `{}`",
+            c["target"].as_str().unwrap_or(""),
+            c["config"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(m);
 }

@@ -30,6 +30,12 @@ pub enum Kind {
     BulkheadLibblkio,
     /// qemu-storage-daemon with `aio=io_uring`, driven by libblkio.
     QsdLibblkio,
+    /// `bulkhead-blk` on a Ceph RBD image, driven by libblkio (the rbd
+    /// suite only: [`Target::start_rbd`]).
+    BulkheadRbd,
+    /// qemu-storage-daemon's rbd driver on a Ceph RBD image, driven by
+    /// libblkio (the rbd suite only).
+    QsdRbd,
 }
 
 impl Kind {
@@ -55,7 +61,10 @@ impl Kind {
 
     /// Driven by libblkio rather than the test kit's virtio-blk driver.
     pub fn is_libblkio(self) -> bool {
-        matches!(self, Kind::BulkheadLibblkio | Kind::QsdLibblkio)
+        matches!(
+            self,
+            Kind::BulkheadLibblkio | Kind::QsdLibblkio | Kind::BulkheadRbd | Kind::QsdRbd
+        )
     }
 
     /// Name in tables and JSON.
@@ -68,6 +77,8 @@ impl Kind {
             Kind::Host => "host-io_uring",
             Kind::BulkheadLibblkio => "bulkhead-blk+libblkio",
             Kind::QsdLibblkio => "qsd-io_uring+libblkio",
+            Kind::BulkheadRbd => "bulkhead-blk-rbd",
+            Kind::QsdRbd => "qsd-rbd",
         }
     }
 
@@ -135,6 +146,9 @@ impl Target {
         let img = image.display().to_string();
         let sock = socket.display().to_string();
         let (program, args): (PathBuf, Vec<String>) = match kind {
+            Kind::BulkheadRbd | Kind::QsdRbd => {
+                return Err(format!("{} runs in the rbd suite only", kind.name()).into());
+            }
             Kind::Host => {
                 let client = HostClient::open(image, queues, max_qd)?;
                 return Ok(Target {
@@ -235,6 +249,85 @@ impl Target {
                 )
             }
         };
+        Self::spawn(kind, program, args, &socket, dir, queues, max_qd)
+    }
+
+    /// Starts `kind` (`bulkhead-blk-rbd` or `qsd-rbd`) on the RBD image
+    /// `pool/image` of the cluster `conf` names, as `client.admin`, with
+    /// `queues` queues; both without a write cache (bulkhead-blk sets
+    /// `rbd_cache=false`, qsd's `cache.direct=on` does the same).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_rbd(
+        kind: Kind,
+        bulkhead: &Bulkhead<'_>,
+        conf: &Path,
+        pool_image: &str,
+        dir: &Path,
+        queues: usize,
+        max_qd: usize,
+    ) -> Result<Target> {
+        let socket = dir.join(format!("{}-{queues}q.sock", kind.name()));
+        let _ = std::fs::remove_file(&socket);
+        let sock = socket.display().to_string();
+        let conf = conf.display().to_string();
+        let (pool, image) = pool_image
+            .split_once('/')
+            .ok_or("rbd image is POOL/IMAGE")?;
+        let (program, args): (PathBuf, Vec<String>) = match kind {
+            Kind::BulkheadRbd => (
+                bulkhead.bin.to_path_buf(),
+                [
+                    "--socket-path".into(),
+                    sock,
+                    "--image".into(),
+                    format!("rbd:{pool_image}"),
+                    "--ceph-conf".into(),
+                    conf,
+                    "--num-queues".into(),
+                    queues.to_string(),
+                    "--poll-max-us".into(),
+                    bulkhead.poll_max_us.to_string(),
+                ]
+                .into_iter()
+                .chain(bulkhead.args.iter().cloned())
+                .collect(),
+            ),
+            Kind::QsdRbd => (
+                PathBuf::from("qemu-storage-daemon"),
+                vec![
+                    "--object".into(),
+                    format!(
+                        "iothread,id=iot0,poll-max-ns={}",
+                        u64::from(bulkhead.poll_max_us) * 1000
+                    ),
+                    "--blockdev".into(),
+                    format!(
+                        "driver=rbd,node-name=rbd0,pool={pool},image={image},conf={conf},\
+                         user=admin,cache.direct=on,cache.no-flush=off"
+                    ),
+                    "--export".into(),
+                    format!(
+                        "type=vhost-user-blk,id=exp0,node-name=rbd0,addr.type=unix,\
+                         addr.path={sock},writable=on,num-queues={queues},iothread=iot0"
+                    ),
+                ],
+            ),
+            _ => return Err(format!("{} is no rbd target", kind.name()).into()),
+        };
+        Self::spawn(kind, program, args, &socket, dir, queues, max_qd)
+    }
+
+    /// Runs `program args` (logging to `dir`), waits for `socket` and
+    /// connects the client `kind` asks for.
+    fn spawn(
+        kind: Kind,
+        program: PathBuf,
+        args: Vec<String>,
+        socket: &Path,
+        dir: &Path,
+        queues: usize,
+        max_qd: usize,
+    ) -> Result<Target> {
         let log_path = dir.join(format!("{}-{queues}q.log", kind.name()));
         let log = File::create(&log_path)?;
         let mut cmd = Command::new(&program);
@@ -243,7 +336,7 @@ impl Target {
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut guard = ChildGuard::spawn(kind.name(), &mut cmd)?;
-        if let Err(e) = wait_for_path(&socket, Duration::from_secs(20)) {
+        if let Err(e) = wait_for_path(socket, Duration::from_secs(20)) {
             let status = guard.try_wait()?;
             return Err(format!(
                 "{} did not start ({e}; exit status {status:?})",
@@ -252,9 +345,9 @@ impl Target {
             .into());
         }
         let connected = if kind.is_libblkio() {
-            LibblkioBench::connect(&socket, queues, max_qd).map(|c| Client::Libblkio(Box::new(c)))
+            LibblkioBench::connect(socket, queues, max_qd).map(|c| Client::Libblkio(Box::new(c)))
         } else {
-            VuClient::connect(&socket, queues, max_qd).map(|c| Client::Vu(Box::new(c)))
+            VuClient::connect(socket, queues, max_qd).map(|c| Client::Vu(Box::new(c)))
         };
         let client = connected.map_err(|e| {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();

@@ -60,9 +60,13 @@ usage: bulkhead-bench [--quick] [options]
   --suites LIST         blk,net,console,vmm,throttle,dirtylog (default all six); throttle:
                         bulkhead-blk and bulkhead-net held to limits (--throttle-*);
                         dirtylog: bulkhead-blk randread-4k QD32 with a live migration's
-                        dirty logging off and on, interleaved (--dirtylog-*)
+                        dirty logging off and on, interleaved (--dirtylog-*); also rbd
+                        (not by default): bulkhead-blk vs qsd's rbd driver on a throwaway
+                        one-node Ceph cluster, through libblkio (--rbd-*)
   --dirtylog-runs N     runs per state of the dirtylog suite (default 6)
   --dirtylog-secs S     seconds per dirtylog run (default 2)
+  --rbd-image-size MIB  size of each rbd suite image (default 256, 64 with --quick)
+  --rbd-qd LIST         queue depths of the rbd suite (default 1,32)
   --throttle-iops LIST  --iops-total limits the throttle suite measures (default 200,2000)
   --throttle-bps LIST   --bps-total limits in MiB/s, seqread-128k (default 20)
   --throttle-pps LIST   bulkhead-net --tx-pps and --rx-pps limits, 64 B frames (default 1000,10000;
@@ -144,6 +148,8 @@ struct Args {
     throttle_pps: Vec<u64>,
     dirtylog_runs: usize,
     dirtylog_secs: f64,
+    rbd_image_mib: u64,
+    rbd_qds: Vec<usize>,
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> std::result::Result<Vec<T>, String> {
@@ -215,6 +221,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         throttle_pps: if quick { vec![1000] } else { vec![1000, 10000] },
         dirtylog_runs: if quick { 1 } else { 6 },
         dirtylog_secs: if quick { 0.3 } else { 2.0 },
+        rbd_image_mib: if quick { 64 } else { 256 },
+        rbd_qds: vec![1, 32],
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
@@ -245,7 +253,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console", "vmm", "throttle", "dirtylog"]
+                    ["blk", "net", "console", "vmm", "throttle", "dirtylog", "rbd"]
                         .contains(&x)
                         .then(|| x.into())
                 })?
@@ -271,6 +279,10 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--throttle-secs" => a.throttle_secs = num(&v)?,
             "--dirtylog-runs" => a.dirtylog_runs = (num(&v)? as usize).max(1),
             "--dirtylog-secs" => a.dirtylog_secs = num(&v)?,
+            "--rbd-image-size" => a.rbd_image_mib = (num(&v)? as u64).max(16),
+            "--rbd-qd" => {
+                a.rbd_qds = list(&v, |x| x.parse().ok().filter(|&n| (1..=64).contains(&n)))?
+            }
             "--throttle-pps" => {
                 a.throttle_pps = list(&v, |x| x.parse().ok().filter(|&n| n >= 1000))?
             }
@@ -504,6 +516,81 @@ fn dirtylog_suite(a: &Args) -> Result<Value> {
     )
 }
 
+/// `--suites rbd`: `bulkhead-blk` against qemu-storage-daemon's rbd
+/// driver, both driven by libblkio (one queue), on a throwaway one-node
+/// cluster (`bulkhead_tests::ceph`: one mon, one mgr, one memstore OSD on
+/// 127.0.0.1). Each target has its own image of the same size in the same
+/// pool, written whole first: both keep their image's exclusive lock (qsd
+/// the automatic one), so they cannot share one. 4 KiB random reads and
+/// writes at each `--rbd-qd`, runs interleaved as for the blk suite.
+fn rbd_suite(a: &Args) -> Result<Value> {
+    use bulkhead_tests::ceph::{Cluster, needs_ceph};
+    if let Some(why) = needs_ceph() {
+        eprintln!("rbd suite skipped: {why:?}");
+        return Ok(json!({ "skipped": format!("{why:?}") }));
+    }
+    let cluster = Cluster::start()?;
+    let image_size = a.rbd_image_mib << 20;
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-bench-rbd")
+        .tempdir()?;
+    let mut targets = Vec::new();
+    let mut configs = Vec::new();
+    for (kind, image) in [
+        (Kind::BulkheadRbd, "bench-blk"),
+        (Kind::QsdRbd, "bench-qsd"),
+    ] {
+        cluster.create_image(image, image_size)?;
+        // Every object exists: reads are served by the OSD, not skipped.
+        cluster.rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-pattern",
+            "seq",
+            "--io-total",
+            &image_size.to_string(),
+            &format!("rbd/{image}"),
+        ])?;
+        let t = Target::start_rbd(
+            kind,
+            &daemon(a),
+            &cluster.conf(),
+            &format!("rbd/{image}"),
+            dir.path(),
+            1,
+            a.rbd_qds.iter().copied().max().unwrap_or(1),
+        )?;
+        configs.push(json!({"target": kind.name(), "image": image, "config": t.config}));
+        targets.push(t);
+    }
+    let ctx = PointCtx {
+        medium: "rbd",
+        queues: 1,
+        image_size,
+    };
+    let load = loadavg();
+    let mut points = Vec::new();
+    for pattern in [Pattern::RandRead, Pattern::RandWrite] {
+        for &qd in &a.rbd_qds {
+            points.push(measure_point(a, &mut targets, &ctx, pattern, qd)?);
+        }
+    }
+    drop(targets);
+    Ok(json!({
+        "image_mib": a.rbd_image_mib,
+        "cluster": "one mon, one mgr, one OSD (memstore, page sets of 4 KiB) on 127.0.0.1, \
+                    pool rbd of size 1, cephx; Ceph 16 (Debian bookworm)",
+        "client": "libblkio's virtio-blk-vhost-user driver, one queue",
+        "load_before": load,
+        "load_after": loadavg(),
+        "configs": configs,
+        "points": points,
+    }))
+}
+
 fn daemon(a: &Args) -> targets::Bulkhead<'_> {
     targets::Bulkhead {
         bin: &a.bulkhead_bin,
@@ -648,6 +735,11 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let rbd_json = if a.suites.iter().any(|s| s == "rbd") {
+        rbd_suite(a)?
+    } else {
+        Value::Null
+    };
     let micro = match &a.micro {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         None => Value::Null,
@@ -702,6 +794,7 @@ fn run(a: &Args) -> Result<Value> {
         "vmm": vmm_json,
         "throttle": throttle_json,
         "dirtylog": dirtylog_json,
+        "rbd": rbd_json,
     });
     report::analyse(&mut v);
     Ok(v)
@@ -725,6 +818,7 @@ fn suite_keys(suite: &str) -> &'static [&'static str] {
         "vmm" => &["vmm"],
         "throttle" => &["throttle"],
         "dirtylog" => &["dirtylog"],
+        "rbd" => &["rbd"],
         _ => &[],
     }
 }

@@ -173,6 +173,12 @@ pub struct BlkBackend {
     pub args: Vec<String>,
 }
 
+/// Whether a blk `image` names an image on Ceph RBD (`rbd:POOL/IMAGE`),
+/// which bulkhead-blk opens itself through librbd: no file.
+pub fn is_rbd_image(image: &Path) -> bool {
+    image.to_str().is_some_and(|s| s.starts_with("rbd:"))
+}
+
 /// A limit in a `throttle` table: a count, or a byte size such as `"10M"`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
@@ -525,7 +531,10 @@ impl Config {
             }
         }
         for b in &mut self.blk {
-            fix(&mut b.image);
+            // `rbd:POOL/IMAGE` names an image on Ceph, not a file.
+            if !is_rbd_image(&b.image) {
+                fix(&mut b.image);
+            }
         }
         if let Some(r) = &mut self.runtime_dir {
             fix(r);
@@ -651,6 +660,12 @@ impl Config {
         v
     }
 
+    /// Whether a backend talks to the network: a blk image on Ceph RBD
+    /// (`rbd:POOL/IMAGE`), served through librados' TCP connections.
+    pub fn needs_network(&self) -> bool {
+        self.blk.iter().any(|b| is_rbd_image(&b.image))
+    }
+
     /// For each backend (in [`Config::backends`] order), what the launcher
     /// would open for it: the blk image, the net tap; not when the
     /// backend's own arguments already name an fd.
@@ -662,7 +677,7 @@ impl Config {
         let mut v = Vec::new();
         for b in &self.blk {
             // An image on Ceph (`rbd:POOL/IMAGE`) is no file to open here.
-            let remote = b.image.to_str().is_some_and(|s| s.starts_with("rbd:"));
+            let remote = is_rbd_image(&b.image);
             v.push(
                 (!remote && !has(&b.args, "--image-fd")).then(|| Preopen::Image {
                     path: b.image.clone(),
@@ -1103,6 +1118,10 @@ mac = "52:54:00:12:34:56"
                 None,
             ]
         );
+        // The RBD image's daemon talks to the cluster: TCP stays open.
+        assert!(c.needs_network());
+        let files = Config::parse("frontend = \"none\"\n[[blk]]\nimage = \"/rbd:x/y\"\n").unwrap();
+        assert!(!files.needs_network());
         let pairs = |a: &[&str]| queue_pairs(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(pairs(&["--queue-pairs=3"]), 3);
         assert_eq!(pairs(&["--mac", "m"]), 1);

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match bulkhead_launcher::sandbox::enter(sandbox, &s.programs()) {
+    match bulkhead_launcher::sandbox::enter(sandbox, &s.programs(), s.needs_network()) {
         Ok(what) => log::info!("{what}"),
         Err(e) => {
             eprintln!("bulkhead: {}", error_chain(&e));

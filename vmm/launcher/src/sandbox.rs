@@ -10,8 +10,11 @@
 //!   deny-list, not an allow-list: the launcher runs whatever the children
 //!   need, and each child installs its own allow-list;
 //! - Landlock: only the programs it starts (and their ELF interpreter) may
-//!   be executed; no TCP; signals and abstract unix sockets scoped. Reads
-//!   and writes stay open: each child restricts its own paths.
+//!   be executed; no TCP, unless a backend needs it (a `bulkhead-blk`
+//!   serving an `rbd:` image talks to the Ceph monitors and OSDs, and
+//!   Landlock domains are inherited across exec); signals and abstract
+//!   unix sockets scoped. Reads and writes stay open: each child restricts
+//!   its own paths.
 
 use std::path::PathBuf;
 
@@ -48,15 +51,20 @@ pub fn executable_files(programs: &[PathBuf]) -> Result<Vec<PathBuf>, LauncherSa
 }
 
 /// Confines the launcher (and so everything it starts) as the module docs
-/// say; returns a line for the log. Call it before starting any child.
-pub fn enter(mode: SandboxMode, programs: &[PathBuf]) -> Result<String, LauncherSandboxError> {
+/// say, leaving TCP to the children if `needs_network`; returns a line for
+/// the log. Call it before starting any child.
+pub fn enter(
+    mode: SandboxMode,
+    programs: &[PathBuf],
+    needs_network: bool,
+) -> Result<String, LauncherSandboxError> {
     if mode == SandboxMode::Off {
         return Ok("sandbox off: the launcher and its children run unconfined by it".into());
     }
     let files = executable_files(programs)?;
     let grants: Vec<PathAccess> = files.iter().cloned().map(PathAccess::Execute).collect();
     let filter = seccomp::deny_list(seccomp::NEVER, mode == SandboxMode::Log)?;
-    let ll = landlock::restrict_execution(&grants)?;
+    let ll = landlock::restrict_execution(&grants, needs_network)?;
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(LauncherSandboxError::NoNewPrivs(
@@ -65,9 +73,14 @@ pub fn enter(mode: SandboxMode, programs: &[PathBuf]) -> Result<String, Launcher
     }
     seccomp::install(&filter)?;
     Ok(format!(
-        "sandbox {mode:?}: no_new_privs, {} calls refused, Landlock {ll} ({} executable files)",
+        "sandbox {mode:?}: no_new_privs, {} calls refused, Landlock {ll} ({} executable files{})",
         seccomp::NEVER.len(),
-        files.len()
+        files.len(),
+        if needs_network {
+            ", TCP left to the children: an RBD image"
+        } else {
+            ""
+        }
     ))
 }
 

@@ -233,6 +233,11 @@ fn backend_args(spec: &BackendSpec, restart: bool) -> Vec<String> {
     if restart
         && spec.kind == crate::config::Kind::Blk
         && !spec.args.iter().any(|a| a == "--format")
+        // An RBD image has no format probe (bulkhead-blk refuses --format).
+        && !spec
+            .args
+            .windows(2)
+            .any(|w| w[0] == "--image" && crate::config::is_rbd_image(Path::new(&w[1])))
     {
         args.extend(["--format".to_string(), "raw".to_string()]);
     }
@@ -370,6 +375,12 @@ fn default_runtime_dir(name: &str) -> PathBuf {
 }
 
 impl Supervisor {
+    /// Whether a backend talks to the network (a blk image on Ceph RBD), so
+    /// the launcher's Landlock domain must leave TCP to its children.
+    pub fn needs_network(&self) -> bool {
+        self.cfg.needs_network()
+    }
+
     /// Prepares the runtime directory and finds every binary; starts nothing.
     pub fn new(cfg: Config) -> Result<Self, LaunchError> {
         let runtime_dir = cfg
@@ -878,5 +889,10 @@ mod tests {
         let again = backend_args(&specs[0], true);
         assert_eq!(again[6..], ["--format", "raw"]);
         assert!(!backend_args(&specs[1], true).contains(&"--format".to_string()));
+        let rbd =
+            Config::parse("frontend = \"none\"\nuser = \"root\"\n[[blk]]\nimage = \"rbd:vms/d\"\n")
+                .unwrap();
+        let specs = rbd.backends(Path::new("/run/x"));
+        assert!(!backend_args(&specs[0], true).contains(&"--format".to_string()));
     }
 }
