@@ -1,4 +1,6 @@
-//! Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split rings).
+//! Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split
+//! rings; a packed ring keeps a smaller record of its own, see
+//! [`QueueInflight::recover_packed`]).
 //!
 //! The backend allocates a shared memory area (GET_INFLIGHT_FD) that the
 //! frontend keeps; a restarted backend receives it back (SET_INFLIGHT_FD) and
@@ -29,6 +31,27 @@ const DESC_STATE_SIZE: usize = 16;
 const ALIGN: usize = 64;
 /// Region layout version this implementation writes.
 pub const INFLIGHT_VERSION: u16 = 1;
+/// `version` of a queue area holding a packed ring's record (see
+/// [`QueueInflight::recover_packed`]); no spec layout uses it.
+pub const PACKED_RECORD_VERSION: u16 = 0xb001;
+
+/// What a packed ring's start learns from the inflight area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedRecovery {
+    /// No record (a first start, or after a reported base): the frontend's base holds.
+    Fresh,
+    /// A predecessor stopped with nothing in flight: resume at its
+    /// positions (vring-base form), whatever base the frontend sent.
+    Resume {
+        /// Avail position and wrap counter.
+        avail: u16,
+        /// Used position and wrap counter.
+        used: u16,
+    },
+    /// A predecessor died with this many buffers in flight; they cannot be
+    /// resubmitted (the ring slots that described them may be reused).
+    Lost(u32),
+}
 
 const OFF_FEATURES: usize = 0;
 const OFF_VERSION: usize = 8;
@@ -321,6 +344,86 @@ impl QueueInflight {
         self.write(OFF_USED_IDX, used_idx);
     }
 
+    /// Prepares the area for a packed ring's start (see [`PackedRecovery`]):
+    /// `avail` and `used` are the positions (with wrap counters) the
+    /// frontend's vring base gave.
+    ///
+    /// A packed ring's area holds Bulkhead's own record, not the spec's
+    /// packed layout: the split header's `last_batch_head` and `used_idx`
+    /// hold the device's avail and used positions, `desc[id].inflight`
+    /// marks a buffer id in flight, and `version` is
+    /// [`PACKED_RECORD_VERSION`], so that no split implementation reads it
+    /// as its own. The positions are what a frontend cannot give back after
+    /// a crash (it never saw them); the marks say whether buffers were lost.
+    pub fn recover_packed(&mut self, features: u64, avail: u16, used: u16) -> PackedRecovery {
+        let version: u16 = self.read(OFF_VERSION);
+        let desc_num: u16 = self.read(OFF_DESC_NUM);
+        if version != PACKED_RECORD_VERSION || desc_num != self.desc_num {
+            let _ = self
+                .slice()
+                .write_slice(&vec![0u8; queue_region_size(self.desc_num)], 0);
+            self.write(OFF_FEATURES, features);
+            self.write(OFF_DESC_NUM, self.desc_num);
+            self.write(OFF_LAST_BATCH_HEAD, avail);
+            self.write(OFF_USED_IDX, used);
+            fence(Ordering::Release);
+            self.write(OFF_VERSION, PACKED_RECORD_VERSION);
+            return PackedRecovery::Fresh;
+        }
+        let lost = (0..self.desc_num)
+            .filter(|&h| self.read::<u8>(Self::desc_off(h)) != 0)
+            .count() as u32;
+        if lost != 0 {
+            // Kept as found: every later start refuses too, until the
+            // frontend resets the device (a fresh area).
+            return PackedRecovery::Lost(lost);
+        }
+        self.write(OFF_FEATURES, features);
+        PackedRecovery::Resume {
+            avail: self.read(OFF_LAST_BATCH_HEAD),
+            used: self.read(OFF_USED_IDX),
+        }
+    }
+
+    /// Records that packed buffer `id` was taken; the avail position is now `avail`.
+    pub fn packed_begin(&mut self, id: u16, avail: u16) {
+        if id < self.desc_num {
+            self.write(Self::desc_off(id), 1u8);
+        }
+        fence(Ordering::Release);
+        self.write(OFF_LAST_BATCH_HEAD, avail);
+    }
+
+    /// Records that packed buffer `id` was published as used; the used
+    /// position is now `used`. The mark goes last: a crash before it leaves
+    /// the buffer counted as lost, never silently dropped.
+    pub fn packed_used(&mut self, id: u16, used: u16) {
+        self.write(OFF_USED_IDX, used);
+        fence(Ordering::Release);
+        if id < self.desc_num {
+            self.write(Self::desc_off(id), 0u8);
+        }
+    }
+
+    /// Records that packed buffer `id` went back to the driver unused; the
+    /// avail position is now `avail`.
+    pub fn packed_abort(&mut self, id: u16, avail: u16) {
+        self.write(OFF_LAST_BATCH_HEAD, avail);
+        fence(Ordering::Release);
+        if id < self.desc_num {
+            self.write(Self::desc_off(id), 0u8);
+        }
+    }
+
+    /// Drops a packed ring's record (the frontend holds the exact base now):
+    /// the next start takes the frontend's base.
+    pub fn packed_forget(&mut self) {
+        if self.read::<u16>(OFF_VERSION) == PACKED_RECORD_VERSION {
+            self.write(OFF_VERSION, 0u16);
+            fence(Ordering::Release);
+        }
+    }
+
     /// Heads currently marked in flight (for tests and diagnostics).
     pub fn pending(&self) -> Vec<u16> {
         (0..self.queue_size)
@@ -424,6 +527,40 @@ mod tests {
         q.begin(2);
         q.abort(2);
         assert_eq!(q.recover(0, 0), vec![1]);
+    }
+
+    #[test]
+    fn packed_record_resumes_where_the_predecessor_stopped_or_reports_lost_buffers() {
+        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        assert_eq!(q.recover_packed(0, 0x8000, 0x8000), PackedRecovery::Fresh);
+        q.packed_begin(3, 0x8002);
+        q.packed_begin(5, 0x8003);
+        q.packed_used(5, 0x8001);
+        // Died with buffer 3 in flight.
+        assert_eq!(q.recover_packed(0, 0x8000, 0x8000), PackedRecovery::Lost(1));
+        assert_eq!(q.recover_packed(0, 0x8000, 0x8000), PackedRecovery::Lost(1));
+        q.packed_used(3, 0x8003);
+        // Nothing in flight: the record wins over a stale frontend base.
+        assert_eq!(
+            q.recover_packed(0, 0x8000, 0x8000),
+            PackedRecovery::Resume {
+                avail: 0x8003,
+                used: 0x8003
+            }
+        );
+        q.packed_begin(1, 0x8004);
+        q.packed_abort(1, 0x8003);
+        assert!(matches!(
+            q.recover_packed(0, 0, 0),
+            PackedRecovery::Resume { avail: 0x8003, .. }
+        ));
+        // Once the frontend holds the base, the record is gone.
+        q.packed_forget();
+        assert_eq!(q.recover_packed(0, 0x8000, 0x8000), PackedRecovery::Fresh);
+        // A split start after a packed one starts clean, and back.
+        assert!(q.recover(0, 0).is_empty());
+        assert_eq!(q.recover_packed(0, 0x8000, 0x8000), PackedRecovery::Fresh);
     }
 
     #[test]
