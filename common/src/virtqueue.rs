@@ -229,8 +229,8 @@ pub struct QueueConfig {
     /// 0..14 the position, bit 15 the wrap counter.
     pub next_avail: u16,
     /// A packed ring's used position and wrap counter (bits 16..31 of
-    /// SET_VRING_BASE); unused by a split ring, which keeps its used index
-    /// in guest memory.
+    /// SET_VRING_BASE; 0, what a 16-bit base leaves, means "as avail");
+    /// unused by a split ring, which keeps its used index in guest memory.
     pub used_base: u16,
     /// Negotiated virtio features.
     pub features: u64,
@@ -369,7 +369,14 @@ impl VirtQueue {
         stats: Arc<QueueStats>,
     ) -> Result<Self, QueueError> {
         cfg.addrs.validate_packed(&mem.memory(), cfg.size)?;
-        let ring = PackedRing::new(cfg.next_avail, cfg.used_base, cfg.size)?;
+        // A frontend that sends only 16 bits (the `vhost` crate's, DPDK's
+        // reading) stopped the ring with nothing in flight: used = avail.
+        let used = if cfg.used_base == 0 {
+            cfg.next_avail
+        } else {
+            cfg.used_base
+        };
+        let ring = PackedRing::new(cfg.next_avail, used, cfg.size)?;
         let mut q = VirtQueue {
             index: cfg.index,
             size: cfg.size,

@@ -14,6 +14,7 @@ use super::replay::{ActiveSetup, Bases, QueueSetup};
 use super::*;
 use crate::device::{ActiveQueue, VirtioDevice};
 use crate::memory::GuestRam;
+use bulkhead_spec::ring::VIRTIO_F_RING_PACKED;
 
 /// A virtio device served by a vhost-user backend process.
 pub struct VhostUserDevice {
@@ -44,7 +45,10 @@ impl VhostUserDevice {
                 want,
             });
         }
-        let guest_features = conn.features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
+        // Packed rings stay off until the replay sizes packed rings and
+        // starts them at wrap counter 1 (issue 18): the backends offer them.
+        let guest_features = conn.features
+            & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL | VIRTIO_F_RING_PACKED);
         log::info!(
             "{id}: vhost-user device type {} at {}: features {:#x}, protocol {:#x}, {want} queue(s)",
             opts.virtio_id,
