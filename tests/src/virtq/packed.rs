@@ -86,6 +86,9 @@ fn avail_bits(wrap: bool) -> u16 {
     }
 }
 
+/// An indirect table: guest address and length.
+type Table = Option<(u64, u64)>;
+
 /// Driver-side state of a packed ring.
 pub(super) struct Packed {
     avail: Pos,
@@ -93,9 +96,9 @@ pub(super) struct Packed {
     free_ids: Vec<u16>,
     free_slots: u16,
     /// Chains added and not published: their ring descriptors and indirect table.
-    added: HashMap<u16, (Vec<PackedDesc>, Option<(u64, u64)>)>,
+    added: HashMap<u16, (Vec<PackedDesc>, Table)>,
     /// Buffers published and not used: ring slots taken, indirect table.
-    in_flight: HashMap<u16, (u16, Option<(u64, u64)>)>,
+    in_flight: HashMap<u16, (u16, Table)>,
     kicked: Pos,
 }
 
