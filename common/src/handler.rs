@@ -558,6 +558,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
                 .set_features(features & !VHOST_F_LOG_ALL)
                 .map_err(VuError::ReqHandlerError)?;
         }
+        if changed & VIRTIO_F_RING_PACKED != 0 && features & VIRTIO_F_RING_PACKED != 0 {
+            crate::rate_limited!(log::Level::Info, "the frontend acked packed virtqueues");
+        }
         self.acked_features = features;
         self.features_set = true;
         let log_all = features & VHOST_F_LOG_ALL != 0;

@@ -634,6 +634,11 @@ mod tests {
             d.start(0, 0x8009_8000, None).err(),
             Some(QueueError::BadBase(0x8009_8000))
         );
+        // A 16-bit base (the `vhost` crate's frontends, DPDK): used = avail.
+        let (q, _) = d.start(0, 0x8003, None).unwrap();
+        assert_eq!(q.vring_base(), 0x8003_8003);
+        let (q, _) = d.start(0, 0x8005_0003, None).unwrap();
+        assert_eq!(q.vring_base(), 0x8005_0003);
     }
 
     #[test]
