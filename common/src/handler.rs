@@ -258,18 +258,18 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     /// (GET_VRING_BASE), so a packed ring's inflight record is not needed.
     fn stop_queue_reporting(&mut self, i: usize, reporting: bool) {
         if let Some(t) = self.vrings[i].thread.take()
-            && let Some(mut vq) = t.stop()
+            && let Some(vq) = t.stop()
         {
             self.vrings[i].base = vq.vring_base();
-            if reporting {
-                vq.base_reported();
-            }
             if vq.in_flight() > 0 {
                 crate::rate_limited!(
                     log::Level::Warn,
                     "queue {i}: stopped with {} request(s) still in flight",
                     vq.in_flight()
                 );
+            }
+            if reporting {
+                vq.base_reported();
             }
         }
     }

@@ -425,12 +425,12 @@ impl VirtQueue {
         }
     }
 
-    /// Tells the inflight area that the frontend now holds this stopped
-    /// queue's exact base (GET_VRING_BASE answered) and nothing is in
-    /// flight: a packed ring's recorded positions are then not needed to
-    /// restart it, and must not override a base the frontend sets later
-    /// (after a device reset, say).
-    pub fn base_reported(&mut self) {
+    /// Retires a stopped queue whose exact base the frontend now holds
+    /// (GET_VRING_BASE answered): with nothing in flight, a packed ring's
+    /// record in the inflight area is not needed to restart it, and must
+    /// not override a base the frontend sets later (after a device reset,
+    /// say). It takes the queue: a running one must keep its record.
+    pub fn base_reported(mut self) {
         if self.packed.is_some()
             && self.heads.count() == 0
             && let Some(inf) = self.inflight.as_mut()

@@ -190,8 +190,9 @@ fn hostile_packed_rings_break_only_their_queue() {
 }
 
 #[test]
-fn sigkill_with_a_packed_buffer_in_flight_never_completes_it_twice_or_silently_drops_it() {
-    // 1 KiB/s: the first 64 KiB read goes, the second is held (in flight).
+fn sigkill_with_a_multi_slot_packed_buffer_in_flight_refuses_the_queue_loudly() {
+    // 1 KiB/s: the first 64 KiB read goes, the second is held (in flight):
+    // three ring slots (header, data, status), which the record cannot keep.
     let d = start(&["--bps-total", "1K"]);
     let opts = layout(true);
     let mut blk = BlkDriver::connect(d.socket(), &opts).unwrap();
@@ -205,9 +206,44 @@ fn sigkill_with_a_packed_buffer_in_flight_never_completes_it_twice_or_silently_d
     // The new backend cannot resubmit the held read (its ring slots may be
     // reused): it refuses to start the queue, loudly, rather than lose it or
     // run it twice.
+    assert!(!blk.use_indirect);
     let r = blk.reconnect(d.socket(), &opts);
     assert!(r.is_err(), "the queue started though a buffer was lost");
     assert_still_serving(&mut d);
+}
+
+#[test]
+fn sigkill_with_a_one_slot_packed_buffer_in_flight_resubmits_it_exactly_once() {
+    let scratch = Scratch::new(IMAGE_SIZE).unwrap();
+    let data = pattern(42, 64 << 10);
+    scratch.write_image(128 * SECTOR_SIZE, &data).unwrap();
+    // 1 KiB/s: the first 64 KiB read goes, the second is held (in flight).
+    let d = start_in(scratch, &["--bps-total", "1K"]);
+    let opts = layout(true);
+    let mut blk = BlkDriver::connect(d.socket(), &opts).unwrap();
+    // Indirect: each request takes one ring slot, which the inflight
+    // record keeps a copy of.
+    blk.use_indirect = true;
+    blk.submit(0, &Request::read(0, 64 << 10)).unwrap();
+    let held = blk.submit(0, &Request::read(128, 64 << 10)).unwrap();
+    assert_eq!(blk.reap(0).unwrap().status, VIRTIO_BLK_S_OK);
+    std::thread::sleep(Duration::from_millis(200));
+    let scratch = d.kill_keep_scratch().unwrap();
+    let d = start_in(scratch, &[]);
+    let mut blk = blk.reconnect(d.socket(), &opts).expect("reconnect");
+    let c = blk.reap(0).expect("the held read, resubmitted");
+    assert_eq!((c.head, c.status), (held, VIRTIO_BLK_S_OK));
+    assert!(
+        c.data == data,
+        "the resubmitted read returns the image's data"
+    );
+    blk.timeout = Duration::from_millis(300);
+    assert!(blk.reap(0).is_err(), "completed twice");
+    // The ring goes on from where it was.
+    blk.timeout = Duration::from_secs(5);
+    let more = pattern(43, 4096);
+    assert_eq!(blk.write(0, 512, &more).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(blk.read(0, 512, 4096).unwrap(), (VIRTIO_BLK_S_OK, more));
 }
 
 fn start_in(scratch: Scratch, args: &[&str]) -> Daemon {

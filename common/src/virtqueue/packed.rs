@@ -24,7 +24,6 @@ use vm_memory::{Address, GuestAddress};
 
 use super::{QueueError, VirtQueue};
 use crate::chain::{DescriptorChain, PackedDescriptor};
-use crate::inflight::PackedRecovery;
 use crate::memory::{load_guest, read_guest_obj, store_guest, write_guest_obj};
 use crate::spec::ring::{
     VRING_DESC_F_NEXT, VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED,
@@ -113,6 +112,9 @@ pub(super) struct PackedRing {
     slots_of: Vec<u16>,
     /// The ring descriptors of the chain being taken (kept for the allocation).
     scratch: Vec<PackedDescriptor>,
+    /// One-slot buffers a crashed predecessor left in flight, to resubmit
+    /// (their ids are in `VirtQueue::resubmit`), from the inflight record.
+    resubmit: std::collections::HashMap<u16, PackedDescriptor>,
 }
 
 impl PackedRing {
@@ -132,6 +134,7 @@ impl PackedRing {
             used: u,
             slots_of: vec![0; usize::from(size)],
             scratch: Vec::new(),
+            resubmit: std::collections::HashMap::new(),
         })
     }
 
@@ -160,30 +163,68 @@ fn is_avail(flags: u16, wrap: bool) -> bool {
 }
 
 impl VirtQueue {
-    /// Applies what the inflight area recorded about this packed ring:
-    /// where a crashed predecessor stopped, or that it died with buffers in
-    /// flight, which this backend cannot resubmit (see `docs/architecture.md`).
+    /// Applies what the inflight area recorded about this packed ring
+    /// (see `QueueInflight::packed_record`): a crashed predecessor's used
+    /// position (the frontend's base is stale then: it never saw it), a
+    /// completion it published but did not record, and the buffers it left
+    /// in flight: one-slot buffers are resubmitted from their recorded
+    /// descriptor; a longer one cannot be (its ring slots may be reused),
+    /// and then the queue does not start (see `docs/architecture.md`).
     pub(super) fn recover_packed(&mut self, features: u64) -> Result<(), QueueError> {
-        let (Some(p), Some(inf)) = (self.packed.as_mut(), self.inflight.as_mut()) else {
+        let size = self.size;
+        let mem = self.map();
+        let (Some(p), Some(inf)) = (self.packed.as_ref(), self.inflight.as_mut()) else {
             return Ok(());
         };
-        match inf.recover_packed(features, p.avail.encode(), p.used.encode()) {
-            PackedRecovery::Fresh => Ok(()),
-            PackedRecovery::Resume { avail, used } => {
-                let from = p.base();
-                *p = PackedRing::new(avail, used, self.size)?;
-                if p.base() != from {
-                    crate::rate_limited!(
-                        log::Level::Info,
-                        "queue {}: packed ring resumes at {:#x} (inflight record), not {from:#x}",
-                        self.index,
-                        p.base()
-                    );
-                }
-                Ok(())
-            }
-            PackedRecovery::Lost(n) => Err(QueueError::PackedInFlightLost(n)),
+        let Some(rec) = inf.packed_record(features, p.used.encode()) else {
+            return Ok(());
+        };
+        let mut used = Pos::decode(rec.used);
+        if used.idx >= size {
+            return Err(QueueError::BadBase(u32::from(rec.used) << 16));
         }
+        let mut in_flight = rec.in_flight;
+        // One completion may have reached the ring and not the record: its
+        // used descriptor sits at the recorded position, with the device's
+        // wrap counter in both bits.
+        let at = self.addrs.desc.unchecked_add(16 * u64::from(used.idx));
+        if let Some(d) = read_guest_obj::<PackedDescriptor>(&mem, at) {
+            let both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+            let want = if used.wrap { both } else { 0 };
+            let slots = inf.packed_slots(d.id);
+            if d.flags & both == want && d.id < size && slots != 0 {
+                in_flight.retain(|e| e.id != d.id);
+                inf.packed_used(d.id, {
+                    used.advance(u16::from(slots), size);
+                    used.encode()
+                });
+            }
+        }
+        let lost = in_flight.iter().filter(|e| e.slots != 1).count() as u32;
+        if lost != 0 {
+            return Err(QueueError::PackedInFlightLost(lost));
+        }
+        let mut avail = used;
+        avail.advance(in_flight.len() as u16, size);
+        let from = self.vring_base();
+        let mut ring = PackedRing::new(avail.encode(), used.encode(), size)?;
+        for e in &in_flight {
+            self.heads.insert(e.id);
+            ring.slots_of[usize::from(e.id)] = 1;
+            ring.resubmit.insert(e.id, e.desc);
+            self.resubmit.push_back(e.id);
+        }
+        self.packed = Some(ring);
+        if self.vring_base() != from || !in_flight.is_empty() {
+            crate::rate_limited!(
+                log::Level::Info,
+                "queue {}: packed ring resumes at {:#x} (inflight record, not {from:#x}), resubmitting {} buffer(s)",
+                self.index,
+                self.vring_base(),
+                in_flight.len()
+            );
+        }
+        Ok(())
     }
 
     fn desc_addr(&self, idx: u16) -> GuestAddress {
@@ -194,6 +235,9 @@ impl VirtQueue {
         let Some(p) = self.packed.as_ref() else {
             return false;
         };
+        if !self.resubmit.is_empty() {
+            return true;
+        }
         let mem = self.map();
         let addr = self.desc_addr(p.avail.idx).unchecked_add(FLAGS_OFFSET);
         matches!(load_guest::<u16>(&mem, addr, Ordering::Acquire), Some(f) if is_avail(f, p.avail.wrap))
@@ -211,6 +255,26 @@ impl VirtQueue {
             let Some(p) = self.packed.as_mut() else {
                 return Err(QueueError::Broken);
             };
+            if let Some(id) = self.resubmit.pop_front() {
+                let Some(desc) = p.resubmit.remove(&id) else {
+                    continue;
+                };
+                self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                let chain = DescriptorChain::from_packed(
+                    mem.clone(),
+                    id,
+                    &[desc],
+                    self.limits,
+                    self.max_descriptors,
+                );
+                match chain {
+                    Ok(chain) => return Ok(Some(chain)),
+                    Err(e) => {
+                        self.bad_chain(id, e);
+                        continue;
+                    }
+                }
+            }
             let start = p.avail;
             let first = self.addrs.desc.unchecked_add(16 * u64::from(start.idx));
             let flags: u16 = load_guest(&mem, first.unchecked_add(FLAGS_OFFSET), Ordering::Acquire)
@@ -257,9 +321,8 @@ impl VirtQueue {
             p.slots_of[usize::from(id)] = slots;
             self.taken_at[usize::from(id)] = Some(Wrapping(start.linear(size) as u16));
             p.avail.advance(slots, size);
-            let avail = p.avail.encode();
             if let Some(inf) = self.inflight.as_mut() {
-                inf.packed_begin(id, avail);
+                inf.packed_begin(id, slots, (slots == 1).then(|| &ring[0]));
             }
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
             let chain = DescriptorChain::from_packed(
@@ -429,9 +492,8 @@ impl VirtQueue {
                 break;
             };
             p.avail = Pos::from_linear(u32::from(t.0), size);
-            let avail = p.avail.encode();
             if let Some(inf) = self.inflight.as_mut() {
-                inf.packed_abort(id, avail);
+                inf.packed_abort(id);
             }
         }
         left
@@ -889,7 +951,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_resumes_from_the_inflight_record_or_refuses_lost_buffers() {
+    fn a_restart_resubmits_one_slot_buffers_and_refuses_longer_ones() {
         let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
         let mut d = Driver::new();
         for id in 0..3 {
@@ -900,14 +962,58 @@ mod tests {
             let c = q.pop().unwrap().unwrap();
             q.complete(c.head(), 1);
         }
-        d.offer(3, &[(0x5000, 16, W)]);
-        let c = q.pop().unwrap().unwrap();
-        drop(q); // killed with buffer 3 in flight
+        // A one-slot buffer in flight at the kill; then the driver reuses
+        // its slot (as it may once later buffers are used there).
+        d.offer(3, &[(0x7000, 64, W)]);
+        assert_eq!(q.pop().unwrap().unwrap().head(), 3);
+        drop(q);
+        d.write(6, PackedDescriptor::default());
         // The frontend's base is stale (it never heard of these buffers).
-        let r = d.start(0, 0x8000_8000, region.queue(0, SIZE));
-        assert_eq!(r.err(), Some(QueueError::PackedInFlightLost(1)));
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        assert_eq!(q.vring_base(), 0x8006_8007);
+        let c = q.pop().unwrap().unwrap();
+        assert_eq!(c.head(), 3);
+        assert_eq!(c.descriptors()[0].addr, GuestAddress(0x7000));
+        assert_eq!(c.writable_len(), 64);
+        assert!(q.pop().unwrap().is_none());
+        q.complete(3, 5);
+        let both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+        assert_eq!(d.used_at(6), (3, 5, both));
+        assert_eq!(q.vring_base(), 0x8007_8007);
 
-        // Had it finished buffer 3, the next backend resumes exactly.
+        // A buffer of three slots cannot be: the queue does not start.
+        d.offer(4, &[(0x5000, 16, W); 3]);
+        assert_eq!(q.pop().unwrap().unwrap().head(), 4);
+        drop(q);
+        let r = d.start(0, 0x8007_8007, region.queue(0, SIZE));
+        assert_eq!(r.err(), Some(QueueError::PackedInFlightLost(1)));
+    }
+
+    #[test]
+    fn a_completion_in_the_ring_but_not_in_the_record_is_not_resubmitted() {
+        let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
+        let mut d = Driver::new();
+        d.offer(2, &[(0x5000, 16, W)]);
+        d.offer(4, &[(0x5000, 16, W)]);
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        let a = q.pop().unwrap().unwrap();
+        let _b = q.pop().unwrap().unwrap();
+        q.complete(a.head(), 9);
+        drop(q);
+        // As if killed after publishing 2's used descriptor, before the
+        // record saw it: 2 still marked, the used position still 0.
+        let mut inf = region.queue(0, SIZE).unwrap();
+        inf.packed_begin(2, 1, None);
+        inf.packed_set_used(0x8000);
+        drop(inf);
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        assert_eq!(q.vring_base(), 0x8001_8002);
+        assert_eq!(q.pop().unwrap().unwrap().head(), 4);
+        assert!(q.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn with_nothing_in_flight_a_restart_resumes_at_the_record_until_the_base_is_reported() {
         let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
         let mut d = Driver::new();
         d.offer(0, &[(0x5000, 16, W); 3]);
@@ -923,9 +1029,7 @@ mod tests {
         // After GET_VRING_BASE the frontend's base holds again.
         q.complete(1, 0);
         q.base_reported();
-        drop(q);
         let (q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
         assert_eq!(q.vring_base(), 0x8000_8000);
-        let _ = c;
     }
 }

@@ -14,9 +14,10 @@
 //! exactly (id, len, both bits = the used wrap counter) at the used
 //! position and moves it; completing anything else changes nothing; the
 //! inflight area marks exactly the ids in flight; a restart over the same
-//! area resumes at the same base with nothing in flight and refuses to
-//! start with something in flight; the device writes no guest byte outside
-//! the ring and its own event structure.
+//! area resumes at the same base with nothing in flight, resubmits each
+//! buffer in flight exactly once (popped again before anything new, never
+//! twice) or refuses to start when one took more than a slot; the device
+//! writes no guest byte outside the ring and its own event structure.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -182,6 +183,8 @@ pub fn run(data: &[u8]) {
     let exact = s.inflight != 2;
     let mut shadow = g.snapshot();
     let mut in_flight: Vec<u16> = Vec::new();
+    // Ids in flight that a restarted queue hands out again (once).
+    let mut resubmitted: Vec<u16> = Vec::new();
     let mut broken = false;
     let size = s.size;
     let desc = s.addrs.desc.raw_value();
@@ -191,12 +194,21 @@ pub fn run(data: &[u8]) {
                 Ok(Some(c)) => {
                     assert!(!broken, "pop succeeded on a broken queue");
                     assert!(c.head() < size, "id {} out of range", c.head());
-                    assert!(
-                        !in_flight.contains(&c.head()),
-                        "id {} popped twice",
-                        c.head()
-                    );
-                    in_flight.push(c.head());
+                    if let Some(i) = resubmitted.iter().position(|&h| h == c.head()) {
+                        resubmitted.remove(i);
+                        assert!(in_flight.contains(&c.head()));
+                    } else {
+                        assert!(
+                            resubmitted.is_empty(),
+                            "new buffer before the resubmitted ones"
+                        );
+                        assert!(
+                            !in_flight.contains(&c.head()),
+                            "id {} popped twice",
+                            c.head()
+                        );
+                        in_flight.push(c.head());
+                    }
                 }
                 Ok(None) => assert!(!broken, "broken queue reported empty"),
                 Err(_) => {
@@ -216,6 +228,7 @@ pub fn run(data: &[u8]) {
                 vq.complete(id, len);
                 if let Some(pos) = in_flight.iter().position(|&h| h == id) {
                     in_flight.remove(pos);
+                    resubmitted.retain(|&h| h != id);
                     let at = desc + 16 * u64::from(used & 0x7fff);
                     let elem = g.read_u64(at + 8);
                     let flags = if used & 0x8000 != 0 {
@@ -241,30 +254,62 @@ pub fn run(data: &[u8]) {
                 if let Some(&id) = in_flight.last()
                     && vq.give_back(&[id]).is_empty()
                 {
+                    assert!(!resubmitted.contains(&id), "a resubmitted buffer went back");
                     in_flight.pop();
                 }
             }
-            Op::BaseReported => vq.base_reported(),
-            Op::Restart => {
+            Op::Restart | Op::BaseReported => {
+                // BaseReported: GET_VRING_BASE answered, then a new start.
                 let base = vq.vring_base();
-                drop(vq);
+                let reported = matches!(op, Op::BaseReported);
+                if reported {
+                    vq.base_reported();
+                } else {
+                    drop(vq);
+                }
+                let with_record = exact && region.is_some();
+                // A used descriptor (both bits = the used wrap counter) at
+                // the used position naming a buffer in flight reads as a
+                // completion the record missed: that buffer is done.
+                let used = (base >> 16) as u16;
+                let at = desc + 16 * u64::from(used & 0x7fff);
+                let word = g.read_u64(at + 8);
+                let (id_at, flags_at) = ((word >> 32) as u16, (word >> 48) as u16);
+                let both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+                let want = if used & 0x8000 != 0 { both } else { 0 };
+                if with_record && flags_at & both == want {
+                    in_flight.retain(|&h| h != id_at);
+                }
                 match s.start(&mem, region, base) {
                     Ok(q) => {
-                        if exact && region.is_some() {
-                            assert!(in_flight.is_empty(), "restarted with buffers lost");
-                            assert_eq!(q.vring_base(), base, "resumed elsewhere");
+                        if with_record {
+                            // Every buffer in flight comes back, once.
+                            assert_eq!(q.in_flight() as usize, in_flight.len(), "resubmitted");
+                            // With nothing in flight the record, or the
+                            // reported base, puts it back where it was.
+                            if in_flight.is_empty() {
+                                assert_eq!(q.vring_base(), base, "resumed elsewhere");
+                            }
+                            resubmitted = in_flight.clone();
+                        } else {
+                            // A new backend knows nothing of the old one's buffers.
+                            in_flight.clear();
+                            resubmitted.clear();
                         }
                         vq = q;
                     }
                     Err(e) => {
-                        if exact && region.is_some() && !in_flight.is_empty() {
-                            assert_eq!(e, QueueError::PackedInFlightLost(in_flight.len() as u32));
+                        if with_record && !in_flight.is_empty() {
+                            assert!(
+                                matches!(e, QueueError::PackedInFlightLost(n)
+                                    if n >= 1 && n as usize <= in_flight.len() + 1),
+                                "{e:?} with {} in flight",
+                                in_flight.len()
+                            );
                         }
                         return;
                     }
                 }
-                // A new backend: nothing of the old one's in flight.
-                in_flight.clear();
                 broken = false;
             }
             Op::Desc(i, d) => g.guest_write(

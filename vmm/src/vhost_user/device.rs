@@ -45,10 +45,9 @@ impl VhostUserDevice {
                 want,
             });
         }
-        // Packed rings stay off until the replay sizes packed rings and
-        // starts them at wrap counter 1 (issue 18): the backends offer them.
-        let guest_features = conn.features
-            & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL | VIRTIO_F_RING_PACKED);
+        // Packed rings (VIRTIO_F_RING_PACKED) pass through when the backend
+        // offers them: the replay sizes and starts them as such.
+        let guest_features = conn.features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
         log::info!(
             "{id}: vhost-user device type {} at {}: features {:#x}, protocol {:#x}, {want} queue(s)",
             opts.virtio_id,
@@ -211,7 +210,7 @@ impl VirtioDevice for VhostUserDevice {
         }
         let mut g = self.handle.lock();
         for q in &setup {
-            g.vring_config(q)?;
+            g.vring_config(q, acked & VIRTIO_F_RING_PACKED != 0)?;
         }
         g.active = Some(ActiveSetup {
             features: acked,
