@@ -357,6 +357,9 @@ impl VirtQueue {
         let Some(p) = self.packed.as_mut() else {
             return;
         };
+        // A resubmitted buffer completed before it was taken again is not
+        // handed out afterwards.
+        p.resubmit.remove(&id);
         let at = self.addrs.desc.unchecked_add(16 * u64::from(p.used.idx));
         let flags = if p.used.wrap {
             VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
