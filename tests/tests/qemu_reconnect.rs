@@ -752,6 +752,10 @@ fn qemu_guest_fio_verify_survives_three_backend_sigkills_on_packed_rings() {
             );
         }
     }
+    assert!(
+        pairs.iter().any(|(_, r)| *r > 0),
+        "no restart resubmitted anything: the packed inflight path did not run ({pairs:?})"
+    );
 }
 
 #[test]
