@@ -220,6 +220,10 @@ pub fn run(data: &[u8]) {
                 Err(_) => {
                     broken = true;
                     assert!(vq.is_broken());
+                    // The ring is read only once no resubmitted buffer is
+                    // left: any were refused and completed.
+                    in_flight.retain(|h| !resubmitted.contains(h));
+                    resubmitted.clear();
                 }
             },
             Op::CompleteOldest(_) | Op::Complete(..) => {
