@@ -6,7 +6,9 @@
 //! readable buffers come before writable ones, the chain is no longer than the
 //! queue, an indirect table is well formed and never nested, and the total
 //! length is capped. Device code then sees only that snapshot; the guest can
-//! rewrite its descriptor table afterwards without effect.
+//! rewrite its descriptor table afterwards without effect. A packed ring's
+//! chain ([`DescriptorChain::from_packed`]) goes through the same checks,
+//! from the ring descriptors the queue copied.
 
 use std::io;
 
@@ -36,6 +38,23 @@ pub struct RawDescriptor {
 
 // SAFETY: plain old data, every bit pattern valid.
 unsafe impl ByteValued for RawDescriptor {}
+
+/// A packed-ring descriptor (virtio spec 2.8.13) exactly as the guest laid it out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackedDescriptor {
+    /// Guest physical address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer (in a used descriptor: bytes written).
+    pub len: u32,
+    /// Buffer id (taken from the chain's last descriptor).
+    pub id: u16,
+    /// `VRING_DESC_F_*` and the avail/used bits.
+    pub flags: u16,
+}
+
+// SAFETY: plain old data, every bit pattern valid.
+unsafe impl ByteValued for PackedDescriptor {}
 
 /// One validated buffer of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,15 +209,12 @@ impl DescriptorChain {
         max_descriptors: u16,
     ) -> Result<Self, ChainError> {
         let max_descs = u32::from(limits.queue_size.max(max_descriptors).max(1));
-        let mut descs = DescList::new();
+        let mut chain = Builder::new(limits.max_total_len);
         let mut table_addr = table;
         let mut table_len = u32::from(limits.queue_size);
         let mut index = head;
         let mut in_indirect = false;
         let mut count = 0u32;
-        let mut readable_len = 0u64;
-        let mut writable_len = 0u64;
-        let mut seen_writable = false;
 
         loop {
             if u32::from(index) >= table_len {
@@ -217,22 +233,16 @@ impl DescriptorChain {
                 if in_indirect {
                     return Err(ChainError::NestedIndirect);
                 }
-                if !limits.indirect {
-                    return Err(ChainError::IndirectNotNegotiated);
-                }
-                if descs.len != 0 || raw.flags & VRING_DESC_F_NEXT != 0 {
-                    return Err(ChainError::IndirectNotHead);
-                }
-                if raw.len == 0 || u64::from(raw.len) % DESC_SIZE != 0 {
-                    return Err(ChainError::BadIndirectLength(raw.len));
-                }
-                let entries = u64::from(raw.len) / DESC_SIZE;
-                if entries > u64::from(max_descs) {
-                    return Err(ChainError::TooLong(max_descs));
-                }
-                check_range(&mem, raw.addr, raw.len)?;
+                let entries = check_indirect(
+                    &mem,
+                    limits,
+                    max_descs,
+                    chain.descs.len != 0 || raw.flags & VRING_DESC_F_NEXT != 0,
+                    raw.addr,
+                    raw.len,
+                )?;
                 table_addr = GuestAddress(raw.addr);
-                table_len = entries as u32;
+                table_len = entries;
                 in_indirect = true;
                 index = 0;
                 // The indirect descriptor itself does not count toward the chain.
@@ -240,43 +250,61 @@ impl DescriptorChain {
                 continue;
             }
 
-            let writable = raw.flags & VRING_DESC_F_WRITE != 0;
-            // A flag, not a scan of `descs`: a scan made a long chain quadratic.
-            if !writable && seen_writable {
-                return Err(ChainError::ReadableAfterWritable);
-            }
-            seen_writable |= writable;
-            check_range(&mem, raw.addr, raw.len)?;
-            let total = readable_len + writable_len + u64::from(raw.len);
-            if total > limits.max_total_len {
-                return Err(ChainError::TooManyBytes(limits.max_total_len));
-            }
-            if writable {
-                writable_len += u64::from(raw.len);
-            } else {
-                readable_len += u64::from(raw.len);
-            }
-            descs.push(Descriptor {
-                addr: GuestAddress(raw.addr),
-                len: raw.len,
-                writable,
-            });
+            chain.push(&mem, raw.addr, raw.len, raw.flags & VRING_DESC_F_WRITE != 0)?;
             if raw.flags & VRING_DESC_F_NEXT == 0 {
                 break;
             }
             index = raw.next;
         }
-
-        Ok(DescriptorChain {
-            head,
-            descs,
-            readable_len,
-            writable_len,
-            mem,
-        })
+        Ok(chain.finish(head, mem))
     }
 
-    /// Index of the head descriptor: what goes into the used ring.
+    /// Validates a packed-ring chain (virtio spec 2.8) whose ring descriptors
+    /// the queue already copied out of guest memory, in ring order (`ring`:
+    /// the chain's descriptors, the last without NEXT): the same checks as
+    /// for a split chain. An indirect descriptor must be the chain's only
+    /// one; its table is read here, each entry once, in table order (packed
+    /// tables have no `next`).
+    pub fn from_packed(
+        mem: GuestMemorySnapshot,
+        id: u16,
+        ring: &[PackedDescriptor],
+        limits: ChainLimits,
+        max_descriptors: u16,
+    ) -> Result<Self, ChainError> {
+        let max_descs = u32::from(limits.queue_size.max(max_descriptors).max(1));
+        let mut chain = Builder::new(limits.max_total_len);
+        if ring.len() > max_descs as usize {
+            return Err(ChainError::TooLong(max_descs));
+        }
+        for raw in ring {
+            if raw.flags & VRING_DESC_F_INDIRECT == 0 {
+                chain.push(&mem, raw.addr, raw.len, raw.flags & VRING_DESC_F_WRITE != 0)?;
+                continue;
+            }
+            let entries =
+                check_indirect(&mem, limits, max_descs, ring.len() != 1, raw.addr, raw.len)?;
+            for i in 0..entries {
+                let entry: PackedDescriptor = GuestAddress(raw.addr)
+                    .checked_add(u64::from(i) * DESC_SIZE)
+                    .and_then(|a| read_guest_obj(&mem, a))
+                    .ok_or(ChainError::DescriptorUnreadable(i as u16))?;
+                if entry.flags & VRING_DESC_F_INDIRECT != 0 {
+                    return Err(ChainError::NestedIndirect);
+                }
+                chain.push(
+                    &mem,
+                    entry.addr,
+                    entry.len,
+                    entry.flags & VRING_DESC_F_WRITE != 0,
+                )?;
+            }
+        }
+        Ok(chain.finish(id, mem))
+    }
+
+    /// Index of the head descriptor (a packed ring: the buffer id): what
+    /// the completion names.
     pub fn head(&self) -> u16 {
         self.head
     }
@@ -321,6 +349,96 @@ impl DescriptorChain {
             mem: &self.mem,
             bufs: Cursor::new(self.split().1),
             written: 0,
+        }
+    }
+}
+
+/// Checks an indirect descriptor (`not_alone`: it has NEXT, or is not the
+/// chain's first) and its table; returns the table's entry count.
+fn check_indirect(
+    mem: &GuestMemoryMmap,
+    limits: ChainLimits,
+    max_descs: u32,
+    not_alone: bool,
+    addr: u64,
+    len: u32,
+) -> Result<u32, ChainError> {
+    if !limits.indirect {
+        return Err(ChainError::IndirectNotNegotiated);
+    }
+    if not_alone {
+        return Err(ChainError::IndirectNotHead);
+    }
+    if len == 0 || u64::from(len) % DESC_SIZE != 0 {
+        return Err(ChainError::BadIndirectLength(len));
+    }
+    let entries = u64::from(len) / DESC_SIZE;
+    if entries > u64::from(max_descs) {
+        return Err(ChainError::TooLong(max_descs));
+    }
+    check_range(mem, addr, len)?;
+    Ok(entries as u32)
+}
+
+/// A chain being validated, one buffer at a time (split and packed alike).
+struct Builder {
+    descs: DescList,
+    readable_len: u64,
+    writable_len: u64,
+    seen_writable: bool,
+    max_total_len: u64,
+}
+
+impl Builder {
+    fn new(max_total_len: u64) -> Self {
+        Builder {
+            descs: DescList::new(),
+            readable_len: 0,
+            writable_len: 0,
+            seen_writable: false,
+            max_total_len,
+        }
+    }
+
+    /// Checks one buffer and appends it.
+    #[inline]
+    fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), ChainError> {
+        // A flag, not a scan of `descs`: a scan made a long chain quadratic.
+        if !writable && self.seen_writable {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        self.seen_writable |= writable;
+        check_range(mem, addr, len)?;
+        let total = self.readable_len + self.writable_len + u64::from(len);
+        if total > self.max_total_len {
+            return Err(ChainError::TooManyBytes(self.max_total_len));
+        }
+        if writable {
+            self.writable_len += u64::from(len);
+        } else {
+            self.readable_len += u64::from(len);
+        }
+        self.descs.push(Descriptor {
+            addr: GuestAddress(addr),
+            len,
+            writable,
+        });
+        Ok(())
+    }
+
+    fn finish(self, head: u16, mem: GuestMemorySnapshot) -> DescriptorChain {
+        DescriptorChain {
+            head,
+            descs: self.descs,
+            readable_len: self.readable_len,
+            writable_len: self.writable_len,
+            mem,
         }
     }
 }

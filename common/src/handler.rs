@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use crate::spec::ring::VIRTIO_F_RING_PACKED;
 use crate::spec::vhost_user::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -51,7 +52,9 @@ pub const MAX_CONFIG_SIZE: usize = 256;
 struct Vring {
     size: u16,
     addrs: Option<RingAddrs>,
-    next_avail: u16,
+    /// The vring base: a split ring's next avail index; a packed ring's avail
+    /// (bits 0..15) and used (bits 16..31) positions with wrap counters.
+    base: u32,
     kick: Option<EventFd>,
     call: Arc<CallSlot>,
     err: Option<Arc<EventFd>>,
@@ -65,7 +68,7 @@ impl Vring {
         Vring {
             size: 0,
             addrs: None,
-            next_avail: 0,
+            base: 0,
             kick: None,
             call: Arc::new(CallSlot::default()),
             err: None,
@@ -269,16 +272,25 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     }
 
     fn stop_queue(&mut self, i: usize) {
+        self.stop_queue_reporting(i, false);
+    }
+
+    /// Stops queue `i`; `reporting`: its base goes to the frontend now
+    /// (GET_VRING_BASE), so a packed ring's inflight record is not needed.
+    fn stop_queue_reporting(&mut self, i: usize, reporting: bool) {
         if let Some(t) = self.vrings[i].thread.take()
             && let Some(vq) = t.stop()
         {
-            self.vrings[i].next_avail = vq.next_avail();
+            self.vrings[i].base = vq.vring_base();
             if vq.in_flight() > 0 {
                 crate::rate_limited!(
                     log::Level::Warn,
                     "queue {i}: stopped with {} request(s) still in flight",
                     vq.in_flight()
                 );
+            }
+            if reporting {
+                vq.base_reported();
             }
         }
     }
@@ -319,7 +331,8 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             index: i as u16,
             size: v.size,
             addrs,
-            next_avail: v.next_avail,
+            next_avail: v.base as u16,
+            used_base: (v.base >> 16) as u16,
             features: self.acked_features,
             max_chain_bytes: self.device.max_chain_bytes(),
         };
@@ -614,6 +627,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
                 .set_features(features & !VHOST_F_LOG_ALL)
                 .map_err(VuError::ReqHandlerError)?;
         }
+        if changed & VIRTIO_F_RING_PACKED != 0 && features & VIRTIO_F_RING_PACKED != 0 {
+            crate::rate_limited!(log::Level::Info, "the frontend acked packed virtqueues");
+        }
         self.acked_features = features;
         self.features_set = true;
         if !log_only {
@@ -707,18 +723,24 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let packed = self.acked_features & VIRTIO_F_RING_PACKED != 0;
         let v = self.vring(index)?;
         if v.thread.is_some() {
             return Err(invalid("SET_VRING_BASE on a running queue"));
         }
-        v.next_avail = u16::try_from(base).map_err(|_| invalid("vring base above 65535"))?;
+        // A packed ring's base carries the used position in bits 16..31
+        // (checked when the queue starts); a split ring's is an avail index.
+        if !packed && base > u32::from(u16::MAX) {
+            return Err(invalid("vring base above 65535"));
+        }
+        v.base = base;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         self.vring(index)?;
         let i = index as usize;
-        self.stop_queue(i);
+        self.stop_queue_reporting(i, true);
         self.deactivate_if_idle();
         let protocol = self.protocol_acked();
         let v = &mut self.vrings[i];
@@ -727,7 +749,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         if protocol {
             v.enabled = false;
         }
-        Ok(VhostUserVringState::new(index, u32::from(v.next_avail)))
+        Ok(VhostUserVringState::new(index, v.base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

@@ -1,4 +1,6 @@
-//! Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split rings).
+//! Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", split
+//! rings; a packed ring keeps a record of its own, see
+//! [`QueueInflight::packed_record`]).
 //!
 //! The backend allocates a shared memory area (GET_INFLIGHT_FD) that the
 //! frontend keeps; a restarted backend receives it back (SET_INFLIGHT_FD) and
@@ -24,11 +26,37 @@ use std::sync::atomic::{Ordering, fence};
 
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
+use crate::chain::PackedDescriptor;
+
 const HEADER_SIZE: usize = 16;
 const DESC_STATE_SIZE: usize = 16;
 const ALIGN: usize = 64;
 /// Region layout version this implementation writes.
 pub const INFLIGHT_VERSION: u16 = 1;
+/// `version` of a queue area holding a packed ring's record (see
+/// [`QueueInflight::packed_record`]); no spec layout uses it.
+pub const PACKED_RECORD_VERSION: u16 = 0xb001;
+
+/// A packed ring's record in the inflight area (see
+/// [`QueueInflight::packed_record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedRecord {
+    /// The used position and wrap counter (vring-base form).
+    pub used: u16,
+    /// Buffers marked in flight, by id.
+    pub in_flight: Vec<PackedEntry>,
+}
+
+/// One buffer a packed ring's record marks in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedEntry {
+    /// Buffer id.
+    pub id: u16,
+    /// Ring slots it took (0: more than 255).
+    pub slots: u8,
+    /// Its ring descriptor, when it took one slot.
+    pub desc: PackedDescriptor,
+}
 
 const OFF_FEATURES: usize = 0;
 const OFF_VERSION: usize = 8;
@@ -321,6 +349,124 @@ impl QueueInflight {
         self.write(OFF_USED_IDX, used_idx);
     }
 
+    /// A packed ring's record at its start, or None when the area holds
+    /// none (fresh, foreign, or dropped by [`QueueInflight::packed_forget`]):
+    /// the area is then set up for a packed ring at `used`.
+    ///
+    /// A packed ring's area holds Bulkhead's own record, not the spec's
+    /// packed layout, in the split layout's place: `version` is
+    /// [`PACKED_RECORD_VERSION`] (no split implementation takes it for its
+    /// own), `used_idx` is the device's used position and wrap counter, and
+    /// `desc[id]` describes buffer `id`: byte 0 set while it is in flight,
+    /// byte 1 the ring slots it took (0: more than 255), and for a buffer of
+    /// one slot its descriptor (flags at 2, len at 4, addr at 8), so that it
+    /// can be resubmitted though its ring slot was reused. The avail
+    /// position is the used one plus the slots in flight.
+    pub fn packed_record(&mut self, features: u64, used: u16) -> Option<PackedRecord> {
+        let version: u16 = self.read(OFF_VERSION);
+        let desc_num: u16 = self.read(OFF_DESC_NUM);
+        if version != PACKED_RECORD_VERSION || desc_num != self.desc_num {
+            let _ = self
+                .slice()
+                .write_slice(&vec![0u8; queue_region_size(self.desc_num)], 0);
+            self.write(OFF_FEATURES, features);
+            self.write(OFF_DESC_NUM, self.desc_num);
+            self.write(OFF_USED_IDX, used);
+            fence(Ordering::Release);
+            self.write(OFF_VERSION, PACKED_RECORD_VERSION);
+            return None;
+        }
+        self.write(OFF_FEATURES, features);
+        let in_flight = (0..self.queue_size)
+            .filter(|&id| self.read::<u8>(Self::desc_off(id)) != 0)
+            .map(|id| {
+                let off = Self::desc_off(id);
+                PackedEntry {
+                    id,
+                    slots: self.read(off + 1),
+                    desc: PackedDescriptor {
+                        addr: self.read(off + 8),
+                        len: self.read(off + 4),
+                        id,
+                        flags: self.read(off + 2),
+                    },
+                }
+            })
+            .collect();
+        // Marks beyond the live queue size cannot be valid ids: drop them.
+        for id in self.queue_size..self.desc_num {
+            self.write(Self::desc_off(id), 0u8);
+        }
+        Some(PackedRecord {
+            used: self.read(OFF_USED_IDX),
+            in_flight,
+        })
+    }
+
+    /// The ring slots buffer `id` took when it was last taken (0: unknown).
+    pub fn packed_slots(&self, id: u16) -> u8 {
+        if id < self.desc_num {
+            self.read(Self::desc_off(id) + 1)
+        } else {
+            0
+        }
+    }
+
+    /// Records the used position (vring-base form).
+    pub fn packed_set_used(&mut self, used: u16) {
+        self.write(OFF_USED_IDX, used);
+        fence(Ordering::Release);
+    }
+
+    /// Records that packed buffer `id`, of `slots` ring slots, was taken;
+    /// `desc`: its one ring descriptor (as copied), for a one-slot buffer.
+    pub fn packed_begin(&mut self, id: u16, slots: u16, desc: Option<&PackedDescriptor>) {
+        if id >= self.desc_num {
+            return;
+        }
+        let off = Self::desc_off(id);
+        self.write(off + 1, u8::try_from(slots).unwrap_or(0));
+        if let Some(d) = desc {
+            self.write(off + 2, d.flags);
+            self.write(off + 4, d.len);
+            self.write(off + 8, d.addr);
+        }
+        fence(Ordering::Release);
+        self.write(off, 1u8);
+        fence(Ordering::Release);
+    }
+
+    /// Records that packed buffer `id` was published as used and the used
+    /// position is now `used`. The mark goes first: a crash between the two
+    /// leaves the used descriptor in the ring at the recorded position,
+    /// where the next backend finds it (`VirtQueue` start), and never a
+    /// buffer both used and resubmitted.
+    pub fn packed_used(&mut self, id: u16, used: u16) {
+        if id < self.desc_num {
+            self.write(Self::desc_off(id), 0u8);
+        }
+        fence(Ordering::Release);
+        self.write(OFF_USED_IDX, used);
+        fence(Ordering::Release);
+    }
+
+    /// Records that packed buffer `id` went back to the driver unused.
+    pub fn packed_abort(&mut self, id: u16) {
+        if id < self.desc_num {
+            self.write(Self::desc_off(id), 0u8);
+            fence(Ordering::Release);
+        }
+    }
+
+    /// Drops a packed ring's record (the frontend holds the exact base now):
+    /// the next start takes the frontend's base.
+    pub fn packed_forget(&mut self) {
+        if self.read::<u16>(OFF_VERSION) == PACKED_RECORD_VERSION {
+            self.write(OFF_VERSION, 0u16);
+            fence(Ordering::Release);
+        }
+    }
+
     /// Heads currently marked in flight (for tests and diagnostics).
     pub fn pending(&self) -> Vec<u16> {
         (0..self.queue_size)
@@ -424,6 +570,58 @@ mod tests {
         q.begin(2);
         q.abort(2);
         assert_eq!(q.recover(0, 0), vec![1]);
+    }
+
+    #[test]
+    fn packed_record_keeps_positions_slots_and_one_slot_descriptors() {
+        let (region, file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        assert_eq!(q.packed_record(0, 0x8000), None);
+        let d = PackedDescriptor {
+            addr: 0x1234_5678,
+            len: 99,
+            id: 3,
+            flags: 6,
+        };
+        q.packed_begin(3, 1, Some(&d));
+        q.packed_begin(5, 3, None);
+        q.packed_begin(6, 1, Some(&d));
+        q.packed_used(6, 0x8001);
+        q.packed_begin(7, 1, Some(&d));
+        q.packed_abort(7);
+        drop(q);
+        // A new process maps the same fd.
+        let size = file.metadata().unwrap().len();
+        let region = InflightRegion::map(file, 0, size, 1, 8).unwrap();
+        let mut q = region.queue(0, 8).unwrap();
+        let rec = q.packed_record(0, 0x8000).unwrap();
+        assert_eq!(rec.used, 0x8001);
+        assert_eq!(
+            rec.in_flight,
+            vec![
+                PackedEntry {
+                    id: 3,
+                    slots: 1,
+                    desc: d
+                },
+                PackedEntry {
+                    id: 5,
+                    slots: 3,
+                    desc: PackedDescriptor {
+                        id: 5,
+                        ..Default::default()
+                    }
+                },
+            ]
+        );
+        assert_eq!(q.packed_slots(6), 1);
+        assert_eq!(q.pending(), vec![3, 5]);
+        // Once the frontend holds the base, the record is gone.
+        q.packed_forget();
+        assert_eq!(q.packed_record(0, 0x8000), None);
+        // A split start after a packed one starts clean, and back.
+        assert!(q.recover(0, 0).is_empty());
+        assert_eq!(q.packed_record(0, 0x8000), None);
     }
 
     #[test]

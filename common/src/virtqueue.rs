@@ -1,5 +1,7 @@
-//! A split virtqueue as seen by a device: takes chains off the avail ring,
+//! A virtqueue as seen by a device: takes chains off the avail ring,
 //! publishes completions on the used ring, and decides when to interrupt.
+//! One type for both layouts: the split ring here, the packed ring
+//! (VIRTIO_F_RING_PACKED) in [`packed`]; device code does not know which.
 //!
 //! Everything read from the rings is treated as hostile: an avail index more
 //! than a queue ahead, a head out of range, or a head that is already in
@@ -28,9 +30,12 @@ use crate::memory::{
 use crate::ratelimit::guest_error;
 
 use crate::spec::ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
-    VRING_USED_F_NO_NOTIFY,
+    VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY,
 };
+
+mod packed;
+use packed::PackedRing;
 
 /// Largest queue any Bulkhead backend accepts.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -38,23 +43,54 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Guest physical addresses of a queue's three parts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingAddrs {
-    /// Descriptor table.
+    /// Descriptor table (a packed ring: the ring).
     pub desc: GuestAddress,
-    /// Avail (driver) ring.
+    /// Avail (driver) ring (a packed ring: the driver event suppression structure).
     pub avail: GuestAddress,
-    /// Used (device) ring.
+    /// Used (device) ring (a packed ring: the device event suppression structure).
     pub used: GuestAddress,
 }
 
 impl RingAddrs {
-    /// Checks alignment and that all three parts lie in guest memory for `size` entries.
+    /// Checks alignment and that all three parts of a split ring lie in
+    /// guest memory for `size` entries.
     pub fn validate(&self, mem: &vm_memory::GuestMemoryMmap, size: u16) -> Result<(), QueueError> {
         let n = u64::from(size);
-        let parts = [
-            (self.desc, 16 * n, 16),
-            (self.avail, 6 + 2 * n, 2),
-            (self.used, 6 + 8 * n, 4),
-        ];
+        self.check_parts(
+            mem,
+            [
+                (self.desc, 16 * n, 16),
+                (self.avail, 6 + 2 * n, 2),
+                (self.used, 6 + 8 * n, 4),
+            ],
+        )
+    }
+
+    /// The same for a packed ring: the ring of `size` descriptors and the
+    /// two 4-byte event suppression structures.
+    pub fn validate_packed(
+        &self,
+        mem: &vm_memory::GuestMemoryMmap,
+        size: u16,
+    ) -> Result<(), QueueError> {
+        let n = u64::from(size);
+        self.check_parts(
+            mem,
+            [
+                (self.desc, 16 * n, 16),
+                (self.avail, 4, 4),
+                (self.used, 4, 4),
+            ],
+        )
+    }
+
+    /// Parts: (address, length, alignment) of the table, the driver's part
+    /// and the device's part, in that order.
+    fn check_parts(
+        &self,
+        mem: &vm_memory::GuestMemoryMmap,
+        parts: [(GuestAddress, u64, u64); 3],
+    ) -> Result<(), QueueError> {
         for (addr, len, align) in parts {
             if addr.raw_value() % align != 0 {
                 return Err(QueueError::RingOutsideMemory(addr.raw_value()));
@@ -66,7 +102,7 @@ impl RingAddrs {
         // The device writes the used ring; if it overlapped what it reads
         // (the table or the avail ring), its own writes would feed it new work
         // forever (an avail index that moves with every completion).
-        let (used, used_len) = (self.used.raw_value(), 6 + 8 * n);
+        let (used, used_len) = (parts[2].0.raw_value(), parts[2].1);
         for (addr, len, _) in &parts[..2] {
             let a = addr.raw_value();
             if a < used + used_len && used < a + len {
@@ -108,6 +144,18 @@ pub enum QueueError {
     /// The queue was broken earlier and awaits a reset.
     #[error("queue is broken")]
     Broken,
+    /// A packed ring's base names a position outside the ring, or one more
+    /// than a ring ahead of the used position.
+    #[error("packed ring base {0:#x} is impossible")]
+    BadBase(u32),
+    /// A packed chain runs into the slots of buffers still in flight.
+    #[error("packed chain longer than the {0} slots the driver owns")]
+    ChainOverrun(u32),
+    /// A predecessor died with packed buffers in flight, which a packed
+    /// ring cannot resubmit yet: the queue is not started rather than
+    /// losing or repeating them silently.
+    #[error("{0} packed buffer(s) were in flight when the previous backend stopped")]
+    PackedInFlightLost(u32),
 }
 
 /// The call eventfd, replaceable while the queue runs (SET_VRING_CALL).
@@ -201,15 +249,20 @@ pub struct QueueConfig {
     pub size: u16,
     /// Ring addresses.
     pub addrs: RingAddrs,
-    /// Next avail index to read (SET_VRING_BASE).
+    /// Next avail index to read (SET_VRING_BASE); a packed ring: bits
+    /// 0..14 the position, bit 15 the wrap counter.
     pub next_avail: u16,
+    /// A packed ring's used position and wrap counter (bits 16..31 of
+    /// SET_VRING_BASE; 0, what a 16-bit base leaves, means "as avail");
+    /// unused by a split ring, which keeps its used index in guest memory.
+    pub used_base: u16,
     /// Negotiated virtio features.
     pub features: u64,
     /// Most bytes one chain may carry.
     pub max_chain_bytes: u64,
 }
 
-/// A running split virtqueue, owned by one worker thread.
+/// A running virtqueue, split or packed, owned by one worker thread.
 pub struct VirtQueue {
     index: u16,
     size: u16,
@@ -243,6 +296,11 @@ pub struct VirtQueue {
     exhausted: bool,
     /// Dirty-page log of the connection (migration); see [`crate::dirty_log`].
     dirty: Option<Arc<DirtyLog>>,
+    /// The packed ring's state when VIRTIO_F_RING_PACKED was negotiated; the
+    /// split fields above (`next_avail`, `next_used`, ...) are then unused,
+    /// `heads` holds buffer ids, `taken_at` the linear position each was
+    /// taken at and `signalled_used` a linear used position.
+    packed: Option<PackedRing>,
 }
 
 impl VirtQueue {
@@ -259,6 +317,9 @@ impl VirtQueue {
     ) -> Result<Self, QueueError> {
         if cfg.size == 0 || !cfg.size.is_power_of_two() || cfg.size > MAX_QUEUE_SIZE {
             return Err(QueueError::HeadOutOfRange(cfg.size));
+        }
+        if cfg.features & VIRTIO_F_RING_PACKED != 0 {
+            return Self::start_packed(cfg, mem, call, err, inflight, stats);
         }
         let snapshot = mem.memory();
         cfg.addrs.validate(&snapshot, cfg.size)?;
@@ -316,7 +377,90 @@ impl VirtQueue {
             budget: u32::MAX,
             exhausted: false,
             dirty: None,
+            packed: None,
         })
+    }
+
+    /// [`VirtQueue::start`] for a packed ring: the positions come from the
+    /// vring base, or from the inflight area's record when a predecessor
+    /// crashed (a frontend's base is stale then).
+    fn start_packed(
+        cfg: QueueConfig,
+        mem: GuestMemoryHandle,
+        call: Arc<CallSlot>,
+        err: Option<Arc<EventFd>>,
+        inflight: Option<QueueInflight>,
+        stats: Arc<QueueStats>,
+    ) -> Result<Self, QueueError> {
+        cfg.addrs.validate_packed(&mem.memory(), cfg.size)?;
+        // A frontend that sends only 16 bits (the `vhost` crate's, DPDK's
+        // reading) stopped the ring with nothing in flight: used = avail.
+        let used = if cfg.used_base == 0 {
+            cfg.next_avail
+        } else {
+            cfg.used_base
+        };
+        let ring = PackedRing::new(cfg.next_avail, used, cfg.size)?;
+        let mut q = VirtQueue {
+            index: cfg.index,
+            size: cfg.size,
+            addrs: cfg.addrs,
+            mem,
+            next_avail: Wrapping(0),
+            avail_shadow: Wrapping(0),
+            next_used: Wrapping(0),
+            signalled_used: None,
+            event_idx: cfg.features & VIRTIO_RING_F_EVENT_IDX != 0,
+            limits: ChainLimits {
+                queue_size: cfg.size,
+                indirect: cfg.features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+                max_total_len: cfg.max_chain_bytes,
+            },
+            heads: HeadSet::new(cfg.size),
+            taken_at: vec![None; usize::from(cfg.size)],
+            resubmit: VecDeque::new(),
+            inflight,
+            call,
+            err,
+            broken: false,
+            stats,
+            max_descriptors: cfg.size,
+            budget: u32::MAX,
+            exhausted: false,
+            dirty: None,
+            packed: Some(ring),
+        };
+        q.recover_packed(cfg.features)?;
+        Ok(q)
+    }
+
+    /// True when the queue runs the packed layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// What GET_VRING_BASE returns: a split ring's next avail index; a
+    /// packed ring's avail position and wrap counter (bits 0..15) and used
+    /// position and wrap counter (bits 16..31).
+    pub fn vring_base(&self) -> u32 {
+        match &self.packed {
+            Some(p) => p.base(),
+            None => u32::from(self.next_avail.0),
+        }
+    }
+
+    /// Retires a stopped queue whose exact base the frontend now holds
+    /// (GET_VRING_BASE answered): with nothing in flight, a packed ring's
+    /// record in the inflight area is not needed to restart it, and must
+    /// not override a base the frontend sets later (after a device reset,
+    /// say). It takes the queue: a running one must keep its record.
+    pub fn base_reported(mut self) {
+        if self.packed.is_some()
+            && self.heads.count() == 0
+            && let Some(inf) = self.inflight.as_mut()
+        {
+            inf.packed_forget();
+        }
     }
 
     /// Logs what the queue writes into guest memory in `log` while logging
@@ -406,9 +550,12 @@ impl VirtQueue {
         self.size
     }
 
-    /// Next avail index to read: what GET_VRING_BASE returns.
+    /// Next avail index to read (a packed ring: position and wrap counter).
     pub fn next_avail(&self) -> u16 {
-        self.next_avail.0
+        match &self.packed {
+            Some(p) => p.avail(),
+            None => self.next_avail.0,
+        }
     }
 
     /// Heads taken off the ring and not completed yet.
@@ -467,6 +614,9 @@ impl VirtQueue {
         if self.broken {
             return false;
         }
+        if self.packed.is_some() {
+            return self.has_pending_packed();
+        }
         if !self.resubmit.is_empty() || self.avail_shadow != self.next_avail {
             return true;
         }
@@ -481,6 +631,9 @@ impl VirtQueue {
     pub fn pop(&mut self) -> Result<Option<DescriptorChain>, QueueError> {
         if self.broken {
             return Err(QueueError::Broken);
+        }
+        if self.packed.is_some() {
+            return self.pop_packed();
         }
         let mem = self.memory();
         loop {
@@ -549,6 +702,9 @@ impl VirtQueue {
     /// complete with length 0. For receive buffers held at a stop: used
     /// with length 0 they would be gone until the driver posts them again.
     pub fn give_back(&mut self, heads: &[u16]) -> Vec<u16> {
+        if self.packed.is_some() {
+            return self.give_back_packed(heads);
+        }
         let mut left: Vec<u16> = heads.to_vec();
         loop {
             let want = self.next_avail - Wrapping(1);
@@ -582,6 +738,9 @@ impl VirtQueue {
 
     /// Publishes `head` as used with `len` bytes written, marking it no longer in flight.
     pub fn complete(&mut self, head: u16, len: u32) {
+        if self.packed.is_some() {
+            return self.complete_packed(head, len);
+        }
         if head >= self.size || !self.heads.remove(head) {
             crate::rate_limited!(
                 log::Level::Warn,
@@ -622,6 +781,9 @@ impl VirtQueue {
 
     /// Interrupts the guest if it asked for it since the last interrupt.
     pub fn notify(&mut self) {
+        if self.packed.is_some() {
+            return self.notify_packed();
+        }
         if self.signalled_used == Some(self.next_used) {
             // Nothing was completed since the last decision.
             return;
@@ -662,6 +824,9 @@ impl VirtQueue {
 
     /// Asks the guest not to kick while the device is busy.
     pub fn disable_notifications(&mut self) {
+        if self.packed.is_some() {
+            return self.disable_notifications_packed();
+        }
         if !self.event_idx {
             let _ = store_guest(
                 &self.map(),
@@ -678,6 +843,9 @@ impl VirtQueue {
         if self.broken || self.exhausted {
             // Out of budget: the queue thread comes back after its other events.
             return Ok(false);
+        }
+        if self.packed.is_some() {
+            return self.enable_notifications_packed();
         }
         let mem = self.map();
         let stored = if self.event_idx {
@@ -788,6 +956,7 @@ pub(crate) mod tests {
                     used: GuestAddress(USED),
                 },
                 next_avail: 0,
+                used_base: 0,
                 features,
                 max_chain_bytes: 1 << 20,
             };
@@ -857,6 +1026,7 @@ pub(crate) mod tests {
                     used: GuestAddress(used),
                 },
                 next_avail: 0,
+                used_base: 0,
                 features: 0,
                 max_chain_bytes: 1 << 20,
             };

@@ -79,6 +79,10 @@ mod tests {
         assert_eq!(VIRTIO_F_VERSION_1, 1 << 32);
         assert_eq!(ring::VIRTIO_RING_F_INDIRECT_DESC, 1 << 28);
         assert_eq!(ring::VIRTIO_RING_F_EVENT_IDX, 1 << 29);
+        assert_eq!(ring::VIRTIO_F_RING_PACKED, 1 << 34);
+        assert_eq!(ring::VRING_PACKED_DESC_F_AVAIL, 0x80);
+        assert_eq!(ring::VRING_PACKED_DESC_F_USED, 0x8000);
+        assert_eq!(ring::VRING_PACKED_EVENT_F_WRAP_CTR, 0x8000);
         assert_eq!(blk::VIRTIO_BLK_F_WRITE_ZEROES, 1 << 14);
         assert_eq!(net::VIRTIO_NET_F_MQ, 1 << 22);
         assert_eq!(vhost_user::VHOST_USER_F_PROTOCOL_FEATURES, 1 << 30);

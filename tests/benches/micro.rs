@@ -177,6 +177,7 @@ fn bulkhead_queue(
             used: GuestAddress(USED),
         },
         next_avail: 0,
+        used_base: 0,
         features: VIRTIO_RING_F_INDIRECT_DESC,
         max_chain_bytes: 1 << 30,
     };

@@ -77,12 +77,20 @@ fn pipe() -> io::Result<(File, File)> {
     Ok(unsafe { (File::from_raw_fd(p[0]), File::from_raw_fd(p[1])) })
 }
 
-/// Stops every ring (SET_VRING_ENABLE 0, GET_VRING_BASE); returns the bases.
+/// Stops every ring (SET_VRING_ENABLE 0, GET_VRING_BASE); returns the
+/// bases, as a frontend on the `vhost` crate sends them back: 16 bits (a
+/// packed ring's avail position and wrap counter; the backend takes the
+/// used position to be the same after a stop).
 pub fn stop_all(dev: &mut Device) -> Result<Vec<u16>> {
     let mut bases = Vec::with_capacity(dev.queues.len());
     for i in 0..dev.queues.len() {
         let b = dev.stop_queue(i)?;
-        bases.push(u16::try_from(b).unwrap_or(u16::MAX));
+        let packed = dev.queues.get(i).is_some_and(|q| q.is_packed());
+        bases.push(if packed {
+            b as u16
+        } else {
+            u16::try_from(b).unwrap_or(u16::MAX)
+        });
     }
     Ok(bases)
 }
@@ -173,12 +181,13 @@ pub struct Carried {
 
 impl Carried {
     /// After a crash: the bases are the rings' used indexes, as QEMU and
-    /// `bulkhead-vmm` restore them.
+    /// `bulkhead-vmm` restore them (a packed ring: the driver's used
+    /// position, which the backend's inflight record overrides).
     pub fn after_crash(parts: Parts) -> Result<Self> {
         let bases = parts
             .queues
             .iter()
-            .map(|q| q.used_idx())
+            .map(|q| q.vring_base())
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(FrontendError::Virtq)?;
         Ok(Carried { parts, bases })

@@ -21,7 +21,9 @@ use crate::memory::{GuestMemory, MemoryError};
 use crate::virtq::{VirtQueue, VirtqError};
 
 pub use bulkhead_spec::VIRTIO_F_VERSION_1;
-pub use bulkhead_spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+pub use bulkhead_spec::ring::{
+    VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 /// vhost-user's bits: protocol features negotiated; dirty logging (acked
 /// by the kit only while [`Device::start_dirty_log`] runs a migration's log).
 pub use bulkhead_spec::vhost_user::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
@@ -65,7 +67,7 @@ fn vu<T>(what: &'static str, r: vhost::Result<T>) -> Result<T> {
 #[derive(Clone, Debug)]
 pub struct Options {
     /// virtio features the driver is willing to ack (ANDed with the offer); by default
-    /// the device bits, INDIRECT_DESC, EVENT_IDX and VERSION_1 (never legacy or packed).
+    /// the device bits, INDIRECT_DESC, EVENT_IDX and VERSION_1 (never legacy or packed: see [`Options::packed`]).
     pub features: u64,
     /// Protocol features the frontend is willing to ack (ANDed with the offer).
     pub protocol_features: VhostUserProtocolFeatures,
@@ -118,6 +120,12 @@ impl Options {
     /// Accepts or refuses EVENT_IDX.
     pub fn event_idx(self, on: bool) -> Self {
         self.feature(VIRTIO_RING_F_EVENT_IDX, on)
+    }
+
+    /// Accepts or refuses the packed ring layout (VIRTIO_F_RING_PACKED):
+    /// when the backend offers it, the queues are packed rings.
+    pub fn packed(self, on: bool) -> Self {
+        self.feature(VIRTIO_F_RING_PACKED, on)
     }
 
     /// Accepts or refuses INDIRECT_DESC.
@@ -301,8 +309,15 @@ impl Device {
             Some(q) => q,
             None => {
                 let n = opts.num_queues.unwrap_or(queue_num as usize);
+                let packed = acked & VIRTIO_F_RING_PACKED != 0;
                 (0..n)
-                    .map(|_| VirtQueue::new(mem.clone(), opts.queue_size))
+                    .map(|_| {
+                        if packed {
+                            VirtQueue::new_packed(mem.clone(), opts.queue_size)
+                        } else {
+                            VirtQueue::new(mem.clone(), opts.queue_size)
+                        }
+                    })
                     .collect::<std::result::Result<Vec<_>, _>>()?
             }
         };
@@ -351,7 +366,7 @@ impl Device {
                 log_addr: None,
             };
             vu("SET_VRING_ADDR", fe.set_vring_addr(i, &cfg))?;
-            vu("SET_VRING_BASE", fe.set_vring_base(i, q.used_idx()?))?;
+            vu("SET_VRING_BASE", fe.set_vring_base(i, q.vring_base()?))?;
             vu("SET_VRING_CALL", fe.set_vring_call(i, q.call_fd()))?;
             vu("SET_VRING_KICK", fe.set_vring_kick(i, q.kick_fd()))?;
             if acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {

@@ -251,18 +251,29 @@ impl Guest {
     /// Attaches a `vhost-user-blk-pci` device whose backend listens on
     /// `socket`, with `num_queues` queues of [`VHOST_USER_BLK_QUEUE_SIZE`]
     /// descriptors. The first one is `/dev/vda`.
-    pub fn vhost_user_blk(mut self, socket: &Path, num_queues: u16) -> Self {
+    pub fn vhost_user_blk(self, socket: &Path, num_queues: u16) -> Self {
+        self.vhost_user_blk_with(socket, num_queues, "")
+    }
+
+    /// [`Guest::vhost_user_blk`] with more `-device` properties (`extra`,
+    /// comma-separated, e.g. `packed=on`).
+    pub fn vhost_user_blk_with(mut self, socket: &Path, num_queues: u16, extra: &str) -> Self {
         let id = self.devices;
         self.devices += 1;
         let mut chardev = OsString::from(format!("socket,id=vu{id},path="));
         chardev.push(socket.as_os_str());
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!(",{extra}")
+        };
         self.args.extend([
             "-chardev".into(),
             chardev,
             "-device".into(),
             format!(
                 "vhost-user-blk-pci,chardev=vu{id},num-queues={num_queues},\
-                 queue-size={VHOST_USER_BLK_QUEUE_SIZE}"
+                 queue-size={VHOST_USER_BLK_QUEUE_SIZE}{extra}"
             )
             .into(),
         ]);

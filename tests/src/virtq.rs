@@ -1,4 +1,6 @@
-//! A split-virtqueue guest driver laid out in [`GuestMemory`].
+//! A virtqueue guest driver laid out in [`GuestMemory`]: a split ring, or a
+//! packed one ([`VirtQueue::new_packed`], see [`packed`]) behind the same
+//! well-behaved API.
 //!
 //! The well-behaved path ([`VirtQueue::add_chain`], [`VirtQueue::publish`],
 //! [`VirtQueue::kick_if_needed`], [`VirtQueue::wait_used`]) follows the virtio 1.x
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::{GuestMemory, MemoryError};
+
+pub mod packed;
 
 pub use bulkhead_spec::ring::{
     VRING_AVAIL_F_NO_INTERRUPT as VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -42,6 +46,12 @@ pub enum VirtqError {
     /// The device did not complete a request in time.
     #[error("Timed out waiting for the used ring")]
     Timeout,
+    /// A packed-ring call on a split queue.
+    #[error("Not a packed ring")]
+    NotPacked,
+    /// A packed ring publishes only ids that [`VirtQueue::add_chain`] returned.
+    #[error("Buffer id {0} was not added")]
+    NotAdded(u16),
 }
 
 /// Result type of this module.
@@ -149,6 +159,8 @@ pub struct VirtQueue {
     kicked_avail: u16,
     last_used: u16,
     event_idx: bool,
+    /// The packed ring's state; `None` for a split ring.
+    packed: Option<packed::Packed>,
 }
 
 impl VirtQueue {
@@ -173,7 +185,40 @@ impl VirtQueue {
             kicked_avail: 0,
             last_used: 0,
             event_idx: false,
+            packed: None,
         })
+    }
+
+    /// Allocates a packed ring of `size` entries in `mem` (VIRTIO_F_RING_PACKED).
+    pub fn new_packed(mem: Arc<GuestMemory>, size: u16) -> Result<Self> {
+        if size == 0 || !size.is_power_of_two() || size > 32768 {
+            return Err(VirtqError::BadSize(size));
+        }
+        let addrs = packed::alloc(&mem, size)?;
+        Ok(VirtQueue {
+            mem,
+            size,
+            addrs,
+            kick: EventFd::new(EFD_NONBLOCK).map_err(VirtqError::EventFd)?,
+            call: EventFd::new(EFD_NONBLOCK).map_err(VirtqError::EventFd)?,
+            free: Vec::new(),
+            chains: HashMap::new(),
+            next_avail: 0,
+            kicked_avail: 0,
+            last_used: 0,
+            event_idx: false,
+            packed: Some(packed::Packed::new(size)),
+        })
+    }
+
+    /// What a frontend sends as SET_VRING_BASE when it (re)starts this
+    /// queue: a split ring's used index; a packed ring's used position and
+    /// wrap counter.
+    pub fn vring_base(&self) -> Result<u16> {
+        if self.packed.is_some() {
+            return self.packed_base();
+        }
+        self.used_idx()
     }
 
     /// Queue size (number of descriptors).
@@ -213,11 +258,17 @@ impl VirtQueue {
 
     /// Number of free descriptors.
     pub fn free_descs(&self) -> usize {
+        if let Some(p) = &self.packed {
+            return p.free_slots();
+        }
         self.free.len()
     }
 
     /// Number of chains published and not yet popped from the used ring.
     pub fn in_flight(&self) -> usize {
+        if let Some(p) = &self.packed {
+            return p.in_flight();
+        }
         self.chains.len()
     }
 
@@ -269,6 +320,9 @@ impl VirtQueue {
         if bufs.is_empty() {
             return Err(VirtqError::EmptyChain);
         }
+        if self.packed.is_some() {
+            return self.packed_add_chain(bufs);
+        }
         if bufs.len() > self.free.len() {
             return Err(VirtqError::QueueFull(bufs.len()));
         }
@@ -304,6 +358,9 @@ impl VirtQueue {
     pub fn add_indirect(&mut self, bufs: &[Buf]) -> Result<u16> {
         if bufs.is_empty() {
             return Err(VirtqError::EmptyChain);
+        }
+        if self.packed.is_some() {
+            return self.packed_add_indirect(bufs);
         }
         let table_len = 16 * bufs.len() as u64;
         let table = self.mem.alloc(table_len, 16)?;
@@ -344,6 +401,9 @@ impl VirtQueue {
 
     /// Puts `head` (any value) in the next avail slot and publishes the new avail idx (release).
     pub fn publish(&mut self, head: u16) -> Result<()> {
+        if self.packed.is_some() {
+            return self.packed_publish(head);
+        }
         let slot = self.next_avail % self.size;
         self.set_avail_entry(slot, head)?;
         self.next_avail = self.next_avail.wrapping_add(1);
@@ -418,6 +478,9 @@ impl VirtQueue {
 
     /// Whether the device asked for a kick for what was published since the last check.
     pub fn needs_kick(&mut self) -> Result<bool> {
+        if self.packed.is_some() {
+            return self.packed_needs_kick();
+        }
         fence(Ordering::SeqCst);
         let old = self.kicked_avail;
         let new = self.next_avail;
@@ -473,6 +536,9 @@ impl VirtQueue {
 
     /// Pops the next used element, if any, freeing its chain; updates used_event with EVENT_IDX.
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>> {
+        if self.packed.is_some() {
+            return self.packed_pop_used();
+        }
         if self.used_idx()? == self.last_used {
             return Ok(None);
         }
@@ -500,10 +566,18 @@ impl VirtQueue {
                 return Ok(e);
             }
             if self.event_idx {
-                self.set_used_event(self.last_used)?;
-                fence(Ordering::SeqCst);
-                if self.used_idx()? != self.last_used {
-                    continue;
+                if self.packed.is_some() {
+                    self.packed_set_used_event()?;
+                    fence(Ordering::SeqCst);
+                    if self.packed_has_used()? {
+                        continue;
+                    }
+                } else {
+                    self.set_used_event(self.last_used)?;
+                    fence(Ordering::SeqCst);
+                    if self.used_idx()? != self.last_used {
+                        continue;
+                    }
                 }
             }
             let now = Instant::now();

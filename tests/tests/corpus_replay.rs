@@ -93,6 +93,11 @@ fn virtqueue_inputs_replay_cleanly() {
 }
 
 #[test]
+fn packed_ring_inputs_replay_cleanly() {
+    replay("packed_ring");
+}
+
+#[test]
 fn inflight_inputs_replay_cleanly() {
     replay("inflight");
 }

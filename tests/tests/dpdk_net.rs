@@ -2,7 +2,8 @@
 //! as an independent vhost-user frontend for `bulkhead-net`: in txonly mode
 //! every frame testpmd sends reaches the tap (counted by the namespace's
 //! kernel); in rxonly mode every frame injected on the tap reaches testpmd.
-//! The counts match on both sides and in the daemon's own counters.
+//! The counts match on both sides and in the daemon's own counters; both
+//! on split rings and on packed rings (`packed_vq=1`).
 //!
 //! testpmd runs non-interactively (`-i` with its commands piped in), on one
 //! CPU, bounded by a timeout and killed by pid. Needs root and DPDK
@@ -57,16 +58,19 @@ struct TestPmd {
 }
 
 impl TestPmd {
-    /// Starts testpmd on `socket` in forwarding `mode` and waits for its prompt.
-    fn start(socket: &Path, mode: &str) -> TestPmd {
-        let prefix = format!("bhnet-{}-{mode}", std::process::id());
+    /// Starts testpmd on `socket` in forwarding `mode`, on packed rings or
+    /// split ones, and waits for its prompt.
+    fn start(socket: &Path, mode: &str, packed: bool) -> TestPmd {
+        let layout = if packed { "packed" } else { "split" };
+        let prefix = format!("bhnet-{}-{mode}-{layout}", std::process::id());
         let mut cmd = Command::new("dpdk-testpmd");
         cmd.args(["--no-huge", "--no-pci", "--lcores", "0@0,1@0", "-m", "512"])
             .args(["--file-prefix", &prefix, "--log-level", "lib.eal:error"])
             .arg("--vdev")
             .arg(format!(
-                "net_virtio_user0,path={},queues=1,queue_size=256",
-                socket.display()
+                "net_virtio_user0,path={},queues=1,queue_size=256,packed_vq={}",
+                socket.display(),
+                u8::from(packed)
             ))
             .args([
                 "--",
@@ -180,9 +184,24 @@ fn testpmd_txonly_frames_all_reach_the_tap() {
     if skip_if("testpmd_txonly_frames_all_reach_the_tap", unavailable()) {
         return;
     }
+    txonly(false);
+}
+
+#[test]
+fn testpmd_txonly_frames_on_packed_rings_all_reach_the_tap() {
+    if skip_if(
+        "testpmd_txonly_frames_on_packed_rings_all_reach_the_tap",
+        unavailable(),
+    ) {
+        return;
+    }
+    txonly(true);
+}
+
+fn txonly(packed: bool) {
     let (ns, mut daemon) = env();
     let before = ns.link_stats(TAP).unwrap();
-    let mut pmd = TestPmd::start(daemon.socket(), "txonly");
+    let mut pmd = TestPmd::start(daemon.socket(), "txonly", packed);
     pmd.send("start");
     pmd.wait_for("txonly packet forwarding", Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(2));
@@ -193,11 +212,17 @@ fn testpmd_txonly_frames_all_reach_the_tap() {
     let stats = daemon.stats().unwrap();
     let at_tap = (after.rx_packets + after.rx_dropped) - (before.rx_packets + before.rx_dropped);
     eprintln!(
-        "txonly: testpmd sent {tx}, bulkhead-net wrote {}, the tap received {at_tap} ({} dropped by the stack)",
+        "txonly (packed {packed}): testpmd sent {tx}, bulkhead-net wrote {}, the tap received {at_tap} ({} dropped by the stack)",
         stats["tx_frames"],
         after.rx_dropped - before.rx_dropped
     );
     assert!(tx > 1000, "testpmd sent only {tx} frames:\n{out}");
+    assert_eq!(
+        daemon.log().contains("acked packed virtqueues"),
+        packed,
+        "ring layout\n{}",
+        daemon.log()
+    );
     assert_eq!(
         stats["tx_frames"],
         tx,
@@ -219,8 +244,23 @@ fn frames_injected_on_the_tap_all_reach_testpmd_rxonly() {
     ) {
         return;
     }
+    rxonly(false);
+}
+
+#[test]
+fn frames_injected_on_the_tap_all_reach_testpmd_rxonly_on_packed_rings() {
+    if skip_if(
+        "frames_injected_on_the_tap_all_reach_testpmd_rxonly_on_packed_rings",
+        unavailable(),
+    ) {
+        return;
+    }
+    rxonly(true);
+}
+
+fn rxonly(packed: bool) {
     let (ns, mut daemon) = env();
-    let mut pmd = TestPmd::start(daemon.socket(), "rxonly");
+    let mut pmd = TestPmd::start(daemon.socket(), "rxonly", packed);
     pmd.send("start");
     pmd.wait_for("rxonly packet forwarding", Duration::from_secs(10));
     let inject = ns
@@ -250,11 +290,17 @@ fn frames_injected_on_the_tap_all_reach_testpmd_rxonly() {
     let from_tap = after.tx_packets - before.tx_packets;
     let dropped = after.tx_dropped - before.tx_dropped;
     eprintln!(
-        "rxonly: injected {N}, the tap handed over {from_tap} ({dropped} dropped), bulkhead-net delivered {}, testpmd received {rx}",
+        "rxonly (packed {packed}): injected {N}, the tap handed over {from_tap} ({dropped} dropped), bulkhead-net delivered {}, testpmd received {rx}",
         stats["rx_frames"]
     );
     assert_eq!(dropped, 0, "the tap queue overflowed");
     assert_eq!(from_tap, N, "tap count vs injected");
     assert_eq!(stats["rx_frames"], N, "daemon count\n{}", daemon.log());
     assert_eq!(rx, N, "testpmd count:\n{out}");
+    assert_eq!(
+        daemon.log().contains("acked packed virtqueues"),
+        packed,
+        "ring layout\n{}",
+        daemon.log()
+    );
 }

@@ -71,16 +71,27 @@ fn start_bulkhead(image: &Path, socket: &Path, log: &Path) -> ChildGuard {
     spawn_daemon("bulkhead-blk", &mut cmd, log).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The guest's check that the driver negotiated the packed ring (feature
+/// bit 34: the 35th character of the device's `features`), or did not.
+fn packed_check(packed: bool) -> String {
+    format!(
+        "expect_eq packed-ring \"$(cut -c35 /sys/block/vda/device/features)\" {}\n",
+        u8::from(packed)
+    )
+}
+
 /// The guest's script: every step is a named check.
-fn guest_script(serial: Option<&str>) -> String {
+fn guest_script(serial: Option<&str>, packed: bool) -> String {
     let sectors = DISK_SIZE / 512;
     let serial_check = match serial {
         Some(s) => format!("expect_eq serial \"$(cat /sys/block/vda/serial)\" {s}\n"),
         None => "value serial \"$(cat /sys/block/vda/serial 2>/dev/null)\"\n".to_string(),
     };
+    let packed_check = packed_check(packed);
     format!(
         r#"
 expect_eq disk-present "$(ls /sys/block | grep -c '^vda$')" 1
+{packed_check}
 expect_eq size "$(cat /sys/block/vda/size)" {sectors}
 expect_eq read-write "$(cat /sys/block/vda/ro)" 0
 expect_eq queues "$(ls /sys/block/vda/mq | wc -l)" {QUEUES}
@@ -136,8 +147,10 @@ check umount-again umount /mnt
     )
 }
 
-/// Runs the scenario against one backend, then checks the image on the host.
-fn scenario(backend: &Backend) {
+/// Runs the scenario against one backend, then checks the image on the host;
+/// `packed`: the device offers the packed ring (`packed=on`) and the guest
+/// must use it.
+fn scenario(backend: &Backend, packed: bool) {
     let dir = tempfile::Builder::new()
         .prefix("bulkhead-qemu-blk-")
         .tempdir()
@@ -162,10 +175,10 @@ fn scenario(backend: &Backend) {
         );
     }
 
-    let run = Guest::new(guest_script(backend.serial))
+    let run = Guest::new(guest_script(backend.serial, packed))
         .smp(2)
         .file("/data/pattern.bin", pattern.clone())
-        .vhost_user_blk(&socket, QUEUES)
+        .vhost_user_blk_with(&socket, QUEUES, if packed { "packed=on" } else { "" })
         .timeout(Duration::from_secs(240))
         .run_watching(&mut [&mut daemon]);
     if matches!(daemon.try_wait(), Ok(None)) {
@@ -241,20 +254,38 @@ fn check_image_on_host(name: &str, image: &Path, pattern: &[u8], dir: &Path) {
 
 #[test]
 fn qemu_guest_uses_qemu_storage_daemon_export() {
-    scenario(&Backend {
-        name: "qemu-storage-daemon",
-        serial: None,
-        start: start_qsd,
-    });
+    scenario(
+        &Backend {
+            name: "qemu-storage-daemon",
+            serial: None,
+            start: start_qsd,
+        },
+        false,
+    );
 }
 
 #[test]
 fn qemu_guest_uses_bulkhead_blk() {
-    scenario(&Backend {
-        name: "bulkhead-blk",
-        serial: Some(SERIAL),
-        start: start_bulkhead,
-    });
+    scenario(
+        &Backend {
+            name: "bulkhead-blk",
+            serial: Some(SERIAL),
+            start: start_bulkhead,
+        },
+        false,
+    );
+}
+
+#[test]
+fn qemu_guest_uses_bulkhead_blk_with_packed_rings() {
+    scenario(
+        &Backend {
+            name: "bulkhead-blk (packed)",
+            serial: Some(SERIAL),
+            start: start_bulkhead,
+        },
+        true,
+    );
 }
 
 #[test]

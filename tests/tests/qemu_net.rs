@@ -26,8 +26,9 @@ fn unavailable() -> Option<SkipReason> {
     })
 }
 
-/// The guest's script: address, ping, iperf3 up and down, queue checks.
-fn guest_script(pairs: usize) -> String {
+/// The guest's script: address, ping, iperf3 up and down, queue checks;
+/// the packed ring (feature bit 34) in use or not.
+fn guest_script(pairs: usize, packed: bool) -> String {
     let mq = if pairs > 1 {
         r#"
 # One ping pinned to each vCPU: XPS maps each CPU to its own tx queue, and
@@ -50,6 +51,7 @@ done
     format!(
         r#"
 expect_eq nic-present "$(ls /sys/class/net | grep -c '^eth0$')" 1
+expect_eq packed-ring "$(cut -c35 /sys/class/net/eth0/device/features)" {packed}
 expect_eq rx-queues "$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)" {pairs}
 value mac "$(cat /sys/class/net/eth0/address)"
 ip link set eth0 up
@@ -66,12 +68,14 @@ iperf() {{
 iperf iperf-guest-to-host
 iperf iperf-host-to-guest -R
 {mq}
-"#
+"#,
+        packed = u8::from(packed)
     )
 }
 
-/// Runs the scenario with `pairs` queue pairs; returns the guest run and the daemon's counters.
-fn scenario(pairs: usize) -> (GuestRun, BTreeMap<String, u64>, String) {
+/// Runs the scenario with `pairs` queue pairs, the packed ring offered
+/// (`packed=on`) or not; returns the guest run and the daemon's counters.
+fn scenario(pairs: usize, packed: bool) -> (GuestRun, BTreeMap<String, u64>, String) {
     let ns = NetNs::new().expect("create a network namespace");
     ns.add_tap(TAP, "10.77.0.1/24", pairs > 1)
         .expect("add the tap");
@@ -104,7 +108,12 @@ fn scenario(pairs: usize) -> (GuestRun, BTreeMap<String, u64>, String) {
             "virtio-net-pci,netdev=net0".to_string(),
         )
     };
-    let run = Guest::new(guest_script(pairs))
+    let device = if packed {
+        format!("{device},packed=on")
+    } else {
+        device
+    };
+    let run = Guest::new(guest_script(pairs, packed))
         .smp(pairs as u32)
         .qemu_args([
             "-chardev".into(),
@@ -165,10 +174,30 @@ fn qemu_guest_pings_and_runs_iperf3_through_bulkhead_net() {
     ) {
         return;
     }
-    let (run, stats, log) = scenario(1);
+    let (run, stats, log) = scenario(1, false);
     assert_through_backend(&stats, &log);
     for name in ["ping", "iperf-guest-to-host", "iperf-host-to-guest"] {
         run.assert_check("one pair", name);
+    }
+}
+
+#[test]
+fn qemu_guest_pings_and_runs_iperf3_through_bulkhead_net_on_packed_rings() {
+    if skip_if(
+        "qemu_guest_pings_and_runs_iperf3_through_bulkhead_net_on_packed_rings",
+        unavailable(),
+    ) {
+        return;
+    }
+    let (run, stats, log) = scenario(1, true);
+    assert_through_backend(&stats, &log);
+    for name in [
+        "packed-ring",
+        "ping",
+        "iperf-guest-to-host",
+        "iperf-host-to-guest",
+    ] {
+        run.assert_check("one pair, packed", name);
     }
 }
 
@@ -180,7 +209,7 @@ fn qemu_guest_uses_two_queue_pairs_of_bulkhead_net() {
     ) {
         return;
     }
-    let (run, stats, log) = scenario(2);
+    let (run, stats, log) = scenario(2, false);
     assert_through_backend(&stats, &log);
     for name in ["rx-queues", "ping", "ping-cpu0", "ping-cpu1"] {
         run.assert_check("two pairs", name);

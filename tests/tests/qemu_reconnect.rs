@@ -559,6 +559,7 @@ fn run_scenario(
     first: (ChildGuard, Generation),
     schedule: Vec<Kill>,
     guest: Guest,
+    packed: bool,
 ) -> (GuestRun, Report) {
     let setup = setup_in(dir);
     let mut chardev = OsString::from(format!("socket,id=c0,reconnect-ms={RECONNECT_MS},path="));
@@ -571,7 +572,8 @@ fn run_scenario(
             chardev,
             "-device".into(),
             format!(
-                "vhost-user-blk-pci,chardev=c0,num-queues=1,queue-size={VHOST_USER_BLK_QUEUE_SIZE}"
+                "vhost-user-blk-pci,chardev=c0,num-queues=1,queue-size={VHOST_USER_BLK_QUEUE_SIZE}{}",
+                if packed { ",packed=on" } else { "" }
             )
             .into(),
             // The control port: the guest's /dev/ttyS1.
@@ -688,7 +690,7 @@ fn qemu_guest_fio_verify_survives_three_backend_sigkills() {
         })
         .collect();
     let guest = Guest::new(guest_script(8, false));
-    let (_, report) = run_scenario("restart", dir.path(), first, schedule, guest);
+    let (_, report) = run_scenario("restart", dir.path(), first, schedule, guest, false);
     assert_eq!(report.generations.len(), 4);
     let pairs = resubmissions("restart", &report);
     // A restarted backend resubmits what was in flight, never more (one
@@ -706,6 +708,53 @@ fn qemu_guest_fio_verify_survives_three_backend_sigkills() {
     assert!(
         pairs.iter().any(|(_, r)| *r > 0),
         "no restart resubmitted anything: the inflight path did not run ({pairs:?})"
+    );
+}
+
+/// The same three SIGKILLs with `packed=on`: the guest's driver uses the
+/// packed ring (feature bit 34), its requests are indirect (one ring slot
+/// each), and each restarted backend resubmits them from its inflight record.
+#[test]
+fn qemu_guest_fio_verify_survives_three_backend_sigkills_on_packed_rings() {
+    let spec = BackendSpec {
+        binary: bulkhead_blk(),
+        engine: "io-uring",
+    };
+    let (dir, first) = prepare("qemu-reconnect-packed", &spec);
+    let schedule = [3, 7, 11]
+        .into_iter()
+        .map(|s| Kill {
+            after: Duration::from_secs(s),
+            successor: spec.clone(),
+        })
+        .collect();
+    let script = format!(
+        "expect_eq packed-ring \"$(cut -c35 /sys/block/vda/device/features)\" 1\n{}",
+        guest_script(8, false)
+    );
+    let (run, report) = run_scenario(
+        "restart-packed",
+        dir.path(),
+        first,
+        schedule,
+        Guest::new(script),
+        true,
+    );
+    run.assert_check("packed", "packed-ring");
+    assert_eq!(report.generations.len(), 4);
+    let pairs = resubmissions("restart-packed", &report);
+    for (i, (caught, resubmitted)) in pairs.iter().enumerate() {
+        if let Some(caught) = caught {
+            assert!(
+                *resubmitted <= *caught as u64,
+                "kill {}: {resubmitted} resubmitted, only {caught} were in flight",
+                i + 1
+            );
+        }
+    }
+    assert!(
+        pairs.iter().any(|(_, r)| *r > 0),
+        "no restart resubmitted anything: the packed inflight path did not run ({pairs:?})"
     );
 }
 
@@ -730,7 +779,7 @@ fn qemu_guest_survives_live_upgrade_to_another_binary() {
     let mut pattern = vec![0u8; (PATTERN_MIB * MIB) as usize];
     StdRng::seed_from_u64(0x5eed_b10c).fill_bytes(&mut pattern);
     let guest = Guest::new(guest_script(4, true)).file("/data/pattern.bin", pattern.clone());
-    let (_, report) = run_scenario("upgrade", dir.path(), first, schedule, guest);
+    let (_, report) = run_scenario("upgrade", dir.path(), first, schedule, guest, false);
     assert_eq!(report.generations.len(), 2);
     assert_eq!(report.generations[1].spec.binary, new.binary);
     resubmissions("upgrade", &report);

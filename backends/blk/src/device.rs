@@ -13,7 +13,9 @@ use bulkhead_common::spec::blk::{
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VirtioBlkConfig,
 };
-use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::spec::ring::{
+    VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use bulkhead_common::state::{
     DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
 };
@@ -229,6 +231,7 @@ impl VhostUserDevice for BlkDevice {
             | VIRTIO_BLK_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_RING_PACKED
             | VIRTIO_F_VERSION_1;
         if self.cfg.readonly {
             f |= VIRTIO_BLK_F_RO;

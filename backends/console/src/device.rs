@@ -20,7 +20,9 @@ use bulkhead_common::spec::console::{
     VIRTIO_CONSOLE_CONFIG_EMERG_WR_OFFSET, VIRTIO_CONSOLE_F_EMERG_WRITE,
     VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VirtioConsoleConfig,
 };
-use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::spec::ring::{
+    VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use bulkhead_common::state::{
     DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
 };
@@ -454,6 +456,7 @@ impl VhostUserDevice for ConsoleDevice {
             | VIRTIO_CONSOLE_F_EMERG_WRITE
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_RING_PACKED
             | VIRTIO_F_VERSION_1
     }
 

@@ -20,7 +20,9 @@ use bulkhead_common::spec::net::{
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VirtioNetConfig,
 };
-use bulkhead_common::spec::ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use bulkhead_common::spec::ring::{
+    VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use bulkhead_common::state::{
     DeviceType, StateError, StateSection, StateSink, load_features, virtio_features,
 };
@@ -393,6 +395,7 @@ impl VhostUserDevice for NetDevice {
             | VIRTIO_NET_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_RING_PACKED
             | VIRTIO_F_VERSION_1;
         if self.cfg.mac.is_some() {
             f |= VIRTIO_NET_F_MAC;

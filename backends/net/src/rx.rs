@@ -556,6 +556,7 @@ mod tests {
                 used: GuestAddress(0x3000),
             },
             next_avail: 0,
+            used_base: 0,
             features,
             max_chain_bytes: 1 << 20,
         };

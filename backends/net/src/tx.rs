@@ -309,6 +309,7 @@ mod tests {
                 used: GuestAddress(0x3000),
             },
             next_avail: 0,
+            used_base: 0,
             features: VIRTIO_F_VERSION_1,
             max_chain_bytes: 1 << 20,
         };

@@ -22,6 +22,7 @@ pub mod guest;
 pub mod inflight;
 pub mod input;
 pub mod net;
+pub mod packed_ring;
 pub mod vhost_user;
 pub mod virtqueue;
 pub mod vmm;
@@ -48,6 +49,11 @@ pub const TARGETS: &[Target] = &[
         name: "virtqueue",
         run: virtqueue::run,
         seeds: virtqueue::seeds,
+    },
+    Target {
+        name: "packed_ring",
+        run: packed_ring::run,
+        seeds: packed_ring::seeds,
     },
     Target {
         name: "inflight",

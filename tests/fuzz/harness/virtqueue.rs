@@ -153,6 +153,7 @@ impl RingSetup {
             size: self.size,
             addrs: self.addrs,
             next_avail: self.next_avail,
+            used_base: 0,
             features: self.features,
             max_chain_bytes: self.max_chain_bytes,
         };

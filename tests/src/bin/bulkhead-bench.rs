@@ -253,9 +253,11 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--profile" => a.profile = num(&v)?,
             "--suites" => {
                 a.suites = list(&v, |x| {
-                    ["blk", "net", "console", "vmm", "throttle", "dirtylog", "rbd"]
-                        .contains(&x)
-                        .then(|| x.into())
+                    [
+                        "blk", "net", "console", "vmm", "throttle", "dirtylog", "rbd",
+                    ]
+                    .contains(&x)
+                    .then(|| x.into())
                 })?
             }
             "--net-runs" => a.net_runs = (num(&v)? as usize).max(1),

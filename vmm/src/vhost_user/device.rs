@@ -14,6 +14,7 @@ use super::replay::{ActiveSetup, Bases, QueueSetup};
 use super::*;
 use crate::device::{ActiveQueue, VirtioDevice};
 use crate::memory::GuestRam;
+use bulkhead_spec::ring::VIRTIO_F_RING_PACKED;
 
 /// A virtio device served by a vhost-user backend process.
 pub struct VhostUserDevice {
@@ -44,6 +45,8 @@ impl VhostUserDevice {
                 want,
             });
         }
+        // Packed rings (VIRTIO_F_RING_PACKED) pass through when the backend
+        // offers them: the replay sizes and starts them as such.
         let guest_features = conn.features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
         log::info!(
             "{id}: vhost-user device type {} at {}: features {:#x}, protocol {:#x}, {want} queue(s)",
@@ -207,7 +210,7 @@ impl VirtioDevice for VhostUserDevice {
         }
         let mut g = self.handle.lock();
         for q in &setup {
-            g.vring_config(q)?;
+            g.vring_config(q, acked & VIRTIO_F_RING_PACKED != 0)?;
         }
         g.active = Some(ActiveSetup {
             features: acked,

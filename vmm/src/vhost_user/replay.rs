@@ -13,6 +13,7 @@ use super::connect::Connection;
 use super::handle::Inner;
 use super::{VHOST_USER_F_PROTOCOL_FEATURES, msg};
 use crate::device::DeviceError;
+use bulkhead_spec::ring::{VIRTIO_F_RING_PACKED, VRING_PACKED_EVENT_F_WRAP_CTR};
 
 /// One queue as the driver configured it, kept to replay on a new backend.
 pub(super) struct QueueSetup {
@@ -45,21 +46,34 @@ pub(super) enum Bases<'a> {
 }
 
 impl Inner {
-    pub(super) fn vring_config(&self, q: &QueueSetup) -> Result<VringConfigData, DeviceError> {
+    pub(super) fn vring_config(
+        &self,
+        q: &QueueSetup,
+        packed: bool,
+    ) -> Result<VringConfigData, DeviceError> {
         let n = u64::from(q.size);
         let ring = |addr: u64, len: Option<u64>| {
             len.and_then(|l| self.ram.host_addr(addr, l).ok())
                 .ok_or(DeviceError::RingOutsideRam(q.index))
         };
         // Split ring sizes (virtio 1.x 2.7): 16 bytes a descriptor; avail and
-        // used carry flags, idx and the event word.
+        // used carry flags, idx and the event word. A packed ring (2.8): the
+        // ring of 16-byte descriptors and two 4-byte event structures.
+        let (avail_len, used_len) = if packed {
+            (Some(4), Some(4))
+        } else {
+            (
+                n.checked_mul(2).and_then(|x| x.checked_add(6)),
+                n.checked_mul(8).and_then(|x| x.checked_add(6)),
+            )
+        };
         Ok(VringConfigData {
             queue_max_size: self.queue_size,
             queue_size: q.size,
             flags: 0,
             desc_table_addr: ring(q.desc, n.checked_mul(16))?,
-            avail_ring_addr: ring(q.avail, n.checked_mul(2).and_then(|x| x.checked_add(6)))?,
-            used_ring_addr: ring(q.used, n.checked_mul(8).and_then(|x| x.checked_add(6)))?,
+            avail_ring_addr: ring(q.avail, avail_len)?,
+            used_ring_addr: ring(q.used, used_len)?,
             log_addr: None,
         })
     }
@@ -99,15 +113,39 @@ impl Inner {
         if conn.protocol_acked() {
             acked |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
+        let packed = active.features & VIRTIO_F_RING_PACKED != 0;
         let configs = active
             .queues
             .iter()
-            .map(|q| self.vring_config(q))
+            .map(|q| self.vring_config(q, packed))
             .collect::<Result<Vec<_>, _>>()?;
+        // A packed ring starts at position 0 with wrap counters 1. The
+        // `vhost` crate's frontend sends 16-bit bases: the backend takes the
+        // used position to be the avail one (true after a clean stop).
+        let fresh = if packed {
+            u32::from(VRING_PACKED_EVENT_F_WRAP_CTR)
+        } else {
+            0
+        };
+        if packed
+            && matches!(bases, Bases::UsedRing)
+            && !conn
+                .protocol
+                .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            // After a crash only the backend's inflight record knows where
+            // a packed ring stood: guest memory does not say.
+            return Err(DeviceError::Backend(format!(
+                "{}: a packed ring cannot be resumed after a crash without the inflight area",
+                conn.path.display()
+            )));
+        }
         let mut base_of = Vec::with_capacity(active.queues.len());
         for q in &active.queues {
             base_of.push(match &bases {
-                Bases::Fresh => 0,
+                Bases::Fresh => fresh,
+                // The packed record in the inflight area overrides this.
+                Bases::UsedRing if packed => fresh,
                 Bases::UsedRing => self.used_index(q)?,
                 Bases::Given(list) => list
                     .iter()
@@ -363,6 +401,45 @@ mod tests {
             .find(|m| m.code == code::SET_VRING_BASE)
             .unwrap();
         assert_eq!(base.u32_at(4), 77);
+    }
+
+    #[test]
+    fn a_packed_ring_is_sized_as_packed_starts_at_wrap_counter_one_and_needs_inflight_after_a_crash()
+     {
+        let base_sent = |fake: FakeBackend| {
+            after_negotiation(fake.messages())
+                .iter()
+                .find(|m| m.code == code::SET_VRING_BASE)
+                .map(|m| m.u32_at(4))
+        };
+        let packed = |inner: &mut Inner| {
+            inner.active.as_mut().unwrap().features |= VIRTIO_F_RING_PACKED;
+        };
+        // The event structures are 4 bytes: a device area in the last 4
+        // bytes of RAM is fine for a packed ring, not for a split one.
+        let mut inner = inner();
+        inner.active.as_mut().unwrap().queues[0].used = (64 << 20) - 4;
+        let fake1 = fake(0);
+        let mut conn = Connection::open(&fake1.path, 0).unwrap();
+        assert!(matches!(
+            inner.replay(&mut conn, Bases::Fresh),
+            Err(DeviceError::RingOutsideRam(1))
+        ));
+        packed(&mut inner);
+        inner.replay(&mut conn, Bases::Fresh).unwrap();
+        drop(conn);
+        assert_eq!(base_sent(fake1), Some(0x8000));
+
+        // After a crash guest memory does not say where a packed ring
+        // stood: without the inflight area (whose record does) it is refused.
+        let fake2 = fake(0);
+        let mut conn = Connection::open(&fake2.path, 0).unwrap();
+        assert!(matches!(
+            inner.replay(&mut conn, Bases::UsedRing),
+            Err(DeviceError::Backend(_))
+        ));
+        drop(conn);
+        assert_eq!(base_sent(fake2), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The simulated guest driver shared by the device-model tests: split
-//! virtqueues laid out in the VMM's guest RAM, virtio-blk requests, and the
+//! The simulated guest driver shared by the device-model tests: split and
+//! packed virtqueues laid out in the VMM's guest RAM, virtio-blk requests, and the
 //! register sequences Linux's virtio-pci and virtio-mmio drivers perform.
 #![allow(dead_code)]
 
@@ -131,6 +131,119 @@ impl Ring {
         let mut b = [0u8; 2];
         self.ram.read(self.used + 2, &mut b).unwrap();
         u16::from_le_bytes(b)
+    }
+}
+
+/// A packed virtqueue (virtio 1.1, 2.8) laid out by the test in the VMM's
+/// guest RAM: the ring, then the driver's and the device's event
+/// structures (left zero: interrupts and kicks enabled).
+pub struct PackedRing {
+    pub ram: Arc<GuestRam>,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// The driver's next position and wrap counter.
+    next: (u16, bool),
+    /// The next used descriptor expected, and its wrap counter.
+    next_used: (u16, bool),
+    /// Slots each buffer id in flight took.
+    slots: Vec<u16>,
+}
+
+const PACKED_AVAIL: u16 = 1 << 7;
+const PACKED_USED: u16 = 1 << 15;
+
+impl PackedRing {
+    pub fn new(ram: Arc<GuestRam>, base: u64, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = avail + 4;
+        ram.write(base, &vec![0u8; 0x3000]).unwrap();
+        PackedRing {
+            ram,
+            size,
+            desc,
+            avail,
+            used,
+            next: (0, true),
+            next_used: (0, true),
+            slots: vec![0; usize::from(size)],
+        }
+    }
+
+    fn advance(pos: &mut (u16, bool), n: u16, size: u16) {
+        pos.0 += n;
+        if pos.0 >= size {
+            pos.0 -= size;
+            pos.1 = !pos.1;
+        }
+    }
+
+    /// Writes buffer `id`'s descriptors at the next positions, the first
+    /// one's flags last, as Linux's driver does.
+    pub fn submit(&mut self, id: u16, bufs: &[(u64, u32, bool)]) {
+        let first = self.next;
+        let mut first_flags = 0u16;
+        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+            let (idx, wrap) = self.next;
+            let mut flags = if writable { DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            flags |= if wrap { PACKED_AVAIL } else { PACKED_USED };
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&id.to_le_bytes());
+            if i == 0 {
+                first_flags = flags;
+            } else {
+                d[14..16].copy_from_slice(&flags.to_le_bytes());
+            }
+            self.ram.write(self.desc + 16 * u64::from(idx), &d).unwrap();
+            Self::advance(&mut self.next, 1, self.size);
+        }
+        self.slots[usize::from(id)] = bufs.len() as u16;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.ram
+            .write(
+                self.desc + 16 * u64::from(first.0) + 14,
+                &first_flags.to_le_bytes(),
+            )
+            .unwrap();
+    }
+
+    /// The next used buffer (id, len), if the device wrote one.
+    pub fn pop_used(&mut self) -> Option<(u16, u32)> {
+        let (idx, wrap) = self.next_used;
+        let mut d = [0u8; 16];
+        self.ram
+            .read(self.desc + 16 * u64::from(idx), &mut d)
+            .unwrap();
+        let flags = u16::from_le_bytes([d[14], d[15]]);
+        let used = (flags & PACKED_AVAIL != 0) == wrap && (flags & PACKED_USED != 0) == wrap;
+        if !used {
+            return None;
+        }
+        let id = u16::from_le_bytes([d[12], d[13]]);
+        let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+        let n = self.slots.get(usize::from(id)).copied().unwrap_or(1).max(1);
+        Self::advance(&mut self.next_used, n, self.size);
+        Some((id, len))
+    }
+}
+
+/// Waits, on `irq`, for the next used buffer of `ring`.
+pub fn wait_packed_used(ring: &mut PackedRing, irq: &EventFd) -> Option<(u16, u32)> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(u) = ring.pop_used() {
+            return Some(u);
+        }
+        if std::time::Instant::now() >= deadline || !wait_irq(irq) {
+            return ring.pop_used();
+        }
     }
 }
 
@@ -307,6 +420,11 @@ impl PciDriver {
 
     /// reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
     pub fn negotiate(&self) -> u64 {
+        self.negotiate_with(0)
+    }
+
+    /// Like [`PciDriver::negotiate`], also accepting `extra` (when offered).
+    pub fn negotiate_with(&self, extra: u64) -> u64 {
         self.set_status(0);
         assert_eq!(self.status(), 0);
         self.set_status(STATUS_ACKNOWLEDGE);
@@ -322,7 +440,8 @@ impl PciDriver {
             0,
             "vhost-user protocol bit hidden"
         );
-        let acked = offered & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE);
+        let acked =
+            offered & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE | extra);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 0);
         self.w(common::DRIVER_FEATURE, 4, acked & 0xffff_ffff);
         self.w(common::DRIVER_FEATURE_SELECT, 4, 1);
@@ -334,15 +453,25 @@ impl PciDriver {
 
     /// Sets up queue `q` with `ring` on MSI-X vector `vector`.
     pub fn setup_queue(&self, q: u16, ring: &Ring, vector: u16) {
+        self.setup_queue_at(q, ring.size, [ring.desc, ring.avail, ring.used], vector);
+    }
+
+    /// Sets up queue `q` with a packed ring on MSI-X vector `vector`.
+    pub fn setup_packed_queue(&self, q: u16, ring: &PackedRing, vector: u16) {
+        self.setup_queue_at(q, ring.size, [ring.desc, ring.avail, ring.used], vector);
+    }
+
+    /// Sets up queue `q` of `size` at `parts` (descriptors, driver, device).
+    fn setup_queue_at(&self, q: u16, size: u16, parts: [u64; 3], vector: u16) {
         self.w(common::QUEUE_SELECT, 2, u64::from(q));
         assert_eq!(self.r(common::QUEUE_SIZE, 2), u64::from(QUEUE_SIZE));
-        self.w(common::QUEUE_SIZE, 2, u64::from(ring.size));
+        self.w(common::QUEUE_SIZE, 2, u64::from(size));
         self.w(common::QUEUE_MSIX_VECTOR, 2, u64::from(vector));
         assert_eq!(self.r(common::QUEUE_MSIX_VECTOR, 2), u64::from(vector));
         for (lo, v) in [
-            (common::QUEUE_DESC_LO, ring.desc),
-            (common::QUEUE_DRIVER_LO, ring.avail),
-            (common::QUEUE_DEVICE_LO, ring.used),
+            (common::QUEUE_DESC_LO, parts[0]),
+            (common::QUEUE_DRIVER_LO, parts[1]),
+            (common::QUEUE_DEVICE_LO, parts[2]),
         ] {
             self.w(lo, 4, v & 0xffff_ffff);
             self.w(lo + 4, 4, v >> 32);
