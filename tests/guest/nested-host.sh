@@ -25,19 +25,51 @@ done </etc/nested-modules.order
 [ -c /dev/kvm ] || { echo "nested host: no /dev/kvm after loading kvm-amd"; report "EXIT 202"; return 0; }
 
 scenario=""
+watchdog=""
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     bulkhead.nested=*) scenario=${arg#bulkhead.nested=} ;;
+    bulkhead.watchdog=*) watchdog=${arg#bulkhead.watchdog=} ;;
   esac
 done
 [ -n "$scenario" ] || { echo "nested host: no bulkhead.nested= on the command line"; report "EXIT 203"; return 0; }
 echo "$scenario" | base64 -d >/nested/scenario.sh || { report "EXIT 204"; return 0; }
 
+# What every user process is doing, shortly before the host's timeout kills
+# this machine: one "@@W pid state wchan pending-signals command" line each
+# (tests/src/nested.rs reads a SIGKILL still pending from them), the kernel
+# stacks of tasks in uninterruptible sleep, and the end of each guest's
+# serial log, so a hang says where it hung.
+dump_processes() {
+  echo "@@NESTED WATCHDOG $(cut -d' ' -f1 /proc/uptime): the scenario still runs"
+  for d in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-120)
+    [ -n "$cmd" ] || continue
+    st=$(awk '/^State:/ {print $2}' "$d/status" 2>/dev/null)
+    pnd=$(awk '/^SigPnd:/ {p=$2} /^ShdPnd:/ {s=$2} END {print p "/" s}' "$d/status" 2>/dev/null)
+    echo "@@W ${d#/proc/} $st wchan=$(cat "$d/wchan" 2>/dev/null) pending=$pnd $cmd"
+    for t in "$d"/task/*; do
+      [ "$(awk '/^State:/ {print $2}' "$t/status" 2>/dev/null)" = D ] || continue
+      echo "@@W   task ${t##*/} in D:"; cat "$t/stack" 2>/dev/null | head -n 12
+    done
+  done
+  for f in $(find /tmp -name serial.log 2>/dev/null); do
+    echo "@@W serial $f:"; tail -n 15 "$f"
+  done
+  echo "@@NESTED WATCHDOG END"
+}
+
 mkdir -p /nested/out
 export PATH=/nested/bin:$PATH BULKHEAD_NESTED_INSIDE=1 BULKHEAD_GUEST_IMAGE=/nested/guest
 echo "@@NESTED BEGIN $(cut -d' ' -f1 /proc/uptime)"
+wd=""
+if [ -n "$watchdog" ]; then
+  ( sleep "$watchdog"; dump_processes ) &
+  wd=$!
+fi
 sh /nested/scenario.sh
 status=$?
+[ -n "$wd" ] && kill "$wd" 2>/dev/null
 echo "@@NESTED END $status $(cut -d' ' -f1 /proc/uptime)"
 
 for f in /nested/out/*; do
