@@ -60,19 +60,19 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value = "1", value_parser = cpus)]
     pub cpus: u8,
 
-    /// vhost-user block device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    /// vhost-user block device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N][,packed=on].
     #[arg(long, value_name = "OPTS", value_parser = blk)]
     pub blk: Vec<DeviceConfig>,
 
-    /// vhost-user net device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    /// vhost-user net device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N][,packed=on].
     #[arg(long, value_name = "OPTS", value_parser = net)]
     pub net: Vec<DeviceConfig>,
 
-    /// vhost-user console device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N].
+    /// vhost-user console device: socket=PATH[,transport=pci|mmio][,queues=N][,queue-size=N][,packed=on].
     #[arg(long, value_name = "OPTS", value_parser = console)]
     pub console: Vec<DeviceConfig>,
 
-    /// Any vhost-user device: socket=PATH,virtio-id=N[,queues=N][,queue-size=N][,config-size=N][,transport=...].
+    /// Any vhost-user device: socket=PATH,virtio-id=N[,queues=N][,queue-size=N][,config-size=N][,packed=on][,transport=...].
     #[arg(long = "vhost-user", value_name = "OPTS", value_parser = generic)]
     pub vhost_user: Vec<DeviceConfig>,
 

@@ -43,6 +43,9 @@ pub struct DeviceConfig {
     pub queue_size: u16,
     /// Config space bytes to read from the backend.
     pub config_size: u32,
+    /// Whether packed rings (VIRTIO_F_RING_PACKED) are offered to the
+    /// driver when the backend offers them (`packed=on`; default off).
+    pub packed: bool,
 }
 
 /// The device kinds the CLI knows by name.
@@ -99,6 +102,7 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
     let mut id = None;
     let mut transport = Transport::Pci;
     let mut queues = None;
+    let mut packed = false;
     let mut queue_size = match kind {
         DeviceKind::Blk => DEFAULT_BLK_QUEUE_SIZE,
         _ => DEFAULT_QUEUE_SIZE,
@@ -143,6 +147,13 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
                 }
                 queue_size = n;
             }
+            "packed" => {
+                packed = match v {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(format!("packed={v}: expected on or off")),
+                }
+            }
             "virtio-id" if kind == DeviceKind::Generic => {
                 let id: u32 = number(k, v)?;
                 if id == 0 || id > 0x3f {
@@ -173,6 +184,7 @@ pub fn parse_device(kind: DeviceKind, s: &str) -> Result<DeviceConfig, String> {
         queues,
         queue_size,
         config_size,
+        packed,
     })
 }
 
@@ -206,6 +218,22 @@ mod tests {
         assert!(parse_device(DeviceKind::Blk, "transport=pci").is_err());
         assert!(parse_device(DeviceKind::Blk, "socket=/s,transport=isa").is_err());
         assert!(parse_device(DeviceKind::Blk, "socket=/s,bogus=1").is_err());
+        // Packed rings only when asked for, as in QEMU.
+        assert!(!d.packed);
+        assert!(
+            parse_device(DeviceKind::Net, "socket=/s,packed=on")
+                .unwrap()
+                .packed
+        );
+        assert!(
+            !parse_device(DeviceKind::Net, "socket=/s,packed=off")
+                .unwrap()
+                .packed
+        );
+        assert_eq!(
+            parse_device(DeviceKind::Net, "socket=/s,packed=yes").unwrap_err(),
+            "packed=yes: expected on or off"
+        );
         assert!(parse_device(DeviceKind::Blk, "socket=/s,queue-size=100").is_err());
         assert!(parse_device(DeviceKind::Blk, "socket=/s,virtio-id=3").is_err());
         assert!(parse_device(DeviceKind::Generic, "socket=/s").is_err());

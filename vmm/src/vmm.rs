@@ -165,6 +165,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
             queues: d.queues,
             queue_size: d.queue_size,
             config_size: d.config_size,
+            packed: d.packed,
         };
         let dev = VhostUserDevice::connect_named(&id, &opts, ram.clone())?;
         handles.push(dev.handle());

@@ -33,13 +33,15 @@ fn start_blk() -> Daemon {
         .expect("start bulkhead-blk (run `cargo build -p bulkhead-blk` first)")
 }
 
-fn blk_device(daemon: &Daemon, ram: &Arc<GuestRam>) -> VirtioState {
+/// bulkhead-blk behind the VMM's device; `packed`: the VMM's `packed=on`.
+fn blk_device(daemon: &Daemon, ram: &Arc<GuestRam>, packed: bool) -> VirtioState {
     let opts = VhostUserOptions {
         socket: daemon.socket().to_path_buf(),
         virtio_id: VIRTIO_ID_BLOCK,
         queues: None,
         queue_size: QUEUE_SIZE,
         config_size: 60,
+        packed,
     };
     let dev = VhostUserDevice::connect(&opts, ram.clone()).expect("connect to bulkhead-blk");
     VirtioState::new(Box::new(dev)).expect("virtio state")
@@ -54,10 +56,14 @@ struct PciRig {
 }
 
 fn pci_rig() -> PciRig {
+    pci_rig_with(false)
+}
+
+fn pci_rig_with(packed: bool) -> PciRig {
     let daemon = start_blk();
     let ram = Arc::new(GuestRam::new(RAM).unwrap());
     let events = Arc::new(TestVmEvents::default());
-    let state = blk_device(&daemon, &ram);
+    let state = blk_device(&daemon, &ram, packed);
     let mut root = PciRoot::new();
     let bar = root.allocate_bar(BAR_SIZE).unwrap();
     let dev = Arc::new(Mutex::new(
@@ -155,14 +161,22 @@ fn pci_driver_sequence_completes_block_io_through_bulkhead_blk() {
 #[test]
 fn pci_driver_with_packed_rings_completes_block_io_through_bulkhead_blk() {
     use bulkhead_spec::ring::VIRTIO_F_RING_PACKED;
-    let rig = pci_rig();
+    // Without packed=on the VMM keeps the bit from the driver.
+    let split = pci_rig();
+    assert_eq!(
+        split.driver.negotiate_with(VIRTIO_F_RING_PACKED) & VIRTIO_F_RING_PACKED,
+        0,
+        "packed rings are offered only with packed=on"
+    );
+    drop(split);
+    let rig = pci_rig_with(true);
     let d = &rig.driver;
     d.enable_msix(3);
     let acked = d.negotiate_with(VIRTIO_F_RING_PACKED);
     assert_ne!(
         acked & VIRTIO_F_RING_PACKED,
         0,
-        "the VMM offers what bulkhead-blk offers"
+        "with packed=on the VMM offers what bulkhead-blk offers"
     );
     d.w(common::CONFIG_MSIX_VECTOR, 2, 0);
     let mut ring = PackedRing::new(rig.ram.clone(), 0x10_0000, QUEUE_SIZE);
@@ -319,7 +333,7 @@ fn mmio_driver_sequence_completes_block_io_and_enforces_the_rules() {
     let daemon = start_blk();
     let ram = Arc::new(GuestRam::new(RAM).unwrap());
     let events = Arc::new(TestVmEvents::default());
-    let state = blk_device(&daemon, &ram);
+    let state = blk_device(&daemon, &ram, false);
     let dev = Arc::new(Mutex::new(VirtioMmioDevice::new(
         state,
         events.clone() as Arc<dyn VmEvents>,
@@ -421,6 +435,7 @@ fn unreachable_backend_socket_is_a_clear_error() {
         queues: None,
         queue_size: QUEUE_SIZE,
         config_size: 60,
+        packed: false,
     };
     let err = VhostUserDevice::connect(&opts, ram)
         .err()

@@ -67,6 +67,7 @@ impl Rig {
             queues: None,
             queue_size: RING_SIZE,
             config_size,
+            packed: false,
         };
         let dev = VhostUserDevice::connect_named(id, &opts, ram.clone()).expect("connect");
         let handle = dev.handle();

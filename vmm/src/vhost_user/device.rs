@@ -45,9 +45,14 @@ impl VhostUserDevice {
                 want,
             });
         }
-        // Packed rings (VIRTIO_F_RING_PACKED) pass through when the backend
-        // offers them: the replay sizes and starts them as such.
-        let guest_features = conn.features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
+        // Packed rings (VIRTIO_F_RING_PACKED) pass through when asked for
+        // and the backend offers them: the replay sizes and starts them as
+        // such.
+        let mut guest_features =
+            conn.features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
+        if !opts.packed {
+            guest_features &= !VIRTIO_F_RING_PACKED;
+        }
         log::info!(
             "{id}: vhost-user device type {} at {}: features {:#x}, protocol {:#x}, {want} queue(s)",
             opts.virtio_id,

@@ -133,6 +133,11 @@ pub struct VhostUserOptions {
     pub queue_size: u16,
     /// Bytes of config space to fetch from the backend (0 for none).
     pub config_size: u32,
+    /// Offer packed rings to the driver when the backend does. Off by
+    /// default, as in QEMU (`packed=off`): a backend restarted after a
+    /// crash resumes a packed ring only while no buffer of more than one
+    /// slot was in flight, a split ring always.
+    pub packed: bool,
 }
 
 pub(super) fn msg<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, DeviceError> {
