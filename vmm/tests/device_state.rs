@@ -100,8 +100,9 @@ trait GuestHost {
     fn tell_guest(&self, word: &str);
     /// The console's host clients: hvc0 and the named port.
     fn clients(&mut self) -> (&mut PortClient, &mut PortClient);
-    /// The console's port-0 socket (its `.ctl` takes resizes).
-    fn console_socket(&self) -> PathBuf;
+    /// The socket of the console's port `name` ("console" for port 0; its
+    /// `.ctl` takes resizes and answers `stats`).
+    fn port_socket(&self, name: &str) -> PathBuf;
 }
 
 impl GuestHost for Vm {
@@ -120,8 +121,8 @@ impl GuestHost for Vm {
     fn clients(&mut self) -> (&mut PortClient, &mut PortClient) {
         (&mut self.hvc0, &mut self.named)
     }
-    fn console_socket(&self) -> PathBuf {
-        self.backends.console_port("console")
+    fn port_socket(&self, name: &str) -> PathBuf {
+        self.backends.console_port(name)
     }
 }
 
@@ -167,7 +168,7 @@ fn host_phase<H: GuestHost>(h: &mut H, frames: &PacketSocket, n: u16) -> Vec<Str
         .send(&format!("PORT-IN-{n}\n"))
         .expect("write to the named port");
     let reply = linux::console_ctl(
-        &h.console_socket(),
+        &h.port_socket("console"),
         &format!("resize {} {}", 90 + n, 30 + n),
     )
     .expect("resize through the console's control socket");
@@ -184,17 +185,34 @@ fn host_phase<H: GuestHost>(h: &mut H, frames: &PacketSocket, n: u16) -> Vec<Str
             || std::time::Instant::now() >= until
     });
     let (hvc0, named) = h.clients();
-    let mut problems = Vec::new();
-    for (what, ok, want) in [
-        ("hvc0", hvc0.contains(&hvc0_out), hvc0_out.as_str()),
+    let read = [
+        (
+            "hvc0",
+            "console",
+            hvc0.contains(&hvc0_out),
+            hvc0_out.as_str(),
+        ),
         (
             "the named port",
+            PORT_NAME,
             named.contains(&port_out),
             port_out.as_str(),
         ),
-    ] {
+    ]
+    .map(|(what, port, ok, want)| (what, port, ok, want.to_string()));
+    let clients = [hvc0, named].map(|c| (c.connections, c.text().len()));
+    let mut problems = Vec::new();
+    for ((what, port, ok, want), (connections, bytes)) in read.into_iter().zip(clients) {
         if !ok {
-            problems.push(format!("phase {n}: the host never read {want:?} on {what}"));
+            // What the daemon counted (bytes from the guest, delivered,
+            // dropped) tells a guest that never wrote from output lost
+            // on the way to the client.
+            let stats = linux::console_ctl(&h.port_socket(port), "stats")
+                .unwrap_or_else(|e| format!("no stats: {e}"));
+            problems.push(format!(
+                "phase {n}: the host never read {want:?} on {what} \
+                 (client: {connections} connection(s), {bytes} bytes read; daemon: {stats})"
+            ));
         }
     }
     problems
@@ -449,8 +467,8 @@ impl GuestHost for Launched {
     fn clients(&mut self) -> (&mut PortClient, &mut PortClient) {
         (&mut self.hvc0, &mut self.named)
     }
-    fn console_socket(&self) -> PathBuf {
-        self.run.join("console0.sock.console")
+    fn port_socket(&self, name: &str) -> PathBuf {
+        self.run.join(format!("console0.sock.{name}"))
     }
 }
 
