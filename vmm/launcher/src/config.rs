@@ -161,6 +161,10 @@ pub struct BlkBackend {
     pub num_queues: Option<u16>,
     /// `pci` (default) or `mmio` (bulkhead-vmm only).
     pub transport: Option<String>,
+    /// Packed virtqueues offered to the guest (`packed=on` in either
+    /// frontend; default off, as in QEMU).
+    #[serde(default)]
+    pub packed: bool,
     /// I/O limits: `{ iops-total = 1000, bps-write = "10M" }`, each key
     /// passed as bulkhead-blk's `--KEY VALUE` ([`BLK_LIMITS`]).
     #[serde(default)]
@@ -322,6 +326,10 @@ pub struct NetBackend {
     pub mac: Option<String>,
     /// `pci` (default) or `mmio` (bulkhead-vmm only).
     pub transport: Option<String>,
+    /// Packed virtqueues offered to the guest (`packed=on` in either
+    /// frontend; default off, as in QEMU).
+    #[serde(default)]
+    pub packed: bool,
     /// Limits: `{ tx-pps = 10000, rx-bps = "100M" }`, each key passed as
     /// bulkhead-net's `--KEY VALUE` ([`NET_LIMITS`]).
     #[serde(default)]
@@ -341,6 +349,10 @@ pub struct ConsoleBackend {
     pub id: Option<String>,
     /// `pci` (default) or `mmio` (bulkhead-vmm only).
     pub transport: Option<String>,
+    /// Packed virtqueues offered to the guest (`packed=on` in either
+    /// frontend; default off, as in QEMU).
+    #[serde(default)]
+    pub packed: bool,
     /// Extra arguments for bulkhead-console (`--console pty`, `--port ...`).
     #[serde(default)]
     pub args: Vec<String>,
@@ -458,6 +470,8 @@ pub struct BackendSpec {
     pub args: Vec<String>,
     /// Transport in bulkhead-vmm.
     pub transport: Option<String>,
+    /// Packed virtqueues (the frontend's `packed=on`).
+    pub packed: bool,
     /// Queues (blk).
     pub num_queues: Option<u16>,
     /// MAC address the frontend must give the guest (net).
@@ -736,6 +750,7 @@ impl Config {
                 kind: Kind::Blk,
                 args,
                 transport: b.transport.clone(),
+                packed: b.packed,
                 num_queues: b.num_queues,
                 mac: None,
                 preopen: None,
@@ -757,6 +772,7 @@ impl Config {
                 kind: Kind::Net,
                 args,
                 transport: n.transport.clone(),
+                packed: n.packed,
                 num_queues: None,
                 mac: n.mac.clone(),
                 preopen: None,
@@ -771,6 +787,7 @@ impl Config {
                 kind: Kind::Console,
                 args: c.args.clone(),
                 transport: c.transport.clone(),
+                packed: c.packed,
                 num_queues: None,
                 mac: None,
                 preopen: None,

@@ -45,6 +45,9 @@ pub fn vmm_args(cfg: &Config, backends: &[BackendSpec], api_socket: &Path) -> Ve
         if let Some(t) = &b.transport {
             opts.push_str(&format!(",transport={t}"));
         }
+        if b.packed {
+            opts.push_str(",packed=on");
+        }
         a.extend([b.kind.vmm_flag().into(), opts]);
     }
     a.extend(cfg.vmm.args.iter().cloned());
@@ -98,6 +101,9 @@ pub fn qemu_args(
                 if let Some(n) = b.num_queues {
                     dev.push_str(&format!(",num-queues={n}"));
                 }
+                if b.packed {
+                    dev.push_str(",packed=on");
+                }
                 a.extend(["-device".into(), dev]);
             }
             Kind::Net => {
@@ -110,6 +116,9 @@ pub fn qemu_args(
                 // The guest must see the MAC the backend filters on.
                 if let Some(mac) = &b.mac {
                     dev.push_str(&format!(",mac={mac}"));
+                }
+                if b.packed {
+                    dev.push_str(",packed=on");
                 }
                 a.extend(["-device".into(), dev]);
             }
@@ -171,5 +180,25 @@ mac = "52:54:00:aa:bb:cc"
         assert!(line.contains("--net socket=/r/net0.sock,id=net0"));
         assert!(line.contains("--console socket=/r/console0.sock,id=console0"));
         assert!(line.contains("--api-socket /r/api.sock"));
+        // Split rings unless a device asks for packed ones.
+        assert!(!line.contains("packed"));
+    }
+
+    #[test]
+    fn packed_true_reaches_both_frontends_as_packed_on() {
+        let mut c = cfg();
+        c.blk[0].packed = true;
+        c.net[0].packed = true;
+        let b = c.backends(Path::new("/r"));
+        let (q, _) = qemu_args(&c, &b, "tcg");
+        let q = q.join(" ");
+        assert!(q.contains(
+            "-device vhost-user-blk-pci,chardev=chr-blk0,id=blk0,num-queues=2,packed=on"
+        ));
+        assert!(q.contains("mac=52:54:00:aa:bb:cc,packed=on"));
+        let v = vmm_args(&c, &b, Path::new("/r/api.sock")).join(" ");
+        assert!(v.contains("--blk socket=/r/blk0.sock,id=blk0,packed=on"));
+        assert!(v.contains("--net socket=/r/net0.sock,id=net0,packed=on"));
+        assert!(v.ends_with("--console socket=/r/console0.sock,id=console0"));
     }
 }
