@@ -567,6 +567,9 @@ impl GuestRun {
                 tail(&self.qemu_output, 20)
             ));
         }
+        if self.serial.trim().is_empty() {
+            s.push_str(&format!("{GUEST_SILENT}\n"));
+        }
         s.push_str(&format!(
             "--- serial console (last {TAIL_LINES} lines):\n{}\n",
             tail(&self.serial, TAIL_LINES)
@@ -574,6 +577,11 @@ impl GuestRun {
         s
     }
 }
+
+/// What [`GuestRun::report`] says of a guest that wrote nothing at all on
+/// its serial console: it never reached its init (the nested lane reads
+/// this, `nested::NestedRun::lane_failure`).
+pub const GUEST_SILENT: &str = "the guest printed nothing on its serial console";
 
 #[cfg(test)]
 mod tests {

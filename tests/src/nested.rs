@@ -717,9 +717,14 @@ impl NestedRun {
     /// Why this run says nothing about the code under test, when it does
     /// not: the nested host's kernel failed ([`NestedRun::host_failure`])
     /// or left a killed process alive ([`NestedRun::unkillable`]), or a
-    /// guest triple-faulted ([`NestedRun::guest_triple_fault`]) or lost
-    /// its timer ([`NestedRun::guest_timer_stall`]).
+    /// guest triple-faulted ([`NestedRun::guest_triple_fault`]), lost
+    /// its timer ([`NestedRun::guest_timer_stall`]) or printed nothing at
+    /// all ([`guest::GUEST_SILENT`]: seen locally, 1 run in 8, a guest
+    /// whose devices were never even set up).
     pub fn lane_failure(&self) -> Option<String> {
+        if self.status != Some(0) && self.output().contains(guest::GUEST_SILENT) {
+            return Some("a guest under bulkhead-vmm never reached its init".to_string());
+        }
         if let Some(why) = self.host_failure() {
             return Some(format!("the nested host's kernel failed ({why})"));
         }
@@ -928,6 +933,23 @@ mod tests {
             ..NestedRun::default()
         };
         assert_eq!(shared.unkillable().len(), 1);
+    }
+
+    #[test]
+    fn a_guest_that_never_printed_is_the_lanes_only_when_the_test_failed() {
+        let run = |status: i32| NestedRun {
+            status: Some(status),
+            console: format!(
+                "@@NESTED BEGIN 4.1\nchecks: 0/0 passed\n{}\n@@NESTED END {status} 30.0\n",
+                guest::GUEST_SILENT
+            ),
+            ..NestedRun::default()
+        };
+        assert_eq!(
+            run(101).lane_failure().as_deref(),
+            Some("a guest under bulkhead-vmm never reached its init")
+        );
+        assert_eq!(run(0).lane_failure(), None);
     }
 
     #[test]
