@@ -185,24 +185,17 @@ fn host_phase<H: GuestHost>(h: &mut H, frames: &PacketSocket, n: u16) -> Vec<Str
             || std::time::Instant::now() >= until
     });
     let (hvc0, named) = h.clients();
-    let read = [
-        (
-            "hvc0",
-            "console",
-            hvc0.contains(&hvc0_out),
-            hvc0_out.as_str(),
-        ),
-        (
-            "the named port",
-            PORT_NAME,
-            named.contains(&port_out),
-            port_out.as_str(),
-        ),
+    // (what, port, wanted, read it, client connections, bytes read)
+    let seen = [
+        ("hvc0", "console", &hvc0_out, hvc0),
+        ("the named port", PORT_NAME, &port_out, named),
     ]
-    .map(|(what, port, ok, want)| (what, port, ok, want.to_string()));
-    let clients = [hvc0, named].map(|c| (c.connections, c.text().len()));
+    .map(|(what, port, want, c)| {
+        let got = (c.contains(want), c.connections, c.text().len());
+        (what, port, want, got)
+    });
     let mut problems = Vec::new();
-    for ((what, port, ok, want), (connections, bytes)) in read.into_iter().zip(clients) {
+    for (what, port, want, (ok, connections, bytes)) in seen {
         if !ok {
             // What the daemon counted (bytes from the guest, delivered,
             // dropped) tells a guest that never wrote from output lost
