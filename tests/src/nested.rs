@@ -232,8 +232,9 @@ pub fn delegate_with(test: &str, timeout: Duration) -> bool {
             // The nested host's own kernel broke under TCG's emulation of
             // SVM before the test could finish (a kernel failure, a
             // SIGKILLed process left alive), or a guest of bulkhead-vmm
-            // triple-faulted or lost its vCPU timer where the test expected
-            // none: it gets a fresh nested host, up to LANE_RETRIES times,
+            // triple-faulted, lost its vCPU timer or printed nothing where
+            // the test expected none ([`NestedRun::lane_failure`]): it gets
+            // a fresh nested host, up to LANE_RETRIES times,
             // and the last run's verdict stands. Any other failure of the
             // test is not retried.
             let mut retried = Vec::new();
