@@ -105,6 +105,13 @@ const GUEST_TIMER_STALL: &str = "kthread timer wakeup didn't happen";
 /// CI a retried run once failed again: two, so that three lane failures
 /// in a row, not two, fail a test.
 const LANE_RETRIES: u32 = 2;
+/// What a Linux guest prints when its CPU double-faults. Seen here in the
+/// first instruction of `entry_SYSCALL_64` (`swapgs`) with the user's stack
+/// pointer, 22 s into a run whose devices all worked: the CPU state the
+/// nested host's KVM keeps under TCG's SVM, which `bulkhead-vmm` does not
+/// touch after boot. A double fault that cannot be delivered is a triple
+/// fault, which is how CI saw it.
+const GUEST_DOUBLE_FAULT: &str = "traps: PANIC: double fault";
 /// What `bulkhead-vmm` logs when a vCPU triple-faults.
 const GUEST_TRIPLE_FAULT: &str = "triple fault (guest reset)";
 /// How often a running nested host's console is read for its kernel failing.
@@ -232,11 +239,11 @@ pub fn delegate_with(test: &str, timeout: Duration) -> bool {
             // The nested host's own kernel broke under TCG's emulation of
             // SVM before the test could finish (a kernel failure, a
             // SIGKILLed process left alive), or a guest of bulkhead-vmm
-            // triple-faulted, lost its vCPU timer or printed nothing where
-            // the test expected none ([`NestedRun::lane_failure`]): it gets
-            // a fresh nested host, up to LANE_RETRIES times,
-            // and the last run's verdict stands. Any other failure of the
-            // test is not retried.
+            // triple- or double-faulted, lost its vCPU timer or printed
+            // nothing where the test expected none
+            // ([`NestedRun::lane_failure`]): it gets a fresh nested host, up
+            // to LANE_RETRIES times, and the last run's verdict stands. Any
+            // other failure of the test is not retried.
             let mut retried = Vec::new();
             for attempt in 2..=LANE_RETRIES + 1 {
                 let Some(why) = run.lane_failure() else {
@@ -683,6 +690,12 @@ impl NestedRun {
         self.status != Some(0) && self.output().contains(GUEST_TRIPLE_FAULT)
     }
 
+    /// Whether a guest under `bulkhead-vmm` panicked on a double fault
+    /// ([`GUEST_DOUBLE_FAULT`]) in a scenario that did not pass.
+    pub fn guest_double_fault(&self) -> bool {
+        self.status != Some(0) && self.output().contains(GUEST_DOUBLE_FAULT)
+    }
+
     /// Whether a guest under `bulkhead-vmm` reported a vCPU whose timer
     /// stopped firing ([`GUEST_TIMER_STALL`]) in a scenario that did not
     /// pass. Seen once in CI: a guest's second vCPU stayed halted for
@@ -738,6 +751,9 @@ impl NestedRun {
         }
         if self.guest_timer_stall() {
             return Some("a guest under bulkhead-vmm lost its vCPU timer".to_string());
+        }
+        if self.guest_double_fault() {
+            return Some("a guest under bulkhead-vmm double-faulted".to_string());
         }
         self.guest_triple_fault()
             .then(|| "a guest under bulkhead-vmm triple-faulted".to_string())
@@ -949,6 +965,24 @@ mod tests {
         assert_eq!(
             run(101).lane_failure().as_deref(),
             Some("a guest under bulkhead-vmm never reached its init")
+        );
+        assert_eq!(run(0).lane_failure(), None);
+    }
+
+    #[test]
+    fn a_guest_double_fault_is_the_lanes_only_when_the_test_failed() {
+        let run = |status: i32| NestedRun {
+            status: Some(status),
+            console: format!(
+                "@@NESTED BEGIN 4.1\n[   22.271060] traps: PANIC: double fault, error_code: 0x0\n\
+                 @@NESTED END {status} 30.0\n"
+            ),
+            ..NestedRun::default()
+        };
+        assert!(run(101).guest_double_fault());
+        assert_eq!(
+            run(101).lane_failure().as_deref(),
+            Some("a guest under bulkhead-vmm double-faulted")
         );
         assert_eq!(run(0).lane_failure(), None);
     }
