@@ -834,6 +834,15 @@ fn unbase64(text: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A finished scenario that exited `status` after printing `output`.
+    fn ended(status: i32, output: &str) -> NestedRun {
+        NestedRun {
+            status: Some(status),
+            console: format!("@@NESTED BEGIN 4.1\n{output}@@NESTED END {status} 30.0\n"),
+            ..NestedRun::default()
+        }
+    }
+
     #[test]
     fn base64_round_trips_every_length() {
         let data: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
@@ -879,11 +888,7 @@ mod tests {
 
     #[test]
     fn a_guest_triple_fault_is_the_lanes_only_when_the_test_failed() {
-        let run = |status: i32, output: &str| NestedRun {
-            status: Some(status),
-            console: format!("@@NESTED BEGIN 4.1\n{output}@@NESTED END {status} 30.0\n"),
-            ..NestedRun::default()
-        };
+        let run = ended;
         let reset = "bulkhead-vmm[155]: INFO vCPU 1: triple fault (guest reset)\n";
         let failed = run(101, reset);
         assert!(failed.guest_triple_fault());
@@ -899,11 +904,7 @@ mod tests {
 
     #[test]
     fn a_guest_timer_stall_is_the_lanes_only_when_the_test_failed() {
-        let run = |status: i32, output: &str| NestedRun {
-            status: Some(status),
-            console: format!("@@NESTED BEGIN 4.1\n{output}@@NESTED END {status} 30.0\n"),
-            ..NestedRun::default()
-        };
+        let run = ended;
         let stall =
             "[ 181.2] rcu: rcu_preempt kthread timer wakeup didn't happen for 2501 jiffies!\n";
         assert!(run(101, stall).guest_timer_stall());
@@ -954,14 +955,8 @@ mod tests {
 
     #[test]
     fn a_guest_that_never_printed_is_the_lanes_only_when_the_test_failed() {
-        let run = |status: i32| NestedRun {
-            status: Some(status),
-            console: format!(
-                "@@NESTED BEGIN 4.1\nchecks: 0/0 passed\n{}\n@@NESTED END {status} 30.0\n",
-                guest::GUEST_SILENT
-            ),
-            ..NestedRun::default()
-        };
+        let silent = format!("checks: 0/0 passed\n{}\n", guest::GUEST_SILENT);
+        let run = |status: i32| ended(status, &silent);
         assert_eq!(
             run(101).lane_failure().as_deref(),
             Some("a guest under bulkhead-vmm never reached its init")
@@ -971,14 +966,8 @@ mod tests {
 
     #[test]
     fn a_guest_double_fault_is_the_lanes_only_when_the_test_failed() {
-        let run = |status: i32| NestedRun {
-            status: Some(status),
-            console: format!(
-                "@@NESTED BEGIN 4.1\n[   22.271060] traps: PANIC: double fault, error_code: 0x0\n\
-                 @@NESTED END {status} 30.0\n"
-            ),
-            ..NestedRun::default()
-        };
+        let panic = "[   22.271060] traps: PANIC: double fault, error_code: 0x0\n";
+        let run = |status: i32| ended(status, panic);
         assert!(run(101).guest_double_fault());
         assert_eq!(
             run(101).lane_failure().as_deref(),
