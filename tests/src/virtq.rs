@@ -558,6 +558,25 @@ impl VirtQueue {
         Ok(Some(elem))
     }
 
+    /// Before sleeping on the call eventfd: with EVENT_IDX, asks for an
+    /// interrupt at the next used entry (either layout) and returns whether
+    /// one arrived meanwhile (then the driver must look again instead of
+    /// sleeping); without EVENT_IDX the device interrupts anyway: false.
+    pub fn arm_call(&mut self) -> Result<bool> {
+        if !self.event_idx {
+            return Ok(false);
+        }
+        if self.packed.is_some() {
+            self.packed_set_used_event()?;
+            fence(Ordering::SeqCst);
+            self.packed_has_used()
+        } else {
+            self.set_used_event(self.last_used)?;
+            fence(Ordering::SeqCst);
+            Ok(self.used_idx()? != self.last_used)
+        }
+    }
+
     /// Pops a used element, sleeping on the call eventfd (no polling) up to `timeout`.
     pub fn wait_used(&mut self, timeout: Duration) -> Result<UsedElem> {
         let deadline = Instant::now() + timeout;
@@ -565,20 +584,8 @@ impl VirtQueue {
             if let Some(e) = self.pop_used()? {
                 return Ok(e);
             }
-            if self.event_idx {
-                if self.packed.is_some() {
-                    self.packed_set_used_event()?;
-                    fence(Ordering::SeqCst);
-                    if self.packed_has_used()? {
-                        continue;
-                    }
-                } else {
-                    self.set_used_event(self.last_used)?;
-                    fence(Ordering::SeqCst);
-                    if self.used_idx()? != self.last_used {
-                        continue;
-                    }
-                }
+            if self.arm_call()? {
+                continue;
             }
             let now = Instant::now();
             if now >= deadline {

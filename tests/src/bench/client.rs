@@ -7,7 +7,6 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use bulkhead_tests::blk::{
@@ -15,7 +14,7 @@ use bulkhead_tests::blk::{
 };
 use bulkhead_tests::frontend::{DirtyLog, FrontendError, Options};
 use bulkhead_tests::memory::GuestMemory;
-use bulkhead_tests::virtq::{Desc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue};
+use bulkhead_tests::virtq::{Buf, Desc, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue};
 use io_uring::{IoUring, opcode, types};
 use vm_memory::MmapRegion;
 
@@ -31,7 +30,23 @@ pub const MAX_BLOCK: u32 = 128 * 1024;
 /// A run fails when no completion arrives for this long.
 const STALL: Duration = Duration::from_secs(10);
 
-/// One request slot of a queue: its descriptors and guest buffers, fixed for the whole benchmark.
+/// How the client lays its requests on the rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    /// Split rings; each slot's three descriptors are written once, at
+    /// connect, and a request only publishes its head: the least client
+    /// work per request (the blk suite's client).
+    SplitFixed,
+    /// Split rings; each request's chain is written when it is submitted,
+    /// as a guest's driver does (the packed suite's split side).
+    Split,
+    /// Packed rings; each request's chain is written when it is submitted
+    /// (a packed ring has no descriptor table to fill in advance).
+    Packed,
+}
+
+/// One request slot of a queue: its guest buffers, fixed for the whole
+/// benchmark, and with [`Ring::SplitFixed`] its descriptors.
 struct Slot {
     head: u16,
     data_desc: u16,
@@ -45,6 +60,7 @@ struct Slot {
 /// A virtio-blk client of a vhost-user backend.
 pub struct VuClient {
     driver: BlkDriver,
+    ring: Ring,
     slots: Vec<Vec<Slot>>,
     /// The dirty log while logging is on ([`VuClient::set_dirty_log`]).
     log: Option<DirtyLog>,
@@ -69,8 +85,10 @@ impl VuClient {
         self.log.as_ref().map_or(0, |l| l.pages().len())
     }
 
-    /// Connects to `socket` with `queues` queues and room for `max_qd` requests on each.
-    pub fn connect(socket: &Path, queues: usize, max_qd: usize) -> Result<Self> {
+    /// Connects to `socket` with `queues` queues and room for `max_qd`
+    /// requests on each; `ring` says how requests go on the rings (a
+    /// backend that refuses packed rings fails [`Ring::Packed`]).
+    pub fn connect(socket: &Path, queues: usize, max_qd: usize, ring: Ring) -> Result<Self> {
         let queue_size = ((3 * max_qd) as u16).next_power_of_two().max(128);
         let per_slot = u64::from(MAX_BLOCK) + 3 * 4096;
         let mem_size = (queues * max_qd) as u64 * per_slot + (16 << 20);
@@ -80,6 +98,7 @@ impl VuClient {
         }
         .queues(queues)
         .queue_size(queue_size)
+        .packed(ring == Ring::Packed)
         // Acked when offered; nothing is logged until `set_dirty_log`.
         .dirty_log();
         // The daemon creates its socket before it listens: retry briefly.
@@ -98,17 +117,36 @@ impl VuClient {
         let mut slots = Vec::with_capacity(queues);
         for q in 0..queues {
             let vq = driver.queue(q)?;
+            if vq.is_packed() != (ring == Ring::Packed) {
+                return Err(format!(
+                    "asked for {ring:?} rings, the backend negotiated {}",
+                    if vq.is_packed() { "packed" } else { "split" }
+                )
+                .into());
+            }
             let mem = vq.mem().clone();
             let mut qs = Vec::with_capacity(max_qd);
             for _ in 0..max_qd {
+                let hdr = mem.alloc(16, 16)?;
+                let data = mem.alloc(u64::from(MAX_BLOCK), 4096)?;
+                let status = mem.alloc(1, 16)?;
+                if ring != Ring::SplitFixed {
+                    qs.push(Slot {
+                        head: 0,
+                        data_desc: 0,
+                        status_desc: 0,
+                        hdr,
+                        data,
+                        status,
+                        issued: Instant::now(),
+                    });
+                    continue;
+                }
                 let (Some(head), Some(data_desc), Some(status_desc)) =
                     (vq.reserve_desc(), vq.reserve_desc(), vq.reserve_desc())
                 else {
                     return Err("queue too small for the queue depth".into());
                 };
-                let hdr = mem.alloc(16, 16)?;
-                let data = mem.alloc(u64::from(MAX_BLOCK), 4096)?;
-                let status = mem.alloc(1, 16)?;
                 vq.write_desc(
                     head,
                     Desc {
@@ -141,6 +179,7 @@ impl VuClient {
         }
         Ok(VuClient {
             driver,
+            ring,
             slots,
             log: None,
         })
@@ -149,6 +188,7 @@ impl VuClient {
     /// Runs `spec` on every queue at once (one thread per queue, like one vCPU per queue).
     pub fn run(&mut self, spec: &Spec) -> Result<Sample> {
         let queues = self.slots.len();
+        let ring = self.ring;
         let parts = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .driver
@@ -157,7 +197,9 @@ impl VuClient {
                 .iter_mut()
                 .zip(self.slots.iter_mut())
                 .enumerate()
-                .map(|(q, (vq, slots))| s.spawn(move || run_vu_queue(vq, slots, spec, q, queues)))
+                .map(|(q, (vq, slots))| {
+                    s.spawn(move || run_vu_queue(vq, slots, ring, spec, q, queues))
+                })
                 .collect();
             handles
                 .into_iter()
@@ -171,23 +213,46 @@ impl VuClient {
     }
 }
 
+/// Submits slot `i` as a `kind` request at `offset` of `len` bytes; with
+/// per-request chains, records which slot the chain's head (split) or
+/// buffer id (packed) belongs to in `by_head`.
+#[allow(clippy::too_many_arguments)]
 fn submit(
     vq: &mut VirtQueue,
     mem: &GuestMemory,
-    s: &mut Slot,
+    ring: Ring,
+    slots: &mut [Slot],
+    by_head: &mut [usize],
+    i: usize,
     kind: u32,
     offset: u64,
+    len: u32,
 ) -> Result<()> {
+    let s = &mut slots[i];
     mem.write(s.hdr, &header(kind, offset / 512))?;
     mem.write(s.status, &[0xff])?;
     s.issued = Instant::now();
-    vq.publish(s.head)?;
+    if ring == Ring::SplitFixed {
+        vq.publish(s.head)?;
+        return Ok(());
+    }
+    let data = if kind == VIRTIO_BLK_T_OUT {
+        Buf::readable(s.data, len)
+    } else {
+        Buf::writable(s.data, len)
+    };
+    let head = vq.add_chain(&[Buf::readable(s.hdr, 16), data, Buf::writable(s.status, 1)])?;
+    *by_head
+        .get_mut(usize::from(head))
+        .ok_or("chain head beyond the ring")? = i;
+    vq.publish(head)?;
     Ok(())
 }
 
 fn run_vu_queue(
     vq: &mut VirtQueue,
     slots: &mut [Slot],
+    ring: Ring,
     spec: &Spec,
     q: usize,
     queues: usize,
@@ -203,7 +268,11 @@ fn run_vu_queue(
     let qd = spec.qd.min(slots.len()).max(1);
     let slots = &mut slots[..qd];
     let mut by_head = vec![usize::MAX; usize::from(vq.size())];
-    for (i, s) in slots.iter().enumerate() {
+    for (i, s) in slots
+        .iter()
+        .enumerate()
+        .filter(|_| ring == Ring::SplitFixed)
+    {
         by_head[usize::from(s.head)] = i;
         let flags = VIRTQ_DESC_F_NEXT | if write { 0 } else { VIRTQ_DESC_F_WRITE };
         vq.write_desc(
@@ -223,8 +292,9 @@ fn run_vu_queue(
     };
     let start = Instant::now();
     let deadline = start + spec.duration;
-    for s in slots.iter_mut() {
-        submit(vq, &mem, s, kind, offsets.next_offset())?;
+    for i in 0..qd {
+        let at = offsets.next_offset();
+        submit(vq, &mem, ring, slots, &mut by_head, i, kind, at, bs)?;
     }
     vq.kick_if_needed()?;
     let mut outstanding = qd;
@@ -240,7 +310,7 @@ fn run_vu_queue(
                 .copied()
                 .filter(|&i| i != usize::MAX)
                 .ok_or_else(|| format!("completion for unknown head {}", e.id))?;
-            let s = &mut slots[i];
+            let s = &slots[i];
             let status: u8 = mem.read_obj(s.status)?;
             if status != VIRTIO_BLK_S_OK {
                 sample.errors += 1;
@@ -249,7 +319,8 @@ fn run_vu_queue(
                 sample.ops += 1;
                 let ns = now.duration_since(s.issued).as_nanos();
                 sample.lat_ns.push(u32::try_from(ns).unwrap_or(u32::MAX));
-                submit(vq, &mem, s, kind, offsets.next_offset())?;
+                let at = offsets.next_offset();
+                submit(vq, &mem, ring, slots, &mut by_head, i, kind, at, bs)?;
                 resubmitted = true;
             } else {
                 outstanding -= 1;
@@ -262,12 +333,8 @@ fn run_vu_queue(
             last_progress = Instant::now();
             continue;
         }
-        if vq.event_idx() {
-            vq.set_used_event(vq.last_used())?;
-            fence(Ordering::SeqCst);
-            if vq.used_idx()? != vq.last_used() {
-                continue;
-            }
+        if vq.arm_call()? {
+            continue;
         }
         if !vq.wait_call(Duration::from_millis(500))? && last_progress.elapsed() > STALL {
             return Err(format!("queue {q}: no completion for {STALL:?}").into());

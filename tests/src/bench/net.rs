@@ -896,32 +896,11 @@ fn add_rx_tap(ns: &NetNs) -> Result<()> {
 fn dpdk_rx(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
     let frame = size.packet()[HDR_LEN..].to_vec();
     let flood = |iface: &str, client: &mut TestPmd| -> Result<f64> {
-        let sock: PacketSocket = ns.packet_socket(iface, false)?;
-        let stop = AtomicBool::new(false);
-        client.cmd("start")?;
         let mut runs = Vec::new();
-        let r = std::thread::scope(|s| -> Result<()> {
-            let inj = s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = sock.send(&frame);
-                }
-            });
-            let mut err = None;
-            for _ in 0..a.runs {
-                match window(a, &mut || client.port_counts(0).map(|(rx, _, t)| (rx, t))) {
-                    Ok(x) => runs.push(x),
-                    Err(e) => {
-                        err = Some(e);
-                        break;
-                    }
-                }
-            }
-            stop.store(true, Ordering::Relaxed);
-            let _ = inj.join();
-            err.map_or(Ok(()), Err)
-        });
-        client.cmd("stop")?;
-        r.map(|()| median(&runs))
+        for _ in 0..a.runs {
+            runs.push(flood_window(ns, a, iface, &frame, client)?);
+        }
+        Ok(median(&runs))
     };
     let client = |name: &str, sock: &std::path::Path| {
         TestPmd::start(&PmdSpec {
@@ -1230,4 +1209,148 @@ pub fn throttled(pps: &[u64], secs: f64) -> Result<std::result::Result<Vec<Value
         rows.push(row);
     }
     Ok(Ok(rows))
+}
+
+/// The taps of the packed suite's two `bulkhead-net` daemons (split, packed).
+const LAYOUT_TAPS: [&str; 2] = ["bhbsplit0", "bhbpacked0"];
+
+/// The packed suite's net half: split rings against packed rings, one
+/// client. DPDK's virtio-user PMD (`packed_vq=0` and `packed_vq=1`) is the
+/// frontend of two `bulkhead-net` daemons started alike, each on a
+/// single-queue tap of its own. Transmit: testpmd `txonly`, frames counted
+/// at the tap; receive: a packet socket floods the tap, testpmd `rxonly`
+/// counts what reaches it. The two layouts alternate run by run (order
+/// rotated); the daemon's CPU is divided by the frames it moved.
+pub fn packed(a: &NetArgs) -> Result<Value> {
+    let unavailable = if a.dpdk {
+        bulkhead_tests::netns::unavailable().map(|w| w.to_string())
+    } else {
+        Some("DPDK targets: not requested".into())
+    };
+    if let Some(why) = unavailable.or_else(dpdk::unavailable) {
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP packed net rows: {why}\n"),
+        );
+        return Ok(json!({"skipped": why.to_string()}));
+    }
+    let ns = NetNs::new()?;
+    let args: Vec<&str> = a.daemon_args.iter().map(String::as_str).collect();
+    let mut daemons = Vec::new();
+    let mut clients = Vec::new();
+    let mut configs = Vec::new();
+    for (i, tap) in LAYOUT_TAPS.iter().enumerate() {
+        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
+        ns.run(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")],
+        )?;
+        ns.ip(&["link", "set", tap, "up"])?;
+        let daemon = NetDaemon::start_with_fds(ns.open_tap_fds(tap, 1, false)?, &args)?;
+        let client = TestPmd::start(&PmdSpec {
+            name: ["c-split", "c-packed"][i],
+            vdevs: vec![format!("{},packed_vq={i}", virtio_user(daemon.socket()))],
+            mode: "txonly",
+            fwd_cpu: 1,
+            netns: None,
+        })?;
+        configs.push(json!({"target": LAYOUTS[i], "client": client.config}));
+        daemons.push(daemon);
+        clients.push(client);
+    }
+    let mut points = Vec::new();
+    for rx in [false, true] {
+        for &size in a.sizes.iter().filter(|s| **s != Size::Tso) {
+            let frame = size.packet()[HDR_LEN..].to_vec();
+            let mut pps = [Vec::new(), Vec::new()];
+            let mut cpu = [Vec::new(), Vec::new()];
+            for c in &mut clients {
+                c.cmd(&format!("set fwd {}", if rx { "rxonly" } else { "txonly" }))?;
+                c.cmd(&format!("set txpkts {}", size.frame_len()))?;
+            }
+            for r in 0..a.runs {
+                for k in 0..2 {
+                    let i = (k + r) % 2;
+                    let pid = daemons[i].pid();
+                    let before = profile::cpu_ns(pid);
+                    let c = &mut clients[i];
+                    let tap = LAYOUT_TAPS[i];
+                    let v = if rx {
+                        flood_window(&ns, a, tap, &frame, c)?
+                    } else {
+                        c.cmd("start")?;
+                        let v = window(a, &mut || tap_rx(&ns, tap));
+                        c.cmd("stop")?;
+                        v?
+                    };
+                    let used = profile::cpu_ns(pid).saturating_sub(before) as f64;
+                    cpu[i].push(used / (v * (a.secs + a.warmup)).max(1.0));
+                    pps[i].push(v);
+                }
+            }
+            let (split, packed) = (median(&pps[0]), median(&pps[1]));
+            let dir = if rx { "rx" } else { "tx" };
+            eprintln!(
+                "packed net {dir} {:<5} split {split:>9.0}  packed {packed:>9.0}",
+                size.name()
+            );
+            let layout = |i: usize| {
+                json!({
+                    "pps": median(&pps[i]).round(),
+                    "runs_pps": pps[i].iter().map(|x| x.round()).collect::<Vec<_>>(),
+                    "daemon_cpu_ns_per_frame": median(&cpu[i]).round(),
+                })
+            };
+            points.push(json!({
+                "direction": dir,
+                "size": size.name(),
+                "split": layout(0),
+                "packed": layout(1),
+                "ratio": (packed / split.max(1.0) * 1000.0).round() / 1000.0,
+            }));
+        }
+    }
+    drop(clients);
+    drop(daemons);
+    let daemon = ["bulkhead-net --socket-path SOCK --tap-fd N"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(json!({
+        "runs": a.runs, "secs": a.secs, "warmup_secs": a.warmup,
+        "daemon": daemon,
+        "configs": configs,
+        "points": points,
+    }))
+}
+
+/// Names of the two layouts, split first (JSON and tables).
+const LAYOUTS: [&str; 2] = ["split", "packed"];
+
+/// One receive window: a packet socket floods `tap` with `frame` while
+/// `client` (in `rxonly`) counts what arrives; frames per second.
+fn flood_window(
+    ns: &NetNs,
+    a: &NetArgs,
+    tap: &str,
+    frame: &[u8],
+    client: &mut TestPmd,
+) -> Result<f64> {
+    let sock: PacketSocket = ns.packet_socket(tap, false)?;
+    let stop = AtomicBool::new(false);
+    client.cmd("start")?;
+    let r = std::thread::scope(|s| {
+        let inj = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sock.send(frame);
+            }
+        });
+        let r = window(a, &mut || client.port_counts(0).map(|(rx, _, t)| (rx, t)));
+        stop.store(true, Ordering::Relaxed);
+        let _ = inj.join();
+        r
+    });
+    client.cmd("stop")?;
+    r
 }

@@ -336,13 +336,14 @@ pub fn markdown(v: &Value, svg_name: &str) -> String {
     vmm_section(&mut m, &v["vmm"]);
     throttle_section(&mut m, &v["throttle"]);
     dirtylog_section(&mut m, &v["dirtylog"]);
+    packed_section(&mut m, &v["packed"]);
     rbd_section(&mut m, &v["rbd"]);
 
     let _ = writeln!(m, "## Reproduce\n");
     let _ = writeln!(
         m,
         "`scripts/bench` builds release binaries, runs the micro-benchmarks and \
-         `target/release/bulkhead-bench` (blk, net, console, vmm, throttle, dirtylog; about 16 \
+         `target/release/bulkhead-bench` (blk, net, console, vmm, throttle, dirtylog, packed; about 18 \
          minutes), and \
          rewrites `docs/performance.{{md,json,svg}}`. One suite can be rerun into the \
          existing report: `target/release/bulkhead-bench --suites vmm --merge-json \
@@ -1257,6 +1258,106 @@ fn dirtylog_section(m: &mut String, d: &Value) {
         "\n*on / off* (median IOPS): **{:.3}**.\n",
         d["ratio"].as_f64().unwrap_or(0.0)
     );
+}
+
+/// The packed suite: split rings against packed rings, same client.
+fn packed_section(m: &mut String, p: &Value) {
+    if p.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## Packed rings\n");
+    let _ = writeln!(
+        m,
+        "Split rings against packed rings (`VIRTIO_F_RING_PACKED`), the same client on \
+         both, the two layouts' runs interleaved (order rotated). Block: two `bulkhead-blk` \
+         daemons started alike on one tmpfs image; client: {}. Load before {}, after {}. \
+         *packed / split*: IOPS higher is better, CPU lower is better. Rerun: \
+         `target/release/bulkhead-bench --suites packed --merge-json docs/performance.json \
+         --json docs/performance.json --md docs/performance.md --svg docs/performance.svg` \
+         (root and DPDK for the net rows).\n",
+        p["client"].as_str().unwrap_or(""),
+        p["load_before"].as_str().unwrap_or("?"),
+        p["load_after"].as_str().unwrap_or("?"),
+    );
+    let _ = writeln!(
+        m,
+        "| pattern | QD | split IOPS | packed IOPS | packed / split | split p50 / p99 / p99.9 µs | packed p50 / p99 / p99.9 µs | split CPU µs/op | packed CPU µs/op | CPU packed / split |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for pt in p["points"].as_array().into_iter().flatten() {
+        let a = &pt["results"]["bulkhead-blk-split"];
+        let b = &pt["results"]["bulkhead-blk-packed"];
+        let r2 = |x: f64, y: f64| ratio(x, y).map_or("-".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            pt["pattern"].as_str().unwrap_or(""),
+            pt["qd"],
+            fmt_num(f(a, "iops")),
+            fmt_num(f(b, "iops")),
+            r2(f(b, "iops"), f(a, "iops")),
+            lat(a),
+            lat(b),
+            cpu(a),
+            cpu(b),
+            r2(f(b, "daemon_cpu_us_per_op"), f(a, "daemon_cpu_us_per_op")),
+        );
+    }
+    let _ = writeln!(m);
+    for c in p["configs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "- `{}`: `{}`",
+            c["target"].as_str().unwrap_or(""),
+            c["config"].as_str().unwrap_or("")
+        );
+    }
+    let net = &p["net"];
+    if let Some(why) = net["skipped"].as_str() {
+        let _ = writeln!(m, "\nNet rows skipped: {why}.\n");
+        return;
+    }
+    let _ = writeln!(
+        m,
+        "\nNet: two `bulkhead-net` daemons started alike (`{}`), each on a single-queue tap \
+         of its own in a network namespace, each with DPDK's virtio-user PMD as its frontend \
+         (`packed_vq=0` and `packed_vq=1`, 256-entry rings). Transmit: testpmd `txonly`, \
+         frames counted at the tap; receive: an AF_PACKET socket floods the tap, testpmd \
+         `rxonly` counts what it takes. Medians of {} windows of {} s (after {} s of \
+         traffic); daemon CPU divided by the frames moved.\n",
+        net["daemon"].as_str().unwrap_or(""),
+        net["runs"],
+        net["secs"],
+        net["warmup_secs"],
+    );
+    let _ = writeln!(
+        m,
+        "| direction | frame | split pps | packed pps | packed / split | split CPU ns/frame | packed CPU ns/frame |\n\
+         |---|---|---:|---:|---:|---:|---:|"
+    );
+    for pt in net["points"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {:.2} | {} | {} |",
+            pt["direction"].as_str().unwrap_or(""),
+            pt["size"].as_str().unwrap_or(""),
+            fmt_num(f(&pt["split"], "pps")),
+            fmt_num(f(&pt["packed"], "pps")),
+            pt["ratio"].as_f64().unwrap_or(0.0),
+            fmt_num(f(&pt["split"], "daemon_cpu_ns_per_frame")),
+            fmt_num(f(&pt["packed"], "daemon_cpu_ns_per_frame")),
+        );
+    }
+    let _ = writeln!(m);
+    for c in net["configs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "- `{}` client: `{}`",
+            c["target"].as_str().unwrap_or(""),
+            c["client"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(m);
 }
 
 fn console_section(m: &mut String, c: &Value) {

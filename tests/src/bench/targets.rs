@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bulkhead_tests::process::{ChildGuard, wait_for_path};
 
-use super::client::{HostClient, Result, VuClient};
+use super::client::{HostClient, Result, Ring, VuClient};
 use super::libblkio::LibblkioBench;
 use super::workload::{Sample, Spec};
 
@@ -36,6 +36,11 @@ pub enum Kind {
     /// qemu-storage-daemon's rbd driver on a Ceph RBD image, driven by
     /// libblkio (the rbd suite only).
     QsdRbd,
+    /// `bulkhead-blk` as [`Kind::Bulkhead`], the kit's client on split
+    /// rings writing each request's chain (the packed suite only).
+    BulkheadSplit,
+    /// The same on packed rings (the packed suite only).
+    BulkheadPacked,
 }
 
 impl Kind {
@@ -79,6 +84,8 @@ impl Kind {
             Kind::QsdLibblkio => "qsd-io_uring+libblkio",
             Kind::BulkheadRbd => "bulkhead-blk-rbd",
             Kind::QsdRbd => "qsd-rbd",
+            Kind::BulkheadSplit => "bulkhead-blk-split",
+            Kind::BulkheadPacked => "bulkhead-blk-packed",
         }
     }
 
@@ -183,7 +190,7 @@ impl Target {
                 .chain(bulkhead.args.iter().cloned())
                 .collect(),
             ),
-            Kind::Bulkhead | Kind::Baseline => (
+            Kind::Bulkhead | Kind::Baseline | Kind::BulkheadSplit | Kind::BulkheadPacked => (
                 match kind {
                     Kind::Baseline => bulkhead
                         .baseline
@@ -207,7 +214,7 @@ impl Target {
                 .chain(
                     // Every target serves the same image (qsd: locking=off);
                     // an earlier build (the baseline) may predate the lock.
-                    (kind == Kind::Bulkhead)
+                    (kind != Kind::Baseline)
                         .then(|| {
                             [
                                 "--poll-max-us".into(),
@@ -347,7 +354,12 @@ impl Target {
         let connected = if kind.is_libblkio() {
             LibblkioBench::connect(socket, queues, max_qd).map(|c| Client::Libblkio(Box::new(c)))
         } else {
-            VuClient::connect(socket, queues, max_qd).map(|c| Client::Vu(Box::new(c)))
+            let ring = match kind {
+                Kind::BulkheadSplit => Ring::Split,
+                Kind::BulkheadPacked => Ring::Packed,
+                _ => Ring::SplitFixed,
+            };
+            VuClient::connect(socket, queues, max_qd, ring).map(|c| Client::Vu(Box::new(c)))
         };
         let client = connected.map_err(|e| {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();

@@ -57,10 +57,12 @@ const USAGE: &str = "\
 usage: bulkhead-bench [--quick] [options]
   --quick               smoke run: tmpfs, 1 queue, 2 patterns, 1 x 0.3 s per point;
                         net 64B and TSO without DPDK, 1 x 0.3 s; console 1 x 4 MiB
-  --suites LIST         blk,net,console,vmm,throttle,dirtylog (default all six); throttle:
-                        bulkhead-blk and bulkhead-net held to limits (--throttle-*);
+  --suites LIST         blk,net,console,vmm,throttle,dirtylog,packed (default all seven);
+                        throttle: bulkhead-blk and bulkhead-net held to limits (--throttle-*);
                         dirtylog: bulkhead-blk randread-4k QD32 with a live migration's
-                        dirty logging off and on, interleaved (--dirtylog-*); also rbd
+                        dirty logging off and on, interleaved (--dirtylog-*); packed: split
+                        against packed rings, same client, interleaved (bulkhead-blk through
+                        the kit at --qd, bulkhead-net through DPDK virtio-user); also rbd
                         (not by default): bulkhead-blk vs qsd's rbd driver on a throwaway
                         one-node Ceph cluster, through libblkio (--rbd-*)
   --dirtylog-runs N     runs per state of the dirtylog suite (default 6)
@@ -194,6 +196,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "vmm".into(),
             "throttle".into(),
             "dirtylog".into(),
+            "packed".into(),
         ],
         net_runs: if quick { 1 } else { 3 },
         net_secs: if quick { 0.3 } else { 1.0 },
@@ -254,7 +257,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--suites" => {
                 a.suites = list(&v, |x| {
                     [
-                        "blk", "net", "console", "vmm", "throttle", "dirtylog", "rbd",
+                        "blk", "net", "console", "vmm", "throttle", "dirtylog", "packed", "rbd",
                     ]
                     .contains(&x)
                     .then(|| x.into())
@@ -518,6 +521,65 @@ fn dirtylog_suite(a: &Args) -> Result<Value> {
     )
 }
 
+/// `--suites packed`: split rings against packed rings with the same
+/// client, the two layouts' runs interleaved: two `bulkhead-blk` daemons
+/// started alike on one tmpfs image, the test kit's client writing each
+/// request's chain on either layout (4 KiB random reads and writes at each
+/// `--qd`), then `bulkhead-net` through DPDK's virtio-user PMD
+/// (`packed_vq=0/1`), both directions; the report's "Packed rings" section.
+fn packed_suite(a: &Args) -> Result<Value> {
+    let dir = tempfile::Builder::new()
+        .prefix("bulkhead-bench-packed")
+        .tempdir_in(&a.tmpfs_dir)?;
+    let image = dir.path().join("image.raw");
+    let image_size = 256u64 << 20;
+    fill_image(&image, image_size, false)?;
+    let max_qd = a.qds.iter().copied().max().unwrap_or(1);
+    let mut targets = Vec::new();
+    let mut configs = Vec::new();
+    for kind in [Kind::BulkheadSplit, Kind::BulkheadPacked] {
+        let t = Target::start(kind, &daemon(a), &image, dir.path(), 1, max_qd)?;
+        configs.push(json!({"target": kind.name(), "config": t.config}));
+        targets.push(t);
+    }
+    let ctx = PointCtx {
+        medium: "tmpfs",
+        queues: 1,
+        image_size,
+    };
+    let load = loadavg();
+    let mut points = Vec::new();
+    for pattern in [Pattern::RandRead, Pattern::RandWrite] {
+        for &qd in &a.qds {
+            points.push(measure_point(a, &mut targets, &ctx, pattern, qd)?);
+        }
+    }
+    drop(targets);
+    let net = net::packed(&net::NetArgs {
+        // Receive through a flooded tap varies by 10-20% run to run here:
+        // at least five windows per layout.
+        runs: if a.quick { a.net_runs } else { a.net_runs.max(5) },
+        secs: a.net_secs,
+        warmup: if a.quick { 0.1 } else { 0.3 },
+        sizes: a.net_sizes.clone(),
+        dpdk: a.dpdk,
+        rx: true,
+        profile: 0.0,
+        daemon_args: a.net_args.clone(),
+        baseline: None,
+    })?;
+    Ok(json!({
+        "client": "test-kit vhost-user frontend, one queue; each request's three-descriptor \
+                   chain (header, data, status) written when it is submitted, on either \
+                   layout; EVENT_IDX and INDIRECT_DESC negotiated",
+        "load_before": load,
+        "load_after": loadavg(),
+        "configs": configs,
+        "points": points,
+        "net": net,
+    }))
+}
+
 /// `--suites rbd`: `bulkhead-blk` against qemu-storage-daemon's rbd
 /// driver, both driven by libblkio (one queue), on a throwaway one-node
 /// cluster (`bulkhead_tests::ceph`: one mon, one mgr, one memstore OSD on
@@ -737,6 +799,11 @@ fn run(a: &Args) -> Result<Value> {
     } else {
         Value::Null
     };
+    let packed_json = if a.suites.iter().any(|s| s == "packed") {
+        packed_suite(a)?
+    } else {
+        Value::Null
+    };
     let rbd_json = if a.suites.iter().any(|s| s == "rbd") {
         rbd_suite(a)?
     } else {
@@ -796,6 +863,7 @@ fn run(a: &Args) -> Result<Value> {
         "vmm": vmm_json,
         "throttle": throttle_json,
         "dirtylog": dirtylog_json,
+        "packed": packed_json,
         "rbd": rbd_json,
     });
     report::analyse(&mut v);
@@ -820,6 +888,7 @@ fn suite_keys(suite: &str) -> &'static [&'static str] {
         "vmm" => &["vmm"],
         "throttle" => &["throttle"],
         "dirtylog" => &["dirtylog"],
+        "packed" => &["packed"],
         "rbd" => &["rbd"],
         _ => &[],
     }
