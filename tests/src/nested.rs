@@ -679,6 +679,17 @@ impl NestedRun {
             .map(|&(_, why)| why)
     }
 
+    /// Whether the nested host's machine went away by itself before its
+    /// scenario reported: QEMU (`-no-reboot`) exited on its own, no
+    /// timeout, no exit status on the result port. Seen once here 52 s into
+    /// a run, with no kernel message on the console at all: the nested
+    /// host's CPU reset under TCG's emulation of SVM (nothing a test's user
+    /// processes can cause; the nested host powers off only after
+    /// reporting).
+    pub fn host_reset(&self) -> bool {
+        !self.timed_out && self.status.is_none() && self.qemu_status.is_some()
+    }
+
     /// Whether a guest under `bulkhead-vmm` triple-faulted in a scenario
     /// that did not pass. Under TCG's emulation of SVM a Linux guest there
     /// has triple-faulted once in CI seconds after its boot, before any
@@ -741,6 +752,9 @@ impl NestedRun {
         }
         if let Some(why) = self.host_failure() {
             return Some(format!("the nested host's kernel failed ({why})"));
+        }
+        if self.host_reset() {
+            return Some("the nested host's machine reset itself".to_string());
         }
         if self.timed_out
             && let Some(p) = self.unkillable().first()
@@ -884,6 +898,31 @@ mod tests {
         assert_eq!(run(&ended).host_failure(), None);
         // A test that hangs with a quiet kernel is the test's failure.
         assert_eq!(run("@@NESTED BEGIN 4.1\nwaiting\n").host_failure(), None);
+    }
+
+    #[test]
+    fn a_nested_host_that_went_away_without_a_result_is_the_lanes() {
+        let begun = "@@NESTED BEGIN 9.2\nrunning 1 test\n";
+        let run = |status: Option<i32>, timed_out: bool, qemu: Option<&str>| NestedRun {
+            status,
+            timed_out,
+            qemu_status: qemu.map(String::from),
+            console: begun.to_string(),
+            ..NestedRun::default()
+        };
+        let reset = run(None, false, Some("exit status: 0"));
+        assert!(reset.host_reset());
+        assert_eq!(
+            reset.lane_failure().as_deref(),
+            Some("the nested host's machine reset itself")
+        );
+        // A scenario that reported is judged by its status.
+        assert_eq!(
+            run(Some(101), false, Some("exit status: 0")).lane_failure(),
+            None
+        );
+        // A run killed at the timeout is not a reset.
+        assert!(!run(None, true, None).host_reset());
     }
 
     #[test]
