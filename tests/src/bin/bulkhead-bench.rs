@@ -558,7 +558,11 @@ fn packed_suite(a: &Args) -> Result<Value> {
     let net = net::packed(&net::NetArgs {
         // Receive through a flooded tap varies by 10-20% run to run here:
         // at least five windows per layout.
-        runs: if a.quick { a.net_runs } else { a.net_runs.max(5) },
+        runs: if a.quick {
+            a.net_runs
+        } else {
+            a.net_runs.max(5)
+        },
         secs: a.net_secs,
         warmup: if a.quick { 0.1 } else { 0.3 },
         sizes: a.net_sizes.clone(),
