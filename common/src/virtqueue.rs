@@ -563,6 +563,35 @@ impl VirtQueue {
         self.heads.count()
     }
 
+    /// Where the ring stands, read now from guest memory: the device's
+    /// positions, what the driver published and both sides' notification
+    /// suppression. For a log line when a queue stalls: it tells a lost
+    /// kick (the driver made buffers available past the device's event)
+    /// from a lost interrupt (used entries past the driver's event).
+    pub fn ring_state(&self) -> String {
+        if self.packed.is_some() {
+            return self.ring_state_packed();
+        }
+        let mem = self.map();
+        let at = |a: GuestAddress| load_guest::<u16>(&mem, a, Ordering::Acquire);
+        let ring_end = 4 + 2 * u64::from(self.size);
+        format!(
+            "split: next avail {}, avail idx {:?}, next used {}, used idx {:?}, \
+             avail flags {:?}, used_event {:?}, used flags {:?}, avail_event {:?}, \
+             signalled {:?}, in flight {}",
+            self.next_avail,
+            at(self.addrs.avail.unchecked_add(2)),
+            self.next_used,
+            at(self.addrs.used.unchecked_add(2)),
+            at(self.addrs.avail),
+            at(self.addrs.avail.unchecked_add(ring_end)),
+            at(self.addrs.used),
+            at(self.addrs.used.unchecked_add(4 + 8 * u64::from(self.size))),
+            self.signalled_used.map(|w| w.0),
+            self.heads.count(),
+        )
+    }
+
     /// True after a fatal guest error; the queue processes nothing more.
     pub fn is_broken(&self) -> bool {
         self.broken

@@ -82,9 +82,25 @@ fn expected_stty_size() -> String {
 
 /// The guest's checks; the net part only when the net device is attached.
 /// `config_offset`: where the transport puts the device config space
-/// (virtio-pci: in the BAR at 0x2000; virtio-mmio: at 0x100).
-fn tour_script(net: bool, config_offset: u64) -> String {
+/// (virtio-pci: in the BAR at 0x2000; virtio-mmio: at 0x100). `packed`:
+/// every device must have negotiated packed rings.
+fn tour_script(net: bool, config_offset: u64, packed: bool) -> String {
     let mut s = String::new();
+    if packed {
+        // The driver's features in sysfs: one character per bit, bit 34
+        // (VIRTIO_F_RING_PACKED) the 35th.
+        s.push_str(
+            r#"
+# --- packed rings on every device
+n=0
+for d in /sys/bus/virtio/devices/*; do
+  expect_eq "packed_$(basename "$d")" "$(cut -c35 "$d/features")" 1
+  n=$((n + 1))
+done
+value packed_devices "$n"
+"#,
+        );
+    }
     s.push_str(&format!(
         r#"
 # --- blk
@@ -180,16 +196,20 @@ sync
     s
 }
 
-/// Boots the tour over `transport` and checks what the host saw.
-fn tour(transport: &'static str, config_offset: u64) {
+/// Boots the tour over `transport` (on packed rings when `packed`) and
+/// checks what the host saw.
+fn tour(transport: &'static str, config_offset: u64, packed: bool) {
     let opts = Options {
         transport,
         cpus: 2,
         blk_queues: 2,
         cmdline: "iomem=relaxed",
+        packed,
         ..Options::default()
     };
-    let mut vm = Vm::boot(opts, |b| tour_script(b.net.is_some(), config_offset));
+    let mut vm = Vm::boot(opts, |b| {
+        tour_script(b.net.is_some(), config_offset, packed)
+    });
     // The shell holds hvc0: resize, then type.
     if vm.wait_until(|vm| vm.hvc0.contains(SHELL_READY)) {
         let port = vm.backends.console_port("console");
@@ -242,8 +262,16 @@ fn tour(transport: &'static str, config_offset: u64) {
             }
         }
     }
+    let want = if boot.net { "3" } else { "2" };
+    if packed && boot.run.value("packed_devices") != Some(want) {
+        problems.push(format!(
+            "the guest checked packed rings on {:?} devices, not {want}",
+            boot.run.value("packed_devices")
+        ));
+    }
+    let rings = if packed { " on packed rings" } else { "" };
     boot.assert_passed(
-        &format!("bulkhead-vmm + blk, net, console over virtio-{transport}"),
+        &format!("bulkhead-vmm + blk, net, console over virtio-{transport}{rings}"),
         problems,
     );
     eprintln!(
@@ -260,7 +288,15 @@ fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci() {
     if nested::delegate("linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_pci") {
         return;
     }
-    tour("pci", 0x2000);
+    tour("pci", 0x2000, false);
+}
+
+#[test]
+fn linux_under_bulkhead_vmm_uses_packed_rings_over_virtio_pci() {
+    if nested::delegate("linux_under_bulkhead_vmm_uses_packed_rings_over_virtio_pci") {
+        return;
+    }
+    tour("pci", 0x2000, true);
 }
 
 #[test]
@@ -270,7 +306,7 @@ fn linux_under_bulkhead_vmm_uses_blk_net_and_console_over_virtio_mmio() {
     }
     // The DSDT announces each device as LNRO0005 (Debian's kernel has no
     // VIRTIO_MMIO_CMDLINE_DEVICES).
-    tour("mmio", 0x100);
+    tour("mmio", 0x100, false);
 }
 
 /// Boots the kit's guest with no device and `script` as its test; returns

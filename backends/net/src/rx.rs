@@ -193,6 +193,14 @@ impl RxWorker {
     }
 
     pub(crate) fn process(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) {
+        if !self.watching {
+            // Debug: every stall of a busy queue would flood an info log.
+            log::debug!(
+                "queue {}: kicked while stalled: {}",
+                vq.index(),
+                vq.ring_state()
+            );
+        }
         vq.disable_notifications();
         let mut budget = RX_BUDGET;
         loop {
@@ -220,6 +228,11 @@ impl RxWorker {
                 _ => {
                     // Back-pressure: leave packets in the tap until the guest kicks.
                     if self.watching {
+                        log::debug!(
+                            "queue {}: stalled, no receive buffer: {}",
+                            vq.index(),
+                            vq.ring_state()
+                        );
                         self.shared.stats.rx_stalls.fetch_add(1, Ordering::Relaxed);
                         ctl.watch(0, false);
                         self.watching = false;

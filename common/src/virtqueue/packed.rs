@@ -474,6 +474,38 @@ impl VirtQueue {
         Ok(self.has_pending_packed())
     }
 
+    /// [`VirtQueue::ring_state`] for a packed ring.
+    pub(super) fn ring_state_packed(&self) -> String {
+        let Some(p) = self.packed.as_ref() else {
+            return "packed: no ring".into();
+        };
+        let mem = self.map();
+        let flags = |idx: u16| {
+            load_guest::<u16>(
+                &mem,
+                self.desc_addr(idx).unchecked_add(FLAGS_OFFSET),
+                Ordering::Acquire,
+            )
+        };
+        let event = |a: GuestAddress| {
+            load_guest::<u32>(&mem, a, Ordering::Acquire)
+                .map(|v| format!("off_wrap {:#06x} flags {}", v as u16, v >> 16))
+        };
+        format!(
+            "packed: avail {:#06x} (flags there {:?}), used {:#06x} (flags there {:?}), \
+             driver event {:?}, device event {:?}, event_idx {}, signalled {:?}, in flight {}",
+            p.avail.encode(),
+            flags(p.avail.idx),
+            p.used.encode(),
+            flags(p.used.idx),
+            event(self.addrs.avail),
+            event(self.addrs.used),
+            self.event_idx,
+            self.signalled_used.map(|w| w.0),
+            self.heads.count(),
+        )
+    }
+
     pub(super) fn give_back_packed(&mut self, heads: &[u16]) -> Vec<u16> {
         let size = self.size;
         let mut left: Vec<u16> = heads.to_vec();

@@ -65,6 +65,8 @@ pub struct Options {
     /// Make the tap multi-queue, so a second bulkhead-net can attach to it
     /// beside the first (a swap).
     pub multi_queue_tap: bool,
+    /// `packed=on` on every device: the guest's drivers take packed rings.
+    pub packed: bool,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             blk_queues: 1,
             cmdline: "",
             multi_queue_tap: false,
+            packed: false,
         }
     }
 }
@@ -117,6 +120,9 @@ fn console_command(scratch: &Scratch) -> Command {
 /// exec` execs the daemon, so the guard's pid is the daemon's.
 fn net_command(ns: &NetNs, scratch: &Scratch) -> Command {
     let mut cmd = ns.command(workspace_binary("bulkhead-net"));
+    // The receive queue's stalls, with the ring's state, in the log a
+    // failure report shows.
+    cmd.env("RUST_LOG", "info,bulkhead_net::rx=debug");
     cmd.arg("--socket-path")
         .arg(scratch.socket())
         .args(["--tap", TAP, "--mac", GUEST_MAC]);
@@ -487,7 +493,13 @@ pub fn vmm_command(
 ) -> Command {
     let mut cmd = Command::new(workspace_binary("bulkhead-vmm"));
     let transport = opts.transport;
-    let dev = |d: &Daemon| format!("socket={},transport={transport}", d.socket().display());
+    let packed = if opts.packed { ",packed=on" } else { "" };
+    let dev = |d: &Daemon| {
+        format!(
+            "socket={},transport={transport}{packed}",
+            d.socket().display()
+        )
+    };
     cmd.env("RUST_LOG", "info")
         .arg("--kernel")
         .arg(&image.kernel)
