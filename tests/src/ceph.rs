@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -60,10 +60,12 @@ pub struct Cluster {
     mgr: ChildGuard,
     mon: ChildGuard,
     dir: TempDir,
+    /// Where the monitor listens (its v2 address).
+    mon_addr: String,
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+fn free_port(ip: Ipv4Addr) -> io::Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 fn uuid() -> String {
@@ -101,15 +103,24 @@ fn run(program: &str, args: &[&str]) -> io::Result<Output> {
 }
 
 impl Cluster {
-    /// Creates and starts a cluster; returns once pool `rbd` is initialised.
+    /// Creates and starts a cluster on 127.0.0.1; returns once pool `rbd`
+    /// is initialised.
     pub fn start() -> io::Result<Self> {
+        Self::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`Cluster::start`] with every daemon on `ip`, an address of this
+    /// host: one a nested host reaches through QEMU's user network (which
+    /// connects from this host to the address the guest asked for), where
+    /// 127.0.0.1 would be its own.
+    pub fn start_on(ip: Ipv4Addr) -> io::Result<Self> {
         let started = Instant::now();
         let dir = tempfile::Builder::new().prefix("bulkhead-ceph").tempdir()?;
         let d = dir.path();
         for sub in ["mon/ceph-a", "mgr/ceph-x", "osd/ceph-0", "run", "log"] {
             fs::create_dir_all(d.join(sub))?;
         }
-        let port = free_port()?;
+        let port = free_port(ip)?;
         let fsid = uuid();
         let conf = d.join("ceph.conf");
         let keyring = d.join("keyring");
@@ -119,8 +130,8 @@ impl Cluster {
             format!(
                 "[global]\n\
                  fsid = {fsid}\n\
-                 mon host = [v2:127.0.0.1:{port}]\n\
-                 public addr = 127.0.0.1\n\
+                 mon host = [v2:{ip}:{port}]\n\
+                 public addr = {ip}\n\
                  ms bind ipv6 = false\n\
                  auth cluster required = cephx\n\
                  auth service required = cephx\n\
@@ -206,7 +217,7 @@ impl Cluster {
         }
         let monmap = d.join("monmap");
         let m = monmap.to_str().unwrap_or_default();
-        let addr = format!("[v2:127.0.0.1:{port}]");
+        let addr = format!("[v2:{ip}:{port}]");
         run(
             "monmaptool",
             &["--create", "--addv", "a", &addr, "--fsid", &fsid, m],
@@ -241,7 +252,13 @@ impl Cluster {
             &["-c", c, "-i", "0", "--mkfs", "--osd-uuid", &osd_uuid],
         )?;
         let osd = daemon("ceph-osd", &["-i", "0"])?;
-        let cluster = Cluster { osd, mgr, mon, dir };
+        let cluster = Cluster {
+            osd,
+            mgr,
+            mon,
+            dir,
+            mon_addr: addr,
+        };
         cluster.ceph(&["osd", "pool", "create", "rbd", "8", "8"])?;
         cluster.ceph(&[
             "osd",
@@ -287,6 +304,26 @@ impl Cluster {
 
     fn conf_str(&self) -> String {
         self.conf().display().to_string()
+    }
+
+    /// A client's configuration file for this cluster with its keyring at
+    /// `keyring` (a copy of [`Cluster::keyring`] elsewhere, e.g. inside a
+    /// nested host): the monitor, cephx, no admin socket, logs to stderr.
+    pub fn client_conf(&self, keyring: &str) -> String {
+        format!(
+            "[global]\n\
+             mon host = {}\n\
+             ms bind ipv6 = false\n\
+             auth cluster required = cephx\n\
+             auth service required = cephx\n\
+             auth client required = cephx\n\
+             keyring = {keyring}\n\
+             [client]\n\
+             admin socket =\n\
+             log file =\n\
+             log to stderr = false\n",
+            self.mon_addr
+        )
     }
 
     /// The keyring holding client.admin's key.

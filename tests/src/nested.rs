@@ -212,6 +212,13 @@ pub fn delegate(test: &str) -> bool {
 
 /// [`delegate`] with a hard limit for the whole nested run.
 pub fn delegate_with(test: &str, timeout: Duration) -> bool {
+    delegate_to(test, |script| NestedHost::new(script).timeout(timeout))
+}
+
+/// [`delegate`] into the nested hosts `host` makes of the scenario script
+/// (one per run, retries included): for a test that needs files carried
+/// in, variables set or the user network.
+pub fn delegate_to(test: &str, host: impl Fn(String) -> NestedHost) -> bool {
     match lane() {
         Lane::Here => false,
         Lane::Unavailable(why) => {
@@ -228,7 +235,7 @@ pub fn delegate_with(test: &str, timeout: Duration) -> bool {
                 exe = quote(&exe.to_string_lossy()),
                 name = quote(test),
             ));
-            let mut run = NestedHost::new(script.clone()).timeout(timeout).run();
+            let mut run = host(script.clone()).run();
             // libtest shows this with the test's own output: on failure, or
             // with --nocapture.
             eprintln!(
@@ -255,7 +262,7 @@ pub fn delegate_with(test: &str, timeout: Duration) -> bool {
                      retrying in a fresh nested host (run {attempt} of at most {})",
                     LANE_RETRIES + 1
                 );
-                run = NestedHost::new(script.clone()).timeout(timeout).run();
+                run = host(script.clone()).run();
                 eprintln!(
                     "--- {test} in nested host {attempt} ({:.1?}):\n{}--- end of the nested run",
                     run.elapsed,
@@ -310,6 +317,10 @@ pub struct NestedHost {
     drive: Option<PathBuf>,
     /// Whether the scenario's output goes to stdout as it comes.
     echo: bool,
+    /// Variables the scenario gets (name, value).
+    env: Vec<(String, String)>,
+    /// Whether the nested host has QEMU's user network.
+    user_net: bool,
 }
 
 impl NestedHost {
@@ -325,7 +336,26 @@ impl NestedHost {
             carried: Vec::new(),
             drive: None,
             echo: false,
+            env: Vec::new(),
+            user_net: false,
         }
+    }
+
+    /// Exports `name=value` to the scenario.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Gives the nested host a virtio NIC on QEMU's user network, set up
+    /// before the scenario runs (eth0 at 10.0.2.15/24, default route
+    /// through 10.0.2.2): its connections leave from this host's QEMU
+    /// process to whatever address they name, so a service listening on
+    /// one of this host's non-loopback addresses is reachable there
+    /// (10.0.2.2 itself is this host's 127.0.0.1).
+    pub fn user_net(mut self) -> Self {
+        self.user_net = true;
+        self
     }
 
     /// Carries the file `src` into the nested host as `dest` (an absolute
@@ -380,7 +410,18 @@ impl NestedHost {
             .unwrap_or_else(|e| panic!("cannot write the nested host's initramfs: {e}"));
         let layers = started.elapsed();
 
-        let encoded = base64(self.script.as_bytes());
+        let mut script = String::new();
+        if self.user_net {
+            script.push_str(
+                "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && \
+                 ip route add default via 10.0.2.2 || echo 'nested host: no user network'\n",
+            );
+        }
+        for (name, value) in &self.env {
+            script.push_str(&format!("export {name}={}\n", quote(value)));
+        }
+        script.push_str(&self.script);
+        let encoded = base64(script.as_bytes());
         let timeout = self.timeout.mul_f64(guest::timeout_scale());
         // The nested host lists what still runs this long after the
         // scenario began, before the timeout below kills it.
@@ -412,6 +453,10 @@ impl NestedHost {
             .arg(format!("file:{}", console.display()))
             .arg("-serial")
             .arg(format!("file:{}", results.display()));
+        if self.user_net {
+            cmd.args(["-netdev", "user,id=n0"])
+                .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        }
         if let Some(drive) = &self.drive {
             let mut arg = OsString::from("format=raw,if=virtio,cache=none,file=");
             arg.push(drive);

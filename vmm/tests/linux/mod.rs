@@ -67,6 +67,9 @@ pub struct Options {
     pub multi_queue_tap: bool,
     /// `packed=on` on every device: the guest's drivers take packed rings.
     pub packed: bool,
+    /// Serve the disk from this RBD image (`POOL/IMAGE`, its Ceph
+    /// configuration file) instead of a fresh local image.
+    pub rbd: Option<(String, PathBuf)>,
 }
 
 impl Default for Options {
@@ -78,6 +81,7 @@ impl Default for Options {
             cmdline: "",
             multi_queue_tap: false,
             packed: false,
+            rbd: None,
         }
     }
 }
@@ -166,7 +170,20 @@ impl Backends {
     /// in a new namespace (else the VM runs without a net device, after a
     /// skip line; under CI that fails).
     pub fn start(opts: &Options) -> Backends {
-        let blk = start_blk(None, opts.blk_queues);
+        let blk = match &opts.rbd {
+            None => start_blk(None, opts.blk_queues),
+            Some((image, conf)) => {
+                let scratch = Scratch::new(0).expect("scratch");
+                let mut cmd = blk_command(
+                    &scratch,
+                    Path::new(&format!("rbd:{image}")),
+                    opts.blk_queues,
+                );
+                cmd.arg("--ceph-conf").arg(conf);
+                Daemon::start("bulkhead-blk", cmd, scratch)
+                    .expect("start bulkhead-blk on the RBD image")
+            }
+        };
         let scratch = Scratch::new(0).expect("scratch");
         let cmd = console_command(&scratch);
         let console = Daemon::start("bulkhead-console", cmd, scratch)
