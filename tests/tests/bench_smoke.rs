@@ -128,13 +128,15 @@ fn quick_bench_reports_net_packet_rates_and_console_throughput() {
     assert_eq!(stats["tx_errors"], 0, "{stats}");
 }
 
-#[test]
-fn quick_throttle_suite_reports_each_limit_against_the_rate_it_got() {
+/// Runs `bulkhead-bench --quick ARGS` on the workspace's bulkhead-blk,
+/// its outputs in a temporary directory; returns its JSON and Markdown.
+fn quick_bench(args: &[&str]) -> (serde_json::Value, String) {
     let out = tempfile::tempdir().unwrap();
     let json = out.path().join("bench.json");
     let md = out.path().join("bench.md");
     let status = Command::new(env!("CARGO_BIN_EXE_bulkhead-bench"))
-        .args(["--quick", "--suites", "throttle", "--throttle-secs", "0.5"])
+        .arg("--quick")
+        .args(args)
         .arg("--bulkhead-bin")
         .arg(workspace_binary("bulkhead-blk"))
         .arg("--json")
@@ -145,9 +147,17 @@ fn quick_throttle_suite_reports_each_limit_against_the_rate_it_got() {
         .arg(out.path().join("bench.svg"))
         .status()
         .expect("run bulkhead-bench");
-    assert!(status.success(), "bulkhead-bench --quick failed: {status}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        status.success(),
+        "bulkhead-bench --quick {args:?} failed: {status}"
+    );
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (v, std::fs::read_to_string(&md).unwrap())
+}
+
+#[test]
+fn quick_throttle_suite_reports_each_limit_against_the_rate_it_got() {
+    let (v, report) = quick_bench(&["--suites", "throttle", "--throttle-secs", "0.5"]);
     let rows = v["throttle"]["rows"].as_array().unwrap();
     let want = if netns::unavailable().is_some() { 3 } else { 5 };
     assert_eq!(
@@ -166,37 +176,27 @@ fn quick_throttle_suite_reports_each_limit_against_the_rate_it_got() {
         let ratio = r["ratio"].as_f64().unwrap();
         assert!(ratio > 0.0 && ratio <= 1.5, "{r}");
     }
-    let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("## I/O limits") && report.contains("--iops-total 2000"));
 }
 
 #[test]
 fn quick_packed_suite_compares_split_and_packed_rings_with_one_client() {
-    let out = tempfile::tempdir().unwrap();
-    let json = out.path().join("bench.json");
-    let md = out.path().join("bench.md");
     // The net half needs DPDK's virtio-user PMD and a network namespace;
     // the bench finds out itself and says why it skipped them.
-    let status = Command::new(env!("CARGO_BIN_EXE_bulkhead-bench"))
-        .args(["--quick", "--suites", "packed", "--qd", "1,4"])
-        .args(["--secs", "0.2", "--net-secs", "0.2", "--net-sizes", "64B"])
-        .args(["--dpdk", "on"])
-        .arg("--bulkhead-bin")
-        .arg(workspace_binary("bulkhead-blk"))
-        .arg("--json")
-        .arg(&json)
-        .arg("--md")
-        .arg(&md)
-        .arg("--svg")
-        .arg(out.path().join("bench.svg"))
-        .status()
-        .expect("run bulkhead-bench");
-    assert!(
-        status.success(),
-        "bulkhead-bench --suites packed failed: {status}"
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (v, report) = quick_bench(&[
+        "--suites",
+        "packed",
+        "--qd",
+        "1,4",
+        "--secs",
+        "0.2",
+        "--net-secs",
+        "0.2",
+        "--net-sizes",
+        "64B",
+        "--dpdk",
+        "on",
+    ]);
     let p = &v["packed"];
     let points = p["points"].as_array().expect("packed points");
     assert_eq!(points.len(), 4, "randread and randwrite at QD 1 and 4: {p}");
@@ -210,7 +210,6 @@ fn quick_packed_suite_compares_split_and_packed_rings_with_one_client() {
             assert_eq!(r["errors"], 0, "{pt}");
         }
     }
-    let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("## Packed rings") && report.contains("packed / split"));
     let net = &p["net"];
     if let Some(why) = net["skipped"].as_str() {

@@ -19,6 +19,7 @@ mod linux;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use bulkhead_tests::ceph::{Cluster, needs_ceph};
 use bulkhead_tests::nested::{self, Lane, NestedHost};
@@ -79,8 +80,8 @@ fn guest_on_rbd(conf: PathBuf) {
         r#"
 check vda_present test -b /dev/vda
 expect_eq vda_sectors "$(cat /sys/block/vda/size)" {sectors}
-check fio_verify fio --name=verify --filename=/dev/vda --offset=0 --size=16M \
-  --offset_increment=16M --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+check fio_verify fio --name=verify --filename=/dev/vda --offset=0 --size=8M \
+  --offset_increment=8M --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
   --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 --direct=1 \
   --verify=crc32c --verify_fatal=1 --group_reporting
 yes {MARKER_LINE} | head -c {MARKER_LEN} >/root/marker
@@ -139,7 +140,13 @@ fn linux_under_bulkhead_vmm_runs_fio_verify_on_an_rbd_image() {
         std::fs::write(&conf, cluster.client_conf(NESTED_KEYRING)).unwrap();
         let keyring = cluster.keyring();
         nested::delegate_to(TEST, |script| {
+            // One CPU: on two, librados' busy threads beside the guest's
+            // vCPUs made TCG's SVM lose the guest to a triple fault in 4 of
+            // 5 runs (none in 3 with a local image and the same network
+            // traffic, none in 3 on one CPU).
             NestedHost::new(script)
+                .timeout(Duration::from_secs(600))
+                .cpus(1)
                 .user_net()
                 .carry(&conf, NESTED_CONF)
                 .carry(&keyring, NESTED_KEYRING)
