@@ -903,6 +903,27 @@ mod tests {
     }
 
     #[test]
+    fn ring_state_names_positions_and_both_event_structures() {
+        let mut d = Driver::new();
+        for id in 0..2 {
+            d.offer(id, &[(0x5000, 16, W)]);
+        }
+        let (mut q, _efd) = d.queue(VIRTIO_RING_F_EVENT_IDX);
+        let id = q.pop().unwrap().unwrap().head();
+        q.complete(id, 0);
+        d.set_driver_event(0x8001, VRING_PACKED_EVENT_FLAG_DESC);
+        let s = q.ring_state();
+        // One taken and used; the second offered at slot 1 (AVAIL, WRITE), not taken.
+        assert!(s.contains("avail 0x8001 (flags there Some(130))"), "{s}");
+        assert!(s.contains("used 0x8001"), "{s}");
+        assert!(
+            s.contains("driver event Some(\"off_wrap 0x8001 flags 2\")"),
+            "{s}"
+        );
+        assert!(s.contains("in flight 0"), "{s}");
+    }
+
+    #[test]
     fn driver_event_suppression_decides_interrupts() {
         let mut d = Driver::new();
         for id in 0..4 {
