@@ -877,14 +877,19 @@ fn measure_rx(
     }))
 }
 
-/// Makes the receive benchmarks' tap (single queue, no IPv6 chatter), up.
+/// Makes the receive benchmarks' tap, [`RX_TAP`].
 fn add_rx_tap(ns: &NetNs) -> Result<()> {
-    ns.ip(&["tuntap", "add", "dev", RX_TAP, "mode", "tap", "vnet_hdr"])?;
+    add_tap(ns, RX_TAP)
+}
+
+/// Makes tap `name` in `ns` (single queue, no IPv6 chatter), up.
+fn add_tap(ns: &NetNs, name: &str) -> Result<()> {
+    ns.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"])?;
     ns.run(
         "sysctl",
-        &["-qw", &format!("net.ipv6.conf.{RX_TAP}.disable_ipv6=1")],
+        &["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")],
     )?;
-    ns.ip(&["link", "set", RX_TAP, "up"])?;
+    ns.ip(&["link", "set", name, "up"])?;
     Ok(())
 }
 
@@ -1240,12 +1245,7 @@ pub fn packed(a: &NetArgs) -> Result<Value> {
     let mut clients = Vec::new();
     let mut configs = Vec::new();
     for (i, tap) in LAYOUT_TAPS.iter().enumerate() {
-        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
-        ns.run(
-            "sysctl",
-            &["-qw", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")],
-        )?;
-        ns.ip(&["link", "set", tap, "up"])?;
+        add_tap(&ns, tap)?;
         let daemon = NetDaemon::start_with_fds(ns.open_tap_fds(tap, 1, false)?, &args)?;
         let client = TestPmd::start(&PmdSpec {
             name: ["c-split", "c-packed"][i],
