@@ -38,7 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VhostUserDevice;
 use crate::dirty_log::{DirtyLog, LogRegion};
-use crate::inflight::InflightRegion;
+use crate::inflight::{AreaParts, InflightRegion};
 use crate::memory::{GuestMemoryHandle, MAX_MEM_SLOTS, MemoryTable, RegionDesc};
 use crate::state::{StateSection, Stored};
 use crate::transfer::{TRANSFER_DEADLINE, Transfer};
@@ -893,11 +893,15 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for BackendHandler<D> {
         if n == 0 || n > self.device.num_queues() || qs > self.device.max_queue_size() {
             return Err(invalid(&format!("inflight area for {n} queues of {qs}")));
         }
-        let created = if self.device.keeps_state() {
-            InflightRegion::create_with_state(n, qs)
-        } else {
-            InflightRegion::create(n, qs)
+        // Descriptor tables for packed rings' buffers of several slots: when
+        // the features say packed, or none were set yet (QEMU sets them
+        // first; a frontend that does not may still go packed). The split
+        // layout before them is the spec's either way.
+        let parts = AreaParts {
+            state: self.device.keeps_state(),
+            packed_tables: !self.features_set || self.acked_features & VIRTIO_F_RING_PACKED != 0,
         };
+        let created = InflightRegion::create_with(n, qs, parts);
         let (region, file) = created.map_err(|e| invalid(&format!("inflight: {e}")))?;
         let size = file.metadata().map_err(VuError::ReqHandlerError)?.len();
         self.inflight = Some(region);

@@ -151,11 +151,16 @@ pub enum QueueError {
     /// A packed chain runs into the slots of buffers still in flight.
     #[error("packed chain longer than the {0} slots the driver owns")]
     ChainOverrun(u32),
-    /// A predecessor died with packed buffers in flight, which a packed
-    /// ring cannot resubmit yet: the queue is not started rather than
+    /// A predecessor died with packed buffers of several ring slots in
+    /// flight whose descriptors the inflight area could not keep (an area
+    /// without descriptor tables): the queue is not started rather than
     /// losing or repeating them silently.
     #[error("{0} packed buffer(s) were in flight when the previous backend stopped")]
     PackedInFlightLost(u32),
+    /// A packed ring's inflight record cannot be true (a chain leaving its
+    /// table, looping, sharing entries): nothing of it is acted on.
+    #[error("corrupt packed inflight record: {0}")]
+    PackedRecordCorrupt(crate::inflight::PackedRecordError),
 }
 
 /// The call eventfd, replaceable while the queue runs (SET_VRING_CALL).

@@ -24,6 +24,7 @@ use vm_memory::{Address, GuestAddress};
 
 use super::{QueueError, VirtQueue};
 use crate::chain::{DescriptorChain, PackedDescriptor};
+use crate::inflight::PackedRecordError;
 use crate::memory::{load_guest, read_guest_obj, store_guest, write_guest_obj};
 use crate::spec::ring::{
     VRING_DESC_F_NEXT, VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED,
@@ -112,9 +113,10 @@ pub(super) struct PackedRing {
     slots_of: Vec<u16>,
     /// The ring descriptors of the chain being taken (kept for the allocation).
     scratch: Vec<PackedDescriptor>,
-    /// One-slot buffers a crashed predecessor left in flight, to resubmit
-    /// (their ids are in `VirtQueue::resubmit`), from the inflight record.
-    resubmit: std::collections::HashMap<u16, PackedDescriptor>,
+    /// Buffers a crashed predecessor left in flight, to resubmit (their
+    /// ids are in `VirtQueue::resubmit`): their ring descriptors as the
+    /// inflight record kept them.
+    resubmit: std::collections::HashMap<u16, Vec<PackedDescriptor>>,
 }
 
 impl PackedRing {
@@ -167,17 +169,28 @@ impl VirtQueue {
     /// (see `QueueInflight::packed_record`): a crashed predecessor's used
     /// position (the frontend's base is stale then: it never saw it), a
     /// completion it published but did not record, and the buffers it left
-    /// in flight: one-slot buffers are resubmitted from their recorded
-    /// descriptor; a longer one cannot be (its ring slots may be reused),
-    /// and then the queue does not start (see `docs/architecture.md`).
+    /// in flight, resubmitted from their recorded descriptors (their ring
+    /// slots may be reused by now). A buffer of several slots whose chain
+    /// was not recorded (an area without descriptor tables, made by an
+    /// older daemon) cannot be, and a record that cannot be true is not
+    /// acted on: the queue does not start then (see `docs/architecture.md`).
     pub(super) fn recover_packed(&mut self, features: u64) -> Result<(), QueueError> {
         let size = self.size;
+        let index = self.index;
         let mem = self.map();
         let (Some(p), Some(inf)) = (self.packed.as_ref(), self.inflight.as_mut()) else {
             return Ok(());
         };
-        let Some(rec) = inf.packed_record(features, p.used.encode()) else {
-            return Ok(());
+        let rec = match inf.packed_record(features, p.used.encode()) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                crate::rate_limited!(
+                    log::Level::Error,
+                    "queue {index}: the packed ring's inflight record is corrupt ({e}): the queue does not start"
+                );
+                return Err(QueueError::PackedRecordCorrupt(e));
+            }
         };
         let mut used = Pos::decode(rec.used);
         if used.idx >= size {
@@ -195,33 +208,51 @@ impl VirtQueue {
             if d.flags & both == want && d.id < size && slots != 0 {
                 in_flight.retain(|e| e.id != d.id);
                 inf.packed_used(d.id, {
-                    used.advance(u16::from(slots), size);
+                    used.advance(slots, size);
                     used.encode()
                 });
             }
         }
-        let lost = in_flight.iter().filter(|e| e.slots != 1).count() as u32;
+        let lost = in_flight.iter().filter(|e| e.descs.is_empty()).count() as u32;
         if lost != 0 {
+            let why = if inf.has_table() {
+                "their descriptors were not recorded"
+            } else {
+                "the inflight area has no descriptor table (an older daemon made it)"
+            };
+            crate::rate_limited!(
+                log::Level::Error,
+                "queue {index}: {lost} packed buffer(s) of several ring slots were in flight and cannot be resubmitted ({why}): the queue does not start"
+            );
             return Err(QueueError::PackedInFlightLost(lost));
         }
+        let total: u32 = in_flight.iter().map(|e| u32::from(e.slots)).sum();
+        if total > u32::from(size) {
+            let e = PackedRecordError::TooManySlots(total, size);
+            crate::rate_limited!(
+                log::Level::Error,
+                "queue {index}: the packed ring's inflight record is corrupt ({e}): the queue does not start"
+            );
+            return Err(QueueError::PackedRecordCorrupt(e));
+        }
         let mut avail = used;
-        avail.advance(in_flight.len() as u16, size);
+        avail.advance(total as u16, size);
         let from = self.vring_base();
         let mut ring = PackedRing::new(avail.encode(), used.encode(), size)?;
-        for e in &in_flight {
+        let resubmitted = in_flight.len();
+        for e in in_flight {
             self.heads.insert(e.id);
-            ring.slots_of[usize::from(e.id)] = 1;
-            ring.resubmit.insert(e.id, e.desc);
+            ring.slots_of[usize::from(e.id)] = e.slots;
             self.resubmit.push_back(e.id);
+            ring.resubmit.insert(e.id, e.descs);
         }
         self.packed = Some(ring);
-        if self.vring_base() != from || !in_flight.is_empty() {
+        if self.vring_base() != from || resubmitted != 0 {
             crate::rate_limited!(
                 log::Level::Info,
-                "queue {}: packed ring resumes at {:#x} (inflight record, not {from:#x}), resubmitting {} buffer(s)",
+                "queue {}: packed ring resumes at {:#x} (inflight record, not {from:#x}), resubmitting {resubmitted} buffer(s)",
                 self.index,
                 self.vring_base(),
-                in_flight.len()
             );
         }
         Ok(())
@@ -256,14 +287,15 @@ impl VirtQueue {
                 return Err(QueueError::Broken);
             };
             if let Some(id) = self.resubmit.pop_front() {
-                let Some(desc) = p.resubmit.remove(&id) else {
+                let Some(descs) = p.resubmit.remove(&id) else {
                     continue;
                 };
                 self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                // The same validation as a chain read from the ring.
                 let chain = DescriptorChain::from_packed(
                     mem.clone(),
                     id,
-                    &[desc],
+                    &descs,
                     self.limits,
                     self.max_descriptors,
                 );
@@ -322,7 +354,7 @@ impl VirtQueue {
             self.taken_at[usize::from(id)] = Some(Wrapping(start.linear(size) as u16));
             p.avail.advance(slots, size);
             if let Some(inf) = self.inflight.as_mut() {
-                inf.packed_begin(id, slots, (slots == 1).then(|| &ring[0]));
+                inf.packed_begin(id, &ring);
             }
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
             let chain = DescriptorChain::from_packed(
@@ -1007,7 +1039,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_resubmits_one_slot_buffers_and_refuses_longer_ones() {
+    fn without_descriptor_tables_a_restart_resubmits_one_slot_buffers_and_refuses_longer_ones() {
         let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
         let mut d = Driver::new();
         for id in 0..3 {
@@ -1045,6 +1077,149 @@ mod tests {
         assert_eq!(r.err(), Some(QueueError::PackedInFlightLost(1)));
     }
 
+    const WITH_TABLES: crate::inflight::AreaParts = crate::inflight::AreaParts {
+        state: false,
+        packed_tables: true,
+    };
+
+    /// Offset of entry `e` of the only queue's descriptor table in an area
+    /// made with [`WITH_TABLES`] (after the queue's part and the tables' 64-byte header).
+    fn table_entry_off(e: u16) -> u64 {
+        (crate::inflight::queue_region_size(SIZE) + 64 + 16 * usize::from(e)) as u64
+    }
+
+    /// The head entry the record names for buffer `id`.
+    fn head_entry(file: &std::fs::File, id: u16) -> u16 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 2];
+        file.read_exact_at(&mut b, 16 + 16 * u64::from(id) + 2)
+            .unwrap();
+        u16::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_restart_resubmits_multi_slot_chains_once_though_their_slots_were_reused() {
+        let (region, _file) = InflightRegion::create_with(1, SIZE, WITH_TABLES).unwrap();
+        let mut d = Driver::new();
+        // Two buffers of three and two slots, one of one slot.
+        d.offer(5, &[(0x5000, 16, R), (0x6000, 512, W), (0x7000, 1, W)]);
+        d.offer(1, &[(0x5100, 16, R), (0x7100, 1, W)]);
+        d.offer(2, &[(0x7200, 64, W)]);
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        for want in [5, 1, 2] {
+            assert_eq!(q.pop().unwrap().unwrap().head(), want);
+        }
+        // The one-slot buffer completes: its used descriptor goes to slot 0,
+        // over the first buffer's first descriptor.
+        q.complete(2, 64);
+        drop(q); // SIGKILL
+        // The driver reuses the slots (count-wise it owns all but five):
+        // nothing of the two chains is left in the ring.
+        for i in 1..SIZE {
+            d.write(
+                i,
+                PackedDescriptor {
+                    addr: 0xdead_0000,
+                    len: 7,
+                    id: 6,
+                    flags: VRING_DESC_F_NEXT,
+                },
+            );
+        }
+        // The frontend's base is stale (it never heard of these buffers).
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        assert_eq!(
+            q.vring_base(),
+            0x8001_8006,
+            "used at 1, five slots in flight"
+        );
+        let a = q.pop().unwrap().unwrap();
+        assert_eq!(a.head(), 1);
+        assert_eq!(
+            (a.descriptors().len(), a.readable_len(), a.writable_len()),
+            (2, 16, 1)
+        );
+        assert_eq!(a.descriptors()[0].addr, GuestAddress(0x5100));
+        let b = q.pop().unwrap().unwrap();
+        assert_eq!(b.head(), 5);
+        assert_eq!(
+            (b.descriptors().len(), b.readable_len(), b.writable_len()),
+            (3, 16, 513)
+        );
+        assert_eq!(b.descriptors()[1].addr, GuestAddress(0x6000));
+        // Each once: nothing else is taken (the ring holds nothing available).
+        assert!(q.pop().unwrap().is_none());
+        q.complete(5, 513);
+        q.complete(1, 1);
+        let both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+        assert_eq!(d.used_at(1), (5, 513, both));
+        assert_eq!(d.used_at(4), (1, 1, both));
+        assert_eq!(q.vring_base(), 0x8006_8006);
+        // Their entries are free again: more chains are kept and recovered.
+        d.pos = Pos { idx: 6, wrap: true };
+        d.offer(3, &[(0x5000, 16, R), (0x6000, 16, W), (0x7000, 1, W)]);
+        d.offer(4, &[(0x5000, 16, R), (0x6000, 16, W), (0x7000, 1, W)]);
+        assert_eq!(q.pop().unwrap().unwrap().head(), 3);
+        assert_eq!(q.pop().unwrap().unwrap().head(), 4);
+        drop(q);
+        let (mut q, _) = d.start(0, 0x8006_8006, region.queue(0, SIZE)).unwrap();
+        let mut again = [q.pop().unwrap().unwrap(), q.pop().unwrap().unwrap()]
+            .map(|c| (c.head(), c.descriptors().len()));
+        again.sort_unstable();
+        assert_eq!(again, [(3, 3), (4, 3)]);
+        assert!(q.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_recorded_chain_is_validated_as_one_read_from_the_ring() {
+        use std::os::unix::fs::FileExt;
+        let (region, file) = InflightRegion::create_with(1, SIZE, WITH_TABLES).unwrap();
+        let mut d = Driver::new();
+        d.offer(3, &[(0x5000, 16, R), (0x6000, 16, W)]);
+        d.offer(4, &[(0x5000, 16, R), (0x6000, 16, W)]);
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        q.pop().unwrap().unwrap();
+        q.pop().unwrap().unwrap();
+        drop(q);
+        // The area is the frontend's: buffer 3's data descriptor now points
+        // outside guest memory.
+        let head = head_entry(&file, 3);
+        let mut e = [0u8; 16];
+        file.read_exact_at(&mut e, table_entry_off(head)).unwrap();
+        let second = u16::from_le_bytes([e[14], e[15]]);
+        file.write_all_at(&0xffff_ffff_0000u64.to_le_bytes(), table_entry_off(second))
+            .unwrap();
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        // Refused as a ring chain would be (used with length 0), the other resubmitted.
+        assert_eq!(q.pop().unwrap().unwrap().head(), 4);
+        assert_eq!(q.stats().bad_chains.load(Ordering::Relaxed), 1);
+        let both = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED;
+        assert_eq!(d.used_at(0), (3, 0, both));
+        assert!(q.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_corrupt_table_keeps_the_queue_from_starting() {
+        use std::os::unix::fs::FileExt;
+        let (region, file) = InflightRegion::create_with(1, SIZE, WITH_TABLES).unwrap();
+        let mut d = Driver::new();
+        d.offer(3, &[(0x5000, 16, R), (0x5000, 16, R), (0x6000, 16, W)]);
+        let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
+        q.pop().unwrap().unwrap();
+        drop(q);
+        // Its head links to itself: a cycle.
+        let head = head_entry(&file, 3);
+        file.write_all_at(&head.to_le_bytes(), table_entry_off(head) + 14)
+            .unwrap();
+        let r = d.start(0, 0x8000_8000, region.queue(0, SIZE));
+        assert_eq!(
+            r.err(),
+            Some(QueueError::PackedRecordCorrupt(
+                crate::inflight::PackedRecordError::EntryReused { id: 3, entry: head }
+            ))
+        );
+    }
+
     #[test]
     fn a_completion_in_the_ring_but_not_in_the_record_is_not_resubmitted() {
         let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
@@ -1059,7 +1234,7 @@ mod tests {
         // As if killed after publishing 2's used descriptor, before the
         // record saw it: 2 still marked, the used position still 0.
         let mut inf = region.queue(0, SIZE).unwrap();
-        inf.packed_begin(2, 1, None);
+        inf.packed_begin(2, &[PackedDescriptor::default()]);
         inf.packed_set_used(0x8000);
         drop(inf);
         let (mut q, _) = d.start(0, 0x8000_8000, region.queue(0, SIZE)).unwrap();
