@@ -451,6 +451,9 @@ pub struct GuestRun {
     pub qemu_status: Option<String>,
     /// QEMU's own stdout and stderr.
     pub qemu_output: String,
+    /// For a VMM killed at the timeout: where its vCPU threads were
+    /// ([`crate::vcpus::report`]).
+    pub vcpu_threads: String,
     /// The whole serial console log.
     pub serial: String,
     /// Wall time from starting QEMU to its exit.
@@ -565,6 +568,12 @@ impl GuestRun {
             s.push_str(&format!(
                 "--- qemu output:\n{}\n",
                 tail(&self.qemu_output, 20)
+            ));
+        }
+        if !self.vcpu_threads.is_empty() {
+            s.push_str(&format!(
+                "--- vCPU threads at the timeout:\n{}",
+                self.vcpu_threads
             ));
         }
         if self.serial.trim().is_empty() {

@@ -22,4 +22,5 @@ pub mod process;
 pub mod sandbox;
 pub mod skip;
 pub mod stats;
+pub mod vcpus;
 pub mod virtq;

@@ -45,6 +45,7 @@ use crate::cpio::NewcWriter;
 use crate::guest::{self, GuestImage, QEMU_SLOT};
 use crate::process::workspace_binary;
 use crate::skip::{SkipReason, skip};
+use crate::vcpus;
 
 /// Set (to `1`) inside the nested host by `nested-host.sh`.
 pub const INSIDE_ENV: &str = "BULKHEAD_NESTED_INSIDE";
@@ -112,6 +113,14 @@ const LANE_RETRIES: u32 = 2;
 /// touch after boot. A double fault that cannot be delivered is a triple
 /// fault, which is how CI saw it.
 const GUEST_DOUBLE_FAULT: &str = "traps: PANIC: double fault";
+/// What a Linux guest prints when a CPU of its stopped passing through
+/// quiescent states; lines `rcu: \tN-...` that follow name each such CPU.
+/// Seen once in CI: a guest's vCPU 0 froze (not even its interrupt
+/// counters moved) for three minutes after a backend's restart while vCPU
+/// 1 went on. A lane failure only where that vCPU's thread was inside
+/// `KVM_RUN` all along ([`vcpus::INSIDE_KVM_RUN`]); blocked or spinning
+/// in `bulkhead-vmm`, it is ours.
+const GUEST_CPU_STALL: &str = "rcu_preempt detected stalls on CPUs";
 /// What `bulkhead-vmm` logs when a vCPU triple-faults.
 const GUEST_TRIPLE_FAULT: &str = "triple fault (guest reset)";
 /// How often a running nested host's console is read for its kernel failing.
@@ -774,6 +783,38 @@ impl NestedRun {
         self.status != Some(0) && self.output().contains(GUEST_TIMER_STALL)
     }
 
+    /// The CPUs a guest under `bulkhead-vmm` reported stalled
+    /// ([`GUEST_CPU_STALL`]), in a scenario that did not pass.
+    pub fn guest_stalled_cpus(&self) -> Vec<u32> {
+        let out = self.output();
+        if self.status == Some(0) || !out.contains(GUEST_CPU_STALL) {
+            return Vec::new();
+        }
+        let mut cpus: Vec<u32> = out
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split_once("rcu: ")?.1.trim_start();
+                let (n, after) = rest.split_once('-')?;
+                after.starts_with('.').then_some(())?;
+                n.parse().ok()
+            })
+            .collect();
+        cpus.sort_unstable();
+        cpus.dedup();
+        cpus
+    }
+
+    /// Whether a guest under `bulkhead-vmm` reported stalled CPUs whose
+    /// vCPU threads the timeout found inside `KVM_RUN`, every one.
+    pub fn guest_stall_in_kvm(&self) -> bool {
+        let cpus = self.guest_stalled_cpus();
+        let out = self.output();
+        !cpus.is_empty()
+            && cpus
+                .iter()
+                .all(|n| out.contains(&format!("vcpu{n}: {}", vcpus::INSIDE_KVM_RUN)))
+    }
+
     /// Processes the nested host's watchdog listed with a SIGKILL still
     /// pending (`tests/guest/nested-host.sh`): a kill the kernel did not
     /// deliver in time. A user process cannot block SIGKILL, so this is
@@ -801,7 +842,8 @@ impl NestedRun {
     /// not: the nested host's kernel failed ([`NestedRun::host_failure`])
     /// or left a killed process alive ([`NestedRun::unkillable`]), or a
     /// guest triple-faulted ([`NestedRun::guest_triple_fault`]), lost
-    /// its timer ([`NestedRun::guest_timer_stall`]) or printed nothing at
+    /// its timer ([`NestedRun::guest_timer_stall`]), stalled inside KVM
+    /// ([`NestedRun::guest_stall_in_kvm`]) or printed nothing at
     /// all ([`guest::GUEST_SILENT`]: seen locally, 1 run in 8, a guest
     /// whose devices were never even set up).
     pub fn lane_failure(&self) -> Option<String> {
@@ -826,6 +868,12 @@ impl NestedRun {
         }
         if self.guest_double_fault() {
             return Some("a guest under bulkhead-vmm double-faulted".to_string());
+        }
+        if self.guest_stall_in_kvm() {
+            return Some(format!(
+                "a guest under bulkhead-vmm stalled on CPU(s) {:?}, their vCPU threads inside KVM_RUN",
+                self.guest_stalled_cpus()
+            ));
         }
         self.guest_triple_fault()
             .then(|| "a guest under bulkhead-vmm triple-faulted".to_string())
@@ -1011,6 +1059,40 @@ mod tests {
         );
         // A guest that recovered and let the test pass is no failure.
         assert_eq!(run(0, stall).lane_failure(), None);
+    }
+
+    #[test]
+    fn a_guest_cpu_stall_is_the_lanes_only_with_its_vcpu_thread_inside_kvm_run() {
+        let run = ended;
+        // As CI saw it: CPU 0 frozen, CPU 1 going on.
+        let stall = "[   78.643164] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
+            [   78.646958] rcu: \t0-...0: (1 GPs behind) idle=dfcc/1/0x4000000000000000 softirq=3386/3387 fqs=2600\n\
+            [   78.650000] rcu: \t(detected by 1, t=21002 jiffies, g=5617, q=83 ncpus=2)\n";
+        assert_eq!(run(101, stall).guest_stalled_cpus(), vec![0]);
+        let inside = format!(
+            "{stall}--- vCPU threads at the timeout:\n\
+             vcpu0: {} (state S, syscall [running] then [running], ticks: guest 0, user 0, kernel 100)\n\
+             vcpu1: in bulkhead-vmm's own code (state S, ...)\n",
+            vcpus::INSIDE_KVM_RUN
+        );
+        assert_eq!(
+            run(101, &inside).lane_failure().as_deref(),
+            Some(
+                "a guest under bulkhead-vmm stalled on CPU(s) [0], their vCPU threads inside KVM_RUN"
+            )
+        );
+        // The stalled CPU's thread in our own code: the test's failure.
+        let ours = inside
+            .replace("vcpu0: inside", "vcpu0: not inside")
+            .replace(
+                "vcpu1: in bulkhead-vmm's own code",
+                &format!("vcpu1: {}", vcpus::INSIDE_KVM_RUN),
+            );
+        assert_eq!(run(101, &ours).lane_failure(), None);
+        // No report of the threads (the VMM ended by itself): ours too.
+        assert_eq!(run(101, stall).lane_failure(), None);
+        // A guest that recovered and let the test pass is no failure.
+        assert_eq!(run(0, &inside).lane_failure(), None);
     }
 
     #[test]

@@ -182,6 +182,11 @@ fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vc
 }
 
 impl Vcpu {
+    /// Its index (and APIC ID): thread names and logs say `vcpuN`.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
     /// Wraps vCPU `id` with the buses it dispatches to.
     pub fn new(fd: VcpuFd, id: u8, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitRequest>) -> Self {
         Vcpu {

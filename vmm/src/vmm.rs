@@ -266,7 +266,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmmError> {
     for mut v in vcpus {
         let exit = exit.clone();
         let t = std::thread::Builder::new()
-            .name("vcpu".into())
+            .name(format!("vcpu{}", v.id()))
             .spawn(move || {
                 if let Err(e) = seccomp::apply(Thread::Vcpu, mode) {
                     log::error!("vCPU seccomp: {e}");

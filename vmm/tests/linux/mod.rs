@@ -735,6 +735,12 @@ impl Vm {
             }
         }
         let timed_out = !self.finished && self.vmm_status.is_none() && self.backend_exit.is_none();
+        // Where a stuck guest's vCPUs are: in KVM or in our own code.
+        let vcpu_threads = if timed_out {
+            bulkhead_tests::vcpus::report(self.vmm.pid(), Duration::from_secs(1))
+        } else {
+            String::new()
+        };
         let _ = self.vmm.kill();
         // Output the guest wrote just before powering off may still be in flight.
         let settle = Instant::now() + Duration::from_secs(1);
@@ -749,6 +755,7 @@ impl Vm {
         }
         let mut run = GuestRun::parse(&text);
         run.timed_out = timed_out;
+        run.vcpu_threads = vcpu_threads;
         run.backend_exit = self.backend_exit.take();
         run.qemu_status = self.vmm_status.map(|s| s.to_string());
         run.qemu_output = self.vmm_log();
