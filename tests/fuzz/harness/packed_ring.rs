@@ -5,8 +5,11 @@
 //! change the ring and the driver's event structure between operations.
 //!
 //! Input: layout, setup (size log2 u8, features u8, ring/driver/device
-//! addresses, base u32, chain cap u32, inflight mode u8 (+ garbage)), op
-//! count u8, ops, then memory contents.
+//! addresses, base u32, chain cap u32, inflight mode u8 (+ garbage offset
+//! u16, length u16, bytes)), op count u8, ops, then memory contents.
+//! Inflight modes: none; a fresh area with descriptor tables; one with
+//! fuzzer garbage at a chosen offset (the record, the tables' header or
+//! entries: corrupt chains); a fresh area without tables (an older daemon's).
 //!
 //! Invariants: a popped id is below the queue size and never handed out
 //! twice while in flight; the slots in flight never exceed the ring; a ring
@@ -16,14 +19,18 @@
 //! inflight area marks exactly the ids in flight; a restart over the same
 //! area resumes at the same base with nothing in flight, resubmits each
 //! buffer in flight exactly once (popped again before anything new, never
-//! twice) or refuses to start when one took more than a slot; the device
-//! writes no guest byte outside the ring and its own event structure.
+//! twice; a direct chain with the very descriptors it was first taken
+//! with, whatever the ring holds now), and refuses to start only when one
+//! of several slots was in flight in an area without descriptor tables;
+//! garbage in the area never panics or loops; the device writes no guest
+//! byte outside the ring and its own event structure.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bulkhead_common::inflight::InflightRegion;
+use bulkhead_common::chain::Descriptor;
+use bulkhead_common::inflight::{AreaParts, InflightRegion};
 use bulkhead_common::memory::GuestMemoryHandle;
 use bulkhead_common::spec::ring::{
     VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -43,8 +50,10 @@ struct Setup {
     addrs: RingAddrs,
     base: u32,
     max_chain_bytes: u64,
-    /// 0: no inflight area, 1: a fresh one, 2: one with fuzzer garbage.
+    /// 0: no inflight area, 1: a fresh one, 2: one with fuzzer garbage,
+    /// 3: a fresh one without descriptor tables.
     inflight: u8,
+    garbage_at: u64,
     garbage: Vec<u8>,
 }
 
@@ -66,12 +75,13 @@ impl Setup {
         };
         let base = inp.u32();
         let max_chain_bytes = u64::from(inp.u32());
-        let inflight = inp.u8() % 3;
-        let garbage = if inflight == 2 {
+        let inflight = inp.u8() % 4;
+        let (garbage_at, garbage) = if inflight == 2 {
+            let at = u64::from(inp.u16());
             let n = usize::from(inp.u16());
-            inp.bytes(n).to_vec()
+            (at, inp.bytes(n).to_vec())
         } else {
-            Vec::new()
+            (0, Vec::new())
         };
         Setup {
             size,
@@ -80,6 +90,7 @@ impl Setup {
             base,
             max_chain_bytes,
             inflight,
+            garbage_at,
             garbage,
         }
     }
@@ -88,9 +99,14 @@ impl Setup {
         if self.inflight == 0 {
             return None;
         }
-        let (region, file) = InflightRegion::create(1, self.size).expect("inflight memfd");
+        let parts = AreaParts {
+            state: false,
+            packed_tables: self.inflight != 3,
+        };
+        let (region, file) =
+            InflightRegion::create_with(1, self.size, parts).expect("inflight memfd");
         if !self.garbage.is_empty() {
-            file.write_all_at(&self.garbage, 0)
+            file.write_all_at(&self.garbage, self.garbage_at)
                 .expect("write inflight area");
         }
         Some((region, file))
@@ -188,6 +204,8 @@ pub fn run(data: &[u8]) {
     let mut broken = false;
     let size = s.size;
     let desc = s.addrs.desc.raw_value();
+    // The descriptors each direct chain in flight was taken with.
+    let mut taken_with: std::collections::HashMap<u16, Vec<Descriptor>> = Default::default();
     for op in &ops {
         match op {
             Op::Pop => match vq.pop() {
@@ -197,7 +215,20 @@ pub fn run(data: &[u8]) {
                     if let Some(i) = resubmitted.iter().position(|&h| h == c.head()) {
                         resubmitted.remove(i);
                         assert!(in_flight.contains(&c.head()));
+                        if let Some(d) = taken_with.get(&c.head()) {
+                            assert_eq!(
+                                c.descriptors(),
+                                &d[..],
+                                "buffer {} resubmitted with other descriptors",
+                                c.head()
+                            );
+                        }
                     } else {
+                        taken_with.remove(&c.head());
+                        let avail = vq.vring_base() as u16;
+                        if let Some(d) = direct_chain(&g, desc, size, avail, c.descriptors()) {
+                            taken_with.insert(c.head(), d);
+                        }
                         // Resubmitted buffers come first; any left were
                         // refused (completed with length 0: the guest
                         // changed an indirect table), which the in-flight
@@ -322,6 +353,8 @@ pub fn run(data: &[u8]) {
                                 "{e:?} with {} in flight",
                                 in_flight.len()
                             );
+                            // With descriptor tables every chain was kept.
+                            assert_eq!(s.inflight, 3, "{e:?} though the area has tables");
                         }
                         return;
                     }
@@ -364,6 +397,31 @@ pub fn run(data: &[u8]) {
             "device wrote guest byte {a:#x} outside the ring and its event structure"
         );
     }
+}
+
+/// The descriptors of chain `descs`, just taken with the device's avail
+/// position now at `avail` (vring-base form), when it came straight from
+/// the ring (its last slots, none indirect): what a resubmission must
+/// reproduce. None for an indirect one (its table is read again).
+fn direct_chain(
+    g: &Guest,
+    desc: u64,
+    size: u16,
+    avail: u16,
+    descs: &[Descriptor],
+) -> Option<Vec<Descriptor>> {
+    let n = u16::try_from(descs.len())
+        .ok()
+        .filter(|&n| n >= 1 && n <= size)?;
+    let end = avail & 0x7fff;
+    for k in 1..=n {
+        let idx = (end + size - k) % size;
+        let flags = (g.read_u64(desc + 16 * u64::from(idx) + 8) >> 48) as u16;
+        if flags & F_INDIRECT != 0 {
+            return None;
+        }
+    }
+    Some(descs.to_vec())
 }
 
 /// The 16 bytes of a packed descriptor.
