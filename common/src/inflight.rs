@@ -276,17 +276,25 @@ impl InflightRegion {
         // SAFETY: fd is a fresh descriptor that we own.
         let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
         file.set_len(size as u64)?;
+        let mut region = Self::map(file.try_clone()?, 0, size as u64, num_queues, queue_size)?;
         if parts.packed_tables {
-            // The header goes in before the area is mapped (and handed out).
+            // Through the mapping (the sandbox allows no pwrite), before the
+            // area is handed out; then the layout is read as a new process
+            // reads it.
             let at = size - tables_size(num_queues, queue_size);
             let mut header = [0u8; 10];
             header[..4].copy_from_slice(&TABLES_MAGIC);
             header[4..6].copy_from_slice(&TABLES_VERSION.to_le_bytes());
             header[6..8].copy_from_slice(&num_queues.to_le_bytes());
             header[8..10].copy_from_slice(&queue_size.to_le_bytes());
-            std::os::unix::fs::FileExt::write_all_at(&file, &header, at as u64)?;
+            region
+                .mapping
+                .get_slice(at, header.len())
+                .and_then(|s| s.write_slice(&header, 0))
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            (region.section, region.tables) =
+                locate(&region.mapping, size as u64, num_queues, queue_size);
         }
-        let region = Self::map(file.try_clone()?, 0, size as u64, num_queues, queue_size)?;
         Ok((region, file))
     }
 
@@ -338,21 +346,13 @@ impl InflightRegion {
         }
         let mapping = MmapRegion::from_file(FileOffset::new(file, offset), needed as usize)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        // Tables right after the queues (no state section), or after the
-        // section; a state section's own header never reads as theirs.
-        let tables_at = [queues, queues + section].into_iter().find(|&at| {
-            at + tables <= needed && tables_header_ok(&mapping, at as usize, num_queues, queue_size)
-        });
-        let section_at = match tables_at {
-            Some(at) if at == queues => None,
-            _ => (needed >= queues + section).then_some(queues as usize),
-        };
+        let (section_at, tables_at) = locate(&mapping, needed, num_queues, queue_size);
         Ok(InflightRegion {
             mapping: Arc::new(mapping),
             num_queues,
             queue_size,
             section: section_at,
-            tables: tables_at.map(|at| at as usize),
+            tables: tables_at,
         })
     }
 
@@ -395,6 +395,30 @@ impl InflightRegion {
             chains: Chains::default(),
         })
     }
+}
+
+/// Where the state section and the descriptor tables of a mapped area of
+/// `len` bytes lie: the tables right after the queues (no state section),
+/// or after the section, where their header says so (a state section's own
+/// header never reads as theirs); the section after the queues when there
+/// is room for it and the tables are not there.
+fn locate(
+    mapping: &MmapRegion,
+    len: u64,
+    num_queues: u16,
+    queue_size: u16,
+) -> (Option<usize>, Option<usize>) {
+    let queues = (queue_region_size(queue_size) * usize::from(num_queues)) as u64;
+    let section = crate::state::SECTION_LEN as u64;
+    let tables = tables_size(num_queues, queue_size) as u64;
+    let tables_at = [queues, queues + section].into_iter().find(|&at| {
+        at + tables <= len && tables_header_ok(mapping, at as usize, num_queues, queue_size)
+    });
+    let section_at = match tables_at {
+        Some(at) if at == queues => None,
+        _ => (len >= queues + section).then_some(queues as usize),
+    };
+    (section_at, tables_at.map(|at| at as usize))
 }
 
 /// Whether the descriptor tables' header at `at` names this geometry.
