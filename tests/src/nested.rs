@@ -1072,7 +1072,7 @@ mod tests {
         let inside = format!(
             "{stall}--- vCPU threads at the timeout:\n\
              vcpu0: {} (state S, syscall [running] then [running], ticks: guest 0, user 0, kernel 100)\n\
-             vcpu1: in bulkhead-vmm's own code (state S, ...)\n",
+             vcpu1: in and out of KVM_RUN (state S, ...)\n",
             vcpus::INSIDE_KVM_RUN
         );
         assert_eq!(
@@ -1085,7 +1085,7 @@ mod tests {
         let ours = inside
             .replace("vcpu0: inside", "vcpu0: not inside")
             .replace(
-                "vcpu1: in bulkhead-vmm's own code",
+                "vcpu1: in and out of KVM_RUN",
                 &format!("vcpu1: {}", vcpus::INSIDE_KVM_RUN),
             );
         assert_eq!(run(101, &ours).lane_failure(), None);
