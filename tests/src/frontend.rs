@@ -209,6 +209,32 @@ pub struct Inflight {
     pub file: File,
 }
 
+impl Inflight {
+    /// Bytes of the queues' part of the area (the spec's split layout:
+    /// per queue a 16-byte header and 16 bytes per entry, 64-byte
+    /// aligned): all an older daemon's area holds, before any state
+    /// section or packed descriptor tables.
+    pub fn queues_len(&self) -> u64 {
+        let per_queue = (16 + 16 * u64::from(self.info.queue_size)).div_ceil(64) * 64;
+        per_queue * u64::from(self.info.num_queues)
+    }
+
+    /// Entries the area marks in flight, all queues together: split heads,
+    /// or packed buffer ids (a packed ring's record keeps its mark in the
+    /// same byte, the first of each 16-byte entry).
+    pub fn marked(&self) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut part = vec![0u8; self.queues_len() as usize];
+        self.file.read_exact_at(&mut part, self.info.mmap_offset)?;
+        let per_queue = part.len() / usize::from(self.info.num_queues.max(1));
+        let entries = usize::from(self.info.queue_size);
+        Ok(part
+            .chunks(per_queue.max(1))
+            .map(|q| (0..entries).filter(|&e| q[16 + 16 * e] != 0).count())
+            .sum())
+    }
+}
+
 /// A connected, configured vhost-user device with its guest memory and queues.
 pub struct Device {
     /// The `vhost` crate frontend (send further messages through it).

@@ -218,7 +218,7 @@ impl VirtQueue {
             let why = if inf.has_table() {
                 "their descriptors were not recorded"
             } else {
-                "the inflight area has no descriptor table (an older daemon made it)"
+                "the inflight area has no descriptor table: an older daemon made it"
             };
             crate::rate_limited!(
                 log::Level::Error,
