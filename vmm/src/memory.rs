@@ -126,6 +126,24 @@ fn create_memfd(size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
+/// Asks for transparent huge pages under guest RAM, as QEMU does for every
+/// RAM block: KVM then maps the guest in 2 MiB pages where the host backs
+/// it so (for this shared memfd, where the host's `shmem_enabled` is
+/// `advise` or `always`), so each first touch of guest memory costs one
+/// nested-paging fault per 2 MiB, not per 4 KiB. Advice only: refused, it
+/// changes nothing.
+fn advise_huge_pages(mapping: &MmapRegion) {
+    // SAFETY: the range is exactly this mapping, which we own; MADV_HUGEPAGE
+    // changes no contents.
+    let r = unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        log::debug!(
+            "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl GuestRam {
     /// Creates `size` bytes of guest RAM laid out around the MMIO hole.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
@@ -177,6 +195,7 @@ impl GuestRam {
             let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, r.file_offset);
             let len = usize::try_from(r.size).map_err(|_| MemoryError::BadSize(total))?;
             let mapping = MmapRegion::from_file(fo, len).map_err(MemoryError::Mmap)?;
+            advise_huge_pages(&mapping);
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
                 .ok_or(MemoryError::BadSize(total))?;
             mapped.push(region);
