@@ -70,6 +70,19 @@ impl Scratch {
         Ok(buf)
     }
 
+    /// Panics unless each `(sector, data)` of `writes` is on the image.
+    pub fn assert_holds<'a>(&self, writes: impl IntoIterator<Item = (u64, &'a [u8])>) {
+        for (sector, data) in writes {
+            let on_disk = self
+                .read_image(sector * crate::blk::SECTOR_SIZE, data.len())
+                .unwrap();
+            assert!(
+                on_disk == data,
+                "write at sector {sector} missing from the image"
+            );
+        }
+    }
+
     /// Bytes of disk the image file occupies (st_blocks * 512): drops when holes are punched.
     pub fn image_allocated(&self) -> io::Result<u64> {
         Ok(std::fs::metadata(&self.image)?.blocks() * 512)
