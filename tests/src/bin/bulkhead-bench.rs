@@ -883,10 +883,22 @@ fn write(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The top-level keys each suite writes.
+/// The top-level keys each suite writes. The report's header (when, what
+/// command, the machine and its load) describes the blk suite's run, so
+/// it goes with it.
 fn suite_keys(suite: &str) -> &'static [&'static str] {
     match suite {
-        "blk" => &["points", "configs", "media", "profile", "method"],
+        "blk" => &[
+            "points",
+            "configs",
+            "media",
+            "profile",
+            "method",
+            "generated",
+            "command",
+            "quick",
+            "machine",
+        ],
         "net" => &["net"],
         "console" => &["console"],
         "vmm" => &["vmm"],
