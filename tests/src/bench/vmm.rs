@@ -599,8 +599,9 @@ fn boots_nested(runs: usize) -> Result<(Value, Value)> {
     // default (tests/guest/nested-host.sh), said again here so that the
     // suite measures both VMMs as it always has whatever the lane's default
     // becomes: with them, bulkhead-vmm reached init in 14 s instead of 31 s
-    // there while QEMU stayed at about 41 s and, with vhost-user-blk, once
-    // did not reach it in 60 s (2026-12-07, not understood yet).
+    // there while QEMU stayed at about 41 s (2026-12-07, not understood
+    // yet; QEMU with vhost-user-blk once took over 60 s both with and
+    // without them: BOOT_TIMEOUT).
     let script = format!(
         "echo never >/sys/kernel/mm/transparent_hugepage/shmem_enabled\n\
          {} --vmm-boots-json {out} --vmm-boots {runs}\n",
