@@ -116,32 +116,43 @@ impl Peer {
         Ok(())
     }
 
-    /// A byte typed at the host, read by the guest, written back and read
-    /// at the host: the round trip, in µs. A 5 ms pause between rounds
-    /// (vhost-device-console 0.1.0 needs its receive buffer back first).
-    fn echo(&mut self) -> Result<()> {
+    /// One round trip: a byte typed at the host, read by the guest, written
+    /// back and read at the host, in µs (the first leg kept in `in_us`).
+    fn echo_round(&mut self, i: usize) -> Result<()> {
         let mut b = [0u8; 1];
         let host = self.host.as_mut().ok_or("no host client")?;
-        for i in 0..ECHO_ROUNDS {
-            std::thread::sleep(Duration::from_millis(5));
-            let byte = b'a' + (i % 26) as u8;
-            let t0 = Instant::now();
-            host.write_all(&[byte])?;
-            let got = self.drv.read(0, 1, RUN_TIMEOUT)?;
-            self.in_us.push(t0.elapsed().as_secs_f64() * 1e6);
-            self.drv.write(0, &got, 1)?;
-            host.timeout(Some(RUN_TIMEOUT))?;
-            std::io::Read::read_exact(host, &mut b)?;
-            self.echo_us.push(t0.elapsed().as_secs_f64() * 1e6);
-            if b[0] != byte {
-                return Err(
-                    format!("{}: echo {:?} came back as {:?}", self.name, byte, b[0]).into(),
-                );
-            }
+        let byte = b'a' + (i % 26) as u8;
+        let t0 = Instant::now();
+        host.write_all(&[byte])?;
+        let got = self.drv.read(0, 1, RUN_TIMEOUT)?;
+        self.in_us.push(t0.elapsed().as_secs_f64() * 1e6);
+        self.drv.write(0, &got, 1)?;
+        host.timeout(Some(RUN_TIMEOUT))?;
+        std::io::Read::read_exact(host, &mut b)?;
+        self.echo_us.push(t0.elapsed().as_secs_f64() * 1e6);
+        if b[0] != byte {
+            return Err(format!("{}: echo {:?} came back as {:?}", self.name, byte, b[0]).into());
         }
-        self.drv.flush(0, Duration::from_secs(10))?;
         Ok(())
     }
+}
+
+/// The echo measurement, the peers' rounds interleaved (one round of each
+/// in turn, the order alternating) so that a machine's slower moments fall
+/// on both alike; a 5 ms pause before every round (vhost-device-console
+/// 0.1.0 needs its receive buffer back first).
+fn echo_interleaved(peers: &mut [Peer]) -> Result<()> {
+    for i in 0..ECHO_ROUNDS {
+        for k in 0..peers.len() {
+            let j = if i % 2 == 0 { k } else { peers.len() - 1 - k };
+            std::thread::sleep(Duration::from_millis(5));
+            peers[j].echo_round(i)?;
+        }
+    }
+    for p in peers.iter_mut() {
+        p.drv.flush(0, Duration::from_secs(10))?;
+    }
+    Ok(())
 }
 
 /// bulkhead-console beside rust-vmm's vhost-device-console (network
@@ -170,9 +181,7 @@ pub fn peers(a: &ConsoleArgs) -> Result<std::result::Result<Value, String>> {
             p.output(&data)?;
         }
     }
-    for p in &mut peers {
-        p.echo()?;
-    }
+    echo_interleaved(&mut peers)?;
     let mut rows = Vec::new();
     for p in &mut peers {
         let mut lat = p.echo_us.clone();
