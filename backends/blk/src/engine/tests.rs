@@ -764,3 +764,81 @@ fn direct_images_are_never_read_inline() {
     };
     assert_eq!(InlineIo::classify(f.as_raw_fd()), InlineIo::Off);
 }
+
+#[test]
+fn inline_write_policy_follows_the_file_system_fua_and_ring() {
+    use super::inline::InlineIo;
+    // Memory images write inline always; ext4 only non-FUA writes with an
+    // idle ring (a FUA write waits for the device; a busy ring may hold a
+    // read that a queue-thread stall would delay); others never.
+    for busy in [0, 1, 7] {
+        for fua in [false, true] {
+            assert!(InlineIo::Memory.write_here(fua, busy));
+            assert!(!InlineIo::Off.write_here(fua, busy));
+            assert_eq!(InlineIo::Writes.write_here(fua, busy), !fua && busy == 0);
+        }
+    }
+    assert!(InlineIo::Memory.reads_here());
+    assert!(!InlineIo::Writes.reads_here());
+    assert!(!InlineIo::Off.reads_here());
+}
+
+#[test]
+fn buffered_writes_on_the_temp_dir_land_whatever_its_file_system() {
+    use super::inline::InlineIo;
+    use std::os::unix::io::AsRawFd;
+    if !super::io_uring_available() {
+        skip(
+            "buffered_writes_on_the_temp_dir_land_whatever_its_file_system",
+            SkipReason::Unsupported("io_uring".into()),
+        );
+        return;
+    }
+    let img = TempImage::in_tmp("inline-ext4", 64 * 1024, 0);
+    let fd = img.file.as_raw_fd();
+    // SAFETY: statfs is plain old data; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs.
+    assert_eq!(unsafe { libc::fstatfs(fd, &mut st) }, 0);
+    let class = InlineIo::classify(fd);
+    if st.f_type == 0xEF53 {
+        assert_eq!(class, InlineIo::Writes, "ext4 temp dir");
+    } else {
+        assert_ne!(class, InlineIo::Writes, "temp dir fs {:#x}", st.f_type);
+    }
+    // Two writes in flight at once (the second sees a busy ring), then a
+    // FUA one and a lone one: every byte lands, whichever path took it.
+    let mut e = engine(EngineKind::IoUring, &img.file, 4);
+    let mut bufs: Vec<Vec<u8>> = (0..4u32)
+        .map(|k| (0..4096u32).map(|i| (i * 7 + k * 31 + 1) as u8).collect())
+        .collect();
+    let ops: Vec<Op> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(k, b)| Op::Write {
+            offset: 8192 * k as u64,
+            iovecs: vec![iov(b)],
+            fua: k == 2,
+        })
+        .collect();
+    let mut ops = ops.into_iter();
+    for token in [0u64, 1] {
+        // SAFETY: `bufs` outlives the engine's use of it: both are reaped below.
+        unsafe { e.submit(token, ops.next().expect("op")) }.expect("submit");
+    }
+    e.commit().expect("commit");
+    let mut out: Vec<Completion> = Vec::new();
+    while out.len() < 2 {
+        e.wait(&mut out).expect("wait");
+    }
+    let mut done: Vec<_> = out.into_iter().map(|c| (c.token, c.result.ok())).collect();
+    done.sort();
+    assert_eq!(done, vec![(0, Some(4096)), (1, Some(4096))]);
+    for (token, op) in (2u64..).zip(ops) {
+        assert_eq!(run(e.as_mut(), token, op).ok(), Some(4096));
+    }
+    let image = img.contents();
+    for (k, b) in bufs.iter().enumerate() {
+        assert_eq!(&image[8192 * k..8192 * k + 4096], &b[..], "write {k}");
+    }
+}

@@ -7,8 +7,9 @@
 //! an `EINTR`/`EAGAIN`, or an unsupported `fallocate` mode re-arms the same
 //! slot with the remainder or the next fallback step. Block-device range ops
 //! run as blocking ioctls at submit and wait in `ready` like the sync engine's.
-//! Reads are first tried in the submitting thread where that cannot wait for
-//! a device (`inline.rs`); what that leaves goes through the ring.
+//! Reads and writes are first tried in the submitting thread where that
+//! cannot wait for a device, and ext4's buffered writes while the ring is
+//! idle (`inline.rs`); what that leaves goes through the ring.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -279,7 +280,7 @@ pub(super) struct UringEngine {
     support: FallocSupport,
     /// Scratch buffer of (user data, result) pairs drained from the CQ.
     cqes: Vec<(u64, i32)>,
-    /// Whether reads are tried in the submitting thread first.
+    /// What is tried in the submitting thread before the ring (`inline.rs`).
     inline: InlineIo,
 }
 
@@ -354,7 +355,7 @@ impl UringEngine {
     /// # Safety
     /// The iovecs of `cursor` must describe writable memory.
     unsafe fn read_inline(&self, offset: u64, cursor: &IovCursor) -> u64 {
-        if self.inline == InlineIo::Off {
+        if !self.inline.reads_here() {
             return 0;
         }
         // SAFETY: the caller guarantees the iovecs are writable memory.
@@ -365,15 +366,16 @@ impl UringEngine {
         }
     }
 
-    /// Writes what it can of `cursor` at `offset` in this thread, if the
-    /// image is memory (see `inline.rs`), with `RWF_DSYNC` for FUA; returns
-    /// the bytes written. As for reads, the ring redoes the rest and reports
-    /// any error itself.
+    /// Writes what it can of `cursor` at `offset` in this thread where
+    /// `inline.rs` allows it (memory images; ext4 buffered writes while the
+    /// ring is idle), with `RWF_DSYNC` for FUA; returns the bytes written. As
+    /// for reads, the ring redoes the rest and reports any error itself.
     ///
     /// # Safety
     /// The iovecs of `cursor` must describe readable memory.
     unsafe fn write_inline(&self, offset: u64, fua: bool, cursor: &IovCursor) -> u64 {
-        if self.inline == InlineIo::Off {
+        let on_ring = self.depth - self.free.len();
+        if !self.inline.write_here(fua, on_ring) {
             return 0;
         }
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
