@@ -1436,8 +1436,9 @@ fn console_peers(m: &mut String, c: &Value) {
          ASCII per run (vhost-device-console 0.1.0 panics on other bytes; its host side is a TCP \
          socket, ours a unix socket), medians of {} runs interleaved; echo: a byte typed at the \
          host, read by the driver, written back and read at the host, {} round trips 5 ms \
-         apart; RSS after the runs. Host → guest throughput is not compared: 0.1.0 takes input \
-         one byte per used entry.\n",
+         apart, one daemon's then the other's, the order alternating each round; RSS after \
+         the runs. Host → guest throughput is not compared: 0.1.0 takes input one byte per \
+         used entry. Why the echo is slower: docs/performance-notes.md.\n",
         p["mib_per_run"], p["runs"], p["echo_rounds"]
     );
     let _ = writeln!(
