@@ -31,7 +31,7 @@
 //!   Measured on ext4 (docs/performance-notes.md): QD 1 writes 1.9x the
 //!   IOPS at 0.6x the CPU of the ring's worker hand-off.
 //! - [`InlineIo::Off`]: everything else. Files that take `RWF_NOWAIT`
-//!   (xfs and btrfs take buffered writes too) are already served inline by
+//!   (xfs and btrfs on recent kernels take buffered writes too) are already served inline by
 //!   the ring itself: trying `preadv2(RWF_NOWAIT)` first measured as pure
 //!   overhead there (one syscall per read instead of one per batch). Other
 //!   files (network and FUSE filesystems) and every `O_DIRECT` image could
@@ -45,7 +45,7 @@ use super::ops::{errno_err, off_t};
 /// `statfs` magic of tmpfs (and shmem).
 const TMPFS_MAGIC: libc::__fsword_t = 0x0102_1994;
 /// `statfs` magic of ext2, ext3 and ext4.
-const EXT4_MAGIC: libc::__fsword_t = 0xEF53;
+pub(super) const EXT4_MAGIC: libc::__fsword_t = 0xEF53;
 /// `statfs` magic of ramfs.
 const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6u32 as libc::__fsword_t;
 
@@ -102,7 +102,7 @@ impl InlineIo {
 }
 
 /// The `statfs` magic of the file system of `fd`.
-fn fs_magic(fd: RawFd) -> Option<libc::__fsword_t> {
+pub(super) fn fs_magic(fd: RawFd) -> Option<libc::__fsword_t> {
     // SAFETY: statfs is plain old data; fstatfs fills it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs writes one statfs.
