@@ -563,6 +563,11 @@ impl IoVecBuf {
         self.0.clear();
         &mut self.0
     }
+
+    /// The iovecs pushed since the last [`IoVecBuf::start`].
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.0
+    }
 }
 
 fn host_iovecs(

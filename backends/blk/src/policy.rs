@@ -17,10 +17,6 @@ const BLKDISCARD: u64 = 0x1277;
 const BLKZEROOUT: u64 = 0x127f;
 /// `IORING_REGISTER_EVENTFD`: each engine's completion eventfd.
 const IORING_REGISTER_EVENTFD: u64 = 4;
-/// `IORING_REGISTER_RESTRICTIONS`: each engine's ring is limited to its opcodes.
-const IORING_REGISTER_RESTRICTIONS: u64 = 11;
-/// `IORING_REGISTER_ENABLE_RINGS`: starts a ring created disabled.
-const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
 /// Fds one queue holds: kick, call, err, stop, epoll, engine eventfd, ring, spare.
 const FDS_PER_QUEUE: u64 = 8;
 
@@ -29,20 +25,20 @@ pub fn policy(num_queues: u16) -> Policy {
     use libc::*;
     Policy {
         paths: Vec::new(),
-        main: vec![
-            Syscall::any(SYS_io_uring_setup),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_EVENTFD),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_RESTRICTIONS),
-            Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_ENABLE_RINGS),
-            // The io_uring engine asks whether reads may be served inline:
-            // O_DIRECT, then the filesystem of the image fd (tmpfs, ramfs).
-            Syscall::fcntl(F_GETFL),
-            Syscall::any(SYS_fstatfs),
-            // QEMU's image lock: the writer part is taken when the first
-            // queue starts and dropped when the last stops (`image`).
-            Syscall::fcntl(F_OFD_SETLK),
-            Syscall::fcntl(F_OFD_GETLK),
-        ],
+        main: Syscall::restricted_io_uring_setup()
+            .into_iter()
+            .chain([
+                Syscall::arg_eq(SYS_io_uring_register, 1, IORING_REGISTER_EVENTFD),
+                // The io_uring engine asks whether reads may be served inline:
+                // O_DIRECT, then the filesystem of the image fd (tmpfs, ramfs).
+                Syscall::fcntl(F_GETFL),
+                Syscall::any(SYS_fstatfs),
+                // QEMU's image lock: the writer part is taken when the first
+                // queue starts and dropped when the last stops (`image`).
+                Syscall::fcntl(F_OFD_SETLK),
+                Syscall::fcntl(F_OFD_GETLK),
+            ])
+            .collect(),
         worker: vec![
             Syscall::any(SYS_io_uring_enter),
             Syscall::any(SYS_preadv),

@@ -508,7 +508,7 @@ impl QueueWorker for NetWorker {
     /// A transmit queue waiting for room in the tap sleeps until it is writable.
     fn poll(&mut self, vq: &mut VirtQueue, ctl: &WorkerCtl) -> Polled {
         match self {
-            NetWorker::Tx(w) if w.pending.is_some() || w.held.is_some() => Polled::Sleep,
+            NetWorker::Tx(w) if !w.pending.is_empty() || w.held.is_some() => Polled::Sleep,
             NetWorker::Tx(w) if vq.has_pending() => {
                 w.process(vq, ctl);
                 Polled::Work
@@ -554,15 +554,15 @@ impl QueueWorker for NetWorker {
                 // swaps never eat the guest's buffers; any that cannot are
                 // used empty, and the driver reposts them. A packet read from
                 // the tap and not yet delivered is lost, as on a wire.
-                let heads: Vec<u16> = w.spare.drain(..).map(|c| c.head()).collect();
+                let heads = w.take_chains();
                 for h in vq.give_back(&heads) {
                     vq.complete(h, 0);
                 }
             }
             NetWorker::Tx(w) => {
                 // The frame the throttle holds goes back on the ring
-                // untouched (nothing was taken after it); so does the frame
-                // the tap refused: the next backend sends it.
+                // untouched (nothing was taken after it); so do the frames
+                // the tap refused: the next backend sends them.
                 if let Some(hold) = w.held.take() {
                     let (chain, _) = w.throttle().release(*hold);
                     if !vq.give_back(&[chain.head()]).is_empty() {
@@ -570,11 +570,10 @@ impl QueueWorker for NetWorker {
                         vq.complete(chain.head(), 0);
                     }
                 }
-                if let Some((chain, _)) = w.pending.take()
-                    && !vq.give_back(&[chain.head()]).is_empty()
-                {
+                let heads: Vec<u16> = w.pending.drain(..).map(|(c, _)| c.head()).collect();
+                for h in vq.give_back(&heads) {
                     w.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-                    vq.complete(chain.head(), 0);
+                    vq.complete(h, 0);
                 }
             }
             NetWorker::Ctrl(_) => {}

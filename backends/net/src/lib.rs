@@ -8,6 +8,7 @@ mod ctrl;
 pub mod device;
 pub mod policy;
 pub mod request;
+mod ring;
 mod rx;
 pub mod state;
 mod stats;

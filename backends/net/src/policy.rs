@@ -9,7 +9,8 @@
 
 use bulkhead_common::sandbox::{Policy, Syscall, fd_budget};
 
-/// Fds one queue holds beyond the tap: kick, call, err, stop, epoll, spare.
+/// Fds one queue holds beyond the tap: kick, call, err, stop, epoll,
+/// io_uring, spare.
 const FDS_PER_QUEUE: u64 = 8;
 
 /// The policy of a daemon serving `pairs` queue pairs of up to `queue_size` entries.
@@ -19,12 +20,22 @@ pub fn policy(pairs: u16, queue_size: u16) -> Policy {
     let queues = pairs.saturating_mul(2).saturating_add(1);
     Policy {
         paths: Vec::new(),
-        main: vec![
+        // Each receive queue's ring (`ring.rs`) is made when its queue
+        // starts, limited to readv/writev before it is enabled.
+        main: [
             Syscall::ioctl(TUNSETOFFLOAD),
             Syscall::ioctl(TUNSETVNETHDRSZ),
+        ]
+        .into_iter()
+        .chain(Syscall::restricted_io_uring_setup())
+        .collect(),
+        // readv: frames straight from the tap into guest buffers, one at a
+        // time or a batch through the ring.
+        worker: vec![
+            Syscall::ioctl(TUNSETQUEUE),
+            Syscall::any(SYS_readv),
+            Syscall::any(SYS_io_uring_enter),
         ],
-        // readv: frames straight from the tap into guest buffers.
-        worker: vec![Syscall::ioctl(TUNSETQUEUE), Syscall::any(SYS_readv)],
         needs_network: false,
         max_open_files: fd_budget(queues, FDS_PER_QUEUE),
         writes_files: false,
@@ -73,5 +84,16 @@ mod tests {
         }
         let p = policy(1, 256);
         assert!(p.paths.is_empty() && !p.needs_network);
+    }
+
+    #[test]
+    fn only_the_main_thread_makes_rings_and_queue_threads_only_enter_them() {
+        let p = policy(1, 256);
+        let w = allowed_syscalls(ThreadKind::Worker, &p);
+        assert!(w.contains(&libc::SYS_io_uring_enter));
+        assert!(!w.contains(&libc::SYS_io_uring_setup));
+        assert!(!w.contains(&libc::SYS_io_uring_register));
+        let m = allowed_syscalls(ThreadKind::Main, &p);
+        assert!(m.contains(&libc::SYS_io_uring_setup));
     }
 }

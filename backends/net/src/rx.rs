@@ -15,11 +15,12 @@ use bulkhead_common::spec::net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF
 
 use crate::device::{PairUse, Shared, vnet_hdr_len};
 use crate::request::{ETH_HLEN, HDR_LEN_V1, MAX_FRAME_LEN, MacAddr};
+use crate::ring::{BATCH_MAX, TapRing};
 
 /// Receive buffer: the largest packet a tap hands over plus slack.
 const RX_BUF_LEN: usize = HDR_LEN_V1 + MAX_FRAME_LEN as usize + 256;
 /// Packets a receive worker moves before returning to its event loop.
-const RX_BUDGET: u32 = 256;
+const RX_BUDGET: usize = 256;
 
 /// The receive filter the driver set through CTRL_RX.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,62 +71,86 @@ const PREFIX_MAX: usize = HDR_LEN_V1 + ETH_HLEN as usize;
 /// Most iovecs one readv takes.
 const IOV_MAX: usize = 1024;
 
-/// What happened to the packet waiting for the guest.
+/// What became of a frame waiting for the guest.
 enum Delivery {
-    /// Delivered or dropped: the buffer is free again.
+    /// Delivered or dropped.
     Done,
     /// The guest has no room: keep it and wait for a kick.
     NoRoom,
 }
 
-/// What one read from the tap did.
+/// What one batch of reads did.
 enum Received {
-    /// A frame was delivered, dropped or kept pending: read the next.
-    Next,
-    /// The tap is empty, or failed: back to the event loop.
+    /// `ops` reads were made; `empty`: the tap answered `EAGAIN` (or
+    /// failed), so the worker returns to its event loop once the frames read
+    /// are delivered.
+    Read { ops: usize, empty: bool },
+    /// The queue is broken: nothing more is read.
     Stop,
-    /// The guest has no receive buffer: the frame stays in the tap.
+    /// The guest has no receive buffer: the frames stay in the tap.
     NoRoom,
 }
 
 /// A frame read from the tap and not yet delivered.
-enum Pending {
-    /// The whole frame, header first, in `buf[..len]` (the copy path).
+enum Frame {
+    /// The whole frame, header first, in slot 0's overflow area (the copy path).
     Copied(usize),
-    /// A frame larger than the first receive buffer (MRG_RXBUF): its first
-    /// `head` bytes are in the front spare chain, except `prefix`, which is
-    /// written there on delivery; the other `tail` bytes are in `buf`.
-    Split {
-        prefix: [u8; PREFIX_MAX],
-        head: usize,
-        tail: usize,
+    /// A frame of `len` bytes read into `chain` behind slot `slot`'s prefix;
+    /// what the chain could not hold is in that slot's overflow area.
+    Direct {
+        slot: usize,
+        chain: DescriptorChain,
+        len: usize,
     },
+}
+
+/// One read of a batch: its local prefix and its iovecs (prefix, the
+/// chain's writable buffers behind the prefix, the slot's overflow area).
+#[derive(Default)]
+struct Slot {
+    prefix: [u8; PREFIX_MAX],
+    iov: IoVecBuf,
 }
 
 /// Moves packets from the tap queue into the guest's receive buffers.
 ///
-/// A frame is read with one readv straight into the front receive chain,
-/// behind a local prefix (vnet header and Ethernet header) and ahead of a
-/// local overflow buffer: the prefix is checked (runt, receive filter) and
-/// fixed up before the worker writes it into the chain, and a frame the chain
-/// cannot hold lands in the overflow and goes on into further chains
-/// (MRG_RXBUF) or is dropped. A frame that is dropped leaves its chain
-/// unused, for the next frame. Chains too short for the prefix, or in too
-/// many pieces for one readv, take the copy path (the whole frame read into
-/// `buf`, then copied).
+/// Frames are read in batches: one readv per receive chain, all of a batch
+/// in one system call (`ring.rs`), each straight into its chain behind a
+/// local prefix (vnet header and Ethernet header) and ahead of a local
+/// overflow area. The prefix is checked (runt, receive filter) and fixed up
+/// before the worker writes it into the chain; a frame the chain cannot hold
+/// goes on from the overflow into further chains (MRG_RXBUF) or is dropped.
+/// A frame that is dropped, and a read that found the tap empty, leave their
+/// chain unused, for the next frame. Frames are delivered in the order they
+/// were read. Chains too short for the prefix, or in too many pieces for one
+/// readv, take the copy path (the whole frame read into the overflow area,
+/// then copied). The batch grows while every read finds a frame and shrinks
+/// to what the last one found, so an idle tap costs one read per wake-up.
 pub struct RxWorker {
     pub(crate) pair: PairUse,
     hdr_len: usize,
     mergeable: bool,
     guest_csum: bool,
-    /// The overflow of a direct read; the whole frame on the copy path.
-    buf: Vec<u8>,
-    pending: Option<Pending>,
+    /// Batched reads; `None`: one readv system call per frame. Boxed: the
+    /// ring's own state is larger than the rest of the worker.
+    ring: Option<Box<TapRing>>,
+    /// Reads in the next batch (1..=BATCH_MAX).
+    batch: usize,
+    slots: Vec<Slot>,
+    /// `RX_BUF_LEN` bytes per slot. Large, but only the pages a frame
+    /// longer than its chain reaches are ever touched.
+    overflow: Vec<u8>,
+    /// Frames read and not yet delivered, oldest first (only while a frame
+    /// waits for the guest to post buffers; empty whenever a batch starts).
+    held: VecDeque<Frame>,
     /// Receive chains taken off the ring and not used yet (bounded by the queue size).
     pub(crate) spare: VecDeque<DescriptorChain>,
+    /// The chains of the batch being read, and those it left unused (kept
+    /// between batches so the hot path does not allocate).
+    taken: Vec<DescriptorChain>,
+    unused: Vec<DescriptorChain>,
     watching: bool,
     shared: Arc<Shared>,
-    iov: IoVecBuf,
     /// The device's limits (`--rx-pps`, `--rx-bps`).
     throttle: Arc<Throttle>,
     /// Since when the throttle has left frames in the tap.
@@ -140,17 +165,23 @@ impl RxWorker {
         throttle: Arc<Throttle>,
     ) -> Self {
         let bit = |m: u64| features & m != 0;
+        let ring = TapRing::new().map(Box::new);
+        let slots = if ring.is_some() { BATCH_MAX } else { 1 };
         RxWorker {
             pair,
             hdr_len: vnet_hdr_len(features),
             mergeable: bit(VIRTIO_NET_F_MRG_RXBUF),
             guest_csum: bit(VIRTIO_NET_F_GUEST_CSUM),
-            buf: vec![0; RX_BUF_LEN],
-            pending: None,
+            ring,
+            batch: 1,
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            overflow: vec![0; slots * RX_BUF_LEN],
+            held: VecDeque::new(),
             spare: VecDeque::new(),
+            taken: Vec::new(),
+            unused: Vec::new(),
             watching: true,
             shared,
-            iov: IoVecBuf::default(),
             throttle,
             throttled_since: None,
         }
@@ -203,22 +234,30 @@ impl RxWorker {
         }
         vq.disable_notifications();
         let mut budget = RX_BUDGET;
+        let mut empty = false;
         loop {
-            // A pending frame the guest has no room for stalls the queue
-            // before anything more is read.
-            let stalled = self.pending.is_some() && matches!(self.deliver(vq), Delivery::NoRoom);
-            if !stalled {
-                self.pending = None;
-                if budget == 0 || vq.is_broken() {
+            // A frame the guest has no room for stalls the queue before
+            // anything more is read.
+            if self.deliver_held(vq) {
+                if empty || budget == 0 || vq.is_broken() {
                     break;
                 }
                 if !self.admit(ctl) {
                     vq.notify();
                     return;
                 }
-                budget -= 1;
-                match self.receive(vq) {
-                    Received::Next => continue,
+                // The throttle admits one frame at a time.
+                let want = if self.throttle.enabled() {
+                    1
+                } else {
+                    self.batch.min(budget)
+                };
+                match self.receive(vq, want) {
+                    Received::Read { ops, empty: e } => {
+                        budget = budget.saturating_sub(ops.max(1));
+                        empty = e;
+                        continue;
+                    }
                     Received::Stop => break,
                     Received::NoRoom => {}
                 }
@@ -249,98 +288,210 @@ impl RxWorker {
         vq.notify();
     }
 
-    /// Reads one frame from the tap into the front receive chain.
-    fn receive(&mut self, vq: &mut VirtQueue) -> Received {
-        if self.gather(vq, 1).is_none() {
+    /// Delivers the frames read, oldest first; false when one waits for
+    /// receive buffers (it and those behind it stay held).
+    fn deliver_held(&mut self, vq: &mut VirtQueue) -> bool {
+        while let Some(frame) = self.held.pop_front() {
+            if let Some(frame) = self.deliver(vq, frame) {
+                self.held.push_front(frame);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads up to `want` frames from the tap, each into a receive chain of
+    /// its own, and holds them for delivery. Called with nothing held.
+    fn receive(&mut self, vq: &mut VirtQueue, want: usize) -> Received {
+        if self.fill(vq, want) == 0 {
             if vq.is_broken() {
                 return Received::Stop;
             }
             return Received::NoRoom;
         }
         let prefix_len = self.hdr_len + ETH_HLEN as usize;
-        let mut prefix = [0u8; PREFIX_MAX];
-        let RxWorker {
-            pair,
-            buf,
-            spare,
-            iov,
-            ..
-        } = self;
-        let Some(chain) = spare.front() else {
-            return Received::NoRoom;
-        };
-        let cap = chain.writable_len();
-        let iov = iov.start();
-        iov.push(libc::iovec {
-            iov_base: prefix.as_mut_ptr().cast(),
-            iov_len: prefix_len,
-        });
-        let mut w = chain.writer();
-        let direct = cap >= prefix_len as u64
-            && w.skip(prefix_len as u64).is_ok()
-            && w.iovecs_into(cap - prefix_len as u64, iov).is_ok()
-            && iov.len() < IOV_MAX;
-        let r = if direct {
-            iov.push(libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            });
-            // SAFETY: `prefix` and `buf` live through the call; the other
-            // iovecs point into guest memory kept mapped by the chain's memory
-            // snapshot (the chain stays in `spare`), within its validated
-            // writable buffers.
-            unsafe { pair.tap().readv(iov) }
-        } else {
-            iov.clear();
-            pair.tap().read(buf)
-        };
-        let n = match r {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Stop,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Received::Next,
+        let mut count = 0;
+        for (i, (chain, slot)) in self.spare.iter().zip(self.slots.iter_mut()).enumerate() {
+            if i == want {
+                break;
+            }
+            let over = self
+                .overflow
+                .get_mut(i * RX_BUF_LEN..(i + 1) * RX_BUF_LEN)
+                .unwrap_or_default();
+            if !prepare(slot, chain, over, prefix_len) {
+                break;
+            }
+            count += 1;
+        }
+        if count == 0 {
+            return self.receive_copy();
+        }
+        let mut res = [-libc::EAGAIN; BATCH_MAX];
+        let fd = self.pair.tap().raw_fd();
+        match self.ring.as_mut() {
+            Some(ring) if count > 1 => {
+                // SAFETY: each slot's iovecs point to its prefix and overflow
+                // area (owned by the worker, not moved during the call) and
+                // into the writable buffers of its chain, whose memory
+                // snapshot keeps guest memory mapped (the chains stay in
+                // `spare`); `run` returns only when every read is done.
+                let r = unsafe {
+                    ring.run(
+                        fd,
+                        false,
+                        self.slots[..count].iter().map(|s| s.iov.iovecs()),
+                    )
+                };
+                match r {
+                    Ok(r) => res[..r.len()].copy_from_slice(r),
+                    Err(e) => {
+                        self.give_up_ring(&e);
+                        return Received::Read {
+                            ops: count,
+                            empty: false,
+                        };
+                    }
+                }
+            }
+            _ => {
+                // SAFETY: as above, for one read.
+                res[0] = match unsafe { self.pair.tap().readv(self.slots[0].iov.iovecs()) } {
+                    Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                };
+            }
+        }
+        let mut taken = std::mem::take(&mut self.taken);
+        let mut unused = std::mem::take(&mut self.unused);
+        taken.extend(self.spare.drain(..count));
+        let mut found = 0;
+        let mut empty = false;
+        for (i, (chain, &r)) in taken.drain(..).zip(res.iter()).enumerate() {
+            let Ok(n) = usize::try_from(r) else {
+                empty |= self.read_failed(-r);
+                unused.push(chain);
+                continue;
+            };
+            found += 1;
+            if n < prefix_len {
+                self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                unused.push(chain);
+            } else if !self.accepts(&self.slots[i].prefix[self.hdr_len..prefix_len]) {
+                unused.push(chain);
+            } else {
+                self.held.push_back(Frame::Direct {
+                    slot: i,
+                    chain,
+                    len: n,
+                });
+            }
+        }
+        // Chains left unused go back in front, in their order.
+        for chain in unused.drain(..).rev() {
+            self.spare.push_front(chain);
+        }
+        self.taken = taken;
+        self.unused = unused;
+        if self.ring.is_some() {
+            self.batch = if empty {
+                (found + 1).max(self.batch / 2)
+            } else {
+                self.batch * 2
+            }
+            .clamp(1, BATCH_MAX);
+        }
+        Received::Read { ops: count, empty }
+    }
+
+    /// Reads one frame whole into slot 0's overflow area: the front chain
+    /// cannot take a direct read.
+    fn receive_copy(&mut self) -> Received {
+        let buf = self.overflow.get_mut(..RX_BUF_LEN).unwrap_or_default();
+        match self.pair.tap().read(buf) {
+            Ok(n) if n < self.hdr_len + ETH_HLEN as usize => {
+                self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(n) => self.held.push_back(Frame::Copied(n)),
             Err(e) => {
+                return Received::Read {
+                    ops: 1,
+                    empty: self.read_failed(e.raw_os_error().unwrap_or(libc::EIO)),
+                };
+            }
+        }
+        Received::Read {
+            ops: 1,
+            empty: false,
+        }
+    }
+
+    /// Accounts a read that failed with `errno`; whether the worker goes
+    /// back to its event loop (the tap is empty, or broken).
+    fn read_failed(&mut self, errno: i32) -> bool {
+        match errno {
+            libc::EAGAIN => true,
+            libc::EINTR => false,
+            libc::EOPNOTSUPP | libc::EINVAL if self.ring.is_some() => {
+                // The ring cannot read this tap without blocking.
+                self.give_up_ring(&io::Error::from_raw_os_error(errno));
+                false
+            }
+            _ => {
                 self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
                 bulkhead_common::rate_limited!(
                     log::Level::Warn,
-                    "tap {}: read: {e}",
-                    self.pair.tap().name()
+                    "tap {}: read: {}",
+                    self.pair.tap().name(),
+                    io::Error::from_raw_os_error(errno)
                 );
-                return Received::Stop;
+                true
             }
-        };
-        if n < prefix_len {
-            self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
-            return Received::Next;
         }
-        if !direct {
-            self.pending = Some(Pending::Copied(n));
-            return Received::Next;
+    }
+
+    /// Stops batching reads: from now on one readv per frame.
+    fn give_up_ring(&mut self, e: &io::Error) {
+        bulkhead_common::rate_limited!(
+            log::Level::Warn,
+            "tap {}: batched reads failed ({e}): one system call per frame",
+            self.pair.tap().name()
+        );
+        self.ring = None;
+        self.batch = 1;
+    }
+
+    /// Takes receive chains off the ring until `want` are spare (or the
+    /// ring has no more); returns how many are spare.
+    fn fill(&mut self, vq: &mut VirtQueue, want: usize) -> usize {
+        while self.spare.len() < want && self.take(vq) {}
+        self.spare.len()
+    }
+
+    /// Takes the next usable receive chain off the ring into `spare`; false
+    /// when the ring has none (or is broken).
+    fn take(&mut self, vq: &mut VirtQueue) -> bool {
+        loop {
+            match vq.pop() {
+                Ok(Some(c)) if c.writable_len() < self.hdr_len as u64 => {
+                    self.shared
+                        .stats
+                        .rx_bad_buffers
+                        .fetch_add(1, Ordering::Relaxed);
+                    guest_error!(
+                        "queue {}: receive buffer of {} bytes",
+                        vq.index(),
+                        c.writable_len()
+                    );
+                    vq.complete(c.head(), 0);
+                }
+                Ok(Some(c)) => {
+                    self.spare.push_back(c);
+                    return true;
+                }
+                Ok(None) | Err(_) => return false,
+            }
         }
-        if !self.accepts(&prefix[self.hdr_len..prefix_len]) {
-            return Received::Next;
-        }
-        let head = usize::try_from(cap).map_or(n, |cap| n.min(cap));
-        let tail = n - head;
-        if tail == 0 {
-            let Some(chain) = self.spare.pop_front() else {
-                return Received::Next;
-            };
-            self.fix_header(&mut prefix, 1);
-            let written = match chain.writer().write_all(&prefix[..prefix_len]) {
-                Ok(()) => n,
-                Err(_) => 0,
-            };
-            vq.complete_chain(&chain, written as u32);
-            self.count(n);
-            return Received::Next;
-        }
-        if !self.mergeable {
-            // Without MRG_RXBUF a packet must fit one buffer: drop it, keep the buffer.
-            self.shared.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
-            return Received::Next;
-        }
-        self.pending = Some(Pending::Split { prefix, head, tail });
-        Received::Next
     }
 
     /// Whether the receive filter lets a frame with this Ethernet header
@@ -387,102 +538,106 @@ impl RxWorker {
         self.throttle.charge(Direction::Read, bytes);
     }
 
-    /// Takes receive chains until `len` bytes fit (one chain without MRG_RXBUF).
+    /// Takes receive chains until `len` bytes fit in the spare ones, counted
+    /// from the front (one chain without MRG_RXBUF); how many that takes.
     fn gather(&mut self, vq: &mut VirtQueue, len: u64) -> Option<usize> {
+        let mut room = 0u64;
+        let mut i = 0;
         loop {
-            let mut room = 0u64;
-            for (i, c) in self.spare.iter().enumerate() {
+            while let Some(c) = self.spare.get(i) {
                 room = room.saturating_add(c.writable_len());
+                i += 1;
                 if room >= len || !self.mergeable {
-                    return Some(i + 1);
+                    return Some(i);
                 }
             }
-            match vq.pop() {
-                Ok(Some(c)) if c.writable_len() < self.hdr_len as u64 => {
-                    self.shared
-                        .stats
-                        .rx_bad_buffers
-                        .fetch_add(1, Ordering::Relaxed);
-                    guest_error!(
-                        "queue {}: receive buffer of {} bytes",
-                        vq.index(),
-                        c.writable_len()
-                    );
-                    vq.complete(c.head(), 0);
-                }
-                Ok(Some(c)) => self.spare.push_back(c),
-                Ok(None) | Err(_) => return None,
+            if !self.take(vq) {
+                return None;
             }
         }
     }
 
-    fn deliver(&mut self, vq: &mut VirtQueue) -> Delivery {
-        match self.pending {
-            None => Delivery::Done,
-            Some(Pending::Copied(len)) => self.deliver_copied(vq, len),
-            Some(Pending::Split { prefix, head, tail }) => {
-                self.deliver_split(vq, prefix, head, tail)
-            }
+    /// Delivers (or drops) one frame; gives it back when the guest has no
+    /// room for it.
+    fn deliver(&mut self, vq: &mut VirtQueue, frame: Frame) -> Option<Frame> {
+        match frame {
+            Frame::Copied(len) => match self.deliver_copied(vq, len) {
+                Delivery::Done => None,
+                Delivery::NoRoom => Some(frame),
+            },
+            Frame::Direct { slot, chain, len } => self.deliver_direct(vq, slot, chain, len),
         }
     }
 
-    /// Delivers a frame whose first `head` bytes are in the front chain.
-    fn deliver_split(
+    /// Delivers a frame read into `chain` behind slot `slot`'s prefix.
+    fn deliver_direct(
         &mut self,
         vq: &mut VirtQueue,
-        mut prefix: [u8; PREFIX_MAX],
-        head: usize,
-        tail: usize,
-    ) -> Delivery {
-        let len = head.saturating_add(tail);
-        let Some(n) = self.gather(vq, len as u64) else {
-            if vq.is_broken() {
-                return Delivery::Done;
-            }
-            return Delivery::NoRoom;
-        };
-        let Ok(buffers) = u16::try_from(n) else {
-            // More buffers than a ring holds: cannot happen; drop the frame.
-            return Delivery::Done;
-        };
-        let Some(first) = self.spare.pop_front() else {
-            return Delivery::Done;
-        };
+        slot: usize,
+        chain: DescriptorChain,
+        len: usize,
+    ) -> Option<Frame> {
         let prefix_len = self.hdr_len + ETH_HLEN as usize;
+        let head = usize::try_from(chain.writable_len()).map_or(len, |cap| len.min(cap));
+        let tail = len - head;
+        let mut extra = 0;
+        if tail > 0 {
+            if !self.mergeable {
+                // Without MRG_RXBUF a packet must fit one buffer: drop it, keep the buffer.
+                self.shared.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
+                self.spare.push_front(chain);
+                return None;
+            }
+            match self.gather(vq, tail as u64) {
+                Some(n) => extra = n,
+                None if vq.is_broken() => {
+                    self.spare.push_front(chain);
+                    return None;
+                }
+                None => return Some(Frame::Direct { slot, chain, len }),
+            }
+        }
+        let Ok(buffers) = u16::try_from(extra + 1) else {
+            // More buffers than a ring holds: cannot happen; drop the frame.
+            self.spare.push_front(chain);
+            return None;
+        };
+        let mut prefix = self.slots.get(slot).map(|s| s.prefix).unwrap_or_default();
         self.fix_header(&mut prefix, buffers);
-        let written = match first.writer().write_all(&prefix[..prefix_len]) {
+        let written = match chain.writer().write_all(&prefix[..prefix_len]) {
             Ok(()) => head,
             Err(_) => 0,
         };
-        let mut used = Vec::with_capacity(n);
-        used.push((first, written as u32));
+        vq.complete_chain(&chain, written as u32);
+        let over = self
+            .overflow
+            .get(slot * RX_BUF_LEN..(slot + 1) * RX_BUF_LEN)
+            .unwrap_or_default();
         let mut off = 0usize;
-        for _ in 1..n {
-            let Some(c) = self.spare.pop_front() else {
-                break;
-            };
+        for c in self.spare.drain(..extra) {
             let mut w = c.writer();
             let take = usize::try_from(w.available()).map_or(tail - off, |a| a.min(tail - off));
-            let written = match self.buf.get(off..off + take).map(|b| w.write_all(b)) {
+            let written = match over.get(off..off + take).map(|b| w.write_all(b)) {
                 Some(Ok(())) => take,
                 _ => 0,
             };
             off += take;
-            used.push((c, written as u32));
-        }
-        for (chain, n) in used {
-            vq.complete_chain(&chain, n);
+            vq.complete_chain(&c, written as u32);
         }
         self.count(len);
-        Delivery::Done
+        None
     }
 
-    /// Delivers a frame read whole into `buf` (the copy path).
+    /// Delivers a frame read whole into slot 0's overflow area (the copy path).
     fn deliver_copied(&mut self, vq: &mut VirtQueue, len: usize) -> Delivery {
         let h = self.hdr_len;
-        if !self.accepts(&self.buf[h..h + ETH_HLEN as usize]) {
+        let Some(frame) = self.overflow.get(..len.min(RX_BUF_LEN)) else {
+            return Delivery::Done;
+        };
+        if !self.accepts(&frame[h..h + ETH_HLEN as usize]) {
             return Delivery::Done;
         }
+        let len = frame.len();
         let Some(n) = self.gather(vq, len as u64) else {
             if vq.is_broken() {
                 return Delivery::Done;
@@ -495,30 +650,64 @@ impl RxWorker {
             return Delivery::Done;
         }
         let mut hdr = [0u8; HDR_LEN_V1];
-        hdr[..h].copy_from_slice(&self.buf[..h]);
+        hdr[..h].copy_from_slice(&self.overflow[..h]);
         self.fix_header(&mut hdr[..h], n as u16);
-        self.buf[..h].copy_from_slice(&hdr[..h]);
+        self.overflow[..h].copy_from_slice(&hdr[..h]);
         let mut off = 0usize;
-        let mut used = Vec::with_capacity(n);
-        for _ in 0..n {
-            let Some(c) = self.spare.pop_front() else {
-                break;
-            };
+        for c in self.spare.drain(..n) {
             let mut w = c.writer();
             let take = (w.available() as usize).min(len - off);
-            let written = match w.write_all(&self.buf[off..off + take]) {
+            let written = match w.write_all(&self.overflow[off..off + take]) {
                 Ok(()) => take,
                 Err(_) => 0,
             };
             off += take;
-            used.push((c, written as u32));
-        }
-        for (chain, n) in used {
-            vq.complete_chain(&chain, n);
+            vq.complete_chain(&c, written as u32);
         }
         self.count(len);
         Delivery::Done
     }
+
+    /// Every receive chain the worker holds, for a stop: the spare ones and
+    /// those of frames read and not delivered (lost, as on a wire).
+    pub(crate) fn take_chains(&mut self) -> Vec<u16> {
+        let held = self.held.drain(..).filter_map(|f| match f {
+            Frame::Direct { chain, .. } => Some(chain.head()),
+            Frame::Copied(_) => None,
+        });
+        let mut heads: Vec<u16> = held.collect();
+        heads.extend(self.spare.drain(..).map(|c| c.head()));
+        heads
+    }
+}
+
+/// Builds `slot`'s iovecs for a direct read into `chain`: the prefix, the
+/// chain's writable buffers behind it, then `overflow`. False (the copy
+/// path) when the chain is shorter than the prefix or in too many pieces.
+fn prepare(
+    slot: &mut Slot,
+    chain: &DescriptorChain,
+    overflow: &mut [u8],
+    prefix_len: usize,
+) -> bool {
+    let cap = chain.writable_len();
+    let iov = slot.iov.start();
+    iov.push(libc::iovec {
+        iov_base: slot.prefix.as_mut_ptr().cast(),
+        iov_len: prefix_len,
+    });
+    let mut w = chain.writer();
+    let direct = cap >= prefix_len as u64
+        && w.skip(prefix_len as u64).is_ok()
+        && w.iovecs_into(cap - prefix_len as u64, iov).is_ok()
+        && iov.len() < IOV_MAX;
+    if direct {
+        iov.push(libc::iovec {
+            iov_base: overflow.as_mut_ptr().cast(),
+            iov_len: overflow.len(),
+        });
+    }
+    direct
 }
 
 #[cfg(test)]
@@ -780,10 +969,80 @@ mod tests {
         let (mut vq, mem) = rx_queue(&[&[64], &[64]], V1);
         tap.send(OWN, 1000); // too big for either: dropped, buffer kept
         w.process(&mut vq, &WorkerCtl::detached());
-        assert_eq!(w.spare.len(), 1);
-        let heads: Vec<u16> = w.spare.drain(..).map(|c| c.head()).collect();
+        let heads = w.take_chains();
+        assert!(!heads.is_empty());
         assert!(vq.give_back(&heads).is_empty());
         assert!(used(&mem).is_empty());
+        assert!(w.spare.is_empty() && w.held.is_empty());
+    }
+
+    /// Posts one more receive buffer of `len` bytes as descriptor `d`,
+    /// avail entry `d`.
+    fn post(mem: &GuestMemoryHandle, d: u16, len: u32) {
+        let m = mem.memory();
+        m.write_obj(d, GuestAddress(0x2004 + 2 * u64::from(d)))
+            .unwrap();
+        let a = 0x1000 + 16 * u64::from(d);
+        m.write_obj(BUFS + 0x1000 * u64::from(d), GuestAddress(a))
+            .unwrap();
+        m.write_obj(len, GuestAddress(a + 8)).unwrap();
+        m.write_obj(2u16, GuestAddress(a + 12)).unwrap();
+        m.write_obj(d + 1, GuestAddress(0x2002)).unwrap();
+    }
+
+    #[test]
+    fn frames_read_in_batches_arrive_whole_and_in_order() {
+        let (mut w, tap, shared) = worker(V1, None);
+        assert!(w.ring.is_some(), "io_uring unusable here: batches untested");
+        let (mut vq, mem) = rx_queue(&[&[2048u32][..]; 12], V1);
+        let sent: Vec<Vec<u8>> = (0..10).map(|i| tap.send(OWN, 60 + 100 * i)).collect();
+        w.process(&mut vq, &WorkerCtl::detached());
+        let u = used(&mem);
+        assert_eq!(u.len(), 10);
+        for (i, ((head, len), frame)) in u.iter().zip(&sent).enumerate() {
+            assert_eq!(*len as usize, frame.len(), "frame {i}");
+            let got = read(&mem, *head as u16, frame.len());
+            assert_eq!(got[HDR_LEN_V1..], frame[HDR_LEN_V1..], "frame {i}");
+        }
+        assert!(w.batch > 1, "the batch grew while every read found a frame");
+        assert_eq!(shared.stats.rx_frames.load(Ordering::Relaxed), 10);
+        // The chains the last batch found no frame for are spare, not used.
+        assert_eq!(w.spare.len() + u.len(), 12);
+    }
+
+    #[test]
+    fn frames_behind_one_waiting_for_buffers_wait_with_it_in_order() {
+        let (mut w, tap, _) = worker(MRG, None);
+        assert!(w.ring.is_some(), "io_uring unusable here: batches untested");
+        w.batch = 3;
+        let (mut vq, mem) = rx_queue(&[&[100], &[100], &[100]], MRG);
+        let a = tap.send(OWN, 150); // needs two buffers
+        let b = tap.send(OWN, 50);
+        let c = tap.send(OWN, 60);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert!(
+            used(&mem).is_empty(),
+            "a waits for a buffer, b and c behind it"
+        );
+        assert_eq!(w.held.len(), 3);
+        post(&mem, 3, 2048);
+        w.process(&mut vq, &WorkerCtl::detached());
+        let tail = (a.len() - 100) as u32;
+        assert_eq!(
+            used(&mem),
+            vec![
+                (0, 100),
+                (3, tail),
+                (1, b.len() as u32),
+                (2, c.len() as u32)
+            ]
+        );
+        let mut got = read(&mem, 0, 100);
+        got.extend(read(&mem, 3, tail as usize));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(got[HDR_LEN_V1..], a[HDR_LEN_V1..]);
+        assert_eq!(read(&mem, 1, b.len())[HDR_LEN_V1..], b[HDR_LEN_V1..]);
+        assert_eq!(read(&mem, 2, c.len())[HDR_LEN_V1..], c[HDR_LEN_V1..]);
     }
 
     #[test]

@@ -65,6 +65,21 @@ impl Syscall {
         Syscall::any(libc::SYS_fcntl).and32(1, SeccompCmpOp::Eq, cmd as u64)
     }
 
+    /// What a thread needs to make io_uring rings limited to chosen opcodes
+    /// before they run: `io_uring_setup`, and `io_uring_register` only to
+    /// register restrictions and enable a ring created disabled (ring
+    /// operations are not system calls, so seccomp never sees them).
+    pub fn restricted_io_uring_setup() -> Vec<Self> {
+        /// `IORING_REGISTER_RESTRICTIONS` and `IORING_REGISTER_ENABLE_RINGS`.
+        const RESTRICTIONS: u64 = 11;
+        const ENABLE_RINGS: u64 = 12;
+        vec![
+            Syscall::any(libc::SYS_io_uring_setup),
+            Syscall::arg_eq(libc::SYS_io_uring_register, 1, RESTRICTIONS),
+            Syscall::arg_eq(libc::SYS_io_uring_register, 1, ENABLE_RINGS),
+        ]
+    }
+
     /// `prctl(option, ...)` for this one option.
     pub fn prctl(option: libc::c_int) -> Self {
         Syscall::any(libc::SYS_prctl).and32(0, SeccompCmpOp::Eq, option as u64)

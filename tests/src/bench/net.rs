@@ -1039,9 +1039,10 @@ fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
     Ok(pps)
 }
 
-/// Receive with the current build and with `old`, one run each in turn, `a.runs`
-/// rounds (so both see the same machine load); returns the current build's
-/// point and the earlier build's, each with the medians of its rounds.
+/// Receive with the current build and with `old`, one run each in turn (the
+/// order alternating), `a.runs` rounds (so both see the same machine load);
+/// returns the current build's point and the earlier build's, each with the
+/// medians of its rounds.
 fn rx_before_after(
     ns: &NetNs,
     a: &NetArgs,
@@ -1057,9 +1058,16 @@ fn rx_before_after(
         ..*a
     };
     let (mut now, mut before) = (Vec::new(), Vec::new());
-    for _ in 0..a.runs {
-        now.push(measure_rx(ns, &one, daemon_args, size, None)?);
-        before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
+    // The order alternates run by run: whichever goes second finds the
+    // machine (caches, the injector's socket, the host) as the first left it.
+    for i in 0..a.runs {
+        if i % 2 == 0 {
+            now.push(measure_rx(ns, &one, daemon_args, size, None)?);
+            before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
+        } else {
+            before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
+            now.push(measure_rx(ns, &one, daemon_args, size, None)?);
+        }
     }
     let sum = |v: &[Value], label: &str| -> Value {
         let col = |k: &str| -> Vec<f64> { v.iter().filter_map(|x| x[k].as_f64()).collect() };

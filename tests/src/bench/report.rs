@@ -1038,7 +1038,7 @@ fn net_section(m: &mut String, net: &Value) {
     if !before.is_empty() {
         let _ = writeln!(
             m,
-            "\nReceive against an earlier build (`--net-baseline-bin`, one run each in turn):\n"
+            "\nReceive against an earlier build (`--net-baseline-bin`, one run each in turn, the order alternating):\n"
         );
         for (now, old) in net["rx_sizes"]
             .as_array()

@@ -97,7 +97,7 @@ usage: bulkhead-bench [--quick] [options]
   --dpdk on|off         DPDK targets (default on, off with --quick)
   --net-args ARGS       extra bulkhead-net arguments (e.g. \"--sandbox log\")
   --net-baseline-bin PATH  also measure receive with this (earlier) bulkhead-net build,
-                        one run each in turn, and report daemon CPU per frame before/after
+                        one run each in turn (the order alternating), and report daemon CPU per frame before/after
   --console-args ARGS   extra bulkhead-console arguments
   --console-mib N       MiB per console run (default 64)
   --vmm-boots N         boots per vmm configuration and VMM (default 10, 2 with --quick)
