@@ -22,9 +22,12 @@ pub fn policy(pairs: u16, queue_size: u16) -> Policy {
         paths: Vec::new(),
         // Each receive queue's ring (`ring.rs`) is made when its queue
         // starts, limited to readv/writev before it is enabled.
+        // TUNGETSNDBUF: whether a transmit queue's writes can be refused
+        // (`tx.rs`, when the queue starts).
         main: [
             Syscall::ioctl(TUNSETOFFLOAD),
             Syscall::ioctl(TUNSETVNETHDRSZ),
+            Syscall::ioctl(TUNGETSNDBUF),
         ]
         .into_iter()
         .chain(Syscall::restricted_io_uring_setup())

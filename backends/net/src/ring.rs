@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::io::RawFd;
 
 use io_uring::register::Restriction;
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, opcode, squeue, types};
 
 /// Most operations in one batch (and the ring's size).
 pub(crate) const BATCH_MAX: usize = 32;
@@ -23,7 +23,7 @@ pub(crate) const BATCH_MAX: usize = 32;
 /// Times `run` enters the kernel again after `EINTR`/`EAGAIN`/`EBUSY` before it gives up.
 const MAX_RETRIES: u32 = 64;
 
-/// An io_uring that runs only non-blocking readv and writev.
+/// An io_uring that runs only non-blocking readv and writev, alone or linked.
 pub(crate) struct TapRing {
     ring: IoUring,
     /// Each operation's result (bytes or a negative errno), in batch order.
@@ -32,7 +32,7 @@ pub(crate) struct TapRing {
 
 impl TapRing {
     /// A ring for batches of up to [`BATCH_MAX`], limited to readv and
-    /// writev with no SQE flags. `None` where io_uring cannot be used here
+    /// writev with no SQE flag but `IO_LINK`. `None` where io_uring cannot be used here
     /// (old kernel, `kernel.io_uring_disabled`, a container's filter): the
     /// worker then makes one system call per frame, as before.
     pub(crate) fn new() -> Option<TapRing> {
@@ -60,7 +60,7 @@ impl TapRing {
         let mut allowed = [
             Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
-            Restriction::sqe_flags_allowed(0),
+            Restriction::sqe_flags_allowed(squeue::Flags::IO_LINK.bits()),
         ];
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
@@ -73,6 +73,8 @@ impl TapRing {
     /// Runs one readv (`write` false) or writev per iovec list on `fd`, in
     /// order, each non-blocking, and returns their results in the same order:
     /// bytes moved, or a negative errno (`-EAGAIN`: the tap was empty, or full).
+    /// `linked`: each runs only if the one before moved all its bytes, the
+    /// rest answer `-ECANCELED` (so a refused frame is never overtaken).
     /// Lists beyond [`BATCH_MAX`] are not run (their results are absent).
     ///
     /// An `Err` means the ring itself failed; the caller stops using it (the
@@ -86,12 +88,14 @@ impl TapRing {
         &mut self,
         fd: RawFd,
         write: bool,
-        lists: impl IntoIterator<Item = &'a [libc::iovec]>,
+        linked: bool,
+        lists: impl ExactSizeIterator<Item = &'a [libc::iovec]>,
     ) -> io::Result<&[i32]> {
         let mut n = 0usize;
+        let count = lists.len().min(BATCH_MAX);
         {
             let mut sq = self.ring.submission();
-            for list in lists.into_iter().take(BATCH_MAX) {
+            for list in lists.take(BATCH_MAX) {
                 let len = u32::try_from(list.len()).map_err(io::Error::other)?;
                 let op = if write {
                     opcode::Writev::new(types::Fd(fd), list.as_ptr(), len)
@@ -101,6 +105,11 @@ impl TapRing {
                     opcode::Readv::new(types::Fd(fd), list.as_ptr(), len)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build()
+                };
+                let op = if linked && n + 1 < count {
+                    op.flags(squeue::Flags::IO_LINK)
+                } else {
+                    op
                 };
                 // SAFETY: the caller keeps every iovec's memory valid until
                 // this returns, and `run` returns only once every operation
@@ -186,7 +195,7 @@ mod tests {
         let mut bufs = [[0xffu8; 64]; 5];
         let lists: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(a.as_raw_fd(), false, lists.iter().map(|l| &l[..])) }
+        let r = unsafe { ring.run(a.as_raw_fd(), false, false, lists.iter().map(|l| &l[..])) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![10, 11, 12, -libc::EAGAIN, -libc::EAGAIN]);
@@ -197,7 +206,7 @@ mod tests {
         let mut out = [[7u8; 20], [8u8; 20]];
         let lists: Vec<[libc::iovec; 1]> = out.iter_mut().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(a.as_raw_fd(), true, lists.iter().map(|l| &l[..])) }
+        let r = unsafe { ring.run(a.as_raw_fd(), true, true, lists.iter().map(|l| &l[..])) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![20, 20]);
@@ -205,5 +214,14 @@ mod tests {
         // SAFETY: reading into a local buffer.
         let n = unsafe { libc::read(b.as_raw_fd(), got.as_mut_ptr().cast(), 64) };
         assert_eq!((n, got[0]), (20, 7));
+        // A full peer: the first linked write is refused, the rest never tried.
+        // SAFETY: writing a local buffer.
+        while unsafe { libc::write(a.as_raw_fd(), got.as_ptr().cast(), 64) } > 0 {}
+        let lists: Vec<[libc::iovec; 1]> = out.iter_mut().map(|b| iov(b)).collect();
+        // SAFETY: the buffers outlive the call.
+        let r = unsafe { ring.run(a.as_raw_fd(), true, true, lists.iter().map(|l| &l[..])) }
+            .unwrap()
+            .to_vec();
+        assert_eq!(r, vec![-libc::EAGAIN, -libc::ECANCELED]);
     }
 }

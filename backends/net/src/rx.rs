@@ -340,6 +340,7 @@ impl RxWorker {
                     ring.run(
                         fd,
                         false,
+                        false,
                         self.slots[..count].iter().map(|s| s.iov.iovecs()),
                     )
                 };

@@ -227,6 +227,19 @@ impl Tap {
         })
     }
 
+    /// The device's send buffer (`TUNGETSNDBUF`): how many bytes of written
+    /// frames the kernel holds before a write answers `EAGAIN`; `i32::MAX`
+    /// (the default, and QEMU's) means never. `None` for a stand-in.
+    pub fn send_buffer(&self) -> Option<i32> {
+        if self.stand_in {
+            return None;
+        }
+        let mut v: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes one int through the pointer.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNGETSNDBUF, &mut v) }).ok()?;
+        Some(v)
+    }
+
     /// Sets the vnet header size (10 or 12), device-wide.
     pub fn set_vnet_hdr_size(&self, size: usize) -> io::Result<()> {
         if self.stand_in {

@@ -56,8 +56,9 @@ impl Default for TxSlot {
 /// written when the ring has no more or the batch is full: all of a batch
 /// in one system call when the ring (io_uring) is usable, one writev each
 /// otherwise. A frame the tap refuses (`EAGAIN`) is kept, with the frames
-/// of its batch that were refused after it, and they are sent before
-/// anything else once the tap is writable.
+/// of its batch behind it, and they are sent, in order, before anything
+/// else once the tap is writable. Where the tap can refuse (see `ordered`)
+/// a batch's writes are linked: none is tried after a refusal.
 pub struct TxWorker {
     pub(crate) pair: PairUse,
     hdr_len: usize,
@@ -72,6 +73,13 @@ pub struct TxWorker {
     slots: Vec<TxSlot>,
     /// The frames staged in `slots`, in order.
     batch: Vec<(DescriptorChain, TxFrame)>,
+    /// Whether the tap may refuse a write (its send buffer is limited, or a
+    /// write was refused): the batch's writes are then linked, so that no
+    /// frame overtakes a refused one. Linking costs most of the batch's
+    /// gain (each write is issued only once the one before completed: at
+    /// 64 B 0.80x the raw tap writer linked, 1.05x not), so it is left off
+    /// where the kernel never refuses (the default send buffer).
+    ordered: bool,
     pub(crate) stats: Arc<NetStats>,
     /// The device's limits (`--tx-pps`, `--tx-bps`).
     throttle: Arc<Throttle>,
@@ -104,6 +112,7 @@ impl TxWorker {
         let bit = |m: u64| features & m != 0;
         let ring = TapRing::new().map(Box::new);
         let slots = if ring.is_some() { TX_BATCH } else { 1 };
+        let ordered = pair.tap().send_buffer() != Some(i32::MAX);
         TxWorker {
             pair,
             hdr_len: vnet_hdr_len(features),
@@ -120,6 +129,7 @@ impl TxWorker {
             ring,
             slots: (0..slots).map(|_| TxSlot::default()).collect(),
             batch: Vec::with_capacity(slots),
+            ordered,
             stats,
             throttle,
             held: None,
@@ -215,8 +225,14 @@ impl TxWorker {
                 // readable buffers of its chain, whose memory snapshot keeps
                 // guest memory mapped (the chains stay in `batch`); `run`
                 // returns only when every write is done.
-                let r =
-                    unsafe { ring.run(fd, true, self.slots[..n].iter().map(|s| s.iov.iovecs())) };
+                let r = unsafe {
+                    ring.run(
+                        fd,
+                        true,
+                        self.ordered,
+                        self.slots[..n].iter().map(|s| s.iov.iovecs()),
+                    )
+                };
                 match r {
                     Ok(r) => res[..r.len()].copy_from_slice(r),
                     Err(e) => {
@@ -237,8 +253,11 @@ impl TxWorker {
         let mut batch = std::mem::take(&mut self.batch);
         for ((chain, frame), &r) in batch.drain(..).zip(res.iter()) {
             let result = match r {
-                r if r == -libc::EAGAIN => {
-                    self.stats.tx_eagain.fetch_add(1, Ordering::Relaxed);
+                r if r == -libc::EAGAIN || r == -libc::ECANCELED => {
+                    if r == -libc::EAGAIN {
+                        self.stats.tx_eagain.fetch_add(1, Ordering::Relaxed);
+                        self.ordered = true;
+                    }
                     self.pending.push_back((chain, frame));
                     continue;
                 }
@@ -531,7 +550,11 @@ mod tests {
         assert_eq!(w.pending.len(), 5, "the refused frames are kept");
         assert_eq!(used_idx(&mem), 0, "nothing completed, nothing lost");
         assert_eq!(vq.next_avail(), 5);
-        assert_eq!(stats.tx_eagain.load(Ordering::Relaxed), 5);
+        assert_eq!(
+            stats.tx_eagain.load(Ordering::Relaxed),
+            1,
+            "the first refused, the rest not tried"
+        );
         // A kick while still full changes nothing.
         w.process(&mut vq, &ctl);
         assert_eq!((used_idx(&mem), vq.next_avail()), (0, 5));
