@@ -715,18 +715,10 @@ pub fn run(a: &NetArgs) -> Result<Value> {
         for size in Size::ALL {
             if a.sizes.contains(&size) || size == Size::Small {
                 match &a.baseline {
-                    None => {
-                        let mut v = measure_rx(&env.ns, a, &args, size, None)?;
-                        if size != Size::Tso {
-                            let raw = measure_rx_raw(&env.ns, a, size)?;
-                            v["raw_reader_pps"] = json!(raw.round());
-                            v["raw_ratio"] = json!(
-                                (v["pps"].as_f64().unwrap_or(0.0) / raw.max(1.0) * 100.0).round()
-                                    / 100.0
-                            );
-                        }
-                        rx_sizes.push(v);
+                    None if size == Size::Tso => {
+                        rx_sizes.push(measure_rx(&env.ns, a, &args, size, None)?);
                     }
+                    None => rx_sizes.push(rx_against_raw(&env.ns, a, &args, size)?),
                     Some(old) => {
                         let (now, before) = rx_before_after(&env.ns, a, &args, size, old)?;
                         rx_sizes.push(now);
@@ -1037,6 +1029,55 @@ fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
     let pps = median(&runs);
     eprintln!("net rx {:<5} raw-tap-reader   {pps:>9.0}", size.name());
     Ok(pps)
+}
+
+/// Receive through `bulkhead-net` and with a raw `read(2)` tap reader, one
+/// run each in turn, the order alternating, `a.runs` rounds (a machine's
+/// slower moments fall on both); the daemon's point with the medians of its
+/// rounds and the reader's (`raw_reader_pps`, `runs_raw_reader_pps`).
+fn rx_against_raw(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
+    let one = NetArgs {
+        runs: 1,
+        sizes: a.sizes.clone(),
+        daemon_args: a.daemon_args.clone(),
+        baseline: None,
+        ..*a
+    };
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        if i % 2 == 0 {
+            ours.push(measure_rx(ns, &one, daemon_args, size, None)?);
+            raw.push(measure_rx_raw(ns, &one, size)?);
+        } else {
+            raw.push(measure_rx_raw(ns, &one, size)?);
+            ours.push(measure_rx(ns, &one, daemon_args, size, None)?);
+        }
+    }
+    let col = |k: &str| -> Vec<f64> { ours.iter().filter_map(|x| x[k].as_f64()).collect() };
+    let (pps, cpu) = (median(&col("pps")), median(&col("daemon_cpu_ns_per_frame")));
+    let raw_pps = median(&raw);
+    let mut v = ours.first().cloned().ok_or("no receive run")?;
+    v["pps"] = json!(pps.round());
+    v["runs_pps"] = json!(col("pps"));
+    v["daemon_cpu_ns_per_frame"] = json!(cpu.round());
+    v["injected"] = json!(
+        ours.iter()
+            .filter_map(|x| x["injected"].as_u64())
+            .sum::<u64>()
+    );
+    v["daemon_stats"] = ours
+        .last()
+        .map_or(Value::Null, |x| x["daemon_stats"].clone());
+    v["raw_reader_pps"] = json!(raw_pps.round());
+    v["runs_raw_reader_pps"] = json!(raw.iter().map(|x| x.round()).collect::<Vec<_>>());
+    v["raw_ratio"] = json!((pps / raw_pps.max(1.0) * 100.0).round() / 100.0);
+    v["interleaved"] = json!(true);
+    eprintln!(
+        "net rx {:<5} bulkhead-net/kit {pps:>9.0}, raw-tap-reader {raw_pps:>9.0} (medians of {} interleaved runs)",
+        size.name(),
+        a.runs
+    );
+    Ok(v)
 }
 
 /// Receive with the current build and with `old`, one run each in turn (the
