@@ -1031,28 +1031,49 @@ fn measure_rx_raw(ns: &NetNs, a: &NetArgs, size: Size) -> Result<f64> {
     Ok(pps)
 }
 
-/// Receive through `bulkhead-net` and with a raw `read(2)` tap reader, one
-/// run each in turn, the order alternating, `a.runs` rounds (a machine's
-/// slower moments fall on both); the daemon's point with the medians of its
-/// rounds and the reader's (`raw_reader_pps`, `runs_raw_reader_pps`).
-fn rx_against_raw(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
-    let one = NetArgs {
+/// `a` with one run per point, for measurements taken in turn.
+fn one_run(a: &NetArgs) -> NetArgs {
+    NetArgs {
         runs: 1,
         sizes: a.sizes.clone(),
         daemon_args: a.daemon_args.clone(),
         baseline: None,
         ..*a
-    };
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    for i in 0..a.runs {
+    }
+}
+
+/// `runs` rounds of `first` and `second`, the order alternating round by
+/// round: whichever goes second finds the machine (caches, the injector's
+/// socket, the host) as the first left it.
+fn in_turn<A, B>(
+    runs: usize,
+    mut first: impl FnMut() -> Result<A>,
+    mut second: impl FnMut() -> Result<B>,
+) -> Result<(Vec<A>, Vec<B>)> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for i in 0..runs {
         if i % 2 == 0 {
-            ours.push(measure_rx(ns, &one, daemon_args, size, None)?);
-            raw.push(measure_rx_raw(ns, &one, size)?);
+            x.push(first()?);
+            y.push(second()?);
         } else {
-            raw.push(measure_rx_raw(ns, &one, size)?);
-            ours.push(measure_rx(ns, &one, daemon_args, size, None)?);
+            y.push(second()?);
+            x.push(first()?);
         }
     }
+    Ok((x, y))
+}
+
+/// Receive through `bulkhead-net` and with a raw `read(2)` tap reader, one
+/// run each in turn, the order alternating, `a.runs` rounds (a machine's
+/// slower moments fall on both); the daemon's point with the medians of its
+/// rounds and the reader's (`raw_reader_pps`, `runs_raw_reader_pps`).
+fn rx_against_raw(ns: &NetNs, a: &NetArgs, daemon_args: &[&str], size: Size) -> Result<Value> {
+    let one = one_run(a);
+    let (ours, raw) = in_turn(
+        a.runs,
+        || measure_rx(ns, &one, daemon_args, size, None),
+        || measure_rx_raw(ns, &one, size),
+    )?;
     let col = |k: &str| -> Vec<f64> { ours.iter().filter_map(|x| x[k].as_f64()).collect() };
     let (pps, cpu) = (median(&col("pps")), median(&col("daemon_cpu_ns_per_frame")));
     let raw_pps = median(&raw);
@@ -1091,25 +1112,12 @@ fn rx_before_after(
     size: Size,
     old: &std::path::Path,
 ) -> Result<(Value, Value)> {
-    let one = NetArgs {
-        runs: 1,
-        sizes: a.sizes.clone(),
-        daemon_args: a.daemon_args.clone(),
-        baseline: None,
-        ..*a
-    };
-    let (mut now, mut before) = (Vec::new(), Vec::new());
-    // The order alternates run by run: whichever goes second finds the
-    // machine (caches, the injector's socket, the host) as the first left it.
-    for i in 0..a.runs {
-        if i % 2 == 0 {
-            now.push(measure_rx(ns, &one, daemon_args, size, None)?);
-            before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
-        } else {
-            before.push(measure_rx(ns, &one, daemon_args, size, Some(old))?);
-            now.push(measure_rx(ns, &one, daemon_args, size, None)?);
-        }
-    }
+    let one = one_run(a);
+    let (now, before) = in_turn(
+        a.runs,
+        || measure_rx(ns, &one, daemon_args, size, None),
+        || measure_rx(ns, &one, daemon_args, size, Some(old)),
+    )?;
     let sum = |v: &[Value], label: &str| -> Value {
         let col = |k: &str| -> Vec<f64> { v.iter().filter_map(|x| x[k].as_f64()).collect() };
         let (pps, cpu) = (col("pps"), col("daemon_cpu_ns_per_frame"));
