@@ -329,8 +329,9 @@ impl RxWorker {
         }
         let mut res = [-libc::EAGAIN; BATCH_MAX];
         let fd = self.pair.tap().raw_fd();
+        let via_ring = count > 1 && self.ring.is_some();
         match self.ring.as_mut() {
-            Some(ring) if count > 1 => {
+            Some(ring) if via_ring => {
                 // SAFETY: each slot's iovecs point to its prefix and overflow
                 // area (owned by the worker, not moved during the call) and
                 // into the writable buffers of its chain, whose memory
@@ -347,7 +348,7 @@ impl RxWorker {
                 match r {
                     Ok(r) => res[..r.len()].copy_from_slice(r),
                     Err(e) => {
-                        self.give_up_ring(&e);
+                        self.give_up_ring(log::Level::Warn, &e);
                         return Received::Read {
                             ops: count,
                             empty: false,
@@ -368,9 +369,16 @@ impl RxWorker {
         taken.extend(self.spare.drain(..count));
         let mut found = 0;
         let mut empty = false;
+        let mut refused = None;
         for (i, (chain, &r)) in taken.drain(..).zip(res.iter()).enumerate() {
             let Ok(n) = usize::try_from(r) else {
-                empty |= self.read_failed(-r);
+                if via_ring && matches!(-r, libc::EOPNOTSUPP | libc::EINVAL) {
+                    // The ring cannot read this tap without blocking (a
+                    // kernel whose tap lacks FMODE_NOWAIT): nothing was read.
+                    refused = Some(-r);
+                } else {
+                    empty |= self.read_failed(-r);
+                }
                 unused.push(chain);
                 continue;
             };
@@ -394,6 +402,9 @@ impl RxWorker {
         }
         self.taken = taken;
         self.unused = unused;
+        if let Some(errno) = refused {
+            self.give_up_ring(log::Level::Info, &io::Error::from_raw_os_error(errno));
+        }
         if self.ring.is_some() {
             self.batch = if empty {
                 (found + 1).max(self.batch / 2)
@@ -433,11 +444,6 @@ impl RxWorker {
         match errno {
             libc::EAGAIN => true,
             libc::EINTR => false,
-            libc::EOPNOTSUPP | libc::EINVAL if self.ring.is_some() => {
-                // The ring cannot read this tap without blocking.
-                self.give_up_ring(&io::Error::from_raw_os_error(errno));
-                false
-            }
             _ => {
                 self.shared.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
                 bulkhead_common::rate_limited!(
@@ -452,10 +458,10 @@ impl RxWorker {
     }
 
     /// Stops batching reads: from now on one readv per frame.
-    fn give_up_ring(&mut self, e: &io::Error) {
+    fn give_up_ring(&mut self, level: log::Level, e: &io::Error) {
         bulkhead_common::rate_limited!(
-            log::Level::Warn,
-            "tap {}: batched reads failed ({e}): one system call per frame",
+            level,
+            "tap {}: no batched reads ({e}): one system call per frame",
             self.pair.tap().name()
         );
         self.ring = None;
@@ -1064,5 +1070,40 @@ mod tests {
         f.unicast.push(other);
         assert!(f.accepts(Some(own), mc));
         assert!(f.accepts(Some(own), other));
+    }
+
+    #[test]
+    fn a_tap_the_ring_cannot_read_without_blocking_is_read_one_frame_at_a_time() {
+        use std::os::fd::AsRawFd;
+        let (master, slave) = crate::tx::tests::pty_pair();
+        let shared = Arc::new(Shared::for_test(Some(OWN)));
+        let pair = Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(master),
+            users: Mutex::new(0),
+        });
+        let mut w = RxWorker::new(
+            PairUse::new(pair),
+            V1,
+            shared.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
+        assert!(
+            w.ring.is_some(),
+            "io_uring unusable here: the fallback is untested"
+        );
+        w.batch = 4;
+        let (mut vq, mem) = rx_queue(&[&[2048], &[2048], &[2048], &[2048]], V1);
+        // A pty is a byte stream: what is written arrives as one "frame".
+        let mut frame = [0u8; HDR_LEN_V1 + 100];
+        frame[HDR_LEN_V1..HDR_LEN_V1 + 6].copy_from_slice(&OWN.0);
+        // SAFETY: writing a local buffer.
+        let n = unsafe { libc::write(slave.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        assert_eq!(n, frame.len() as isize);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert!(w.ring.is_none(), "the ring was given up");
+        assert_eq!(used(&mem), vec![(0, frame.len() as u32)]);
+        assert_eq!(shared.stats.rx_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.stats.rx_frames.load(Ordering::Relaxed), 1);
     }
 }

@@ -218,8 +218,9 @@ impl TxWorker {
         }
         let mut res = [-libc::EAGAIN; TX_BATCH];
         let fd = self.pair.tap().raw_fd();
+        let via_ring = n > 1 && self.ring.is_some();
         match self.ring.as_mut() {
-            Some(ring) if n > 1 => {
+            Some(ring) if via_ring => {
                 // SAFETY: each slot's iovecs point into its own buffer (owned
                 // by the worker, not moved during the call) and into the
                 // readable buffers of its chain, whose memory snapshot keeps
@@ -237,7 +238,7 @@ impl TxWorker {
                     Ok(r) => res[..r.len()].copy_from_slice(r),
                     Err(e) => {
                         // Whether any was written is unknown: counted as lost.
-                        self.give_up_ring(&e);
+                        self.give_up_ring(log::Level::Warn, &e);
                         res[..n].fill(-libc::EIO);
                     }
                 }
@@ -251,6 +252,7 @@ impl TxWorker {
             }
         }
         let mut batch = std::mem::take(&mut self.batch);
+        let mut refused = None;
         for ((chain, frame), &r) in batch.drain(..).zip(res.iter()) {
             let result = match r {
                 r if r == -libc::EAGAIN || r == -libc::ECANCELED => {
@@ -261,10 +263,11 @@ impl TxWorker {
                     self.pending.push_back((chain, frame));
                     continue;
                 }
-                r if (r == -libc::EOPNOTSUPP || r == -libc::EINVAL) && self.ring.is_some() => {
-                    // The ring cannot write this tap without blocking: resend
-                    // the frame with a system call.
-                    self.give_up_ring(&io::Error::from_raw_os_error(-r));
+                r if via_ring && (r == -libc::EOPNOTSUPP || r == -libc::EINVAL) => {
+                    // The ring cannot write this tap without blocking (a
+                    // kernel whose tap lacks FMODE_NOWAIT): nothing was
+                    // written; the frame goes again with a system call.
+                    refused = Some(-r);
                     self.pending.push_back((chain, frame));
                     continue;
                 }
@@ -277,14 +280,19 @@ impl TxWorker {
             self.finish(vq, &chain, &frame, result);
         }
         self.batch = batch;
+        if let Some(errno) = refused {
+            self.give_up_ring(log::Level::Info, &io::Error::from_raw_os_error(errno));
+            // Sent at once, one system call each.
+            return self.send_pending(vq);
+        }
         self.pending.is_empty()
     }
 
     /// Stops batching writes: from now on one system call per frame.
-    fn give_up_ring(&mut self, e: &io::Error) {
+    fn give_up_ring(&mut self, level: log::Level, e: &io::Error) {
         bulkhead_common::rate_limited!(
-            log::Level::Warn,
-            "tap {}: batched writes failed ({e}): one system call per frame",
+            level,
+            "tap {}: no batched writes ({e}): one system call per frame",
             self.pair.tap().name()
         );
         self.ring = None;
@@ -349,8 +357,12 @@ impl TxWorker {
 
     /// Sends the frames the tap refused before; false when it is still full.
     fn send_pending(&mut self, vq: &mut VirtQueue) -> bool {
-        while let Some((chain, frame)) = self.pending.pop_front() {
+        // Taken out whole: a batch that is refused again puts its frames
+        // back first, and those not tried yet go in behind them, in order.
+        let mut todo = std::mem::take(&mut self.pending);
+        while let Some((chain, frame)) = todo.pop_front() {
             if !self.queue(vq, chain, frame) {
+                self.pending.extend(todo);
                 return false;
             }
         }
@@ -465,7 +477,7 @@ impl TxWorker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::Pair;
     use crate::tap::Tap;
@@ -571,5 +583,78 @@ mod tests {
         assert_eq!(n, 5 * 72);
         let seqs: Vec<u8> = buf[..360].chunks(72).map(|c| c[26]).collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// A pty pair in raw mode, its master non-blocking: a "tap" whose file
+    /// takes no `RWF_NOWAIT` (as a tap on kernels whose tun lacks
+    /// FMODE_NOWAIT), so the ring answers EOPNOTSUPP.
+    pub(crate) fn pty_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two fds; the other pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh fds we own.
+        let (m, s) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+        use std::os::fd::AsRawFd;
+        // SAFETY: termios calls on our own tty fds.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(s.as_raw_fd(), &mut t), 0);
+            libc::cfmakeraw(&mut t);
+            assert_eq!(libc::tcsetattr(s.as_raw_fd(), libc::TCSANOW, &t), 0);
+            let fl = libc::fcntl(m.as_raw_fd(), libc::F_GETFL);
+            assert_eq!(
+                libc::fcntl(m.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK),
+                0
+            );
+        }
+        (m, s)
+    }
+
+    #[test]
+    fn a_tap_the_ring_cannot_write_without_blocking_loses_no_frame() {
+        use std::os::fd::AsRawFd;
+        let (master, slave) = pty_pair();
+        let stats = Arc::new(NetStats::default());
+        let pair = Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(master),
+            users: Mutex::new(0),
+        });
+        let mut w = TxWorker::new(
+            PairUse::new(pair),
+            VIRTIO_F_VERSION_1,
+            stats.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
+        assert!(
+            w.ring.is_some(),
+            "io_uring unusable here: the fallback is untested"
+        );
+        let (mut vq, mem) = tx_queue(5);
+        w.process(&mut vq, &WorkerCtl::detached());
+        assert!(w.ring.is_none(), "the ring was given up");
+        assert_eq!(used_idx(&mem), 5);
+        assert_eq!(stats.tx_frames.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while got.len() < 5 * 72 {
+            // SAFETY: reading into a local buffer of its length.
+            let n = unsafe { libc::read(slave.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            assert!(n > 0, "the frames reached the pty");
+            got.extend_from_slice(&buf[..n as usize]);
+        }
+        let seqs: Vec<u8> = got.chunks(72).map(|c| c[26]).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4], "each once, in order");
     }
 }
