@@ -152,11 +152,12 @@ impl TapRing {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-    fn seqpacket() -> (OwnedFd, OwnedFd) {
+    /// A non-blocking `SOCK_SEQPACKET` pair: a stand-in tap, one packet per read.
+    pub(crate) fn seqpacket() -> (OwnedFd, OwnedFd) {
         let mut sv = [0; 2];
         // SAFETY: socketpair writes two fds into the array.
         let rc = unsafe {

@@ -725,7 +725,7 @@ mod tests {
     use bulkhead_common::memory::GuestMemoryHandle;
     use bulkhead_common::spec::VIRTIO_F_VERSION_1;
     use bulkhead_common::virtqueue::{CallSlot, QueueConfig, RingAddrs};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::Mutex;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -820,19 +820,7 @@ mod tests {
     }
 
     fn worker(features: u64, filter: Option<RxFilter>) -> (RxWorker, FakeTap, Arc<Shared>) {
-        let mut sv = [0; 2];
-        // SAFETY: socketpair writes two fds into the array.
-        let rc = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-                sv.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0);
-        // SAFETY: fresh fds we own.
-        let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+        let (a, b) = crate::ring::tests::seqpacket();
         let shared = Arc::new(Shared::for_test(Some(OWN)));
         if let Some(f) = filter {
             *shared.filter.lock().unwrap() = f;

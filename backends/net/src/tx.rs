@@ -525,6 +525,23 @@ pub(crate) mod tests {
         (vq, mem)
     }
 
+    /// A transmit worker (VERSION_1, no limit) writing to `fd` as its tap.
+    fn tx_worker(fd: std::os::fd::OwnedFd) -> (TxWorker, Arc<NetStats>) {
+        let stats = Arc::new(NetStats::default());
+        let pair = Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(fd),
+            users: Mutex::new(0),
+        });
+        let w = TxWorker::new(
+            PairUse::new(pair),
+            VIRTIO_F_VERSION_1,
+            stats.clone(),
+            Arc::new(Throttle::unlimited()),
+        );
+        (w, stats)
+    }
+
     fn used_idx(mem: &GuestMemoryHandle) -> u16 {
         use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
         mem.memory().read_obj(GuestAddress(0x3002)).unwrap()
@@ -543,18 +560,7 @@ pub(crate) mod tests {
         let junk = [0u8; 4096];
         // SAFETY: writing a local buffer.
         while unsafe { libc::write(wr.as_raw_fd(), junk.as_ptr().cast(), junk.len()) } > 0 {}
-        let stats = Arc::new(NetStats::default());
-        let pair = Arc::new(Pair {
-            index: 0,
-            tap: Tap::from_fd_for_test(wr),
-            users: Mutex::new(0),
-        });
-        let mut w = TxWorker::new(
-            PairUse::new(pair),
-            VIRTIO_F_VERSION_1,
-            stats.clone(),
-            Arc::new(Throttle::unlimited()),
-        );
+        let (mut w, stats) = tx_worker(wr);
         let (mut vq, mem) = tx_queue(5);
         let ctl = WorkerCtl::detached();
         w.process(&mut vq, &ctl);
@@ -624,18 +630,7 @@ pub(crate) mod tests {
     fn a_tap_the_ring_cannot_write_without_blocking_loses_no_frame() {
         use std::os::fd::AsRawFd;
         let (master, slave) = pty_pair();
-        let stats = Arc::new(NetStats::default());
-        let pair = Arc::new(Pair {
-            index: 0,
-            tap: Tap::from_fd_for_test(master),
-            users: Mutex::new(0),
-        });
-        let mut w = TxWorker::new(
-            PairUse::new(pair),
-            VIRTIO_F_VERSION_1,
-            stats.clone(),
-            Arc::new(Throttle::unlimited()),
-        );
+        let (mut w, stats) = tx_worker(master);
         assert!(
             w.ring.is_some(),
             "io_uring unusable here: the fallback is untested"
