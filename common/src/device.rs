@@ -171,6 +171,15 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         let _ = section;
     }
 
+    /// Queues with the same group share one thread (a [`crate::worker::QueueGroup`]);
+    /// `None`, the default, gives queue `index` a thread of its own. Worth
+    /// it where requests hop between queues (a console's input and its
+    /// echo), not where each queue should have a CPU to itself.
+    fn thread_group(&self, index: u16) -> Option<u16> {
+        let _ = index;
+        None
+    }
+
     /// Creates the worker for queue `index`, about to start with `size`
     /// entries (the frontend's SET_VRING_NUM) and the negotiated `features`.
     fn create_worker(&self, index: u16, size: u16, features: u64) -> io::Result<Self::Worker>;

@@ -43,7 +43,7 @@ use crate::memory::{GuestMemoryHandle, MAX_MEM_SLOTS, MemoryTable, RegionDesc};
 use crate::state::{StateSection, Stored};
 use crate::transfer::{TRANSFER_DEADLINE, Transfer};
 use crate::virtqueue::{CallSlot, MAX_QUEUE_SIZE, QueueConfig, QueueStats, RingAddrs, VirtQueue};
-use crate::worker::QueueThread;
+use crate::worker::{QueueGroup, QueueThread};
 
 /// Config space bytes a frontend may read; beyond the device's own config it reads zeroes.
 pub const MAX_CONFIG_SIZE: usize = 256;
@@ -60,7 +60,16 @@ struct Vring {
     err: Option<Arc<EventFd>>,
     enabled: bool,
     stats: Arc<QueueStats>,
-    thread: Option<QueueThread>,
+    thread: Option<Running>,
+}
+
+/// Where a started queue runs.
+enum Running {
+    /// A thread of its own.
+    Alone(QueueThread),
+    /// The thread of the device's group with this key (see
+    /// [`VhostUserDevice::thread_group`]).
+    Group(u16),
 }
 
 impl Vring {
@@ -87,6 +96,9 @@ pub struct BackendHandler<D: VhostUserDevice> {
     table: MemoryTable,
     mem: GuestMemoryHandle,
     vrings: Vec<Vring>,
+    /// Threads shared by groups of queues, by the device's group key; each
+    /// ends when its last queue stops.
+    groups: std::collections::BTreeMap<u16, QueueGroup>,
     inflight: Option<InflightRegion>,
     /// Duplicate of the backend-request socket peeked off SET_BACKEND_REQ_FD.
     peeked_backend: Option<std::os::unix::net::UnixStream>,
@@ -147,6 +159,7 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             table: MemoryTable::empty(),
             mem: GuestMemoryHandle::new(empty),
             vrings: (0..n).map(|_| Vring::new()).collect(),
+            groups: std::collections::BTreeMap::new(),
             inflight: None,
             peeked_backend: None,
             features_set: false,
@@ -278,9 +291,20 @@ impl<D: VhostUserDevice> BackendHandler<D> {
     /// Stops queue `i`; `reporting`: its base goes to the frontend now
     /// (GET_VRING_BASE), so a packed ring's inflight record is not needed.
     fn stop_queue_reporting(&mut self, i: usize, reporting: bool) {
-        if let Some(t) = self.vrings[i].thread.take()
-            && let Some(vq) = t.stop()
-        {
+        let vq = match self.vrings[i].thread.take() {
+            None => None,
+            Some(Running::Alone(t)) => t.stop(),
+            Some(Running::Group(key)) => {
+                let group = self.groups.get_mut(&key);
+                let vq = group.and_then(|g| g.remove(i as u16));
+                if self.groups.get(&key).is_some_and(QueueGroup::is_empty) {
+                    // Its last queue: the thread ends (joined here).
+                    self.groups.remove(&key);
+                }
+                vq
+            }
+        };
+        if let Some(vq) = vq {
             self.vrings[i].base = vq.vring_base();
             if vq.in_flight() > 0 {
                 crate::rate_limited!(
@@ -360,9 +384,27 @@ impl<D: VhostUserDevice> BackendHandler<D> {
             .device
             .create_worker(i as u16, v.size, self.acked_features)
             .map_err(VuError::ReqHandlerError)?;
-        let thread = QueueThread::spawn(vq, worker, kick, self.poll_max)
-            .map_err(VuError::ReqHandlerError)?;
-        self.vrings[i].thread = Some(thread);
+        let running = match self.device.thread_group(i as u16) {
+            None => Running::Alone(
+                QueueThread::spawn(vq, worker, kick, self.poll_max)
+                    .map_err(VuError::ReqHandlerError)?,
+            ),
+            Some(key) => {
+                let group = match self.groups.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(QueueGroup::spawn(i as u16).map_err(VuError::ReqHandlerError)?)
+                    }
+                };
+                let added = group.add(vq, worker, kick, self.poll_max);
+                if group.is_empty() {
+                    self.groups.remove(&key);
+                }
+                added.map_err(VuError::ReqHandlerError)?;
+                Running::Group(key)
+            }
+        };
+        self.vrings[i].thread = Some(running);
         crate::rate_limited!(log::Level::Debug, "queue {i} started");
         Ok(())
     }

@@ -978,11 +978,16 @@ pub(crate) mod tests {
             (idx, elems)
         }
         pub(crate) fn queue(&self, features: u64) -> (VirtQueue, EventFd) {
+            self.queue_at(0, features)
+        }
+        /// A queue numbered `index` over the same rings (for tests that
+        /// need several queue numbers but do not touch the rings).
+        pub(crate) fn queue_at(&self, index: u16, features: u64) -> (VirtQueue, EventFd) {
             let call = Arc::new(CallSlot::default());
             let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             call.set(Some(efd.try_clone().unwrap()));
             let cfg = QueueConfig {
-                index: 0,
+                index,
                 size: SIZE,
                 addrs: RingAddrs {
                     desc: GuestAddress(DESC),

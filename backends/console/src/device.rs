@@ -539,6 +539,19 @@ impl VhostUserDevice for ConsoleDevice {
         }
     }
 
+    /// A port's two queues share a thread: typed input and its echo hop
+    /// from one to the other, and the thread that just delivered the input
+    /// is still on a warm CPU when the echo comes (a second thread would
+    /// be woken on a CPU idle since the last keystroke). The control
+    /// queues share another.
+    fn thread_group(&self, index: u16) -> Option<u16> {
+        Some(match role(index) {
+            // Port ids come from u16 queue indexes, below u16::MAX.
+            Role::PortRx(id) | Role::PortTx(id) => id as u16,
+            Role::ControlRx | Role::ControlTx => u16::MAX,
+        })
+    }
+
     fn create_worker(&self, index: u16, _size: u16, _features: u64) -> io::Result<ConsoleWorker> {
         let c = self.control.clone();
         let port = |id: u32| {
