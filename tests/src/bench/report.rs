@@ -1490,7 +1490,9 @@ fn console_peers(m: &mut String, c: &Value) {
          host, read by the driver, written back and read at the host, {} round trips 5 ms \
          apart, one daemon's then the other's, the order alternating each round; RSS after \
          the runs. Host → guest throughput is not compared: 0.1.0 takes input one byte per \
-         used entry. Why the echo is slower: docs/performance-notes.md.\n",
+         used entry. Each port's two queues share one thread, so the echo is served \
+         by the thread that just delivered the byte (why: docs/performance-notes.md, \
+         console echo).\n",
         p["mib_per_run"], p["runs"], p["echo_rounds"]
     );
     let _ = writeln!(
