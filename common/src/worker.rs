@@ -289,7 +289,8 @@ pub struct QueueGroup {
     commands: Option<mpsc::Sender<Command>>,
     /// Wakes the thread for its commands.
     control: EventFd,
-    /// Set before a removal is sent: seen by a thread that is busy-polling.
+    /// Commands are waiting: set after each is sent (and when the group is
+    /// dropped), seen by a thread that is busy-polling.
     stopping: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     members: usize,
@@ -320,6 +321,8 @@ impl QueueGroup {
         if !sent {
             return Err(io::Error::other("queue thread ended"));
         }
+        // After the send: a thread that takes the flag down sees the command.
+        self.stopping.store(true, Ordering::Release);
         self.control.write(1)
     }
 
@@ -348,7 +351,6 @@ impl QueueGroup {
     pub fn remove(&mut self, index: u16) -> Option<VirtQueue> {
         self.members = self.members.saturating_sub(1);
         let (reply, answer) = mpsc::channel();
-        self.stopping.store(true, Ordering::Release);
         if self.send(Command::Remove { index, reply }).is_err() {
             return None;
         }
@@ -581,8 +583,11 @@ fn apply_commands(
     events: &Rc<EventLoop<Token>>,
     stopping: &AtomicBool,
 ) -> bool {
-    // Cleared before reading, so a removal sent meanwhile sets it again.
-    stopping.store(false, Ordering::Release);
+    // Taken down before reading. The handler raises it after each send, so
+    // either this swap sees it raised, and with it every command sent
+    // before (Acquire), or the raise comes after and stays up for the
+    // next look: a command never waits behind a thread that keeps spinning.
+    stopping.swap(false, Ordering::AcqRel);
     loop {
         match commands.try_recv() {
             Ok(cmd) => apply(cmd, members, Some(events)),
