@@ -83,6 +83,16 @@ impl PairUse {
     pub(crate) fn tap(&self) -> &Tap {
         &self.0.tap
     }
+
+    /// Pair 0 over any fd standing in for its tap (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(fd: std::os::fd::OwnedFd) -> Self {
+        PairUse::new(Arc::new(Pair {
+            index: 0,
+            tap: Tap::from_fd_for_test(fd),
+            users: Mutex::new(0),
+        }))
+    }
 }
 
 impl Drop for PairUse {

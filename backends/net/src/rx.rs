@@ -720,13 +720,10 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Pair;
-    use crate::tap::Tap;
     use bulkhead_common::memory::GuestMemoryHandle;
     use bulkhead_common::spec::VIRTIO_F_VERSION_1;
     use bulkhead_common::virtqueue::{CallSlot, QueueConfig, RingAddrs};
     use std::os::fd::{AsRawFd, OwnedFd};
-    use std::sync::Mutex;
     use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
     const OWN: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
@@ -825,13 +822,8 @@ mod tests {
         if let Some(f) = filter {
             *shared.filter.lock().unwrap() = f;
         }
-        let pair = Arc::new(Pair {
-            index: 0,
-            tap: Tap::from_fd_for_test(a),
-            users: Mutex::new(0),
-        });
         let w = RxWorker::new(
-            PairUse::new(pair),
+            PairUse::for_test(a),
             features,
             shared.clone(),
             Arc::new(Throttle::unlimited()),
@@ -1065,13 +1057,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         let (master, slave) = crate::tx::tests::pty_pair();
         let shared = Arc::new(Shared::for_test(Some(OWN)));
-        let pair = Arc::new(Pair {
-            index: 0,
-            tap: Tap::from_fd_for_test(master),
-            users: Mutex::new(0),
-        });
         let mut w = RxWorker::new(
-            PairUse::new(pair),
+            PairUse::for_test(master),
             V1,
             shared.clone(),
             Arc::new(Throttle::unlimited()),

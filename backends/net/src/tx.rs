@@ -479,11 +479,8 @@ impl TxWorker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::device::Pair;
-    use crate::tap::Tap;
     use bulkhead_common::memory::GuestMemoryHandle;
     use bulkhead_common::spec::VIRTIO_F_VERSION_1;
-    use std::sync::Mutex;
 
     /// A guest with one tx queue of 8 holding `n` single-descriptor frames (header + 60 bytes, byte 12+14 = seq).
     fn tx_queue(n: u16) -> (VirtQueue, GuestMemoryHandle) {
@@ -528,13 +525,8 @@ pub(crate) mod tests {
     /// A transmit worker (VERSION_1, no limit) writing to `fd` as its tap.
     fn tx_worker(fd: std::os::fd::OwnedFd) -> (TxWorker, Arc<NetStats>) {
         let stats = Arc::new(NetStats::default());
-        let pair = Arc::new(Pair {
-            index: 0,
-            tap: Tap::from_fd_for_test(fd),
-            users: Mutex::new(0),
-        });
         let w = TxWorker::new(
-            PairUse::new(pair),
+            PairUse::for_test(fd),
             VIRTIO_F_VERSION_1,
             stats.clone(),
             Arc::new(Throttle::unlimited()),
