@@ -30,7 +30,7 @@ use crate::process::ChildGuard;
 
 /// Marker that starts every line the guest writes for the harness.
 const MARKER: &str = "@@BULKHEAD ";
-/// Default guest RAM, in MiB (the initramfs alone is about 90 MiB).
+/// Default guest RAM, in MiB (the initramfs unpacks to about 15 MiB).
 const DEFAULT_MEMORY_MIB: u32 = 512;
 /// Default hard limit for one guest run, before [`timeout_scale`].
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);

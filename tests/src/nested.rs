@@ -71,7 +71,7 @@ const FORWARDED_ENV: [&str; 6] = [
     "CI",
     "BULKHEAD_SANDBOX",
 ];
-/// The nested host's RAM (its initramfs holds about 350 MiB of files) and vCPUs.
+/// The nested host's RAM (its initramfs holds about 250 MiB of files) and vCPUs.
 const MEMORY_MIB: u32 = 3072;
 const CPUS: u32 = 2;
 /// Default hard limit for one nested host, boot to power-off, before

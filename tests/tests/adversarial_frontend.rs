@@ -1127,39 +1127,20 @@ impl Dut {
 /// daemon. Prints the rows (docs/security.md keeps the table).
 fn fd_matrix(msg: FdMsg) {
     let files = tempfile::tempdir().unwrap();
-    let mut rows = Vec::new();
-    for kind in [Kind::Blk, Kind::Net, Kind::Console] {
-        for fd in Fd::ALL {
-            let case = format!("{} with {}", msg.name(), fd.name());
-            let Some(mut dut) = Dut::start(kind, &[], &case) else {
-                break;
-            };
-            // The memory table itself is the case for SET_MEM_TABLE.
-            let s = Session::new(&dut, msg != FdMsg::MemTable);
-            let (fds, keep) = fd.open(files.path());
-            let outcome = match msg {
-                FdMsg::Kick | FdMsg::Call | FdMsg::Err => vring_case(&s, kind, msg, &fds),
-                _ => other_case(&s, msg, &fds),
-            };
-            let want = if fd == Fd::Closed {
-                Outcome::NotSent
-            } else if msg.accepts(kind, fd) {
-                Outcome::Accepted
-            } else {
-                Outcome::Refused
-            };
-            assert_eq!(outcome, want, "{}: {case}", kind.name());
-            drop((s, keep));
-            let sigterm_ms = dut.survived(&case);
-            rows.push(Row {
-                daemon: kind.name(),
-                message: msg.name(),
-                fd: fd.name(),
-                outcome,
-                sigterm_ms,
-            });
-        }
-    }
+    // The three daemons' cases side by side: each case mostly waits for
+    // its daemon (start, replies, SIGTERM), not for a CPU.
+    let rows: Vec<Row> = std::thread::scope(|scope| {
+        let each: Vec<_> = [Kind::Blk, Kind::Net, Kind::Console]
+            .into_iter()
+            .map(|kind| {
+                let files = files.path();
+                scope.spawn(move || fd_cases(msg, kind, files))
+            })
+            .collect();
+        each.into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
     for r in &rows {
         eprintln!(
             "| {} | {} | {} | {} | lived, next frontend served | {} ms |",
@@ -1170,6 +1151,42 @@ fn fd_matrix(msg: FdMsg) {
             r.sigterm_ms
         );
     }
+}
+
+/// [`fd_matrix`]'s cases against `kind`, one after the other.
+fn fd_cases(msg: FdMsg, kind: Kind, files: &std::path::Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for fd in Fd::ALL {
+        let case = format!("{} with {}", msg.name(), fd.name());
+        let Some(mut dut) = Dut::start(kind, &[], &case) else {
+            break;
+        };
+        // The memory table itself is the case for SET_MEM_TABLE.
+        let s = Session::new(&dut, msg != FdMsg::MemTable);
+        let (fds, keep) = fd.open(files);
+        let outcome = match msg {
+            FdMsg::Kick | FdMsg::Call | FdMsg::Err => vring_case(&s, kind, msg, &fds),
+            _ => other_case(&s, msg, &fds),
+        };
+        let want = if fd == Fd::Closed {
+            Outcome::NotSent
+        } else if msg.accepts(kind, fd) {
+            Outcome::Accepted
+        } else {
+            Outcome::Refused
+        };
+        assert_eq!(outcome, want, "{}: {case}", kind.name());
+        drop((s, keep));
+        let sigterm_ms = dut.survived(&case);
+        rows.push(Row {
+            daemon: kind.name(),
+            message: msg.name(),
+            fd: fd.name(),
+            outcome,
+            sigterm_ms,
+        });
+    }
+    rows
 }
 
 #[test]
