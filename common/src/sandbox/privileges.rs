@@ -129,6 +129,59 @@ fn clear_capabilities() -> io::Result<()> {
     Ok(())
 }
 
+/// The signal this process gets when its parent dies (`PR_SET_PDEATHSIG`;
+/// the launcher asks for SIGKILL), which the kernel clears when the
+/// process changes its user or group ids: without arming it again, a
+/// daemon that switched to `--user` would outlive a SIGKILLed launcher.
+struct ParentDeath {
+    signal: libc::c_int,
+    parent: libc::pid_t,
+}
+
+impl ParentDeath {
+    /// The current setting and parent.
+    fn get() -> Self {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer.
+        if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &raw mut signal) } != 0 {
+            signal = 0;
+        }
+        ParentDeath {
+            signal,
+            // SAFETY: getppid has no preconditions.
+            parent: unsafe { libc::getppid() },
+        }
+    }
+
+    /// Sets the signal again after an id change; if the parent died in
+    /// between (this process was re-parented), sends it now.
+    fn rearm(&self) -> Result<(), SandboxError> {
+        if self.signal == 0 {
+            return Ok(());
+        }
+        // SAFETY: prctl with integer arguments.
+        if unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                self.signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        } != 0
+        {
+            return Err(sys("PR_SET_PDEATHSIG"));
+        }
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        if parent != self.parent {
+            // SAFETY: raise sends a signal to this thread; no memory is touched.
+            unsafe { libc::raise(self.signal) };
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn drop_privileges(
     ids: Option<(u32, u32)>,
     last_cap: u32,
@@ -165,6 +218,7 @@ pub(super) fn drop_privileges(
         return Err(sys("PR_CAP_AMBIENT_CLEAR_ALL"));
     }
     if let Some((uid, gid)) = ids {
+        let death = ParentDeath::get();
         // SAFETY: setgroups with an empty list reads nothing.
         if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
             return Err(sys("setgroups"));
@@ -177,6 +231,7 @@ pub(super) fn drop_privileges(
         if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
             return Err(sys("setresuid"));
         }
+        death.rearm()?;
         sb.uid = Some((uid, gid));
     }
     clear_capabilities().map_err(|e| SandboxError::Sys("capset", e))

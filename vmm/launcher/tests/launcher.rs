@@ -323,6 +323,61 @@ fn assert_image_passed_as_fd(l: &Launcher, pid: i32) {
 }
 
 /// A `Name:` field of `/proc/PID/status`.
+/// A SIGKILLed launcher cannot stop its backends: the kernel does
+/// (`PR_SET_PDEATHSIG`), also for a backend that switched to another user
+/// since (the switch clears the setting; the daemon sets it again).
+#[test]
+fn a_sigkilled_launcher_takes_its_backends_with_it() {
+    let mut l = up(r#"
+frontend = "none"
+[[blk]]
+image = "disk.img"
+[[console]]
+"#);
+    let pids: Vec<i32> = ["blk0", "console0"]
+        .iter()
+        .map(|id| wait_up(&l, id))
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        for &pid in &pids {
+            wait_for(
+                &format!("{pid} to run as nobody"),
+                Duration::from_secs(5),
+                || {
+                    let uid = status_field(pid, "Uid")?;
+                    uid.split_whitespace().all(|u| u == "65534").then_some(())
+                },
+            );
+        }
+    }
+    // Should this fail, the backends still end with the test.
+    let _reaper = KillOnDrop(pids.clone());
+    l.child.kill().unwrap();
+    l.child.wait().unwrap();
+    for &pid in &pids {
+        wait_for(
+            &format!("backend {pid} to end with the launcher"),
+            Duration::from_secs(5),
+            || (!alive(pid)).then_some(()),
+        );
+    }
+}
+
+/// SIGKILLs each of its pids that still runs when dropped.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                // SAFETY: kill(2) on a backend this test saw the launcher start.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn status_field(pid: i32, name: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
