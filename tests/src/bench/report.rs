@@ -1617,8 +1617,8 @@ fn vmm_section(m: &mut String, vmm: &Value) {
             m,
             "QEMU: `{}`, the same kernel, initramfs, command line and RAM, `bulkhead-blk` \
              as `vhost-user-blk-pci`. QEMU's RSS beyond guest RAM includes its own copy of \
-             the kernel and initramfs it hands the guest through fw_cfg (about 150 MiB \
-             here); bulkhead-vmm writes them straight into guest RAM.\n",
+             the kernel and initramfs it hands the guest through fw_cfg (the size of \
+             the two files); bulkhead-vmm writes them straight into guest RAM.\n",
             meth["qemu"].as_str().unwrap_or("?")
         );
         let _ = writeln!(
