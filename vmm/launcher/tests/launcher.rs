@@ -160,15 +160,7 @@ image = "disk.img"
     if unsafe { libc::geteuid() } == 0 {
         for id in ["console0", "blk0"] {
             let pid = wait_up(&l, id);
-            // It switches right after its socket listens: give it a moment.
-            wait_for(
-                &format!("{id} to run as nobody"),
-                Duration::from_secs(5),
-                || {
-                    let uid = status_field(pid, "Uid")?;
-                    uid.split_whitespace().all(|u| u == "65534").then_some(())
-                },
-            );
+            wait_runs_as_nobody(id, pid);
         }
     }
     // SAFETY: geteuid has no preconditions.
@@ -340,15 +332,8 @@ image = "disk.img"
         .collect();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        for &pid in &pids {
-            wait_for(
-                &format!("{pid} to run as nobody"),
-                Duration::from_secs(5),
-                || {
-                    let uid = status_field(pid, "Uid")?;
-                    uid.split_whitespace().all(|u| u == "65534").then_some(())
-                },
-            );
+        for (id, &pid) in ["blk0", "console0"].iter().zip(&pids) {
+            wait_runs_as_nobody(id, pid);
         }
     }
     // Should this fail, the backends still end with the test.
@@ -376,6 +361,19 @@ impl Drop for KillOnDrop {
             }
         }
     }
+}
+
+/// Waits for backend `id` (`pid`) to run as nobody: it switches right
+/// after its socket listens, so give it a moment.
+fn wait_runs_as_nobody(id: &str, pid: i32) {
+    wait_for(
+        &format!("{id} to run as nobody"),
+        Duration::from_secs(5),
+        || {
+            let uid = status_field(pid, "Uid")?;
+            uid.split_whitespace().all(|u| u == "65534").then_some(())
+        },
+    );
 }
 
 fn status_field(pid: i32, name: &str) -> Option<String> {
