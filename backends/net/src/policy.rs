@@ -13,9 +13,6 @@ use bulkhead_common::sandbox::{Policy, Syscall, fd_budget};
 /// io_uring, spare.
 const FDS_PER_QUEUE: u64 = 8;
 
-/// `io_uring_register` opcode that registers a ring's files (linux/io_uring.h).
-const IORING_REGISTER_FILES: u64 = 2;
-
 /// The policy of a daemon serving `pairs` queue pairs of up to `queue_size` entries.
 pub fn policy(pairs: u16, queue_size: u16) -> Policy {
     use libc::*;
@@ -23,9 +20,8 @@ pub fn policy(pairs: u16, queue_size: u16) -> Policy {
     let queues = pairs.saturating_mul(2).saturating_add(1);
     Policy {
         paths: Vec::new(),
-        // Each queue's ring (`ring.rs`) is made when its queue starts, its
-        // tap registered as its one file, limited to reads and writes of
-        // that file before it is enabled.
+        // Each receive queue's ring (`ring.rs`) is made when its queue
+        // starts, limited to readv/writev before it is enabled.
         // TUNGETSNDBUF: whether a transmit queue's writes can be refused
         // (`tx.rs`, when the queue starts).
         main: [
@@ -35,11 +31,6 @@ pub fn policy(pairs: u16, queue_size: u16) -> Policy {
         ]
         .into_iter()
         .chain(Syscall::restricted_io_uring_setup())
-        .chain([Syscall::arg_eq(
-            SYS_io_uring_register,
-            1,
-            IORING_REGISTER_FILES,
-        )])
         .collect(),
         // readv: frames straight from the tap into guest buffers, one at a
         // time or a batch through the ring.

@@ -20,14 +20,17 @@ use io_uring::{IoUring, opcode, squeue, types};
 /// Most operations in one batch (and the ring's size).
 pub(crate) const BATCH_MAX: usize = 32;
 
-/// The tap queue: the ring's one registered file.
-const TAP: types::Fixed = types::Fixed(0);
-
 /// Times `run` enters the kernel again after `EINTR`/`EAGAIN`/`EBUSY` before it gives up.
 const MAX_RETRIES: u32 = 64;
 
-/// An io_uring that runs only non-blocking reads and writes of one tap
-/// queue, alone or linked.
+/// An io_uring that runs only non-blocking reads and writes, alone or linked.
+///
+/// The tap is named by its fd in each operation, not registered with the
+/// ring: a registered file is released only by the ring's teardown, which
+/// the kernel finishes in a worker some 20 ms after a SIGKILLed daemon is
+/// gone, and until then the tap queue stays attached (a single-queue tap
+/// answers a restarted daemon's `TUNSETIFF` with `EBUSY`; measured on
+/// 6.18, docs/performance-notes.md).
 pub(crate) struct TapRing {
     ring: IoUring,
     /// Each operation's result (bytes or a negative errno), in batch order.
@@ -35,16 +38,13 @@ pub(crate) struct TapRing {
 }
 
 impl TapRing {
-    /// A ring for batches of up to [`BATCH_MAX`] on the tap queue `fd`,
-    /// limited to read(v) and write(v) of that one file: `fd` is its only
-    /// registered file, and every operation must name a registered file
-    /// (`IOSQE_FIXED_FILE` required; `IO_LINK` is the one other flag). The
-    /// registered file also spares each operation the kernel's file lookup.
-    /// `None` where io_uring cannot be used here (old kernel,
-    /// `kernel.io_uring_disabled`, a container's filter): the worker then
-    /// makes one system call per frame, as before.
-    pub(crate) fn new(fd: RawFd) -> Option<TapRing> {
-        match Self::build(fd) {
+    /// A ring for batches of up to [`BATCH_MAX`], limited to read, readv,
+    /// write and writev with no SQE flag but `IO_LINK`. `None` where io_uring
+    /// cannot be used here (old kernel, `kernel.io_uring_disabled`, a
+    /// container's filter): the worker then makes one system call per
+    /// frame, as before.
+    pub(crate) fn new() -> Option<TapRing> {
+        match Self::build() {
             Ok(ring) => Some(ring),
             Err(e) => {
                 bulkhead_common::rate_limited!(
@@ -56,7 +56,7 @@ impl TapRing {
         }
     }
 
-    fn build(fd: RawFd) -> io::Result<TapRing> {
+    fn build() -> io::Result<TapRing> {
         // Created disabled, so that the opcodes it may run are fixed before
         // it runs any: ring operations are not system calls, and seccomp
         // never sees them.
@@ -65,16 +65,12 @@ impl TapRing {
             .setup_cqsize(entries * 2)
             .setup_r_disabled()
             .build(entries)?;
-        ring.submitter().register_files(&[fd])?;
         let mut allowed = [
             Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
             Restriction::sqe_op(opcode::Read::CODE),
             Restriction::sqe_op(opcode::Write::CODE),
-            Restriction::sqe_flags_allowed(
-                (squeue::Flags::IO_LINK | squeue::Flags::FIXED_FILE).bits(),
-            ),
-            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+            Restriction::sqe_flags_allowed(squeue::Flags::IO_LINK.bits()),
         ];
         ring.submitter().register_restrictions(&mut allowed)?;
         ring.submitter().register_enable_rings()?;
@@ -84,7 +80,7 @@ impl TapRing {
         })
     }
 
-    /// Runs one read (`write` false) or write per iovec list on the tap, in
+    /// Runs one read (`write` false) or write per iovec list on `fd`, in
     /// order, each non-blocking, and returns their results in the same order:
     /// bytes moved, or a negative errno (`-EAGAIN`: the tap was empty, or full).
     /// `linked`: each runs only if the one before moved all its bytes, the
@@ -100,6 +96,7 @@ impl TapRing {
     /// its length until this returns.
     pub(crate) unsafe fn run<'a>(
         &mut self,
+        fd: RawFd,
         write: bool,
         linked: bool,
         lists: impl ExactSizeIterator<Item = &'a [libc::iovec]>,
@@ -115,25 +112,25 @@ impl TapRing {
                     // iovec array's copy and import.
                     (true, [one]) => {
                         let len = u32::try_from(one.iov_len).map_err(io::Error::other)?;
-                        opcode::Write::new(TAP, one.iov_base.cast_const().cast(), len)
+                        opcode::Write::new(types::Fd(fd), one.iov_base.cast_const().cast(), len)
                             .rw_flags(libc::RWF_NOWAIT)
                             .build()
                     }
                     (false, [one]) => {
                         let len = u32::try_from(one.iov_len).map_err(io::Error::other)?;
-                        opcode::Read::new(TAP, one.iov_base.cast(), len)
+                        opcode::Read::new(types::Fd(fd), one.iov_base.cast(), len)
                             .rw_flags(libc::RWF_NOWAIT)
                             .build()
                     }
                     (true, _) => {
                         let len = u32::try_from(list.len()).map_err(io::Error::other)?;
-                        opcode::Writev::new(TAP, list.as_ptr(), len)
+                        opcode::Writev::new(types::Fd(fd), list.as_ptr(), len)
                             .rw_flags(libc::RWF_NOWAIT)
                             .build()
                     }
                     (false, _) => {
                         let len = u32::try_from(list.len()).map_err(io::Error::other)?;
-                        opcode::Readv::new(TAP, list.as_ptr(), len)
+                        opcode::Readv::new(types::Fd(fd), list.as_ptr(), len)
                             .rw_flags(libc::RWF_NOWAIT)
                             .build()
                     }
@@ -215,7 +212,7 @@ pub(crate) mod tests {
     #[test]
     fn a_batch_reads_what_is_there_and_the_rest_answers_eagain_at_once() {
         let (a, b) = seqpacket();
-        let Some(mut ring) = TapRing::new(a.as_raw_fd()) else {
+        let Some(mut ring) = TapRing::new() else {
             // The worker falls back to readv; its tests cover that path.
             panic!("io_uring unusable on this machine: the batched path is untested");
         };
@@ -228,7 +225,7 @@ pub(crate) mod tests {
         let mut bufs = [[0xffu8; 64]; 5];
         let lists: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(false, false, lists.iter().map(|l| &l[..])) }
+        let r = unsafe { ring.run(a.as_raw_fd(), false, false, lists.iter().map(|l| &l[..])) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![10, 11, 12, -libc::EAGAIN, -libc::EAGAIN]);
@@ -239,7 +236,7 @@ pub(crate) mod tests {
         let mut out = [[7u8; 20], [8u8; 20]];
         let lists: Vec<[libc::iovec; 1]> = out.iter_mut().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(true, true, lists.iter().map(|l| &l[..])) }
+        let r = unsafe { ring.run(a.as_raw_fd(), true, true, lists.iter().map(|l| &l[..])) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![20, 20]);
@@ -258,7 +255,7 @@ pub(crate) mod tests {
             iov(&mut whole).to_vec(),
         ];
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(true, false, lists.iter().map(Vec::as_slice)) }
+        let r = unsafe { ring.run(a.as_raw_fd(), true, false, lists.iter().map(Vec::as_slice)) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![10, 9]);
@@ -273,7 +270,7 @@ pub(crate) mod tests {
             libc::write(b.as_raw_fd(), [5u8; 3].as_ptr().cast(), 3);
         }
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(false, false, lists.iter().map(Vec::as_slice)) }
+        let r = unsafe { ring.run(a.as_raw_fd(), false, false, lists.iter().map(Vec::as_slice)) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![7, 3]);
@@ -289,28 +286,9 @@ pub(crate) mod tests {
         while unsafe { libc::write(a.as_raw_fd(), got.as_ptr().cast(), 64) } > 0 {}
         let lists: Vec<[libc::iovec; 1]> = out.iter_mut().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the call.
-        let r = unsafe { ring.run(true, true, lists.iter().map(|l| &l[..])) }
+        let r = unsafe { ring.run(a.as_raw_fd(), true, true, lists.iter().map(|l| &l[..])) }
             .unwrap()
             .to_vec();
         assert_eq!(r, vec![-libc::EAGAIN, -libc::ECANCELED]);
-    }
-
-    #[test]
-    fn the_ring_touches_no_file_but_its_tap() {
-        let (a, b) = seqpacket();
-        let mut ring = TapRing::new(a.as_raw_fd()).expect("io_uring usable");
-        let mut buf = [9u8; 8];
-        // Another file, named by its fd rather than as the registered file.
-        let op = opcode::Write::new(types::Fd(b.as_raw_fd()), buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(0);
-        // SAFETY: the buffer outlives the wait below.
-        unsafe { ring.ring.submission().push(&op) }.unwrap();
-        ring.ring.submit_and_wait(1).unwrap();
-        let res = ring.ring.completion().next().map(|c| c.result());
-        assert_eq!(res, Some(-libc::EACCES));
-        // SAFETY: reading into a local buffer; nothing arrived at `a`.
-        let n = unsafe { libc::read(a.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-        assert_eq!(n, -1);
     }
 }

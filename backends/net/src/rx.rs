@@ -165,7 +165,7 @@ impl RxWorker {
         throttle: Arc<Throttle>,
     ) -> Self {
         let bit = |m: u64| features & m != 0;
-        let ring = TapRing::new(pair.tap().raw_fd()).map(Box::new);
+        let ring = TapRing::new().map(Box::new);
         let slots = if ring.is_some() { BATCH_MAX } else { 1 };
         RxWorker {
             pair,
@@ -328,6 +328,7 @@ impl RxWorker {
             return self.receive_copy();
         }
         let mut res = [-libc::EAGAIN; BATCH_MAX];
+        let fd = self.pair.tap().raw_fd();
         let via_ring = count > 1 && self.ring.is_some();
         match self.ring.as_mut() {
             Some(ring) if via_ring => {
@@ -338,6 +339,7 @@ impl RxWorker {
                 // `spare`); `run` returns only when every read is done.
                 let r = unsafe {
                     ring.run(
+                        fd,
                         false,
                         false,
                         self.slots[..count].iter().map(|s| s.iov.iovecs()),

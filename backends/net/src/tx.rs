@@ -110,7 +110,7 @@ impl TxWorker {
             VIRTIO_NET_F_HOST_UFO as HOST_UFO,
         };
         let bit = |m: u64| features & m != 0;
-        let ring = TapRing::new(pair.tap().raw_fd()).map(Box::new);
+        let ring = TapRing::new().map(Box::new);
         let slots = if ring.is_some() { TX_BATCH } else { 1 };
         let ordered = pair.tap().send_buffer() != Some(i32::MAX);
         TxWorker {
@@ -217,6 +217,7 @@ impl TxWorker {
             return true;
         }
         let mut res = [-libc::EAGAIN; TX_BATCH];
+        let fd = self.pair.tap().raw_fd();
         let via_ring = n > 1 && self.ring.is_some();
         match self.ring.as_mut() {
             Some(ring) if via_ring => {
@@ -227,6 +228,7 @@ impl TxWorker {
                 // returns only when every write is done.
                 let r = unsafe {
                     ring.run(
+                        fd,
                         true,
                         self.ordered,
                         self.slots[..n].iter().map(|s| s.iov.iovecs()),
