@@ -247,8 +247,8 @@ pub(crate) mod tests {
         // SAFETY: as above.
         let n = unsafe { libc::read(b.as_raw_fd(), got.as_mut_ptr().cast(), 64) };
         assert_eq!((n, got[0]), (20, 8));
-        // A frame in two pieces (a writev) and one in one (a write), then
-        // the same read back as two pieces and as one.
+        // A frame in two pieces (a writev) and one in one buffer (a write);
+        // then two packets read the same two ways (a readv, a read).
         let (mut head, mut tail, mut whole) = ([1u8; 4], [2u8; 6], [3u8; 9]);
         let lists = [
             vec![iov(&mut head)[0], iov(&mut tail)[0]],
