@@ -314,7 +314,6 @@ fn assert_image_passed_as_fd(l: &Launcher, pid: i32) {
     );
 }
 
-/// A `Name:` field of `/proc/PID/status`.
 /// A SIGKILLed launcher cannot stop its backends: the kernel does
 /// (`PR_SET_PDEATHSIG`), also for a backend that switched to another user
 /// since (the switch clears the setting; the daemon sets it again).
@@ -326,13 +325,14 @@ frontend = "none"
 image = "disk.img"
 [[console]]
 "#);
-    let pids: Vec<i32> = ["blk0", "console0"]
-        .iter()
-        .map(|id| wait_up(&l, id))
+    let backends: Vec<(&str, i32)> = ["blk0", "console0"]
+        .into_iter()
+        .map(|id| (id, wait_up(&l, id)))
         .collect();
+    let pids: Vec<i32> = backends.iter().map(|&(_, pid)| pid).collect();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        for (id, &pid) in ["blk0", "console0"].iter().zip(&pids) {
+        for &(id, pid) in &backends {
             wait_runs_as_nobody(id, pid);
         }
     }
@@ -376,6 +376,7 @@ fn wait_runs_as_nobody(id: &str, pid: i32) {
     );
 }
 
+/// A `Name:` field of `/proc/PID/status`.
 fn status_field(pid: i32, name: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
