@@ -18,8 +18,9 @@
 //!   is unavailable.
 //!
 //! - RBD (`rbd.rs`, `--image rbd:POOL/IMAGE`): each op is a librbd
-//!   asynchronous call; librbd's threads queue the completion and signal
-//!   the eventfd. Chosen by the image, not by `--engine`.
+//!   asynchronous call, dispatched in the queue thread; librbd's threads
+//!   queue the completion and signal the eventfd. Chosen by the image, not
+//!   by `--engine`.
 //!
 //! The file engines share `ops.rs`: range checks, iovec bookkeeping, the blocking
 //! syscalls, and the fallback chain for zeroing (punch hole, then zero range,

@@ -6,9 +6,10 @@
 //! An image on Ceph RBD is open through librados, whose threads (started
 //! when it connects, before the sandbox) talk to the monitors and OSDs:
 //! [`librados_threads`] is their list, by name. The serving threads' lists
-//! are the same as for a file: a queue thread only calls into librbd, which
-//! hands each request to librados' threads, and the main thread only waits
-//! for them when it takes or releases the exclusive lock.
+//! are the same as for a file: a queue thread calls into librbd, whose
+//! layers run in it and hand each request to librados' threads (they
+//! connect, send and receive), and the main thread only waits for them
+//! when it takes or releases the exclusive lock.
 
 use bulkhead_common::sandbox::{LibraryThreads, Policy, Syscall, fd_budget};
 

@@ -242,6 +242,27 @@ impl Cluster {
         if ret < 0 {
             return Err(fail("rados_conf_set rbd_cache", ret));
         }
+        // Each request goes through librbd's layers in the queue thread that
+        // submits it, not handed to librbd's one dispatch thread first
+        // (`rbd_non_blocking_aio`, true by default): one thread wake-up less
+        // per request, 9-17% less CPU per request than with the hand-off
+        // (docs/performance-notes.md). The layers queue what must wait (the
+        // lock, a refresh) and return; librados sends from its own threads.
+        // What can hold the queue thread is librados' budget of operations
+        // in flight (`objecter_inflight_ops`, `objecter_inflight_op_bytes`),
+        // until the OSDs answer; with the hand-off the dispatch thread
+        // would wait there instead, for every queue at once.
+        // SAFETY: a live handle; NUL-terminated strings.
+        let ret = unsafe {
+            sys::rados_conf_set(
+                cluster.rados,
+                c"rbd_non_blocking_aio".as_ptr(),
+                c"false".as_ptr(),
+            )
+        };
+        if ret < 0 {
+            return Err(fail("rados_conf_set rbd_non_blocking_aio", ret));
+        }
         // SAFETY: a configured handle.
         let ret = unsafe { sys::rados_connect(cluster.rados) };
         if ret < 0 {

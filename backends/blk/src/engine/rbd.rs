@@ -1,8 +1,13 @@
-//! The RBD engine: each op becomes one librbd asynchronous call. librbd
-//! completes it on one of its own threads, which runs [`on_complete`]: the
-//! result goes into a queue shared with the worker and the engine's
-//! eventfd is signalled, so the queue thread reaps it from its event loop
-//! like an io_uring completion. No queue thread ever waits for the cluster.
+//! The RBD engine: each op becomes one librbd asynchronous call, which
+//! runs librbd's layers in the queue thread and returns once librados has
+//! the request (`rbd_non_blocking_aio` is off, `rbd.rs`). librbd completes
+//! it on one of its own threads, which runs [`on_complete`]: the result
+//! goes into a queue shared with the worker and the engine's eventfd is
+//! signalled, so the queue thread reaps it from its event loop like an
+//! io_uring completion. No queue thread waits for an answer from the
+//! cluster; it can wait for room in librados' budget of requests in flight.
+//! A call that fails at once may call back before it returns (in this
+//! thread): `push` takes only the completion queue's lock.
 
 use std::ffi::c_void;
 use std::io;
