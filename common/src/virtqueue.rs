@@ -669,7 +669,9 @@ impl VirtQueue {
         if self.packed.is_some() {
             return self.pop_packed();
         }
-        let mem = self.memory();
+        // One snapshot for the pop, moved into the chain it returns: no
+        // second reference count taken and dropped per chain.
+        let mut mem = self.memory();
         loop {
             if self.budget == 0 {
                 self.exhausted = true;
@@ -713,7 +715,7 @@ impl VirtQueue {
             };
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
             let chain = DescriptorChain::read_bounded(
-                mem.clone(),
+                mem,
                 self.addrs.desc,
                 head,
                 self.limits,
@@ -723,6 +725,7 @@ impl VirtQueue {
                 Ok(chain) => return Ok(Some(chain)),
                 Err(e) => {
                     self.bad_chain(head, e);
+                    mem = self.memory();
                 }
             }
         }
