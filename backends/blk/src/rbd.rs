@@ -245,9 +245,10 @@ impl Cluster {
         // Each request goes through librbd's layers in the queue thread that
         // submits it, not handed to librbd's one dispatch thread first
         // (`rbd_non_blocking_aio`, true by default): one thread wake-up less
-        // per request, 9-17% less CPU per request than with the hand-off
-        // (docs/performance-notes.md). The layers queue what must wait (the
-        // lock, a refresh) and return; librados sends from its own threads.
+        // per request (CPU per request against qsd's went from 0.91-1.05x
+        // to 0.83-0.91x, docs/performance-notes.md). The layers queue what
+        // must wait (the lock, a refresh) and return; librados sends from
+        // its own threads.
         // What can hold the queue thread is librados' budget of operations
         // in flight (`objecter_inflight_ops`, `objecter_inflight_op_bytes`),
         // until the OSDs answer; with the hand-off the dispatch thread
