@@ -444,6 +444,33 @@ fn last_ok(serial: &Path) -> Option<u64> {
         .max()
 }
 
+/// Waits until the guest has logged I/O number `min` or later on `serial`,
+/// and returns the latest. Fails at once when the launcher exited (its
+/// frontend, and the guest, gone), and at the timeout, either way with the
+/// end of the guest's serial log: a guest that panicked says why there
+/// (and the nested lane's checks read it from this message).
+fn wait_guest_io(l: &mut Launcher, serial: &Path, what: &str, timeout: Duration, min: u64) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(n) = last_ok(serial).filter(|n| *n >= min) {
+            return n;
+        }
+        let exited = l.child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
+            let why = match exited {
+                Some(st) => format!("the launcher exited ({st})"),
+                None => "timed out".to_string(),
+            };
+            let text = std::fs::read_to_string(serial).unwrap_or_default();
+            panic!(
+                "{why} waiting for {what}\n--- guest serial (last 40 lines):\n{}",
+                guest::tail(&text, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing() {
     if skip_if(
@@ -463,7 +490,7 @@ fn qemu_frontend_survives_a_backend_restart_and_sigterm_leaves_nothing() {
     )]));
     std::fs::write(&initrd, bytes).unwrap();
     let serial = work.path().join("serial.log");
-    let l = up(&format!(
+    let mut l = up(&format!(
         r#"
 frontend = "qemu"
 [vm]
@@ -490,13 +517,15 @@ image = "disk.img"
         pid_of(&l.run, "frontend").filter(|p| alive(*p))
     });
     let boot = Duration::from_secs(240).mul_f64(guest::timeout_scale());
-    let before = wait_for("guest I/O", boot, || last_ok(&serial).filter(|n| *n >= 3));
+    let before = wait_guest_io(&mut l, &serial, "guest I/O", boot, 3);
     let (old, new) = kill_and_wait_restart(&l, "blk0");
     eprintln!("bulkhead-blk {old} killed at guest write {before}; restarted as {new}");
-    let after = wait_for(
+    let after = wait_guest_io(
+        &mut l,
+        &serial,
         "guest I/O after the restart",
         Duration::from_secs(120).mul_f64(guest::timeout_scale()),
-        || last_ok(&serial).filter(|n| *n >= before + 5),
+        before + 5,
     );
     assert!(alive(qemu), "QEMU kept running");
     let text = std::fs::read_to_string(&serial).unwrap();
@@ -579,13 +608,15 @@ transport = "mmio"
         pid_of(&l.run, "frontend").filter(|p| alive(*p))
     });
     let boot = Duration::from_secs(240).mul_f64(guest::timeout_scale());
-    let before = wait_for("guest I/O", boot, || last_ok(&serial).filter(|n| *n >= 3));
+    let before = wait_guest_io(&mut l, &serial, "guest I/O", boot, 3);
     let (old, new) = kill_and_wait_restart(&l, "blk0");
     eprintln!("bulkhead-blk {old} killed at guest write {before}; restarted as {new}");
-    wait_for(
+    wait_guest_io(
+        &mut l,
+        &serial,
         "guest I/O after the restart",
         Duration::from_secs(120).mul_f64(guest::timeout_scale()),
-        || last_ok(&serial).filter(|n| *n >= before + 5),
+        before + 5,
     );
     // The launcher gave bulkhead-vmm its control socket.
     let out = Command::new(workspace_binary("bulkhead-vmm"))
