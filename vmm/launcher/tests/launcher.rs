@@ -71,13 +71,27 @@ fn up_in(ns: Option<&NetNs>, toml_body: &str) -> Launcher {
     Launcher { child, dir, run }
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_or(what, timeout, f, String::new)
+}
+
+/// [`wait_for`], with `detail()` added to the timeout's message.
+fn wait_for_or<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    detail: impl Fn() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}{}",
+            detail()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -450,25 +464,27 @@ fn last_ok(serial: &Path) -> Option<u64> {
 /// end of the guest's serial log: a guest that panicked says why there
 /// (and the nested lane's checks read it from this message).
 fn wait_guest_io(l: &mut Launcher, serial: &Path, what: &str, timeout: Duration, min: u64) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(n) = last_ok(serial).filter(|n| *n >= min) {
-            return n;
-        }
-        let exited = l.child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() >= deadline {
-            let why = match exited {
-                Some(st) => format!("the launcher exited ({st})"),
-                None => "timed out".to_string(),
-            };
-            let text = std::fs::read_to_string(serial).unwrap_or_default();
-            panic!(
-                "{why} waiting for {what}\n--- guest serial (last 40 lines):\n{}",
-                guest::tail(&text, 40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let tail = || {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        format!(
+            "\n--- guest serial (last 40 lines):\n{}",
+            guest::tail(&text, 40)
+        )
+    };
+    wait_for_or(
+        what,
+        timeout,
+        || {
+            if let Some(n) = last_ok(serial).filter(|n| *n >= min) {
+                return Some(n);
+            }
+            if let Some(st) = l.child.try_wait().ok().flatten() {
+                panic!("the launcher exited ({st}) waiting for {what}{}", tail());
+            }
+            None
+        },
+        tail,
+    )
 }
 
 #[test]
